@@ -1,0 +1,381 @@
+//! Broker configuration: command-line flags, `SOCKBUS_*` variables and a
+//! TOML file, in that order of precedence, validated once at start-up.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::str::FromStr;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use clap::{Args, ValueEnum};
+use serde::Deserialize;
+
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:7420";
+pub const DEFAULT_CLUSTER: &str = "127.0.0.1:7421";
+pub const DEFAULT_HTTP: &str = "127.0.0.1:7480";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum AccelMode {
+    #[default]
+    Auto,
+    On,
+    Off,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
+}
+
+/// A byte count written as `1048576`, `512KiB`, `1MiB`, `2GiB` (or KB/MB/GB, also powers of two).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ByteSize(pub u64);
+
+impl FromStr for ByteSize {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let s = s.trim();
+        let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+        let (num, unit) = s.split_at(split);
+        let n: u64 = num
+            .parse()
+            .map_err(|_| format!("{s:?} is not a size (examples: 1048576, 512KiB, 1MiB)"))?;
+        let mult = match unit.trim().to_ascii_lowercase().as_str() {
+            "" | "b" => 1,
+            "k" | "kb" | "kib" => 1 << 10,
+            "m" | "mb" | "mib" => 1 << 20,
+            "g" | "gb" | "gib" => 1 << 30,
+            u => {
+                return Err(format!(
+                    "unknown size unit {u:?} in {s:?} (use KiB, MiB or GiB)"
+                ))
+            }
+        };
+        n.checked_mul(mult)
+            .map(ByteSize)
+            .ok_or_else(|| format!("{s:?} is too large"))
+    }
+}
+
+impl<'de> Deserialize<'de> for ByteSize {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            N(u64),
+            S(String),
+        }
+        match Raw::deserialize(d)? {
+            Raw::N(n) => Ok(ByteSize(n)),
+            Raw::S(s) => s.parse().map_err(serde::de::Error::custom),
+        }
+    }
+}
+
+/// A duration written as `250ms`, `10s`, `5m`, `1h`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Dur(pub Duration);
+
+impl FromStr for Dur {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let s = s.trim();
+        let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+        let (num, unit) = s.split_at(split);
+        let n: u64 = num
+            .parse()
+            .map_err(|_| format!("{s:?} is not a duration (examples: 250ms, 10s, 5m)"))?;
+        let d = match unit {
+            "ms" => Duration::from_millis(n),
+            "s" | "" => Duration::from_secs(n),
+            "m" => Duration::from_secs(n * 60),
+            "h" => Duration::from_secs(n * 3600),
+            u => {
+                return Err(format!(
+                    "unknown duration unit {u:?} in {s:?} (use ms, s, m or h)"
+                ))
+            }
+        };
+        Ok(Dur(d))
+    }
+}
+
+impl<'de> Deserialize<'de> for Dur {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        String::deserialize(d)?
+            .parse()
+            .map_err(serde::de::Error::custom)
+    }
+}
+
+/// Every broker setting as given by flags, environment or file; all optional.
+#[derive(Debug, Clone, Default, Args, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct Options {
+    /// Native protocol listen address.
+    #[arg(long, env = "SOCKBUS_LISTEN")]
+    pub listen: Option<String>,
+    /// HTTP gateway and metrics listen address.
+    #[arg(long, env = "SOCKBUS_HTTP")]
+    pub http: Option<String>,
+    /// Cluster route listen address.
+    #[arg(long, env = "SOCKBUS_CLUSTER")]
+    pub cluster: Option<String>,
+    /// Cluster peers, comma separated (sockbus-route://host:port).
+    #[arg(long, env = "SOCKBUS_PEERS", value_delimiter = ',')]
+    pub peers: Option<Vec<String>>,
+    /// This broker's name in the cluster (defaults to the host name).
+    #[arg(long, env = "SOCKBUS_NODE_ID")]
+    pub node_id: Option<String>,
+    /// Where durable data lives.
+    #[arg(long, env = "SOCKBUS_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// TOML file with any of these settings (kebab-case keys).
+    #[arg(long, env = "SOCKBUS_CONFIG")]
+    #[serde(skip)]
+    pub config: Option<PathBuf>,
+    /// eBPF same-node fast path.
+    #[arg(long, env = "SOCKBUS_ACCEL", value_enum)]
+    pub accel: Option<AccelMode>,
+    /// Largest payload accepted (default 1MiB).
+    #[arg(long, env = "SOCKBUS_MAX_PAYLOAD")]
+    pub max_payload: Option<ByteSize>,
+    /// Most concurrent client connections (default 65536).
+    #[arg(long, env = "SOCKBUS_MAX_CONNECTIONS")]
+    pub max_connections: Option<usize>,
+    /// Outbound bytes held per connection before it is closed as a slow consumer (default 64MiB).
+    #[arg(long, env = "SOCKBUS_MAX_PENDING")]
+    pub max_pending: Option<ByteSize>,
+    /// A write to a client that takes longer than this closes the connection (default 10s).
+    #[arg(long, env = "SOCKBUS_WRITE_TIMEOUT")]
+    pub write_timeout: Option<Dur>,
+    /// How long SIGTERM waits for connections to drain (default 10s).
+    #[arg(long, env = "SOCKBUS_DRAIN_TIMEOUT")]
+    pub drain_timeout: Option<Dur>,
+    /// Log format on stderr.
+    #[arg(long, env = "SOCKBUS_LOG_FORMAT", value_enum)]
+    pub log_format: Option<LogFormat>,
+}
+
+/// The validated configuration the broker runs with.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub listen: SocketAddr,
+    pub http: Option<SocketAddr>,
+    pub cluster: Option<SocketAddr>,
+    pub peers: Vec<String>,
+    pub node_id: String,
+    pub data_dir: PathBuf,
+    pub accel: AccelMode,
+    pub max_payload: u32,
+    pub max_connections: usize,
+    pub max_pending: usize,
+    pub write_timeout: Duration,
+    pub drain_timeout: Duration,
+    pub handshake_timeout: Duration,
+    pub log_format: LogFormat,
+    /// Receive window announced to clients (bytes).
+    pub recv_window: u32,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            listen: DEFAULT_LISTEN.parse().expect("valid default"),
+            http: None,
+            cluster: None,
+            peers: Vec::new(),
+            node_id: default_node_id(),
+            data_dir: PathBuf::from("./sockbus-data"),
+            accel: AccelMode::Auto,
+            max_payload: sockbus_protocol::DEFAULT_MAX_PAYLOAD,
+            max_connections: 65536,
+            max_pending: 64 << 20,
+            write_timeout: Duration::from_secs(10),
+            drain_timeout: Duration::from_secs(10),
+            handshake_timeout: Duration::from_secs(5),
+            log_format: LogFormat::Text,
+            recv_window: 8 << 20,
+        }
+    }
+}
+
+fn default_node_id() -> String {
+    std::env::var("HOSTNAME")
+        .ok()
+        .filter(|h| !h.is_empty())
+        .or_else(|| {
+            std::fs::read_to_string("/etc/hostname")
+                .ok()
+                .map(|s| s.trim().to_string())
+        })
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "sockbus".to_string())
+}
+
+/// Parses `host:port`, optionally with a `sockbus://` / `http://` scheme.
+pub fn parse_addr(what: &str, s: &str) -> anyhow::Result<SocketAddr> {
+    let bare = s
+        .split_once("://")
+        .map_or(s, |(_, rest)| rest)
+        .trim_end_matches('/');
+    use std::net::ToSocketAddrs;
+    bare.to_socket_addrs()
+        .with_context(|| format!("--{what} {s:?} is not a host:port address"))?
+        .next()
+        .with_context(|| format!("--{what} {s:?} resolves to no address"))
+}
+
+impl Options {
+    /// Merges flags/environment (self) over the TOML file, then over defaults.
+    pub fn resolve(self) -> anyhow::Result<Config> {
+        let file = match &self.config {
+            Some(path) => {
+                let text = std::fs::read_to_string(path)
+                    .with_context(|| format!("cannot read config file {}", path.display()))?;
+                toml::from_str::<Options>(&text)
+                    .with_context(|| format!("invalid config file {}", path.display()))?
+            }
+            None => Options::default(),
+        };
+        let o = self.merge(file);
+        let d = Config::default();
+        let max_payload = o.max_payload.map_or(d.max_payload as u64, |b| b.0);
+        if max_payload == 0 || max_payload > 64 << 20 {
+            bail!("--max-payload must be between 1 byte and 64MiB, got {max_payload}");
+        }
+        let max_pending = o.max_pending.map_or(d.max_pending as u64, |b| b.0);
+        if max_pending < 2 * max_payload {
+            bail!("--max-pending ({max_pending} bytes) must be at least twice --max-payload ({max_payload} bytes)");
+        }
+        let max_connections = o.max_connections.unwrap_or(d.max_connections);
+        if max_connections == 0 {
+            bail!("--max-connections must be at least 1");
+        }
+        let cfg = Config {
+            listen: parse_addr("listen", o.listen.as_deref().unwrap_or(DEFAULT_LISTEN))?,
+            http: o
+                .http
+                .as_deref()
+                .map(|s| parse_addr("http", s))
+                .transpose()?,
+            cluster: o
+                .cluster
+                .as_deref()
+                .map(|s| parse_addr("cluster", s))
+                .transpose()?,
+            peers: o.peers.unwrap_or_default(),
+            node_id: o.node_id.unwrap_or(d.node_id),
+            data_dir: o.data_dir.unwrap_or(d.data_dir),
+            accel: o.accel.unwrap_or_default(),
+            max_payload: max_payload as u32,
+            max_connections,
+            max_pending: max_pending as usize,
+            write_timeout: o.write_timeout.map_or(d.write_timeout, |x| x.0),
+            drain_timeout: o.drain_timeout.map_or(d.drain_timeout, |x| x.0),
+            handshake_timeout: d.handshake_timeout,
+            log_format: o.log_format.unwrap_or_default(),
+            recv_window: d.recv_window,
+        };
+        if cfg.node_id.is_empty() || cfg.node_id.contains(char::is_whitespace) {
+            bail!(
+                "--node-id {:?} must be non-empty without spaces",
+                cfg.node_id
+            );
+        }
+        Ok(cfg)
+    }
+
+    fn merge(self, file: Options) -> Options {
+        Options {
+            listen: self.listen.or(file.listen),
+            http: self.http.or(file.http),
+            cluster: self.cluster.or(file.cluster),
+            peers: self.peers.or(file.peers),
+            node_id: self.node_id.or(file.node_id),
+            data_dir: self.data_dir.or(file.data_dir),
+            config: self.config,
+            accel: self.accel.or(file.accel),
+            max_payload: self.max_payload.or(file.max_payload),
+            max_connections: self.max_connections.or(file.max_connections),
+            max_pending: self.max_pending.or(file.max_pending),
+            write_timeout: self.write_timeout.or(file.write_timeout),
+            drain_timeout: self.drain_timeout.or(file.drain_timeout),
+            log_format: self.log_format.or(file.log_format),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_and_durations_parse_with_units() {
+        assert_eq!("1MiB".parse::<ByteSize>().unwrap().0, 1 << 20);
+        assert_eq!("512KiB".parse::<ByteSize>().unwrap().0, 512 << 10);
+        assert_eq!("42".parse::<ByteSize>().unwrap().0, 42);
+        assert!("1XB".parse::<ByteSize>().is_err());
+        assert_eq!(
+            "250ms".parse::<Dur>().unwrap().0,
+            Duration::from_millis(250)
+        );
+        assert_eq!("5m".parse::<Dur>().unwrap().0, Duration::from_secs(300));
+        assert!("soon".parse::<Dur>().is_err());
+    }
+
+    #[test]
+    fn file_values_apply_and_flags_win() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("b.toml");
+        std::fs::write(
+            &path,
+            "listen = \"127.0.0.1:9999\"\nmax-payload = \"2MiB\"\n",
+        )
+        .unwrap();
+        let cfg = Options {
+            config: Some(path.clone()),
+            max_payload: Some(ByteSize(4096)),
+            ..Default::default()
+        }
+        .resolve()
+        .unwrap();
+        assert_eq!(cfg.listen.port(), 9999);
+        assert_eq!(cfg.max_payload, 4096);
+    }
+
+    #[test]
+    fn bad_config_is_refused_with_a_clear_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("b.toml");
+        std::fs::write(&path, "lisen = \"x\"\n").unwrap();
+        let err = Options {
+            config: Some(path),
+            ..Default::default()
+        }
+        .resolve()
+        .unwrap_err();
+        assert!(
+            format!("{err:#}").contains("unknown field `lisen`"),
+            "{err:#}"
+        );
+        let err = Options {
+            max_payload: Some(ByteSize(0)),
+            ..Default::default()
+        }
+        .resolve()
+        .unwrap_err();
+        assert!(err.to_string().contains("--max-payload"));
+        let err = Options {
+            listen: Some("not an address".into()),
+            ..Default::default()
+        }
+        .resolve()
+        .unwrap_err();
+        assert!(err.to_string().contains("--listen"));
+    }
+}

@@ -1,0 +1,678 @@
+//! One client connection: handshake, a reader that decodes and routes
+//! frames, and a writer that drains the connection's [`Outbox`].
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use bytes::{Buf, BytesMut};
+use sockbus_protocol::flow::{effective_window, RecvWindow};
+use sockbus_protocol::frame::{
+    self, code, encode_credit, encode_err, encode_info, encode_msg, encode_pong, message_frame_len,
+    CONNECT_NO_ECHO, CONNECT_NO_RESPONDERS, CREDIT_FRAME_LEN, MAX_FRAME_OVERHEAD,
+    MSG_NO_RESPONDERS,
+};
+use sockbus_protocol::subject::{subject_hash, validate_pattern, validate_subject};
+use sockbus_protocol::{FrameRef, Kind, ProtocolError, HEADER_LEN, PROTOCOL_VERSION};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::TcpStream;
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn, Instrument};
+
+use crate::metrics::LocalCounts;
+use crate::router::{MatchCache, Matches, Subscription};
+use crate::server::State;
+use sockbus_protocol::outbox::{Outbox, Push};
+
+const READ_CHUNK: usize = 64 * 1024;
+
+/// The part of a connection other tasks touch: its outbox and its wake-ups.
+pub struct ConnShared {
+    pub id: u64,
+    pub outbox: Outbox,
+    /// Wakes the writer when the outbox goes from empty to non-empty or credit arrives.
+    pub notify: Notify,
+    /// Cancelled to abandon the connection at once (slow consumer, write error).
+    pub abort: CancellationToken,
+}
+
+impl ConnShared {
+    fn wake(&self) {
+        self.notify.notify_one();
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+enum ConnError {
+    #[error("malformed frame: {0}")]
+    Malformed(#[from] ProtocolError),
+    #[error("{0}")]
+    Refused(String),
+    #[error("i/o: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// Writes one frame straight to a socket that has no writer task yet.
+async fn write_direct(wr: &mut OwnedWriteHalf, f: impl FnOnce(&mut BytesMut)) {
+    let mut b = BytesMut::new();
+    f(&mut b);
+    let _ = wr.write_all(&b).await;
+    let _ = wr.shutdown().await;
+}
+
+pub async fn run(
+    state: Arc<State>,
+    stream: TcpStream,
+    peer: SocketAddr,
+    id: u64,
+    shutdown: CancellationToken,
+) {
+    let _ = stream.set_nodelay(true);
+    let _ = socket2::SockRef::from(&stream).set_tcp_keepalive(
+        &socket2::TcpKeepalive::new()
+            .with_time(std::time::Duration::from_secs(30))
+            .with_interval(std::time::Duration::from_secs(10)),
+    );
+    let (mut rd, mut wr) = stream.into_split();
+    let mut buf = BytesMut::with_capacity(READ_CHUNK);
+
+    // Handshake: the first frame must be CONNECT.
+    let hs = tokio::time::timeout(
+        state.config.handshake_timeout,
+        read_connect(&mut rd, &mut buf),
+    )
+    .await;
+    let (flags, recv_window, name) = match hs {
+        Ok(Ok(c)) => c,
+        Ok(Err(e)) => {
+            debug!(%peer, "handshake failed: {e}");
+            state
+                .metrics
+                .malformed_frames
+                .fetch_add(1, Ordering::Relaxed);
+            write_direct(&mut wr, |b| {
+                encode_err(b, code::NOT_CONNECTED, &e.to_string())
+            })
+            .await;
+            return;
+        }
+        Err(_) => {
+            debug!(%peer, "handshake timed out");
+            write_direct(&mut wr, |b| {
+                encode_err(
+                    b,
+                    code::NOT_CONNECTED,
+                    "no CONNECT frame within the handshake timeout",
+                )
+            })
+            .await;
+            return;
+        }
+    };
+    if let Err(e) = flags {
+        write_direct(&mut wr, |b| encode_err(b, code::UNSUPPORTED_VERSION, &e)).await;
+        return;
+    }
+    let flags = flags.unwrap_or_default();
+
+    let span = tracing::info_span!("conn", id, %peer, client = %name);
+    serve(state, rd, wr, buf, id, flags, recv_window, shutdown)
+        .instrument(span)
+        .await
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn serve(
+    state: Arc<State>,
+    mut rd: OwnedReadHalf,
+    wr: OwnedWriteHalf,
+    mut buf: BytesMut,
+    id: u64,
+    flags: u8,
+    recv_window: u32,
+    shutdown: CancellationToken,
+) {
+    debug!("connected");
+
+    let send_window = effective_window(recv_window, state.config.max_payload);
+    let shared = Arc::new(ConnShared {
+        id,
+        outbox: Outbox::new(state.config.max_pending, send_window),
+        notify: Notify::new(),
+        abort: CancellationToken::new(),
+    });
+    let our_window = effective_window(state.config.recv_window, state.config.max_payload);
+    shared.outbox.push_control(|b| {
+        let _ = encode_info(
+            b,
+            our_window,
+            state.config.max_payload,
+            &state.config.node_id,
+        );
+    });
+    let writer = tokio::spawn(write_loop(shared.clone(), wr, state.clone()));
+
+    let mut reader = Reader {
+        state: state.clone(),
+        shared: shared.clone(),
+        cache: MatchCache::new(4096),
+        subs: HashMap::new(),
+        wake: Vec::new(),
+        counts: LocalCounts::default(),
+        recv: RecvWindow::new(our_window),
+        no_echo: flags & CONNECT_NO_ECHO != 0,
+        no_responders: flags & CONNECT_NO_RESPONDERS != 0,
+        skip: 0,
+    };
+    let res = reader.run(&mut rd, &mut buf, &shutdown).await;
+    reader.flush();
+    for (_, s) in reader.subs.drain() {
+        state.router.remove(&s);
+    }
+    match &res {
+        Ok(()) => debug!("closed by client"),
+        Err(ConnError::Malformed(e)) => {
+            warn!("closing connection: malformed frame: {e}");
+            state
+                .metrics
+                .malformed_frames
+                .fetch_add(1, Ordering::Relaxed);
+            shared
+                .outbox
+                .push_control(|b| encode_err(b, code::MALFORMED, &format!("malformed frame: {e}")));
+        }
+        Err(ConnError::Refused(e)) => {
+            warn!("closing connection: {e}");
+            shared
+                .outbox
+                .push_control(|b| encode_err(b, code::MALFORMED, e));
+        }
+        Err(ConnError::Io(e)) => debug!("read error: {e}"),
+    }
+    if shutdown.is_cancelled() {
+        shared
+            .outbox
+            .push_control(|b| encode_err(b, code::SHUTTING_DOWN, "broker is shutting down"));
+    }
+    shared.outbox.close();
+    shared.wake();
+    // Let the writer flush what is queued, but never longer than the drain timeout.
+    let abort = shared.abort.clone();
+    let mut writer = writer;
+    if tokio::time::timeout(state.config.drain_timeout, &mut writer)
+        .await
+        .is_err()
+    {
+        abort.cancel();
+        let _ = writer.await;
+    }
+    shared.outbox.clear();
+}
+
+type ConnectInfo = (Result<u8, String>, u32, String);
+
+async fn read_connect(
+    rd: &mut OwnedReadHalf,
+    buf: &mut BytesMut,
+) -> Result<ConnectInfo, ConnError> {
+    loop {
+        if let Some(h) = frame::parse_header(buf)? {
+            if h.kind != Kind::Connect {
+                return Err(ConnError::Refused(format!(
+                    "expected CONNECT as the first frame, got {:?}",
+                    h.kind
+                )));
+            }
+            frame::check_len(&h, 64 * 1024)?;
+            if buf.len() >= h.frame_len() {
+                let f = frame::decode_body(&h, &buf[HEADER_LEN..h.frame_len()])?;
+                let FrameRef::Connect {
+                    version,
+                    flags,
+                    recv_window,
+                    name,
+                    ..
+                } = f
+                else {
+                    unreachable!("kind checked above")
+                };
+                let flags = if version == PROTOCOL_VERSION {
+                    Ok(flags)
+                } else {
+                    Err(format!("protocol version {version} is not supported (this broker speaks {PROTOCOL_VERSION})"))
+                };
+                let name = name.to_string();
+                buf.advance(h.frame_len());
+                return Ok((flags, recv_window, name));
+            }
+        }
+        if rd.read_buf(buf).await? == 0 {
+            return Err(ConnError::Refused(
+                "connection closed before CONNECT".into(),
+            ));
+        }
+    }
+}
+
+struct Reader {
+    state: Arc<State>,
+    shared: Arc<ConnShared>,
+    cache: MatchCache,
+    subs: HashMap<u32, Arc<Subscription>>,
+    /// Connections whose outbox this batch made non-empty: woken once per batch.
+    wake: Vec<Arc<ConnShared>>,
+    counts: LocalCounts,
+    recv: RecvWindow,
+    no_echo: bool,
+    no_responders: bool,
+    /// Bytes still to discard of an oversized PUB.
+    skip: usize,
+}
+
+impl Reader {
+    async fn run(
+        &mut self,
+        rd: &mut OwnedReadHalf,
+        buf: &mut BytesMut,
+        shutdown: &CancellationToken,
+    ) -> Result<(), ConnError> {
+        let max_body = self.state.config.max_payload + MAX_FRAME_OVERHEAD;
+        loop {
+            let mut consumed = 0usize;
+            loop {
+                if self.skip > 0 {
+                    let n = self.skip.min(buf.len());
+                    buf.advance(n);
+                    self.skip -= n;
+                    consumed += n;
+                    if self.skip > 0 {
+                        break;
+                    }
+                    continue;
+                }
+                let Some(h) = frame::parse_header(buf)? else {
+                    break;
+                };
+                if h.len > max_body {
+                    if h.kind != Kind::Pub {
+                        return Err(ProtocolError::FrameTooLarge {
+                            len: h.len,
+                            max: max_body,
+                        }
+                        .into());
+                    }
+                    self.payload_too_large(h.len as usize);
+                    self.skip = h.frame_len();
+                    continue;
+                }
+                let len = h.frame_len();
+                if buf.len() < len {
+                    buf.reserve(len - buf.len());
+                    break;
+                }
+                let f = frame::decode_body(&h, &buf[HEADER_LEN..len])?;
+                self.handle(f)?;
+                if h.kind != Kind::Credit {
+                    consumed += len;
+                }
+                buf.advance(len);
+            }
+            self.flush();
+            if let Some(c) = self.recv.on_consumed(consumed) {
+                if self.shared.outbox.grant(c) {
+                    self.shared.wake();
+                }
+            }
+            if buf.capacity() - buf.len() < 4096 {
+                buf.reserve(READ_CHUNK);
+            }
+            tokio::select! {
+                biased;
+                r = rd.read_buf(buf) => {
+                    if r? == 0 {
+                        return Ok(());
+                    }
+                }
+                _ = self.shared.abort.cancelled() => return Ok(()),
+                _ = shutdown.cancelled() => return Ok(()),
+            }
+        }
+    }
+
+    /// End of a batch: wake writers and publish counters.
+    fn flush(&mut self) {
+        for c in self.wake.drain(..) {
+            c.wake();
+        }
+        self.state.metrics.add(&mut self.counts);
+    }
+
+    fn error(&self, code: u16, text: &str) {
+        if let Push::Queued { was_empty: true } = self
+            .shared
+            .outbox
+            .push_control(|b| encode_err(b, code, text))
+        {
+            self.shared.wake();
+        }
+    }
+
+    fn payload_too_large(&self, len: usize) {
+        self.state
+            .metrics
+            .payload_too_large
+            .fetch_add(1, Ordering::Relaxed);
+        self.error(
+            code::MAX_PAYLOAD,
+            &format!(
+                "message of {len} bytes exceeds the maximum payload of {} bytes",
+                self.state.config.max_payload
+            ),
+        );
+    }
+
+    fn handle(&mut self, f: FrameRef<'_>) -> Result<(), ConnError> {
+        match f {
+            FrameRef::Pub {
+                subject,
+                reply,
+                headers,
+                payload,
+            } => {
+                if payload.len() > self.state.config.max_payload as usize {
+                    self.payload_too_large(payload.len());
+                    return Ok(());
+                }
+                if let Some(r) = reply {
+                    if let Err(e) = validate_subject(r) {
+                        self.state
+                            .metrics
+                            .invalid_subjects
+                            .fetch_add(1, Ordering::Relaxed);
+                        self.error(
+                            code::INVALID_SUBJECT,
+                            &format!("invalid reply subject: {e}"),
+                        );
+                        return Ok(());
+                    }
+                }
+                let state = self.state.clone();
+                let m = match self.cache.get(&state.router, subject) {
+                    Ok(m) => m,
+                    Err(e) => {
+                        self.state
+                            .metrics
+                            .invalid_subjects
+                            .fetch_add(1, Ordering::Relaxed);
+                        self.error(code::INVALID_SUBJECT, &format!("invalid subject: {e}"));
+                        return Ok(());
+                    }
+                };
+                self.counts.msgs_in += 1;
+                self.counts.bytes_in += payload.len() as u64;
+                let msg = Outgoing {
+                    subject,
+                    hash: subject_hash(subject.as_bytes()),
+                    reply,
+                    headers,
+                    payload,
+                    flags: 0,
+                };
+                let delivered = route(
+                    &state,
+                    m,
+                    &msg,
+                    &self.shared,
+                    self.no_echo,
+                    &mut self.wake,
+                    &mut self.counts,
+                );
+                if delivered == 0 && self.no_responders {
+                    if let Some(r) = reply {
+                        self.send_no_responders(r);
+                    }
+                }
+            }
+            FrameRef::Sub {
+                sid,
+                subject,
+                queue,
+            } => {
+                if let Err(e) = validate_pattern(subject) {
+                    self.state
+                        .metrics
+                        .invalid_subjects
+                        .fetch_add(1, Ordering::Relaxed);
+                    self.error(
+                        code::INVALID_SUBJECT,
+                        &format!("invalid subscription subject: {e}"),
+                    );
+                    return Ok(());
+                }
+                if let Some(q) = queue {
+                    if q.len() > 255 || q.bytes().any(|b| b <= b' ' || b == 0x7f) {
+                        self.error(
+                            code::BAD_REQUEST,
+                            &format!("invalid queue group name {q:?}"),
+                        );
+                        return Ok(());
+                    }
+                }
+                if self.subs.get(&sid).is_some_and(|s| !s.is_removed()) {
+                    self.error(
+                        code::BAD_REQUEST,
+                        &format!("subscription id {sid} is already in use"),
+                    );
+                    return Ok(());
+                }
+                let sub = Arc::new(Subscription::new(sid, subject, queue, self.shared.clone()));
+                self.state.router.insert(sub.clone());
+                self.subs.insert(sid, sub);
+            }
+            FrameRef::Unsub { sid, max } => {
+                if let Some(s) = self.subs.get(&sid) {
+                    if max == 0 || s.set_max(max as u64) {
+                        let s = self.subs.remove(&sid).expect("present");
+                        self.state.router.remove(&s);
+                    }
+                }
+            }
+            FrameRef::Ping(id) => {
+                if let Push::Queued { was_empty: true } =
+                    self.shared.outbox.push_control(|b| encode_pong(b, id))
+                {
+                    self.wake.push(self.shared.clone());
+                }
+            }
+            FrameRef::Pong(_) => {}
+            FrameRef::Credit(n) => {
+                self.shared.outbox.on_credit(n);
+                self.wake.push(self.shared.clone());
+            }
+            FrameRef::Err { code, text } => debug!(code, "client reported an error: {text}"),
+            FrameRef::Connect { .. } => {
+                self.error(
+                    code::BAD_REQUEST,
+                    "CONNECT was already received on this connection",
+                );
+            }
+            FrameRef::Info { .. } | FrameRef::Msg { .. } => {
+                return Err(ConnError::Refused(
+                    "clients may not send INFO or MSG frames".into(),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Tells a requester nobody listens: a status MSG to its own reply subscriptions.
+    fn send_no_responders(&mut self, reply: &str) {
+        self.state
+            .metrics
+            .no_responders
+            .fetch_add(1, Ordering::Relaxed);
+        let (m, _) = self.state.router.compute(reply);
+        let msg = Outgoing {
+            subject: reply,
+            hash: subject_hash(reply.as_bytes()),
+            reply: None,
+            headers: &[],
+            payload: &[],
+            flags: MSG_NO_RESPONDERS,
+        };
+        for s in m
+            .plain
+            .iter()
+            .chain(m.groups.iter().flat_map(|g| g.members.iter()))
+        {
+            if s.conn.id == self.shared.id {
+                deliver(&self.state, s, &msg, &mut self.wake, &mut self.counts);
+            }
+        }
+    }
+}
+
+/// A message on its way to subscribers, borrowed from the publisher's read buffer.
+pub struct Outgoing<'a> {
+    pub subject: &'a str,
+    pub hash: u32,
+    pub reply: Option<&'a str>,
+    pub headers: &'a [u8],
+    pub payload: &'a [u8],
+    pub flags: u8,
+}
+
+/// Delivers to every plain subscription and one member of each queue group.
+/// Returns how many subscriptions took the message.
+pub fn route(
+    state: &State,
+    m: &Matches,
+    msg: &Outgoing<'_>,
+    from: &ConnShared,
+    no_echo: bool,
+    wake: &mut Vec<Arc<ConnShared>>,
+    counts: &mut LocalCounts,
+) -> usize {
+    let mut n = 0;
+    for s in &m.plain {
+        if no_echo && s.conn.id == from.id {
+            continue;
+        }
+        n += deliver(state, s, msg, wake, counts) as usize;
+    }
+    for g in &m.groups {
+        let len = g.members.len();
+        let start = g.start();
+        for i in 0..len {
+            let s = &g.members[(start + i) % len];
+            if no_echo && s.conn.id == from.id {
+                continue;
+            }
+            if deliver(state, s, msg, wake, counts) {
+                n += 1;
+                break;
+            }
+        }
+    }
+    n
+}
+
+/// Queues one MSG frame for one subscription. False when it could not take it.
+#[inline]
+pub fn deliver(
+    state: &State,
+    s: &Arc<Subscription>,
+    msg: &Outgoing<'_>,
+    wake: &mut Vec<Arc<ConnShared>>,
+    counts: &mut LocalCounts,
+) -> bool {
+    if s.is_removed() {
+        return false;
+    }
+    let Some(last) = s.claim() else { return false };
+    let len = message_frame_len(true, msg.subject, msg.reply, msg.headers, msg.payload);
+    match s.conn.outbox.push(len, |b| {
+        encode_msg(
+            b,
+            s.sid,
+            msg.flags,
+            msg.subject,
+            msg.hash,
+            msg.reply,
+            msg.headers,
+            msg.payload,
+        )
+    }) {
+        Push::Queued { was_empty } => {
+            if was_empty {
+                wake.push(s.conn.clone());
+            }
+            counts.msgs_out += 1;
+            counts.bytes_out += msg.payload.len() as u64;
+            if last {
+                state.router.remove(s);
+            }
+            true
+        }
+        Push::OverBudget => {
+            if s.conn.outbox.close() {
+                state.metrics.slow_consumers.fetch_add(1, Ordering::Relaxed);
+                warn!(
+                    conn = s.conn.id,
+                    budget = state.config.max_pending,
+                    "slow consumer: outbound budget exceeded, closing the connection"
+                );
+                s.conn.abort.cancel();
+            }
+            false
+        }
+        Push::Closed => false,
+    }
+}
+
+async fn write_loop(shared: Arc<ConnShared>, mut wr: OwnedWriteHalf, state: Arc<State>) {
+    let mut credit = [0u8; CREDIT_FRAME_LEN];
+    loop {
+        let t = shared.outbox.take();
+        if t.is_empty() {
+            if shared.outbox.is_closed() || shared.abort.is_cancelled() {
+                break;
+            }
+            tokio::select! {
+                _ = shared.notify.notified() => {}
+                _ = shared.abort.cancelled() => break,
+            }
+            continue;
+        }
+        let write = async {
+            if t.grant > 0 {
+                encode_credit(&mut &mut credit[..], t.grant);
+                wr.write_all(&credit).await?;
+            }
+            if !t.data.is_empty() {
+                wr.write_all(&t.data).await?;
+            }
+            Ok::<_, std::io::Error>(())
+        };
+        tokio::select! {
+            r = tokio::time::timeout(state.config.write_timeout, write) => match r {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => {
+                    debug!(conn = shared.id, "write failed: {e}");
+                    break;
+                }
+                Err(_) => {
+                    info!(conn = shared.id, "write timed out after {:?}; closing", state.config.write_timeout);
+                    break;
+                }
+            },
+            _ = shared.abort.cancelled() => break,
+        }
+    }
+    shared.outbox.close();
+    shared.abort.cancel();
+    let _ = wr.shutdown().await;
+}

@@ -1,0 +1,308 @@
+//! The subscription index: a token trie with NATS matching rules, plus a
+//! per-reader match cache so the hot path (publish) takes no lock.
+//!
+//! Every change to the trie bumps a generation counter. A reader task keeps
+//! its own `subject -> matches` cache tagged with the generation it was
+//! computed at; a hit at the current generation costs one atomic load and
+//! one hash lookup. A miss takes the read lock and walks only the trie
+//! branches the subject's tokens lead to, never every subscription.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, RwLock};
+
+use sockbus_protocol::subject::{validate_subject, SubjectError};
+
+use crate::conn::ConnShared;
+
+/// One subscription of one connection.
+pub struct Subscription {
+    pub sid: u32,
+    pub pattern: Box<str>,
+    pub queue: Option<Box<str>>,
+    pub conn: Arc<ConnShared>,
+    /// Messages after which the subscription ends (u64::MAX: never).
+    max: AtomicU64,
+    delivered: AtomicU64,
+    removed: AtomicBool,
+}
+
+impl Subscription {
+    pub fn new(sid: u32, pattern: &str, queue: Option<&str>, conn: Arc<ConnShared>) -> Self {
+        Subscription {
+            sid,
+            pattern: pattern.into(),
+            queue: queue.map(Into::into),
+            conn,
+            max: AtomicU64::new(u64::MAX),
+            delivered: AtomicU64::new(0),
+            removed: AtomicBool::new(false),
+        }
+    }
+
+    /// Ends the subscription once it has delivered `max` messages over its
+    /// life (NATS semantics). Returns true when it is already over.
+    pub fn set_max(&self, max: u64) -> bool {
+        self.max.store(max, Ordering::Release);
+        self.delivered.load(Ordering::Acquire) >= max
+    }
+
+    /// Claims one delivery. `Some(last)` when the message may be delivered;
+    /// `last` is true when it is the final one allowed.
+    #[inline]
+    pub fn claim(&self) -> Option<bool> {
+        // Counted always: a later UNSUB with a limit counts what came before it.
+        let n = self.delivered.fetch_add(1, Ordering::AcqRel) + 1;
+        let max = self.max.load(Ordering::Acquire);
+        if n > max {
+            None
+        } else {
+            Some(n == max)
+        }
+    }
+
+    pub fn is_removed(&self) -> bool {
+        self.removed.load(Ordering::Acquire)
+    }
+}
+
+/// A queue group's members for one subject.
+pub struct QueueGroup {
+    pub name: Box<str>,
+    pub members: Vec<Arc<Subscription>>,
+    next: AtomicUsize,
+}
+
+impl QueueGroup {
+    /// Round-robin pick; the caller retries with the next one if the pick
+    /// cannot take the message.
+    pub fn start(&self) -> usize {
+        self.next.fetch_add(1, Ordering::Relaxed)
+    }
+}
+
+/// Everything a subject matches.
+#[derive(Default)]
+pub struct Matches {
+    pub plain: Vec<Arc<Subscription>>,
+    pub groups: Vec<QueueGroup>,
+}
+
+impl Matches {
+    pub fn is_empty(&self) -> bool {
+        self.plain.is_empty() && self.groups.is_empty()
+    }
+}
+
+#[derive(Default)]
+struct Node {
+    literal: HashMap<Box<str>, Node>,
+    star: Option<Box<Node>>,
+    /// Patterns that end at this node.
+    here: Vec<Arc<Subscription>>,
+    /// Patterns that end with `>` right after this node.
+    rest: Vec<Arc<Subscription>>,
+}
+
+impl Node {
+    fn is_empty(&self) -> bool {
+        self.literal.is_empty()
+            && self.star.is_none()
+            && self.here.is_empty()
+            && self.rest.is_empty()
+    }
+
+    fn insert(&mut self, toks: &[&str], sub: Arc<Subscription>) {
+        match toks.split_first() {
+            None => self.here.push(sub),
+            Some((&">", _)) => self.rest.push(sub),
+            Some((&"*", tail)) => self
+                .star
+                .get_or_insert_with(Default::default)
+                .insert(tail, sub),
+            Some((t, tail)) => self
+                .literal
+                .entry((*t).into())
+                .or_default()
+                .insert(tail, sub),
+        }
+    }
+
+    /// Removes `sub`; returns true when found. Prunes emptied branches.
+    fn remove(&mut self, toks: &[&str], sub: &Arc<Subscription>) -> bool {
+        let take = |v: &mut Vec<Arc<Subscription>>| {
+            if let Some(i) = v.iter().position(|s| Arc::ptr_eq(s, sub)) {
+                v.swap_remove(i);
+                true
+            } else {
+                false
+            }
+        };
+        match toks.split_first() {
+            None => take(&mut self.here),
+            Some((&">", _)) => take(&mut self.rest),
+            Some((&"*", tail)) => {
+                let Some(n) = self.star.as_mut() else {
+                    return false;
+                };
+                let found = n.remove(tail, sub);
+                if n.is_empty() {
+                    self.star = None;
+                }
+                found
+            }
+            Some((t, tail)) => {
+                let Some(n) = self.literal.get_mut(*t) else {
+                    return false;
+                };
+                let found = n.remove(tail, sub);
+                if n.is_empty() {
+                    self.literal.remove(*t);
+                }
+                found
+            }
+        }
+    }
+
+    fn collect(&self, toks: &[&str], out: &mut Vec<Arc<Subscription>>) {
+        let Some((first, tail)) = toks.split_first() else {
+            out.extend(self.here.iter().cloned());
+            return;
+        };
+        out.extend(self.rest.iter().cloned());
+        if let Some(n) = self.literal.get(*first) {
+            n.collect(tail, out);
+        }
+        if let Some(n) = &self.star {
+            n.collect(tail, out);
+        }
+    }
+}
+
+pub struct Router {
+    root: RwLock<Node>,
+    generation: AtomicU64,
+    count: AtomicUsize,
+    rr_seed: AtomicUsize,
+}
+
+impl Default for Router {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Router {
+    pub fn new() -> Self {
+        Router {
+            root: RwLock::new(Node::default()),
+            generation: AtomicU64::new(1),
+            count: AtomicUsize::new(0),
+            rr_seed: AtomicUsize::new(0),
+        }
+    }
+
+    /// Adds a subscription (its pattern already validated).
+    pub fn insert(&self, sub: Arc<Subscription>) {
+        let pattern = sub.pattern.clone();
+        let toks: Vec<&str> = pattern.split('.').collect();
+        let mut root = self.root.write().unwrap_or_else(|p| p.into_inner());
+        root.insert(&toks, sub);
+        self.count.fetch_add(1, Ordering::Relaxed);
+        // Bump while holding the lock so no reader caches a stale result
+        // under the new generation.
+        self.generation.fetch_add(1, Ordering::Release);
+    }
+
+    /// Removes a subscription; idempotent.
+    pub fn remove(&self, sub: &Arc<Subscription>) {
+        if sub.removed.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let toks: Vec<&str> = sub.pattern.split('.').collect();
+        let mut root = self.root.write().unwrap_or_else(|p| p.into_inner());
+        if root.remove(&toks, sub) {
+            self.count.fetch_sub(1, Ordering::Relaxed);
+        }
+        self.generation.fetch_add(1, Ordering::Release);
+    }
+
+    pub fn len(&self) -> usize {
+        self.count.load(Ordering::Relaxed)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    pub fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Acquire)
+    }
+
+    /// Computes what a literal subject matches. Returns the result and the
+    /// generation it is valid for.
+    pub fn compute(&self, subject: &str) -> (Matches, u64) {
+        let toks: Vec<&str> = subject.split('.').collect();
+        let root = self.root.read().unwrap_or_else(|p| p.into_inner());
+        let gen = self.generation.load(Ordering::Acquire);
+        let mut all = Vec::new();
+        root.collect(&toks, &mut all);
+        drop(root);
+        let mut m = Matches::default();
+        for s in all {
+            match &s.queue {
+                None => m.plain.push(s),
+                Some(q) => match m.groups.iter_mut().find(|g| g.name == *q) {
+                    Some(g) => g.members.push(s),
+                    None => m.groups.push(QueueGroup {
+                        name: q.clone(),
+                        members: vec![s],
+                        // Start each new result at a different member so that
+                        // short-lived publishers still spread across the group.
+                        next: AtomicUsize::new(self.rr_seed.fetch_add(1, Ordering::Relaxed)),
+                    }),
+                },
+            }
+        }
+        (m, gen)
+    }
+}
+
+/// A reader task's private cache of match results.
+pub struct MatchCache {
+    map: HashMap<Box<str>, (u64, Matches)>,
+    cap: usize,
+}
+
+impl MatchCache {
+    pub fn new(cap: usize) -> Self {
+        MatchCache {
+            map: HashMap::new(),
+            cap,
+        }
+    }
+
+    /// Matches for a publish subject, validating it on first sight.
+    pub fn get(&mut self, router: &Router, subject: &str) -> Result<&Matches, SubjectError> {
+        let gen = router.generation();
+        // Two lookups on a miss, but a hit (the common case) needs no
+        // allocation and no borrow gymnastics.
+        if let Some((g, _)) = self.map.get(subject) {
+            if *g == gen {
+                return Ok(&self.map[subject].1);
+            }
+        } else {
+            validate_subject(subject)?;
+            if self.map.len() >= self.cap {
+                self.map.clear();
+            }
+        }
+        let (m, g) = router.compute(subject);
+        let slot = self
+            .map
+            .entry(subject.into())
+            .or_insert_with(|| (0, Matches::default()));
+        *slot = (g, m);
+        Ok(&slot.1)
+    }
+}

@@ -1,0 +1,135 @@
+//! The listener: accepts connections up to the limit and tracks them so a
+//! shutdown can drain every one before the process exits.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use bytes::BytesMut;
+use sockbus_protocol::frame::{code, encode_err};
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{info, warn};
+
+use crate::config::Config;
+use crate::metrics::Metrics;
+use crate::router::Router;
+
+/// Everything the connection tasks share.
+pub struct State {
+    pub config: Config,
+    pub router: Router,
+    pub metrics: Metrics,
+    next_conn_id: AtomicU64,
+}
+
+pub struct Server {
+    state: Arc<State>,
+    listener: TcpListener,
+    local_addr: SocketAddr,
+}
+
+impl Server {
+    /// Binds the native listener. Port 0 picks a free port (see [`Server::local_addr`]).
+    pub async fn bind(config: Config) -> anyhow::Result<Server> {
+        let listener = TcpListener::bind(config.listen)
+            .await
+            .with_context(|| format!("cannot listen on {}", config.listen))?;
+        let local_addr = listener.local_addr()?;
+        let state = Arc::new(State {
+            config,
+            router: Router::new(),
+            metrics: Metrics::default(),
+            next_conn_id: AtomicU64::new(1),
+        });
+        Ok(Server {
+            state,
+            listener,
+            local_addr,
+        })
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    pub fn state(&self) -> Arc<State> {
+        self.state.clone()
+    }
+
+    /// Serves until `shutdown` is cancelled, then stops accepting, lets every
+    /// connection flush what it has queued, and returns.
+    pub async fn run(self, shutdown: CancellationToken) -> anyhow::Result<()> {
+        let Server {
+            state,
+            listener,
+            local_addr,
+        } = self;
+        info!(addr = %local_addr, node = %state.config.node_id, max_payload = state.config.max_payload, "listening for clients");
+        let tracker = TaskTracker::new();
+        let limit = Arc::new(Semaphore::new(state.config.max_connections));
+        loop {
+            let (stream, peer) = tokio::select! {
+                _ = shutdown.cancelled() => break,
+                r = listener.accept() => match r {
+                    Ok(x) => x,
+                    Err(e) => {
+                        // Out of file descriptors and the like: back off instead of spinning.
+                        warn!("accept failed: {e}");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        continue;
+                    }
+                },
+            };
+            let Ok(permit) = limit.clone().try_acquire_owned() else {
+                state
+                    .metrics
+                    .connections_refused
+                    .fetch_add(1, Ordering::Relaxed);
+                warn!(%peer, limit = state.config.max_connections, "connection refused: at the connection limit");
+                tracker.spawn(async move {
+                    let mut stream = stream;
+                    let mut b = BytesMut::new();
+                    encode_err(
+                        &mut b,
+                        code::MAX_CONNECTIONS,
+                        "broker is at its connection limit",
+                    );
+                    let _ = stream.write_all(&b).await;
+                    let _ = stream.shutdown().await;
+                });
+                continue;
+            };
+            let id = state.next_conn_id.fetch_add(1, Ordering::Relaxed);
+            let st = state.clone();
+            let sd = shutdown.clone();
+            tracker.spawn(async move {
+                st.metrics.connections.fetch_add(1, Ordering::Relaxed);
+                st.metrics.connections_total.fetch_add(1, Ordering::Relaxed);
+                crate::conn::run(st.clone(), stream, peer, id, sd).await;
+                st.metrics.connections.fetch_sub(1, Ordering::Relaxed);
+                drop(permit);
+            });
+        }
+        drop(listener);
+        tracker.close();
+        let open = tracker.len();
+        info!(connections = open, "shutting down: draining connections");
+        if tokio::time::timeout(
+            state.config.drain_timeout + Duration::from_secs(1),
+            tracker.wait(),
+        )
+        .await
+        .is_err()
+        {
+            warn!("drain timed out; exiting with connections still open");
+        }
+        info!("shutdown complete");
+        Ok(())
+    }
+}

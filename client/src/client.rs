@@ -1,0 +1,1072 @@
+//! The connection machinery: connect/handshake, a reader that dispatches
+//! MSG frames to subscriptions, a writer that drains the shared outbox, and a
+//! supervisor that reconnects with backoff and restores subscriptions.
+
+use std::collections::{HashMap, VecDeque};
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::{Buf, Bytes, BytesMut};
+use futures_core::Stream;
+use sockbus_protocol::flow::{effective_window, RecvWindow};
+use sockbus_protocol::frame::{
+    self, code, encode_connect, encode_credit, encode_ping, encode_pong, encode_pub, encode_sub,
+    encode_unsub, message_frame_len, CONNECT_NO_ECHO, CONNECT_NO_RESPONDERS, CREDIT_FRAME_LEN,
+};
+use sockbus_protocol::outbox::{Outbox, Push};
+use sockbus_protocol::subject::{validate_pattern, validate_subject};
+use sockbus_protocol::{FrameRef, Kind, HEADER_LEN, MAX_FRAME_OVERHEAD};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::TcpStream;
+use tokio::sync::{mpsc, oneshot, Notify};
+use tracing::{debug, info, warn};
+
+use crate::error::{Error, Result};
+use crate::message::{Headers, Message};
+
+/// How a client connects and behaves. Start from `ConnectOptions::default()`.
+#[derive(Debug, Clone)]
+pub struct ConnectOptions {
+    name: String,
+    token: Vec<u8>,
+    connect_timeout: Duration,
+    request_timeout: Duration,
+    flush_timeout: Duration,
+    max_reconnect_delay: Duration,
+    max_reconnects: Option<usize>,
+    sub_capacity: usize,
+    sub_pending_bytes: usize,
+    send_buffer: usize,
+    recv_window: u32,
+    no_echo: bool,
+}
+
+impl Default for ConnectOptions {
+    fn default() -> Self {
+        ConnectOptions {
+            name: String::new(),
+            token: Vec::new(),
+            connect_timeout: Duration::from_secs(5),
+            request_timeout: Duration::from_secs(5),
+            flush_timeout: Duration::from_secs(10),
+            max_reconnect_delay: Duration::from_secs(2),
+            max_reconnects: None,
+            sub_capacity: 65536,
+            sub_pending_bytes: 64 << 20,
+            send_buffer: 32 << 20,
+            recv_window: 8 << 20,
+            no_echo: false,
+        }
+    }
+}
+
+impl ConnectOptions {
+    pub fn new() -> Self {
+        Self::default()
+    }
+    /// Name shown in the broker's logs.
+    pub fn name(mut self, name: impl Into<String>) -> Self {
+        self.name = name.into();
+        self
+    }
+    /// Authentication token (carried in CONNECT; reserved for broker auth).
+    pub fn token(mut self, token: impl Into<Vec<u8>>) -> Self {
+        self.token = token.into();
+        self
+    }
+    pub fn connect_timeout(mut self, d: Duration) -> Self {
+        self.connect_timeout = d;
+        self
+    }
+    pub fn request_timeout(mut self, d: Duration) -> Self {
+        self.request_timeout = d;
+        self
+    }
+    pub fn flush_timeout(mut self, d: Duration) -> Self {
+        self.flush_timeout = d;
+        self
+    }
+    /// Longest wait between reconnect attempts (backoff doubles up to it).
+    pub fn max_reconnect_delay(mut self, d: Duration) -> Self {
+        self.max_reconnect_delay = d;
+        self
+    }
+    /// Give up after this many failed reconnect attempts in a row (default: never).
+    pub fn max_reconnects(mut self, n: usize) -> Self {
+        self.max_reconnects = Some(n);
+        self
+    }
+    /// Messages a subscription buffers before new ones are dropped (slow consumer).
+    pub fn subscription_capacity(mut self, n: usize) -> Self {
+        self.sub_capacity = n.max(1);
+        self
+    }
+    /// Payload bytes a subscription buffers before new ones are dropped.
+    pub fn subscription_pending_bytes(mut self, n: usize) -> Self {
+        self.sub_pending_bytes = n.max(1);
+        self
+    }
+    /// Bytes of unsent frames after which `publish` waits (backpressure).
+    pub fn send_buffer(mut self, n: usize) -> Self {
+        self.send_buffer = n.max(64 * 1024);
+        self
+    }
+    /// Flow-control window announced to the broker (0 disables credits).
+    pub fn receive_window(mut self, n: u32) -> Self {
+        self.recv_window = n;
+        self
+    }
+    /// Do not receive this client's own publishes on its subscriptions.
+    pub fn no_echo(mut self, yes: bool) -> Self {
+        self.no_echo = yes;
+        self
+    }
+
+    /// Connects to the first reachable server of a comma-separated list.
+    pub async fn connect(self, urls: &str) -> Result<Client> {
+        let urls = parse_urls(urls)?;
+        let inner = Arc::new(Inner::new(self, urls));
+        let conn = establish(&inner, 0).await?;
+        tokio::spawn(supervise(inner.clone(), conn));
+        Ok(Client {
+            inner: inner.clone(),
+            _guard: Arc::new(CloseOnDrop(inner)),
+        })
+    }
+}
+
+/// Connects with default options.
+pub async fn connect(urls: &str) -> Result<Client> {
+    ConnectOptions::default().connect(urls).await
+}
+
+fn parse_urls(urls: &str) -> Result<Vec<String>> {
+    let mut out = Vec::new();
+    for u in urls.split(',').map(str::trim).filter(|u| !u.is_empty()) {
+        let bare = match u.split_once("://") {
+            Some(("sockbus" | "tcp", rest)) => rest,
+            Some(_) => return Err(Error::InvalidUrl(u.to_string())),
+            None => u,
+        }
+        .trim_end_matches('/');
+        if bare.is_empty() || bare.contains('/') {
+            return Err(Error::InvalidUrl(u.to_string()));
+        }
+        let hostport = if bare
+            .rsplit_once(':')
+            .is_some_and(|(_, p)| p.parse::<u16>().is_ok())
+        {
+            bare.to_string()
+        } else {
+            format!("{bare}:7420")
+        };
+        out.push(hostport);
+    }
+    if out.is_empty() {
+        return Err(Error::InvalidUrl(urls.to_string()));
+    }
+    Ok(out)
+}
+
+struct SubEntry {
+    subject: String,
+    queue: Option<String>,
+    tx: mpsc::Sender<Message>,
+    pending: Arc<AtomicUsize>,
+    /// Messages received over the subscription's life, and the limit.
+    received: u64,
+    max: Option<u64>,
+    dropped: Arc<AtomicU64>,
+    warned: bool,
+}
+
+struct Inner {
+    opts: ConnectOptions,
+    urls: Vec<String>,
+    outbox: Outbox,
+    /// Wakes the writer.
+    wake: Notify,
+    /// Wakes publishers waiting for outbox space.
+    space: Notify,
+    subs: Mutex<HashMap<u32, SubEntry>>,
+    next_sid: AtomicU32,
+    pings: Mutex<VecDeque<(u64, oneshot::Sender<Result<()>>)>>,
+    next_ping: AtomicU64,
+    max_payload: AtomicU32,
+    /// Count of ERR frames received and the latest one.
+    errors: Mutex<(u64, Option<(u16, String)>)>,
+    requests: Mutex<HashMap<u64, oneshot::Sender<Message>>>,
+    mux_sid: tokio::sync::OnceCell<u32>,
+    inbox_prefix: String,
+    next_req: AtomicU64,
+    closing: AtomicBool,
+    closed: Notify,
+    connected: tokio::sync::watch::Sender<bool>,
+    server: Mutex<Option<(String, SocketAddr)>>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Inner {
+    fn new(opts: ConnectOptions, urls: Vec<String>) -> Self {
+        let send_buffer = opts.send_buffer;
+        let id: u64 = rand::random();
+        Inner {
+            opts,
+            urls,
+            outbox: Outbox::new(send_buffer, 0),
+            wake: Notify::new(),
+            space: Notify::new(),
+            subs: Mutex::new(HashMap::new()),
+            next_sid: AtomicU32::new(1),
+            pings: Mutex::new(VecDeque::new()),
+            next_ping: AtomicU64::new(1),
+            max_payload: AtomicU32::new(sockbus_protocol::DEFAULT_MAX_PAYLOAD),
+            errors: Mutex::new((0, None)),
+            requests: Mutex::new(HashMap::new()),
+            mux_sid: tokio::sync::OnceCell::new(),
+            inbox_prefix: format!("_INBOX.{id:016x}"),
+            next_req: AtomicU64::new(1),
+            closing: AtomicBool::new(false),
+            closed: Notify::new(),
+            connected: tokio::sync::watch::channel(false).0,
+            server: Mutex::new(None),
+        }
+    }
+
+    fn is_closing(&self) -> bool {
+        self.closing.load(Ordering::Acquire)
+    }
+
+    /// Queues a control frame (SUB, UNSUB, PING): small, never refused for space.
+    fn control(&self, f: impl FnOnce(&mut BytesMut)) -> Result<()> {
+        match self.outbox.push_control(f) {
+            Push::Queued { was_empty } => {
+                if was_empty {
+                    self.wake.notify_one();
+                }
+                Ok(())
+            }
+            _ => Err(Error::Closed),
+        }
+    }
+
+    fn shutdown(&self) {
+        if !self.closing.swap(true, Ordering::AcqRel) {
+            self.outbox.close();
+            self.wake.notify_one();
+            self.closed.notify_waiters();
+            self.space.notify_waiters();
+        }
+    }
+
+    fn fail_pings(&self, e: impl Fn() -> Error) {
+        for (_, tx) in lock(&self.pings).drain(..) {
+            let _ = tx.send(Err(e()));
+        }
+    }
+}
+
+struct CloseOnDrop(Arc<Inner>);
+
+impl Drop for CloseOnDrop {
+    fn drop(&mut self) {
+        self.0.shutdown();
+    }
+}
+
+/// A connection to a sockbus broker (or a list of them, for failover).
+/// Cheap to clone; the connection closes when the last clone and every
+/// subscriber are dropped, or on [`Client::close`].
+#[derive(Clone)]
+pub struct Client {
+    inner: Arc<Inner>,
+    _guard: Arc<CloseOnDrop>,
+}
+
+impl std::fmt::Debug for Client {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Client")
+            .field("urls", &self.inner.urls)
+            .finish()
+    }
+}
+
+impl Client {
+    /// Publishes a message. Returns once it is queued; waits only when the
+    /// send buffer is full. Use [`Client::flush`] to know the broker has it.
+    pub async fn publish(&self, subject: &str, payload: impl AsRef<[u8]>) -> Result<()> {
+        self.publish_inner(subject, None, &[], payload.as_ref())
+            .await
+    }
+
+    pub async fn publish_with_reply(
+        &self,
+        subject: &str,
+        reply: &str,
+        payload: impl AsRef<[u8]>,
+    ) -> Result<()> {
+        validate_subject(reply)?;
+        self.publish_inner(subject, Some(reply), &[], payload.as_ref())
+            .await
+    }
+
+    pub async fn publish_with_headers(
+        &self,
+        subject: &str,
+        headers: &Headers,
+        payload: impl AsRef<[u8]>,
+    ) -> Result<()> {
+        let h = headers.encode()?;
+        self.publish_inner(subject, None, &h, payload.as_ref())
+            .await
+    }
+
+    async fn publish_inner(
+        &self,
+        subject: &str,
+        reply: Option<&str>,
+        headers: &[u8],
+        payload: &[u8],
+    ) -> Result<()> {
+        validate_subject(subject)?;
+        let max = self.inner.max_payload.load(Ordering::Relaxed);
+        if payload.len() > max as usize {
+            return Err(Error::PayloadTooLarge {
+                size: payload.len(),
+                max,
+            });
+        }
+        if headers.len() + subject.len() + reply.map_or(0, str::len)
+            > MAX_FRAME_OVERHEAD as usize - 16
+        {
+            return Err(Error::Protocol(
+                sockbus_protocol::ProtocolError::FieldTooLong("headers"),
+            ));
+        }
+        let len = message_frame_len(false, subject, reply, headers, payload);
+        let push = || {
+            self.inner.outbox.push(len, |b| {
+                // Lengths were checked above, so encoding cannot fail.
+                let _ = encode_pub(b, subject, reply, headers, payload);
+            })
+        };
+        loop {
+            match push() {
+                Push::Queued { was_empty } => {
+                    if was_empty {
+                        self.inner.wake.notify_one();
+                    }
+                    return Ok(());
+                }
+                Push::Closed => return Err(Error::Closed),
+                Push::OverBudget => {}
+            }
+            let waiter = self.inner.space.notified();
+            tokio::pin!(waiter);
+            waiter.as_mut().enable();
+            match push() {
+                Push::Queued { was_empty } => {
+                    if was_empty {
+                        self.inner.wake.notify_one();
+                    }
+                    return Ok(());
+                }
+                Push::Closed => return Err(Error::Closed),
+                Push::OverBudget => {
+                    if self.inner.is_closing() {
+                        return Err(Error::Closed);
+                    }
+                    waiter.await
+                }
+            }
+        }
+    }
+
+    /// Resolves once the broker has processed everything published before
+    /// it. Fails with the broker's error if it refused any of it.
+    pub async fn flush(&self) -> Result<()> {
+        self.flush_timeout(self.inner.opts.flush_timeout).await
+    }
+
+    pub async fn flush_timeout(&self, timeout: Duration) -> Result<()> {
+        let errors_before = lock(&self.inner.errors).0;
+        let (tx, rx) = oneshot::channel();
+        {
+            let mut pings = lock(&self.inner.pings);
+            let id = self.inner.next_ping.fetch_add(1, Ordering::Relaxed);
+            self.inner.control(|b| encode_ping(b, id))?;
+            pings.push_back((id, tx));
+        }
+        match tokio::time::timeout(timeout, rx).await {
+            Err(_) => Err(Error::Timeout),
+            Ok(Err(_)) => Err(Error::Closed),
+            Ok(Ok(r)) => {
+                r?;
+                let errs = lock(&self.inner.errors);
+                match &errs.1 {
+                    Some((code, message)) if errs.0 != errors_before => Err(Error::Server {
+                        code: *code,
+                        message: message.clone(),
+                    }),
+                    _ => Ok(()),
+                }
+            }
+        }
+    }
+
+    /// Subscribes to a subject or wildcard pattern.
+    pub async fn subscribe(&self, subject: &str) -> Result<Subscriber> {
+        self.subscribe_inner(subject, None)
+    }
+
+    /// Subscribes as a member of a queue group: each message goes to one member.
+    pub async fn queue_subscribe(&self, subject: &str, queue: &str) -> Result<Subscriber> {
+        if queue.is_empty() || queue.bytes().any(|b| b <= b' ') {
+            return Err(Error::Server {
+                code: code::BAD_REQUEST,
+                message: format!("invalid queue group name {queue:?}"),
+            });
+        }
+        self.subscribe_inner(subject, Some(queue))
+    }
+
+    fn subscribe_inner(&self, subject: &str, queue: Option<&str>) -> Result<Subscriber> {
+        validate_pattern(subject)?;
+        if self.inner.is_closing() {
+            return Err(Error::Closed);
+        }
+        let sid = self.inner.next_sid.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = mpsc::channel(self.inner.opts.sub_capacity);
+        let pending = Arc::new(AtomicUsize::new(0));
+        let dropped = Arc::new(AtomicU64::new(0));
+        {
+            // Register before the SUB goes out so no message can arrive unrouted.
+            let mut subs = lock(&self.inner.subs);
+            subs.insert(
+                sid,
+                SubEntry {
+                    subject: subject.to_string(),
+                    queue: queue.map(str::to_string),
+                    tx,
+                    pending: pending.clone(),
+                    received: 0,
+                    max: None,
+                    dropped: dropped.clone(),
+                    warned: false,
+                },
+            );
+            self.inner.control(|b| {
+                let _ = encode_sub(b, sid, subject, queue);
+            })?;
+        }
+        Ok(Subscriber {
+            sid,
+            rx,
+            pending,
+            dropped,
+            client: self.clone(),
+            active: true,
+        })
+    }
+
+    /// A unique subject to receive replies on.
+    pub fn new_inbox(&self) -> String {
+        let n = self.inner.next_req.fetch_add(1, Ordering::Relaxed);
+        format!("{}.i{n}", self.inner.inbox_prefix)
+    }
+
+    /// Sends a request and waits for the first reply, up to the request timeout.
+    pub async fn request(&self, subject: &str, payload: impl AsRef<[u8]>) -> Result<Message> {
+        self.request_timeout(subject, payload, self.inner.opts.request_timeout)
+            .await
+    }
+
+    pub async fn request_timeout(
+        &self,
+        subject: &str,
+        payload: impl AsRef<[u8]>,
+        timeout: Duration,
+    ) -> Result<Message> {
+        validate_subject(subject)?;
+        let inner = &self.inner;
+        inner
+            .mux_sid
+            .get_or_try_init(|| async {
+                let sid = inner.next_sid.fetch_add(1, Ordering::Relaxed);
+                let (tx, _rx) = mpsc::channel(1);
+                let pattern = format!("{}.*", inner.inbox_prefix);
+                let mut subs = lock(&inner.subs);
+                subs.insert(
+                    sid,
+                    SubEntry {
+                        subject: pattern.clone(),
+                        queue: None,
+                        tx,
+                        pending: Arc::new(AtomicUsize::new(0)),
+                        received: 0,
+                        max: None,
+                        dropped: Arc::new(AtomicU64::new(0)),
+                        warned: false,
+                    },
+                );
+                inner.control(|b| {
+                    let _ = encode_sub(b, sid, &pattern, None);
+                })?;
+                Ok::<_, Error>(sid)
+            })
+            .await?;
+        let id = inner.next_req.fetch_add(1, Ordering::Relaxed);
+        let reply = format!("{}.{id}", inner.inbox_prefix);
+        let (tx, rx) = oneshot::channel();
+        lock(&inner.requests).insert(id, tx);
+        if let Err(e) = self
+            .publish_inner(subject, Some(&reply), &[], payload.as_ref())
+            .await
+        {
+            lock(&inner.requests).remove(&id);
+            return Err(e);
+        }
+        match tokio::time::timeout(timeout, rx).await {
+            Ok(Ok(m)) if m.is_no_responders() => Err(Error::NoResponders),
+            Ok(Ok(m)) => Ok(m),
+            Ok(Err(_)) => Err(Error::Closed),
+            Err(_) => {
+                lock(&inner.requests).remove(&id);
+                Err(Error::Timeout)
+            }
+        }
+    }
+
+    /// True while a connection to a broker is up.
+    pub fn is_connected(&self) -> bool {
+        *self.inner.connected.borrow()
+    }
+
+    /// Waits until connected (e.g. after a broker restart), up to `timeout`.
+    pub async fn wait_connected(&self, timeout: Duration) -> Result<()> {
+        let mut rx = self.inner.connected.subscribe();
+        tokio::time::timeout(timeout, rx.wait_for(|c| *c))
+            .await
+            .map_err(|_| Error::Timeout)?
+            .map_err(|_| Error::Closed)?;
+        Ok(())
+    }
+
+    /// Name and address of the broker currently connected.
+    pub fn server(&self) -> Option<(String, SocketAddr)> {
+        lock(&self.inner.server).clone()
+    }
+
+    /// Largest payload the broker accepts.
+    pub fn max_payload(&self) -> u32 {
+        self.inner.max_payload.load(Ordering::Relaxed)
+    }
+
+    /// Flushes what is queued (best effort) and closes the connection.
+    /// Subscribers' streams end.
+    pub async fn close(&self) -> Result<()> {
+        let r = if self.is_connected() {
+            self.flush().await
+        } else {
+            Ok(())
+        };
+        self.inner.shutdown();
+        r
+    }
+
+    /// Unsubscribes everything, waits for the broker to have processed all
+    /// publishes, then closes. Messages already received stay readable.
+    pub async fn drain(&self) -> Result<()> {
+        let sids: Vec<u32> = lock(&self.inner.subs).keys().copied().collect();
+        for sid in sids {
+            let _ = self.inner.control(|b| encode_unsub(b, sid, 0));
+        }
+        self.close().await
+    }
+}
+
+/// A subscription: a `Stream` of messages. Dropping it unsubscribes.
+pub struct Subscriber {
+    sid: u32,
+    rx: mpsc::Receiver<Message>,
+    pending: Arc<AtomicUsize>,
+    dropped: Arc<AtomicU64>,
+    client: Client,
+    active: bool,
+}
+
+impl Subscriber {
+    /// The next message; `None` once unsubscribed and drained, or closed.
+    pub async fn next(&mut self) -> Option<Message> {
+        let m = self.rx.recv().await?;
+        self.pending.fetch_sub(m.payload.len(), Ordering::Relaxed);
+        Some(m)
+    }
+
+    /// Stops the subscription now.
+    pub fn unsubscribe(mut self) -> Result<()> {
+        self.stop()
+    }
+
+    /// Ends the subscription after `n` more messages.
+    pub fn unsubscribe_after(&mut self, n: u64) -> Result<()> {
+        let mut subs = lock(&self.client.inner.subs);
+        let Some(e) = subs.get_mut(&self.sid) else {
+            return Ok(());
+        };
+        let total = e.received + n;
+        e.max = Some(total);
+        if n == 0 {
+            subs.remove(&self.sid);
+        }
+        let sid = self.sid;
+        self.client
+            .inner
+            .control(|b| encode_unsub(b, sid, total.min(u32::MAX as u64) as u32))
+    }
+
+    /// Messages dropped because this subscription's buffer was full.
+    pub fn dropped(&self) -> u64 {
+        self.dropped.load(Ordering::Relaxed)
+    }
+
+    fn stop(&mut self) -> Result<()> {
+        if !std::mem::replace(&mut self.active, false) {
+            return Ok(());
+        }
+        let present = lock(&self.client.inner.subs).remove(&self.sid).is_some();
+        if present {
+            let sid = self.sid;
+            self.client.inner.control(|b| encode_unsub(b, sid, 0))?;
+        }
+        Ok(())
+    }
+}
+
+impl std::fmt::Debug for Subscriber {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Subscriber")
+            .field("sid", &self.sid)
+            .finish()
+    }
+}
+
+impl Drop for Subscriber {
+    fn drop(&mut self) {
+        let _ = self.stop();
+    }
+}
+
+impl Stream for Subscriber {
+    type Item = Message;
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Message>> {
+        match self.rx.poll_recv(cx) {
+            Poll::Ready(Some(m)) => {
+                self.pending.fetch_sub(m.payload.len(), Ordering::Relaxed);
+                Poll::Ready(Some(m))
+            }
+            other => other,
+        }
+    }
+}
+
+// ------------------------------------------------------------ connection
+
+struct Conn {
+    stream: TcpStream,
+    buf: BytesMut,
+    recv_window: u32,
+}
+
+/// Tries every server once, starting at `start`; on success the outbox is
+/// reset for the new connection with every live subscription re-sent first.
+async fn establish(inner: &Arc<Inner>, start: usize) -> Result<Conn> {
+    let mut last = String::new();
+    for i in 0..inner.urls.len() {
+        let url = &inner.urls[(start + i) % inner.urls.len()];
+        match tokio::time::timeout(inner.opts.connect_timeout, handshake(inner, url)).await {
+            Ok(Ok(c)) => return Ok(c),
+            Ok(Err(e)) => last = format!("{url}: {e}"),
+            Err(_) => last = format!("{url}: timed out"),
+        }
+    }
+    Err(Error::NoServers(last))
+}
+
+async fn handshake(inner: &Arc<Inner>, url: &str) -> Result<Conn> {
+    let mut stream = TcpStream::connect(url).await?;
+    stream.set_nodelay(true)?;
+    let peer = stream.peer_addr()?;
+    let mut flags = CONNECT_NO_RESPONDERS;
+    if inner.opts.no_echo {
+        flags |= CONNECT_NO_ECHO;
+    }
+    let mut out = BytesMut::new();
+    encode_connect(
+        &mut out,
+        flags,
+        inner.opts.recv_window,
+        &inner.opts.name,
+        &inner.opts.token,
+    )?;
+    stream.write_all(&out).await?;
+    let mut buf = BytesMut::with_capacity(64 * 1024);
+    loop {
+        if let Some((f, len)) = frame::decode(&buf, 64 * 1024)? {
+            match f {
+                FrameRef::Info {
+                    recv_window,
+                    max_payload,
+                    server_name,
+                    ..
+                } => {
+                    inner.max_payload.store(max_payload, Ordering::Relaxed);
+                    *lock(&inner.server) = Some((server_name.to_string(), peer));
+                    let send_window = effective_window(recv_window, max_payload);
+                    let our_window = effective_window(inner.opts.recv_window, max_payload);
+                    buf.advance(len);
+                    let mut prefix = BytesMut::new();
+                    for (sid, e) in lock(&inner.subs).iter() {
+                        let _ = encode_sub(&mut prefix, *sid, &e.subject, e.queue.as_deref());
+                        if let Some(max) = e.max {
+                            // The new broker counts from zero.
+                            encode_unsub(
+                                &mut prefix,
+                                *sid,
+                                max.saturating_sub(e.received).max(1).min(u32::MAX as u64) as u32,
+                            );
+                        }
+                    }
+                    inner.outbox.reset(send_window, &prefix);
+                    return Ok(Conn {
+                        stream,
+                        buf,
+                        recv_window: our_window,
+                    });
+                }
+                FrameRef::Err { code, text } => {
+                    return Err(Error::Server {
+                        code,
+                        message: text.to_string(),
+                    });
+                }
+                _ => {
+                    return Err(Error::Server {
+                        code: code::MALFORMED,
+                        message: "expected INFO from the broker".into(),
+                    })
+                }
+            }
+        }
+        if stream.read_buf(&mut buf).await? == 0 {
+            return Err(Error::Disconnected);
+        }
+    }
+}
+
+async fn supervise(inner: Arc<Inner>, first: Conn) {
+    let mut conn = Some(first);
+    let mut failures = 0usize;
+    let mut next_url = 0usize;
+    loop {
+        if let Some(c) = conn.take() {
+            inner.connected.send_replace(true);
+            let err = serve(&inner, c).await;
+            inner.connected.send_replace(false);
+            inner.fail_pings(|| Error::Disconnected);
+            if inner.is_closing() {
+                break;
+            }
+            warn!("disconnected from the broker: {err}; reconnecting");
+            next_url += 1;
+        }
+        if inner.is_closing() {
+            break;
+        }
+        failures += 1;
+        if inner.opts.max_reconnects.is_some_and(|m| failures > m) {
+            warn!("giving up after {} reconnect attempts", failures - 1);
+            break;
+        }
+        // Exponential backoff with jitter, capped.
+        let base =
+            Duration::from_millis(25u64 << failures.min(7)).min(inner.opts.max_reconnect_delay);
+        let jitter =
+            Duration::from_millis(rand::random::<u64>() % (base.as_millis() as u64 / 2 + 1));
+        tokio::select! {
+            _ = tokio::time::sleep(base + jitter) => {}
+            _ = inner.closed.notified() => break,
+        }
+        match establish(&inner, next_url).await {
+            Ok(c) => {
+                info!(
+                    "reconnected to {:?}",
+                    lock(&inner.server).as_ref().map(|s| s.1)
+                );
+                failures = 0;
+                conn = Some(c);
+            }
+            Err(e) => debug!("reconnect attempt {failures} failed: {e}"),
+        }
+    }
+    inner.shutdown();
+    inner.connected.send_replace(false);
+    inner.fail_pings(|| Error::Closed);
+    // Ending the senders ends every subscriber's stream.
+    lock(&inner.subs).clear();
+    lock(&inner.requests).clear();
+}
+
+/// Runs one connection until it fails or the client closes.
+async fn serve(inner: &Arc<Inner>, conn: Conn) -> Error {
+    let Conn {
+        stream,
+        buf,
+        recv_window,
+    } = conn;
+    let (rd, wr) = stream.into_split();
+    let writer = tokio::spawn(write_loop(inner.clone(), wr));
+    let abort = writer.abort_handle();
+    let r = tokio::select! {
+        r = read_loop(inner, rd, buf, recv_window) => r,
+        w = writer => match w {
+            Ok(e) => e,
+            Err(_) => Error::Disconnected,
+        },
+    };
+    abort.abort();
+    r
+}
+
+async fn write_loop(inner: Arc<Inner>, mut wr: OwnedWriteHalf) -> Error {
+    let mut credit = [0u8; CREDIT_FRAME_LEN];
+    loop {
+        let t = inner.outbox.take();
+        if t.is_empty() {
+            if inner.is_closing() && inner.outbox.queued() == 0 {
+                let _ = wr.shutdown().await;
+                return Error::Closed;
+            }
+            inner.wake.notified().await;
+            continue;
+        }
+        if !t.data.is_empty() {
+            inner.space.notify_waiters();
+        }
+        if t.grant > 0 {
+            encode_credit(&mut &mut credit[..], t.grant);
+            if let Err(e) = wr.write_all(&credit).await {
+                return e.into();
+            }
+        }
+        if !t.data.is_empty() {
+            if let Err(e) = wr.write_all(&t.data).await {
+                return e.into();
+            }
+        }
+    }
+}
+
+async fn read_loop(
+    inner: &Arc<Inner>,
+    mut rd: OwnedReadHalf,
+    mut buf: BytesMut,
+    recv_window: u32,
+) -> Error {
+    let mut recv = RecvWindow::new(recv_window);
+    let max_body = u32::MAX;
+    loop {
+        let mut consumed = 0usize;
+        loop {
+            let h = match frame::parse_header(&buf) {
+                Ok(Some(h)) => h,
+                Ok(None) => break,
+                Err(e) => return e.into(),
+            };
+            if h.len > max_body {
+                return Error::Disconnected;
+            }
+            let len = h.frame_len();
+            if buf.len() < len {
+                buf.reserve(len - buf.len());
+                break;
+            }
+            if h.kind != Kind::Credit {
+                consumed += len;
+            }
+            if h.kind == Kind::Msg {
+                let frame = buf.split_to(len).freeze();
+                if let Err(e) = dispatch_msg(inner, &h, frame) {
+                    return e;
+                }
+                continue;
+            }
+            let r = match frame::decode_body(&h, &buf[HEADER_LEN..len]) {
+                Ok(f) => handle_control(inner, f),
+                Err(e) => return e.into(),
+            };
+            buf.advance(len);
+            if let Err(e) = r {
+                return e;
+            }
+        }
+        if let Some(c) = recv.on_consumed(consumed) {
+            if inner.outbox.grant(c) {
+                inner.wake.notify_one();
+            }
+        }
+        if buf.capacity() - buf.len() < 4096 {
+            buf.reserve(64 * 1024);
+        }
+        tokio::select! {
+            r = rd.read_buf(&mut buf) => match r {
+                Ok(0) => return Error::Disconnected,
+                Ok(_) => {}
+                Err(e) => return e.into(),
+            },
+            _ = inner.closed.notified() => return Error::Closed,
+        }
+    }
+}
+
+fn handle_control(inner: &Inner, f: FrameRef<'_>) -> Result<(), Error> {
+    match f {
+        FrameRef::Pong(id) => {
+            let mut pings = lock(&inner.pings);
+            while pings.front().is_some_and(|(p, _)| *p <= id) {
+                if let Some((_, tx)) = pings.pop_front() {
+                    let _ = tx.send(Ok(()));
+                }
+            }
+        }
+        FrameRef::Ping(id) => {
+            let _ = inner.control(|b| encode_pong(b, id));
+        }
+        FrameRef::Credit(n) => {
+            inner.outbox.on_credit(n);
+            inner.wake.notify_one();
+        }
+        FrameRef::Err { code: c, text } => {
+            {
+                let mut e = lock(&inner.errors);
+                e.0 += 1;
+                e.1 = Some((c, text.to_string()));
+            }
+            match c {
+                code::MALFORMED
+                | code::SLOW_CONSUMER
+                | code::SHUTTING_DOWN
+                | code::NOT_CONNECTED => {
+                    warn!(code = c, "broker closed the connection: {text}")
+                }
+                _ => warn!(code = c, "broker refused a request: {text}"),
+            }
+        }
+        FrameRef::Info { max_payload, .. } => {
+            inner.max_payload.store(max_payload, Ordering::Relaxed)
+        }
+        _ => {
+            return Err(Error::Server {
+                code: code::MALFORMED,
+                message: "unexpected frame from the broker".into(),
+            })
+        }
+    }
+    Ok(())
+}
+
+fn dispatch_msg(inner: &Inner, h: &frame::Header, frame: Bytes) -> Result<(), Error> {
+    let f = frame::decode_body(h, &frame[HEADER_LEN..])?;
+    let FrameRef::Msg {
+        sid,
+        flags,
+        subject,
+        reply,
+        headers,
+        payload,
+    } = f
+    else {
+        unreachable!("kind is MSG")
+    };
+    let base = frame.as_ptr() as usize;
+    let span = |s: &[u8]| {
+        let a = s.as_ptr() as usize - base;
+        (a, a + s.len())
+    };
+    let subject_span = span(subject.as_bytes());
+    let reply_span = reply.map(|r| span(r.as_bytes()));
+    let headers_span = span(headers);
+    let payload = frame.slice_ref(payload);
+    // The inbox multiplexer: replies are routed by their last token.
+    if inner.mux_sid.get() == Some(&sid) {
+        if let Some(id) = subject
+            .rsplit('.')
+            .next()
+            .and_then(|t| t.parse::<u64>().ok())
+        {
+            if let Some(tx) = lock(&inner.requests).remove(&id) {
+                let _ = tx.send(Message {
+                    frame,
+                    subject: subject_span,
+                    reply: reply_span,
+                    headers: headers_span,
+                    payload,
+                    status: flags,
+                });
+            }
+        }
+        return Ok(());
+    }
+    let mut subs = lock(&inner.subs);
+    let Some(e) = subs.get_mut(&sid) else {
+        return Ok(());
+    };
+    let size = payload.len();
+    e.received += 1;
+    let over = e.pending.load(Ordering::Relaxed) + size > inner.opts.sub_pending_bytes;
+    let msg = Message {
+        frame,
+        subject: subject_span,
+        reply: reply_span,
+        headers: headers_span,
+        payload,
+        status: flags,
+    };
+    let mut remove = e.max.is_some_and(|m| e.received >= m);
+    if over {
+        drop_slow(e, sid);
+    } else {
+        // Count before sending: the subscriber may take it off at once.
+        e.pending.fetch_add(size, Ordering::Relaxed);
+        match e.tx.try_send(msg) {
+            Ok(()) => e.warned = false,
+            Err(err) => {
+                e.pending.fetch_sub(size, Ordering::Relaxed);
+                match err {
+                    mpsc::error::TrySendError::Full(_) => drop_slow(e, sid),
+                    mpsc::error::TrySendError::Closed(_) => remove = true,
+                }
+            }
+        }
+    }
+    if remove {
+        subs.remove(&sid);
+    }
+    Ok(())
+}
+
+fn drop_slow(e: &mut SubEntry, sid: u32) {
+    e.dropped.fetch_add(1, Ordering::Relaxed);
+    if !e.warned {
+        e.warned = true;
+        warn!(sid, subject = %e.subject, "slow consumer: subscription buffer full, dropping messages");
+    }
+}

@@ -1,0 +1,31 @@
+use sockbus_protocol::{ProtocolError, SubjectError};
+use thiserror::Error;
+
+/// Everything the client can fail with.
+#[derive(Debug, Error)]
+pub enum Error {
+    #[error("invalid server URL {0:?} (expected sockbus://host:port)")]
+    InvalidUrl(String),
+    #[error("could not connect to any server ({0})")]
+    NoServers(String),
+    #[error(transparent)]
+    InvalidSubject(#[from] SubjectError),
+    #[error("payload of {size} bytes exceeds the broker's maximum payload of {max} bytes")]
+    PayloadTooLarge { size: usize, max: u32 },
+    #[error("broker error {code}: {message}")]
+    Server { code: u16, message: String },
+    #[error("timeout")]
+    Timeout,
+    #[error("no responders")]
+    NoResponders,
+    #[error("connection closed")]
+    Closed,
+    #[error("disconnected from the broker")]
+    Disconnected,
+    #[error("protocol error")]
+    Protocol(#[from] ProtocolError),
+    #[error("i/o error")]
+    Io(#[from] std::io::Error),
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -1,0 +1,20 @@
+//! The sockbus wire protocol, sans-IO: bytes in, frames out. No runtime, no
+//! sockets, so every protocol case is a plain unit test and the decoder can
+//! be fuzzed. See docs/protocol.md for the byte layout.
+
+pub mod flow;
+pub mod frame;
+pub mod outbox;
+pub mod owned;
+pub mod subject;
+mod sync;
+
+pub use frame::{
+    code, decode, decode_body, parse_header, FrameRef, Header, Kind, ProtocolError, HEADER_LEN,
+    MAX_FRAME_OVERHEAD, PROTOCOL_VERSION,
+};
+pub use owned::Frame;
+pub use subject::{matches, validate_pattern, validate_subject, SubjectError};
+
+/// Default largest payload the broker accepts: 1 MiB.
+pub const DEFAULT_MAX_PAYLOAD: u32 = 1024 * 1024;

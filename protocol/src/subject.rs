@@ -1,0 +1,185 @@
+//! Subject validation and matching, with the same rules as NATS:
+//! tokens separated by `.`, `*` matches exactly one token, `>` matches one or
+//! more trailing tokens and may only stand last.
+
+use thiserror::Error;
+
+/// Longest subject or pattern accepted, in bytes.
+pub const MAX_SUBJECT_LEN: usize = 4096;
+
+/// Why a subject or pattern was refused. The text is meant for the user.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+pub enum SubjectError {
+    #[error("subject is empty")]
+    Empty,
+    #[error("subject is longer than {MAX_SUBJECT_LEN} bytes")]
+    TooLong,
+    #[error("subject {0:?} has an empty token (leading, trailing or doubled '.')")]
+    EmptyToken(String),
+    #[error("subject {0:?} contains whitespace or a control character")]
+    BadCharacter(String),
+    #[error("subject {0:?} contains a wildcard; publish subjects must be literal")]
+    WildcardInPublish(String),
+    #[error("subject {0:?}: '>' may only stand as the last token")]
+    GreaterNotLast(String),
+    #[error("subject {0:?}: wildcards '*' and '>' must stand alone as a whole token")]
+    PartialWildcard(String),
+}
+
+fn check_common(s: &str) -> Result<(), SubjectError> {
+    if s.is_empty() {
+        return Err(SubjectError::Empty);
+    }
+    if s.len() > MAX_SUBJECT_LEN {
+        return Err(SubjectError::TooLong);
+    }
+    if s.bytes().any(|b| b <= b' ' || b == 0x7f) {
+        return Err(SubjectError::BadCharacter(s.to_string()));
+    }
+    Ok(())
+}
+
+/// Validates a subject a message is published to: literal tokens only.
+pub fn validate_subject(s: &str) -> Result<(), SubjectError> {
+    check_common(s)?;
+    for tok in s.split('.') {
+        if tok.is_empty() {
+            return Err(SubjectError::EmptyToken(s.to_string()));
+        }
+        if tok.bytes().any(|b| b == b'*' || b == b'>') {
+            return Err(SubjectError::WildcardInPublish(s.to_string()));
+        }
+    }
+    Ok(())
+}
+
+/// Validates a subscription pattern: literal tokens, `*` tokens, and an optional final `>`.
+pub fn validate_pattern(s: &str) -> Result<(), SubjectError> {
+    check_common(s)?;
+    let mut toks = s.split('.').peekable();
+    while let Some(tok) = toks.next() {
+        if tok.is_empty() {
+            return Err(SubjectError::EmptyToken(s.to_string()));
+        }
+        match tok {
+            "*" => {}
+            ">" => {
+                if toks.peek().is_some() {
+                    return Err(SubjectError::GreaterNotLast(s.to_string()));
+                }
+            }
+            _ => {
+                if tok.bytes().any(|b| b == b'*' || b == b'>') {
+                    return Err(SubjectError::PartialWildcard(s.to_string()));
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// True when the pattern has a wildcard token.
+pub fn is_wildcard(pattern: &str) -> bool {
+    pattern.split('.').any(|t| t == "*" || t == ">")
+}
+
+/// Does `pattern` (validated) match the literal `subject` (validated)?
+pub fn matches(pattern: &str, subject: &str) -> bool {
+    let mut p = pattern.split('.');
+    let mut s = subject.split('.');
+    loop {
+        match (p.next(), s.next()) {
+            (None, None) => return true,
+            (Some(">"), Some(_)) => return true,
+            (Some("*"), Some(_)) => {}
+            (Some(pt), Some(st)) if pt == st => {}
+            _ => return false,
+        }
+    }
+}
+
+/// FNV-1a 32-bit hash of a subject; carried in the frame header so a kernel
+/// program can route by topic without parsing the body.
+pub fn subject_hash(subject: &[u8]) -> u32 {
+    let mut h: u32 = 0x811c_9dc5;
+    for &b in subject {
+        h ^= b as u32;
+        h = h.wrapping_mul(0x0100_0193);
+    }
+    h
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn literal_subjects_are_accepted_and_wildcards_refused_for_publish() {
+        assert!(validate_subject("orders.eu.created").is_ok());
+        assert!(validate_subject("a").is_ok());
+        assert_eq!(validate_subject(""), Err(SubjectError::Empty));
+        assert!(matches!(
+            validate_subject("a..b"),
+            Err(SubjectError::EmptyToken(_))
+        ));
+        assert!(matches!(
+            validate_subject(".a"),
+            Err(SubjectError::EmptyToken(_))
+        ));
+        assert!(matches!(
+            validate_subject("a."),
+            Err(SubjectError::EmptyToken(_))
+        ));
+        assert!(matches!(
+            validate_subject("a b"),
+            Err(SubjectError::BadCharacter(_))
+        ));
+        assert!(matches!(
+            validate_subject("a\tb"),
+            Err(SubjectError::BadCharacter(_))
+        ));
+        assert!(matches!(
+            validate_subject("a.*"),
+            Err(SubjectError::WildcardInPublish(_))
+        ));
+        assert!(matches!(
+            validate_subject("a.>"),
+            Err(SubjectError::WildcardInPublish(_))
+        ));
+    }
+
+    #[test]
+    fn patterns_follow_nats_rules() {
+        assert!(validate_pattern("a.*.c").is_ok());
+        assert!(validate_pattern("a.>").is_ok());
+        assert!(validate_pattern(">").is_ok());
+        assert!(validate_pattern("*").is_ok());
+        assert!(matches!(
+            validate_pattern("a.>.c"),
+            Err(SubjectError::GreaterNotLast(_))
+        ));
+        assert!(matches!(
+            validate_pattern("a.b*"),
+            Err(SubjectError::PartialWildcard(_))
+        ));
+        assert!(matches!(
+            validate_pattern("a..*"),
+            Err(SubjectError::EmptyToken(_))
+        ));
+    }
+
+    #[test]
+    fn matching_semantics() {
+        assert!(matches("a.b.c", "a.b.c"));
+        assert!(!matches("a.b.c", "a.b"));
+        assert!(!matches("a.b", "a.b.c"));
+        assert!(matches("a.*.c", "a.x.c"));
+        assert!(!matches("a.*.c", "a.x.y.c"));
+        assert!(matches("a.>", "a.b"));
+        assert!(matches("a.>", "a.b.c.d"));
+        assert!(!matches("a.>", "a"));
+        assert!(matches(">", "anything.at.all"));
+        assert!(matches("*", "one"));
+        assert!(!matches("*", "one.two"));
+    }
+}

@@ -1,0 +1,33 @@
+//! Pins the worked example in docs/protocol.md to the real encoder, so the
+//! documentation cannot drift from the bytes on the wire.
+
+use sockbus_protocol::frame::{encode_pub, push_header};
+use sockbus_protocol::{decode, FrameRef};
+
+#[test]
+fn documented_pub_example_is_what_the_encoder_writes() {
+    let mut headers = Vec::new();
+    push_header(&mut headers, "k", "v").unwrap();
+    let mut buf = Vec::new();
+    encode_pub(&mut buf, "orders.eu", Some("_INBOX.1"), &headers, b"hi").unwrap();
+
+    #[rustfmt::skip]
+    let documented: &[u8] = &[
+        0x53, 0x42, 0x03, 0x00, 0x21, 0x00, 0x00, 0x00, 0x24, 0x98, 0x76, 0xb3, 0x09, 0x00, 0x6f, 0x72,
+        0x64, 0x65, 0x72, 0x73, 0x2e, 0x65, 0x75, 0x08, 0x00, 0x5f, 0x49, 0x4e, 0x42, 0x4f, 0x58, 0x2e,
+        0x31, 0x06, 0x00, 0x00, 0x00, 0x01, 0x00, 0x6b, 0x01, 0x00, 0x76, 0x68, 0x69,
+    ];
+    assert_eq!(buf, documented);
+
+    let (f, n) = decode(documented, u32::MAX).unwrap().unwrap();
+    assert_eq!(n, 45);
+    assert_eq!(
+        f,
+        FrameRef::Pub {
+            subject: "orders.eu",
+            reply: Some("_INBOX.1"),
+            headers: &headers,
+            payload: b"hi",
+        }
+    );
+}
