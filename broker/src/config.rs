@@ -237,8 +237,16 @@ impl Options {
             Some(path) => {
                 let text = std::fs::read_to_string(path)
                     .with_context(|| format!("cannot read config file {}", path.display()))?;
-                toml::from_str::<Options>(&text)
-                    .with_context(|| format!("invalid config file {}", path.display()))?
+                toml::from_str::<Options>(&text).map_err(|e| {
+                    let line = e
+                        .span()
+                        .map_or(0, |sp| text[..sp.start].lines().count().max(1));
+                    anyhow::anyhow!(
+                        "invalid config file {} (line {line}): {}",
+                        path.display(),
+                        e.message().trim()
+                    )
+                })?
             }
             None => Options::default(),
         };

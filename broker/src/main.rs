@@ -17,7 +17,8 @@ struct Cli {
 fn main() {
     let cli = Cli::parse();
     if let Err(e) = run(cli) {
-        eprintln!("sockbus-broker: {e:#}");
+        // One line, whatever the error chain holds.
+        eprintln!("sockbus-broker: {}", format!("{e:#}").replace('\n', " "));
         std::process::exit(1);
     }
 }

@@ -1,0 +1,200 @@
+//! The `sockbus-broker` binary as an operator runs it: configuration errors,
+//! SIGTERM draining, and memory that stays bounded under a stalled reader.
+
+mod common;
+
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::Raw;
+use sockbus_protocol::Frame;
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+struct Broker {
+    child: Child,
+    url: String,
+    addr: std::net::SocketAddr,
+}
+
+impl Broker {
+    async fn spawn(extra: &[&str]) -> Broker {
+        let port = free_port();
+        let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_sockbus-broker"))
+            .args(["--listen", &addr.to_string(), "--accel", "off"])
+            .args(extra)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn broker");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while tokio::net::TcpStream::connect(addr).await.is_err() {
+            assert!(Instant::now() < deadline, "broker did not start listening");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        Broker {
+            child,
+            url: format!("sockbus://{addr}"),
+            addr,
+        }
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    fn status_kib(&self, field: &str) -> u64 {
+        let s = std::fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap();
+        s.lines()
+            .find(|l| l.starts_with(field))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse().ok())
+            .unwrap()
+    }
+
+    fn sigterm(&self) {
+        let ok = Command::new("kill")
+            .args(["-TERM", &self.pid().to_string()])
+            .status()
+            .unwrap();
+        assert!(ok.success());
+    }
+
+    fn wait_exit(&mut self, within: Duration) -> std::process::ExitStatus {
+        let deadline = Instant::now() + within;
+        loop {
+            if let Some(st) = self.child.try_wait().unwrap() {
+                return st;
+            }
+            assert!(Instant::now() < deadline, "broker did not exit");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Broker {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[test]
+fn bad_configuration_exits_with_one_clear_line() {
+    let run = |args: &[&str]| {
+        let out = Command::new(env!("CARGO_BIN_EXE_sockbus-broker"))
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(!out.status.success(), "{args:?} should fail");
+        let err = String::from_utf8_lossy(&out.stderr).to_string();
+        assert_eq!(err.trim().lines().count(), 1, "one line: {err}");
+        err
+    };
+    assert!(run(&["--max-payload", "0"]).contains("--max-payload"));
+    assert!(run(&["--listen", "nowhere"]).contains("--listen"));
+    assert!(run(&["--config", "/nonexistent/sockbus.toml"]).contains("cannot read config file"));
+    let dir = tempfile::tempdir().unwrap();
+    let f = dir.path().join("bad.toml");
+    std::fs::write(&f, "max-payload = \"12 parsecs\"\n").unwrap();
+    assert!(run(&["--config", f.to_str().unwrap()]).contains("invalid config file"));
+}
+
+#[tokio::test]
+async fn settings_come_from_environment_and_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let f = dir.path().join("b.toml");
+    let port = free_port();
+    std::fs::write(
+        &f,
+        format!("listen = \"127.0.0.1:{port}\"\nmax-payload = \"2KiB\"\n"),
+    )
+    .unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_sockbus-broker"))
+        .env("SOCKBUS_CONFIG", &f)
+        .env("SOCKBUS_MAX_PAYLOAD", "3000")
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let url = format!("sockbus://127.0.0.1:{port}");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let c = loop {
+        if let Ok(c) = sockbus_client::connect(&url).await {
+            break c;
+        }
+        assert!(Instant::now() < deadline);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!(c.max_payload(), 3000, "environment wins over the file");
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+#[tokio::test]
+async fn sigterm_drains_queued_messages_and_exits_zero() {
+    let mut b = Broker::spawn(&[]).await;
+    let sub_c = sockbus_client::connect(&b.url).await.unwrap();
+    let mut sub = sub_c.subscribe("drain.>").await.unwrap();
+    sub_c.flush().await.unwrap();
+    let p = sockbus_client::connect(&b.url).await.unwrap();
+    const N: u32 = 20_000;
+    for i in 0..N {
+        p.publish("drain.x", i.to_le_bytes()).await.unwrap();
+    }
+    p.flush().await.unwrap();
+    // Everything is accepted; stop the broker before the subscriber read it all.
+    b.sigterm();
+    let mut got = 0u32;
+    while let Ok(Some(m)) = tokio::time::timeout(Duration::from_secs(5), sub.next()).await {
+        assert_eq!(m.payload.as_ref(), got.to_le_bytes());
+        got += 1;
+        if got == N {
+            break;
+        }
+    }
+    assert_eq!(got, N, "every accepted message was delivered before exit");
+    let st = b.wait_exit(Duration::from_secs(15));
+    assert_eq!(st.code(), Some(0), "SIGTERM exits 0");
+}
+
+#[tokio::test]
+async fn broker_memory_stays_bounded_when_a_subscriber_stops_reading() {
+    let b = Broker::spawn(&["--max-pending", "16MiB"]).await;
+    let mut stalled = Raw::connect(b.addr).await;
+    stalled
+        .send_frame(Frame::Sub {
+            sid: 1,
+            subject: "mem".into(),
+            queue: None,
+        })
+        .await;
+    let p = sockbus_client::connect(&b.url).await.unwrap();
+    let c = sockbus_client::connect(&b.url).await.unwrap();
+    c.flush().await.unwrap();
+    let base = b.status_kib("VmRSS:");
+    let payload = vec![7u8; 4096];
+    // 256 MiB published at a subscriber that reads nothing.
+    for i in 0..65_536 {
+        p.publish("mem", &payload).await.unwrap();
+        if i % 4096 == 0 {
+            p.flush().await.unwrap();
+        }
+    }
+    p.flush().await.unwrap();
+    let peak = b.status_kib("VmHWM:");
+    assert!(
+        peak < base + 96 * 1024,
+        "broker peak RSS {peak} KiB grew more than 96 MiB over {base} KiB with a 16 MiB budget"
+    );
+    assert!(
+        stalled.closed().await,
+        "stalled subscriber was disconnected"
+    );
+}
