@@ -22,10 +22,16 @@ pub enum Error {
     Closed,
     #[error("disconnected from the broker")]
     Disconnected,
-    #[error("protocol error")]
-    Protocol(#[from] ProtocolError),
-    #[error("i/o error")]
+    #[error("protocol error: {0}")]
+    Protocol(ProtocolError),
+    #[error(transparent)]
     Io(#[from] std::io::Error),
+}
+
+impl From<ProtocolError> for Error {
+    fn from(e: ProtocolError) -> Self {
+        Error::Protocol(e)
+    }
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -52,7 +52,9 @@ fn check_frame(f: FrameRef<'_>) {
     }
     let owned = Frame::from(f);
     let mut again = Vec::new();
-    owned.encode(&mut again).expect("a decoded frame re-encodes");
+    owned
+        .encode(&mut again)
+        .expect("a decoded frame re-encodes");
     let (back, used) = decode(&again, u32::MAX)
         .expect("a re-encoded frame decodes")
         .expect("a re-encoded frame is whole");
