@@ -116,7 +116,7 @@ impl ConnectOptions {
         self.send_buffer = n.max(64 * 1024);
         self
     }
-    /// Flow-control window announced to the broker (0 disables credits).
+    /// Flow-control window announced to the broker (0: the default, 8 MiB).
     pub fn receive_window(mut self, n: u32) -> Self {
         self.recv_window = n;
         self
@@ -684,6 +684,8 @@ struct Conn {
     stream: TcpStream,
     buf: BytesMut,
     recv_window: u32,
+    /// Size of the INFO frame: the broker counts it against our window.
+    info_len: usize,
 }
 
 /// Tries every server once, starting at `start`; on success the outbox is
@@ -750,6 +752,7 @@ async fn handshake(inner: &Arc<Inner>, url: &str) -> Result<Conn> {
                         stream,
                         buf,
                         recv_window: our_window,
+                        info_len: len,
                     });
                 }
                 FrameRef::Err { code, text } => {
@@ -831,12 +834,13 @@ async fn serve(inner: &Arc<Inner>, conn: Conn) -> Error {
         stream,
         buf,
         recv_window,
+        info_len,
     } = conn;
     let (rd, wr) = stream.into_split();
     let writer = tokio::spawn(write_loop(inner.clone(), wr));
     let abort = writer.abort_handle();
     let r = tokio::select! {
-        r = read_loop(inner, rd, buf, recv_window) => r,
+        r = read_loop(inner, rd, buf, recv_window, info_len) => r,
         w = writer => match w {
             Ok(e) => e,
             Err(_) => Error::Disconnected,
@@ -880,11 +884,12 @@ async fn read_loop(
     mut rd: OwnedReadHalf,
     mut buf: BytesMut,
     recv_window: u32,
+    info_len: usize,
 ) -> Error {
     let mut recv = RecvWindow::new(recv_window);
+    let mut consumed = info_len;
     let max_body = u32::MAX;
     loop {
-        let mut consumed = 0usize;
         loop {
             let h = match frame::parse_header(&buf) {
                 Ok(Some(h)) => h,
@@ -918,7 +923,7 @@ async fn read_loop(
                 return e;
             }
         }
-        if let Some(c) = recv.on_consumed(consumed) {
+        if let Some(c) = recv.on_consumed(std::mem::take(&mut consumed)) {
             if inner.outbox.grant(c) {
                 inner.wake.notify_one();
             }

@@ -4,20 +4,28 @@
 //! side keeps at most that many bytes of frames in flight; the receiver grants
 //! more with CREDIT frames as it consumes. CREDIT frames themselves are never
 //! counted, so a side that is out of credit can still grant credit and two
-//! peers can never wait on each other. A window of 0 turns flow control off.
+//! peers can never wait on each other. A declared window of 0 means the
+//! default window; flow control is always on between peers. (`SendWindow`
+//! with 0 is unlimited, for a buffer not yet attached to a peer.)
 //!
 //! This matters most on the eBPF fast path, where the kernel ignores the
 //! receiver's socket buffer and would queue without bound.
 
 use crate::frame::{parse_header, HEADER_LEN, MAX_FRAME_OVERHEAD};
 
-/// Smallest window that can always make progress: a receiver holds back less
-/// than a quarter of the window in ungranted credit, so the window must fit
-/// the largest frame plus that remainder.
+/// Window used when a peer declares 0: flow control cannot be turned off,
+/// because on the eBPF fast path nothing else bounds the kernel's queue.
+pub const DEFAULT_WINDOW: u32 = 8 << 20;
+
+/// The window both sides use for a declared one: 0 means [`DEFAULT_WINDOW`],
+/// and it is never smaller than two maximal frames, so a receiver holding
+/// back less than a quarter of it in ungranted credit never stalls a sender.
 pub fn effective_window(declared: u32, max_payload: u32) -> u32 {
-    if declared == 0 {
-        return 0;
-    }
+    let declared = if declared == 0 {
+        DEFAULT_WINDOW
+    } else {
+        declared
+    };
     let max_frame = max_payload
         .saturating_add(MAX_FRAME_OVERHEAD)
         .saturating_add(HEADER_LEN as u32);
@@ -148,7 +156,11 @@ mod tests {
 
     #[test]
     fn effective_window_fits_two_max_frames() {
-        assert_eq!(effective_window(0, 1 << 20), 0);
+        assert_eq!(
+            effective_window(0, 1 << 20),
+            DEFAULT_WINDOW,
+            "0 cannot turn flow control off"
+        );
         let w = effective_window(1024, 1 << 20);
         assert!(w as u64 >= 2 * ((1 << 20) + MAX_FRAME_OVERHEAD as u64));
         assert_eq!(effective_window(64 << 20, 1 << 20), 64 << 20);

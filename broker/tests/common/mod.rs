@@ -71,7 +71,8 @@ pub struct Raw {
 }
 
 impl Raw {
-    /// Connects and completes the handshake (recv_window 0: no flow control).
+    /// Connects and completes the handshake (declared window 0: the default;
+    /// this client never grants credit, so it stalls after that many bytes).
     pub async fn connect(addr: SocketAddr) -> Raw {
         let mut r = Raw::connect_only(addr).await;
         let mut b = BytesMut::new();
