@@ -421,15 +421,8 @@ impl Reader {
                     payload,
                     flags: 0,
                 };
-                let delivered = route(
-                    &state,
-                    m,
-                    &msg,
-                    &self.shared,
-                    self.no_echo,
-                    &mut self.wake,
-                    &mut self.counts,
-                );
+                let skip = self.no_echo.then_some(self.shared.id);
+                let delivered = route(&state, m, &msg, skip, &mut self.wake, &mut self.counts);
                 if delivered == 0 && self.no_responders {
                     if let Some(r) = reply {
                         self.send_no_responders(r);
@@ -551,14 +544,13 @@ pub fn route(
     state: &State,
     m: &Matches,
     msg: &Outgoing<'_>,
-    from: &ConnShared,
-    no_echo: bool,
+    skip_conn: Option<u64>,
     wake: &mut Vec<Arc<ConnShared>>,
     counts: &mut LocalCounts,
 ) -> usize {
     let mut n = 0;
     for s in &m.plain {
-        if no_echo && s.conn.id == from.id {
+        if skip_conn == Some(s.conn.id) {
             continue;
         }
         n += deliver(state, s, msg, wake, counts) as usize;
@@ -568,7 +560,7 @@ pub fn route(
         let start = g.start();
         for i in 0..len {
             let s = &g.members[(start + i) % len];
-            if no_echo && s.conn.id == from.id {
+            if skip_conn == Some(s.conn.id) {
                 continue;
             }
             if deliver(state, s, msg, wake, counts) {
@@ -578,6 +570,62 @@ pub fn route(
         }
     }
     n
+}
+
+/// Why a message from outside the native protocol was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum PublishError {
+    #[error("invalid subject: {0}")]
+    InvalidSubject(#[from] sockbus_protocol::SubjectError),
+    #[error("message of {size} bytes exceeds the maximum payload of {max} bytes")]
+    PayloadTooLarge { size: usize, max: u32 },
+    #[error("invalid headers: {0}")]
+    BadHeaders(#[from] ProtocolError),
+}
+
+/// Routes a message that did not arrive on a client connection (the HTTP
+/// gateway, streams, cluster routes) exactly as a PUB would be routed.
+/// `headers` is an encoded header block (see `protocol::frame::push_header`).
+/// Returns how many subscriptions took it.
+pub fn publish(
+    state: &State,
+    subject: &str,
+    reply: Option<&str>,
+    headers: &[u8],
+    payload: &[u8],
+) -> Result<usize, PublishError> {
+    validate_subject(subject)?;
+    if let Some(r) = reply {
+        validate_subject(r)?;
+    }
+    if payload.len() > state.config.max_payload as usize {
+        return Err(PublishError::PayloadTooLarge {
+            size: payload.len(),
+            max: state.config.max_payload,
+        });
+    }
+    frame::validate_headers(headers)?;
+    let (m, _) = state.router.compute(subject);
+    let msg = Outgoing {
+        subject,
+        hash: subject_hash(subject.as_bytes()),
+        reply,
+        headers,
+        payload,
+        flags: 0,
+    };
+    let mut wake = Vec::new();
+    let mut counts = LocalCounts {
+        msgs_in: 1,
+        bytes_in: payload.len() as u64,
+        ..Default::default()
+    };
+    let n = route(state, &m, &msg, None, &mut wake, &mut counts);
+    for c in wake {
+        c.wake();
+    }
+    state.metrics.add(&mut counts);
+    Ok(n)
 }
 
 /// Queues one MSG frame for one subscription. False when it could not take it.

@@ -28,6 +28,14 @@ pub struct State {
     next_conn_id: AtomicU64,
 }
 
+impl State {
+    /// A fresh connection id, for anything that subscribes like a connection
+    /// (an SSE stream of the HTTP gateway, a cluster route).
+    pub fn next_conn_id(&self) -> u64 {
+        self.next_conn_id.fetch_add(1, Ordering::Relaxed)
+    }
+}
+
 pub struct Server {
     state: Arc<State>,
     listener: TcpListener,
@@ -105,7 +113,7 @@ impl Server {
                 });
                 continue;
             };
-            let id = state.next_conn_id.fetch_add(1, Ordering::Relaxed);
+            let id = state.next_conn_id();
             let st = state.clone();
             let sd = shutdown.clone();
             tracker.spawn(async move {
