@@ -10,7 +10,7 @@ use bytes::{Buf, BytesMut};
 use sockbus_protocol::flow::{effective_window, RecvWindow};
 use sockbus_protocol::frame::{
     self, code, encode_credit, encode_err, encode_info, encode_msg, encode_pong, message_frame_len,
-    CONNECT_NO_ECHO, CONNECT_NO_RESPONDERS, CREDIT_FRAME_LEN, MAX_FRAME_OVERHEAD,
+    CONNECT_NO_ECHO, CONNECT_NO_RESPONDERS, CONNECT_ROUTE, CREDIT_FRAME_LEN, MAX_FRAME_OVERHEAD,
     MSG_NO_RESPONDERS,
 };
 use sockbus_protocol::subject::{subject_hash, validate_pattern, validate_subject};
@@ -23,7 +23,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn, Instrument};
 
 use crate::metrics::LocalCounts;
-use crate::router::{MatchCache, Matches, Subscription};
+use crate::router::{MatchCache, Matches, QueueGroup, Subscription};
 use crate::server::State;
 use sockbus_protocol::outbox::{Outbox, Push};
 
@@ -40,7 +40,7 @@ pub struct ConnShared {
 }
 
 impl ConnShared {
-    fn wake(&self) {
+    pub fn wake(&self) {
         self.notify.notify_one();
     }
 }
@@ -69,6 +69,7 @@ pub async fn run(
     peer: SocketAddr,
     id: u64,
     shutdown: CancellationToken,
+    route_listener: bool,
 ) {
     let _ = stream.set_nodelay(true);
     let _ = socket2::SockRef::from(&stream).set_tcp_keepalive(
@@ -117,6 +118,19 @@ pub async fn run(
         return;
     }
     let flags = flags.unwrap_or_default();
+    let is_route = flags & CONNECT_ROUTE != 0;
+    if is_route != route_listener {
+        let why = if is_route {
+            "cluster routes connect to the cluster port, not the client port"
+        } else {
+            "only brokers connect to the cluster port"
+        };
+        write_direct(&mut wr, |b| encode_err(b, code::BAD_REQUEST, why)).await;
+        return;
+    }
+    if is_route {
+        info!(%peer, node = %name, "cluster route accepted");
+    }
 
     let span = tracing::info_span!("conn", id, %peer, client = %name);
     serve(state, rd, wr, buf, id, flags, recv_window, shutdown)
@@ -165,6 +179,7 @@ async fn serve(
         recv: RecvWindow::new(our_window),
         no_echo: flags & CONNECT_NO_ECHO != 0,
         no_responders: flags & CONNECT_NO_RESPONDERS != 0,
+        route: flags & CONNECT_ROUTE != 0,
         skip: 0,
     };
     let res = reader.run(&mut rd, &mut buf, &shutdown).await;
@@ -270,6 +285,8 @@ struct Reader {
     no_responders: bool,
     /// Bytes still to discard of an oversized PUB.
     skip: usize,
+    /// A peer broker's route: its SUBs are remote interest, it may not publish.
+    route: bool,
 }
 
 impl Reader {
@@ -399,6 +416,10 @@ impl Reader {
                         return Ok(());
                     }
                 }
+                if self.route {
+                    self.error(code::BAD_REQUEST, "cluster routes carry RMSG, not PUB");
+                    return Ok(());
+                }
                 let state = self.state.clone();
                 let m = match self.cache.get(&state.router, subject) {
                     Ok(m) => m,
@@ -461,7 +482,11 @@ impl Reader {
                     );
                     return Ok(());
                 }
-                let sub = Arc::new(Subscription::new(sid, subject, queue, self.shared.clone()));
+                let sub = Arc::new(if self.route {
+                    Subscription::new_route(sid, subject, queue, self.shared.clone())
+                } else {
+                    Subscription::new(sid, subject, queue, self.shared.clone())
+                });
                 self.state.router.insert(sub.clone());
                 self.subs.insert(sid, sub);
             }
@@ -492,7 +517,7 @@ impl Reader {
                     "CONNECT was already received on this connection",
                 );
             }
-            FrameRef::Info { .. } | FrameRef::Msg { .. } => {
+            FrameRef::Info { .. } | FrameRef::Msg { .. } | FrameRef::RMsg { .. } => {
                 return Err(ConnError::Refused(
                     "clients may not send INFO or MSG frames".into(),
                 ));
@@ -538,8 +563,11 @@ pub struct Outgoing<'a> {
     pub flags: u8,
 }
 
-/// Delivers to every plain subscription and one member of each queue group.
-/// Returns how many subscriptions took the message.
+/// Delivers a message published on this broker: to every plain local
+/// subscription, to one member of each queue group (a local one when any can
+/// take it), and at most once over each cluster route, carrying the plain
+/// flag and the queue groups that peer should serve.
+/// Returns how many subscriptions (or routes) took the message.
 pub fn route(
     state: &State,
     m: &Matches,
@@ -549,27 +577,171 @@ pub fn route(
     counts: &mut LocalCounts,
 ) -> usize {
     let mut n = 0;
+    let mut remote: Vec<Remote<'_>> = Vec::new();
     for s in &m.plain {
+        if s.route {
+            note_remote(&mut remote, s, None);
+            continue;
+        }
         if skip_conn == Some(s.conn.id) {
             continue;
         }
         n += deliver(state, s, msg, wake, counts) as usize;
     }
     for g in &m.groups {
-        let len = g.members.len();
         let start = g.start();
-        for i in 0..len {
-            let s = &g.members[(start + i) % len];
-            if skip_conn == Some(s.conn.id) {
-                continue;
-            }
-            if deliver(state, s, msg, wake, counts) {
-                n += 1;
-                break;
-            }
+        if pick_local(state, g, start, msg, skip_conn, wake, counts) {
+            n += 1;
+            continue;
+        }
+        // No local member could take it: one peer with members gets it.
+        let len = g.members.len();
+        if let Some(s) = (0..len)
+            .map(|i| &g.members[(start + i) % len])
+            .find(|s| s.route && !s.is_removed())
+        {
+            note_remote(&mut remote, s, Some(&g.name));
+        }
+    }
+    for r in &remote {
+        n += forward(state, r, msg, wake, counts) as usize;
+    }
+    n
+}
+
+/// Delivers a message that arrived over a cluster route: only to local
+/// subscriptions (never onward to other peers, so a full mesh cannot loop),
+/// to plain ones when the sender said so, and to one local member of each
+/// queue group it named.
+pub fn route_from_peer(
+    state: &State,
+    m: &Matches,
+    msg: &Outgoing<'_>,
+    plain: bool,
+    queues: &[u8],
+    wake: &mut Vec<Arc<ConnShared>>,
+    counts: &mut LocalCounts,
+) -> usize {
+    let mut n = 0;
+    if plain {
+        for s in m.plain.iter().filter(|s| !s.route) {
+            n += deliver(state, s, msg, wake, counts) as usize;
+        }
+    }
+    for q in frame::iter_queues(queues) {
+        if let Some(g) = m.groups.iter().find(|g| &*g.name == q) {
+            n += pick_local(state, g, g.start(), msg, None, wake, counts) as usize;
         }
     }
     n
+}
+
+/// One member of a queue group on this broker, round-robin; false when no
+/// local member could take the message.
+fn pick_local(
+    state: &State,
+    g: &QueueGroup,
+    start: usize,
+    msg: &Outgoing<'_>,
+    skip_conn: Option<u64>,
+    wake: &mut Vec<Arc<ConnShared>>,
+    counts: &mut LocalCounts,
+) -> bool {
+    let len = g.members.len();
+    for i in 0..len {
+        let s = &g.members[(start + i) % len];
+        if s.route || skip_conn == Some(s.conn.id) {
+            continue;
+        }
+        if deliver(state, s, msg, wake, counts) {
+            return true;
+        }
+    }
+    false
+}
+
+/// What one message owes one cluster route.
+struct Remote<'a> {
+    sub: &'a Arc<Subscription>,
+    plain: bool,
+    queues: Vec<&'a str>,
+}
+
+fn note_remote<'a>(remote: &mut Vec<Remote<'a>>, s: &'a Arc<Subscription>, queue: Option<&'a str>) {
+    let i = match remote.iter().position(|r| r.sub.conn.id == s.conn.id) {
+        Some(i) => i,
+        None => {
+            remote.push(Remote {
+                sub: s,
+                plain: false,
+                queues: Vec::new(),
+            });
+            remote.len() - 1
+        }
+    };
+    match queue {
+        None => remote[i].plain = true,
+        Some(q) => remote[i].queues.push(q),
+    }
+}
+
+fn forward(
+    state: &State,
+    r: &Remote<'_>,
+    msg: &Outgoing<'_>,
+    wake: &mut Vec<Arc<ConnShared>>,
+    counts: &mut LocalCounts,
+) -> bool {
+    if r.sub.is_removed() {
+        return false;
+    }
+    let flags = if r.plain { frame::RMSG_PLAIN } else { 0 };
+    let len = frame::rmsg_frame_len(msg.subject, msg.reply, &r.queues, msg.headers, msg.payload);
+    let push = r.sub.conn.outbox.push(len, |b| {
+        frame::encode_rmsg(
+            b,
+            flags,
+            msg.subject,
+            msg.hash,
+            msg.reply,
+            &r.queues,
+            msg.headers,
+            msg.payload,
+        )
+    });
+    if accepted(state, &r.sub.conn, push, wake) {
+        counts.msgs_out += 1;
+        counts.bytes_out += msg.payload.len() as u64;
+        true
+    } else {
+        false
+    }
+}
+
+/// Common handling of a push into a connection's outbox: wake its writer,
+/// or treat it as a slow consumer when it is over budget.
+fn accepted(state: &State, conn: &Arc<ConnShared>, push: Push, wake: &mut Vec<Arc<ConnShared>>) -> bool {
+    match push {
+        Push::Queued { was_empty } => {
+            if was_empty {
+                wake.push(conn.clone());
+            }
+            true
+        }
+        Push::OverBudget => {
+            if conn.outbox.close() {
+                state.metrics.slow_consumers.fetch_add(1, Ordering::Relaxed);
+                warn!(
+                    conn = conn.id,
+                    budget = state.config.max_pending,
+                    "slow consumer: outbound budget exceeded, closing the connection"
+                );
+                conn.abort.cancel();
+            }
+            false
+        }
+        Push::Closed => false,
+    }
 }
 
 /// Why a message from outside the native protocol was refused.
@@ -642,7 +814,7 @@ pub fn deliver(
     }
     let Some(last) = s.claim() else { return false };
     let len = message_frame_len(true, msg.subject, msg.reply, msg.headers, msg.payload);
-    match s.conn.outbox.push(len, |b| {
+    let push = s.conn.outbox.push(len, |b| {
         encode_msg(
             b,
             s.sid,
@@ -653,35 +825,19 @@ pub fn deliver(
             msg.headers,
             msg.payload,
         )
-    }) {
-        Push::Queued { was_empty } => {
-            if was_empty {
-                wake.push(s.conn.clone());
-            }
-            counts.msgs_out += 1;
-            counts.bytes_out += msg.payload.len() as u64;
-            if last {
-                state.router.remove(s);
-            }
-            true
-        }
-        Push::OverBudget => {
-            if s.conn.outbox.close() {
-                state.metrics.slow_consumers.fetch_add(1, Ordering::Relaxed);
-                warn!(
-                    conn = s.conn.id,
-                    budget = state.config.max_pending,
-                    "slow consumer: outbound budget exceeded, closing the connection"
-                );
-                s.conn.abort.cancel();
-            }
-            false
-        }
-        Push::Closed => false,
+    });
+    if !accepted(state, &s.conn, push, wake) {
+        return false;
     }
+    counts.msgs_out += 1;
+    counts.bytes_out += msg.payload.len() as u64;
+    if last {
+        state.router.remove(s);
+    }
+    true
 }
 
-async fn write_loop(shared: Arc<ConnShared>, mut wr: OwnedWriteHalf, state: Arc<State>) {
+pub(crate) async fn write_loop(shared: Arc<ConnShared>, mut wr: OwnedWriteHalf, state: Arc<State>) {
     let mut credit = [0u8; CREDIT_FRAME_LEN];
     loop {
         let t = shared.outbox.take();

@@ -5,6 +5,7 @@
 //! one client, `router` finds subscribers, `outbox` batches and bounds what
 //! goes back out, `config` validates settings, `metrics` counts.
 
+pub mod cluster;
 pub mod config;
 pub mod conn;
 pub mod metrics;

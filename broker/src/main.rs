@@ -42,8 +42,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     if config.http.is_some() {
         bail!("--http: the HTTP gateway is not part of this build yet");
     }
-    if config.cluster.is_some() || !config.peers.is_empty() {
-        bail!("--cluster/--peers: cluster mode is not part of this build yet");
+    if !config.peers.is_empty() && config.cluster.is_none() {
+        bail!("--peers needs --cluster ADDR: peers dial this broker's route port too");
     }
     match config.accel {
         AccelMode::On => bail!("--accel on: the eBPF fast path is not part of this build yet"),

@@ -17,6 +17,10 @@ pub struct Metrics {
     pub payload_too_large: AtomicU64,
     pub invalid_subjects: AtomicU64,
     pub no_responders: AtomicU64,
+    /// Cluster routes this broker dialed that are up.
+    pub routes: AtomicU64,
+    /// Messages received from peers over cluster routes.
+    pub route_msgs_in: AtomicU64,
 }
 
 /// Per-batch counts, flushed into [`Metrics`] by their owner.

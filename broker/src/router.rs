@@ -9,8 +9,10 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 
+use sockbus_protocol::frame::{encode_sub, encode_unsub};
+use sockbus_protocol::outbox::Push;
 use sockbus_protocol::subject::{validate_subject, SubjectError};
 
 use crate::conn::ConnShared;
@@ -21,6 +23,9 @@ pub struct Subscription {
     pub pattern: Box<str>,
     pub queue: Option<Box<str>>,
     pub conn: Arc<ConnShared>,
+    /// Interest of a peer broker, held by a cluster route connection: gets
+    /// forwarded RMSG frames, is never itself propagated to other peers.
+    pub route: bool,
     /// Messages after which the subscription ends (u64::MAX: never).
     max: AtomicU64,
     delivered: AtomicU64,
@@ -34,9 +39,18 @@ impl Subscription {
             pattern: pattern.into(),
             queue: queue.map(Into::into),
             conn,
+            route: false,
             max: AtomicU64::new(u64::MAX),
             delivered: AtomicU64::new(0),
             removed: AtomicBool::new(false),
+        }
+    }
+
+    /// A peer broker's interest, arriving on a cluster route.
+    pub fn new_route(sid: u32, pattern: &str, queue: Option<&str>, conn: Arc<ConnShared>) -> Self {
+        Subscription {
+            route: true,
+            ..Subscription::new(sid, pattern, queue, conn)
         }
     }
 
@@ -184,6 +198,23 @@ pub struct Router {
     generation: AtomicU64,
     count: AtomicUsize,
     rr_seed: AtomicUsize,
+    interest: Mutex<Interest>,
+}
+
+/// This broker's local interest as peers see it: one route subscription per
+/// distinct (pattern, queue), however many local subscriptions share it, and
+/// the outbound route links it is announced on.
+#[derive(Default)]
+struct Interest {
+    table: HashMap<(Box<str>, Option<Box<str>>), (u32, usize)>,
+    next_rsid: u32,
+    links: Vec<Arc<ConnShared>>,
+}
+
+fn announce(link: &ConnShared, f: impl FnOnce(&mut bytes::BytesMut)) {
+    if let Push::Queued { was_empty: true } = link.outbox.push_control(f) {
+        link.wake();
+    }
 }
 
 impl Default for Router {
@@ -199,12 +230,67 @@ impl Router {
             generation: AtomicU64::new(1),
             count: AtomicUsize::new(0),
             rr_seed: AtomicUsize::new(0),
+            interest: Mutex::new(Interest::default()),
+        }
+    }
+
+    fn interest(&self) -> std::sync::MutexGuard<'_, Interest> {
+        self.interest.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Registers an outbound cluster route and queues a SUB for every piece of
+    /// local interest on it; later changes are queued as they happen. Done
+    /// under one lock so no change can fall between snapshot and registration.
+    pub fn add_link(&self, link: Arc<ConnShared>) {
+        let mut i = self.interest();
+        for ((pattern, queue), (rsid, _)) in &i.table {
+            announce(&link, |b| {
+                let _ = encode_sub(b, *rsid, pattern, queue.as_deref());
+            });
+        }
+        i.links.push(link);
+    }
+
+    pub fn remove_link(&self, id: u64) {
+        self.interest().links.retain(|l| l.id != id);
+    }
+
+    fn interest_added(&self, pattern: &str, queue: Option<&str>) {
+        let mut i = self.interest();
+        let key = (Box::<str>::from(pattern), queue.map(Box::<str>::from));
+        if let Some(e) = i.table.get_mut(&key) {
+            e.1 += 1;
+            return;
+        }
+        i.next_rsid = i.next_rsid.wrapping_add(1);
+        let rsid = i.next_rsid;
+        i.table.insert(key, (rsid, 1));
+        for l in &i.links {
+            announce(l, |b| {
+                let _ = encode_sub(b, rsid, pattern, queue);
+            });
+        }
+    }
+
+    fn interest_removed(&self, pattern: &str, queue: Option<&str>) {
+        let mut i = self.interest();
+        let key = (Box::<str>::from(pattern), queue.map(Box::<str>::from));
+        let Some(e) = i.table.get_mut(&key) else { return };
+        e.1 -= 1;
+        if e.1 > 0 {
+            return;
+        }
+        let rsid = e.0;
+        i.table.remove(&key);
+        for l in &i.links {
+            announce(l, |b| encode_unsub(b, rsid, 0));
         }
     }
 
     /// Adds a subscription (its pattern already validated).
     pub fn insert(&self, sub: Arc<Subscription>) {
         let pattern = sub.pattern.clone();
+        let local = (!sub.route).then(|| sub.queue.clone());
         let toks: Vec<&str> = pattern.split('.').collect();
         let mut root = self.root.write().unwrap_or_else(|p| p.into_inner());
         root.insert(&toks, sub);
@@ -212,6 +298,10 @@ impl Router {
         // Bump while holding the lock so no reader caches a stale result
         // under the new generation.
         self.generation.fetch_add(1, Ordering::Release);
+        drop(root);
+        if let Some(queue) = local {
+            self.interest_added(&pattern, queue.as_deref());
+        }
     }
 
     /// Removes a subscription; idempotent.
@@ -221,10 +311,15 @@ impl Router {
         }
         let toks: Vec<&str> = sub.pattern.split('.').collect();
         let mut root = self.root.write().unwrap_or_else(|p| p.into_inner());
-        if root.remove(&toks, sub) {
+        let found = root.remove(&toks, sub);
+        if found {
             self.count.fetch_sub(1, Ordering::Relaxed);
         }
         self.generation.fetch_add(1, Ordering::Release);
+        drop(root);
+        if found && !sub.route {
+            self.interest_removed(&sub.pattern, sub.queue.as_deref());
+        }
     }
 
     pub fn len(&self) -> usize {

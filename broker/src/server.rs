@@ -40,6 +40,7 @@ pub struct Server {
     state: Arc<State>,
     listener: TcpListener,
     local_addr: SocketAddr,
+    route_listener: Option<TcpListener>,
 }
 
 impl Server {
@@ -49,6 +50,14 @@ impl Server {
             .await
             .with_context(|| format!("cannot listen on {}", config.listen))?;
         let local_addr = listener.local_addr()?;
+        let route_listener = match config.cluster {
+            Some(addr) => Some(
+                TcpListener::bind(addr)
+                    .await
+                    .with_context(|| format!("cannot listen for cluster routes on {addr}"))?,
+            ),
+            None => None,
+        };
         let state = Arc::new(State {
             config,
             router: Router::new(),
@@ -59,11 +68,17 @@ impl Server {
             state,
             listener,
             local_addr,
+            route_listener,
         })
     }
 
     pub fn local_addr(&self) -> SocketAddr {
         self.local_addr
+    }
+
+    /// Address of the cluster route listener, when `--cluster` is set.
+    pub fn route_addr(&self) -> Option<SocketAddr> {
+        self.route_listener.as_ref().and_then(|l| l.local_addr().ok())
     }
 
     pub fn state(&self) -> Arc<State> {
@@ -77,9 +92,13 @@ impl Server {
             state,
             listener,
             local_addr,
+            route_listener,
         } = self;
         info!(addr = %local_addr, node = %state.config.node_id, max_payload = state.config.max_payload, "listening for clients");
         let tracker = TaskTracker::new();
+        if let Some(l) = route_listener {
+            crate::cluster::start(state.clone(), l, &tracker, shutdown.clone());
+        }
         let limit = Arc::new(Semaphore::new(state.config.max_connections));
         loop {
             let (stream, peer) = tokio::select! {
@@ -119,7 +138,7 @@ impl Server {
             tracker.spawn(async move {
                 st.metrics.connections.fetch_add(1, Ordering::Relaxed);
                 st.metrics.connections_total.fetch_add(1, Ordering::Relaxed);
-                crate::conn::run(st.clone(), stream, peer, id, sd).await;
+                crate::conn::run(st.clone(), stream, peer, id, sd, false).await;
                 st.metrics.connections.fetch_sub(1, Ordering::Relaxed);
                 drop(permit);
             });

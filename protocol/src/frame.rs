@@ -30,6 +30,10 @@ pub const CONNECT_NO_RESPONDERS: u8 = 0x01;
 pub const CONNECT_NO_ECHO: u8 = 0x02;
 /// MSG flag: a status message saying a request published with this reply subject found no responders.
 pub const MSG_NO_RESPONDERS: u8 = 0x01;
+/// CONNECT flag: the peer is a broker opening a cluster route, not a client.
+pub const CONNECT_ROUTE: u8 = 0x80;
+/// RMSG flag: deliver to the receiving broker's plain (non-queue) subscribers.
+pub const RMSG_PLAIN: u8 = 0x01;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[repr(u8)]
@@ -44,6 +48,8 @@ pub enum Kind {
     Pong = 8,
     Err = 9,
     Credit = 10,
+    /// Broker-to-broker message on a cluster route (never sent to clients).
+    RMsg = 11,
 }
 
 impl Kind {
@@ -59,6 +65,7 @@ impl Kind {
             8 => Kind::Pong,
             9 => Kind::Err,
             10 => Kind::Credit,
+            11 => Kind::RMsg,
             _ => return None,
         })
     }
@@ -212,6 +219,27 @@ pub enum FrameRef<'a> {
         text: &'a str,
     },
     Credit(u32),
+    /// A message forwarded over a cluster route: delivered to the receiving
+    /// broker's plain subscribers when `flags & RMSG_PLAIN`, and to one local
+    /// member of each queue group named in `queues` (a block of str16).
+    RMsg {
+        flags: u8,
+        subject: &'a str,
+        reply: Option<&'a str>,
+        queues: &'a [u8],
+        headers: &'a [u8],
+        payload: &'a [u8],
+    },
+}
+
+/// Iterates the queue group names of an RMSG `queues` block.
+pub fn iter_queues(mut block: &[u8]) -> impl Iterator<Item = &str> {
+    std::iter::from_fn(move || {
+        let mut c = Cursor { buf: block };
+        let q = c.str16("queue group").ok()?;
+        block = c.buf;
+        Some(q)
+    })
 }
 
 struct Cursor<'a> {
@@ -336,6 +364,27 @@ pub fn decode_body<'a>(h: &Header, body: &'a [u8]) -> Result<FrameRef<'a>, Proto
             text: c.str16("error text")?,
         },
         Kind::Credit => FrameRef::Credit(c.u32("credit")?),
+        Kind::RMsg => {
+            let subject = c.str16("subject")?;
+            let reply = c.opt_str16("reply subject")?;
+            let nq = c.u16("queue count")? as usize;
+            let start = c.buf;
+            for _ in 0..nq {
+                c.str16("queue group")?;
+            }
+            let queues = &start[..start.len() - c.buf.len()];
+            let headers = c.headers()?;
+            let payload = c.buf;
+            c.buf = &[];
+            FrameRef::RMsg {
+                flags: h.flags,
+                subject,
+                reply,
+                queues,
+                headers,
+                payload,
+            }
+        }
     };
     c.finish()?;
     Ok(f)
@@ -619,6 +668,56 @@ pub fn encode_err(dst: &mut impl BufMut, code: u16, text: &str) {
     .write(dst);
     dst.put_u16_le(code);
     put_str16(dst, text.as_bytes());
+}
+
+/// Encoded size of an RMSG frame.
+pub fn rmsg_frame_len(
+    subject: &str,
+    reply: Option<&str>,
+    queues: &[&str],
+    headers: &[u8],
+    payload: &[u8],
+) -> usize {
+    HEADER_LEN
+        + 2
+        + subject.len()
+        + 2
+        + reply.map_or(0, str::len)
+        + 2
+        + queues.iter().map(|q| 2 + q.len()).sum::<usize>()
+        + 4
+        + headers.len()
+        + payload.len()
+}
+
+/// Encodes an RMSG frame (fields validated by the caller: they come from a decoded PUB).
+pub fn encode_rmsg(
+    dst: &mut impl BufMut,
+    flags: u8,
+    subject: &str,
+    hash: u32,
+    reply: Option<&str>,
+    queues: &[&str],
+    headers: &[u8],
+    payload: &[u8],
+) {
+    let len = (rmsg_frame_len(subject, reply, queues, headers, payload) - HEADER_LEN) as u32;
+    Header {
+        kind: Kind::RMsg,
+        flags,
+        len,
+        hash,
+    }
+    .write(dst);
+    put_str16(dst, subject.as_bytes());
+    put_str16(dst, reply.unwrap_or("").as_bytes());
+    dst.put_u16_le(queues.len() as u16);
+    for q in queues {
+        put_str16(dst, q.as_bytes());
+    }
+    dst.put_u32_le(headers.len() as u32);
+    dst.put_slice(headers);
+    dst.put_slice(payload);
 }
 
 pub const CREDIT_FRAME_LEN: usize = HEADER_LEN + 4;

@@ -48,6 +48,14 @@ pub enum Frame {
         text: String,
     },
     Credit(u32),
+    RMsg {
+        flags: u8,
+        subject: String,
+        reply: Option<String>,
+        queues: Vec<String>,
+        headers: Vec<u8>,
+        payload: Vec<u8>,
+    },
 }
 
 impl Frame {
@@ -97,6 +105,26 @@ impl Frame {
             Frame::Pong(id) => encode_pong(dst, *id),
             Frame::Err { code, text } => encode_err(dst, *code, text),
             Frame::Credit(n) => encode_credit(dst, *n),
+            Frame::RMsg {
+                flags,
+                subject,
+                reply,
+                queues,
+                headers,
+                payload,
+            } => {
+                let qs: Vec<&str> = queues.iter().map(String::as_str).collect();
+                encode_rmsg(
+                    dst,
+                    *flags,
+                    subject,
+                    crate::subject::subject_hash(subject.as_bytes()),
+                    reply.as_deref(),
+                    &qs,
+                    headers,
+                    payload,
+                )
+            }
         }
         Ok(())
     }
@@ -170,6 +198,21 @@ impl From<FrameRef<'_>> for Frame {
                 text: text.into(),
             },
             FrameRef::Credit(n) => Frame::Credit(n),
+            FrameRef::RMsg {
+                flags,
+                subject,
+                reply,
+                queues,
+                headers,
+                payload,
+            } => Frame::RMsg {
+                flags,
+                subject: subject.into(),
+                reply: reply.map(Into::into),
+                queues: iter_queues(queues).map(Into::into).collect(),
+                headers: headers.into(),
+                payload: payload.into(),
+            },
         }
     }
 }

@@ -104,6 +104,24 @@ fn frame() -> impl Strategy<Value = Frame> {
         // 200 chars are at most 800 bytes, under encode_err's 1 KiB cut.
         (any::<u16>(), text(200)).prop_map(|(code, text)| Frame::Err { code, text }),
         any::<u32>().prop_map(Frame::Credit),
+        (
+            any::<u8>(),
+            text(200),
+            opt_text(200),
+            proptest::collection::vec(text(40), 0..4),
+            header_block(),
+            payload()
+        )
+            .prop_map(|(flags, subject, reply, queues, (_, headers), payload)| {
+                Frame::RMsg {
+                    flags,
+                    subject,
+                    reply,
+                    queues,
+                    headers,
+                    payload,
+                }
+            }),
     ]
 }
 
@@ -141,10 +159,10 @@ proptest! {
             }
             _ => {}
         }
-        // PUB and MSG carry the subject hash in the header for the kernel path.
+        // PUB, MSG and RMSG carry the subject hash in the header for the kernel path.
         let hash = u32::from_le_bytes(buf[8..12].try_into().unwrap());
         match &f {
-            Frame::Pub { subject, .. } | Frame::Msg { subject, .. } => {
+            Frame::Pub { subject, .. } | Frame::Msg { subject, .. } | Frame::RMsg { subject, .. } => {
                 prop_assert_eq!(hash, subject_hash(subject.as_bytes()))
             }
             _ => prop_assert_eq!(hash, 0),

@@ -1,0 +1,310 @@
+//! Cluster routes: broker replicas in a full mesh, so a subscriber on any
+//! node receives what is published on any other.
+//!
+//! Every node dials every peer in `--peers` (and skips itself). On a route
+//! dialed by A to B, A announces its local interest (one SUB per distinct
+//! pattern and queue group, kept current as subscriptions come and go) and B
+//! sends A the messages published on B that match it, as RMSG frames: one
+//! frame per message per route at most, carrying "deliver to your plain
+//! subscribers" and the queue groups A should serve. A delivers an RMSG only
+//! to its own clients, never onward, so a full mesh can neither loop nor
+//! duplicate. Queue groups stay exactly-once cluster-wide: the publishing
+//! node picks a local member when it has one, otherwise exactly one peer.
+//!
+//! A lost route is redialed with backoff; on reconnect the interest is
+//! announced again and the peer drops what the old route held.
+
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::{Buf, BytesMut};
+use sockbus_protocol::flow::{effective_window, RecvWindow};
+use sockbus_protocol::frame::{self, encode_connect, encode_pong, CONNECT_ROUTE, RMSG_PLAIN};
+use sockbus_protocol::outbox::Outbox;
+use sockbus_protocol::subject::subject_hash;
+use sockbus_protocol::{FrameRef, Kind, HEADER_LEN, MAX_FRAME_OVERHEAD};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::tcp::OwnedReadHalf;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{debug, info, warn};
+
+use crate::conn::{route_from_peer, ConnShared, Outgoing};
+use crate::metrics::LocalCounts;
+use crate::router::MatchCache;
+use crate::server::State;
+
+/// Starts the route listener and one dialer per peer.
+pub fn start(state: Arc<State>, listener: TcpListener, tracker: &TaskTracker, shutdown: CancellationToken) {
+    if let Ok(addr) = listener.local_addr() {
+        info!(%addr, node = %state.config.node_id, peers = ?state.config.peers, "listening for cluster routes");
+    }
+    let t = tracker.clone();
+    let (st, sd) = (state.clone(), shutdown.clone());
+    tracker.spawn(async move {
+        loop {
+            let (stream, peer) = tokio::select! {
+                _ = sd.cancelled() => return,
+                r = listener.accept() => match r {
+                    Ok(x) => x,
+                    Err(e) => {
+                        warn!("route accept failed: {e}");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        continue;
+                    }
+                },
+            };
+            let id = st.next_conn_id();
+            t.spawn(crate::conn::run(st.clone(), stream, peer, id, sd.clone(), true));
+        }
+    });
+    for url in state.config.peers.clone() {
+        tracker.spawn(dial_loop(state.clone(), url, shutdown.clone()));
+    }
+}
+
+/// `sockbus-route://host:port`, `nats-route://…` style or bare `host:port`.
+fn host_port(url: &str) -> &str {
+    url.split_once("://").map_or(url, |(_, rest)| rest).trim_end_matches('/')
+}
+
+#[derive(Debug, thiserror::Error)]
+enum DialError {
+    #[error("this is our own address")]
+    IsSelf,
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+    #[error("{0}")]
+    Protocol(#[from] sockbus_protocol::ProtocolError),
+    #[error("peer refused the route: {0}")]
+    Refused(String),
+    #[error("timed out")]
+    Timeout,
+}
+
+struct Route {
+    stream: TcpStream,
+    buf: BytesMut,
+    peer_node: String,
+    peer_addr: SocketAddr,
+    send_window: u32,
+    info_len: usize,
+}
+
+async fn dial_loop(state: Arc<State>, url: String, shutdown: CancellationToken) {
+    let mut failures: u32 = 0;
+    loop {
+        let dial = tokio::time::timeout(Duration::from_secs(3), dial(&state, &url));
+        let r = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            r = dial => r.unwrap_or(Err(DialError::Timeout)),
+        };
+        match r {
+            Ok(route) => {
+                failures = 0;
+                info!(peer = %route.peer_node, addr = %route.peer_addr, "cluster route up");
+                let peer = route.peer_node.clone();
+                run_route(&state, route, &shutdown).await;
+                if shutdown.is_cancelled() {
+                    return;
+                }
+                warn!(%peer, %url, "cluster route lost; redialing");
+            }
+            Err(DialError::IsSelf) => {
+                debug!(%url, "peer is this broker itself; not routing to it");
+                return;
+            }
+            Err(e) => {
+                failures += 1;
+                if failures == 1 || failures % 30 == 0 {
+                    warn!(%url, attempts = failures, "cannot reach cluster peer: {e}");
+                }
+            }
+        }
+        let base = Duration::from_millis(50u64 << failures.min(5)).min(Duration::from_secs(2));
+        let jitter = Duration::from_millis(rand_jitter(base.as_millis() as u64 / 2));
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(base + jitter) => {}
+        }
+    }
+}
+
+fn rand_jitter(max: u64) -> u64 {
+    // Spread redials of many nodes; the quality of the randomness does not matter.
+    let t = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.subsec_nanos() as u64);
+    if max == 0 {
+        0
+    } else {
+        t % max
+    }
+}
+
+async fn dial(state: &State, url: &str) -> Result<Route, DialError> {
+    let mut stream = TcpStream::connect(host_port(url)).await?;
+    stream.set_nodelay(true)?;
+    let peer_addr = stream.peer_addr()?;
+    let mut out = BytesMut::new();
+    encode_connect(&mut out, CONNECT_ROUTE, state.config.recv_window, &state.config.node_id, b"")?;
+    stream.write_all(&out).await?;
+    let mut buf = BytesMut::with_capacity(64 * 1024);
+    loop {
+        if let Some((f, len)) = frame::decode(&buf, 64 * 1024)? {
+            return match f {
+                FrameRef::Info {
+                    recv_window,
+                    max_payload,
+                    server_name,
+                    ..
+                } => {
+                    if server_name == state.config.node_id {
+                        return Err(DialError::IsSelf);
+                    }
+                    let peer_node = server_name.to_string();
+                    buf.advance(len);
+                    Ok(Route {
+                        stream,
+                        buf,
+                        peer_node,
+                        peer_addr,
+                        send_window: effective_window(recv_window, max_payload),
+                        info_len: len,
+                    })
+                }
+                FrameRef::Err { text, .. } => Err(DialError::Refused(text.to_string())),
+                _ => Err(DialError::Refused("expected INFO".into())),
+            };
+        }
+        if stream.read_buf(&mut buf).await? == 0 {
+            return Err(DialError::Refused("closed during handshake".into()));
+        }
+    }
+}
+
+/// Runs one established route until it breaks or the broker shuts down.
+async fn run_route(state: &Arc<State>, route: Route, shutdown: &CancellationToken) {
+    let Route {
+        stream,
+        mut buf,
+        peer_node,
+        send_window,
+        info_len,
+        ..
+    } = route;
+    let (mut rd, wr) = stream.into_split();
+    let link = Arc::new(ConnShared {
+        id: state.next_conn_id(),
+        outbox: Outbox::new(state.config.max_pending, send_window),
+        notify: Notify::new(),
+        abort: CancellationToken::new(),
+    });
+    // Announces all local interest now, and every change from here on.
+    state.router.add_link(link.clone());
+    link.wake();
+    state.metrics.routes.fetch_add(1, Ordering::Relaxed);
+    let writer = tokio::spawn(crate::conn::write_loop(link.clone(), wr, state.clone()));
+    let our_window = effective_window(state.config.recv_window, state.config.max_payload);
+    let r = read_route(state, &link, &mut rd, &mut buf, our_window, info_len, shutdown).await;
+    if let Err(e) = r {
+        debug!(peer = %peer_node, "route read ended: {e}");
+    }
+    state.router.remove_link(link.id);
+    state.metrics.routes.fetch_sub(1, Ordering::Relaxed);
+    link.outbox.close();
+    link.abort.cancel();
+    let _ = writer.await;
+}
+
+async fn read_route(
+    state: &Arc<State>,
+    link: &Arc<ConnShared>,
+    rd: &mut OwnedReadHalf,
+    buf: &mut BytesMut,
+    window: u32,
+    info_len: usize,
+    shutdown: &CancellationToken,
+) -> Result<(), DialError> {
+    let max_body = state.config.max_payload + MAX_FRAME_OVERHEAD;
+    let mut recv = RecvWindow::new(window);
+    let mut cache = MatchCache::new(4096);
+    let mut wake: Vec<Arc<ConnShared>> = Vec::new();
+    let mut counts = LocalCounts::default();
+    let mut consumed = info_len;
+    loop {
+        while let Some(h) = frame::parse_header(buf)? {
+            frame::check_len(&h, max_body)?;
+            let len = h.frame_len();
+            if buf.len() < len {
+                buf.reserve(len - buf.len());
+                break;
+            }
+            if h.kind != Kind::Credit {
+                consumed += len;
+            }
+            match frame::decode_body(&h, &buf[HEADER_LEN..len])? {
+                FrameRef::RMsg {
+                    flags,
+                    subject,
+                    reply,
+                    queues,
+                    headers,
+                    payload,
+                } => {
+                    counts.msgs_in += 1;
+                    counts.bytes_in += payload.len() as u64;
+                    state.metrics.route_msgs_in.fetch_add(1, Ordering::Relaxed);
+                    if let Ok(m) = cache.get(&state.router, subject) {
+                        let msg = Outgoing {
+                            subject,
+                            hash: subject_hash(subject.as_bytes()),
+                            reply,
+                            headers,
+                            payload,
+                            flags: 0,
+                        };
+                        route_from_peer(state, m, &msg, flags & RMSG_PLAIN != 0, queues, &mut wake, &mut counts);
+                    }
+                }
+                FrameRef::Credit(n) => {
+                    link.outbox.on_credit(n);
+                    link.wake();
+                }
+                FrameRef::Ping(id) => {
+                    link.outbox.push_control(|b| encode_pong(b, id));
+                    link.wake();
+                }
+                FrameRef::Pong(_) => {}
+                FrameRef::Err { code, text } => warn!(code, "peer reported an error on the route: {text}"),
+                other => return Err(DialError::Refused(format!("unexpected frame on a route: {other:?}"))),
+            }
+            buf.advance(len);
+        }
+        for c in wake.drain(..) {
+            c.wake();
+        }
+        state.metrics.add(&mut counts);
+        if let Some(c) = recv.on_consumed(std::mem::take(&mut consumed)) {
+            if link.outbox.grant(c) {
+                link.wake();
+            }
+        }
+        if buf.capacity() - buf.len() < 4096 {
+            buf.reserve(64 * 1024);
+        }
+        tokio::select! {
+            r = rd.read_buf(buf) => {
+                if r? == 0 {
+                    return Ok(());
+                }
+            }
+            _ = link.abort.cancelled() => return Ok(()),
+            _ = shutdown.cancelled() => return Ok(()),
+        }
+    }
+}

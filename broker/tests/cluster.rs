@@ -1,0 +1,384 @@
+//! Three brokers in a full mesh on distinct loopback addresses (127.0.0.2–4):
+//! fanout, queue groups, request/reply across nodes, a node killed and
+//! restarted, a route cut and healed: exact counts, no duplicates, no loops.
+
+mod common;
+
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::{nothing, recv, TestBroker};
+use sockbus_broker::metrics::Metrics;
+use tokio::net::{TcpListener, TcpStream};
+
+fn free(ip: &str) -> SocketAddr {
+    std::net::TcpListener::bind(format!("{ip}:0"))
+        .unwrap()
+        .local_addr()
+        .unwrap()
+}
+
+struct Node {
+    name: String,
+    client: SocketAddr,
+    route: SocketAddr,
+    peers: Vec<String>,
+}
+
+impl Node {
+    fn new(name: &str, ip: &str) -> Node {
+        Node {
+            name: name.into(),
+            client: free(ip),
+            route: free(ip),
+            peers: Vec::new(),
+        }
+    }
+
+    async fn start(&self) -> TestBroker {
+        let mut cfg = common::test_config();
+        cfg.node_id = self.name.clone();
+        cfg.listen = self.client;
+        cfg.cluster = Some(self.route);
+        cfg.peers = self.peers.clone();
+        TestBroker::with(cfg).await
+    }
+}
+
+/// Three nodes, each listing all three route addresses (itself included, as
+/// a StatefulSet's static peer list does).
+fn mesh() -> Vec<Node> {
+    let mut nodes = vec![
+        Node::new("a", "127.0.0.2"),
+        Node::new("b", "127.0.0.3"),
+        Node::new("c", "127.0.0.4"),
+    ];
+    let all: Vec<String> = nodes
+        .iter()
+        .map(|n| format!("sockbus-route://{}", n.route))
+        .collect();
+    for n in &mut nodes {
+        n.peers = all.clone();
+    }
+    nodes
+}
+
+/// Waits until `b`'s router holds at least `n` subscriptions (local + peers' interest).
+async fn wait_subs(b: &TestBroker, n: usize) {
+    for _ in 0..500 {
+        if b.state.router.len() >= n {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!(
+        "interest did not propagate: {} subscriptions, wanted {n}",
+        b.state.router.len()
+    );
+}
+
+async fn wait_routes(brokers: &[&TestBroker], each: u64) {
+    for _ in 0..500 {
+        if brokers
+            .iter()
+            .all(|b| Metrics::get(&b.state.metrics.routes) == each)
+        {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("routes did not come up");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fanout_reaches_every_node_exactly_once_per_subscriber() {
+    let nodes = mesh();
+    let (a, b, c) = (
+        nodes[0].start().await,
+        nodes[1].start().await,
+        nodes[2].start().await,
+    );
+    wait_routes(&[&a, &b, &c], 2).await;
+    let cb = sockbus_client::connect(&b.url).await.unwrap();
+    let cc = sockbus_client::connect(&c.url).await.unwrap();
+    // Two overlapping subscriptions on B: still one copy per message on the route.
+    let mut b_lit = cb.subscribe("fan.x").await.unwrap();
+    let mut b_wild = cb.subscribe("fan.>").await.unwrap();
+    let mut c_sub = cc.subscribe("fan.*").await.unwrap();
+    cb.flush().await.unwrap();
+    cc.flush().await.unwrap();
+    wait_subs(&a, 3).await;
+    let pa = sockbus_client::connect(&a.url).await.unwrap();
+    const N: u32 = 2000;
+    for i in 0..N {
+        pa.publish("fan.x", i.to_le_bytes()).await.unwrap();
+    }
+    pa.flush().await.unwrap();
+    for sub in [&mut b_lit, &mut b_wild, &mut c_sub] {
+        for i in 0..N {
+            assert_eq!(
+                recv(sub).await.payload.as_ref(),
+                i.to_le_bytes(),
+                "in order, no gaps"
+            );
+        }
+        nothing(sub).await;
+    }
+    assert_eq!(
+        Metrics::get(&b.state.metrics.route_msgs_in),
+        N as u64,
+        "each message crossed A→B once"
+    );
+    assert_eq!(
+        Metrics::get(&c.state.metrics.route_msgs_in),
+        N as u64,
+        "each message crossed A→C once"
+    );
+    assert_eq!(
+        Metrics::get(&a.state.metrics.route_msgs_in),
+        0,
+        "nothing looped back to A"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn queue_group_spans_nodes_exactly_once_and_prefers_local_members() {
+    let nodes = mesh();
+    let (a, b, c) = (
+        nodes[0].start().await,
+        nodes[1].start().await,
+        nodes[2].start().await,
+    );
+    wait_routes(&[&a, &b, &c], 2).await;
+    let cb = sockbus_client::connect(&b.url).await.unwrap();
+    let cc = sockbus_client::connect(&c.url).await.unwrap();
+    let mut qb = cb.queue_subscribe("jobs", "w").await.unwrap();
+    let mut qc = cc.queue_subscribe("jobs", "w").await.unwrap();
+    cb.flush().await.unwrap();
+    cc.flush().await.unwrap();
+    wait_subs(&a, 2).await;
+    let pa = sockbus_client::connect(&a.url).await.unwrap();
+    const N: u32 = 1000;
+    for i in 0..N {
+        pa.publish("jobs", i.to_string()).await.unwrap();
+    }
+    pa.flush().await.unwrap();
+    let mut seen = HashSet::new();
+    let mut per = [0u32; 2];
+    for (k, q) in [&mut qb, &mut qc].into_iter().enumerate() {
+        while let Ok(Some(m)) = tokio::time::timeout(Duration::from_millis(300), q.next()).await {
+            assert!(seen.insert(m.payload.clone()), "duplicate across nodes");
+            per[k] += 1;
+        }
+    }
+    assert_eq!(
+        seen.len(),
+        N as usize,
+        "every job handled exactly once cluster-wide"
+    );
+    assert!(
+        per[0] > 0 && per[1] > 0,
+        "both remote nodes' members served: {per:?}"
+    );
+
+    // A local member on A takes everything published on A.
+    let ca = sockbus_client::connect(&a.url).await.unwrap();
+    let mut qa = ca.queue_subscribe("jobs", "w").await.unwrap();
+    ca.flush().await.unwrap();
+    for i in 0..100 {
+        pa.publish("jobs", format!("local-{i}")).await.unwrap();
+    }
+    pa.flush().await.unwrap();
+    for _ in 0..100 {
+        assert!(recv(&mut qa).await.payload.starts_with(b"local-"));
+    }
+    nothing(&mut qb).await;
+    nothing(&mut qc).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn request_reply_works_across_nodes() {
+    let nodes = mesh();
+    let (a, b, c) = (
+        nodes[0].start().await,
+        nodes[1].start().await,
+        nodes[2].start().await,
+    );
+    wait_routes(&[&a, &b, &c], 2).await;
+    let cc = sockbus_client::connect(&c.url).await.unwrap();
+    let mut svc = cc.subscribe("svc.add").await.unwrap();
+    cc.flush().await.unwrap();
+    let c2 = cc.clone();
+    tokio::spawn(async move {
+        while let Some(m) = svc.next().await {
+            let n: u64 = std::str::from_utf8(&m.payload).unwrap().parse().unwrap();
+            c2.publish(m.reply().unwrap(), (n + 1).to_string())
+                .await
+                .unwrap();
+        }
+    });
+    wait_subs(&a, 1).await;
+    let ca = sockbus_client::connect(&a.url).await.unwrap();
+    // The requester's inbox interest must reach C before the first request.
+    ca.request_timeout("svc.none", "0", Duration::from_millis(50))
+        .await
+        .ok();
+    wait_subs(&c, 2).await;
+    for i in 0..50u64 {
+        let r = ca.request("svc.add", i.to_string()).await.unwrap();
+        assert_eq!(r.payload.as_ref(), (i + 1).to_string().as_bytes());
+    }
+    let e = ca.request("svc.nobody", "x").await.unwrap_err();
+    assert!(matches!(e, sockbus_client::Error::NoResponders), "{e}");
+    drop(b);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_node_rejoins_and_its_clients_fail_over_and_back() {
+    let nodes = mesh();
+    let (a, b, c) = (
+        nodes[0].start().await,
+        nodes[1].start().await,
+        nodes[2].start().await,
+    );
+    wait_routes(&[&a, &b, &c], 2).await;
+    // A client of B that also knows C.
+    let cb = sockbus_client::ConnectOptions::new()
+        .max_reconnect_delay(Duration::from_millis(100))
+        .connect(&format!("{},{}", b.url, c.url))
+        .await
+        .unwrap();
+    let mut sub = cb.subscribe("k.>").await.unwrap();
+    cb.flush().await.unwrap();
+    wait_subs(&a, 1).await;
+    let pa = sockbus_client::connect(&a.url).await.unwrap();
+    pa.publish("k.before", "1").await.unwrap();
+    pa.flush().await.unwrap();
+    assert_eq!(recv(&mut sub).await.payload.as_ref(), b"1");
+
+    b.stop().await;
+    // The client fails over to C and restores its subscription there.
+    cb.wait_connected(Duration::from_secs(5)).await.unwrap();
+    cb.flush().await.unwrap();
+    assert_eq!(cb.server().unwrap().1, c.addr);
+    wait_routes(&[&a, &c], 1).await;
+    wait_subs(&a, 1).await;
+    for i in 0..100 {
+        pa.publish("k.during", i.to_string()).await.unwrap();
+    }
+    pa.flush().await.unwrap();
+    for i in 0..100 {
+        assert_eq!(
+            recv(&mut sub).await.payload.as_ref(),
+            i.to_string().as_bytes()
+        );
+    }
+
+    // B comes back on the same addresses; the mesh heals.
+    let b2 = nodes[1].start().await;
+    wait_routes(&[&a, &b2, &c], 2).await;
+    let cb2 = sockbus_client::connect(&b2.url).await.unwrap();
+    let mut sub_b = cb2.subscribe("k.>").await.unwrap();
+    cb2.flush().await.unwrap();
+    wait_subs(&a, 2).await;
+    for i in 0..100 {
+        pa.publish("k.after", i.to_string()).await.unwrap();
+    }
+    pa.flush().await.unwrap();
+    for s in [&mut sub, &mut sub_b] {
+        for i in 0..100 {
+            assert_eq!(recv(s).await.payload.as_ref(), i.to_string().as_bytes());
+        }
+        nothing(s).await;
+    }
+}
+
+/// A TCP proxy whose connections can be cut and that refuses new ones while cut.
+async fn proxy(
+    target: SocketAddr,
+    listen: SocketAddr,
+    cut: Arc<AtomicBool>,
+    kill: Arc<tokio::sync::Notify>,
+) {
+    let l = TcpListener::bind(listen).await.unwrap();
+    loop {
+        let Ok((mut inbound, _)) = l.accept().await else {
+            return;
+        };
+        if cut.load(Ordering::SeqCst) {
+            continue;
+        }
+        let kill = kill.clone();
+        tokio::spawn(async move {
+            let Ok(mut out) = TcpStream::connect(target).await else {
+                return;
+            };
+            tokio::select! {
+                _ = tokio::io::copy_bidirectional(&mut inbound, &mut out) => {}
+                _ = kill.notified() => {}
+            }
+        });
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cut_route_heals_without_duplicates() {
+    let mut nodes = vec![Node::new("a", "127.0.0.2"), Node::new("b", "127.0.0.3")];
+    // A reaches B only through a proxy we can cut; B dials A directly.
+    let via = free("127.0.0.5");
+    nodes[0].peers = vec![format!("sockbus-route://{via}")];
+    nodes[1].peers = vec![format!("sockbus-route://{}", nodes[0].route)];
+    let cut = Arc::new(AtomicBool::new(false));
+    let kill = Arc::new(tokio::sync::Notify::new());
+    tokio::spawn(proxy(nodes[1].route, via, cut.clone(), kill.clone()));
+    let (a, b) = (nodes[0].start().await, nodes[1].start().await);
+    wait_routes(&[&a, &b], 1).await;
+    // A's subscriber gets B's messages over the route A dialed (the proxied one).
+    let ca = sockbus_client::connect(&a.url).await.unwrap();
+    let mut sub = ca.subscribe("cut.>").await.unwrap();
+    ca.flush().await.unwrap();
+    wait_subs(&b, 1).await;
+    let pb = sockbus_client::connect(&b.url).await.unwrap();
+    pb.publish("cut.x", "before").await.unwrap();
+    pb.flush().await.unwrap();
+    assert_eq!(recv(&mut sub).await.payload.as_ref(), b"before");
+
+    cut.store(true, Ordering::SeqCst);
+    kill.notify_waiters();
+    for _ in 0..500 {
+        if b.state.router.is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(
+        b.state.router.is_empty(),
+        "B dropped the interest of the cut route"
+    );
+    pb.publish("cut.x", "while cut").await.unwrap();
+    pb.flush().await.unwrap();
+    nothing(&mut sub).await;
+
+    cut.store(false, Ordering::SeqCst);
+    wait_routes(&[&a, &b], 1).await;
+    wait_subs(&b, 1).await;
+    for i in 0..500 {
+        pb.publish("cut.x", i.to_string()).await.unwrap();
+    }
+    pb.flush().await.unwrap();
+    for i in 0..500 {
+        assert_eq!(
+            recv(&mut sub).await.payload.as_ref(),
+            i.to_string().as_bytes()
+        );
+    }
+    nothing(&mut sub).await;
+    assert_eq!(
+        b.state.router.len(),
+        1,
+        "exactly one copy of A's interest after healing"
+    );
+}
