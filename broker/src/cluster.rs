@@ -39,7 +39,12 @@ use crate::router::MatchCache;
 use crate::server::State;
 
 /// Starts the route listener and one dialer per peer.
-pub fn start(state: Arc<State>, listener: TcpListener, tracker: &TaskTracker, shutdown: CancellationToken) {
+pub fn start(
+    state: Arc<State>,
+    listener: TcpListener,
+    tracker: &TaskTracker,
+    shutdown: CancellationToken,
+) {
     if let Ok(addr) = listener.local_addr() {
         info!(%addr, node = %state.config.node_id, peers = ?state.config.peers, "listening for cluster routes");
     }
@@ -59,7 +64,14 @@ pub fn start(state: Arc<State>, listener: TcpListener, tracker: &TaskTracker, sh
                 },
             };
             let id = st.next_conn_id();
-            t.spawn(crate::conn::run(st.clone(), stream, peer, id, sd.clone(), true));
+            t.spawn(crate::conn::run(
+                st.clone(),
+                stream,
+                peer,
+                id,
+                sd.clone(),
+                true,
+            ));
         }
     });
     for url in state.config.peers.clone() {
@@ -69,7 +81,9 @@ pub fn start(state: Arc<State>, listener: TcpListener, tracker: &TaskTracker, sh
 
 /// `sockbus-route://host:port`, `nats-route://…` style or bare `host:port`.
 fn host_port(url: &str) -> &str {
-    url.split_once("://").map_or(url, |(_, rest)| rest).trim_end_matches('/')
+    url.split_once("://")
+        .map_or(url, |(_, rest)| rest)
+        .trim_end_matches('/')
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -151,7 +165,13 @@ async fn dial(state: &State, url: &str) -> Result<Route, DialError> {
     stream.set_nodelay(true)?;
     let peer_addr = stream.peer_addr()?;
     let mut out = BytesMut::new();
-    encode_connect(&mut out, CONNECT_ROUTE, state.config.recv_window, &state.config.node_id, b"")?;
+    encode_connect(
+        &mut out,
+        CONNECT_ROUTE,
+        state.config.recv_window,
+        &state.config.node_id,
+        b"",
+    )?;
     stream.write_all(&out).await?;
     let mut buf = BytesMut::with_capacity(64 * 1024);
     loop {
@@ -210,7 +230,10 @@ async fn run_route(state: &Arc<State>, route: Route, shutdown: &CancellationToke
     state.metrics.routes.fetch_add(1, Ordering::Relaxed);
     let writer = tokio::spawn(crate::conn::write_loop(link.clone(), wr, state.clone()));
     let our_window = effective_window(state.config.recv_window, state.config.max_payload);
-    let r = read_route(state, &link, &mut rd, &mut buf, our_window, info_len, shutdown).await;
+    let r = read_route(
+        state, &link, &mut rd, &mut buf, our_window, info_len, shutdown,
+    )
+    .await;
     if let Err(e) = r {
         debug!(peer = %peer_node, "route read ended: {e}");
     }
@@ -268,7 +291,15 @@ async fn read_route(
                             payload,
                             flags: 0,
                         };
-                        route_from_peer(state, m, &msg, flags & RMSG_PLAIN != 0, queues, &mut wake, &mut counts);
+                        route_from_peer(
+                            state,
+                            m,
+                            &msg,
+                            flags & RMSG_PLAIN != 0,
+                            queues,
+                            &mut wake,
+                            &mut counts,
+                        );
                     }
                 }
                 FrameRef::Credit(n) => {
@@ -280,8 +311,14 @@ async fn read_route(
                     link.wake();
                 }
                 FrameRef::Pong(_) => {}
-                FrameRef::Err { code, text } => warn!(code, "peer reported an error on the route: {text}"),
-                other => return Err(DialError::Refused(format!("unexpected frame on a route: {other:?}"))),
+                FrameRef::Err { code, text } => {
+                    warn!(code, "peer reported an error on the route: {text}")
+                }
+                other => {
+                    return Err(DialError::Refused(format!(
+                        "unexpected frame on a route: {other:?}"
+                    )))
+                }
             }
             buf.advance(len);
         }

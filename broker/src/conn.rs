@@ -720,7 +720,12 @@ fn forward(
 
 /// Common handling of a push into a connection's outbox: wake its writer,
 /// or treat it as a slow consumer when it is over budget.
-fn accepted(state: &State, conn: &Arc<ConnShared>, push: Push, wake: &mut Vec<Arc<ConnShared>>) -> bool {
+fn accepted(
+    state: &State,
+    conn: &Arc<ConnShared>,
+    push: Push,
+    wake: &mut Vec<Arc<ConnShared>>,
+) -> bool {
     match push {
         Push::Queued { was_empty } => {
             if was_empty {

@@ -275,7 +275,9 @@ impl Router {
     fn interest_removed(&self, pattern: &str, queue: Option<&str>) {
         let mut i = self.interest();
         let key = (Box::<str>::from(pattern), queue.map(Box::<str>::from));
-        let Some(e) = i.table.get_mut(&key) else { return };
+        let Some(e) = i.table.get_mut(&key) else {
+            return;
+        };
         e.1 -= 1;
         if e.1 > 0 {
             return;
