@@ -25,8 +25,6 @@ pub struct State {
     pub config: Config,
     pub router: Router,
     pub metrics: Metrics,
-    /// Durable streams (crate::streams).
-    pub streams: crate::streams::Streams,
     next_conn_id: AtomicU64,
 }
 
@@ -60,15 +58,12 @@ impl Server {
             ),
             None => None,
         };
-        let streams = crate::streams::Streams::open(&config.data_dir)?;
         let state = Arc::new(State {
             config,
             router: Router::new(),
             metrics: Metrics::default(),
-            streams,
             next_conn_id: AtomicU64::new(1),
         });
-        state.streams.attach(&state);
         Ok(Server {
             state,
             listener,
