@@ -691,6 +691,7 @@ pub fn rmsg_frame_len(
 }
 
 /// Encodes an RMSG frame (fields validated by the caller: they come from a decoded PUB).
+#[allow(clippy::too_many_arguments)]
 pub fn encode_rmsg(
     dst: &mut impl BufMut,
     flags: u8,
