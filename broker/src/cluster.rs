@@ -134,7 +134,7 @@ async fn dial_loop(state: Arc<State>, url: String, shutdown: CancellationToken) 
             }
             Err(e) => {
                 failures += 1;
-                if failures == 1 || failures % 30 == 0 {
+                if failures == 1 || failures.is_multiple_of(30) {
                     warn!(%url, attempts = failures, "cannot reach cluster peer: {e}");
                 }
             }

@@ -204,9 +204,13 @@ pub struct Router {
 /// This broker's local interest as peers see it: one route subscription per
 /// distinct (pattern, queue), however many local subscriptions share it, and
 /// the outbound route links it is announced on.
+/// (pattern, queue group) of local subscriptions.
+type InterestKey = (Box<str>, Option<Box<str>>);
+
 #[derive(Default)]
 struct Interest {
-    table: HashMap<(Box<str>, Option<Box<str>>), (u32, usize)>,
+    /// Route subscription id and how many local subscriptions share the key.
+    table: HashMap<InterestKey, (u32, usize)>,
     next_rsid: u32,
     links: Vec<Arc<ConnShared>>,
 }
