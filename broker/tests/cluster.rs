@@ -332,7 +332,7 @@ async fn proxy(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cut_route_heals_without_duplicates() {
-    let mut nodes = vec![Node::new("a", "127.0.0.2"), Node::new("b", "127.0.0.3")];
+    let mut nodes = [Node::new("a", "127.0.0.2"), Node::new("b", "127.0.0.3")];
     // A reaches B only through a proxy we can cut; B dials A directly.
     let via = free("127.0.0.5");
     nodes[0].peers = vec![format!("sockbus-route://{via}")];
