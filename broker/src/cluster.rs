@@ -1,19 +1,24 @@
 //! Cluster routes: broker replicas in a full mesh, so a subscriber on any
 //! node receives what is published on any other.
 //!
-//! Every node dials every peer in `--peers` (and skips itself). On a route
-//! dialed by A to B, A announces its local interest (one SUB per distinct
-//! pattern and queue group, kept current as subscriptions come and go) and B
-//! sends A the messages published on B that match it, as RMSG frames: one
-//! frame per message per route at most, carrying "deliver to your plain
-//! subscribers" and the queue groups A should serve. A delivers an RMSG only
-//! to its own clients, never onward, so a full mesh can neither loop nor
-//! duplicate. Queue groups stay exactly-once cluster-wide: the publishing
-//! node picks a local member when it has one, otherwise exactly one peer.
+//! Every node dials every peer in `--peers` (skipping itself) and accepts
+//! routes from any broker on `--cluster`, listed or not (a replica added by
+//! scaling up is reached through the route it dials). A route is symmetric:
+//! each end announces its local interest on it (one SUB per distinct pattern
+//! and queue group, kept current as subscriptions come and go) and sends the
+//! other the messages published locally that match the other's interest, as
+//! RMSG frames: one frame per message per route at most, carrying "deliver to
+//! your plain subscribers" and the queue groups the peer should serve. A node
+//! delivers an RMSG only to its own clients, never onward, so a full mesh can
+//! neither loop nor duplicate. When two nodes dialed each other, the router
+//! keeps the route dialed by the smaller node id on both ends. Queue groups
+//! stay exactly-once cluster-wide: the publishing node picks a local member
+//! when it has one, otherwise exactly one peer.
 //!
 //! A lost route is redialed with backoff; on reconnect the interest is
 //! announced again and the peer drops what the old route held.
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -21,9 +26,11 @@ use std::time::Duration;
 
 use bytes::{Buf, BytesMut};
 use sockbus_protocol::flow::{effective_window, RecvWindow};
-use sockbus_protocol::frame::{self, encode_connect, encode_pong, CONNECT_ROUTE, RMSG_PLAIN};
+use sockbus_protocol::frame::{
+    self, encode_connect, encode_err, encode_info, encode_pong, CONNECT_ROUTE, RMSG_PLAIN,
+};
 use sockbus_protocol::outbox::Outbox;
-use sockbus_protocol::subject::subject_hash;
+use sockbus_protocol::subject::{subject_hash, validate_pattern};
 use sockbus_protocol::{FrameRef, Kind, HEADER_LEN, MAX_FRAME_OVERHEAD};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::tcp::OwnedReadHalf;
@@ -35,7 +42,7 @@ use tracing::{debug, info, warn};
 
 use crate::conn::{route_from_peer, ConnShared, Outgoing};
 use crate::metrics::LocalCounts;
-use crate::router::MatchCache;
+use crate::router::{MatchCache, Subscription};
 use crate::server::State;
 
 /// Starts the route listener and one dialer per peer.
@@ -63,15 +70,7 @@ pub fn start(
                     }
                 },
             };
-            let id = st.next_conn_id();
-            t.spawn(crate::conn::run(
-                st.clone(),
-                stream,
-                peer,
-                id,
-                sd.clone(),
-                true,
-            ));
+            t.spawn(accept_route(st.clone(), stream, peer, sd.clone()));
         }
     });
     for url in state.config.peers.clone() {
@@ -90,6 +89,8 @@ fn host_port(url: &str) -> &str {
 enum DialError {
     #[error("this is our own address")]
     IsSelf,
+    #[error("a route to this peer is already up")]
+    Duplicate,
     #[error("{0}")]
     Io(#[from] std::io::Error),
     #[error("{0}")]
@@ -119,14 +120,32 @@ async fn dial_loop(state: Arc<State>, url: String, shutdown: CancellationToken) 
         };
         match r {
             Ok(route) => {
-                failures = 0;
-                info!(peer = %route.peer_node, addr = %route.peer_addr, "cluster route up");
                 let peer = route.peer_node.clone();
-                run_route(&state, route, &shutdown).await;
-                if shutdown.is_cancelled() {
-                    return;
+                let addr = route.peer_addr;
+                match run_route(&state, route, true, &shutdown).await {
+                    Err(DialError::Duplicate) => {
+                        // The peer's own route to us is the one both ends keep;
+                        // look again later in case it goes away.
+                        debug!(%peer, "route to peer already up; standing by");
+                        tokio::select! {
+                            _ = shutdown.cancelled() => return,
+                            _ = tokio::time::sleep(Duration::from_secs(5)) => {}
+                        }
+                        continue;
+                    }
+                    _ if shutdown.is_cancelled() => return,
+                    _ => {
+                        failures = 0;
+                        warn!(%peer, %addr, "cluster route lost; redialing");
+                    }
                 }
-                warn!(%peer, %url, "cluster route lost; redialing");
+            }
+            Err(DialError::Duplicate) => {
+                tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    _ = tokio::time::sleep(Duration::from_secs(5)) => {}
+                }
+                continue;
             }
             Err(DialError::IsSelf) => {
                 debug!(%url, "peer is this broker itself; not routing to it");
@@ -197,6 +216,9 @@ async fn dial(state: &State, url: &str) -> Result<Route, DialError> {
                         info_len: len,
                     })
                 }
+                FrameRef::Err { code, .. } if code == frame::code::DUPLICATE_ROUTE => {
+                    Err(DialError::Duplicate)
+                }
                 FrameRef::Err { text, .. } => Err(DialError::Refused(text.to_string())),
                 _ => Err(DialError::Refused("expected INFO".into())),
             };
@@ -207,46 +229,157 @@ async fn dial(state: &State, url: &str) -> Result<Route, DialError> {
     }
 }
 
-/// Runs one established route until it breaks or the broker shuts down.
-async fn run_route(state: &Arc<State>, route: Route, shutdown: &CancellationToken) {
+/// Handshake of a route another broker dialed to us, then the route itself.
+async fn accept_route(
+    state: Arc<State>,
+    stream: TcpStream,
+    addr: SocketAddr,
+    shutdown: CancellationToken,
+) {
+    let _ = stream.set_nodelay(true);
+    let mut stream = stream;
+    let mut buf = BytesMut::with_capacity(64 * 1024);
+    let hs = tokio::time::timeout(state.config.handshake_timeout, async {
+        loop {
+            if let Some((f, len)) = frame::decode(&buf, 64 * 1024)? {
+                return match f {
+                    FrameRef::Connect {
+                        flags,
+                        recv_window,
+                        name,
+                        version,
+                        ..
+                    } if flags & CONNECT_ROUTE != 0 && version == sockbus_protocol::PROTOCOL_VERSION => {
+                        let r = (name.to_string(), recv_window, len);
+                        Ok(r)
+                    }
+                    _ => Err(DialError::Refused("only brokers (CONNECT with the route flag) may connect to the cluster port".into())),
+                };
+            }
+            if stream.read_buf(&mut buf).await? == 0 {
+                return Err(DialError::Refused("closed during handshake".into()));
+            }
+        }
+    })
+    .await
+    .unwrap_or(Err(DialError::Timeout));
+    let (peer_node, recv_window, connect_len) = match hs {
+        Ok(x) => x,
+        Err(e) => {
+            debug!(%addr, "route handshake failed: {e}");
+            let mut b = BytesMut::new();
+            encode_err(&mut b, frame::code::BAD_REQUEST, &e.to_string());
+            let _ = stream.write_all(&b).await;
+            return;
+        }
+    };
+    buf.advance(connect_len);
+    if peer_node == state.config.node_id {
+        let mut b = BytesMut::new();
+        encode_err(&mut b, frame::code::BAD_REQUEST, "a route to ourselves");
+        let _ = stream.write_all(&b).await;
+        return;
+    }
+    let route = Route {
+        stream,
+        buf,
+        peer_node,
+        peer_addr: addr,
+        send_window: effective_window(recv_window, state.config.max_payload),
+        info_len: 0,
+    };
+    if let Err(DialError::Duplicate) = run_route(&state, route, false, &shutdown).await {
+        debug!(%addr, "refused a duplicate route");
+    }
+}
+
+/// Runs one established route (dialed by us or accepted) until it breaks or
+/// the broker shuts down. Both ends run this same code.
+async fn run_route(
+    state: &Arc<State>,
+    route: Route,
+    dialed: bool,
+    shutdown: &CancellationToken,
+) -> Result<(), DialError> {
     let Route {
         stream,
         mut buf,
         peer_node,
+        peer_addr,
         send_window,
         info_len,
-        ..
     } = route;
-    let (mut rd, wr) = stream.into_split();
+    let (mut rd, mut wr) = stream.into_split();
     let link = Arc::new(ConnShared {
         id: state.next_conn_id(),
         outbox: Outbox::new(state.config.max_pending, send_window),
         notify: Notify::new(),
         abort: CancellationToken::new(),
     });
+    let our_window = effective_window(state.config.recv_window, state.config.max_payload);
+    if !dialed {
+        // The acceptor answers the dialer's CONNECT with INFO, before anything else.
+        link.outbox.push_control(|b| {
+            let _ = encode_info(
+                b,
+                our_window,
+                state.config.max_payload,
+                &state.config.node_id,
+            );
+        });
+    }
     // Announces all local interest now, and every change from here on.
-    state.router.add_link(link.clone());
+    if state
+        .router
+        .add_link(link.clone(), &state.config.node_id, &peer_node, dialed)
+        .is_err()
+    {
+        if !dialed {
+            let mut b = BytesMut::new();
+            encode_info(
+                &mut b,
+                our_window,
+                state.config.max_payload,
+                &state.config.node_id,
+            )?;
+            encode_err(
+                &mut b,
+                frame::code::DUPLICATE_ROUTE,
+                "a route to this peer is already up",
+            );
+            let _ = wr.write_all(&b).await;
+        }
+        return Err(DialError::Duplicate);
+    }
+    info!(peer = %peer_node, addr = %peer_addr, dialed, "cluster route up");
     link.wake();
     state.metrics.routes.fetch_add(1, Ordering::Relaxed);
     let writer = tokio::spawn(crate::conn::write_loop(link.clone(), wr, state.clone()));
-    let our_window = effective_window(state.config.recv_window, state.config.max_payload);
+    let mut subs: HashMap<u32, Arc<Subscription>> = HashMap::new();
     let r = read_route(
-        state, &link, &mut rd, &mut buf, our_window, info_len, shutdown,
+        state, &link, &mut subs, &mut rd, &mut buf, our_window, info_len, shutdown,
     )
     .await;
-    if let Err(e) = r {
+    if let Err(e) = &r {
         debug!(peer = %peer_node, "route read ended: {e}");
+    }
+    for (_, s) in subs.drain() {
+        state.router.remove(&s);
     }
     state.router.remove_link(link.id);
     state.metrics.routes.fetch_sub(1, Ordering::Relaxed);
     link.outbox.close();
     link.abort.cancel();
     let _ = writer.await;
+    link.outbox.clear();
+    r
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn read_route(
     state: &Arc<State>,
     link: &Arc<ConnShared>,
+    subs: &mut HashMap<u32, Arc<Subscription>>,
     rd: &mut OwnedReadHalf,
     buf: &mut BytesMut,
     window: u32,
@@ -300,6 +433,26 @@ async fn read_route(
                             &mut wake,
                             &mut counts,
                         );
+                    }
+                }
+                // The peer's interest: route subscriptions held by this link.
+                FrameRef::Sub {
+                    sid,
+                    subject,
+                    queue,
+                } => {
+                    if validate_pattern(subject).is_ok() {
+                        let sub =
+                            Arc::new(Subscription::new_route(sid, subject, queue, link.clone()));
+                        state.router.insert(sub.clone());
+                        if let Some(old) = subs.insert(sid, sub) {
+                            state.router.remove(&old);
+                        }
+                    }
+                }
+                FrameRef::Unsub { sid, .. } => {
+                    if let Some(s) = subs.remove(&sid) {
+                        state.router.remove(&s);
                     }
                 }
                 FrameRef::Credit(n) => {

@@ -69,7 +69,6 @@ pub async fn run(
     peer: SocketAddr,
     id: u64,
     shutdown: CancellationToken,
-    route_listener: bool,
 ) {
     let _ = stream.set_nodelay(true);
     let _ = socket2::SockRef::from(&stream).set_tcp_keepalive(
@@ -118,18 +117,16 @@ pub async fn run(
         return;
     }
     let flags = flags.unwrap_or_default();
-    let is_route = flags & CONNECT_ROUTE != 0;
-    if is_route != route_listener {
-        let why = if is_route {
-            "cluster routes connect to the cluster port, not the client port"
-        } else {
-            "only brokers connect to the cluster port"
-        };
-        write_direct(&mut wr, |b| encode_err(b, code::BAD_REQUEST, why)).await;
+    if flags & CONNECT_ROUTE != 0 {
+        write_direct(&mut wr, |b| {
+            encode_err(
+                b,
+                code::BAD_REQUEST,
+                "cluster routes connect to the cluster port, not the client port",
+            )
+        })
+        .await;
         return;
-    }
-    if is_route {
-        info!(%peer, node = %name, "cluster route accepted");
     }
 
     let span = tracing::info_span!("conn", id, %peer, client = %name);
@@ -179,7 +176,6 @@ async fn serve(
         recv: RecvWindow::new(our_window),
         no_echo: flags & CONNECT_NO_ECHO != 0,
         no_responders: flags & CONNECT_NO_RESPONDERS != 0,
-        route: flags & CONNECT_ROUTE != 0,
         skip: 0,
     };
     let res = reader.run(&mut rd, &mut buf, &shutdown).await;
@@ -285,8 +281,6 @@ struct Reader {
     no_responders: bool,
     /// Bytes still to discard of an oversized PUB.
     skip: usize,
-    /// A peer broker's route: its SUBs are remote interest, it may not publish.
-    route: bool,
 }
 
 impl Reader {
@@ -416,10 +410,6 @@ impl Reader {
                         return Ok(());
                     }
                 }
-                if self.route {
-                    self.error(code::BAD_REQUEST, "cluster routes carry RMSG, not PUB");
-                    return Ok(());
-                }
                 let state = self.state.clone();
                 let m = match self.cache.get(&state.router, subject) {
                     Ok(m) => m,
@@ -482,11 +472,7 @@ impl Reader {
                     );
                     return Ok(());
                 }
-                let sub = Arc::new(if self.route {
-                    Subscription::new_route(sid, subject, queue, self.shared.clone())
-                } else {
-                    Subscription::new(sid, subject, queue, self.shared.clone())
-                });
+                let sub = Arc::new(Subscription::new(sid, subject, queue, self.shared.clone()));
                 self.state.router.insert(sub.clone());
                 self.subs.insert(sid, sub);
             }

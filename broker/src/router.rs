@@ -203,7 +203,7 @@ pub struct Router {
 
 /// This broker's local interest as peers see it: one route subscription per
 /// distinct (pattern, queue), however many local subscriptions share it, and
-/// the outbound route links it is announced on.
+/// the route links it is announced on (at most one per peer node).
 /// (pattern, queue group) of local subscriptions.
 type InterestKey = (Box<str>, Option<Box<str>>);
 
@@ -212,7 +212,21 @@ struct Interest {
     /// Route subscription id and how many local subscriptions share the key.
     table: HashMap<InterestKey, (u32, usize)>,
     next_rsid: u32,
-    links: Vec<Arc<ConnShared>>,
+    links: Vec<Link>,
+}
+
+struct Link {
+    conn: Arc<ConnShared>,
+    peer: Box<str>,
+    dialed_by_us: bool,
+}
+
+/// Why a route was not registered.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LinkRefused {
+    /// A route to that peer is up and wins the tie-break: the one dialed by
+    /// the node with the smaller id is kept, so both ends keep the same one.
+    Duplicate,
 }
 
 fn announce(link: &ConnShared, f: impl FnOnce(&mut bytes::BytesMut)) {
@@ -245,18 +259,50 @@ impl Router {
     /// Registers an outbound cluster route and queues a SUB for every piece of
     /// local interest on it; later changes are queued as they happen. Done
     /// under one lock so no change can fall between snapshot and registration.
-    pub fn add_link(&self, link: Arc<ConnShared>) {
+    ///
+    /// Keeps one route per peer: when both nodes dialed each other, the route
+    /// dialed by the node with the smaller id (`us` vs `peer`) wins on both
+    /// ends; a losing existing route is aborted, a losing new one refused.
+    pub fn add_link(
+        &self,
+        link: Arc<ConnShared>,
+        us: &str,
+        peer: &str,
+        dialed_by_us: bool,
+    ) -> Result<(), LinkRefused> {
         let mut i = self.interest();
+        let wins = |dialed_by_us: bool| dialed_by_us == (us < peer);
+        if let Some(pos) = i.links.iter().position(|l| &*l.peer == peer) {
+            if !wins(dialed_by_us) || wins(i.links[pos].dialed_by_us) {
+                return Err(LinkRefused::Duplicate);
+            }
+            let old = i.links.swap_remove(pos);
+            old.conn.abort.cancel();
+        }
         for ((pattern, queue), (rsid, _)) in &i.table {
             announce(&link, |b| {
                 let _ = encode_sub(b, *rsid, pattern, queue.as_deref());
             });
         }
-        i.links.push(link);
+        i.links.push(Link {
+            conn: link,
+            peer: peer.into(),
+            dialed_by_us,
+        });
+        Ok(())
     }
 
     pub fn remove_link(&self, id: u64) {
-        self.interest().links.retain(|l| l.id != id);
+        self.interest().links.retain(|l| l.conn.id != id);
+    }
+
+    /// Node ids of the peers with a route up.
+    pub fn peers(&self) -> Vec<String> {
+        self.interest()
+            .links
+            .iter()
+            .map(|l| l.peer.to_string())
+            .collect()
     }
 
     fn interest_added(&self, pattern: &str, queue: Option<&str>) {
@@ -270,7 +316,7 @@ impl Router {
         let rsid = i.next_rsid;
         i.table.insert(key, (rsid, 1));
         for l in &i.links {
-            announce(l, |b| {
+            announce(&l.conn, |b| {
                 let _ = encode_sub(b, rsid, pattern, queue);
             });
         }
@@ -289,7 +335,7 @@ impl Router {
         let rsid = e.0;
         i.table.remove(&key);
         for l in &i.links {
-            announce(l, |b| encode_unsub(b, rsid, 0));
+            announce(&l.conn, |b| encode_unsub(b, rsid, 0));
         }
     }
 

@@ -140,7 +140,7 @@ impl Server {
             tracker.spawn(async move {
                 st.metrics.connections.fetch_add(1, Ordering::Relaxed);
                 st.metrics.connections_total.fetch_add(1, Ordering::Relaxed);
-                crate::conn::run(st.clone(), stream, peer, id, sd, false).await;
+                crate::conn::run(st.clone(), stream, peer, id, sd).await;
                 st.metrics.connections.fetch_sub(1, Ordering::Relaxed);
                 drop(permit);
             });

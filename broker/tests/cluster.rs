@@ -333,16 +333,15 @@ async fn proxy(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cut_route_heals_without_duplicates() {
     let mut nodes = [Node::new("a", "127.0.0.2"), Node::new("b", "127.0.0.3")];
-    // A reaches B only through a proxy we can cut; B dials A directly.
+    // The only route: A dials B through a proxy we can cut.
     let via = free("127.0.0.5");
     nodes[0].peers = vec![format!("sockbus-route://{via}")];
-    nodes[1].peers = vec![format!("sockbus-route://{}", nodes[0].route)];
     let cut = Arc::new(AtomicBool::new(false));
     let kill = Arc::new(tokio::sync::Notify::new());
     tokio::spawn(proxy(nodes[1].route, via, cut.clone(), kill.clone()));
     let (a, b) = (nodes[0].start().await, nodes[1].start().await);
     wait_routes(&[&a, &b], 1).await;
-    // A's subscriber gets B's messages over the route A dialed (the proxied one).
+    // A's subscriber gets B's messages over that route.
     let ca = sockbus_client::connect(&a.url).await.unwrap();
     let mut sub = ca.subscribe("cut.>").await.unwrap();
     ca.flush().await.unwrap();
@@ -387,4 +386,66 @@ async fn a_cut_route_heals_without_duplicates() {
         1,
         "exactly one copy of A's interest after healing"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_node_missing_from_the_others_peer_lists_joins_through_its_own_routes() {
+    // A and B know each other; C, added later (as when a StatefulSet scales
+    // up), lists all three while A and B still list only themselves.
+    let mut nodes = [
+        Node::new("a", "127.0.0.2"),
+        Node::new("b", "127.0.0.3"),
+        Node::new("c", "127.0.0.4"),
+    ];
+    let ab: Vec<String> = nodes[..2]
+        .iter()
+        .map(|n| format!("sockbus-route://{}", n.route))
+        .collect();
+    let abc: Vec<String> = nodes
+        .iter()
+        .map(|n| format!("sockbus-route://{}", n.route))
+        .collect();
+    nodes[0].peers = ab.clone();
+    nodes[1].peers = ab;
+    nodes[2].peers = abc;
+    let (a, b) = (nodes[0].start().await, nodes[1].start().await);
+    wait_routes(&[&a, &b], 1).await;
+    let c = nodes[2].start().await;
+    // One route per pair, whoever dialed.
+    wait_routes(&[&a, &b, &c], 2).await;
+    let ca = sockbus_client::connect(&a.url).await.unwrap();
+    let cc = sockbus_client::connect(&c.url).await.unwrap();
+    let mut on_a = ca.subscribe("grow.>").await.unwrap();
+    let mut on_c = cc.subscribe("grow.>").await.unwrap();
+    ca.flush().await.unwrap();
+    cc.flush().await.unwrap();
+    wait_subs(&b, 2).await;
+    wait_subs(&a, 2).await;
+    wait_subs(&c, 2).await;
+    let pb = sockbus_client::connect(&b.url).await.unwrap();
+    let pc = sockbus_client::connect(&c.url).await.unwrap();
+    for i in 0..200 {
+        pb.publish("grow.b", i.to_string()).await.unwrap();
+        pc.publish("grow.c", i.to_string()).await.unwrap();
+    }
+    pb.flush().await.unwrap();
+    pc.flush().await.unwrap();
+    for sub in [&mut on_a, &mut on_c] {
+        let (mut from_b, mut from_c) = (0, 0);
+        for _ in 0..400 {
+            let m = recv(sub).await;
+            match m.subject() {
+                "grow.b" => {
+                    assert_eq!(m.payload.as_ref(), from_b.to_string().as_bytes());
+                    from_b += 1;
+                }
+                _ => {
+                    assert_eq!(m.payload.as_ref(), from_c.to_string().as_bytes());
+                    from_c += 1;
+                }
+            }
+        }
+        assert_eq!((from_b, from_c), (200, 200));
+        nothing(sub).await;
+    }
 }

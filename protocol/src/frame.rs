@@ -93,6 +93,8 @@ pub mod code {
     pub const FLOW_CONTROL: u16 = 9;
     /// Any other refusal (unknown subscription id, bad queue name, ...); the connection stays usable.
     pub const BAD_REQUEST: u16 = 10;
+    /// Cluster only: a route between these two brokers is already up; this one is closed.
+    pub const DUPLICATE_ROUTE: u16 = 11;
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Error)]
