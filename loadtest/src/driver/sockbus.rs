@@ -1,0 +1,105 @@
+//! The sockbus driver: the project's own SDK (`sockbus-client`).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use bytes::Bytes;
+use sockbus_client::{Client, ConnectOptions, Message, Subscriber};
+
+use super::{Conn, ConnSettings, Driver, Incoming, Sub};
+
+pub struct SockbusDriver {
+    url: String,
+}
+
+impl SockbusDriver {
+    pub fn new(url: &str) -> Self {
+        SockbusDriver {
+            url: url.to_string(),
+        }
+    }
+}
+
+impl Driver for SockbusDriver {
+    type Conn = SockbusConn;
+
+    async fn connect(&self, s: ConnSettings) -> anyhow::Result<SockbusConn> {
+        let client = ConnectOptions::new()
+            .name(s.name)
+            .subscription_capacity(s.sub_capacity)
+            .subscription_pending_bytes(s.sub_pending_bytes)
+            // A load test that loses its broker should fail, not retry forever.
+            .max_reconnects(0)
+            .connect(&self.url)
+            .await
+            .with_context(|| format!("cannot connect to {}", self.url))?;
+        Ok(SockbusConn { client })
+    }
+}
+
+#[derive(Clone)]
+pub struct SockbusConn {
+    client: Client,
+}
+
+impl Incoming for Message {
+    fn payload(&self) -> &[u8] {
+        &self.payload
+    }
+}
+
+impl Sub for Subscriber {
+    type Msg = Message;
+    async fn next(&mut self) -> Option<Message> {
+        Subscriber::next(self).await
+    }
+    fn dropped(&self) -> u64 {
+        Subscriber::dropped(self)
+    }
+}
+
+impl Conn for SockbusConn {
+    type Topic = Arc<str>;
+    type Msg = Message;
+    type Sub = Subscriber;
+
+    fn topic(&self, subject: &str) -> Arc<str> {
+        Arc::from(subject)
+    }
+
+    async fn publish(&self, topic: &Arc<str>, payload: Bytes) -> anyhow::Result<()> {
+        Ok(self.client.publish(topic, &payload).await?)
+    }
+
+    async fn subscribe(&self, subject: &str, queue: Option<&str>) -> anyhow::Result<Subscriber> {
+        Ok(match queue {
+            Some(q) => self.client.queue_subscribe(subject, q).await?,
+            None => self.client.subscribe(subject).await?,
+        })
+    }
+
+    async fn request(
+        &self,
+        topic: &Arc<str>,
+        payload: Bytes,
+        timeout: Duration,
+    ) -> anyhow::Result<Bytes> {
+        Ok(self
+            .client
+            .request_timeout(topic, &payload, timeout)
+            .await?
+            .payload)
+    }
+
+    async fn respond(&self, request: &Message, payload: Bytes) -> anyhow::Result<()> {
+        match request.reply() {
+            Some(reply) => Ok(self.client.publish(reply, &payload).await?),
+            None => Ok(()),
+        }
+    }
+
+    async fn sync(&self) -> anyhow::Result<()> {
+        Ok(self.client.flush().await?)
+    }
+}
