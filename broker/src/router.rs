@@ -417,14 +417,22 @@ impl Router {
 
 /// A reader task's private cache of match results.
 pub struct MatchCache {
-    map: HashMap<Box<str>, (u64, Matches)>,
+    map: HashMap<Box<str>, (u64, Arc<Matches>), rustc_hash::FxBuildHasher>,
+    /// The last subject looked up: most publishers repeat one, and a string
+    /// compare is cheaper than hashing it.
+    last_key: String,
+    last_gen: u64,
+    last: Option<Arc<Matches>>,
     cap: usize,
 }
 
 impl MatchCache {
     pub fn new(cap: usize) -> Self {
         MatchCache {
-            map: HashMap::new(),
+            map: HashMap::default(),
+            last_key: String::new(),
+            last_gen: 0,
+            last: None,
             cap,
         }
     }
@@ -432,24 +440,32 @@ impl MatchCache {
     /// Matches for a publish subject, validating it on first sight.
     pub fn get(&mut self, router: &Router, subject: &str) -> Result<&Matches, SubjectError> {
         let gen = router.generation();
-        // Two lookups on a miss, but a hit (the common case) needs no
-        // allocation and no borrow gymnastics.
-        if let Some((g, _)) = self.map.get(subject) {
-            if *g == gen {
-                return Ok(&self.map[subject].1);
-            }
-        } else {
-            validate_subject(subject)?;
-            if self.map.len() >= self.cap {
-                self.map.clear();
-            }
+        if self.last.is_some() && self.last_gen == gen && self.last_key == subject {
+            return Ok(self.last.as_deref().expect("checked"));
         }
-        let (m, g) = router.compute(subject);
-        let slot = self
+        let cached = self
             .map
-            .entry(subject.into())
-            .or_insert_with(|| (0, Matches::default()));
-        *slot = (g, m);
-        Ok(&slot.1)
+            .get(subject)
+            .filter(|(g, _)| *g == gen)
+            .map(|(g, m)| (*g, m.clone()));
+        let (g, m) = match cached {
+            Some(hit) => hit,
+            None => {
+                if !self.map.contains_key(subject) {
+                    validate_subject(subject)?;
+                    if self.map.len() >= self.cap {
+                        self.map.clear();
+                    }
+                }
+                let (m, g) = router.compute(subject);
+                let m = Arc::new(m);
+                self.map.insert(subject.into(), (g, m.clone()));
+                (g, m)
+            }
+        };
+        self.last_key.clear();
+        self.last_key.push_str(subject);
+        self.last_gen = g;
+        Ok(self.last.insert(m))
     }
 }

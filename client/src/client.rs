@@ -173,6 +173,9 @@ fn parse_urls(urls: &str) -> Result<Vec<String>> {
     Ok(out)
 }
 
+/// Subscriptions by id; ids are small integers, so a fast non-keyed hash suffices.
+type SubMap = HashMap<u32, SubEntry, rustc_hash::FxBuildHasher>;
+
 struct SubEntry {
     subject: String,
     queue: Option<String>,
@@ -193,7 +196,7 @@ struct Inner {
     wake: Notify,
     /// Wakes publishers waiting for outbox space.
     space: Notify,
-    subs: Mutex<HashMap<u32, SubEntry>>,
+    subs: Mutex<SubMap>,
     next_sid: AtomicU32,
     pings: Mutex<VecDeque<(u64, oneshot::Sender<Result<()>>)>>,
     next_ping: AtomicU64,
@@ -224,7 +227,7 @@ impl Inner {
             outbox: Outbox::new(send_buffer, 0),
             wake: Notify::new(),
             space: Notify::new(),
-            subs: Mutex::new(HashMap::new()),
+            subs: Mutex::new(SubMap::default()),
             next_sid: AtomicU32::new(1),
             pings: Mutex::new(VecDeque::new()),
             next_ping: AtomicU64::new(1),
@@ -888,40 +891,9 @@ async fn read_loop(
 ) -> Error {
     let mut recv = RecvWindow::new(recv_window);
     let mut consumed = info_len;
-    let max_body = u32::MAX;
     loop {
-        loop {
-            let h = match frame::parse_header(&buf) {
-                Ok(Some(h)) => h,
-                Ok(None) => break,
-                Err(e) => return e.into(),
-            };
-            if h.len > max_body {
-                return Error::Disconnected;
-            }
-            let len = h.frame_len();
-            if buf.len() < len {
-                buf.reserve(len - buf.len());
-                break;
-            }
-            if h.kind != Kind::Credit {
-                consumed += len;
-            }
-            if h.kind == Kind::Msg {
-                let frame = buf.split_to(len).freeze();
-                if let Err(e) = dispatch_msg(inner, &h, frame) {
-                    return e;
-                }
-                continue;
-            }
-            let r = match frame::decode_body(&h, &buf[HEADER_LEN..len]) {
-                Ok(f) => handle_control(inner, f),
-                Err(e) => return e.into(),
-            };
-            buf.advance(len);
-            if let Err(e) = r {
-                return e;
-            }
+        if let Err(e) = read_batch(inner, &mut buf, &mut consumed) {
+            return e;
         }
         if let Some(c) = recv.on_consumed(std::mem::take(&mut consumed)) {
             if inner.outbox.grant(c) {
@@ -940,6 +912,44 @@ async fn read_loop(
             _ = inner.closed.notified() => return Error::Closed,
         }
     }
+}
+
+/// Handles every whole frame in `buf`. Takes the subscription lock at the
+/// first MSG and holds it to the end of the batch: one lock per read, not per
+/// message (and never across an await: this is not async).
+fn read_batch(inner: &Inner, buf: &mut BytesMut, consumed: &mut usize) -> Result<(), Error> {
+    let max_body = u32::MAX;
+    let mut subs: Option<MutexGuard<'_, SubMap>> = None;
+    loop {
+        let h = match frame::parse_header(buf) {
+            Ok(Some(h)) => h,
+            Ok(None) => break,
+            Err(e) => return Err(e.into()),
+        };
+        if h.len > max_body {
+            return Err(Error::Disconnected);
+        }
+        let len = h.frame_len();
+        if buf.len() < len {
+            buf.reserve(len - buf.len());
+            break;
+        }
+        if h.kind != Kind::Credit {
+            *consumed += len;
+        }
+        if h.kind == Kind::Msg {
+            let frame = buf.split_to(len).freeze();
+            dispatch_msg(inner, &mut subs, &h, frame)?;
+            continue;
+        }
+        let r = match frame::decode_body(&h, &buf[HEADER_LEN..len]) {
+            Ok(f) => handle_control(inner, f),
+            Err(e) => return Err(e.into()),
+        };
+        buf.advance(len);
+        r?;
+    }
+    Ok(())
 }
 
 fn handle_control(inner: &Inner, f: FrameRef<'_>) -> Result<(), Error> {
@@ -988,7 +998,12 @@ fn handle_control(inner: &Inner, f: FrameRef<'_>) -> Result<(), Error> {
     Ok(())
 }
 
-fn dispatch_msg(inner: &Inner, h: &frame::Header, frame: Bytes) -> Result<(), Error> {
+fn dispatch_msg<'a>(
+    inner: &'a Inner,
+    subs: &mut Option<MutexGuard<'a, SubMap>>,
+    h: &frame::Header,
+    frame: Bytes,
+) -> Result<(), Error> {
     let f = frame::decode_body(h, &frame[HEADER_LEN..])?;
     let FrameRef::Msg {
         sid,
@@ -1030,7 +1045,7 @@ fn dispatch_msg(inner: &Inner, h: &frame::Header, frame: Bytes) -> Result<(), Er
         }
         return Ok(());
     }
-    let mut subs = lock(&inner.subs);
+    let subs = subs.get_or_insert_with(|| lock(&inner.subs));
     let Some(e) = subs.get_mut(&sid) else {
         return Ok(());
     };
