@@ -119,9 +119,18 @@ pub struct Options {
     /// Native protocol listen address.
     #[arg(long, env = "SOCKBUS_LISTEN")]
     pub listen: Option<String>,
-    /// HTTP gateway and metrics listen address.
+    /// HTTP gateway, metrics and status page listen address, or `off` (default 127.0.0.1:7480).
     #[arg(long, env = "SOCKBUS_HTTP")]
     pub http: Option<String>,
+    /// Most concurrent HTTP connections, SSE streams included (default 65536).
+    #[arg(long, env = "SOCKBUS_HTTP_MAX_CONNECTIONS")]
+    pub http_max_connections: Option<usize>,
+    /// An HTTP request head (or the next one on a kept-alive connection) must arrive within this (default 10s).
+    #[arg(long, env = "SOCKBUS_HTTP_HEADER_TIMEOUT")]
+    pub http_header_timeout: Option<Dur>,
+    /// An HTTP request body must arrive completely within this (default 30s).
+    #[arg(long, env = "SOCKBUS_HTTP_BODY_TIMEOUT")]
+    pub http_body_timeout: Option<Dur>,
     /// Cluster route listen address.
     #[arg(long, env = "SOCKBUS_CLUSTER")]
     pub cluster: Option<String>,
@@ -141,6 +150,12 @@ pub struct Options {
     /// eBPF same-node fast path.
     #[arg(long, env = "SOCKBUS_ACCEL", value_enum)]
     pub accel: Option<AccelMode>,
+    /// Ports the fast path accelerates, comma separated (default: the --listen port).
+    #[arg(long, env = "SOCKBUS_ACCEL_PORTS", value_delimiter = ',')]
+    pub accel_ports: Option<Vec<u16>>,
+    /// cgroup v2 directory the fast path attaches at, absolute or relative to the cgroup v2 root (default: the root).
+    #[arg(long, env = "SOCKBUS_ACCEL_CGROUP")]
+    pub accel_cgroup: Option<PathBuf>,
     /// Largest payload accepted (default 1MiB).
     #[arg(long, env = "SOCKBUS_MAX_PAYLOAD")]
     pub max_payload: Option<ByteSize>,
@@ -165,12 +180,23 @@ pub struct Options {
 #[derive(Debug, Clone)]
 pub struct Config {
     pub listen: SocketAddr,
+    /// HTTP gateway address; None: no HTTP.
     pub http: Option<SocketAddr>,
+    /// False when `http` is only the default: if that address is taken the
+    /// broker runs without HTTP (with a warning) instead of refusing to start.
+    pub http_explicit: bool,
+    pub http_max_connections: usize,
+    pub http_header_timeout: Duration,
+    pub http_body_timeout: Duration,
     pub cluster: Option<SocketAddr>,
     pub peers: Vec<String>,
     pub node_id: String,
     pub data_dir: PathBuf,
     pub accel: AccelMode,
+    /// Ports the fast path accelerates; empty = the listen port.
+    pub accel_ports: Vec<u16>,
+    /// cgroup the fast path attaches at; None = the cgroup v2 root.
+    pub accel_cgroup: Option<PathBuf>,
     pub max_payload: u32,
     pub max_connections: usize,
     pub max_pending: usize,
@@ -187,11 +213,17 @@ impl Default for Config {
         Config {
             listen: DEFAULT_LISTEN.parse().expect("valid default"),
             http: None,
+            http_explicit: false,
+            http_max_connections: 65536,
+            http_header_timeout: Duration::from_secs(10),
+            http_body_timeout: Duration::from_secs(30),
             cluster: None,
             peers: Vec::new(),
             node_id: default_node_id(),
             data_dir: PathBuf::from("./sockbus-data"),
             accel: AccelMode::Auto,
+            accel_ports: Vec::new(),
+            accel_cgroup: None,
             max_payload: sockbus_protocol::DEFAULT_MAX_PAYLOAD,
             max_connections: 65536,
             max_pending: 64 << 20,
@@ -264,13 +296,22 @@ impl Options {
         if max_connections == 0 {
             bail!("--max-connections must be at least 1");
         }
+        let (http, http_explicit) = match o.http.as_deref().map(str::trim) {
+            None => (Some(parse_addr("http", DEFAULT_HTTP)?), false),
+            Some("off" | "none" | "") => (None, true),
+            Some(s) => (Some(parse_addr("http", s)?), true),
+        };
+        let http_max_connections = o.http_max_connections.unwrap_or(d.http_max_connections);
+        if http_max_connections == 0 {
+            bail!("--http-max-connections must be at least 1");
+        }
         let cfg = Config {
             listen: parse_addr("listen", o.listen.as_deref().unwrap_or(DEFAULT_LISTEN))?,
-            http: o
-                .http
-                .as_deref()
-                .map(|s| parse_addr("http", s))
-                .transpose()?,
+            http,
+            http_explicit,
+            http_max_connections,
+            http_header_timeout: o.http_header_timeout.map_or(d.http_header_timeout, |x| x.0),
+            http_body_timeout: o.http_body_timeout.map_or(d.http_body_timeout, |x| x.0),
             cluster: o
                 .cluster
                 .as_deref()
@@ -280,6 +321,8 @@ impl Options {
             node_id: o.node_id.unwrap_or(d.node_id),
             data_dir: o.data_dir.unwrap_or(d.data_dir),
             accel: o.accel.unwrap_or_default(),
+            accel_ports: o.accel_ports.unwrap_or_default(),
+            accel_cgroup: o.accel_cgroup,
             max_payload: max_payload as u32,
             max_connections,
             max_pending: max_pending as usize,
@@ -302,12 +345,17 @@ impl Options {
         Options {
             listen: self.listen.or(file.listen),
             http: self.http.or(file.http),
+            http_max_connections: self.http_max_connections.or(file.http_max_connections),
+            http_header_timeout: self.http_header_timeout.or(file.http_header_timeout),
+            http_body_timeout: self.http_body_timeout.or(file.http_body_timeout),
             cluster: self.cluster.or(file.cluster),
             peers: self.peers.or(file.peers),
             node_id: self.node_id.or(file.node_id),
             data_dir: self.data_dir.or(file.data_dir),
             config: self.config,
             accel: self.accel.or(file.accel),
+            accel_ports: self.accel_ports.or(file.accel_ports),
+            accel_cgroup: self.accel_cgroup.or(file.accel_cgroup),
             max_payload: self.max_payload.or(file.max_payload),
             max_connections: self.max_connections.or(file.max_connections),
             max_pending: self.max_pending.or(file.max_pending),
@@ -354,6 +402,31 @@ mod tests {
         .unwrap();
         assert_eq!(cfg.listen.port(), 9999);
         assert_eq!(cfg.max_payload, 4096);
+    }
+
+    #[test]
+    fn http_is_on_by_default_on_loopback_and_can_be_turned_off() {
+        let cfg = Options::default().resolve().unwrap();
+        assert_eq!(cfg.http, Some(DEFAULT_HTTP.parse().unwrap()));
+        assert!(!cfg.http_explicit, "the default may give way");
+        let cfg = Options {
+            http: Some("off".into()),
+            ..Default::default()
+        }
+        .resolve()
+        .unwrap();
+        assert_eq!(cfg.http, None);
+        let cfg = Options {
+            http: Some("0.0.0.0:9480".into()),
+            http_body_timeout: Some("250ms".parse().unwrap()),
+            ..Default::default()
+        }
+        .resolve()
+        .unwrap();
+        assert_eq!(cfg.http, Some("0.0.0.0:9480".parse().unwrap()));
+        assert!(cfg.http_explicit);
+        assert_eq!(cfg.http_body_timeout, Duration::from_millis(250));
+        assert_eq!(cfg.http_header_timeout, Duration::from_secs(10));
     }
 
     #[test]

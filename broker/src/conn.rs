@@ -177,6 +177,8 @@ async fn serve(
         no_echo: flags & CONNECT_NO_ECHO != 0,
         no_responders: flags & CONNECT_NO_RESPONDERS != 0,
         skip: 0,
+        captures: Default::default(),
+        stored: Default::default(),
     };
     let res = reader.run(&mut rd, &mut buf, &shutdown).await;
     reader.flush();
@@ -281,6 +283,9 @@ struct Reader {
     no_responders: bool,
     /// Bytes still to discard of an oversized PUB.
     skip: usize,
+    /// Which stream captures a subject (crate::streams), and what this batch stores.
+    captures: crate::streams::CaptureCache,
+    stored: crate::streams::Pending,
 }
 
 impl Reader {
@@ -332,6 +337,8 @@ impl Reader {
                 buf.advance(len);
             }
             self.flush();
+            // A stream writer that is behind slows this publisher down.
+            self.stored.wait_space().await;
             if let Some(c) = self.recv.on_consumed(consumed) {
                 if self.shared.outbox.grant(c) {
                     self.shared.wake();
@@ -355,6 +362,7 @@ impl Reader {
 
     /// End of a batch: wake writers and publish counters.
     fn flush(&mut self) {
+        self.stored.flush();
         for c in self.wake.drain(..) {
             c.wake();
         }
@@ -411,6 +419,11 @@ impl Reader {
                     }
                 }
                 let state = self.state.clone();
+                if subject.starts_with("$SB.") {
+                    // The stream API: answered by the broker, never routed.
+                    crate::streams::api::handle(&state, subject, reply, payload);
+                    return Ok(());
+                }
                 let m = match self.cache.get(&state.router, subject) {
                     Ok(m) => m,
                     Err(e) => {
@@ -432,9 +445,14 @@ impl Reader {
                     payload,
                     flags: 0,
                 };
+                self.counts.subject(subject, msg.hash, payload.len());
                 let skip = self.no_echo.then_some(self.shared.id);
                 let delivered = route(&state, m, &msg, skip, &mut self.wake, &mut self.counts);
-                if delivered == 0 && self.no_responders {
+                let stream = self.captures.get(&state.streams, subject);
+                if let Some(s) = &stream {
+                    self.stored.add_pub(s, subject, reply, headers, payload);
+                }
+                if delivered == 0 && self.no_responders && stream.is_none() {
                     if let Some(r) = reply {
                         self.send_no_responders(r);
                     }
@@ -720,6 +738,10 @@ fn accepted(
             true
         }
         Push::OverBudget => {
+            state
+                .metrics
+                .dropped_messages
+                .fetch_add(1, Ordering::Relaxed);
             if conn.outbox.close() {
                 state.metrics.slow_consumers.fetch_add(1, Ordering::Relaxed);
                 warn!(
@@ -731,7 +753,13 @@ fn accepted(
             }
             false
         }
-        Push::Closed => false,
+        Push::Closed => {
+            state
+                .metrics
+                .dropped_messages
+                .fetch_add(1, Ordering::Relaxed);
+            false
+        }
     }
 }
 

@@ -5,12 +5,16 @@
 //! one client, `router` finds subscribers, `outbox` batches and bounds what
 //! goes back out, `config` validates settings, `metrics` counts.
 
+pub mod accel;
 pub mod cluster;
 pub mod config;
 pub mod conn;
+pub mod http;
 pub mod metrics;
 pub mod router;
 pub mod server;
+pub mod store;
+pub mod streams;
 
 pub use config::{Config, Options};
 pub use server::{Server, State};

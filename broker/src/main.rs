@@ -1,6 +1,7 @@
 use anyhow::{bail, Context};
 use clap::Parser;
-use sockbus_broker::config::{AccelMode, LogFormat};
+use sockbus_broker::config::LogFormat;
+use sockbus_broker::http::HttpServer;
 use sockbus_broker::{Options, Server};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
@@ -9,9 +10,35 @@ use tracing_subscriber::EnvFilter;
 /// sockbus message broker.
 #[derive(Parser, Debug)]
 #[command(name = "sockbus-broker", version, about)]
+#[command(args_conflicts_with_subcommands = true)]
 struct Cli {
     #[command(flatten)]
     opts: Options,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(clap::Subcommand, Debug)]
+enum Command {
+    /// The eBPF same-node fast path.
+    #[command(subcommand)]
+    Accel(AccelCommand),
+}
+
+#[derive(clap::Subcommand, Debug)]
+enum AccelCommand {
+    /// Attach the fast path for the whole node and serve its metrics until SIGTERM (no broker).
+    Agent {
+        /// Ports to accelerate, comma separated.
+        #[arg(long, value_delimiter = ',', default_value = "7420")]
+        ports: Vec<u16>,
+        /// cgroup v2 directory to attach at, absolute or relative to the cgroup v2 root (default: the root).
+        #[arg(long)]
+        cgroup: Option<std::path::PathBuf>,
+        /// Prometheus metrics listen address (GET /metrics).
+        #[arg(long, default_value = sockbus_broker::accel::agent::DEFAULT_METRICS)]
+        metrics: String,
+    },
 }
 
 fn main() {
@@ -24,48 +51,128 @@ fn main() {
 }
 
 fn run(cli: Cli) -> anyhow::Result<()> {
+    if let Some(Command::Accel(AccelCommand::Agent {
+        ports,
+        cgroup,
+        metrics,
+    })) = cli.command
+    {
+        return run_agent(ports, cgroup, &metrics);
+    }
     let config = cli.opts.resolve()?;
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     match config.log_format {
+        // log_internal_errors(false): with stderr closed (a log pipe gone),
+        // tracing-subscriber would report the failed write with eprintln!,
+        // which panics, and a panicking signal task never starts the drain.
         LogFormat::Text => tracing_subscriber::fmt()
             .with_env_filter(filter)
             .with_ansi(ansi)
             .with_writer(std::io::stderr)
+            .log_internal_errors(false)
             .init(),
         LogFormat::Json => tracing_subscriber::fmt()
             .json()
             .with_env_filter(filter)
             .with_writer(std::io::stderr)
+            .log_internal_errors(false)
             .init(),
-    }
-    if config.http.is_some() {
-        bail!("--http: the HTTP gateway is not part of this build yet");
     }
     if !config.peers.is_empty() && config.cluster.is_none() {
         bail!("--peers needs --cluster ADDR: peers dial this broker's route port too");
-    }
-    match config.accel {
-        AccelMode::On => bail!("--accel on: the eBPF fast path is not part of this build yet"),
-        AccelMode::Auto => {
-            info!("fast path: off (plain TCP): the eBPF fast path is not part of this build yet")
-        }
-        AccelMode::Off => info!("fast path: off (plain TCP): disabled by --accel off"),
     }
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .context("cannot start the async runtime")?;
     rt.block_on(async move {
+        let mode = config.accel;
+        let mut accel_opts = sockbus_broker::accel::AttachOptions {
+            ports: config.accel_ports.clone(),
+            cgroup: config.accel_cgroup.clone(),
+            max_sockets: None,
+        };
         let server = Server::bind(config).await?;
+        if accel_opts.ports.is_empty() {
+            accel_opts.ports.push(server.local_addr().port());
+        }
+        // Detaches when dropped, after the server has drained.
+        let _accel = sockbus_broker::accel::start(mode, &accel_opts)
+            .map_err(|e| anyhow::anyhow!("--accel on: cannot attach the eBPF fast path: {e}"))?;
+        server
+            .state()
+            .metrics
+            .sources
+            .register(std::sync::Arc::new(sockbus_broker::accel::MetricsSource));
+        let http = start_http(&server).await?;
         let shutdown = CancellationToken::new();
         let sd = shutdown.clone();
         tokio::spawn(async move {
             wait_for_signal().await;
-            info!("signal received: draining");
             sd.cancel();
+            info!("signal received: draining");
         });
-        server.run(shutdown).await
+        let http = http.map(|h| tokio::spawn(h.run(shutdown.clone())));
+        server.run(shutdown).await?;
+        if let Some(h) = http {
+            h.await.context("HTTP gateway task")??;
+        }
+        Ok(())
+    })
+}
+
+/// Binds the HTTP gateway. The default address is best effort: when it is
+/// taken (a second broker on the same host) the broker runs without HTTP and
+/// says so; an address given with --http must work.
+async fn start_http(server: &Server) -> anyhow::Result<Option<HttpServer>> {
+    let state = server.state();
+    let Some(addr) = state.config.http else {
+        info!("HTTP gateway off (--http off)");
+        return Ok(None);
+    };
+    match HttpServer::bind(addr, state.clone()).await {
+        Ok(h) => Ok(Some(h)),
+        Err(e) if !state.config.http_explicit => {
+            warn!("HTTP gateway off: {e:#} (give --http ADDR to choose another address, --http off to disable it)");
+            Ok(None)
+        }
+        Err(e) => Err(e),
+    }
+}
+
+fn run_agent(
+    ports: Vec<u16>,
+    cgroup: Option<std::path::PathBuf>,
+    metrics: &str,
+) -> anyhow::Result<()> {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_writer(std::io::stderr)
+        .log_internal_errors(false)
+        .init();
+    let metrics = sockbus_broker::config::parse_addr("metrics", metrics)?;
+    let opts = sockbus_broker::accel::AttachOptions {
+        ports,
+        cgroup,
+        max_sockets: None,
+    };
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    rt.block_on(async move {
+        let shutdown = CancellationToken::new();
+        let sd = shutdown.clone();
+        tokio::spawn(async move {
+            wait_for_signal().await;
+            sd.cancel();
+            info!("signal received: detaching");
+        });
+        sockbus_broker::accel::agent::run(opts, metrics, shutdown).await
     })
 }
 

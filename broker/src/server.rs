@@ -25,6 +25,8 @@ pub struct State {
     pub config: Config,
     pub router: Router,
     pub metrics: Metrics,
+    /// Durable streams (crate::streams).
+    pub streams: crate::streams::Streams,
     next_conn_id: AtomicU64,
 }
 
@@ -58,12 +60,15 @@ impl Server {
             ),
             None => None,
         };
+        let streams = crate::streams::Streams::open(&config.data_dir)?;
         let state = Arc::new(State {
             config,
             router: Router::new(),
             metrics: Metrics::default(),
+            streams,
             next_conn_id: AtomicU64::new(1),
         });
+        state.streams.attach(&state);
         Ok(Server {
             state,
             listener,

@@ -29,6 +29,9 @@ use tracing::{debug, info, warn};
 use crate::error::{Error, Result};
 use crate::message::{Headers, Message};
 
+/// Header that makes a stored publish idempotent (see `streams`).
+pub const MSG_ID_HEADER: &str = "Msg-Id";
+
 /// How a client connects and behaves. Start from `ConnectOptions::default()`.
 #[derive(Debug, Clone)]
 pub struct ConnectOptions {
@@ -498,6 +501,34 @@ impl Client {
         payload: impl AsRef<[u8]>,
         timeout: Duration,
     ) -> Result<Message> {
+        self.request_raw(subject, &[], payload.as_ref(), timeout)
+            .await
+    }
+
+    /// Sends a request with headers and waits for the first reply, up to the request timeout.
+    pub async fn request_with_headers(
+        &self,
+        subject: &str,
+        headers: &Headers,
+        payload: impl AsRef<[u8]>,
+    ) -> Result<Message> {
+        let h = headers.encode()?;
+        self.request_raw(
+            subject,
+            &h,
+            payload.as_ref(),
+            self.inner.opts.request_timeout,
+        )
+        .await
+    }
+
+    async fn request_raw(
+        &self,
+        subject: &str,
+        headers: &[u8],
+        payload: &[u8],
+        timeout: Duration,
+    ) -> Result<Message> {
         validate_subject(subject)?;
         let inner = &self.inner;
         inner
@@ -531,7 +562,7 @@ impl Client {
         let (tx, rx) = oneshot::channel();
         lock(&inner.requests).insert(id, tx);
         if let Err(e) = self
-            .publish_inner(subject, Some(&reply), &[], payload.as_ref())
+            .publish_inner(subject, Some(&reply), headers, payload)
             .await
         {
             lock(&inner.requests).remove(&id);

@@ -19,6 +19,7 @@
 mod client;
 mod error;
 mod message;
+pub mod streams;
 
 pub use client::{connect, Client, ConnectOptions, Subscriber};
 pub use error::{Error, Result};

@@ -1,5 +1,5 @@
 use clap::{Parser, Subcommand};
-use sockbus_loadtest::commands::{ceiling, compare, run};
+use sockbus_loadtest::commands::{ceiling, cluster, compare, run};
 use tracing_subscriber::EnvFilter;
 
 /// Load generator for sockbus and NATS: scenarios, side-by-side comparisons, reports.
@@ -16,6 +16,8 @@ enum Cmd {
     Run(run::RunArgs),
     /// Start sockbus-broker and nats-server, run scenarios against both, print ratios.
     Compare(compare::CompareArgs),
+    /// Three sockbus brokers in a mesh beside a three-node NATS cluster: publisher on A, subscribers on B and C.
+    CompareCluster(cluster::ClusterArgs),
     /// A trivial hyper HTTP server answering 204 to every POST: the ceiling for `hey`.
     HyperCeiling(ceiling::CeilingArgs),
 }
@@ -42,6 +44,7 @@ fn main() {
         match cli.cmd {
             Cmd::Run(a) => run::execute(a).await,
             Cmd::Compare(a) => compare::execute(a).await,
+            Cmd::CompareCluster(a) => cluster::execute(a).await,
             Cmd::HyperCeiling(a) => ceiling::execute(a).await,
         }
     });

@@ -20,10 +20,20 @@ pub struct TestBroker {
     task: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
 }
 
+/// A data directory of its own for every test broker, so streams never mix.
+pub fn scratch_dir() -> std::path::PathBuf {
+    static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let d = std::env::temp_dir().join(format!("sockbus-test-{}-{n}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    d
+}
+
 pub fn test_config() -> Config {
     Config {
         listen: "127.0.0.1:0".parse().unwrap(),
         node_id: "test".into(),
+        data_dir: scratch_dir(),
         drain_timeout: Duration::from_secs(2),
         ..Config::default()
     }

@@ -49,6 +49,24 @@ enum Cmd {
         #[arg(long, default_value = "5s", value_parser = parse_duration)]
         timeout: Duration,
     },
+    /// Manage durable streams.
+    Stream {
+        #[command(subcommand)]
+        cmd: StreamCmd,
+    },
+    /// Print a stream's payloads in order, acking each; a durable consumer resumes where it left off.
+    Consume {
+        stream: String,
+        /// Durable consumer name.
+        #[arg(long)]
+        durable: String,
+        /// Where a new consumer starts: first, last, seq:N or time:RFC3339.
+        #[arg(long, default_value = "first")]
+        from: String,
+        /// Exit after N messages.
+        #[arg(long)]
+        count: Option<u64>,
+    },
     /// Answer each request on SUBJECT with DATA.
     Reply {
         subject: String,
@@ -60,6 +78,59 @@ enum Cmd {
         #[arg(long)]
         queue: Option<String>,
     },
+}
+
+#[derive(Subcommand)]
+enum StreamCmd {
+    /// Create a durable stream capturing SUBJECTS.
+    Add {
+        name: String,
+        /// Subject patterns to capture, comma separated.
+        #[arg(long, value_delimiter = ',', required = true)]
+        subjects: Vec<String>,
+        /// When a publish is acked: always (on disk), interval, never.
+        #[arg(long, default_value = "always")]
+        fsync: String,
+        /// Drop messages older than this (e.g. 30m, 24h, 7d).
+        #[arg(long, value_parser = parse_age)]
+        max_age: Option<Duration>,
+        /// Keep about this many bytes (e.g. 1GiB).
+        #[arg(long, value_parser = parse_size)]
+        max_bytes: Option<u64>,
+        /// Keep about this many messages.
+        #[arg(long)]
+        max_msgs: Option<u64>,
+    },
+    /// List streams.
+    Ls,
+    /// Show a stream's configuration and state.
+    Info { name: String },
+    /// Delete a stream and its data.
+    Rm { name: String },
+}
+
+fn parse_age(s: &str) -> Result<Duration, String> {
+    humantime::parse_duration(s)
+        .map_err(|e| format!("{s:?} is not a duration (examples: 30m, 24h, 7d): {e}"))
+}
+
+fn parse_size(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (n, unit) = t.split_at(split);
+    let n: u64 = n
+        .parse()
+        .map_err(|_| format!("{s:?} is not a size (examples: 1048576, 512MiB, 1GiB)"))?;
+    let mult: u64 = match unit.to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "k" | "kb" | "kib" => 1 << 10,
+        "m" | "mb" | "mib" => 1 << 20,
+        "g" | "gb" | "gib" => 1 << 30,
+        "t" | "tb" | "tib" => 1 << 40,
+        _ => return Err(format!("unknown size unit in {s:?} (use KiB, MiB, GiB)")),
+    };
+    n.checked_mul(mult)
+        .ok_or_else(|| format!("{s:?} is too large"))
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
@@ -116,6 +187,13 @@ async fn connect(server: &str) -> anyhow::Result<Client> {
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.cmd {
+        Cmd::Stream { cmd } => stream_cmd(&cli.server, cmd).await?,
+        Cmd::Consume {
+            stream,
+            durable,
+            from,
+            count,
+        } => consume(&cli.server, &stream, &durable, &from, count).await?,
         Cmd::Pub {
             subject,
             data,
@@ -223,5 +301,141 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             bail!("connection closed after {n} replies");
         }
     }
+    Ok(())
+}
+
+async fn stream_cmd(server: &str, cmd: StreamCmd) -> anyhow::Result<()> {
+    use sockbus_client::streams::{Fsync, StreamConfig};
+    let client = connect(server).await?;
+    let mut out = std::io::stdout().lock();
+    match cmd {
+        StreamCmd::Add {
+            name,
+            subjects,
+            fsync,
+            max_age,
+            max_bytes,
+            max_msgs,
+        } => {
+            let mut cfg = StreamConfig::new(&name, subjects);
+            cfg.fsync = match fsync.as_str() {
+                "always" => Fsync::Always,
+                "interval" => Fsync::Interval,
+                "never" => Fsync::Never,
+                f => bail!("--fsync must be always, interval or never, got {f:?}"),
+            };
+            cfg.max_age_ms = max_age.map(|d| d.as_millis() as u64);
+            cfg.max_bytes = max_bytes;
+            cfg.max_msgs = max_msgs;
+            client.stream_add(&cfg).await?;
+            writeln!(out, "stream {name} created")?;
+        }
+        StreamCmd::Ls => {
+            let list = client.stream_list().await?;
+            writeln!(
+                out,
+                "{:<20} {:>10} {:>14} {:>10} {:>10}  SUBJECTS",
+                "NAME", "MESSAGES", "BYTES", "FIRST", "LAST"
+            )?;
+            for s in list {
+                writeln!(
+                    out,
+                    "{:<20} {:>10} {:>14} {:>10} {:>10}  {}",
+                    s.config.name,
+                    s.state.messages,
+                    s.state.bytes,
+                    s.state.first_seq,
+                    s.state.last_seq,
+                    s.config.subjects.join(",")
+                )?;
+            }
+        }
+        StreamCmd::Info { name } => {
+            let s = client.stream_info(&name).await?;
+            let c = &s.config;
+            let st = &s.state;
+            let opt = |v: Option<u64>| v.map_or("-".to_string(), |v| v.to_string());
+            writeln!(out, "name:            {}", c.name)?;
+            writeln!(out, "subjects:        {}", c.subjects.join(","))?;
+            writeln!(out, "fsync:           {:?}", c.fsync)?;
+            writeln!(
+                out,
+                "max age:         {}",
+                c.max_age_ms
+                    .map_or("-".into(), |m| humantime::format_duration(
+                        Duration::from_millis(m)
+                    )
+                    .to_string())
+            )?;
+            writeln!(out, "max bytes:       {}", opt(c.max_bytes))?;
+            writeln!(out, "max msgs:        {}", opt(c.max_msgs))?;
+            writeln!(out, "messages:        {}", st.messages)?;
+            writeln!(out, "bytes:           {}", st.bytes)?;
+            writeln!(out, "first seq:       {}", st.first_seq)?;
+            writeln!(out, "last seq:        {}", st.last_seq)?;
+            writeln!(
+                out,
+                "first time:      {}",
+                st.first_ts.as_deref().unwrap_or("-")
+            )?;
+            writeln!(
+                out,
+                "last time:       {}",
+                st.last_ts.as_deref().unwrap_or("-")
+            )?;
+            writeln!(out, "segments:        {}", st.segments)?;
+            writeln!(out, "consumers:       {}", st.consumers)?;
+            writeln!(out, "damaged records: {}", st.damaged_records)?;
+        }
+        StreamCmd::Rm { name } => {
+            client.stream_delete(&name).await?;
+            writeln!(out, "stream {name} deleted")?;
+        }
+    }
+    client.close().await?;
+    Ok(())
+}
+
+async fn consume(
+    server: &str,
+    stream: &str,
+    durable: &str,
+    from: &str,
+    count: Option<u64>,
+) -> anyhow::Result<()> {
+    use sockbus_client::streams::{ConsumerConfig, Start};
+    let start: Start = from
+        .parse()
+        .map_err(|e: String| anyhow::anyhow!("--from {e}"))?;
+    if count == Some(0) {
+        return Ok(());
+    }
+    let client = connect(server).await?;
+    let batch = count.map_or(256, |c| c.min(256) as usize);
+    let mut c = client
+        .consumer(
+            stream,
+            ConsumerConfig::durable(durable).start(start).batch(batch),
+        )
+        .await?;
+    let mut out = std::io::stdout().lock();
+    let mut n = 0u64;
+    loop {
+        let left = count.map_or(usize::MAX, |c| (c - n) as usize);
+        let Some(m) = c.next_limited(Duration::from_secs(3600), left).await? else {
+            continue;
+        };
+        out.write_all(m.payload())?;
+        out.write_all(b"\n")?;
+        out.flush()?;
+        n += 1;
+        if count.is_some_and(|c| n >= c) {
+            // Waits until the broker has stored this ack and, with it, every earlier one.
+            m.ack_sync().await?;
+            break;
+        }
+        m.ack().await?;
+    }
+    client.close().await?;
     Ok(())
 }

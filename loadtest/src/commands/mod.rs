@@ -1,6 +1,7 @@
 //! One module per subcommand of `sockbus-loadtest`.
 
 pub mod ceiling;
+pub mod cluster;
 pub mod compare;
 pub mod run;
 

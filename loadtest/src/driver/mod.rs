@@ -49,12 +49,26 @@ impl Target {
 /// Per-connection settings the scenarios need from both clients.
 #[derive(Debug, Clone)]
 pub struct ConnSettings {
+    /// Which server of a comma-separated target list to use: 0 is the
+    /// first; 1, 2, … go round the others (cluster runs).
+    pub server: usize,
     pub name: String,
     /// Messages a subscription may buffer in the client before it drops: set
     /// above the in-flight window so the client never drops by design.
     pub sub_capacity: usize,
     /// Same, in payload bytes (sockbus tracks both).
     pub sub_pending_bytes: usize,
+}
+
+/// The URL of server `i` of a comma-separated list (see [`ConnSettings::server`]).
+pub fn pick_server(list: &str, i: usize) -> &str {
+    let urls: Vec<&str> = list.split(',').map(str::trim).collect();
+    let n = urls.len();
+    if i == 0 || n == 1 {
+        urls[0]
+    } else {
+        urls[1 + (i - 1) % (n - 1)]
+    }
 }
 
 /// A broker's client library, as the scenarios use it.

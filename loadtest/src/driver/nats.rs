@@ -31,7 +31,7 @@ impl Driver for NatsDriver {
         let drops = Arc::new(AtomicU64::new(0));
         let d = drops.clone();
         let client = ConnectOptions::new()
-            .name(s.name)
+            .name(s.name.clone())
             .subscription_capacity(s.sub_capacity)
             .max_reconnects(Some(0))
             .event_callback(move |e| {
@@ -42,7 +42,7 @@ impl Driver for NatsDriver {
                 }
                 async {}
             })
-            .connect(self.url.as_str())
+            .connect(super::pick_server(&self.url, s.server))
             .await
             .with_context(|| format!("cannot connect to {}", self.url))?;
         Ok(NatsConn { client, drops })

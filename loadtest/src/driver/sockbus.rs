@@ -26,12 +26,12 @@ impl Driver for SockbusDriver {
 
     async fn connect(&self, s: ConnSettings) -> anyhow::Result<SockbusConn> {
         let client = ConnectOptions::new()
-            .name(s.name)
+            .name(s.name.clone())
             .subscription_capacity(s.sub_capacity)
             .subscription_pending_bytes(s.sub_pending_bytes)
             // A load test that loses its broker should fail, not retry forever.
             .max_reconnects(0)
-            .connect(&self.url)
+            .connect(super::pick_server(&self.url, s.server))
             .await
             .with_context(|| format!("cannot connect to {}", self.url))?;
         Ok(SockbusConn { client })

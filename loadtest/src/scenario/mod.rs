@@ -110,6 +110,9 @@ pub struct Spec {
     /// latency: messages per second, all publishers together.
     pub rate: u64,
     pub request_timeout: Duration,
+    /// Cluster runs: the target is a comma-separated list of servers;
+    /// publishers use the first, subscribers the others in turn.
+    pub spread: bool,
 }
 
 impl Spec {
@@ -124,6 +127,7 @@ impl Spec {
             subscribers: scenario.default_subscribers(),
             rate: 10_000,
             request_timeout: Duration::from_secs(5),
+            spread: false,
         }
     }
 
@@ -269,6 +273,11 @@ pub(crate) fn conn_settings(role: &str, i: usize, spec: &Spec) -> ConnSettings {
     };
     let cap = in_flight.saturating_add(in_flight / 4).max(65_536);
     ConnSettings {
+        server: if spec.spread && role == "sub" {
+            1 + i
+        } else {
+            0
+        },
         name: format!("loadtest-{}-{role}-{i}", spec.scenario.name()),
         sub_capacity: cap,
         sub_pending_bytes: cap.saturating_mul(spec.payload.max(64)).max(64 << 20),

@@ -56,6 +56,11 @@ pub(crate) async fn run<D: Driver>(
             Ok(r)
         }));
     }
+    if spec.spread {
+        // Cluster: the subscriptions must reach the publishers' node over
+        // the routes before anything is published.
+        tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+    }
     let mut pub_conns = Vec::with_capacity(spec.publishers);
     for i in 0..spec.publishers {
         pub_conns.push(driver.connect(conn_settings("pub", i, spec)).await?);

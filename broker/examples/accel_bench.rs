@@ -1,0 +1,372 @@
+//! Fast path on vs off, through a real broker process, alternated in one run.
+//!
+//!   cargo build --release -p sockbus-broker --bin sockbus-broker --example accel_bench
+//!   sudo target/release/examples/accel_bench [--rounds 3] [--requests 20000] [--messages 1000000] [--size 128]
+//!
+//! For each round and mode it starts `sockbus-broker --accel off` (found next
+//! to this program) inside a cgroup of its own, and for "on" attaches the
+//! fast path there for the broker's port (exactly what `--accel on` does,
+//! but with the counters at hand). It measures request/reply round trips
+//! (one requester, one replier, sequential), pub/sub 1→1 throughput
+//! (128-byte messages) and CPU per message (broker + clients, user + system,
+//! from /proc), then prints medians and on/off ratios. Needs root.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use clap::Parser;
+use sockbus_broker::accel::{AttachOptions, FastPath};
+
+#[derive(Parser, Debug)]
+struct Args {
+    /// Rounds; each runs off and on (order alternating between rounds).
+    #[arg(long, default_value_t = 3)]
+    rounds: usize,
+    /// Request/reply round trips per measurement.
+    #[arg(long, default_value_t = 20_000)]
+    requests: usize,
+    /// Pub/sub messages per measurement.
+    #[arg(long, default_value_t = 1_000_000)]
+    messages: u64,
+    /// Payload size in bytes.
+    #[arg(long, default_value_t = 128)]
+    size: usize,
+    /// Only this mode (for profiling one side): on or off.
+    #[arg(long)]
+    only: Option<String>,
+    /// Most messages the publisher runs ahead of the subscriber.
+    #[arg(long, default_value_t = 50_000)]
+    lead: u64,
+}
+
+#[derive(Debug, Clone, Copy, Default)]
+struct Sample {
+    /// Raw TCP ping-pong between two sockets, no broker: the transport alone.
+    raw_p50_us: f64,
+    rr_p50_us: f64,
+    rr_p99_us: f64,
+    rr_cpu_us: f64,
+    msgs_per_s: f64,
+    cpu_ns_per_msg: f64,
+    redirected_bytes: u64,
+    redirects: u64,
+}
+
+fn cpu_ticks(pid: u32) -> u64 {
+    // utime + stime of the whole process, in clock ticks.
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let after = stat.rsplit_once(')').map_or("", |(_, r)| r);
+    let f: Vec<&str> = after.split_whitespace().collect();
+    let get = |i: usize| f.get(i).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+    get(11) + get(12)
+}
+
+fn ticks_per_s() -> f64 {
+    // SAFETY: sysconf has no preconditions.
+    (unsafe { libc::sysconf(libc::_SC_CLK_TCK) }) as f64
+}
+
+/// CPU seconds used so far by this process and the broker.
+fn cpu_s(broker: u32) -> f64 {
+    (cpu_ticks(std::process::id()) + cpu_ticks(broker)) as f64 / ticks_per_s()
+}
+
+fn spawn_broker() -> (Child, u16) {
+    let exe = std::env::current_exe().expect("current exe");
+    let bin = exe
+        .parent()
+        .and_then(|d| d.parent())
+        .map(|d| d.join("sockbus-broker"))
+        .expect("target dir");
+    let mut child = Command::new(&bin)
+        .args([
+            "--listen",
+            "127.0.0.1:0",
+            "--accel",
+            "off",
+            "--node-id",
+            "bench",
+        ])
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot start {}: {e}", bin.display()));
+    let mut err = BufReader::new(child.stderr.take().unwrap());
+    let mut line = String::new();
+    while err.read_line(&mut line).unwrap_or(0) > 0 {
+        if let Some(at) = line
+            .contains("listening for clients")
+            .then(|| line.find("addr=127.0.0.1:"))
+            .flatten()
+        {
+            let port: String = line[at + 15..]
+                .chars()
+                .take_while(char::is_ascii_digit)
+                .collect();
+            // Keep draining stderr so the broker never blocks on it.
+            std::thread::spawn(move || {
+                let mut sink = String::new();
+                while err.read_line(&mut sink).unwrap_or(0) > 0 {
+                    sink.clear();
+                }
+            });
+            return (child, port.parse().unwrap());
+        }
+        line.clear();
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    panic!("broker did not start");
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> f64 {
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i].as_secs_f64() * 1e6
+}
+
+/// Round trips of `size` bytes between two sockets of this process (two
+/// threads, blocking I/O): what the transport costs without a broker.
+fn raw_ping_pong(args: &Args, accel: bool, cgroup: &std::path::Path) -> f64 {
+    use std::io::{Read, Write};
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = l.local_addr().unwrap().port();
+    let _fp = accel.then(|| {
+        FastPath::attach(&AttachOptions {
+            ports: vec![port],
+            cgroup: Some(cgroup.to_path_buf()),
+            max_sockets: None,
+        })
+        .expect("attach the fast path (run as root)")
+    });
+    let size = args.size;
+    let n = args.requests + 1000;
+    let echo = std::thread::spawn(move || {
+        let (mut s, _) = l.accept().unwrap();
+        s.set_nodelay(true).unwrap();
+        let mut b = vec![0u8; size];
+        for _ in 0..n {
+            s.read_exact(&mut b).unwrap();
+            s.write_all(&b).unwrap();
+        }
+    });
+    let mut c = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    c.set_nodelay(true).unwrap();
+    let mut b = vec![0u8; size];
+    let mut lat = Vec::with_capacity(n);
+    for _ in 0..n {
+        let t = Instant::now();
+        c.write_all(&b).unwrap();
+        c.read_exact(&mut b).unwrap();
+        lat.push(t.elapsed());
+    }
+    echo.join().unwrap();
+    let mut lat = lat.split_off(1000);
+    lat.sort_unstable();
+    percentile(&lat, 0.5)
+}
+
+async fn measure(args: &Args, accel: bool, cgroup: &std::path::Path) -> Sample {
+    let raw_p50_us = raw_ping_pong(args, accel, cgroup);
+    let (mut broker, port) = spawn_broker();
+    let fp = accel.then(|| {
+        FastPath::attach(&AttachOptions {
+            ports: vec![port],
+            cgroup: Some(cgroup.to_path_buf()),
+            max_sockets: None,
+        })
+        .expect("attach the fast path (run as root)")
+    });
+    let url = format!("sockbus://127.0.0.1:{port}");
+    let mut s = Sample {
+        raw_p50_us,
+        ..Sample::default()
+    };
+
+    // Request/reply.
+    {
+        let svc = sockbus_client::connect(&url).await.unwrap();
+        let mut reqs = svc.subscribe("bench.rr").await.unwrap();
+        svc.flush().await.unwrap();
+        let replier = tokio::spawn(async move {
+            while let Some(m) = reqs.next().await {
+                if let Some(r) = m.reply() {
+                    let _ = svc.publish(r, &m.payload).await;
+                }
+            }
+        });
+        let c = sockbus_client::connect(&url).await.unwrap();
+        let body = vec![0u8; args.size];
+        for _ in 0..1000 {
+            c.request("bench.rr", &body).await.unwrap();
+        }
+        let mut lat = Vec::with_capacity(args.requests);
+        let cpu0 = cpu_s(broker.id());
+        for _ in 0..args.requests {
+            let t = Instant::now();
+            c.request("bench.rr", &body).await.unwrap();
+            lat.push(t.elapsed());
+        }
+        s.rr_cpu_us = (cpu_s(broker.id()) - cpu0) * 1e6 / args.requests as f64;
+        lat.sort_unstable();
+        s.rr_p50_us = percentile(&lat, 0.50);
+        s.rr_p99_us = percentile(&lat, 0.99);
+        replier.abort();
+    }
+
+    // Pub/sub 1 -> 1.
+    {
+        let sc = sockbus_client::connect(&url).await.unwrap();
+        let mut sub = sc.subscribe("bench.ps").await.unwrap();
+        sc.flush().await.unwrap();
+        let n = args.messages;
+        let got = Arc::new(AtomicU64::new(0));
+        let more = Arc::new(tokio::sync::Notify::new());
+        let g = got.clone();
+        let m = more.clone();
+        let reader = tokio::spawn(async move {
+            let mut c = 0;
+            while c < n {
+                sub.next().await.unwrap();
+                c += 1;
+                if c % 1024 == 0 || c == n {
+                    g.store(c, Ordering::Relaxed);
+                    m.notify_one();
+                }
+            }
+        });
+        let p = sockbus_client::connect(&url).await.unwrap();
+        p.flush().await.unwrap();
+        let payload = vec![0u8; args.size];
+        let cpu0 = cpu_s(broker.id());
+        let t = Instant::now();
+        for i in 0..n {
+            // Sleep (not spin) while too far ahead: spinning would burn the
+            // CPU this measures and steal it from the broker.
+            while i >= got.load(Ordering::Relaxed) + args.lead {
+                more.notified().await;
+            }
+            p.publish("bench.ps", &payload).await.unwrap();
+        }
+        reader.await.unwrap();
+        let el = t.elapsed().as_secs_f64();
+        s.msgs_per_s = n as f64 / el;
+        s.cpu_ns_per_msg = (cpu_s(broker.id()) - cpu0) * 1e9 / n as f64;
+    }
+    if let Some(fp) = &fp {
+        let st = fp.stats().unwrap_or_default();
+        s.redirected_bytes = st.bytes_redirected;
+        s.redirects = st.msgs_redirected;
+    }
+    drop(fp);
+    let _ = broker.kill();
+    let _ = broker.wait();
+    s
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+fn main() {
+    let args = Args::parse();
+    let root = sockbus_broker::accel::cgroup::find_or_mount()
+        .expect("cgroup v2")
+        .root;
+    let cg = root.join(format!("sockbus-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&cg).expect("create the bench cgroup (run as root)");
+    std::fs::write(cg.join("cgroup.procs"), std::process::id().to_string())
+        .expect("move into the bench cgroup");
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let mut off = Vec::new();
+    let mut on = Vec::new();
+    println!(
+        "{:>5} {:>4} {:>10} {:>10} {:>10} {:>12} {:>12} {:>12} {:>14} {:>10}",
+        "round",
+        "mode",
+        "raw p50 µs",
+        "rr p50 µs",
+        "rr p99 µs",
+        "rr cpu µs",
+        "msgs/s",
+        "cpu ns/msg",
+        "redirected MB",
+        "redirects"
+    );
+    for r in 0..args.rounds {
+        let order = if r % 2 == 0 {
+            [false, true]
+        } else {
+            [true, false]
+        };
+        for accel in order {
+            if args
+                .only
+                .as_deref()
+                .is_some_and(|m| m != if accel { "on" } else { "off" })
+            {
+                continue;
+            }
+            let s = rt.block_on(measure(&args, accel, &cg));
+            println!(
+                "{:>5} {:>4} {:>10.1} {:>10.1} {:>10.1} {:>12.1} {:>12.0} {:>12.0} {:>14.1} {:>10}",
+                r + 1,
+                if accel { "on" } else { "off" },
+                s.raw_p50_us,
+                s.rr_p50_us,
+                s.rr_p99_us,
+                s.rr_cpu_us,
+                s.msgs_per_s,
+                s.cpu_ns_per_msg,
+                s.redirected_bytes as f64 / 1e6,
+                s.redirects
+            );
+            if accel {
+                on.push(s)
+            } else {
+                off.push(s)
+            }
+        }
+    }
+    drop(rt);
+    // Back to the root so the bench cgroup can go.
+    let _ = std::fs::write(root.join("cgroup.procs"), std::process::id().to_string());
+    let _ = std::fs::remove_dir(&cg);
+    if off.is_empty() || on.is_empty() {
+        return;
+    }
+    let m = |v: &[Sample], f: fn(&Sample) -> f64| median(v.iter().map(f).collect());
+    type Row = (&'static str, fn(&Sample) -> f64, &'static str);
+    let rows: [Row; 6] = [
+        (
+            "raw TCP ping-pong p50, no broker (µs)",
+            |s| s.raw_p50_us,
+            "transport only",
+        ),
+        ("req/rep p50 (µs)", |s| s.rr_p50_us, "on ≤ 0.6× off"),
+        ("req/rep p99 (µs)", |s| s.rr_p99_us, ""),
+        ("req/rep CPU per round trip (µs)", |s| s.rr_cpu_us, ""),
+        ("pub/sub 1→1 (msgs/s)", |s| s.msgs_per_s, "on ≥ 0.95× off"),
+        (
+            "pub/sub CPU per message (ns)",
+            |s| s.cpu_ns_per_msg,
+            "on ≤ off",
+        ),
+    ];
+    println!(
+        "\nmedians of {} rounds, {} B payloads:\n{:<38} {:>12} {:>12} {:>8}  target",
+        args.rounds, args.size, "", "off", "on", "on/off"
+    );
+    for (name, f, target) in rows {
+        let (a, b) = (m(&off, f), m(&on, f));
+        println!("{name:<38} {a:>12.1} {b:>12.1} {:>8.2}  {target}", b / a);
+    }
+}

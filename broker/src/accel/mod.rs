@@ -1,0 +1,298 @@
+//! The same-node fast path: eBPF sock_ops + sk_msg programs (built from
+//! `sockmap-ebpf/`) that move the bytes of a connection between a client
+//! and the broker socket to socket inside the kernel, skipping TCP/IP.
+//! The broker still does all routing; the protocol's flow control bounds
+//! what the kernel queues (it ignores the receiver's socket buffer on this
+//! path). See docs/fast-path.md.
+//!
+//! `--accel on` attaches or fails; `auto` attaches when it can and otherwise
+//! says why in one log line and serves plain TCP; `off` never tries. The
+//! `sockbus-broker accel agent` command attaches for a whole node so brokers
+//! can run unprivileged.
+
+pub mod abi;
+pub mod agent;
+pub mod cgroup;
+mod loader;
+
+use std::fmt::Write as _;
+use std::sync::{Arc, Mutex};
+
+pub use abi::Stats;
+pub use loader::{AttachError, AttachOptions, FastPath};
+
+use crate::config::AccelMode;
+
+/// What the fast path is doing in this process.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AccelState {
+    /// Programs attached; connections on the configured ports are accelerated.
+    Active,
+    /// `--accel auto` could not attach; plain TCP.
+    Fallback,
+    /// `--accel off`, or detached at shutdown.
+    Off,
+}
+
+impl AccelState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AccelState::Active => "active",
+            AccelState::Fallback => "fallback",
+            AccelState::Off => "off",
+        }
+    }
+}
+
+/// A snapshot for `/metrics` and the status page.
+#[derive(Debug, Clone)]
+pub struct AccelStatus {
+    pub state: AccelState,
+    /// Why: "attached at /sys/fs/cgroup for ports 7420", the fallback reason, ...
+    pub reason: String,
+    /// Counters of the kernel programs (zero unless active).
+    pub stats: Stats,
+    /// Sockets currently in the socket hash.
+    pub sockets: usize,
+}
+
+struct Global {
+    state: AccelState,
+    reason: String,
+    path: Option<Arc<FastPath>>,
+}
+
+static GLOBAL: Mutex<Global> = Mutex::new(Global {
+    state: AccelState::Off,
+    reason: String::new(),
+    path: None,
+});
+
+fn global() -> std::sync::MutexGuard<'static, Global> {
+    GLOBAL.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn set(state: AccelState, reason: String, path: Option<Arc<FastPath>>) {
+    let mut g = global();
+    g.state = state;
+    g.reason = reason;
+    g.path = path;
+}
+
+/// The fast path's state in this process (broker or agent).
+pub fn status() -> AccelStatus {
+    let (state, reason, path) = {
+        let g = global();
+        (g.state, g.reason.clone(), g.path.clone())
+    };
+    let (stats, sockets) = match &path {
+        Some(p) => (p.stats().unwrap_or_default(), p.sockets()),
+        None => (Stats::default(), 0),
+    };
+    AccelStatus {
+        state,
+        reason: if reason.is_empty() {
+            "not started".into()
+        } else {
+            reason
+        },
+        stats,
+        sockets,
+    }
+}
+
+/// Appends the fast path's metrics in Prometheus text format.
+pub fn render_prometheus(out: &mut String) {
+    let s = status();
+    let _ = writeln!(
+        out,
+        "# HELP sockbus_accel_active 1 when the eBPF fast path is attached.\n\
+         # TYPE sockbus_accel_active gauge\n\
+         sockbus_accel_active {}",
+        u8::from(s.state == AccelState::Active)
+    );
+    let _ = writeln!(
+        out,
+        "# HELP sockbus_accel_state Fast path state (active, fallback, off).\n\
+         # TYPE sockbus_accel_state gauge"
+    );
+    for st in [AccelState::Active, AccelState::Fallback, AccelState::Off] {
+        let _ = writeln!(
+            out,
+            "sockbus_accel_state{{state=\"{}\"}} {}",
+            st.as_str(),
+            u8::from(st == s.state)
+        );
+    }
+    let _ = writeln!(
+        out,
+        "# HELP sockbus_accel_sockets Sockets in the fast path's socket hash (two per connection).\n\
+         # TYPE sockbus_accel_sockets gauge\n\
+         sockbus_accel_sockets {}",
+        s.sockets
+    );
+    let counters = [
+        ("sockets_added_total", "Sockets put into the socket hash.", s.stats.sockets_added),
+        ("add_failures_total", "Socket inserts the kernel refused (map full, socket busy); those connections use plain TCP.", s.stats.add_failures),
+        ("msgs_redirected_total", "sendmsg calls redirected socket to socket.", s.stats.msgs_redirected),
+        ("bytes_redirected_total", "Bytes redirected socket to socket.", s.stats.bytes_redirected),
+        ("misses_total", "sendmsg calls on an accelerated socket whose peer was not in the map (sent over TCP).", s.stats.misses),
+    ];
+    for (name, help, v) in counters {
+        let _ = writeln!(
+            out,
+            "# HELP sockbus_accel_{name} {help}\n# TYPE sockbus_accel_{name} counter\nsockbus_accel_{name} {v}"
+        );
+    }
+}
+
+/// Keeps the fast path attached while alive; dropping it detaches.
+#[derive(Debug)]
+pub struct AccelGuard {
+    path: Option<Arc<FastPath>>,
+}
+
+impl AccelGuard {
+    pub fn is_active(&self) -> bool {
+        self.path.is_some()
+    }
+
+    /// Counters of the attached programs (None when not active).
+    pub fn stats(&self) -> Option<Stats> {
+        self.path.as_ref().and_then(|p| p.stats().ok())
+    }
+}
+
+impl Drop for AccelGuard {
+    fn drop(&mut self) {
+        if let Some(p) = self.path.take() {
+            set(AccelState::Off, "detached".into(), None);
+            // The global no longer holds it: this is the last reference.
+            drop(p);
+            tracing::info!("fast path: detached");
+        }
+    }
+}
+
+/// Starts the fast path as `mode` says and logs one line saying which
+/// transport is in use and why. Errors only for `--accel on`.
+pub fn start(mode: AccelMode, opts: &AttachOptions) -> Result<AccelGuard, AttachError> {
+    let ports = opts
+        .ports
+        .iter()
+        .map(u16::to_string)
+        .collect::<Vec<_>>()
+        .join(",");
+    if mode == AccelMode::Off {
+        let reason = "disabled by --accel off".to_string();
+        tracing::info!("fast path: off (plain TCP): {reason}");
+        set(AccelState::Off, reason, None);
+        return Ok(AccelGuard { path: None });
+    }
+    let t = std::time::Instant::now();
+    match FastPath::attach(opts) {
+        Ok(p) => {
+            if p.mounted_cgroup() {
+                tracing::info!(
+                    "fast path: cgroup v2 was not mounted; mounted it at {}",
+                    cgroup::FALLBACK_MOUNT
+                );
+            }
+            let reason = format!(
+                "eBPF sockmap attached at cgroup {} for ports {ports}",
+                p.cgroup().display()
+            );
+            tracing::info!("fast path: on: {reason} ({} ms)", t.elapsed().as_millis());
+            let p = Arc::new(p);
+            set(AccelState::Active, reason, Some(p.clone()));
+            Ok(AccelGuard { path: Some(p) })
+        }
+        Err(e) if mode == AccelMode::Auto => {
+            let reason = e.to_string();
+            tracing::info!(
+                "fast path: off (plain TCP): {reason}; a node agent (sockbus-broker accel agent) may still accelerate these connections"
+            );
+            set(AccelState::Fallback, reason, None);
+            Ok(AccelGuard { path: None })
+        }
+        Err(e) => {
+            set(AccelState::Off, e.to_string(), None);
+            Err(e)
+        }
+    }
+}
+
+/// Reports the fast path on the broker's `/metrics`, `/v1/status` (as
+/// `fast_path`) and status page. Register it on `State.metrics.sources`.
+#[derive(Debug, Default)]
+pub struct MetricsSource;
+
+impl crate::metrics::Source for MetricsSource {
+    fn name(&self) -> &'static str {
+        "fast_path"
+    }
+
+    fn prometheus(&self, out: &mut String) {
+        render_prometheus(out);
+    }
+
+    fn status(&self) -> serde_json::Value {
+        let s = status();
+        serde_json::json!({
+            "state": s.state.as_str(),
+            "reason": s.reason,
+            "sockets": s.sockets,
+            "sockets_added": s.stats.sockets_added,
+            "add_failures": s.stats.add_failures,
+            "msgs_redirected": s.stats.msgs_redirected,
+            "bytes_redirected": s.stats.bytes_redirected,
+            "misses": s.stats.misses,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn metrics_name_every_state_and_counter() {
+        let mut out = String::new();
+        render_prometheus(&mut out);
+        for name in [
+            "sockbus_accel_active ",
+            "sockbus_accel_state{state=\"active\"}",
+            "sockbus_accel_state{state=\"fallback\"}",
+            "sockbus_accel_state{state=\"off\"}",
+            "sockbus_accel_sockets ",
+            "sockbus_accel_sockets_added_total ",
+            "sockbus_accel_add_failures_total ",
+            "sockbus_accel_msgs_redirected_total ",
+            "sockbus_accel_bytes_redirected_total ",
+            "sockbus_accel_misses_total ",
+        ] {
+            assert!(out.contains(name), "{name} missing:\n{out}");
+        }
+        // Every sample line is `name[{labels}] value`, every family typed.
+        for line in out.lines().filter(|l| !l.starts_with('#')) {
+            let (_, v) = line.rsplit_once(' ').expect("sample");
+            assert!(v.parse::<u64>().is_ok(), "{line}");
+        }
+    }
+
+    #[test]
+    fn off_mode_never_tries_and_says_so() {
+        let g = start(
+            AccelMode::Off,
+            &AttachOptions {
+                ports: vec![7420],
+                ..Default::default()
+            },
+        )
+        .expect("off never fails");
+        assert!(!g.is_active());
+        let s = status();
+        assert_eq!(s.state, AccelState::Off);
+        assert!(s.reason.contains("--accel off"), "{}", s.reason);
+    }
+}

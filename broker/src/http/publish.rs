@@ -1,0 +1,201 @@
+//! `POST /v1/publish/{subject}`: the body is the payload. Request headers
+//! named `Sockbus-Header-<Name>` become message headers `<name>`, and
+//! `Sockbus-Reply` sets the reply subject (docs/http.md).
+//!
+//! The path is kept cheap: the connection's own match cache (no router lock
+//! on a hit), a body of one chunk used as is, counters added once per
+//! request, no allocation beyond what hyper makes for the request itself.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+use hyper::header::CONTENT_LENGTH;
+use hyper::http::request::Parts;
+use hyper::{Response, StatusCode};
+use sockbus_protocol::frame::push_header;
+use sockbus_protocol::subject::{subject_hash, validate_subject};
+
+use super::routes::{decode_path, error, json, Body};
+use super::{streams, ConnCtx, Gateway};
+use crate::conn::{route, Outgoing};
+
+/// Request headers with this prefix (any case) are carried as message headers.
+pub const HEADER_PREFIX: &str = "sockbus-header-";
+/// Request header giving the message's reply subject.
+pub const REPLY_HEADER: &str = "sockbus-reply";
+
+enum BodyError {
+    TooLarge,
+    Read(hyper::Error),
+}
+
+pub(super) async fn publish(
+    gw: &Arc<Gateway>,
+    ctx: &Arc<ConnCtx>,
+    parts: &Parts,
+    raw_subject: &str,
+    body: Incoming,
+) -> Response<Body> {
+    let state = &gw.state;
+    let subject = match decode_path(raw_subject) {
+        Ok(s) => s,
+        Err(e) => return error(StatusCode::BAD_REQUEST, format!("invalid subject: {e}")),
+    };
+    if let Err(e) = validate_subject(&subject) {
+        return error(StatusCode::BAD_REQUEST, format!("invalid subject: {e}"));
+    }
+    let mut reply = None;
+    let mut headers = Vec::new();
+    for (name, value) in &parts.headers {
+        let name = name.as_str();
+        if name == REPLY_HEADER {
+            let r = match std::str::from_utf8(value.as_bytes()) {
+                Ok(r) => r,
+                Err(_) => return error(StatusCode::BAD_REQUEST, "Sockbus-Reply is not UTF-8"),
+            };
+            if let Err(e) = validate_subject(r) {
+                return error(
+                    StatusCode::BAD_REQUEST,
+                    format!("invalid reply subject: {e}"),
+                );
+            }
+            reply = Some(r);
+        } else if let Some(key) = name.strip_prefix(HEADER_PREFIX) {
+            let Ok(v) = std::str::from_utf8(value.as_bytes()) else {
+                return error(
+                    StatusCode::BAD_REQUEST,
+                    format!("header {name} is not UTF-8"),
+                );
+            };
+            if key.is_empty() {
+                return error(
+                    StatusCode::BAD_REQUEST,
+                    format!("{HEADER_PREFIX}<name> needs a name"),
+                );
+            }
+            if let Err(e) = push_header(&mut headers, key, v) {
+                return error(StatusCode::BAD_REQUEST, format!("header {name}: {e}"));
+            }
+        }
+    }
+
+    let max = state.config.max_payload as usize;
+    let too_large = |size: String| {
+        error(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!("message of {size} bytes exceeds the maximum payload of {max} bytes"),
+        )
+    };
+    let declared = parts
+        .headers
+        .get(CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if let Some(n) = declared.filter(|&n| n > max as u64) {
+        // Refused before reading: hyper closes the connection instead of
+        // draining a body we do not want.
+        return too_large(n.to_string());
+    }
+    let timeout = state.config.http_body_timeout;
+    let payload = match tokio::time::timeout(timeout, read_body(body, max)).await {
+        Ok(Ok(b)) => b,
+        Ok(Err(BodyError::TooLarge)) => return too_large(format!("more than {max}")),
+        Ok(Err(BodyError::Read(e))) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                format!("cannot read the request body: {e}"),
+            )
+        }
+        Err(_) => {
+            gw.metrics.body_timeout();
+            return error(
+                StatusCode::REQUEST_TIMEOUT,
+                format!(
+                    "the request body did not arrive within {}",
+                    fmt_duration(timeout)
+                ),
+            );
+        }
+    };
+
+    let stored = match streams::store_if_captured(state, &subject, reply, &headers, &payload).await
+    {
+        Ok(s) => s,
+        Err(e) => return error(StatusCode::SERVICE_UNAVAILABLE, e),
+    };
+
+    {
+        let mut guard = ctx.local.lock().unwrap_or_else(|p| p.into_inner());
+        let local = &mut *guard;
+        let m = match local.cache.get(&state.router, &subject) {
+            Ok(m) => m,
+            Err(e) => return error(StatusCode::BAD_REQUEST, format!("invalid subject: {e}")),
+        };
+        let msg = Outgoing {
+            subject: &subject,
+            hash: subject_hash(subject.as_bytes()),
+            reply,
+            headers: &headers,
+            payload: &payload,
+            flags: 0,
+        };
+        local.counts.msgs_in += 1;
+        local.counts.bytes_in += payload.len() as u64;
+        local.counts.subject(&subject, msg.hash, payload.len());
+        route(state, m, &msg, None, &mut local.wake, &mut local.counts);
+        for c in local.wake.drain(..) {
+            c.wake();
+        }
+        state.metrics.add(&mut local.counts);
+    }
+
+    match stored {
+        Some(s) => json(
+            StatusCode::OK,
+            &serde_json::json!({"stream": s.stream, "seq": s.seq}),
+        ),
+        None => {
+            let mut r = Response::new(Body::Left(Default::default()));
+            *r.status_mut() = StatusCode::NO_CONTENT;
+            r
+        }
+    }
+}
+
+/// Reads the whole body, at most `max` bytes. A body that arrives in one
+/// chunk (the usual case for small messages) is used without a copy.
+async fn read_body(mut body: Incoming, max: usize) -> Result<Bytes, BodyError> {
+    let mut first: Option<Bytes> = None;
+    let mut more = BytesMut::new();
+    let mut total = 0usize;
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(BodyError::Read)?;
+        let Ok(data) = frame.into_data() else {
+            continue; // trailers
+        };
+        total += data.len();
+        if total > max {
+            return Err(BodyError::TooLarge);
+        }
+        if first.is_none() && more.is_empty() {
+            first = Some(data);
+        } else {
+            if let Some(f) = first.take() {
+                more.extend_from_slice(&f);
+            }
+            more.extend_from_slice(&data);
+        }
+    }
+    Ok(first.unwrap_or_else(|| more.freeze()))
+}
+
+pub(super) fn fmt_duration(d: Duration) -> String {
+    if d.subsec_millis() == 0 {
+        format!("{}s", d.as_secs())
+    } else {
+        format!("{}ms", d.as_millis())
+    }
+}

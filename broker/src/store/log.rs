@@ -1,0 +1,677 @@
+//! A stream's log: its segments in sequence order, the writer's
+//! [`Appender`] and the readers' [`Log::read`].
+//!
+//! One thread appends (the stream's writer); any number read with `pread`
+//! on shared file handles. The segment list sits behind a mutex held only to
+//! look things up or publish a commit, never during I/O. Readers see a record
+//! only once it is committed (for `fsync = always`: once it is on disk).
+
+use std::collections::VecDeque;
+use std::fs::File;
+use std::io;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use bytes::{Bytes, BytesMut};
+use tracing::{error, warn};
+
+use super::record::{self, Decoded, StoredMsg};
+use super::segment::{
+    scan_file, seg_path, sync_dir, BadRange, IndexEntry, Segment, INDEX_INTERVAL, SEG_HEADER,
+};
+
+/// Bytes read per `pread` when reading forward.
+const READ_CHUNK: usize = 256 * 1024;
+/// With fsync on every commit, the active segment is zero-filled this far
+/// ahead of the data: `fdatasync` of an overwrite needs no metadata journal
+/// commit (the file size does not change), which makes it about twice as fast.
+const PREALLOC: u64 = 4 << 20;
+/// Most bytes a filtered read looks at before returning what it has.
+const SCAN_LIMIT: u64 = 16 << 20;
+
+pub fn now_ns() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64)
+}
+
+#[derive(Debug)]
+pub struct LogState {
+    pub segs: VecDeque<Segment>,
+    /// Next sequence the writer will assign (committed ones are below it).
+    pub next_seq: u64,
+    pub last_ts: u64,
+    /// Records found damaged (skipped) since the broker started.
+    pub lost: u64,
+}
+
+impl LogState {
+    pub fn first_seq(&self) -> u64 {
+        self.segs
+            .iter()
+            .find(|s| s.msgs > 0)
+            .map_or(self.next_seq, |s| s.first_seq)
+    }
+    pub fn last_seq(&self) -> u64 {
+        self.next_seq - 1
+    }
+    pub fn msgs(&self) -> u64 {
+        self.segs.iter().map(|s| s.msgs).sum()
+    }
+    pub fn bytes(&self) -> u64 {
+        self.segs.iter().map(|s| s.len).sum()
+    }
+    pub fn first_ts(&self) -> u64 {
+        self.segs
+            .iter()
+            .find(|s| s.msgs > 0)
+            .map_or(0, |s| s.first_ts)
+    }
+}
+
+/// Where a forward read stopped, so the next read skips the index lookup.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ReadPos {
+    pub seg_base: u64,
+    pub off: u64,
+    pub seq: u64,
+}
+
+#[derive(Debug, Default)]
+pub struct ReadBatch {
+    pub msgs: Vec<StoredMsg>,
+    /// The next sequence to ask for.
+    pub next: u64,
+    pub pos: Option<ReadPos>,
+}
+
+pub struct Log {
+    pub dir: PathBuf,
+    pub name: String,
+    state: Mutex<LogState>,
+    /// The last committed sequence, for consumers waiting for new messages.
+    pub committed: tokio::sync::watch::Sender<u64>,
+}
+
+/// What opening a log found, for the start-up report.
+#[derive(Debug, Default)]
+pub struct OpenReport {
+    pub segments: usize,
+    pub truncated_bytes: u64,
+    pub damaged_ranges: usize,
+    pub lost: u64,
+}
+
+impl Log {
+    /// Opens (or creates) the log in `dir`: every segment is listed, the last
+    /// one is scanned and a torn tail cut at the last valid record.
+    pub fn open(dir: &Path, name: &str) -> io::Result<(Arc<Log>, OpenReport)> {
+        std::fs::create_dir_all(dir)?;
+        let mut bases: Vec<u64> = std::fs::read_dir(dir)?
+            .filter_map(|e| e.ok())
+            .filter_map(|e| {
+                let n = e.file_name().into_string().ok()?;
+                n.strip_suffix(".seg")?.parse::<u64>().ok()
+            })
+            .collect();
+        bases.sort_unstable();
+        let mut report = OpenReport::default();
+        let mut segs = VecDeque::new();
+        for (i, &base) in bases.iter().enumerate() {
+            let last = i + 1 == bases.len();
+            let path = seg_path(dir, base);
+            let before = std::fs::metadata(&path)?.len();
+            let (seg, scan) = Segment::open(&path, base, !last, last)?;
+            if let Some(s) = &scan {
+                if !s.zero_tail {
+                    report.truncated_bytes += before - seg.len.min(before);
+                }
+                if !s.bad.is_empty() {
+                    error!(stream = name, segment = %path.display(), ranges = ?s.bad, lost = s.lost,
+                        "damaged records found (CRC mismatch); they are skipped, everything else is served");
+                    report.damaged_ranges += s.bad.len();
+                    report.lost += s.lost;
+                }
+            }
+            segs.push_back(seg);
+        }
+        if report.truncated_bytes > 0 {
+            warn!(
+                stream = name,
+                bytes = report.truncated_bytes,
+                "torn write at the end of the log truncated at the last valid record"
+            );
+        }
+        let next_seq = segs
+            .iter()
+            .filter(|s| s.msgs > 0)
+            .map(|s| s.last_seq + 1)
+            .max()
+            .unwrap_or(1)
+            .max(segs.back().map_or(1, |s| s.base));
+        let last_ts = segs.iter().map(|s| s.last_ts).max().unwrap_or(0);
+        if segs.is_empty() {
+            segs.push_back(Segment::create(dir, next_seq, true)?);
+        }
+        report.segments = segs.len();
+        let log = Arc::new(Log {
+            dir: dir.to_path_buf(),
+            name: name.to_string(),
+            state: Mutex::new(LogState {
+                segs,
+                next_seq,
+                last_ts,
+                lost: report.lost,
+            }),
+            committed: tokio::sync::watch::channel(next_seq - 1).0,
+        });
+        Ok((log, report))
+    }
+
+    pub fn lock(&self) -> MutexGuard<'_, LogState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Checks the CRC of every sealed segment not yet checked (run in the
+    /// background after start-up), recording damaged ranges.
+    pub fn verify_sealed(&self) {
+        loop {
+            let next = {
+                let st = self.lock();
+                st.segs
+                    .iter()
+                    .find(|s| s.sealed && !s.verified)
+                    .map(|s| (s.base, s.file.clone()))
+            };
+            let Some((base, file)) = next else { return };
+            let scan = scan_file(&file, base);
+            let mut st = self.lock();
+            let Some(seg) = st.segs.iter_mut().find(|s| s.base == base) else {
+                continue;
+            };
+            seg.verified = true;
+            let lost = match scan {
+                Ok(s) if !s.bad.is_empty() => {
+                    error!(stream = %self.name, segment = %seg.path.display(), ranges = ?s.bad, lost = s.lost,
+                        "damaged records found (CRC mismatch); they are skipped, everything else is served");
+                    seg.bad = s.bad.clone();
+                    seg.msgs = s.msgs;
+                    s.lost
+                }
+                Ok(_) => 0,
+                Err(e) => {
+                    warn!(stream = %self.name, "cannot verify segment {base}: {e}");
+                    0
+                }
+            };
+            st.lost += lost;
+        }
+    }
+
+    /// A reader met a bad record at `off`: scan the segment, remember its
+    /// damaged ranges, and return where reading resumes.
+    fn on_corrupt(&self, base: u64, file: &File, off: u64) -> (u64, Vec<BadRange>) {
+        let scan = scan_file(file, base);
+        let mut st = self.lock();
+        let Some(seg) = st.segs.iter_mut().find(|s| s.base == base) else {
+            return (u64::MAX, Vec::new());
+        };
+        let mut lost = 0;
+        let resume = match scan {
+            Ok(s) => {
+                if seg.bad != s.bad {
+                    error!(stream = %self.name, segment = %seg.path.display(), ranges = ?s.bad, lost = s.lost,
+                        "damaged records found (CRC mismatch); they are skipped, everything else is served");
+                    seg.bad = s.bad.clone();
+                    seg.msgs = s.msgs;
+                    seg.verified = true;
+                    lost = s.lost;
+                }
+                s.bad
+                    .iter()
+                    .find(|r| r.start <= off && off < r.end)
+                    .map_or(u64::MAX, |r| r.end)
+            }
+            Err(e) => {
+                error!(stream = %self.name, "cannot rescan a damaged segment: {e}");
+                u64::MAX
+            }
+        };
+        // u64::MAX: nothing valid after it in this segment.
+        let bad = seg.bad.clone();
+        st.lost += lost;
+        (resume, bad)
+    }
+
+    /// Reads forward from `from`: up to `max_msgs` messages and about
+    /// `max_bytes` of payload (always at least one message when there is
+    /// one), only those whose subject matches `filter` when given. Damaged
+    /// records are skipped. A filtered read gives up after looking at
+    /// `SCAN_LIMIT` bytes; `next` says where to continue.
+    pub fn read(
+        &self,
+        mut from: u64,
+        filter: Option<&str>,
+        max_msgs: usize,
+        max_bytes: usize,
+        hint: Option<ReadPos>,
+    ) -> io::Result<ReadBatch> {
+        let mut out = ReadBatch::default();
+        let mut bytes = 0usize;
+        let mut scanned = 0u64;
+        let mut pos = hint.filter(|h| h.seq == from);
+        let mut want = READ_CHUNK;
+        'segments: loop {
+            let (file, base, start, end, mut bad, is_last, seg_last) = {
+                let st = self.lock();
+                let first = st.first_seq();
+                if from < first {
+                    from = first;
+                    pos = None;
+                }
+                if from >= st.next_seq {
+                    break;
+                }
+                let Some(i) = st.segs.partition_point(|s| s.base <= from).checked_sub(1) else {
+                    from = st.segs.front().map_or(from + 1, |s| s.base);
+                    pos = None;
+                    continue;
+                };
+                let seg = &st.segs[i];
+                let is_last = i + 1 == st.segs.len();
+                if !is_last && (seg.msgs == 0 || from > seg.last_seq) {
+                    from = from.max(st.segs[i + 1].base);
+                    pos = None;
+                    continue;
+                }
+                let start = match pos {
+                    Some(p) if p.seg_base == seg.base => p.off,
+                    _ => seg.offset_for_seq(from),
+                };
+                (
+                    seg.file.clone(),
+                    seg.base,
+                    start,
+                    seg.len,
+                    seg.bad.clone(),
+                    is_last,
+                    seg.last_seq,
+                )
+            };
+            let mut off = start;
+            while off < end {
+                if let Some(r) = bad.iter().find(|r| r.start <= off && off < r.end) {
+                    off = r.end;
+                    continue;
+                }
+                let n = (end - off).min(want as u64) as usize;
+                let mut buf = BytesMut::zeroed(n);
+                file.read_exact_at(&mut buf, off)?;
+                let chunk: Bytes = buf.freeze();
+                scanned += n as u64;
+                let mut at = 0usize;
+                let mut jump = None;
+                while at < chunk.len() {
+                    let abs = off + at as u64;
+                    if bad.iter().any(|r| r.start <= abs && abs < r.end) {
+                        break;
+                    }
+                    match record::decode(&chunk[at..]) {
+                        Decoded::Record(r, len) => {
+                            at += len;
+                            want = READ_CHUNK;
+                            if r.seq < from {
+                                continue;
+                            }
+                            from = r.seq + 1;
+                            if filter.is_none_or(|f| sockbus_protocol::matches(f, r.subject)) {
+                                bytes += r.payload.len() + r.headers.len() + r.subject.len();
+                                out.msgs.push(StoredMsg::from_ref(&chunk, &r));
+                                if out.msgs.len() >= max_msgs || bytes >= max_bytes {
+                                    pos = Some(ReadPos {
+                                        seg_base: base,
+                                        off: off + at as u64,
+                                        seq: from,
+                                    });
+                                    break 'segments;
+                                }
+                            }
+                        }
+                        Decoded::Incomplete(need) if abs + need as u64 <= end => {
+                            // The record continues past this chunk: read it whole next time.
+                            want = want.max(need);
+                            break;
+                        }
+                        Decoded::Incomplete(_) | Decoded::Corrupt => {
+                            let (resume, now_bad) = self.on_corrupt(base, &file, abs);
+                            bad = now_bad;
+                            jump = Some(resume.max(abs + 1).min(end));
+                            break;
+                        }
+                    }
+                }
+                off = jump.unwrap_or(off + at as u64);
+                if filter.is_some() && scanned >= SCAN_LIMIT {
+                    pos = Some(ReadPos {
+                        seg_base: base,
+                        off,
+                        seq: from,
+                    });
+                    break 'segments;
+                }
+            }
+            pos = Some(ReadPos {
+                seg_base: base,
+                off,
+                seq: from,
+            });
+            if is_last {
+                break;
+            }
+            from = from.max(seg_last + 1);
+        }
+        out.next = from;
+        out.pos = pos.filter(|p| p.seq == from);
+        Ok(out)
+    }
+
+    /// The first sequence whose timestamp is at or after `ts` (the next
+    /// sequence to be written when there is none).
+    pub fn seq_for_time(&self, ts: u64) -> io::Result<u64> {
+        let mut from = {
+            let st = self.lock();
+            match st.segs.iter().find(|s| s.msgs > 0 && s.last_ts >= ts) {
+                None => return Ok(st.next_seq),
+                Some(s) => {
+                    let i = s.index.partition_point(|e| e.ts < ts);
+                    if i == 0 {
+                        s.first_seq
+                    } else {
+                        s.index[i - 1].seq
+                    }
+                }
+            }
+        };
+        loop {
+            let b = self.read(from, None, 4096, 64 << 20, None)?;
+            if let Some(m) = b.msgs.iter().find(|m| m.ts >= ts) {
+                return Ok(m.seq);
+            }
+            if b.msgs.is_empty() {
+                return Ok(b.next);
+            }
+            from = b.next;
+        }
+    }
+}
+
+/// The only writer of a log: stages sealed records, writes them with one
+/// `pwrite` per commit, rolls segments, applies retention.
+pub struct Appender {
+    log: Arc<Log>,
+    max_seg: u64,
+    /// fsync segment seals and directory changes (every mode but `never`).
+    sync_meta: bool,
+    file: Arc<File>,
+    off: u64,
+    staging: Vec<u8>,
+    staged: Vec<IndexEntry>,
+    next_seq: u64,
+    last_ts: u64,
+    last_indexed: Option<u64>,
+    dirty: bool,
+    /// Zero-fill ahead (`fsync = always` only); `alloc_end` is the file's length.
+    prealloc: bool,
+    alloc_end: u64,
+}
+
+impl Appender {
+    pub fn new(log: Arc<Log>, max_seg: u64, sync_meta: bool, prealloc: bool) -> Appender {
+        let (file, off, next_seq, last_ts, last_indexed) = {
+            let st = log.lock();
+            let seg = st.segs.back().expect("a log always has a segment");
+            (
+                seg.file.clone(),
+                seg.len,
+                st.next_seq,
+                st.last_ts,
+                seg.index.last().map(|e| e.off),
+            )
+        };
+        Appender {
+            log,
+            max_seg: max_seg.max(SEG_HEADER + 1),
+            sync_meta,
+            file,
+            off,
+            staging: Vec::with_capacity(1 << 20),
+            staged: Vec::new(),
+            next_seq,
+            last_ts,
+            last_indexed,
+            dirty: false,
+            prealloc,
+            alloc_end: off,
+        }
+    }
+
+    /// Zero-fills the active segment past `end` (see `PREALLOC`).
+    fn extend(&mut self, end: u64) -> io::Result<()> {
+        if !self.prealloc || end <= self.alloc_end {
+            return Ok(());
+        }
+        let target = (end + PREALLOC).min(self.max_seg.max(end));
+        let zeros = vec![0u8; (target - self.alloc_end).min(1 << 20) as usize];
+        let mut at = self.alloc_end;
+        while at < target {
+            let n = (target - at).min(zeros.len() as u64) as usize;
+            self.file.write_all_at(&zeros[..n], at)?;
+            at += n as u64;
+        }
+        self.alloc_end = target;
+        Ok(())
+    }
+
+    pub fn log(&self) -> &Arc<Log> {
+        &self.log
+    }
+
+    /// Sequence the next staged record gets.
+    pub fn next_seq(&self) -> u64 {
+        self.next_seq
+    }
+
+    pub fn staged_bytes(&self) -> usize {
+        self.staging.len()
+    }
+
+    /// Assigns the next sequence to an encoded record and stages it, first
+    /// committing and rolling the segment when the record would overflow it.
+    pub fn stage(&mut self, rec: &mut [u8], fsync: bool) -> io::Result<(u64, u64)> {
+        let end = self.off + self.staging.len() as u64;
+        if end > SEG_HEADER && end + rec.len() as u64 > self.max_seg {
+            self.commit(fsync)?;
+            self.roll()?;
+        }
+        let seq = self.next_seq;
+        let ts = now_ns().max(self.last_ts);
+        record::seal(rec, seq, ts);
+        self.staged.push(IndexEntry {
+            seq,
+            ts,
+            off: self.off + self.staging.len() as u64,
+        });
+        self.staging.extend_from_slice(rec);
+        self.next_seq += 1;
+        self.last_ts = ts;
+        Ok((seq, ts))
+    }
+
+    /// Writes what is staged (one `pwrite`), optionally `fdatasync`s, then
+    /// makes it visible to readers. On failure nothing staged is kept: the
+    /// file is cut back to the last commit and the sequences are reused.
+    pub fn commit(&mut self, fsync: bool) -> io::Result<()> {
+        if self.staging.is_empty() {
+            return if fsync { self.sync() } else { Ok(()) };
+        }
+        let end = self.off + self.staging.len() as u64;
+        let r = self
+            .extend(end)
+            .and_then(|_| self.file.write_all_at(&self.staging, self.off))
+            .and_then(|_| {
+                self.dirty = true;
+                if fsync {
+                    self.sync()
+                } else {
+                    Ok(())
+                }
+            });
+        if let Err(e) = r {
+            self.rollback();
+            return Err(e);
+        }
+        let new_off = self.off + self.staging.len() as u64;
+        {
+            let mut st = self.log.lock();
+            let seg = st.segs.back_mut().expect("a log always has a segment");
+            for e in &self.staged {
+                if self
+                    .last_indexed
+                    .is_none_or(|l| e.off - l >= INDEX_INTERVAL)
+                {
+                    seg.index.push(*e);
+                    self.last_indexed = Some(e.off);
+                }
+                if seg.msgs == 0 {
+                    seg.first_seq = e.seq;
+                    seg.first_ts = e.ts;
+                }
+                seg.msgs += 1;
+                seg.last_seq = e.seq;
+                seg.last_ts = e.ts;
+            }
+            seg.len = new_off;
+            st.next_seq = self.next_seq;
+            st.last_ts = self.last_ts;
+        }
+        self.off = new_off;
+        self.staging.clear();
+        self.staged.clear();
+        self.log.committed.send_replace(self.next_seq - 1);
+        Ok(())
+    }
+
+    fn rollback(&mut self) {
+        // Cutting a file back frees space, so this works on a full disk too.
+        if let Err(e) = self.file.set_len(self.off) {
+            error!(stream = %self.log.name, "cannot cut the segment back after a failed write: {e}");
+        }
+        self.alloc_end = self.off;
+        self.staging.clear();
+        self.staged.clear();
+        let st = self.log.lock();
+        self.next_seq = st.next_seq;
+        self.last_ts = st.last_ts;
+    }
+
+    /// `fdatasync`s the active segment if anything was written since the last one.
+    pub fn sync(&mut self) -> io::Result<()> {
+        if self.dirty {
+            self.file.sync_data()?;
+            self.dirty = false;
+        }
+        Ok(())
+    }
+
+    /// Seals the active segment (index file written) and starts a new one.
+    fn roll(&mut self) -> io::Result<()> {
+        if self.alloc_end > self.off {
+            // A sealed segment ends with its last record.
+            self.file.set_len(self.off)?;
+            self.dirty = true;
+        }
+        if self.sync_meta {
+            self.sync()?;
+        }
+        let dir = self.log.dir.clone();
+        let next = Segment::create(&dir, self.next_seq, self.sync_meta)?;
+        let sealed = {
+            let mut st = self.log.lock();
+            let seg = st.segs.back_mut().expect("a log always has a segment");
+            seg.sealed = true;
+            seg.verified = true;
+            let snapshot = seg.summary();
+            st.segs.push_back(next);
+            let seg = st.segs.back().expect("just pushed");
+            self.file = seg.file.clone();
+            self.off = seg.len;
+            self.alloc_end = seg.len;
+            snapshot
+        };
+        self.last_indexed = None;
+        self.dirty = false;
+        if let Err(e) = sealed.write_index(self.sync_meta) {
+            warn!(stream = %self.log.name, "cannot write a segment index (it will be rebuilt): {e}");
+        }
+        Ok(())
+    }
+
+    /// Removes whole segments from the front: those older than `max_age`,
+    /// and those without which the stream still holds at least `max_msgs`
+    /// messages and `max_bytes` bytes. Returns the messages removed.
+    pub fn retention(
+        &mut self,
+        max_age: Option<Duration>,
+        max_bytes: Option<u64>,
+        max_msgs: Option<u64>,
+    ) -> io::Result<u64> {
+        let now = now_ns();
+        let mut removed = 0;
+        loop {
+            enum Act {
+                Drop,
+                Roll,
+                Done,
+            }
+            let act = {
+                let st = self.log.lock();
+                let front = st.segs.front().expect("a log always has a segment");
+                let expired = |s: &Segment| {
+                    max_age.is_some_and(|a| {
+                        s.msgs > 0 && s.last_ts.saturating_add(a.as_nanos() as u64) < now
+                    })
+                };
+                if st.segs.len() > 1 {
+                    let (msgs, bytes) = (st.msgs(), st.bytes());
+                    if front.msgs == 0
+                        || expired(front)
+                        || max_msgs.is_some_and(|m| msgs - front.msgs >= m)
+                        || max_bytes.is_some_and(|b| bytes - front.len >= b)
+                    {
+                        Act::Drop
+                    } else {
+                        Act::Done
+                    }
+                } else if expired(front) && self.staging.is_empty() {
+                    Act::Roll
+                } else {
+                    Act::Done
+                }
+            };
+            match act {
+                Act::Done => return Ok(removed),
+                Act::Roll => self.roll()?,
+                Act::Drop => {
+                    let seg = self.log.lock().segs.pop_front().expect("checked");
+                    removed += seg.msgs;
+                    seg.remove_files();
+                    if self.sync_meta {
+                        let _ = sync_dir(&self.log.dir);
+                    }
+                }
+            }
+        }
+    }
+}

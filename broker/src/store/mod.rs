@@ -1,0 +1,10 @@
+//! Durable storage for streams: per stream, segmented append-only files of
+//! CRC-protected records with a sparse index by sequence and time.
+//! The on-disk format is described in docs/storage.md.
+
+pub mod log;
+pub mod record;
+pub mod segment;
+
+pub use log::{now_ns, Appender, Log, LogState, OpenReport, ReadBatch, ReadPos};
+pub use record::StoredMsg;

@@ -1,0 +1,785 @@
+//! Pull consumers: a cursor over a stream plus the set of delivered,
+//! unacknowledged messages. A client asks for a batch (`NEXT`), the broker
+//! reads that much from disk and sends it to the client's inbox, so a
+//! consumer reads a stream of any size with bounded memory on both sides.
+//!
+//! A durable consumer keeps its state in an append-only op log
+//! (`consumers/<name>.log`): `N` next sequence, `D` delivered (with count),
+//! `A` acked, `T` terminated, each 17 bytes with a CRC32C. Replaying it gives
+//! the position and the pending set; a torn last op is ignored. Confirmed
+//! acks (an ack with a reply subject) are answered after an fsync.
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::io::Write;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+use sockbus_protocol::frame::push_header;
+use sockbus_protocol::subject::{subject_hash, validate_pattern};
+use tokio::sync::{mpsc, Notify};
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use super::{valid_name, write_atomic, Stream, StreamError};
+use crate::conn::{route, Outgoing};
+use crate::metrics::LocalCounts;
+use crate::server::State;
+use crate::store::{now_ns, Log, ReadPos, StoredMsg};
+
+const OP_LEN: usize = 17;
+const COMPACT_AT: u64 = 1 << 20;
+/// Most a single round of a pull reads from disk.
+const ROUND_MSGS: usize = 1024;
+const ROUND_BYTES: usize = 4 << 20;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum AckPolicy {
+    #[default]
+    Explicit,
+    None,
+}
+
+fn default_start() -> String {
+    "first".into()
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConsumerConfig {
+    /// Name of a durable consumer; absent for an ephemeral one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub durable: Option<String>,
+    /// `first`, `last`, `new`, `seq:N` or `time:RFC3339`; used only when the consumer is created.
+    #[serde(default = "default_start")]
+    pub start: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub filter_subject: Option<String>,
+    #[serde(default)]
+    pub ack_policy: AckPolicy,
+    /// Redeliver a message not acked within this (default 30 s).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ack_wait_ms: Option<u64>,
+    /// Give up on a message after this many deliveries (default: never).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_deliver: Option<u32>,
+    /// Most delivered-unacked messages before new ones wait (default 10000).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_ack_pending: Option<usize>,
+    /// An ephemeral consumer without pulls for this long is removed (default 60 s).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub inactive_ms: Option<u64>,
+}
+
+impl ConsumerConfig {
+    fn ack_wait(&self) -> Duration {
+        Duration::from_millis(self.ack_wait_ms.unwrap_or(30_000).max(1))
+    }
+    fn max_ack_pending(&self) -> usize {
+        self.max_ack_pending.unwrap_or(10_000).max(1)
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PullRequest {
+    #[serde(default = "one")]
+    pub batch: usize,
+    #[serde(default)]
+    pub max_bytes: Option<usize>,
+    /// How long the pull waits for messages (default 5 s).
+    #[serde(default)]
+    pub expires_ms: Option<u64>,
+    /// Answer at once with what there is.
+    #[serde(default)]
+    pub no_wait: bool,
+}
+
+fn one() -> usize {
+    1
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ConsumerInfo {
+    pub stream: String,
+    pub name: String,
+    pub durable: bool,
+    pub config: ConsumerConfig,
+    /// The next stream sequence never delivered before.
+    pub next_seq: u64,
+    /// Every message up to here is acked (or given up on).
+    pub ack_floor: u64,
+    pub num_ack_pending: usize,
+    pub num_redelivered: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AckKind {
+    Ack,
+    Nak,
+    Progress,
+    Term,
+}
+
+struct Pend {
+    deliveries: u32,
+    deadline: Instant,
+}
+
+struct CState {
+    next_seq: u64,
+    pending: BTreeMap<u64, Pend>,
+    pos: Option<ReadPos>,
+    redelivered: u64,
+    file: Option<Arc<File>>,
+    file_len: u64,
+}
+
+struct Pull {
+    reply: String,
+    batch: usize,
+    max_bytes: usize,
+    expires: Duration,
+    no_wait: bool,
+}
+
+pub struct Consumer {
+    pub name: String,
+    pub stream: String,
+    pub config: ConsumerConfig,
+    log: Arc<Log>,
+    path: Option<PathBuf>,
+    st: Mutex<CState>,
+    pulls: mpsc::UnboundedSender<Pull>,
+    kick: Notify,
+    stop: CancellationToken,
+    last_pull: AtomicU64,
+}
+
+fn op(buf: &mut Vec<u8>, kind: u8, seq: u64, n: u32) {
+    let start = buf.len();
+    buf.push(kind);
+    buf.extend_from_slice(&seq.to_le_bytes());
+    buf.extend_from_slice(&n.to_le_bytes());
+    let crc = crc32c::crc32c(&buf[start..]);
+    buf.extend_from_slice(&crc.to_le_bytes());
+}
+
+impl Consumer {
+    fn lock(&self) -> MutexGuard<'_, CState> {
+        self.st.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn is_durable(&self) -> bool {
+        self.config.durable.is_some()
+    }
+
+    pub fn info(&self) -> ConsumerInfo {
+        let st = self.lock();
+        ConsumerInfo {
+            stream: self.stream.clone(),
+            name: self.name.clone(),
+            durable: self.is_durable(),
+            config: self.config.clone(),
+            next_seq: st.next_seq,
+            ack_floor: st.pending.keys().next().map_or(st.next_seq, |s| *s) - 1,
+            num_ack_pending: st.pending.len(),
+            num_redelivered: st.redelivered,
+        }
+    }
+
+    pub(crate) fn stop(&self) {
+        self.stop.cancel();
+    }
+
+    fn write_ops(&self, st: &mut CState, ops: &[u8]) {
+        if ops.is_empty() {
+            return;
+        }
+        if let Some(f) = &st.file {
+            match (&**f).write_all(ops) {
+                Ok(()) => st.file_len += ops.len() as u64,
+                Err(e) => warn!(consumer = %self.name, "cannot record consumer state: {e}"),
+            }
+        }
+        if st.file_len > COMPACT_AT {
+            if let Err(e) = self.compact(st) {
+                warn!(consumer = %self.name, "cannot compact consumer state: {e}");
+            }
+        }
+    }
+
+    /// Rewrites the op log as the current state only.
+    fn compact(&self, st: &mut CState) -> std::io::Result<()> {
+        let Some(path) = &self.path else {
+            return Ok(());
+        };
+        let mut b = Vec::with_capacity((st.pending.len() + 1) * OP_LEN);
+        op(&mut b, b'N', st.next_seq, 0);
+        for (seq, p) in &st.pending {
+            op(&mut b, b'D', *seq, p.deliveries);
+        }
+        write_atomic(path, &b)?;
+        let f = std::fs::OpenOptions::new().append(true).open(path)?;
+        st.file = Some(Arc::new(f));
+        st.file_len = b.len() as u64;
+        Ok(())
+    }
+
+    pub(crate) fn pull(&self, reply: &str, p: PullRequest) {
+        self.last_pull.store(now_ns(), Ordering::Relaxed);
+        let _ = self.pulls.send(Pull {
+            reply: reply.to_string(),
+            batch: p.batch.max(1),
+            max_bytes: p.max_bytes.unwrap_or(usize::MAX).max(1),
+            expires: Duration::from_millis(p.expires_ms.unwrap_or(5000)),
+            no_wait: p.no_wait,
+        });
+    }
+
+    pub(crate) fn ack(&self, state: &Arc<State>, seq: u64, kind: AckKind, reply: Option<&str>) {
+        let file = {
+            let mut st = self.lock();
+            let mut ops = Vec::new();
+            match kind {
+                AckKind::Ack | AckKind::Term => {
+                    if st.pending.remove(&seq).is_some() {
+                        op(
+                            &mut ops,
+                            if kind == AckKind::Ack { b'A' } else { b'T' },
+                            seq,
+                            0,
+                        );
+                    }
+                }
+                AckKind::Nak => {
+                    if let Some(p) = st.pending.get_mut(&seq) {
+                        p.deadline = Instant::now();
+                        self.kick.notify_one();
+                    }
+                }
+                AckKind::Progress => {
+                    if let Some(p) = st.pending.get_mut(&seq) {
+                        p.deadline = Instant::now() + self.config.ack_wait();
+                    }
+                }
+            }
+            self.write_ops(&mut st, &ops);
+            st.file.clone()
+        };
+        let Some(reply) = reply else { return };
+        let reply = reply.to_string();
+        let state = state.clone();
+        match file {
+            Some(f) => {
+                tokio::task::spawn_blocking(move || {
+                    let body: &[u8] = match f.sync_data() {
+                        Ok(()) => br#"{"ok":true}"#,
+                        Err(_) => br#"{"error":"cannot store the ack","status":503}"#,
+                    };
+                    let _ = crate::conn::publish(&state, &reply, None, &[], body);
+                });
+            }
+            None => {
+                let _ = crate::conn::publish(&state, &reply, None, &[], br#"{"ok":true}"#);
+            }
+        }
+    }
+
+    /// Picks what to deliver next: due redeliveries first, then new messages.
+    fn collect(&self, max_msgs: usize, max_bytes: usize) -> std::io::Result<Vec<(StoredMsg, u32)>> {
+        let now = Instant::now();
+        let explicit = self.config.ack_policy == AckPolicy::Explicit;
+        let ack_wait = self.config.ack_wait();
+        let mut out = Vec::new();
+        let mut ops = Vec::new();
+        let due: Vec<u64> = {
+            let st = self.lock();
+            st.pending
+                .iter()
+                .filter(|(_, p)| p.deadline <= now)
+                .map(|(s, _)| *s)
+                .take(max_msgs)
+                .collect()
+        };
+        for seq in due {
+            let b = self.log.read(seq, None, 1, 1, None)?;
+            let mut st = self.lock();
+            let Some(p) = st.pending.get_mut(&seq) else {
+                continue;
+            };
+            match b.msgs.into_iter().next() {
+                Some(m) if m.seq == seq => {
+                    if self
+                        .config
+                        .max_deliver
+                        .is_some_and(|max| p.deliveries >= max)
+                    {
+                        st.pending.remove(&seq);
+                        op(&mut ops, b'T', seq, 0);
+                        continue;
+                    }
+                    p.deliveries += 1;
+                    p.deadline = now + ack_wait;
+                    let d = p.deliveries;
+                    st.redelivered += 1;
+                    op(&mut ops, b'D', seq, d);
+                    out.push((m, d));
+                }
+                _ => {
+                    // Removed by retention meanwhile.
+                    st.pending.remove(&seq);
+                    op(&mut ops, b'T', seq, 0);
+                }
+            }
+        }
+        let (from, pos, room) = {
+            let st = self.lock();
+            let room = if explicit {
+                self.config
+                    .max_ack_pending()
+                    .saturating_sub(st.pending.len())
+            } else {
+                usize::MAX
+            };
+            (st.next_seq, st.pos, room)
+        };
+        let want = (max_msgs - out.len()).min(room);
+        if want > 0 {
+            let b = self.log.read(
+                from,
+                self.config.filter_subject.as_deref(),
+                want,
+                max_bytes,
+                pos,
+            )?;
+            let mut st = self.lock();
+            if st.next_seq == from {
+                for m in b.msgs {
+                    if explicit {
+                        st.pending.insert(
+                            m.seq,
+                            Pend {
+                                deliveries: 1,
+                                deadline: now + ack_wait,
+                            },
+                        );
+                        op(&mut ops, b'D', m.seq, 1);
+                    }
+                    out.push((m, 1));
+                }
+                if b.next != from {
+                    st.next_seq = b.next;
+                    st.pos = b.pos;
+                    if !explicit {
+                        op(&mut ops, b'N', b.next, 0);
+                    }
+                }
+            }
+            self.write_ops(&mut st, &ops);
+        } else {
+            let mut st = self.lock();
+            self.write_ops(&mut st, &ops);
+        }
+        Ok(out)
+    }
+
+    /// Messages that could not be handed to a client go back to be delivered again.
+    fn undeliver(&self, seqs: &[u64]) {
+        let mut st = self.lock();
+        let now = Instant::now();
+        if let Some(&first) = seqs.first() {
+            if self.config.ack_policy == AckPolicy::None && first < st.next_seq {
+                st.next_seq = first;
+                st.pos = None;
+            }
+        }
+        for s in seqs {
+            if let Some(p) = st.pending.get_mut(s) {
+                p.deadline = now;
+            }
+        }
+    }
+
+    fn next_deadline(&self) -> Option<Instant> {
+        self.lock().pending.values().map(|p| p.deadline).min()
+    }
+}
+
+fn parse_start(log: &Log, start: &str) -> Result<u64, StreamError> {
+    let st_next = log.lock().next_seq;
+    let bad = || {
+        StreamError::BadRequest(format!(
+            "start {start:?} must be first, last, new, seq:N or time:RFC3339"
+        ))
+    };
+    Ok(match start {
+        "first" | "" => log.lock().first_seq(),
+        "last" => st_next.saturating_sub(1).max(1).max(log.lock().first_seq()),
+        "new" => st_next,
+        s => {
+            if let Some(n) = s.strip_prefix("seq:") {
+                n.parse::<u64>().map_err(|_| bad())?.max(1)
+            } else if let Some(t) = s.strip_prefix("time:") {
+                let t = humantime::parse_rfc3339_weak(t).map_err(|_| bad())?;
+                let ns = t
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_nanos() as u64);
+                log.seq_for_time(ns).map_err(|e| StreamError::Storage {
+                    name: log.name.clone(),
+                    error: e.to_string(),
+                })?
+            } else {
+                return Err(bad());
+            }
+        }
+    })
+}
+
+/// Creates a consumer (or returns the existing durable of that name).
+pub fn create(
+    state: &Arc<State>,
+    s: &Arc<Stream>,
+    mut cfg: ConsumerConfig,
+) -> Result<ConsumerInfo, StreamError> {
+    if let Some(f) = &cfg.filter_subject {
+        validate_pattern(f).map_err(|e| StreamError::BadRequest(format!("filter subject: {e}")))?;
+    }
+    let name = match &cfg.durable {
+        Some(n) => {
+            valid_name("consumer", n)?;
+            if let Some(c) = s.consumer(n) {
+                if c.config.filter_subject != cfg.filter_subject
+                    || c.config.ack_policy != cfg.ack_policy
+                {
+                    return Err(StreamError::BadRequest(format!(
+                        "durable consumer {n:?} exists with a different filter or ack policy"
+                    )));
+                }
+                return Ok(c.info());
+            }
+            n.clone()
+        }
+        None => format!("eph-{:016x}", rand::random::<u64>()),
+    };
+    if cfg.start.is_empty() {
+        cfg.start = default_start();
+    }
+    let next_seq = parse_start(&s.log, &cfg.start)?;
+    let storage = |e: std::io::Error| StreamError::Storage {
+        name: s.config.name.clone(),
+        error: e.to_string(),
+    };
+    let (path, file, file_len) = if cfg.durable.is_some() {
+        let dir = s.consumers_dir();
+        std::fs::create_dir_all(&dir).map_err(storage)?;
+        write_atomic(
+            &dir.join(format!("{name}.json")),
+            &serde_json::to_vec_pretty(&cfg).expect("serialisable"),
+        )
+        .map_err(storage)?;
+        let path = dir.join(format!("{name}.log"));
+        let mut b = Vec::new();
+        op(&mut b, b'N', next_seq, 0);
+        write_atomic(&path, &b).map_err(storage)?;
+        let f = std::fs::OpenOptions::new()
+            .append(true)
+            .open(&path)
+            .map_err(storage)?;
+        (Some(path), Some(Arc::new(f)), b.len() as u64)
+    } else {
+        (None, None, 0)
+    };
+    let c = start(
+        state,
+        s,
+        name,
+        cfg,
+        CState {
+            next_seq,
+            pending: BTreeMap::new(),
+            pos: None,
+            redelivered: 0,
+            file,
+            file_len,
+        },
+        path,
+    );
+    info!(stream = %s.config.name, consumer = %c.name, durable = c.is_durable(), next_seq, "consumer created");
+    Ok(c.info())
+}
+
+fn start(
+    state: &Arc<State>,
+    s: &Arc<Stream>,
+    name: String,
+    config: ConsumerConfig,
+    st: CState,
+    path: Option<PathBuf>,
+) -> Arc<Consumer> {
+    let (tx, rx) = mpsc::unbounded_channel();
+    let c = Arc::new(Consumer {
+        name: name.clone(),
+        stream: s.config.name.clone(),
+        config,
+        log: s.log.clone(),
+        path,
+        st: Mutex::new(st),
+        pulls: tx,
+        kick: Notify::new(),
+        stop: CancellationToken::new(),
+        last_pull: AtomicU64::new(now_ns()),
+    });
+    s.consumers
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .insert(name, c.clone());
+    tokio::spawn(serve(
+        c.clone(),
+        Arc::downgrade(state),
+        Arc::downgrade(s),
+        rx,
+    ));
+    c
+}
+
+/// Loads every durable consumer of a stream (at start-up).
+pub(crate) fn load_all(s: &Arc<Stream>, state: &Arc<State>) {
+    let dir = s.consumers_dir();
+    let Ok(rd) = std::fs::read_dir(&dir) else {
+        return;
+    };
+    for e in rd.filter_map(|e| e.ok()) {
+        let p = e.path();
+        if p.extension().is_none_or(|x| x != "json") {
+            continue;
+        }
+        let cfg: ConsumerConfig = match std::fs::read(&p)
+            .map_err(|e| e.to_string())
+            .and_then(|b| serde_json::from_slice(&b).map_err(|e| e.to_string()))
+        {
+            Ok(c) => c,
+            Err(e) => {
+                warn!("skipping consumer {}: {e}", p.display());
+                continue;
+            }
+        };
+        let Some(name) = cfg.durable.clone() else {
+            continue;
+        };
+        let log_path = dir.join(format!("{name}.log"));
+        let bytes = std::fs::read(&log_path).unwrap_or_default();
+        let mut next_seq = 1u64;
+        let mut pending = BTreeMap::new();
+        let now = Instant::now();
+        let mut valid = 0;
+        for rec in bytes.chunks(OP_LEN) {
+            if rec.len() < OP_LEN
+                || crc32c::crc32c(&rec[..13])
+                    != u32::from_le_bytes(rec[13..17].try_into().expect("4 bytes"))
+            {
+                break;
+            }
+            valid += OP_LEN;
+            let seq = u64::from_le_bytes(rec[1..9].try_into().expect("8 bytes"));
+            let n = u32::from_le_bytes(rec[9..13].try_into().expect("4 bytes"));
+            match rec[0] {
+                b'N' => next_seq = next_seq.max(seq),
+                b'D' => {
+                    pending.insert(
+                        seq,
+                        Pend {
+                            deliveries: n,
+                            deadline: now,
+                        },
+                    );
+                    next_seq = next_seq.max(seq + 1);
+                }
+                b'A' | b'T' => {
+                    pending.remove(&seq);
+                }
+                _ => break,
+            }
+        }
+        let file = std::fs::OpenOptions::new()
+            .append(true)
+            .create(true)
+            .open(&log_path)
+            .ok()
+            .map(|f| {
+                // A torn last op is cut so new ops follow valid ones.
+                let _ = f.set_len(valid as u64);
+                Arc::new(f)
+            });
+        let pend = pending.len();
+        let c = start(
+            state,
+            s,
+            name,
+            cfg,
+            CState {
+                next_seq,
+                pending,
+                pos: None,
+                redelivered: 0,
+                file,
+                file_len: valid as u64,
+            },
+            Some(log_path),
+        );
+        info!(stream = %s.config.name, consumer = %c.name, next_seq, pending = pend, "durable consumer loaded");
+    }
+}
+
+pub(crate) fn delete(s: &Arc<Stream>, name: &str) -> Result<(), StreamError> {
+    let c = s
+        .consumers
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .remove(name)
+        .ok_or_else(|| StreamError::ConsumerNotFound(name.into()))?;
+    c.stop();
+    if let Some(p) = &c.path {
+        let _ = std::fs::remove_file(p);
+        let _ = std::fs::remove_file(p.with_extension("json"));
+    }
+    Ok(())
+}
+
+/// A status message to a pull's inbox: no payload, headers `Sb-Status`,
+/// `Sb-Description` and `Sb-Pending` (messages of the pull not delivered).
+pub fn send_status(state: &State, reply: &str, code: u16, text: &str, pending: usize) {
+    let mut h = Vec::new();
+    let _ = push_header(&mut h, "Sb-Status", &code.to_string());
+    let _ = push_header(&mut h, "Sb-Description", text);
+    let _ = push_header(&mut h, "Sb-Pending", &pending.to_string());
+    let _ = crate::conn::publish(state, reply, None, &h, &[]);
+}
+
+async fn serve(
+    c: Arc<Consumer>,
+    state: Weak<State>,
+    stream: Weak<Stream>,
+    mut rx: mpsc::UnboundedReceiver<Pull>,
+) {
+    let mut committed = c.log.committed.subscribe();
+    let inactive = Duration::from_millis(c.config.inactive_ms.unwrap_or(60_000).max(100));
+    loop {
+        let pull = tokio::select! {
+            p = rx.recv() => match p { Some(p) => p, None => return },
+            _ = c.stop.cancelled() => return,
+            _ = tokio::time::sleep(inactive), if !c.is_durable() => {
+                let idle = now_ns().saturating_sub(c.last_pull.load(Ordering::Relaxed));
+                if idle >= inactive.as_nanos() as u64 {
+                    if let Some(s) = stream.upgrade() {
+                        let _ = delete(&s, &c.name);
+                    }
+                    return;
+                }
+                continue;
+            }
+        };
+        let Some(state) = state.upgrade() else { return };
+        serve_pull(&c, &state, pull, &mut committed).await;
+    }
+}
+
+async fn serve_pull(
+    c: &Arc<Consumer>,
+    state: &Arc<State>,
+    pull: Pull,
+    committed: &mut tokio::sync::watch::Receiver<u64>,
+) {
+    let deadline = Instant::now() + pull.expires;
+    let mut left = pull.batch;
+    let mut bytes_left = pull.max_bytes;
+    loop {
+        if c.stop.is_cancelled() {
+            return;
+        }
+        committed.borrow_and_update();
+        let (m, _) = state.router.compute(&pull.reply);
+        if m.is_empty() {
+            // The client is gone; its pull with it.
+            return;
+        }
+        let c2 = c.clone();
+        let (n, b) = (left.min(ROUND_MSGS), bytes_left.min(ROUND_BYTES));
+        let batch = match tokio::task::spawn_blocking(move || c2.collect(n, b)).await {
+            Ok(Ok(b)) => b,
+            Ok(Err(e)) => {
+                warn!(consumer = %c.name, "cannot read the stream: {e}");
+                send_status(
+                    state,
+                    &pull.reply,
+                    503,
+                    &format!("cannot read the stream: {e}"),
+                    left,
+                );
+                return;
+            }
+            Err(_) => return,
+        };
+        if !batch.is_empty() {
+            let mut wake = Vec::new();
+            let mut counts = LocalCounts::default();
+            let mut failed = Vec::new();
+            for (msg, deliveries) in &batch {
+                let ack = format!("$SB.ACK.{}.{}.{}.{}", c.stream, c.name, msg.seq, deliveries);
+                let out = Outgoing {
+                    subject: msg.subject(),
+                    hash: subject_hash(msg.subject().as_bytes()),
+                    reply: Some(&ack),
+                    headers: &msg.headers,
+                    payload: &msg.payload,
+                    flags: 0,
+                };
+                if !failed.is_empty() || route(state, &m, &out, None, &mut wake, &mut counts) == 0 {
+                    failed.push(msg.seq);
+                    continue;
+                }
+                left -= 1;
+                bytes_left = bytes_left
+                    .saturating_sub(msg.payload.len() + msg.headers.len() + msg.subject().len());
+            }
+            for w in wake {
+                w.notify.notify_one();
+            }
+            state.metrics.add(&mut counts);
+            if !failed.is_empty() {
+                c.undeliver(&failed);
+                return;
+            }
+        }
+        if left == 0 || bytes_left == 0 {
+            return;
+        }
+        if !batch.is_empty() {
+            // There may be more right away.
+            continue;
+        }
+        if pull.no_wait {
+            send_status(state, &pull.reply, 404, "no messages", left);
+            return;
+        }
+        let now = Instant::now();
+        if now >= deadline {
+            send_status(state, &pull.reply, 408, "request expired", left);
+            return;
+        }
+        let mut wake_at = deadline.min(now + Duration::from_secs(1));
+        if let Some(d) = c.next_deadline() {
+            wake_at = wake_at.min(d.max(now + Duration::from_millis(1)));
+        }
+        tokio::select! {
+            _ = committed.changed() => {}
+            _ = c.kick.notified() => {}
+            _ = tokio::time::sleep_until(wake_at.into()) => {}
+            _ = c.stop.cancelled() => return,
+        }
+    }
+}

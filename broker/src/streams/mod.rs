@@ -1,0 +1,784 @@
+//! Durable streams: a stream captures every message published to its
+//! subject patterns and stores it in its log (crate::store) until retention
+//! removes it. Publishers with a reply subject get an ack once the message
+//! is stored as the stream's `fsync` policy says; consumers read it back.
+//!
+//! The broker side of the API lives under the reserved `$SB.` subjects
+//! (see [`api`]); the native protocol's frame kinds are unchanged.
+
+pub mod api;
+pub mod consumer;
+mod writer;
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, OnceLock, RwLock, Weak};
+use std::time::Duration;
+
+use bytes::BytesMut;
+use serde::{Deserialize, Serialize};
+use sockbus_protocol::frame::{iter_headers, validate_headers};
+use sockbus_protocol::subject::{validate_pattern, validate_subject};
+use tokio::sync::{oneshot, Notify};
+use tracing::{error, info, warn};
+
+use crate::server::State;
+use crate::store::{record, Log};
+pub use consumer::{Consumer, ConsumerConfig, ConsumerInfo};
+
+/// Header whose value makes a publish idempotent within the stream's duplicate window.
+pub const MSG_ID_HEADER: &str = "Msg-Id";
+/// Bytes a stream's writer may have queued before publishers are slowed down.
+const QUEUE_LIMIT: usize = 32 << 20;
+const DEFAULT_SEGMENT: u64 = 64 << 20;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Fsync {
+    /// The ack is sent once the data is on disk (group commit).
+    #[default]
+    Always,
+    /// Written at once, `fdatasync`ed every `fsync_interval_ms`.
+    Interval,
+    /// Left to the kernel.
+    Never,
+}
+
+impl std::str::FromStr for Fsync {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "always" => Ok(Fsync::Always),
+            "interval" => Ok(Fsync::Interval),
+            "never" => Ok(Fsync::Never),
+            _ => Err(format!(
+                "fsync must be always, interval or never, got {s:?}"
+            )),
+        }
+    }
+}
+
+/// A stream's settings, as created (JSON on the API and in `stream.json`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StreamConfig {
+    pub name: String,
+    pub subjects: Vec<String>,
+    #[serde(default)]
+    pub fsync: Fsync,
+    /// For `fsync = interval`: the longest a write stays only in memory (default 100 ms).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fsync_interval_ms: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_age_ms: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_bytes: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_msgs: Option<u64>,
+    /// Size at which a segment is sealed and a new one started (default 64 MiB).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub segment_bytes: Option<u64>,
+    /// How long a `Msg-Id` is remembered for deduplication (default 2 minutes).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub duplicate_window_ms: Option<u64>,
+}
+
+impl StreamConfig {
+    pub fn validate(&self) -> Result<(), StreamError> {
+        valid_name("stream", &self.name)?;
+        if self.subjects.is_empty() {
+            return Err(StreamError::BadRequest(
+                "a stream needs at least one subject".into(),
+            ));
+        }
+        for s in &self.subjects {
+            validate_pattern(s).map_err(|e| StreamError::BadRequest(e.to_string()))?;
+            if s.starts_with("$SB.") {
+                return Err(StreamError::BadRequest(format!(
+                    "subject {s:?} is reserved"
+                )));
+            }
+        }
+        if self.segment_bytes.is_some_and(|b| b < 1024) {
+            return Err(StreamError::BadRequest(
+                "segment_bytes must be at least 1024".into(),
+            ));
+        }
+        Ok(())
+    }
+
+    fn segment_bytes(&self) -> u64 {
+        let mut s = self.segment_bytes.unwrap_or(DEFAULT_SEGMENT);
+        if let Some(b) = self.max_bytes {
+            // Retention drops whole segments: keep them small next to the limit.
+            s = s.min((b / 8).max(64 * 1024));
+        }
+        s
+    }
+
+    fn duplicate_window(&self) -> Duration {
+        Duration::from_millis(self.duplicate_window_ms.unwrap_or(120_000))
+    }
+}
+
+pub(crate) fn valid_name(what: &str, n: &str) -> Result<(), StreamError> {
+    if n.is_empty()
+        || n.len() > 64
+        || !n
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+    {
+        return Err(StreamError::BadRequest(format!(
+            "{what} name {n:?} must be 1 to 64 letters, digits, '_' or '-'"
+        )));
+    }
+    Ok(())
+}
+
+/// Could one subject match both patterns?
+pub fn patterns_overlap(a: &str, b: &str) -> bool {
+    let mut x = a.split('.');
+    let mut y = b.split('.');
+    loop {
+        match (x.next(), y.next()) {
+            (None, None) => return true,
+            (Some(">"), Some(_)) | (Some(_), Some(">")) => return true,
+            (Some(p), Some(q)) if p == "*" || q == "*" || p == q => {}
+            _ => return false,
+        }
+    }
+}
+
+/// Why a stream operation failed. The text is what users see.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum StreamError {
+    #[error("{0}")]
+    BadRequest(String),
+    #[error("stream {0:?} not found")]
+    NotFound(String),
+    #[error("consumer {0:?} not found")]
+    ConsumerNotFound(String),
+    #[error("stream {0:?} already exists with a different configuration")]
+    Exists(String),
+    #[error("stream {name:?}: cannot store the message: {error}")]
+    Storage { name: String, error: String },
+    #[error("stream {0:?} was deleted")]
+    Deleted(String),
+    #[error("no stream captures subject {0:?}")]
+    NotCaptured(String),
+}
+
+impl StreamError {
+    /// HTTP-style status for the gateway and the API replies.
+    pub fn status(&self) -> u16 {
+        match self {
+            StreamError::BadRequest(_) => 400,
+            StreamError::NotFound(_)
+            | StreamError::ConsumerNotFound(_)
+            | StreamError::NotCaptured(_) => 404,
+            StreamError::Exists(_) => 409,
+            StreamError::Storage { .. } | StreamError::Deleted(_) => 503,
+        }
+    }
+}
+
+/// What a stored publish is answered with.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PubAck {
+    pub stream: String,
+    pub seq: u64,
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub duplicate: bool,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct StreamState {
+    pub messages: u64,
+    pub bytes: u64,
+    pub first_seq: u64,
+    pub last_seq: u64,
+    /// RFC 3339, absent while the stream is empty.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub first_ts: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub last_ts: Option<String>,
+    pub segments: usize,
+    pub consumers: usize,
+    /// Records found damaged on disk (CRC mismatch) and skipped.
+    pub damaged_records: u64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct StreamInfo {
+    pub config: StreamConfig,
+    pub state: StreamState,
+}
+
+pub(crate) fn rfc3339(ns: u64) -> String {
+    humantime::format_rfc3339_nanos(std::time::UNIX_EPOCH + Duration::from_nanos(ns)).to_string()
+}
+
+/// Where a stored publish's ack goes.
+pub enum AckTo {
+    None,
+    /// Published to this subject (the SDK's request inbox).
+    Reply(Box<str>),
+    Chan(oneshot::Sender<Result<PubAck, StreamError>>),
+}
+
+/// Records queued for a stream's writer by one reader batch.
+pub(crate) struct WriteReq {
+    buf: BytesMut,
+    entries: Vec<Entry>,
+}
+
+pub(crate) struct Entry {
+    len: u32,
+    ack: AckTo,
+    msg_id: Option<Box<str>>,
+}
+
+pub struct Stream {
+    pub config: StreamConfig,
+    pub log: Arc<Log>,
+    dir: PathBuf,
+    tx: Mutex<Option<std::sync::mpsc::Sender<WriteReq>>>,
+    /// Bytes handed to the writer and not yet written.
+    queued: AtomicUsize,
+    space: Notify,
+    pub(crate) consumers: Mutex<HashMap<String, Arc<Consumer>>>,
+    deleted: AtomicBool,
+    state: Arc<OnceLock<Weak<State>>>,
+}
+
+impl Stream {
+    pub fn name(&self) -> &str {
+        &self.config.name
+    }
+
+    pub fn info(&self) -> StreamInfo {
+        let st = self.log.lock();
+        let first_ts = st.first_ts();
+        let msgs = st.msgs();
+        StreamInfo {
+            config: self.config.clone(),
+            state: StreamState {
+                messages: msgs,
+                bytes: st.bytes(),
+                first_seq: st.first_seq(),
+                last_seq: st.last_seq(),
+                first_ts: (msgs > 0).then(|| rfc3339(first_ts)),
+                last_ts: (msgs > 0).then(|| rfc3339(st.last_ts)),
+                segments: st.segs.len(),
+                consumers: self
+                    .consumers
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .len(),
+                damaged_records: st.lost,
+            },
+        }
+    }
+
+    fn captures(&self, subject: &str) -> bool {
+        self.config
+            .subjects
+            .iter()
+            .any(|p| sockbus_protocol::matches(p, subject))
+    }
+
+    fn send(&self, req: WriteReq) {
+        let n = req.buf.len();
+        let tx = self.tx.lock().unwrap_or_else(|p| p.into_inner());
+        match tx.as_ref() {
+            Some(tx) => {
+                self.queued.fetch_add(n, Ordering::AcqRel);
+                if let Err(e) = tx.send(req) {
+                    self.queued.fetch_sub(n, Ordering::AcqRel);
+                    fail_all(
+                        e.0,
+                        &StreamError::Deleted(self.config.name.clone()),
+                        &self.state,
+                    );
+                }
+            }
+            None => {
+                drop(tx);
+                fail_all(
+                    req,
+                    &StreamError::Deleted(self.config.name.clone()),
+                    &self.state,
+                )
+            }
+        }
+    }
+
+    fn over_limit(&self) -> bool {
+        self.queued.load(Ordering::Acquire) > QUEUE_LIMIT
+    }
+
+    /// Waits until the writer's queue is below its limit.
+    async fn wait_space(&self) {
+        loop {
+            let n = self.space.notified();
+            tokio::pin!(n);
+            n.as_mut().enable();
+            if !self.over_limit() || self.deleted.load(Ordering::Acquire) {
+                return;
+            }
+            n.await;
+        }
+    }
+
+    pub fn consumer(&self, name: &str) -> Option<Arc<Consumer>> {
+        self.consumers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(name)
+            .cloned()
+    }
+
+    pub fn consumers_dir(&self) -> PathBuf {
+        self.dir.join("consumers")
+    }
+}
+
+fn fail_all(req: WriteReq, e: &StreamError, state: &OnceLock<Weak<State>>) {
+    let st = state.get().and_then(Weak::upgrade);
+    for en in req.entries {
+        writer::send_ack(st.as_deref(), en.ack, Err(e.clone()));
+    }
+}
+
+/// Every stream of the broker; lives on [`State`].
+pub struct Streams {
+    data_dir: PathBuf,
+    map: RwLock<HashMap<String, Arc<Stream>>>,
+    generation: AtomicU64,
+    count: AtomicUsize,
+    state: Arc<OnceLock<Weak<State>>>,
+    /// Serialises create/delete (file-system work).
+    admin: Mutex<()>,
+}
+
+impl Streams {
+    /// Opens every stream found under `<data_dir>/streams`. Creates nothing
+    /// until the first stream is added.
+    pub fn open(data_dir: &Path) -> anyhow::Result<Streams> {
+        let streams = Streams {
+            data_dir: data_dir.to_path_buf(),
+            map: RwLock::new(HashMap::new()),
+            generation: AtomicU64::new(1),
+            count: AtomicUsize::new(0),
+            state: Arc::new(OnceLock::new()),
+            admin: Mutex::new(()),
+        };
+        let root = data_dir.join("streams");
+        let Ok(rd) = std::fs::read_dir(&root) else {
+            return Ok(streams);
+        };
+        for e in rd.filter_map(|e| e.ok()) {
+            let dir = e.path();
+            if e.file_name().to_string_lossy().contains(".deleted-") {
+                // A deleted stream whose removal a crash interrupted.
+                let _ = std::fs::remove_dir_all(&dir);
+                continue;
+            }
+            let cfg_path = dir.join("stream.json");
+            let Ok(text) = std::fs::read(&cfg_path) else {
+                continue;
+            };
+            let cfg: StreamConfig = match serde_json::from_slice(&text) {
+                Ok(c) => c,
+                Err(e) => {
+                    error!(
+                        "skipping {}: invalid stream configuration: {e}",
+                        cfg_path.display()
+                    );
+                    continue;
+                }
+            };
+            let name = cfg.name.clone();
+            let s = streams.start_stream(cfg, &dir).map_err(|e| {
+                anyhow::anyhow!("cannot open stream {name:?} in {}: {e}", dir.display())
+            })?;
+            let st = s.log.lock();
+            info!(stream = %name, messages = st.msgs(), first_seq = st.first_seq(), last_seq = st.last_seq(), segments = st.segs.len(), "stream opened");
+            drop(st);
+            streams
+                .map
+                .write()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(name, s);
+        }
+        streams.count.store(
+            streams.map.read().unwrap_or_else(|p| p.into_inner()).len(),
+            Ordering::Release,
+        );
+        Ok(streams)
+    }
+
+    /// Called once the broker's State exists: acks and consumer deliveries go through it.
+    pub fn attach(&self, state: &Arc<State>) {
+        let _ = self.state.set(Arc::downgrade(state));
+        for s in self.list_streams() {
+            consumer::load_all(&s, state);
+        }
+    }
+
+    fn start_stream(&self, cfg: StreamConfig, dir: &Path) -> std::io::Result<Arc<Stream>> {
+        let (log, _report) = Log::open(dir, &cfg.name)?;
+        let (tx, rx) = std::sync::mpsc::channel();
+        let s = Arc::new(Stream {
+            config: cfg,
+            log,
+            dir: dir.to_path_buf(),
+            tx: Mutex::new(Some(tx)),
+            queued: AtomicUsize::new(0),
+            space: Notify::new(),
+            consumers: Mutex::new(HashMap::new()),
+            deleted: AtomicBool::new(false),
+            state: self.state.clone(),
+        });
+        writer::spawn(s.clone(), rx)?;
+        let log = s.log.clone();
+        std::thread::Builder::new()
+            .name(format!("verify-{}", s.config.name))
+            .spawn(move || log.verify_sealed())?;
+        Ok(s)
+    }
+
+    /// Bumped whenever a stream is added or removed (capture caches check it).
+    pub fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Acquire)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.count.load(Ordering::Relaxed) == 0
+    }
+
+    /// The stream that captures a literal subject, if any. Takes a read lock:
+    /// the publish path goes through a [`CaptureCache`] instead.
+    pub fn capture(&self, subject: &str) -> Option<Arc<Stream>> {
+        if self.is_empty() {
+            return None;
+        }
+        self.map
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .find(|s| s.captures(subject))
+            .cloned()
+    }
+
+    pub fn get(&self, name: &str) -> Option<Arc<Stream>> {
+        self.map
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(name)
+            .cloned()
+    }
+
+    fn list_streams(&self) -> Vec<Arc<Stream>> {
+        let mut v: Vec<_> = self
+            .map
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .cloned()
+            .collect();
+        v.sort_by(|a, b| a.config.name.cmp(&b.config.name));
+        v
+    }
+
+    /// Every stream's info, sorted by name (`GET /v1/streams`).
+    pub fn list(&self) -> Vec<StreamInfo> {
+        self.list_streams().iter().map(|s| s.info()).collect()
+    }
+
+    /// One stream's info (`GET /v1/streams/{name}`).
+    pub fn info(&self, name: &str) -> Result<StreamInfo, StreamError> {
+        self.get(name)
+            .map(|s| s.info())
+            .ok_or_else(|| StreamError::NotFound(name.into()))
+    }
+
+    /// Creates a stream; creating one that exists with the same configuration is a no-op.
+    pub fn create(&self, cfg: StreamConfig) -> Result<StreamInfo, StreamError> {
+        cfg.validate()?;
+        let _g = self.admin.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(s) = self.get(&cfg.name) {
+            return if s.config == cfg {
+                Ok(s.info())
+            } else {
+                Err(StreamError::Exists(cfg.name))
+            };
+        }
+        for s in self.list_streams() {
+            for p in &s.config.subjects {
+                if let Some(q) = cfg.subjects.iter().find(|q| patterns_overlap(p, q)) {
+                    return Err(StreamError::BadRequest(format!(
+                        "subject {q:?} overlaps {p:?} of stream {:?}",
+                        s.config.name
+                    )));
+                }
+            }
+        }
+        let storage = |e: std::io::Error| StreamError::Storage {
+            name: cfg.name.clone(),
+            error: e.to_string(),
+        };
+        let dir = self.data_dir.join("streams").join(&cfg.name);
+        std::fs::create_dir_all(&dir).map_err(storage)?;
+        let json = serde_json::to_vec_pretty(&cfg).expect("serialisable");
+        write_atomic(&dir.join("stream.json"), &json).map_err(storage)?;
+        let s = self.start_stream(cfg.clone(), &dir).map_err(storage)?;
+        info!(stream = %cfg.name, subjects = ?cfg.subjects, fsync = ?cfg.fsync, "stream created");
+        let info = s.info();
+        self.map
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(cfg.name.clone(), s);
+        self.count.fetch_add(1, Ordering::AcqRel);
+        self.generation.fetch_add(1, Ordering::AcqRel);
+        Ok(info)
+    }
+
+    /// Deletes a stream and its data. Publishes in flight to it fail.
+    pub fn delete(&self, name: &str) -> Result<(), StreamError> {
+        let _g = self.admin.lock().unwrap_or_else(|p| p.into_inner());
+        let s = self
+            .map
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(name)
+            .ok_or_else(|| StreamError::NotFound(name.into()))?;
+        self.count.fetch_sub(1, Ordering::AcqRel);
+        self.generation.fetch_add(1, Ordering::AcqRel);
+        s.deleted.store(true, Ordering::Release);
+        s.space.notify_waiters();
+        for (_, c) in s
+            .consumers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .drain()
+        {
+            c.stop();
+        }
+        // Dropping the sender ends the writer once it has answered what is queued.
+        s.tx.lock().unwrap_or_else(|p| p.into_inner()).take();
+        let dir = s.dir.clone();
+        let trash = dir.with_extension(format!("deleted-{}", rand::random::<u32>()));
+        if let Err(e) = std::fs::rename(&dir, &trash) {
+            warn!(stream = name, "cannot remove the stream's directory: {e}");
+        } else {
+            std::thread::spawn(move || {
+                let _ = std::fs::remove_dir_all(&trash);
+            });
+        }
+        info!(stream = name, "stream deleted");
+        Ok(())
+    }
+
+    /// Stores a message published outside the native protocol (the HTTP
+    /// gateway), answering once it is stored as the stream's fsync policy
+    /// says. Only stores: routing to subscribers is `conn::publish`.
+    /// `headers` is an encoded header block.
+    pub async fn publish(
+        &self,
+        subject: &str,
+        headers: &[u8],
+        payload: &[u8],
+    ) -> Result<PubAck, StreamError> {
+        validate_subject(subject).map_err(|e| StreamError::BadRequest(e.to_string()))?;
+        validate_headers(headers).map_err(|e| StreamError::BadRequest(e.to_string()))?;
+        let s = self
+            .capture(subject)
+            .ok_or_else(|| StreamError::NotCaptured(subject.into()))?;
+        s.wait_space().await;
+        let (tx, rx) = oneshot::channel();
+        let mut p = Pending::default();
+        p.add(&s, subject, AckTo::Chan(tx), headers, payload);
+        p.flush();
+        rx.await
+            .map_err(|_| StreamError::Deleted(s.config.name.clone()))?
+    }
+}
+
+pub(crate) fn write_atomic(path: &Path, data: &[u8]) -> std::io::Result<()> {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, data)?;
+    std::fs::File::open(&tmp)?.sync_all()?;
+    std::fs::rename(&tmp, path)?;
+    if let Some(d) = path.parent() {
+        crate::store::segment::sync_dir(d)?;
+    }
+    Ok(())
+}
+
+/// Routes a message like a PUB and, when a stream captures its subject,
+/// stores it and waits for the ack: the one call the HTTP gateway needs for
+/// `POST /v1/publish/{subject}`. `Ok(None)`: no stream captures it (it was
+/// only routed).
+pub async fn publish_durable(
+    state: &State,
+    subject: &str,
+    headers: &[u8],
+    payload: &[u8],
+) -> Result<Option<PubAck>, StreamError> {
+    crate::conn::publish(state, subject, None, headers, payload)
+        .map_err(|e| StreamError::BadRequest(e.to_string()))?;
+    match state.streams.publish(subject, headers, payload).await {
+        Ok(a) => Ok(Some(a)),
+        Err(StreamError::NotCaptured(_)) => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+/// A reader task's cache of `subject -> capturing stream`, valid for one
+/// streams generation: a hit is one atomic load and one hash lookup.
+#[derive(Default)]
+pub struct CaptureCache {
+    gen: u64,
+    map: HashMap<Box<str>, Option<Arc<Stream>>>,
+}
+
+impl CaptureCache {
+    #[inline]
+    pub fn get(&mut self, streams: &Streams, subject: &str) -> Option<Arc<Stream>> {
+        if streams.is_empty() {
+            return None;
+        }
+        let gen = streams.generation();
+        if gen != self.gen {
+            self.map.clear();
+            self.gen = gen;
+        }
+        if let Some(s) = self.map.get(subject) {
+            return s.clone();
+        }
+        if self.map.len() >= 4096 {
+            self.map.clear();
+        }
+        let s = streams.capture(subject);
+        self.map.insert(subject.into(), s.clone());
+        s
+    }
+}
+
+/// Captured messages of one reader batch, handed to each stream's writer
+/// once per batch (so a batch of publishes costs one channel send).
+#[derive(Default)]
+pub struct Pending {
+    reqs: Vec<(Arc<Stream>, WriteReq)>,
+    /// A stream whose queue is over its limit: the reader waits before reading more.
+    full: Option<Arc<Stream>>,
+}
+
+impl Pending {
+    pub fn add(
+        &mut self,
+        s: &Arc<Stream>,
+        subject: &str,
+        ack: AckTo,
+        headers: &[u8],
+        payload: &[u8],
+    ) {
+        let i = match self.reqs.iter().position(|(x, _)| Arc::ptr_eq(x, s)) {
+            Some(i) => i,
+            None => {
+                self.reqs.push((
+                    s.clone(),
+                    WriteReq {
+                        buf: BytesMut::with_capacity(16 * 1024),
+                        entries: Vec::new(),
+                    },
+                ));
+                self.reqs.len() - 1
+            }
+        };
+        let req = &mut self.reqs[i].1;
+        let before = req.buf.len();
+        record::encode_unsealed(&mut req.buf, subject, headers, payload);
+        let msg_id = if headers.is_empty() {
+            None
+        } else {
+            iter_headers(headers)
+                .find(|(k, _)| k.eq_ignore_ascii_case(MSG_ID_HEADER))
+                .map(|(_, v)| v.into())
+        };
+        req.entries.push(Entry {
+            len: (req.buf.len() - before) as u32,
+            ack,
+            msg_id,
+        });
+    }
+
+    /// Stores a captured PUB from a client connection.
+    pub fn add_pub(
+        &mut self,
+        s: &Arc<Stream>,
+        subject: &str,
+        reply: Option<&str>,
+        headers: &[u8],
+        payload: &[u8],
+    ) {
+        let ack = reply.map_or(AckTo::None, |r| AckTo::Reply(r.into()));
+        self.add(s, subject, ack, headers, payload);
+    }
+
+    /// Hands everything queued to the writers.
+    pub fn flush(&mut self) {
+        for (s, req) in self.reqs.drain(..) {
+            s.send(req);
+            if s.over_limit() {
+                self.full = Some(s);
+            }
+        }
+    }
+
+    /// Backpressure: waits while a stream this reader wrote to is behind.
+    pub async fn wait_space(&mut self) {
+        if let Some(s) = self.full.take() {
+            s.wait_space().await;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn overlapping_patterns_are_those_one_subject_could_match_both() {
+        assert!(patterns_overlap("a.*", "a.b"));
+        assert!(patterns_overlap("a.>", "a.b.c"));
+        assert!(patterns_overlap(">", "x"));
+        assert!(patterns_overlap("*.b", "a.*"));
+        assert!(!patterns_overlap("a.>", "a"));
+        assert!(!patterns_overlap("a.*", "a.b.c"));
+        assert!(!patterns_overlap("a.b", "a.c"));
+    }
+
+    #[test]
+    fn stream_configs_are_validated() {
+        assert!(StreamConfig::validate(
+            &serde_json::from_str(r#"{"name":"ok","subjects":["a.>"]}"#).unwrap()
+        )
+        .is_ok());
+        for bad in [
+            r#"{"name":"has space","subjects":["a"]}"#,
+            r#"{"name":"x","subjects":[]}"#,
+            r#"{"name":"x","subjects":["$SB.API.>"]}"#,
+            r#"{"name":"x","subjects":["a..b"]}"#,
+        ] {
+            let c: StreamConfig = serde_json::from_str(bad).unwrap();
+            assert!(c.validate().is_err(), "{bad}");
+        }
+        assert!(serde_json::from_str::<StreamConfig>(
+            r#"{"name":"x","subjects":["a"],"fsync":"sometimes"}"#
+        )
+        .is_err());
+    }
+}

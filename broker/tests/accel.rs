@@ -1,0 +1,1182 @@
+//! The eBPF fast path, for real: programs loaded into this kernel, sockets
+//! redirected, packets counted on the interfaces.
+//!
+//! Needs root (CAP_BPF, CAP_NET_ADMIN, CAP_SYS_ADMIN for cgroups and network
+//! namespaces). Without it each test prints why it skips; with CI=true a
+//! missing capability fails instead.
+//!
+//! Isolation: nothing attaches at the cgroup root. This test process moves
+//! itself into a cgroup of its own (below the cgroup v2 root) and every test
+//! attaches there, filtered on its own broker's port, so other processes on
+//! the machine (other test suites running in parallel) are never touched.
+//! Tests that count packets run their sockets in network namespaces they
+//! create, whose interfaces carry only their traffic.
+
+mod common;
+
+use std::collections::HashSet;
+use std::io::{BufRead, BufReader, Read};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use bytes::BytesMut;
+use common::{nothing, recv, test_config, Raw, TestBroker};
+use sockbus_broker::accel::{AttachOptions, FastPath, Stats};
+use sockbus_protocol::frame::{self, encode_connect, encode_pub, encode_sub};
+use sockbus_protocol::Frame;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+// ---------------------------------------------------------------- harness
+
+/// True when this process may load BPF programs. Otherwise prints why the
+/// test skips, or panics under CI=true.
+fn privileged(test: &str) -> bool {
+    static PROBE: OnceLock<Result<(), String>> = OnceLock::new();
+    let r = PROBE.get_or_init(|| {
+        // SAFETY: no arguments, cannot fail.
+        if unsafe { libc::geteuid() } != 0 {
+            return Err("not running as root".into());
+        }
+        let cg = test_cgroup()?;
+        FastPath::attach(&AttachOptions {
+            ports: vec![1],
+            cgroup: Some(cg.clone()),
+            max_sockets: None,
+        })
+        .map(drop)
+        .map_err(|e| e.to_string())?;
+        let out = Command::new("ip")
+            .args(["netns", "list"])
+            .output()
+            .map_err(|e| format!("cannot run ip (iproute2): {e}"))?;
+        if !out.status.success() {
+            return Err("`ip netns` does not work here".into());
+        }
+        Ok(())
+    });
+    match r {
+        Ok(()) => true,
+        Err(why) if std::env::var("CI").as_deref() == Ok("true") => {
+            panic!("{test}: the fast path cannot be tested here, and CI=true: {why}")
+        }
+        Err(why) => {
+            // Straight to stderr: libtest would hide an eprintln! of a passing test.
+            use std::io::Write;
+            let _ = writeln!(
+                std::io::stderr(),
+                "skipping {test}: {why} (the fast path tests need root)"
+            );
+            false
+        }
+    }
+}
+
+/// A cgroup of this test process's own, below the cgroup v2 root; the
+/// process moves into it once, before any test opens a socket.
+fn test_cgroup() -> Result<&'static PathBuf, String> {
+    static CG: OnceLock<Result<PathBuf, String>> = OnceLock::new();
+    CG.get_or_init(|| {
+        let root = sockbus_broker::accel::cgroup::find_or_mount()
+            .map_err(|e| format!("no cgroup v2: {e}"))?
+            .root;
+        // Leftovers of earlier runs, empty once their process exited.
+        if let Ok(rd) = std::fs::read_dir(&root) {
+            for e in rd.flatten() {
+                if e.file_name()
+                    .to_string_lossy()
+                    .starts_with("sockbus-accel-test-")
+                {
+                    let _ = std::fs::remove_dir(e.path());
+                }
+            }
+        }
+        let dir = root.join(format!("sockbus-accel-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).map_err(|e| format!("cannot create {dir:?}: {e}"))?;
+        std::fs::write(dir.join("cgroup.procs"), std::process::id().to_string())
+            .map_err(|e| format!("cannot move into {dir:?}: {e}"))?;
+        Ok(dir)
+    })
+    .as_ref()
+    .map_err(Clone::clone)
+}
+
+/// Attaches the fast path at this process's cgroup for `ports`.
+fn attach(ports: &[u16]) -> FastPath {
+    FastPath::attach(&AttachOptions {
+        ports: ports.to_vec(),
+        cgroup: Some(test_cgroup().expect("test cgroup").clone()),
+        max_sockets: None,
+    })
+    .expect("attach the fast path")
+}
+
+fn delta(after: Stats, before: Stats) -> Stats {
+    Stats {
+        sockets_added: after.sockets_added - before.sockets_added,
+        add_failures: after.add_failures - before.add_failures,
+        msgs_redirected: after.msgs_redirected - before.msgs_redirected,
+        bytes_redirected: after.bytes_redirected - before.bytes_redirected,
+        misses: after.misses - before.misses,
+    }
+}
+
+fn sh(args: &[&str]) {
+    let out = Command::new(args[0])
+        .args(&args[1..])
+        .output()
+        .expect("run command");
+    assert!(
+        out.status.success(),
+        "{args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A network namespace of this test, deleted on drop.
+struct Netns {
+    name: String,
+}
+
+impl Netns {
+    fn new(tag: &str) -> Netns {
+        let name = format!("sbaccel-{}-{tag}", std::process::id());
+        let _ = Command::new("ip").args(["netns", "del", &name]).output();
+        sh(&["ip", "netns", "add", &name]);
+        sh(&["ip", "-n", &name, "link", "set", "lo", "up"]);
+        Netns { name }
+    }
+
+    /// Runs `f` on a thread that lives in this namespace: every socket it
+    /// opens (a broker's listener, a client's connection) belongs here.
+    fn run<T: Send>(&self, f: impl FnOnce() -> T + Send) -> T {
+        let path = format!("/var/run/netns/{}", self.name);
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                let fd = std::fs::File::open(&path).expect("open netns");
+                use std::os::fd::AsRawFd;
+                // SAFETY: a valid namespace fd; affects only this thread.
+                let rc = unsafe { libc::setns(fd.as_raw_fd(), libc::CLONE_NEWNET) };
+                assert_eq!(rc, 0, "setns: {}", std::io::Error::last_os_error());
+                f()
+            })
+            .join()
+            .expect("netns thread panicked")
+        })
+    }
+
+    fn cat(&self, file: &str) -> String {
+        let out = Command::new("ip")
+            .args(["netns", "exec", &self.name, "cat", file])
+            .output()
+            .expect("ip netns exec");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// TCP segments sent with new data (TcpExt TCPOrigDataSent): data
+    /// packets, not handshakes or acks.
+    fn data_segments(&self) -> u64 {
+        let text = self.cat("/proc/net/netstat");
+        let mut lines = text.lines().filter(|l| l.starts_with("TcpExt:"));
+        let (names, values) = (lines.next().expect("names"), lines.next().expect("values"));
+        names
+            .split_whitespace()
+            .zip(values.split_whitespace())
+            .find(|(n, _)| *n == "TCPOrigDataSent")
+            .and_then(|(_, v)| v.parse().ok())
+            .expect("TCPOrigDataSent")
+    }
+
+    /// Packets sent on an interface of this namespace.
+    fn tx_packets(&self, dev: &str) -> u64 {
+        let text = self.cat("/proc/net/dev");
+        let line = text
+            .lines()
+            .find(|l| l.trim_start().starts_with(&format!("{dev}:")))
+            .unwrap_or_else(|| panic!("no {dev} in {text}"));
+        let fields: Vec<&str> = line.split(':').nth(1).unwrap().split_whitespace().collect();
+        fields[9].parse().expect("tx packets")
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .output();
+    }
+}
+
+fn rt() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime")
+}
+
+fn payload(i: u32, len: usize) -> Vec<u8> {
+    let mut p = vec![(i % 251) as u8; len.max(4)];
+    p[..4].copy_from_slice(&i.to_le_bytes());
+    p
+}
+
+// ------------------------------------------------- (a) proof of short-circuit
+
+/// Publishes `n` messages through a broker in namespace `ns` and returns
+/// (data segments, lo packets, fast path counters) of that phase alone.
+fn pubsub_in_netns(ns: &Netns, accel: bool, n: u32, len: usize) -> (u64, u64, Stats) {
+    ns.run(|| {
+        rt().block_on(async {
+            let b = TestBroker::start().await;
+            let fp = accel.then(|| attach(&[b.addr.port()]));
+            let s = sockbus_client::connect(&b.url).await.unwrap();
+            let mut sub = s.subscribe("proof.lo").await.unwrap();
+            s.flush().await.unwrap();
+            let p = sockbus_client::connect(&b.url).await.unwrap();
+            p.flush().await.unwrap();
+            // Let any delayed ACK of the handshake go out before counting.
+            tokio::time::sleep(Duration::from_millis(250)).await;
+            let stats0 = fp.as_ref().map(|f| f.stats().unwrap()).unwrap_or_default();
+            let (seg0, pkt0) = (ns.data_segments(), ns.tx_packets("lo"));
+            for i in 0..n {
+                p.publish("proof.lo", payload(i, len)).await.unwrap();
+            }
+            p.flush().await.unwrap();
+            for i in 0..n {
+                let m = recv(&mut sub).await;
+                assert_eq!(m.payload.as_ref(), payload(i, len), "message {i}");
+            }
+            let (seg1, pkt1) = (ns.data_segments(), ns.tx_packets("lo"));
+            let stats1 = fp.as_ref().map(|f| f.stats().unwrap()).unwrap_or_default();
+            drop(fp);
+            (seg1 - seg0, pkt1 - pkt0, delta(stats1, stats0))
+        })
+    })
+}
+
+#[test]
+fn fast_path_moves_messages_without_a_single_packet_on_lo() {
+    if !privileged("fast_path_moves_messages_without_a_single_packet_on_lo") {
+        return;
+    }
+    let ns = Netns::new("proof");
+    const N: u32 = 2000;
+    const LEN: usize = 256;
+    let (seg_on, pkt_on, on) = pubsub_in_netns(&ns, true, N, LEN);
+    let (seg_off, pkt_off, _) = pubsub_in_netns(&ns, false, N, LEN);
+    eprintln!(
+        "{N} messages of {LEN} B: fast path on: {seg_on} data segments, {pkt_on} lo packets, {on:?}; \
+         off: {seg_off} data segments, {pkt_off} lo packets"
+    );
+    assert_eq!(seg_on, 0, "no TCP data segment with the fast path on");
+    assert_eq!(pkt_on, 0, "no packet at all on lo with the fast path on");
+    assert!(
+        seg_off > 0 && pkt_off >= seg_off,
+        "plain TCP shows its data segments"
+    );
+    // Every message crossed twice (publisher -> broker -> subscriber).
+    let frames = 2 * N as u64 * LEN as u64;
+    assert!(
+        on.bytes_redirected >= frames,
+        "stats count the redirected bytes: {on:?}"
+    );
+    assert!(on.msgs_redirected >= 2, "{on:?}");
+    assert_eq!(on.misses, 0, "{on:?}");
+}
+
+// --------------------------------------- (b) broker behaviour on the fast path
+
+/// A broker in this process whose connections all take the fast path.
+async fn accelerated_broker() -> (TestBroker, FastPath) {
+    let b = TestBroker::start().await;
+    let fp = attach(&[b.addr.port()]);
+    (b, fp)
+}
+
+fn assert_accelerated(fp: &FastPath, min_bytes: u64) {
+    let s = fp.stats().unwrap();
+    assert!(
+        s.sockets_added >= 2 && s.bytes_redirected >= min_bytes && s.add_failures == 0,
+        "connections took the fast path: {s:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn accelerated_subscriber_gets_every_message_in_publish_order() {
+    if !privileged("accelerated_subscriber_gets_every_message_in_publish_order") {
+        return;
+    }
+    let (b, fp) = accelerated_broker().await;
+    let c = sockbus_client::connect(&b.url).await.unwrap();
+    let mut sub = c.subscribe("orders.created").await.unwrap();
+    c.flush().await.unwrap();
+    let p = sockbus_client::connect(&b.url).await.unwrap();
+    for i in 0..20_000u32 {
+        p.publish("orders.created", i.to_le_bytes()).await.unwrap();
+    }
+    p.flush().await.unwrap();
+    for i in 0..20_000u32 {
+        let m = recv(&mut sub).await;
+        assert_eq!(
+            m.payload.as_ref(),
+            i.to_le_bytes(),
+            "message {i} out of order"
+        );
+    }
+    nothing(&mut sub).await;
+    assert_accelerated(&fp, 2 * 20_000 * 4);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn accelerated_queue_group_delivers_each_message_once() {
+    if !privileged("accelerated_queue_group_delivers_each_message_once") {
+        return;
+    }
+    let (b, fp) = accelerated_broker().await;
+    let mut members = Vec::new();
+    let mut clients = Vec::new();
+    for _ in 0..3 {
+        let c = sockbus_client::connect(&b.url).await.unwrap();
+        members.push(c.queue_subscribe("jobs", "workers").await.unwrap());
+        c.flush().await.unwrap();
+        clients.push(c);
+    }
+    let p = sockbus_client::connect(&b.url).await.unwrap();
+    const N: u32 = 3000;
+    for i in 0..N {
+        p.publish("jobs", i.to_le_bytes()).await.unwrap();
+    }
+    p.flush().await.unwrap();
+    let mut seen = HashSet::new();
+    let mut per_member = Vec::new();
+    for m in &mut members {
+        let mut n = 0;
+        while let Ok(Some(msg)) = tokio::time::timeout(Duration::from_millis(500), m.next()).await {
+            let i = u32::from_le_bytes(msg.payload[..4].try_into().unwrap());
+            assert!(seen.insert(i), "message {i} delivered twice");
+            n += 1;
+        }
+        per_member.push(n);
+    }
+    assert_eq!(seen.len(), N as usize, "every message delivered once");
+    assert!(per_member.iter().all(|&n| n > 0), "{per_member:?}");
+    assert_accelerated(&fp, 2 * N as u64 * 4);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn accelerated_request_reply_and_no_responders() {
+    if !privileged("accelerated_request_reply_and_no_responders") {
+        return;
+    }
+    let (b, fp) = accelerated_broker().await;
+    let svc = sockbus_client::connect(&b.url).await.unwrap();
+    let mut reqs = svc.subscribe("svc.echo").await.unwrap();
+    svc.flush().await.unwrap();
+    let replier = tokio::spawn(async move {
+        while let Some(m) = reqs.next().await {
+            let reply = m.reply().expect("a reply subject").to_string();
+            let mut out = b"echo:".to_vec();
+            out.extend_from_slice(&m.payload);
+            svc.publish(&reply, out).await.unwrap();
+        }
+    });
+    let c = sockbus_client::connect(&b.url).await.unwrap();
+    for i in 0..500u32 {
+        let r = c.request("svc.echo", i.to_le_bytes()).await.unwrap();
+        assert_eq!(&r.payload[..5], b"echo:");
+        assert_eq!(&r.payload[5..], i.to_le_bytes());
+    }
+    let err = c.request("svc.nobody", "x").await.unwrap_err();
+    assert!(
+        matches!(err, sockbus_client::Error::NoResponders),
+        "{err:?}"
+    );
+    replier.abort();
+    assert_accelerated(&fp, 4 * 500 * 4);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn accelerated_large_payloads_arrive_intact() {
+    if !privileged("accelerated_large_payloads_arrive_intact") {
+        return;
+    }
+    let (b, fp) = accelerated_broker().await;
+    let c = sockbus_client::connect(&b.url).await.unwrap();
+    let mut sub = c.subscribe("big").await.unwrap();
+    c.flush().await.unwrap();
+    let p = sockbus_client::connect(&b.url).await.unwrap();
+    let max = p.max_payload() as usize;
+    let sizes = [max, 1, max - 1, 700_000, 65_536, max];
+    for (i, &len) in sizes.iter().enumerate() {
+        let body: Vec<u8> = (0..len).map(|j| (j * 31 + i) as u8).collect();
+        p.publish("big", body).await.unwrap();
+    }
+    p.flush().await.unwrap();
+    for (i, &len) in sizes.iter().enumerate() {
+        let m = recv(&mut sub).await;
+        assert_eq!(m.payload.len(), len, "message {i}");
+        assert!(
+            m.payload
+                .iter()
+                .enumerate()
+                .all(|(j, &b)| b == (j * 31 + i) as u8),
+            "message {i} corrupted"
+        );
+    }
+    assert_accelerated(&fp, 2 * sizes.iter().sum::<usize>() as u64);
+}
+
+/// Starts the broker binary in this test's cgroup; returns it and its port.
+fn spawn_broker(args: &[&str]) -> (Child, u16, std::sync::mpsc::Receiver<String>) {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_sockbus-broker"))
+        .args(["--listen", "127.0.0.1:0", "--node-id", "accel-test"])
+        .args(args)
+        .env("RUST_LOG", "info")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn sockbus-broker");
+    let (tx, rx) = std::sync::mpsc::channel();
+    let stderr = child.stderr.take().unwrap();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut log = String::new();
+    while Instant::now() < deadline {
+        let Ok(line) = rx.recv_timeout(Duration::from_millis(100)) else {
+            continue;
+        };
+        log.push_str(&line);
+        log.push('\n');
+        if let Some(at) = line
+            .contains("listening for clients")
+            .then(|| line.find("addr=127.0.0.1:"))
+            .flatten()
+        {
+            let port: String = line[at + 15..]
+                .chars()
+                .take_while(char::is_ascii_digit)
+                .collect();
+            return (child, port.parse().unwrap(), rx);
+        }
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    panic!("broker did not start:\n{log}");
+}
+
+fn rss_peak_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find(|l| l.starts_with("VmHWM:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .expect("VmHWM")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn accelerated_subscriber_that_never_reads_bounds_kernel_queue_and_broker_memory() {
+    if !privileged("accelerated_subscriber_that_never_reads_bounds_kernel_queue_and_broker_memory")
+    {
+        return;
+    }
+    // A separate broker process, so its memory is its own.
+    let (mut child, port, _log) = spawn_broker(&["--accel", "off", "--max-pending", "16MiB"]);
+    let fp = attach(&[port]);
+    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+
+    // The stalled subscriber: declares the default window (8 MiB), never
+    // reads, never grants credit.
+    let mut raw = Raw::connect(addr).await;
+    let mut b = BytesMut::new();
+    encode_sub(&mut b, 1, "flood", None).unwrap();
+    raw.send(&b).await;
+    let p = sockbus_client::connect(&format!("sockbus://{addr}"))
+        .await
+        .unwrap();
+    p.flush().await.unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+
+    let before = fp.stats().unwrap();
+    let chunk = vec![7u8; 64 * 1024];
+    const TOTAL: usize = 256 << 20;
+    for _ in 0..TOTAL / chunk.len() {
+        p.publish("flood", &chunk).await.unwrap();
+    }
+    p.flush().await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let peak_kib = rss_peak_kib(child.id());
+    let sent = delta(fp.stats().unwrap(), before);
+
+    // Everything the kernel queued for the stalled reader is now readable.
+    let mut queued = 0usize;
+    let mut tmp = vec![0u8; 1 << 20];
+    loop {
+        match tokio::time::timeout(Duration::from_millis(500), raw.stream.read(&mut tmp)).await {
+            Ok(Ok(0)) | Ok(Err(_)) | Err(_) => break,
+            Ok(Ok(n)) => queued += n,
+        }
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    eprintln!(
+        "published {} MiB; kernel queued {queued} B for the stalled subscriber; broker peak RSS {} MiB; {sent:?}",
+        TOTAL >> 20,
+        peak_kib >> 10
+    );
+    let window = 8 << 20;
+    assert!(
+        queued <= window,
+        "the kernel queued {queued} B, more than the flow-control window ({window} B)"
+    );
+    assert!(
+        queued >= window / 2,
+        "the subscriber's window filled: {queued} B"
+    );
+    assert!(
+        sent.bytes_redirected >= TOTAL as u64,
+        "the traffic took the fast path: {sent:?}"
+    );
+    assert!(
+        peak_kib < 96 << 10,
+        "broker peak RSS {} MiB while {} MiB were published",
+        peak_kib >> 10,
+        TOTAL >> 20
+    );
+}
+
+// -------------------------------------------- (c) pods: namespaces over veth
+
+#[test]
+fn connection_between_namespaces_over_veth_is_accelerated() {
+    if !privileged("connection_between_namespaces_over_veth_is_accelerated") {
+        return;
+    }
+    let a = Netns::new("poda");
+    let bns = Netns::new("podb");
+    let (va, vb) = (
+        format!("sba{}", std::process::id() % 100_000),
+        format!("sbb{}", std::process::id() % 100_000),
+    );
+    sh(&[
+        "ip", "-n", &a.name, "link", "add", &va, "type", "veth", "peer", "name", &vb, "netns",
+        &bns.name,
+    ]);
+    sh(&[
+        "ip",
+        "-n",
+        &a.name,
+        "addr",
+        "add",
+        "10.251.0.1/24",
+        "dev",
+        &va,
+    ]);
+    sh(&[
+        "ip",
+        "-n",
+        &bns.name,
+        "addr",
+        "add",
+        "10.251.0.2/24",
+        "dev",
+        &vb,
+    ]);
+    sh(&["ip", "-n", &a.name, "link", "set", &va, "up"]);
+    sh(&["ip", "-n", &bns.name, "link", "set", &vb, "up"]);
+
+    // The broker lives in pod A; its runtime runs until told to stop.
+    let (addr_tx, addr_rx) = std::sync::mpsc::channel();
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            a.run(|| {
+                rt().block_on(async {
+                    let mut cfg = test_config();
+                    cfg.listen = "10.251.0.1:0".parse().unwrap();
+                    let b = TestBroker::with(cfg).await;
+                    addr_tx.send(b.addr).unwrap();
+                    let _ = stop_rx.await;
+                    b.stop().await;
+                })
+            })
+        });
+        let addr: SocketAddr = addr_rx.recv().unwrap();
+        let fp = attach(&[addr.port()]);
+        const N: u32 = 2000;
+        let (segs, pkts) = bns.run(|| {
+            rt().block_on(async {
+                let url = format!("sockbus://{addr}");
+                let c = sockbus_client::connect(&url).await.unwrap();
+                let mut sub = c.subscribe("pods.x").await.unwrap();
+                c.flush().await.unwrap();
+                let p = sockbus_client::connect(&url).await.unwrap();
+                p.flush().await.unwrap();
+                tokio::time::sleep(Duration::from_millis(250)).await;
+                let (seg0, pkt0) = (bns.data_segments(), bns.tx_packets(&vb));
+                for i in 0..N {
+                    p.publish("pods.x", payload(i, 128)).await.unwrap();
+                }
+                p.flush().await.unwrap();
+                for i in 0..N {
+                    assert_eq!(recv(&mut sub).await.payload.as_ref(), payload(i, 128));
+                }
+                (bns.data_segments() - seg0, bns.tx_packets(&vb) - pkt0)
+            })
+        });
+        let s = fp.stats().unwrap();
+        let _ = stop_tx.send(());
+        eprintln!("veth: {segs} data segments, {pkts} packets from pod B; {s:?}");
+        assert!(s.sockets_added >= 4, "both ends of both connections: {s:?}");
+        assert!(s.bytes_redirected >= 2 * N as u64 * 128, "{s:?}");
+        assert_eq!(segs, 0, "no data segment left pod B");
+        assert_eq!(pkts, 0, "no packet crossed the veth");
+    });
+}
+
+/// Speaks just enough protocol over a socket bound to a chosen local port.
+async fn raw_from_port(local: u16, server: SocketAddr) -> tokio::net::TcpStream {
+    let sock = tokio::net::TcpSocket::new_v4().unwrap();
+    sock.set_reuseaddr(true).unwrap();
+    sock.bind(format!("127.0.0.1:{local}").parse().unwrap())
+        .unwrap();
+    let mut s = sock.connect(server).await.unwrap();
+    let mut b = BytesMut::new();
+    encode_connect(&mut b, 0, 0, "raw", b"").unwrap();
+    s.write_all(&b).await.unwrap();
+    s
+}
+
+async fn read_frame(s: &mut tokio::net::TcpStream, buf: &mut BytesMut) -> Frame {
+    loop {
+        if let Some((f, len)) = frame::decode(buf, u32::MAX).unwrap() {
+            let f = Frame::from(f);
+            bytes::Buf::advance(buf, len);
+            return f;
+        }
+        let n = tokio::time::timeout(Duration::from_secs(5), s.read_buf(buf))
+            .await
+            .expect("a frame within 5 s")
+            .unwrap();
+        assert!(n > 0, "connection closed");
+    }
+}
+
+#[test]
+fn identical_loopback_connections_in_two_namespaces_never_cross() {
+    if !privileged("identical_loopback_connections_in_two_namespaces_never_cross") {
+        return;
+    }
+    // Same broker port, same client port, both on 127.0.0.1: the same
+    // 4-tuple twice. The netns cookie in the key keeps them apart.
+    const BROKER: u16 = 17_469;
+    const CLIENT: u16 = 17_470;
+    let n1 = Netns::new("lo1");
+    let n2 = Netns::new("lo2");
+    let fp = attach(&[BROKER]);
+    let (go_tx, go_rx) = std::sync::mpsc::channel::<()>();
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel::<()>();
+    let run = |ns: &Netns,
+               tag: &'static str,
+               ready: std::sync::mpsc::Sender<()>,
+               go: std::sync::mpsc::Receiver<()>| {
+        ns.run(move || {
+            rt().block_on(async move {
+                let mut cfg = test_config();
+                cfg.listen = format!("127.0.0.1:{BROKER}").parse().unwrap();
+                let b = TestBroker::with(cfg).await;
+                let mut s = raw_from_port(CLIENT, b.addr).await;
+                let mut buf = BytesMut::new();
+                assert!(matches!(
+                    read_frame(&mut s, &mut buf).await,
+                    Frame::Info { .. }
+                ));
+                let mut out = BytesMut::new();
+                encode_sub(&mut out, 1, "ns.topic", None).unwrap();
+                out.extend_from_slice(&{
+                    let mut p = BytesMut::new();
+                    sockbus_protocol::frame::encode_ping(&mut p, 1);
+                    p
+                });
+                s.write_all(&out).await.unwrap();
+                assert!(matches!(read_frame(&mut s, &mut buf).await, Frame::Pong(1)));
+                ready.send(()).unwrap();
+                go.recv().unwrap();
+                let mut got = Vec::new();
+                for i in 0..200u32 {
+                    let mut p = BytesMut::new();
+                    encode_pub(
+                        &mut p,
+                        "ns.topic",
+                        None,
+                        &[],
+                        format!("{tag}-{i}").as_bytes(),
+                    )
+                    .unwrap();
+                    s.write_all(&p).await.unwrap();
+                    match read_frame(&mut s, &mut buf).await {
+                        Frame::Msg { payload, .. } => got.push(String::from_utf8(payload).unwrap()),
+                        other => panic!("{tag}: expected MSG, got {other:?}"),
+                    }
+                }
+                b.stop().await;
+                got
+            })
+        })
+    };
+    let (got1, got2) = std::thread::scope(|s| {
+        let (r1, g1) = (ready_tx.clone(), go_rx);
+        let (go2_tx, go2_rx) = std::sync::mpsc::channel::<()>();
+        let h1 = s.spawn(|| run(&n1, "one", r1, g1));
+        let h2 = s.spawn(|| run(&n2, "two", ready_tx, go2_rx));
+        ready_rx.recv().unwrap();
+        ready_rx.recv().unwrap();
+        go_tx.send(()).unwrap();
+        go2_tx.send(()).unwrap();
+        (h1.join().unwrap(), h2.join().unwrap())
+    });
+    let s = fp.stats().unwrap();
+    eprintln!("two namespaces, one 4-tuple: {s:?}");
+    for (tag, got) in [("one", &got1), ("two", &got2)] {
+        for (i, m) in got.iter().enumerate() {
+            assert_eq!(
+                m,
+                &format!("{tag}-{i}"),
+                "namespace {tag} got another's message"
+            );
+        }
+    }
+    assert!(s.sockets_added >= 4 && s.misses == 0, "{s:?}");
+}
+
+// ----------------------------------------------- (d) other traffic untouched
+
+#[test]
+fn tcp_on_other_ports_keeps_its_packets() {
+    if !privileged("tcp_on_other_ports_keeps_its_packets") {
+        return;
+    }
+    let ns = Netns::new("other");
+    let (segs, stats) = ns.run(|| {
+        rt().block_on(async {
+            let b = TestBroker::start().await;
+            let fp = attach(&[b.addr.port()]);
+            // A plain TCP echo on another port, in the same cgroup and namespace.
+            let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let echo_addr = l.local_addr().unwrap();
+            tokio::spawn(async move {
+                let (mut s, _) = l.accept().await.unwrap();
+                let mut buf = vec![0u8; 65536];
+                loop {
+                    let n = s.read(&mut buf).await.unwrap();
+                    if n == 0 {
+                        break;
+                    }
+                    s.write_all(&buf[..n]).await.unwrap();
+                }
+            });
+            let before = fp.stats().unwrap();
+            let seg0 = ns.data_segments();
+            let mut c = tokio::net::TcpStream::connect(echo_addr).await.unwrap();
+            let mut back = vec![0u8; 1000];
+            for i in 0..100u8 {
+                c.write_all(&[i; 1000]).await.unwrap();
+                c.read_exact(&mut back).await.unwrap();
+                assert!(back.iter().all(|&x| x == i));
+            }
+            let segs = ns.data_segments() - seg0;
+            (segs, delta(fp.stats().unwrap(), before))
+        })
+    });
+    eprintln!("other port: {segs} data segments; fast path {stats:?}");
+    assert!(segs >= 200, "the echo's 200 writes went over TCP: {segs}");
+    assert_eq!(stats, Stats::default(), "the fast path never saw it");
+}
+
+// --------------------------------- (e) loader exit and restart, live traffic
+
+/// Publishes `n` messages on `p` and checks `sub` gets them in order;
+/// returns the data segments the namespace sent meanwhile.
+async fn burst(
+    ns: &Netns,
+    p: &sockbus_client::Client,
+    sub: &mut sockbus_client::Subscriber,
+    subject: &str,
+    n: u32,
+) -> u64 {
+    let seg0 = ns.data_segments();
+    for i in 0..n {
+        p.publish(subject, payload(i, 64)).await.unwrap();
+    }
+    p.flush().await.unwrap();
+    for i in 0..n {
+        assert_eq!(
+            recv(sub).await.payload.as_ref(),
+            payload(i, 64),
+            "message {i}"
+        );
+    }
+    ns.data_segments() - seg0
+}
+
+#[test]
+fn connections_survive_the_loader_exiting_and_restarting() {
+    if !privileged("connections_survive_the_loader_exiting_and_restarting") {
+        return;
+    }
+    let ns = Netns::new("restart");
+    ns.run(|| {
+        rt().block_on(async {
+            let b = TestBroker::start().await;
+            let fp = attach(&[b.addr.port()]);
+            let c = sockbus_client::connect(&b.url).await.unwrap();
+            let mut sub = c.subscribe("live").await.unwrap();
+            c.flush().await.unwrap();
+            let p = sockbus_client::connect(&b.url).await.unwrap();
+            p.flush().await.unwrap();
+            assert_eq!(burst(&ns, &p, &mut sub, "live", 1000).await, 0, "on the fast path");
+
+            // Publish continuously while the loader goes away.
+            const N: u32 = 30_000;
+            let publisher = {
+                let p = p.clone();
+                tokio::spawn(async move {
+                    for i in 0..N {
+                        p.publish("live", payload(i, 64)).await.unwrap();
+                        if i % 500 == 0 {
+                            tokio::task::yield_now().await;
+                        }
+                    }
+                    p.flush().await.unwrap();
+                })
+            };
+            let mut fp = Some(fp);
+            for i in 0..N {
+                if i == N / 3 {
+                    // Dropped: both programs detach and the maps are freed.
+                    fp.take();
+                }
+                let m = recv(&mut sub).await;
+                assert_eq!(m.payload.as_ref(), payload(i, 64), "message {i} lost or reordered");
+            }
+            publisher.await.unwrap();
+            let after_exit = burst(&ns, &p, &mut sub, "live", 1000).await;
+
+            // The loader comes back: old connections keep working, new ones are accelerated.
+            let fp2 = attach(&[b.addr.port()]);
+            let after_restart = burst(&ns, &p, &mut sub, "live", 1000).await;
+            let before = fp2.stats().unwrap();
+            let c2 = sockbus_client::connect(&b.url).await.unwrap();
+            let mut sub2 = c2.subscribe("live2").await.unwrap();
+            c2.flush().await.unwrap();
+            let p2 = sockbus_client::connect(&b.url).await.unwrap();
+            p2.flush().await.unwrap();
+            let new_conns = burst(&ns, &p2, &mut sub2, "live2", 1000).await;
+            let s = delta(fp2.stats().unwrap(), before);
+            eprintln!(
+                "data segments for 1000 messages on old connections: after the loader exited {after_exit}, \
+                 after it restarted {after_restart}; on new connections {new_conns}; restarted loader {s:?}"
+            );
+            assert!(s.sockets_added >= 4, "new connections were added: {s:?}");
+            assert_eq!(new_conns, 0, "new connections take the restarted fast path");
+        })
+    });
+}
+
+// ------------------------------------------------ (f) unprivileged broker
+
+#[test]
+fn broker_starts_unprivileged_and_says_it_uses_plain_tcp() {
+    // Needs root only to drop privileges.
+    // SAFETY: no arguments.
+    if unsafe { libc::geteuid() } != 0 {
+        if std::env::var("CI").as_deref() == Ok("true") {
+            panic!("CI=true but not root: cannot test dropping privileges");
+        }
+        use std::io::Write;
+        let _ = writeln!(
+            std::io::stderr(),
+            "skipping broker_starts_unprivileged_and_says_it_uses_plain_tcp: not root"
+        );
+        return;
+    }
+    let bin = env!("CARGO_BIN_EXE_sockbus-broker");
+    let mut child = Command::new("setpriv")
+        .args([
+            "--reuid=nobody",
+            "--regid=nogroup",
+            "--clear-groups",
+            "--inh-caps=-all",
+            "--bounding-set=-all",
+            bin,
+            "--listen",
+            "127.0.0.1:0",
+            "--accel",
+            "auto",
+            "--data-dir",
+            "/tmp/sockbus-accel-unpriv",
+        ])
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("setpriv");
+    let mut err = BufReader::new(child.stderr.take().unwrap());
+    let mut log = String::new();
+    let mut line = String::new();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < deadline && err.read_line(&mut line).unwrap_or(0) > 0 {
+        log.push_str(&line);
+        if line.contains("listening for clients") {
+            break;
+        }
+        line.clear();
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(
+        log.contains("listening for clients"),
+        "broker did not start:\n{log}"
+    );
+    let fallback: Vec<&str> = log.lines().filter(|l| l.contains("fast path:")).collect();
+    assert_eq!(fallback.len(), 1, "one line about the fast path:\n{log}");
+    assert!(
+        fallback[0].contains("off (plain TCP)") && fallback[0].contains("not permitted"),
+        "it says it falls back and why:\n{log}"
+    );
+
+    // --accel on fails loudly with the reason.
+    let out = Command::new("setpriv")
+        .args([
+            "--reuid=nobody",
+            "--regid=nogroup",
+            "--clear-groups",
+            "--inh-caps=-all",
+            "--bounding-set=-all",
+            bin,
+            "--listen",
+            "127.0.0.1:0",
+            "--accel",
+            "on",
+        ])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("--accel on") && stderr.contains("not permitted"),
+        "{stderr}"
+    );
+}
+
+// ------------------------------------------------------------ agent
+
+#[test]
+fn agent_attaches_serves_metrics_and_detaches_on_sigterm() {
+    if !privileged("agent_attaches_serves_metrics_and_detaches_on_sigterm") {
+        return;
+    }
+    // An empty cgroup of its own, so what is attached there is the agent's alone.
+    let cg = test_cgroup().unwrap().join("agent");
+    std::fs::create_dir_all(&cg).unwrap();
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let metrics = l.local_addr().unwrap();
+    drop(l);
+    let mut agent = Command::new(env!("CARGO_BIN_EXE_sockbus-broker"))
+        .args(["accel", "agent", "--ports", "17471,17472", "--metrics"])
+        .arg(metrics.to_string())
+        .arg("--cgroup")
+        .arg(&cg)
+        .env("RUST_LOG", "info")
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let get = |path: &str| -> Option<String> {
+        let mut s = std::net::TcpStream::connect(metrics).ok()?;
+        use std::io::Write;
+        write!(s, "GET {path} HTTP/1.0\r\n\r\n").ok()?;
+        let mut out = String::new();
+        s.read_to_string(&mut out).ok()?;
+        Some(out)
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let body = loop {
+        if let Some(b) = get("/metrics") {
+            break b;
+        }
+        assert!(Instant::now() < deadline, "agent never served metrics");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(body.starts_with("HTTP/1.0 200"), "{body}");
+    assert!(body.contains("sockbus_accel_active 1"), "{body}");
+    assert!(
+        body.contains("sockbus_accel_msgs_redirected_total"),
+        "{body}"
+    );
+    assert!(get("/healthz").unwrap().contains("ok"));
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(agent.id() as i32, libc::SIGTERM) };
+    let status = agent.wait().unwrap();
+    let mut log = String::new();
+    agent
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut log)
+        .unwrap();
+    assert!(status.success(), "{log}");
+    assert!(log.contains("fast path: on"), "{log}");
+    assert!(log.contains("fast path: detached"), "{log}");
+    if let Ok(t) = Command::new("bpftool")
+        .args(["cgroup", "show"])
+        .arg(&cg)
+        .output()
+    {
+        let t = String::from_utf8_lossy(&t.stdout);
+        assert!(
+            !t.contains("sockbus_sock_op"),
+            "still attached after SIGTERM:\n{t}"
+        );
+    }
+    let _ = std::fs::remove_dir(&cg);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ipv6_loopback_connections_are_accelerated_too() {
+    if !privileged("ipv6_loopback_connections_are_accelerated_too") {
+        return;
+    }
+    let mut cfg = test_config();
+    cfg.listen = "[::1]:0".parse().unwrap();
+    let b = TestBroker::with(cfg).await;
+    let fp = attach(&[b.addr.port()]);
+    let c = sockbus_client::connect(&b.url).await.unwrap();
+    let mut sub = c.subscribe("v6").await.unwrap();
+    c.flush().await.unwrap();
+    for i in 0..1000u32 {
+        c.publish("v6", payload(i, 100)).await.unwrap();
+    }
+    c.flush().await.unwrap();
+    for i in 0..1000u32 {
+        assert_eq!(recv(&mut sub).await.payload.as_ref(), payload(i, 100));
+    }
+    let s = fp.stats().unwrap();
+    assert!(
+        s.sockets_added >= 2 && s.bytes_redirected >= 2 * 1000 * 100 && s.misses == 0,
+        "{s:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_socket_map_leaves_new_connections_on_plain_tcp_and_counts_them() {
+    if !privileged("a_full_socket_map_leaves_new_connections_on_plain_tcp_and_counts_them") {
+        return;
+    }
+    let b = TestBroker::start().await;
+    // Room for one connection (two sockets) only.
+    let fp = FastPath::attach(&AttachOptions {
+        ports: vec![b.addr.port()],
+        cgroup: Some(test_cgroup().unwrap().clone()),
+        max_sockets: Some(2),
+    })
+    .expect("attach");
+    let c1 = sockbus_client::connect(&b.url).await.unwrap();
+    let mut sub = c1.subscribe("full").await.unwrap();
+    c1.flush().await.unwrap();
+    let c2 = sockbus_client::connect(&b.url).await.unwrap();
+    for i in 0..1000u32 {
+        c2.publish("full", payload(i, 64)).await.unwrap();
+    }
+    c2.flush().await.unwrap();
+    for i in 0..1000u32 {
+        assert_eq!(recv(&mut sub).await.payload.as_ref(), payload(i, 64));
+    }
+    let s = fp.stats().unwrap();
+    assert_eq!(s.sockets_added, 2, "{s:?}");
+    assert_eq!(
+        s.add_failures, 2,
+        "both ends of the second connection: {s:?}"
+    );
+    assert!(
+        s.bytes_redirected >= 1000 * 64,
+        "the first connection still redirects: {s:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_loader_for_the_same_port_is_refused_per_socket_and_breaks_nothing() {
+    if !privileged("a_second_loader_for_the_same_port_is_refused_per_socket_and_breaks_nothing") {
+        return;
+    }
+    let b = TestBroker::start().await;
+    let first = attach(&[b.addr.port()]);
+    let second = attach(&[b.addr.port()]);
+    let c = sockbus_client::connect(&b.url).await.unwrap();
+    let mut sub = c.subscribe("two").await.unwrap();
+    c.flush().await.unwrap();
+    for i in 0..1000u32 {
+        c.publish("two", payload(i, 64)).await.unwrap();
+    }
+    c.flush().await.unwrap();
+    for i in 0..1000u32 {
+        assert_eq!(recv(&mut sub).await.payload.as_ref(), payload(i, 64));
+    }
+    let (a, z) = (first.stats().unwrap(), second.stats().unwrap());
+    eprintln!("two loaders: first {a:?}, second {z:?}");
+    // Each socket joins exactly one map; the other loader counts a failure.
+    assert_eq!(a.sockets_added + z.sockets_added, 2, "{a:?} {z:?}");
+    assert_eq!(a.add_failures + z.add_failures, 2, "{a:?} {z:?}");
+    assert!(a.bytes_redirected + z.bytes_redirected >= 2 * 1000 * 64);
+}
+
+#[test]
+fn broker_with_accel_on_detaches_on_sigterm_even_with_its_log_pipe_gone() {
+    if !privileged("broker_with_accel_on_detaches_on_sigterm_even_with_its_log_pipe_gone") {
+        return;
+    }
+    let cg = test_cgroup().unwrap().join("broker-on");
+    std::fs::create_dir_all(&cg).unwrap();
+    let cg_arg = cg.to_string_lossy().into_owned();
+    let (mut child, _port, log) = spawn_broker(&["--accel", "on", "--accel-cgroup", &cg_arg]);
+    let attached = || {
+        Command::new("bpftool")
+            .args(["cgroup", "show"])
+            .arg(&cg)
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).contains("sockbus_sock_op"))
+    };
+    if let Ok(a) = attached() {
+        assert!(a, "--accel on attached at {cg:?}");
+    }
+    // Nobody reads the broker's stderr any more: its next log line fails.
+    drop(log);
+    std::thread::sleep(Duration::from_millis(200));
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("the broker ignored SIGTERM");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(status.success(), "{status:?}");
+    if let Ok(a) = attached() {
+        assert!(!a, "still attached after the broker exited");
+    }
+    let _ = std::fs::remove_dir(&cg);
+}

@@ -1,0 +1,693 @@
+//! The HTTP gateway over real HTTP: every route, every error, the header
+//! mapping, SSE delivery (wildcards, queue groups, slow consumers) and the
+//! limits that bound a misbehaving client.
+
+mod common;
+mod http_util;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use common::{recv, test_config};
+use http_util::{eventually, request, HttpBroker, Sse};
+use hyper::{Method, StatusCode};
+use sockbus_broker::metrics::{Metrics, Source};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+#[tokio::test]
+async fn post_publish_reaches_native_subscribers_with_headers_and_reply() {
+    let b = HttpBroker::start().await;
+    let c = sockbus_client::connect(&b.broker.url).await.unwrap();
+    let mut sub = c.subscribe("orders.*").await.unwrap();
+    c.flush().await.unwrap();
+
+    let r = request(
+        b.http,
+        Method::POST,
+        "/v1/publish/orders.new",
+        &[
+            ("Sockbus-Header-Trace-Id", "abc 123"),
+            ("Sockbus-Reply", "replies.1"),
+            ("X-Other", "not carried"),
+        ],
+        Bytes::from_static(b"{\"id\":7}"),
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::NO_CONTENT, "{}", r.text());
+    assert!(r.body.is_empty());
+
+    let m = recv(&mut sub).await;
+    assert_eq!(m.subject(), "orders.new");
+    assert_eq!(&m.payload[..], b"{\"id\":7}");
+    assert_eq!(m.reply(), Some("replies.1"));
+    let h = m.headers();
+    assert_eq!(h.get("trace-id"), Some("abc 123"), "{h:?}");
+    assert_eq!(
+        h.iter().count(),
+        1,
+        "only Sockbus-Header-* are carried: {h:?}"
+    );
+
+    // Percent-encoded subjects and empty bodies are fine.
+    let r = b.post("/v1/publish/orders.caf%C3%A9", "").await;
+    assert_eq!(r.status, StatusCode::NO_CONTENT);
+    let m = recv(&mut sub).await;
+    assert_eq!(m.subject(), "orders.café");
+    assert!(m.payload.is_empty());
+}
+
+#[tokio::test]
+async fn bad_publishes_get_json_errors_with_the_right_status() {
+    let mut cfg = test_config();
+    cfg.max_payload = 1024;
+    let b = HttpBroker::with(cfg).await;
+    for (path, why) in [
+        ("/v1/publish/a..b", "empty token"),
+        ("/v1/publish/a.*", "wildcard"),
+        ("/v1/publish/a.%3E", "wildcard"),
+        ("/v1/publish/", "empty"),
+        ("/v1/publish/a%20b", "space"),
+        ("/v1/publish/%FF", "UTF-8"),
+    ] {
+        let r = b.post(path, "x").await;
+        assert_eq!(r.status, StatusCode::BAD_REQUEST, "{path}: {}", r.text());
+        let e = r.error();
+        assert!(e.contains("invalid subject"), "{path}: {e}");
+        let _ = why;
+    }
+    let r = request(
+        b.http,
+        Method::POST,
+        "/v1/publish/a",
+        &[("Sockbus-Reply", "bad..reply")],
+        Bytes::from_static(b"x"),
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::BAD_REQUEST);
+    assert!(r.error().contains("reply"), "{}", r.text());
+
+    // Over the limit with a Content-Length: refused before the body is read.
+    let r = b.post("/v1/publish/a", vec![0u8; 1025]).await;
+    assert_eq!(r.status, StatusCode::PAYLOAD_TOO_LARGE);
+    let e = r.error();
+    assert!(e.contains("1025") && e.contains("1024"), "{e}");
+    // Exactly at the limit is fine.
+    assert_eq!(
+        b.post("/v1/publish/a", vec![0u8; 1024]).await.status,
+        StatusCode::NO_CONTENT
+    );
+
+    // Chunked, no Content-Length: refused once the limit is passed.
+    let mut s = TcpStream::connect(b.http).await.unwrap();
+    let chunk = "x".repeat(800);
+    let req = format!(
+        "POST /v1/publish/a HTTP/1.1\r\nhost: x\r\ntransfer-encoding: chunked\r\n\r\n{:x}\r\n{chunk}\r\n{:x}\r\n{chunk}\r\n0\r\n\r\n",
+        chunk.len(),
+        chunk.len()
+    );
+    s.write_all(req.as_bytes()).await.unwrap();
+    let head = read_head(&mut s).await;
+    assert!(head.starts_with("HTTP/1.1 413"), "{head}");
+    assert!(head.contains("maximum payload of 1024 bytes"), "{head}");
+    assert_eq!(
+        Metrics::get(&b.broker.state.metrics.msgs_in),
+        1,
+        "only the message at the limit was published"
+    );
+}
+
+/// Reads from a raw socket until the response head and some body arrived.
+async fn read_head(s: &mut TcpStream) -> String {
+    let mut buf = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let mut tmp = [0u8; 4096];
+    while Instant::now() < deadline {
+        match tokio::time::timeout(Duration::from_millis(200), s.read(&mut tmp)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => break,
+            Ok(Ok(n)) => buf.extend_from_slice(&tmp[..n]),
+            Err(_) if !buf.is_empty() => break,
+            Err(_) => {}
+        }
+    }
+    String::from_utf8_lossy(&buf).into_owned()
+}
+
+#[tokio::test]
+async fn unknown_routes_are_404_and_wrong_methods_405_with_allow() {
+    let b = HttpBroker::start().await;
+    for path in ["/nope", "/v1/publish", "/v1", "/metrics/x", "/v2/publish/a"] {
+        let r = b.get(path).await;
+        assert_eq!(r.status, StatusCode::NOT_FOUND, "{path}");
+        assert!(r.error().contains("no route"), "{path}");
+    }
+    for (method, path, allow) in [
+        (Method::GET, "/v1/publish/a", "POST"),
+        (Method::PUT, "/v1/publish/a", "POST"),
+        (Method::POST, "/v1/subscribe/a", "GET"),
+        (Method::HEAD, "/v1/subscribe/a", "GET"),
+        (Method::POST, "/v1/streams", "GET, HEAD"),
+        (Method::DELETE, "/v1/streams/s", "GET, HEAD"),
+        (Method::POST, "/metrics", "GET, HEAD"),
+        (Method::POST, "/healthz", "GET, HEAD"),
+        (Method::POST, "/readyz", "GET, HEAD"),
+        (Method::POST, "/", "GET, HEAD"),
+        (Method::POST, "/v1/status", "GET, HEAD"),
+    ] {
+        let r = request(b.http, method.clone(), path, &[], Bytes::new()).await;
+        assert_eq!(r.status, StatusCode::METHOD_NOT_ALLOWED, "{method} {path}");
+        assert_eq!(r.header("allow"), Some(allow), "{method} {path}");
+        if method != Method::HEAD {
+            assert!(r.error().contains("not allowed"), "{method} {path}");
+        }
+    }
+}
+
+#[tokio::test]
+async fn sse_streams_wildcard_matches_with_subject_headers_and_multiline_data() {
+    let b = HttpBroker::start().await;
+    let mut sse = Sse::open(b.http, "/v1/subscribe/sensors.%3E").await;
+    assert_eq!(sse.status, StatusCode::OK);
+    assert_eq!(
+        sse.headers.get("content-type").unwrap(),
+        "text/event-stream"
+    );
+    assert_eq!(b.broker.state.router.len(), 1);
+
+    let p = sockbus_client::connect(&b.broker.url).await.unwrap();
+    let mut h = sockbus_client::Headers::new();
+    h.insert("unit", "celsius");
+    p.publish_with_headers("sensors.kitchen.temp", &h, "21.5")
+        .await
+        .unwrap();
+    p.publish("other", "not for us").await.unwrap();
+    p.publish("sensors.hall", "line one\nline two")
+        .await
+        .unwrap();
+    p.flush().await.unwrap();
+    // HTTP publishes reach SSE subscribers too.
+    assert_eq!(
+        b.post("/v1/publish/sensors.x", "from http").await.status,
+        StatusCode::NO_CONTENT
+    );
+
+    let e = sse.next().await.unwrap();
+    assert_eq!(e.get("subject"), Some("sensors.kitchen.temp"));
+    assert_eq!(e.get("header"), Some("unit: celsius"));
+    assert_eq!(e.data(), "21.5");
+    let e = sse.next().await.unwrap();
+    assert_eq!(e.get("subject"), Some("sensors.hall"));
+    assert_eq!(e.data(), "line one\nline two");
+    let e = sse.next().await.unwrap();
+    assert_eq!(e.get("subject"), Some("sensors.x"));
+    assert_eq!(e.data(), "from http");
+
+    // The JSON format carries everything in data.
+    let mut js = Sse::open(b.http, "/v1/subscribe/j.*?format=json").await;
+    b.post("/v1/publish/j.1", "hi").await;
+    let e = js.next().await.unwrap();
+    let v: serde_json::Value = serde_json::from_str(&e.data()).unwrap();
+    assert_eq!(v["subject"], "j.1");
+    assert_eq!(v["data"], "hi");
+
+    // Closing the stream removes the subscriptions.
+    drop(sse);
+    drop(js);
+    let st = b.broker.state.clone();
+    eventually("SSE subscriptions removed", || st.router.is_empty()).await;
+}
+
+#[tokio::test]
+async fn sse_queue_groups_share_messages_between_members() {
+    let b = HttpBroker::start().await;
+    let mut a = Sse::open(b.http, "/v1/subscribe/work?queue=g").await;
+    let mut c = Sse::open(b.http, "/v1/subscribe/work?queue=g").await;
+    for i in 0..20 {
+        b.post("/v1/publish/work", format!("{i}")).await;
+    }
+    // Each message goes to exactly one member; count by draining both.
+    let mut seen = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while seen.len() < 20 && Instant::now() < deadline {
+        tokio::select! {
+            Some(e) = a.next() => seen.push(("a", e.data())),
+            Some(e) = c.next() => seen.push(("c", e.data())),
+        }
+    }
+    let mut payloads: Vec<u32> = seen.iter().map(|(_, d)| d.parse().unwrap()).collect();
+    payloads.sort();
+    assert_eq!(
+        payloads,
+        (0..20).collect::<Vec<_>>(),
+        "each message exactly once"
+    );
+    assert!(
+        seen.iter().any(|(w, _)| *w == "a") && seen.iter().any(|(w, _)| *w == "c"),
+        "both members got some: {seen:?}"
+    );
+}
+
+#[tokio::test]
+async fn bad_subscriptions_are_400() {
+    let b = HttpBroker::start().await;
+    for (path, needle) in [
+        ("/v1/subscribe/a..b", "invalid subject"),
+        ("/v1/subscribe/a.%3E.b", "invalid subject"),
+        ("/v1/subscribe/", "invalid subject"),
+        ("/v1/subscribe/a?queue=", "queue"),
+        ("/v1/subscribe/a?queue=a%20b", "queue"),
+        ("/v1/subscribe/a?format=xml", "format"),
+    ] {
+        let r = b.get(path).await;
+        assert_eq!(r.status, StatusCode::BAD_REQUEST, "{path}");
+        assert!(r.error().contains(needle), "{path}: {}", r.text());
+    }
+    assert!(b.broker.state.router.is_empty());
+}
+
+#[tokio::test]
+async fn a_stalled_sse_client_is_cut_off_as_a_slow_consumer() {
+    let mut cfg = test_config();
+    cfg.max_payload = 16 * 1024;
+    cfg.max_pending = 256 * 1024;
+    let b = HttpBroker::with(cfg).await;
+    // A raw client that asks for a stream and then never reads.
+    let mut s = TcpStream::connect(b.http).await.unwrap();
+    s.write_all(b"GET /v1/subscribe/flood HTTP/1.1\r\nhost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let st = b.broker.state.clone();
+    eventually("SSE subscription", || st.router.len() == 1).await;
+
+    let p = sockbus_client::connect(&b.broker.url).await.unwrap();
+    let payload = vec![b'x'; 16 * 1024];
+    // Far more than socket buffers plus the 256 KiB budget.
+    for _ in 0..2048 {
+        p.publish("flood", &payload).await.unwrap();
+    }
+    p.flush().await.unwrap();
+    eventually("slow consumer verdict", || {
+        Metrics::get(&st.metrics.slow_consumers) == 1
+    })
+    .await;
+    eventually("subscription removed", || st.router.is_empty()).await;
+    assert!(Metrics::get(&st.metrics.dropped_messages) > 0);
+    // The connection is closed: reading drains what was sent, then EOF.
+    let mut tmp = vec![0u8; 1 << 16];
+    let closed = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            match s.read(&mut tmp).await {
+                Ok(0) | Err(_) => return true,
+                Ok(_) => {}
+            }
+        }
+    })
+    .await;
+    assert_eq!(closed, Ok(true), "connection closed");
+    eventually("SSE gauge back to 0", || {
+        b.gateway.metrics.sse_subscribers() == 0
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn streams_routes_answer_json_until_streams_exist() {
+    let b = HttpBroker::start().await;
+    let r = b.get("/v1/streams").await;
+    assert_eq!(r.status, StatusCode::OK);
+    assert_eq!(r.json(), serde_json::json!({"streams": []}));
+    let r = b.get("/v1/streams/orders").await;
+    assert_eq!(r.status, StatusCode::NOT_FOUND);
+    assert!(r.error().contains("orders"));
+}
+
+struct Recovering;
+impl Source for Recovering {
+    fn name(&self) -> &'static str {
+        "streams"
+    }
+    fn prometheus(&self, out: &mut String) {
+        out.push_str("# HELP sockbus_test_figure A figure.\n# TYPE sockbus_test_figure gauge\nsockbus_test_figure 42\n");
+    }
+    fn status(&self) -> serde_json::Value {
+        serde_json::json!([{"name": "orders", "messages": 3}])
+    }
+    fn ready(&self) -> Result<(), String> {
+        Err("recovering segment 3 of 7".into())
+    }
+}
+
+#[tokio::test]
+async fn health_and_readiness_probes_follow_the_parts_of_the_broker() {
+    let b = HttpBroker::start().await;
+    let r = b.get("/healthz").await;
+    assert_eq!(
+        (r.status, r.json()["status"].as_str()),
+        (StatusCode::OK, Some("ok"))
+    );
+    let r = b.get("/readyz").await;
+    assert_eq!(
+        (r.status, r.json()["status"].as_str()),
+        (StatusCode::OK, Some("ready"))
+    );
+    let head = request(b.http, Method::HEAD, "/healthz", &[], Bytes::new()).await;
+    assert_eq!(head.status, StatusCode::OK);
+
+    b.broker
+        .state
+        .metrics
+        .sources
+        .register(Arc::new(Recovering));
+    let r = b.get("/readyz").await;
+    assert_eq!(r.status, StatusCode::SERVICE_UNAVAILABLE);
+    assert!(
+        r.error().contains("streams: recovering segment 3 of 7"),
+        "{}",
+        r.text()
+    );
+    assert_eq!(
+        b.get("/healthz").await.status,
+        StatusCode::OK,
+        "alive while not ready"
+    );
+    // What a source reports shows up in /metrics and /v1/status.
+    assert!(b
+        .get("/metrics")
+        .await
+        .text()
+        .contains("sockbus_test_figure 42"));
+    let s = b.get("/v1/status").await.json();
+    assert_eq!(s["streams"][0]["name"], "orders");
+    assert_eq!(s["ready"], "streams: recovering segment 3 of 7");
+}
+
+/// Every sample line of a Prometheus text exposition: (name, labels, value).
+fn parse_exposition(text: &str) -> Vec<(String, String, f64)> {
+    let mut typed = std::collections::HashSet::new();
+    let mut out = Vec::new();
+    for line in text.lines() {
+        if let Some(rest) = line.strip_prefix("# TYPE ") {
+            let mut it = rest.split(' ');
+            let name = it.next().unwrap().to_string();
+            let kind = it.next().unwrap();
+            assert!(["counter", "gauge", "histogram"].contains(&kind), "{line}");
+            if kind == "counter" {
+                assert!(name.ends_with("_total"), "counter without _total: {name}");
+            }
+            assert!(typed.insert(name), "family typed twice: {line}");
+            continue;
+        }
+        if line.starts_with('#') || line.is_empty() {
+            continue;
+        }
+        let (series, value) = line.rsplit_once(' ').expect("name value");
+        let value: f64 = value
+            .parse()
+            .unwrap_or_else(|_| panic!("bad value: {line}"));
+        let (name, labels) = match series.split_once('{') {
+            Some((n, l)) => (n, l.strip_suffix('}').expect("closing brace")),
+            None => (series, ""),
+        };
+        assert!(name.starts_with("sockbus_"), "{line}");
+        assert!(
+            name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_'),
+            "{line}"
+        );
+        let family = ["_bucket", "_sum", "_count"]
+            .iter()
+            .find_map(|s| name.strip_suffix(s).filter(|f| typed.contains(*f)))
+            .unwrap_or(name);
+        assert!(typed.contains(family), "sample before its # TYPE: {line}");
+        out.push((name.to_string(), labels.to_string(), value));
+    }
+    out
+}
+
+#[tokio::test]
+async fn metrics_are_prometheus_text_with_conventional_names() {
+    let b = HttpBroker::start().await;
+    let c = sockbus_client::connect(&b.broker.url).await.unwrap();
+    let mut sub = c.subscribe("m.>").await.unwrap();
+    c.flush().await.unwrap();
+    for _ in 0..3 {
+        assert_eq!(
+            b.post("/v1/publish/m.x", "12345").await.status,
+            StatusCode::NO_CONTENT
+        );
+    }
+    for _ in 0..3 {
+        recv(&mut sub).await;
+    }
+    b.post("/v1/publish/bad..subject", "x").await;
+    let r = b.get("/metrics").await;
+    assert_eq!(r.status, StatusCode::OK);
+    assert_eq!(
+        r.header("content-type"),
+        Some("text/plain; version=0.0.4; charset=utf-8")
+    );
+    let samples = parse_exposition(&r.text());
+    let get = |name: &str, labels: &str| {
+        samples
+            .iter()
+            .find(|(n, l, _)| n == name && l == labels)
+            .map(|s| s.2)
+            .unwrap_or_else(|| panic!("no {name}{{{labels}}} in\n{}", r.text()))
+    };
+    assert_eq!(get("sockbus_connections", ""), 1.0);
+    assert_eq!(get("sockbus_subscriptions", ""), 1.0);
+    assert_eq!(get("sockbus_messages_in_total", ""), 3.0);
+    assert_eq!(get("sockbus_bytes_in_total", ""), 15.0);
+    assert_eq!(get("sockbus_messages_out_total", ""), 3.0);
+    assert_eq!(get("sockbus_bytes_out_total", ""), 15.0);
+    assert_eq!(get("sockbus_slow_consumers_total", ""), 0.0);
+    assert_eq!(get("sockbus_dropped_messages_total", ""), 0.0);
+    assert_eq!(
+        get(
+            "sockbus_http_requests_total",
+            "route=\"/v1/publish/{subject}\",status=\"204\""
+        ),
+        3.0
+    );
+    assert_eq!(
+        get(
+            "sockbus_http_requests_total",
+            "route=\"/v1/publish/{subject}\",status=\"400\""
+        ),
+        1.0
+    );
+    assert_eq!(
+        get(
+            "sockbus_http_request_duration_seconds_count",
+            "route=\"/v1/publish/{subject}\""
+        ),
+        4.0
+    );
+    assert_eq!(
+        get(
+            "sockbus_http_request_duration_seconds_bucket",
+            "route=\"/v1/publish/{subject}\",le=\"+Inf\""
+        ),
+        4.0
+    );
+    assert!(get("sockbus_http_connections", "") >= 1.0);
+}
+
+#[tokio::test]
+async fn status_page_and_its_json_show_the_busiest_subjects() {
+    let b = HttpBroker::start().await;
+    let r = b.get("/").await;
+    assert_eq!(r.status, StatusCode::OK);
+    assert_eq!(r.header("content-type"), Some("text/html; charset=utf-8"));
+    let html = r.text();
+    assert!(html.contains("id=\"subjects\"") && html.contains("/v1/status"));
+
+    let p = sockbus_client::connect(&b.broker.url).await.unwrap();
+    for _ in 0..50 {
+        p.publish("busy.one", "0123456789").await.unwrap();
+    }
+    for _ in 0..5 {
+        p.publish("quiet.one", "x").await.unwrap();
+    }
+    p.flush().await.unwrap();
+    b.post("/v1/publish/busy.http", "x").await;
+    let s = b.get("/v1/status").await.json();
+    assert_eq!(s["node"], "test");
+    assert_eq!(s["connections"]["clients"], 1);
+    assert_eq!(s["messages"]["in"], 56);
+    let subjects = s["subjects"].as_array().unwrap();
+    assert_eq!(subjects[0]["subject"], "busy.one", "{s:#}");
+    assert_eq!(subjects[0]["msgs"], 50);
+    assert_eq!(subjects[0]["bytes"], 500);
+    assert!(subjects
+        .iter()
+        .any(|x| x["subject"] == "quiet.one" && x["msgs"] == 5));
+    assert!(subjects
+        .iter()
+        .any(|x| x["subject"] == "busy.http" && x["msgs"] == 1));
+    assert_eq!(s["streams"], serde_json::json!([]));
+    assert_eq!(s["fast_path"]["active"], false);
+    // Rates appear within a tick or two.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        for _ in 0..100 {
+            p.publish("busy.one", "x").await.unwrap();
+        }
+        p.flush().await.unwrap();
+        let s = b.get("/v1/status").await.json();
+        if s["subjects"][0]["msgs_per_sec"].as_f64().unwrap() > 0.0
+            && s["messages"]["in_per_sec"].as_f64().unwrap() > 0.0
+        {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no rates: {s:#}");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+}
+
+#[tokio::test]
+async fn connections_over_the_limit_get_503() {
+    let mut cfg = test_config();
+    cfg.http_max_connections = 2;
+    let b = HttpBroker::with(cfg).await;
+    let _one = TcpStream::connect(b.http).await.unwrap();
+    let _two = TcpStream::connect(b.http).await.unwrap();
+    let g = b.gateway.clone();
+    eventually("two connections counted", || g.metrics.connections() == 2).await;
+    let r = b.get("/healthz").await;
+    assert_eq!(r.status, StatusCode::SERVICE_UNAVAILABLE);
+    assert!(r.error().contains("connection limit"));
+    drop(_one);
+    eventually("a slot frees up", || g.metrics.connections() == 1).await;
+    assert_eq!(b.get("/healthz").await.status, StatusCode::OK);
+}
+
+#[tokio::test]
+async fn a_slow_request_head_is_cut_off_after_the_header_timeout() {
+    let mut cfg = test_config();
+    cfg.http_header_timeout = Duration::from_millis(300);
+    let b = HttpBroker::with(cfg).await;
+    let mut s = TcpStream::connect(b.http).await.unwrap();
+    let start = Instant::now();
+    s.write_all(b"GET /healthz HTTP/1.1\r\nhost: x\r\n")
+        .await
+        .unwrap();
+    let mut tmp = [0u8; 1024];
+    let mut open = true;
+    // One header line every 100 ms: never finishes the head.
+    for i in 0..50 {
+        if s.write_all(format!("x-slow-{i}: 1\r\n").as_bytes())
+            .await
+            .is_err()
+        {
+            open = false;
+            break;
+        }
+        if let Ok(Ok(0) | Err(_)) =
+            tokio::time::timeout(Duration::from_millis(100), s.read(&mut tmp)).await
+        {
+            open = false;
+            break;
+        }
+    }
+    assert!(!open, "connection still open after {:?}", start.elapsed());
+    assert!(
+        start.elapsed() < Duration::from_secs(3),
+        "{:?}",
+        start.elapsed()
+    );
+
+    // An idle kept-alive connection is closed by the same timeout.
+    let mut s = TcpStream::connect(b.http).await.unwrap();
+    s.write_all(b"GET /healthz HTTP/1.1\r\nhost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let first = read_head(&mut s).await;
+    assert!(first.starts_with("HTTP/1.1 200"), "{first}");
+    let n = tokio::time::timeout(Duration::from_secs(3), s.read(&mut tmp)).await;
+    assert!(
+        matches!(n, Ok(Ok(0)) | Ok(Err(_))),
+        "idle connection closed: {n:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_slow_request_body_gets_408_after_the_body_timeout() {
+    let mut cfg = test_config();
+    cfg.http_body_timeout = Duration::from_millis(300);
+    let b = HttpBroker::with(cfg).await;
+    let mut s = TcpStream::connect(b.http).await.unwrap();
+    let start = Instant::now();
+    s.write_all(b"POST /v1/publish/a HTTP/1.1\r\nhost: x\r\ncontent-length: 100\r\n\r\n0123456789")
+        .await
+        .unwrap();
+    let head = read_head(&mut s).await;
+    assert!(head.starts_with("HTTP/1.1 408"), "{head}");
+    assert!(head.contains("did not arrive within 300ms"), "{head}");
+    assert!(start.elapsed() < Duration::from_secs(3));
+    assert_eq!(Metrics::get(&b.broker.state.metrics.msgs_in), 0);
+}
+
+#[tokio::test]
+async fn an_oversized_request_head_is_refused() {
+    let b = HttpBroker::start().await;
+    let big = "y".repeat(40 * 1024);
+    let mut s = TcpStream::connect(b.http).await.unwrap();
+    let _ = s
+        .write_all(format!("GET /healthz HTTP/1.1\r\nhost: x\r\nx-big: {big}\r\n\r\n").as_bytes())
+        .await;
+    let head = read_head(&mut s).await;
+    assert!(head.starts_with("HTTP/1.1 431"), "{head:.100}");
+}
+
+#[tokio::test]
+async fn shutdown_ends_sse_streams_after_flushing_them() {
+    let mut b = HttpBroker::start().await;
+    let mut sse = Sse::open(b.http, "/v1/subscribe/bye").await;
+    b.post("/v1/publish/bye", "last words").await;
+    b.stop_http().await;
+    let e = sse.next().await.expect("queued message delivered");
+    assert_eq!(e.data(), "last words");
+    assert!(sse.next().await.is_none(), "stream ended");
+    assert!(b.broker.state.router.is_empty());
+}
+
+#[tokio::test]
+async fn publish_to_a_stream_subject_answers_200_with_stream_and_seq_once_stored() {
+    let b = HttpBroker::start().await;
+    let c = sockbus_client::connect(&b.broker.url).await.unwrap();
+    c.stream_add(&sockbus_client::streams::StreamConfig::new(
+        "ORDERS",
+        ["orders.>"],
+    ))
+    .await
+    .unwrap();
+    let mut sub = c.subscribe("orders.>").await.unwrap();
+    c.flush().await.unwrap();
+    for seq in 1..=3u64 {
+        let r = b.post("/v1/publish/orders.eu", format!("o{seq}")).await;
+        assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+        let j = r.json();
+        assert_eq!(j["stream"], "ORDERS");
+        assert_eq!(j["seq"], seq);
+        // Stored and also routed to live subscribers.
+        assert_eq!(
+            recv(&mut sub).await.payload.as_ref(),
+            format!("o{seq}").as_bytes()
+        );
+    }
+    // Not captured: 204 as before.
+    assert_eq!(
+        b.post("/v1/publish/other.x", "x").await.status,
+        StatusCode::NO_CONTENT
+    );
+    let list = b.get("/v1/streams").await.json();
+    assert_eq!(list["streams"][0]["config"]["name"], "ORDERS", "{list}");
+    assert_eq!(list["streams"][0]["state"]["messages"], 3, "{list}");
+    let info = b.get("/v1/streams/ORDERS").await;
+    assert_eq!(info.status, StatusCode::OK);
+    assert_eq!(
+        b.get("/v1/streams/NOPE").await.status,
+        StatusCode::NOT_FOUND
+    );
+}
