@@ -498,3 +498,43 @@ async fn read_route(
         }
     }
 }
+
+/// Cluster figures for `/metrics` and the status page.
+pub struct ClusterMetrics(pub std::sync::Weak<State>);
+
+impl crate::metrics::Source for ClusterMetrics {
+    fn name(&self) -> &'static str {
+        "cluster"
+    }
+
+    fn prometheus(&self, out: &mut String) {
+        use std::fmt::Write;
+        let Some(st) = self.0.upgrade() else { return };
+        let _ = write!(
+            out,
+            "# HELP sockbus_cluster_routes Cluster routes to peer brokers that are up.\n\
+             # TYPE sockbus_cluster_routes gauge\n\
+             sockbus_cluster_routes {}\n\
+             # HELP sockbus_cluster_messages_in_total Messages received from peers over cluster routes.\n\
+             # TYPE sockbus_cluster_messages_in_total counter\n\
+             sockbus_cluster_messages_in_total {}\n",
+            st.metrics.routes.load(Ordering::Relaxed),
+            st.metrics.route_msgs_in.load(Ordering::Relaxed),
+        );
+    }
+
+    fn status(&self) -> serde_json::Value {
+        let Some(st) = self.0.upgrade() else {
+            return serde_json::Value::Null;
+        };
+        if st.config.cluster.is_none() {
+            return serde_json::Value::Null;
+        }
+        serde_json::json!({
+            "node": st.config.node_id,
+            "listen": st.config.cluster.map(|a| a.to_string()),
+            "routes_up": st.metrics.routes.load(Ordering::Relaxed),
+            "peers": st.router.peers().into_iter().map(|p| serde_json::json!({"node": p})).collect::<Vec<_>>(),
+        })
+    }
+}

@@ -69,6 +69,15 @@ impl Server {
             next_conn_id: AtomicU64::new(1),
         });
         state.streams.attach(&state);
+        let weak = Arc::downgrade(&state);
+        state
+            .metrics
+            .sources
+            .register(Arc::new(crate::cluster::ClusterMetrics(weak.clone())));
+        state
+            .metrics
+            .sources
+            .register(Arc::new(crate::streams::StreamsMetrics(weak)));
         Ok(Server {
             state,
             listener,

@@ -142,6 +142,31 @@ async fn fanout_reaches_every_node_exactly_once_per_subscriber() {
         0,
         "nothing looped back to A"
     );
+    // The same figures reach /metrics and the status page.
+    let src = b
+        .state
+        .metrics
+        .sources
+        .all()
+        .into_iter()
+        .find(|s| s.name() == "cluster")
+        .unwrap();
+    let mut text = String::new();
+    src.prometheus(&mut text);
+    assert!(text.contains("sockbus_cluster_routes 2"), "{text}");
+    assert!(
+        text.contains(&format!("sockbus_cluster_messages_in_total {N}")),
+        "{text}"
+    );
+    let status = src.status();
+    let mut peers: Vec<String> = status["peers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["node"].as_str().unwrap().to_string())
+        .collect();
+    peers.sort();
+    assert_eq!(peers, ["a", "c"]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

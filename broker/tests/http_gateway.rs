@@ -690,4 +690,9 @@ async fn publish_to_a_stream_subject_answers_200_with_stream_and_seq_once_stored
         b.get("/v1/streams/NOPE").await.status,
         StatusCode::NOT_FOUND
     );
+    let metrics = b.get("/metrics").await.text();
+    assert!(
+        metrics.contains("sockbus_stream_messages{stream=\"ORDERS\"} 3"),
+        "{metrics}"
+    );
 }

@@ -782,3 +782,61 @@ mod tests {
         .is_err());
     }
 }
+
+/// Stream figures for `/metrics`, one series per stream.
+pub struct StreamsMetrics(pub std::sync::Weak<crate::server::State>);
+
+impl crate::metrics::Source for StreamsMetrics {
+    fn name(&self) -> &'static str {
+        "streams_metrics"
+    }
+
+    fn prometheus(&self, out: &mut String) {
+        use std::fmt::Write;
+        let Some(st) = self.0.upgrade() else { return };
+        let list = st.streams.list();
+        let series: [(&str, &str, &str, fn(&StreamState) -> u64); 5] = [
+            (
+                "sockbus_stream_messages",
+                "gauge",
+                "Messages stored in the stream.",
+                |s| s.messages,
+            ),
+            (
+                "sockbus_stream_bytes",
+                "gauge",
+                "Bytes stored in the stream.",
+                |s| s.bytes,
+            ),
+            (
+                "sockbus_stream_last_sequence",
+                "gauge",
+                "Sequence of the newest message.",
+                |s| s.last_seq,
+            ),
+            (
+                "sockbus_stream_consumers",
+                "gauge",
+                "Consumers of the stream.",
+                |s| s.consumers as u64,
+            ),
+            (
+                "sockbus_stream_damaged_records_total",
+                "counter",
+                "Records found damaged on disk (CRC mismatch) and skipped.",
+                |s| s.damaged_records,
+            ),
+        ];
+        for (name, kind, help, get) in series {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+            for i in &list {
+                let _ = writeln!(
+                    out,
+                    "{name}{{stream=\"{}\"}} {}",
+                    i.config.name,
+                    get(&i.state)
+                );
+            }
+        }
+    }
+}
