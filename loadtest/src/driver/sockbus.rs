@@ -103,3 +103,50 @@ impl Conn for SockbusConn {
         Ok(self.client.flush().await?)
     }
 }
+
+impl super::Durable for SockbusConn {
+    type Ack = std::pin::Pin<Box<dyn std::future::Future<Output = anyhow::Result<()>> + Send>>;
+
+    async fn create_stream(&self, name: &str, subject: &str) -> anyhow::Result<()> {
+        // fsync = always, the default: every ack means the data is on disk.
+        let cfg = sockbus_client::streams::StreamConfig::new(name, [subject]);
+        self.client
+            .stream_add(&cfg)
+            .await
+            .with_context(|| format!("cannot create stream {name}"))?;
+        Ok(())
+    }
+
+    async fn publish_acked(&self, topic: &Arc<str>, payload: Bytes) -> anyhow::Result<Self::Ack> {
+        // A durable publish is a request; run it as a task so many acks are
+        // in flight at once, as JetStream's async publish allows.
+        let (client, topic) = (self.client.clone(), topic.clone());
+        let task = tokio::spawn(async move { client.publish_durable(&topic, &payload).await });
+        Ok(Box::pin(async move {
+            task.await??;
+            Ok(())
+        }))
+    }
+
+    async fn read_stream(&self, name: &str, count: u64, idle: Duration) -> anyhow::Result<u64> {
+        use sockbus_client::streams::ConsumerConfig;
+        let mut consumer = self
+            .client
+            .consumer(name, ConsumerConfig::ephemeral().no_ack(true).batch(1000))
+            .await?;
+        let mut n = 0;
+        while n < count {
+            match consumer.next_timeout(idle).await? {
+                Some(_) => n += 1,
+                None => break,
+            }
+        }
+        let _ = consumer.close().await;
+        Ok(n)
+    }
+
+    async fn delete_stream(&self, name: &str) -> anyhow::Result<()> {
+        self.client.stream_delete(name).await?;
+        Ok(())
+    }
+}

@@ -186,10 +186,10 @@ pub struct Outcome {
 pub async fn run(target: &Target, spec: &Spec, ctx: &RunCtx) -> anyhow::Result<Outcome> {
     spec.validate()?;
     match (target, spec.scenario) {
-        (Target::Sockbus(_), Scenario::Durable) => bail!(
-            "durable: not available for sockbus yet: the broker has no durable streams in this \
-             build, so there is nothing to publish to with acks (the NATS side runs on JetStream)"
-        ),
+        (Target::Sockbus(url), Scenario::Durable) => {
+            let m = durable::run(&SockbusDriver::new(url), spec, ctx).await?;
+            Ok(m.into_outcome(target, spec))
+        }
         (Target::Nats(url), Scenario::Durable) => {
             let m = durable::run(&NatsDriver::new(url), spec, ctx).await?;
             Ok(m.into_outcome(target, spec))
