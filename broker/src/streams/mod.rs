@@ -783,6 +783,14 @@ mod tests {
     }
 }
 
+/// Name, type, help text and reader of one per-stream metric.
+type Series = (
+    &'static str,
+    &'static str,
+    &'static str,
+    fn(&StreamState) -> u64,
+);
+
 /// Stream figures for `/metrics`, one series per stream.
 pub struct StreamsMetrics(pub std::sync::Weak<crate::server::State>);
 
@@ -795,7 +803,7 @@ impl crate::metrics::Source for StreamsMetrics {
         use std::fmt::Write;
         let Some(st) = self.0.upgrade() else { return };
         let list = st.streams.list();
-        let series: [(&str, &str, &str, fn(&StreamState) -> u64); 5] = [
+        let series: [Series; 5] = [
             (
                 "sockbus_stream_messages",
                 "gauge",
