@@ -746,43 +746,6 @@ impl Pending {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn overlapping_patterns_are_those_one_subject_could_match_both() {
-        assert!(patterns_overlap("a.*", "a.b"));
-        assert!(patterns_overlap("a.>", "a.b.c"));
-        assert!(patterns_overlap(">", "x"));
-        assert!(patterns_overlap("*.b", "a.*"));
-        assert!(!patterns_overlap("a.>", "a"));
-        assert!(!patterns_overlap("a.*", "a.b.c"));
-        assert!(!patterns_overlap("a.b", "a.c"));
-    }
-
-    #[test]
-    fn stream_configs_are_validated() {
-        assert!(StreamConfig::validate(
-            &serde_json::from_str(r#"{"name":"ok","subjects":["a.>"]}"#).unwrap()
-        )
-        .is_ok());
-        for bad in [
-            r#"{"name":"has space","subjects":["a"]}"#,
-            r#"{"name":"x","subjects":[]}"#,
-            r#"{"name":"x","subjects":["$SB.API.>"]}"#,
-            r#"{"name":"x","subjects":["a..b"]}"#,
-        ] {
-            let c: StreamConfig = serde_json::from_str(bad).unwrap();
-            assert!(c.validate().is_err(), "{bad}");
-        }
-        assert!(serde_json::from_str::<StreamConfig>(
-            r#"{"name":"x","subjects":["a"],"fsync":"sometimes"}"#
-        )
-        .is_err());
-    }
-}
-
 /// Name, type, help text and reader of one per-stream metric.
 type Series = (
     &'static str,
@@ -846,5 +809,42 @@ impl crate::metrics::Source for StreamsMetrics {
                 );
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn overlapping_patterns_are_those_one_subject_could_match_both() {
+        assert!(patterns_overlap("a.*", "a.b"));
+        assert!(patterns_overlap("a.>", "a.b.c"));
+        assert!(patterns_overlap(">", "x"));
+        assert!(patterns_overlap("*.b", "a.*"));
+        assert!(!patterns_overlap("a.>", "a"));
+        assert!(!patterns_overlap("a.*", "a.b.c"));
+        assert!(!patterns_overlap("a.b", "a.c"));
+    }
+
+    #[test]
+    fn stream_configs_are_validated() {
+        assert!(StreamConfig::validate(
+            &serde_json::from_str(r#"{"name":"ok","subjects":["a.>"]}"#).unwrap()
+        )
+        .is_ok());
+        for bad in [
+            r#"{"name":"has space","subjects":["a"]}"#,
+            r#"{"name":"x","subjects":[]}"#,
+            r#"{"name":"x","subjects":["$SB.API.>"]}"#,
+            r#"{"name":"x","subjects":["a..b"]}"#,
+        ] {
+            let c: StreamConfig = serde_json::from_str(bad).unwrap();
+            assert!(c.validate().is_err(), "{bad}");
+        }
+        assert!(serde_json::from_str::<StreamConfig>(
+            r#"{"name":"x","subjects":["a"],"fsync":"sometimes"}"#
+        )
+        .is_err());
     }
 }
