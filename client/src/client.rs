@@ -358,41 +358,36 @@ impl Client {
             ));
         }
         let len = message_frame_len(false, subject, reply, headers, payload);
-        let push = || {
-            self.inner.outbox.push(len, |b| {
-                // Lengths were checked above, so encoding cannot fail.
-                let _ = encode_pub(b, subject, reply, headers, payload);
-            })
+        // Ok(true): queued; Ok(false): the send buffer is full.
+        let try_push = || match self.inner.outbox.push(len, |b| {
+            // Lengths were checked above, so encoding cannot fail.
+            let _ = encode_pub(b, subject, reply, headers, payload);
+        }) {
+            Push::Queued { was_empty } => {
+                if was_empty {
+                    self.inner.wake.notify_one();
+                }
+                Ok(true)
+            }
+            Push::Closed => Err(Error::Closed),
+            Push::OverBudget => Ok(false),
         };
         loop {
-            match push() {
-                Push::Queued { was_empty } => {
-                    if was_empty {
-                        self.inner.wake.notify_one();
-                    }
-                    return Ok(());
-                }
-                Push::Closed => return Err(Error::Closed),
-                Push::OverBudget => {}
+            if try_push()? {
+                return Ok(());
             }
+            // Register for the writer's "space freed" signal before checking
+            // again, so a wake-up between the two cannot be missed.
             let waiter = self.inner.space.notified();
             tokio::pin!(waiter);
             waiter.as_mut().enable();
-            match push() {
-                Push::Queued { was_empty } => {
-                    if was_empty {
-                        self.inner.wake.notify_one();
-                    }
-                    return Ok(());
-                }
-                Push::Closed => return Err(Error::Closed),
-                Push::OverBudget => {
-                    if self.inner.is_closing() {
-                        return Err(Error::Closed);
-                    }
-                    waiter.await
-                }
+            if try_push()? {
+                return Ok(());
             }
+            if self.inner.is_closing() {
+                return Err(Error::Closed);
+            }
+            waiter.await;
         }
     }
 
