@@ -392,6 +392,9 @@ async fn read_route(
     let mut wake: Vec<Arc<ConnShared>> = Vec::new();
     let mut counts = LocalCounts::default();
     let mut consumed = info_len;
+    // A peer forwards publishes on our streams' subjects: store them here.
+    let mut captures = crate::streams::CaptureCache::default();
+    let mut stored = crate::streams::Pending::default();
     loop {
         while let Some(h) = frame::parse_header(buf)? {
             frame::check_len(&h, max_body)?;
@@ -433,6 +436,11 @@ async fn read_route(
                             &mut wake,
                             &mut counts,
                         );
+                        if flags & RMSG_PLAIN != 0 {
+                            if let Some(s) = captures.get(&state.streams, subject) {
+                                stored.add_pub(&s, subject, reply, headers, payload);
+                            }
+                        }
                     }
                 }
                 // The peer's interest: route subscriptions held by this link.
@@ -475,10 +483,12 @@ async fn read_route(
             }
             buf.advance(len);
         }
+        stored.flush();
         for c in wake.drain(..) {
             c.wake();
         }
         state.metrics.add(&mut counts);
+        stored.wait_space().await;
         if let Some(c) = recv.on_consumed(std::mem::take(&mut consumed)) {
             if link.outbox.grant(c) {
                 link.wake();

@@ -305,6 +305,16 @@ impl Router {
             .collect()
     }
 
+    /// Interest that is not a subscription (a durable stream's subjects):
+    /// announced to cluster peers like one, so they forward matching publishes.
+    pub fn add_local_interest(&self, pattern: &str) {
+        self.interest_added(pattern, None);
+    }
+
+    pub fn remove_local_interest(&self, pattern: &str) {
+        self.interest_removed(pattern, None);
+    }
+
     fn interest_added(&self, pattern: &str, queue: Option<&str>) {
         let mut i = self.interest();
         let key = (Box::<str>::from(pattern), queue.map(Box::<str>::from));

@@ -474,3 +474,40 @@ async fn a_new_node_missing_from_the_others_peer_lists_joins_through_its_own_rou
         nothing(sub).await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_durable_publish_on_one_node_is_stored_by_the_stream_on_another_and_acked() {
+    let nodes = mesh();
+    let (a, b, c) = (
+        nodes[0].start().await,
+        nodes[1].start().await,
+        nodes[2].start().await,
+    );
+    wait_routes(&[&a, &b, &c], 2).await;
+    // The stream lives on B only.
+    let cb = sockbus_client::connect(&b.url).await.unwrap();
+    cb.stream_add(&sockbus_client::streams::StreamConfig::new(
+        "ORDERS",
+        ["orders.>"],
+    ))
+    .await
+    .unwrap();
+    wait_subs(&a, 1).await;
+    let ca = sockbus_client::connect(&a.url).await.unwrap();
+    // The requester's inbox interest must reach B before the first ack.
+    ca.request_timeout("warmup.none", "0", Duration::from_millis(50))
+        .await
+        .ok();
+    wait_subs(&b, 1).await;
+    for i in 1..=20u64 {
+        let ack = ca
+            .publish_durable("orders.eu", format!("o{i}"))
+            .await
+            .unwrap();
+        assert_eq!((ack.stream.as_str(), ack.seq), ("ORDERS", i));
+    }
+    let info = cb.stream_info("ORDERS").await.unwrap();
+    assert_eq!(info.state.messages, 20, "stored once each, on B");
+    // Nothing was stored on A or C: they have no streams.
+    assert!(a.state.streams.list().is_empty() && c.state.streams.list().is_empty());
+}

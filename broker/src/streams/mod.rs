@@ -424,6 +424,7 @@ impl Streams {
         let _ = self.state.set(Arc::downgrade(state));
         for s in self.list_streams() {
             consumer::load_all(&s, state);
+            self.announce(&s.config.subjects, true);
         }
     }
 
@@ -542,7 +543,23 @@ impl Streams {
             .insert(cfg.name.clone(), s);
         self.count.fetch_add(1, Ordering::AcqRel);
         self.generation.fetch_add(1, Ordering::AcqRel);
+        self.announce(&info.config.subjects, true);
         Ok(info)
+    }
+
+    /// A stream's subjects are interest like a subscription's, so cluster
+    /// peers forward publishes on them here, where they are stored and acked.
+    fn announce(&self, subjects: &[String], add: bool) {
+        let Some(state) = self.state.get().and_then(std::sync::Weak::upgrade) else {
+            return;
+        };
+        for p in subjects {
+            if add {
+                state.router.add_local_interest(p);
+            } else {
+                state.router.remove_local_interest(p);
+            }
+        }
     }
 
     /// Deletes a stream and its data. Publishes in flight to it fail.
@@ -556,6 +573,7 @@ impl Streams {
             .ok_or_else(|| StreamError::NotFound(name.into()))?;
         self.count.fetch_sub(1, Ordering::AcqRel);
         self.generation.fetch_add(1, Ordering::AcqRel);
+        self.announce(&s.config.subjects, false);
         s.deleted.store(true, Ordering::Release);
         s.space.notify_waiters();
         for (_, c) in s
