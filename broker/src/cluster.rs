@@ -35,7 +35,6 @@ use sockbus_protocol::{FrameRef, Kind, HEADER_LEN, MAX_FRAME_OVERHEAD};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::tcp::OwnedReadHalf;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
@@ -310,12 +309,12 @@ async fn run_route(
         info_len,
     } = route;
     let (mut rd, mut wr) = stream.into_split();
-    let link = Arc::new(ConnShared {
-        id: state.next_conn_id(),
-        outbox: Outbox::new(state.config.max_pending, send_window),
-        notify: Notify::new(),
-        abort: CancellationToken::new(),
-    });
+    let link = Arc::new(ConnShared::new(
+        state.next_conn_id(),
+        Outbox::new(state.config.max_pending, send_window),
+        CancellationToken::new(),
+        None,
+    ));
     let our_window = effective_window(state.config.recv_window, state.config.max_payload);
     if !dialed {
         // The acceptor answers the dialer's CONNECT with INFO, before anything else.
@@ -354,7 +353,8 @@ async fn run_route(
     info!(peer = %peer_node, addr = %peer_addr, dialed, "cluster route up");
     link.wake();
     state.metrics.routes.fetch_add(1, Ordering::Relaxed);
-    let writer = tokio::spawn(crate::conn::write_loop(link.clone(), wr, state.clone()));
+    link.set_socket(wr);
+    let writer = tokio::spawn(crate::conn::write_loop(link.clone(), state.clone()));
     let mut subs: HashMap<u32, Arc<Subscription>> = HashMap::new();
     let r = read_route(
         state, &link, &mut subs, &mut rd, &mut buf, our_window, info_len, shutdown,
@@ -485,13 +485,13 @@ async fn read_route(
         }
         stored.flush();
         for c in wake.drain(..) {
-            c.wake();
+            c.kick();
         }
         state.metrics.add(&mut counts);
         stored.wait_space().await;
         if let Some(c) = recv.on_consumed(std::mem::take(&mut consumed)) {
             if link.outbox.grant(c) {
-                link.wake();
+                link.kick();
             }
         }
         if buf.capacity() - buf.len() < 4096 {

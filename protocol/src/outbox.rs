@@ -18,9 +18,11 @@
 //! frames, and no more than the peer's credit. Credit we owe the peer is kept
 //! apart from the data so it can always be sent, even when the data cannot.
 
+use std::io::{self, IoSlice};
+
 use crate::flow::{aligned_prefix, SendWindow};
-use crate::frame::{parse_header, Kind};
-use bytes::BytesMut;
+use crate::frame::{encode_credit, parse_header, Kind, CREDIT_FRAME_LEN};
+use bytes::{Bytes, BytesMut};
 
 use crate::sync::Mutex;
 
@@ -35,18 +37,92 @@ pub enum Push {
     Closed,
 }
 
-/// What the writer should send next.
+/// Result of [`Outbox::claim_direct`].
+#[derive(Debug)]
+pub enum Direct {
+    /// Write this without blocking, then [`Outbox::release`].
+    Write(Take),
+    /// Too much is queued for a direct write: wake the writer task.
+    Wake,
+    /// Someone else writes what is queued, or nothing may be written yet
+    /// (credit will wake the writer): nothing to do.
+    Busy,
+}
+
+/// What the writer should send next, in this order: `front`, a CREDIT
+/// frame for `grant`, then `data`.
 #[derive(Debug, Default)]
 pub struct Take {
-    /// Credit to grant the peer (send a CREDIT frame first), 0 for none.
+    /// Bytes a previous writer handed to the socket only in part; they go
+    /// first and need not start at a frame boundary.
+    pub front: Bytes,
+    /// Credit to grant the peer (send a CREDIT frame), 0 for none.
     pub grant: u32,
     /// Whole frames to write.
     pub data: BytesMut,
+    /// Which connection (see [`Outbox::reset`]) this was taken for.
+    epoch: u64,
 }
 
 impl Take {
     pub fn is_empty(&self) -> bool {
-        self.grant == 0 && self.data.is_empty()
+        self.front.is_empty() && self.grant == 0 && self.data.is_empty()
+    }
+
+    /// Bytes to write.
+    pub fn len(&self) -> usize {
+        self.front.len() + if self.grant > 0 { CREDIT_FRAME_LEN } else { 0 } + self.data.len()
+    }
+
+    /// Everything left, as one run of bytes (a CREDIT frame for `grant`
+    /// between `front` and `data`).
+    fn into_bytes(self) -> Bytes {
+        if self.grant == 0 && self.front.is_empty() {
+            return self.data.freeze();
+        }
+        if self.grant == 0 && self.data.is_empty() {
+            return self.front;
+        }
+        let mut b = BytesMut::with_capacity(self.len());
+        b.extend_from_slice(&self.front);
+        if self.grant > 0 {
+            encode_credit(&mut b, self.grant);
+        }
+        b.extend_from_slice(&self.data);
+        b.freeze()
+    }
+
+    /// Writes as much as `write` accepts without blocking: `write` is a
+    /// non-blocking vectored write (`try_write_vectored`). Returns Ok(true)
+    /// when everything went out, Ok(false) when the socket would block, in
+    /// which case `self` holds exactly the rest.
+    pub fn write_nonblocking(
+        &mut self,
+        mut write: impl FnMut(&[IoSlice<'_>]) -> io::Result<usize>,
+    ) -> io::Result<bool> {
+        if self.grant > 0 {
+            // The grant becomes bytes of its own so a partial write can
+            // stop inside it.
+            let mut c = [0u8; CREDIT_FRAME_LEN];
+            encode_credit(&mut &mut c[..], std::mem::take(&mut self.grant));
+            let mut f = BytesMut::with_capacity(self.front.len() + c.len());
+            f.extend_from_slice(&self.front);
+            f.extend_from_slice(&c);
+            self.front = f.freeze();
+        }
+        while !self.is_empty() {
+            let n = match write(&[IoSlice::new(&self.front), IoSlice::new(&self.data)]) {
+                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(false),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e),
+            };
+            let f = n.min(self.front.len());
+            let _ = self.front.split_to(f);
+            let _ = self.data.split_to(n - f);
+        }
+        Ok(true)
     }
 }
 
@@ -55,6 +131,12 @@ struct Inner {
     grant: u32,
     send: SendWindow,
     closed: bool,
+    /// Someone holds the writer role (see [`Outbox::claim`]).
+    writing: bool,
+    /// Taken, handed to the socket only in part: goes out first.
+    unwritten: Bytes,
+    /// Counts resets: a claim taken before one is void after it.
+    epoch: u64,
 }
 
 pub struct Outbox {
@@ -72,6 +154,9 @@ impl Outbox {
                 grant: 0,
                 send: SendWindow::new(send_window),
                 closed: false,
+                writing: false,
+                unwritten: Bytes::new(),
+                epoch: 0,
             }),
             budget,
         }
@@ -127,14 +212,104 @@ impl Outbox {
     }
 
     /// Takes what may be written now: pending credit grant, and the longest
-    /// run of whole frames the peer's credit allows.
+    /// run of whole frames the peer's credit allows. For a consumer that is
+    /// the only writer (the HTTP event stream); socket writers share the
+    /// role through [`Outbox::claim`].
     pub fn take(&self) -> Take {
         let mut g = self.lock();
         let grant = std::mem::take(&mut g.grant);
         let n = aligned_prefix(&g.buf, g.send.available());
         let data = g.buf.split_to(n);
         g.send.on_sent(n);
-        Take { grant, data }
+        Take {
+            front: Bytes::new(),
+            grant,
+            data,
+            epoch: g.epoch,
+        }
+    }
+
+    /// Claims the writer role and takes what may be written now. None when
+    /// another task holds the role or there is nothing to write. Exactly one
+    /// claimant writes at a time, so bytes reach the socket in queue order
+    /// whoever writes them: the connection's writer task, or a producer
+    /// writing directly (see [`Outbox::claim_direct`]). The claimant must
+    /// call [`Outbox::release`].
+    pub fn claim(&self) -> Option<Take> {
+        self.claim_inner()
+    }
+
+    /// Like [`Outbox::claim`], for a producer that writes without blocking
+    /// instead of waking the writer task: also None when a previous write
+    /// left bytes behind (the socket is full: the writer task waits for it)
+    /// or more than `max` bytes are queued (big batches are the writer
+    /// task's, so they are written in parallel with the producer).
+    pub fn claim_direct(&self, max: usize) -> Direct {
+        let mut g = self.lock();
+        if g.writing || !g.unwritten.is_empty() {
+            // The claimant, or the writer task already woken for the
+            // unwritten bytes, takes what was queued since.
+            return Direct::Busy;
+        }
+        if g.buf.len() > max {
+            return Direct::Wake;
+        }
+        match Self::claim_locked(&mut g) {
+            Some(t) => Direct::Write(t),
+            None => Direct::Busy,
+        }
+    }
+
+    fn claim_inner(&self) -> Option<Take> {
+        let mut g = self.lock();
+        if g.writing {
+            return None;
+        }
+        Self::claim_locked(&mut g)
+    }
+
+    fn claim_locked(g: &mut Inner) -> Option<Take> {
+        let n = aligned_prefix(&g.buf, g.send.available());
+        if n == 0 && g.grant == 0 && g.unwritten.is_empty() {
+            return None;
+        }
+        let data = g.buf.split_to(n);
+        g.send.on_sent(n);
+        let t = Take {
+            front: std::mem::take(&mut g.unwritten),
+            grant: std::mem::take(&mut g.grant),
+            data,
+            epoch: g.epoch,
+        };
+        g.writing = true;
+        Some(t)
+    }
+
+    /// Ends a claim. `rest` is what the claimant could not write (it goes out
+    /// first next time). Returns true when something is left to write or
+    /// the outbox was closed meanwhile, in which case the caller wakes the
+    /// writer task (or claims again).
+    pub fn release(&self, rest: Take) -> bool {
+        let mut g = self.lock();
+        if rest.epoch != g.epoch {
+            // Claimed on a connection that has since been replaced: the
+            // role and the queue belong to the new one.
+            return true;
+        }
+        g.writing = false;
+        debug_assert!(g.unwritten.is_empty());
+        if !rest.is_empty() {
+            g.unwritten = rest.into_bytes();
+        }
+        g.closed
+            || !g.unwritten.is_empty()
+            || g.grant > 0
+            || (!g.buf.is_empty() && aligned_prefix(&g.buf, g.send.available()) > 0)
+    }
+
+    /// True while someone holds the writer role.
+    pub fn is_writing(&self) -> bool {
+        self.lock().writing
     }
 
     /// Bytes queued and not yet taken by the writer.
@@ -162,6 +337,9 @@ impl Outbox {
         g.send = SendWindow::new(send_window);
         g.grant = 0;
         g.closed = false;
+        g.writing = false;
+        g.unwritten = Bytes::new();
+        g.epoch += 1;
         let mut b = BytesMut::with_capacity(prefix.len() + g.buf.len());
         b.extend_from_slice(prefix);
         let mut rest = &g.buf[..];
@@ -182,6 +360,7 @@ impl Outbox {
         let mut g = self.lock();
         g.buf = BytesMut::new();
         g.grant = 0;
+        g.unwritten = Bytes::new();
     }
 
     pub fn is_closed(&self) -> bool {

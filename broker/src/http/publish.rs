@@ -147,7 +147,7 @@ pub(super) async fn publish(
         local.counts.subject(&subject, msg.hash, payload.len());
         route(state, m, &msg, None, &mut local.wake, &mut local.counts);
         for c in local.wake.drain(..) {
-            c.wake();
+            c.kick();
         }
         state.metrics.add(&mut local.counts);
     }

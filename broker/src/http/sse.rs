@@ -22,7 +22,6 @@ use hyper::{Response, StatusCode};
 use sockbus_protocol::frame::{self, iter_headers, FrameRef};
 use sockbus_protocol::outbox::Outbox;
 use sockbus_protocol::subject::validate_pattern;
-use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tracing::debug;
 
@@ -96,12 +95,12 @@ pub(super) fn subscribe(
     // The connection's kill token doubles as the subscriber's abort token:
     // a slow-consumer verdict drops the HTTP connection at once, even when
     // hyper is stuck writing to a client that stopped reading.
-    let conn = Arc::new(ConnShared {
-        id: state.next_conn_id(),
-        outbox: Outbox::new(state.config.max_pending, 0),
-        notify: Notify::new(),
-        abort: ctx.kill.clone(),
-    });
+    let conn = Arc::new(ConnShared::new(
+        state.next_conn_id(),
+        Outbox::new(state.config.max_pending, 0),
+        ctx.kill.clone(),
+        None,
+    ));
     let sub = Arc::new(Subscription::new(
         1,
         &pattern,

@@ -346,8 +346,12 @@ impl Stream {
 
 fn fail_all(req: WriteReq, e: &StreamError, state: &OnceLock<Weak<State>>) {
     let st = state.get().and_then(Weak::upgrade);
+    let mut wake = Vec::new();
     for en in req.entries {
-        writer::send_ack(st.as_deref(), en.ack, Err(e.clone()));
+        writer::send_ack(st.as_deref(), en.ack, Err(e.clone()), &mut wake);
+    }
+    for c in wake {
+        c.kick();
     }
 }
 

@@ -258,6 +258,7 @@ impl Writer {
             name: name.clone(),
             error: "write failed".into(),
         });
+        let mut wake = Vec::new();
         for (ack, seq, dup, id, ts) in done {
             let r = match seq {
                 Some(seq) if seq < committed => {
@@ -272,7 +273,11 @@ impl Writer {
                 }
                 _ => Err(err.clone()),
             };
-            send_ack(state.as_deref(), ack, r);
+            send_ack(state.as_deref(), ack, r, &mut wake);
+        }
+        // One write per publishing connection for the whole commit.
+        for c in wake {
+            c.kick();
         }
     }
 
@@ -286,7 +291,12 @@ impl Writer {
 }
 
 /// Answers one publish: JSON on its reply subject, or through its channel.
-pub(super) fn send_ack(state: Option<&State>, ack: AckTo, r: Result<PubAck, StreamError>) {
+pub(super) fn send_ack(
+    state: Option<&State>,
+    ack: AckTo,
+    r: Result<PubAck, StreamError>,
+    wake: &mut Vec<std::sync::Arc<crate::conn::ConnShared>>,
+) {
     match ack {
         AckTo::None => {}
         AckTo::Chan(tx) => {
@@ -298,7 +308,7 @@ pub(super) fn send_ack(state: Option<&State>, ack: AckTo, r: Result<PubAck, Stre
                 Ok(a) => serde_json::to_vec(a).expect("serialisable"),
                 Err(e) => super::api::error_body(e),
             };
-            let _ = crate::conn::publish(state, &subject, None, &[], &body);
+            let _ = crate::conn::publish_deferred(state, &subject, None, &[], &body, wake);
         }
     }
 }
