@@ -200,7 +200,7 @@ const DIRECT_MAX: usize = 32 * 1024;
 /// few writes (one syscall per message would cap a tight publish loop at a
 /// few hundred thousand messages per second).
 const DIRECT_GAP_NS: u64 = 10_000;
-const DIRECT_BURST: u64 = 16;
+const DIRECT_BURST: u64 = 4;
 
 struct Inner {
     opts: ConnectOptions,
@@ -223,7 +223,7 @@ struct Inner {
     max_payload: AtomicU32,
     /// Count of ERR frames received and the latest one.
     errors: Mutex<(u64, Option<(u16, String)>)>,
-    requests: Mutex<HashMap<u64, oneshot::Sender<Message>>>,
+    requests: Mutex<HashMap<u64, oneshot::Sender<Message>, rustc_hash::FxBuildHasher>>,
     mux_sid: tokio::sync::OnceCell<u32>,
     inbox_prefix: String,
     next_req: AtomicU64,
@@ -256,7 +256,7 @@ impl Inner {
             next_ping: AtomicU64::new(1),
             max_payload: AtomicU32::new(sockbus_protocol::DEFAULT_MAX_PAYLOAD),
             errors: Mutex::new((0, None)),
-            requests: Mutex::new(HashMap::new()),
+            requests: Mutex::new(HashMap::default()),
             mux_sid: tokio::sync::OnceCell::new(),
             inbox_prefix: format!("_INBOX.{id:016x}"),
             next_req: AtomicU64::new(1),
@@ -959,6 +959,10 @@ async fn write_loop(inner: Arc<Inner>, wr: Arc<OwnedWriteHalf>) -> Error {
                 return Error::Closed;
             }
             inner.wake.notified().await;
+            // Let the tasks that are ready now (say, the publishers a batch
+            // of acks just released) queue their frames first: they then go
+            // out in this one write instead of one write each.
+            tokio::task::yield_now().await;
             continue;
         };
         if !t.data.is_empty() {

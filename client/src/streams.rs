@@ -250,7 +250,13 @@ fn answer<T: for<'de> Deserialize<'de>>(m: &Message) -> Result<T> {
     struct E {
         error: String,
     }
-    if let Ok(e) = serde_json::from_slice::<E>(&m.payload) {
+    // The broker's error answers are `{"error":...}`; look for that before
+    // parsing, so a successful answer is parsed once.
+    if m.payload.starts_with(br#"{"error""#) {
+        let e: E = serde_json::from_slice(&m.payload).map_err(|e| Error::Server {
+            code: code::MALFORMED,
+            message: format!("unexpected answer from the broker: {e}"),
+        })?;
         return Err(Error::Server {
             code: code::BAD_REQUEST,
             message: e.error,
