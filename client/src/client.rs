@@ -194,13 +194,12 @@ struct SubEntry {
 /// Most bytes a publishing task writes to the socket itself (see
 /// [`Inner::pushed`]); more goes to the writer task.
 const DIRECT_MAX: usize = 32 * 1024;
-/// Publishes write to the socket themselves at most once per this many
-/// nanoseconds on average, in bursts of up to `DIRECT_BURST`; a faster
-/// publisher hands its frames to the writer task, which batches them into
-/// few writes (one syscall per message would cap a tight publish loop at a
-/// few hundred thousand messages per second).
-const DIRECT_GAP_NS: u64 = 10_000;
-const DIRECT_BURST: u64 = 4;
+/// A publish writes to the socket itself only when nothing was written for
+/// this many nanoseconds: a quiet connection. On a busy one the frame goes
+/// to the writer task, which batches it with the others (one syscall per
+/// message would cap a tight publish loop at a few hundred thousand
+/// messages per second).
+const QUIET_NS: u64 = 10_000;
 
 struct Inner {
     opts: ConnectOptions,
@@ -210,10 +209,9 @@ struct Inner {
     wake: Notify,
     /// The current connection's socket, for direct writes.
     sock: Mutex<Option<Arc<OwnedWriteHalf>>>,
-    /// Time base, and the rate limit of direct writes: the theoretical
-    /// time of the next one, in nanoseconds since `t0` (a GCRA bucket).
+    /// Time base, and when the last write ended (nanoseconds since `t0`).
     t0: Instant,
-    direct_tat: AtomicU64,
+    last_write: AtomicU64,
     /// Wakes publishers waiting for outbox space.
     space: Notify,
     subs: Mutex<SubMap>,
@@ -248,7 +246,7 @@ impl Inner {
             wake: Notify::new(),
             sock: Mutex::new(None),
             t0: Instant::now(),
-            direct_tat: AtomicU64::new(0),
+            last_write: AtomicU64::new(0),
             space: Notify::new(),
             subs: Mutex::new(SubMap::default()),
             next_sid: AtomicU32::new(1),
@@ -274,21 +272,26 @@ impl Inner {
     /// Called after a push found the outbox empty: gets the frame on its way.
     /// At moderate rates the publishing task writes it to the socket itself,
     /// saving the writer task's wake-up (a thread hop, most of the latency
-    /// of a request); publishers faster than the `DIRECT_GAP_NS` rate
-    /// leave it to the writer task so their frames go out in batches.
+    /// of a request); on a connection that wrote within `QUIET_NS` the
+    /// writer task takes it, so fast publishers' frames go out in batches.
     fn pushed(&self) {
-        // Concurrent publishers may race on the bucket; it only needs to be
-        // roughly right.
-        let now = self.t0.elapsed().as_nanos() as u64 + DIRECT_GAP_NS * DIRECT_BURST;
-        let tat = self.direct_tat.load(Ordering::Relaxed);
-        if tat > now {
+        if self
+            .now_ns()
+            .saturating_sub(self.last_write.load(Ordering::Relaxed))
+            < QUIET_NS
+        {
             self.wake.notify_one();
             return;
         }
-        let from = tat.max(now - DIRECT_GAP_NS * DIRECT_BURST);
-        self.direct_tat
-            .store(from + DIRECT_GAP_NS, Ordering::Relaxed);
         self.kick();
+    }
+
+    fn now_ns(&self) -> u64 {
+        self.t0.elapsed().as_nanos() as u64
+    }
+
+    fn wrote(&self) {
+        self.last_write.store(self.now_ns(), Ordering::Relaxed);
     }
 
     /// Writes what is queued to the socket without blocking when nobody else
@@ -308,6 +311,7 @@ impl Inner {
             Some(s) => t.write_nonblocking(|b| s.try_write_vectored(b)),
             None => Ok(false),
         };
+        self.wrote();
         // On an error the writer task meets it too, and the connection is
         // replaced.
         if self.outbox.release(t) || r.is_err() {
@@ -976,6 +980,7 @@ async fn write_loop(inner: Arc<Inner>, wr: Arc<OwnedWriteHalf>) -> Error {
         }
         .await;
         inner.outbox.release(t);
+        inner.wrote();
         if let Err(e) = r {
             return e.into();
         }
