@@ -273,3 +273,54 @@ async fn hyper_ceiling_answers_204_to_a_post() {
     let _ = child.wait();
     assert!(resp.starts_with("HTTP/1.1 204"), "{resp}");
 }
+
+/// `compare` starts both servers itself (JetStream with file storage,
+/// sockbus with a data directory), runs the durable scenario against each,
+/// and reports both rates and the read-back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn compare_runs_the_durable_scenario_against_both_servers() {
+    let Some(_) = nats_server() else { return };
+    let exe = PathBuf::from(env!("CARGO_BIN_EXE_sockbus-loadtest"));
+    let broker = exe.with_file_name("sockbus-broker");
+    if !broker.exists() {
+        assert!(
+            !std::env::var("CI").is_ok_and(|v| v == "true"),
+            "CI=true but {} was not built (cargo test --workspace builds it)",
+            broker.display()
+        );
+        eprintln!(
+            "skipped: {} not built (run cargo test --workspace)",
+            broker.display()
+        );
+        return;
+    }
+    let dir = ScratchDir::new("sockbus-loadtest-smoke-compare").unwrap();
+    let json = dir.0.join("cmp.json");
+    let json2 = json.clone();
+    let out = tokio::task::spawn_blocking(move || {
+        Command::new(&exe)
+            .args(["compare", "--scenarios", "durable", "--rounds", "1"])
+            .args(["--duration", "500ms", "--warmup", "0s", "--no-progress"])
+            .arg("--out-json")
+            .arg(&json2)
+            .output()
+            .expect("run the binary")
+    })
+    .await
+    .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
+    let runs = v["runs"].as_array().expect("runs");
+    assert_eq!(runs.len(), 2, "{v}");
+    for r in runs {
+        assert_eq!(r["scenario"], "durable", "{r}");
+        assert!(r["published"].as_u64().unwrap() > 0, "{r}");
+        assert_eq!(r["missing"], 0, "{r}");
+        assert!(r["read_back_msgs_per_sec"].as_f64().unwrap() > 0.0, "{r}");
+    }
+}

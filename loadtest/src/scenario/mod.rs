@@ -19,7 +19,7 @@ use crate::progress::Progress;
 use crate::report::RunReport;
 use crate::stats::Latencies;
 
-mod durable;
+pub mod durable;
 pub mod gate;
 mod latency;
 mod reqrep;
