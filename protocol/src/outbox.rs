@@ -4,10 +4,13 @@
 //!
 //! Producers (in the broker, the reader tasks of publishing connections) encode frames
 //! straight into one contiguous buffer under a short, never-awaited lock;
-//! the connection's writer task takes everything queued in one piece and
+//! whoever holds the writer role takes everything queued in one piece and
 //! writes it with one syscall. That is what batches writes: a publisher that
 //! fans out 400 messages from one read produces one write per subscriber,
-//! not 400.
+//! not 400. The role is held by one party at a time: the connection's writer
+//! task ([`Outbox::claim`]) or a producer that writes a small batch itself
+//! without blocking ([`Outbox::claim_direct`]), which saves waking the
+//! writer task; bytes a non-blocking write leaves behind go out first.
 //!
 //! The buffer is bounded by a byte budget. A push that would exceed it is
 //! refused and the connection is treated as a slow consumer, so a reader that

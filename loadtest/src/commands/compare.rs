@@ -137,6 +137,7 @@ struct Settings {
     window: u64,
     fanout: usize,
     latency_rate: u64,
+    ack_window: u64,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -306,6 +307,7 @@ pub async fn execute(args: CompareArgs) -> anyhow::Result<()> {
         window: args.window,
         fanout: args.fanout,
         latency_rate: args.rate,
+        ack_window: args.ack_window,
     };
     let report = CompareReport {
         date: humantime::format_rfc3339_seconds(SystemTime::now()).to_string(),
@@ -598,8 +600,16 @@ fn markdown(rep: &CompareReport<'_>) -> String {
         md,
         "- load: {} B payloads; pubsub/fanout/queue closed loop with at most {} messages in flight \
          (publisher waits for the slowest subscriber); latency open loop at {} msgs/s, measured from the \
-         intended send time; fanout to {} subscribers; each run {} s after {} s warm-up",
-        s.payload_bytes, s.window, s.latency_rate, s.fanout, s.duration_s, s.warmup_s
+         intended send time; fanout to {} subscribers; durable: publish with {} storage acks outstanding \
+         to a file-backed stream (sockbus fsync = always: acked means on disk; JetStream at its defaults, \
+         which do not fsync each ack), then read the stream back; each run {} s after {} s warm-up",
+        s.payload_bytes,
+        s.window,
+        s.latency_rate,
+        s.fanout,
+        s.ack_window,
+        s.duration_s,
+        s.warmup_s
     );
     let _ = writeln!(
         md,
