@@ -241,6 +241,8 @@ async fn client_reconnects_after_broker_restart_and_restores_subscriptions() {
     b.stop().await;
     tokio::time::sleep(Duration::from_millis(100)).await;
     assert!(!c.is_connected());
+    // Published while no broker is up: kept and sent on the next connection.
+    c.publish("r.offline", "while down").await.unwrap();
     let mut cfg = common::test_config();
     cfg.listen = addr;
     let b2 = TestBroker::with(cfg).await;
@@ -251,6 +253,7 @@ async fn client_reconnects_after_broker_restart_and_restores_subscriptions() {
     p.publish("r.after", "back").await.unwrap();
     p.publish("rq", "queued").await.unwrap();
     p.flush().await.unwrap();
+    assert_eq!(recv(&mut sub).await.payload.as_ref(), b"while down");
     assert_eq!(recv(&mut sub).await.payload.as_ref(), b"back");
     assert_eq!(recv(&mut q).await.payload.as_ref(), b"queued");
 }

@@ -299,18 +299,21 @@ impl Inner {
     /// task (woken if needed). What the socket does not take, the writer
     /// task finishes.
     fn kick(&self) {
+        let sock = lock(&self.sock);
+        let Some(s) = sock.as_ref() else {
+            // Between connections: what is queued stays queued (the next
+            // connection's reset keeps the publishes) for the next writer.
+            return self.wake.notify_one();
+        };
         let mut t = match self.outbox.claim_direct(DIRECT_MAX) {
             Direct::Write(t) => t,
             Direct::Wake => return self.wake.notify_one(),
             Direct::Busy => return,
         };
-        if !t.data.is_empty() {
-            self.space.notify_waiters();
-        }
-        let r = match lock(&self.sock).as_ref() {
-            Some(s) => t.write_nonblocking(|b| s.try_write_vectored(b)),
-            None => Ok(false),
-        };
+        let r = t.write_nonblocking(|b| s.try_write_vectored(b));
+        drop(sock);
+        // The claim took bytes out of the outbox: room for waiting publishers.
+        self.space.notify_waiters();
         self.wrote();
         // On an error the writer task meets it too, and the connection is
         // replaced.
