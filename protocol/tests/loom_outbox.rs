@@ -118,6 +118,18 @@ fn credit_limits_what_is_taken_and_grants_are_never_lost() {
     });
 }
 
+/// A socket with room for everything: appends all slices.
+fn take_all(
+    socket: &loom::sync::Mutex<Vec<u8>>,
+    s: &[std::io::IoSlice<'_>],
+) -> std::io::Result<usize> {
+    let mut sock = socket.lock().unwrap();
+    for b in s {
+        sock.extend_from_slice(b);
+    }
+    Ok(s.iter().map(|b| b.len()).sum())
+}
+
 /// A producer writing directly (claim_direct) and the connection's writer
 /// task (claim) share the writer role: whatever the interleaving, every frame
 /// reaches the "socket" once, in queue order, and a partial write's rest goes
@@ -165,16 +177,7 @@ fn direct_and_task_writers_never_interleave_or_lose_bytes() {
             thread::spawn(move || {
                 for _ in 0..2 {
                     if let Some(mut t) = ob.claim() {
-                        let done = t
-                            .write_nonblocking(|s| {
-                                let mut sock = socket.lock().unwrap();
-                                let n: usize = s.iter().map(|b| b.len()).sum();
-                                for b in s {
-                                    sock.extend_from_slice(b);
-                                }
-                                Ok(n)
-                            })
-                            .unwrap();
+                        let done = t.write_nonblocking(|s| take_all(&socket, s)).unwrap();
                         assert!(done);
                         ob.release(t);
                     }
@@ -186,15 +189,7 @@ fn direct_and_task_writers_never_interleave_or_lose_bytes() {
         task.join().unwrap();
         // Whatever is left (the rest of a partial write, new frames) goes last.
         while let Some(mut t) = ob.claim() {
-            t.write_nonblocking(|s| {
-                let mut sock = socket.lock().unwrap();
-                let n: usize = s.iter().map(|b| b.len()).sum();
-                for b in s {
-                    sock.extend_from_slice(b);
-                }
-                Ok(n)
-            })
-            .unwrap();
+            t.write_nonblocking(|s| take_all(&socket, s)).unwrap();
             ob.release(t);
         }
         assert_eq!(ids(&socket.lock().unwrap()), vec![0, 1, 2]);
