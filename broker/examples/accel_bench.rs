@@ -37,9 +37,14 @@ struct Args {
     /// Only this mode (for profiling one side): on or off.
     #[arg(long)]
     only: Option<String>,
-    /// Most messages the publisher runs ahead of the subscriber.
+    /// Most messages the publisher runs ahead of the subscriber (and at most 16 MiB).
     #[arg(long, default_value_t = 50_000)]
     lead: u64,
+    /// Busy-poll for this many µs after each read or write, in the broker
+    /// (`--busy-poll`) and in the bench's clients (`sockbus_client::busy_poll`
+    /// on a one-thread runtime); the raw ping-pong then polls too.
+    #[arg(long)]
+    busy_poll_us: Option<u64>,
 }
 
 #[derive(Debug, Clone, Copy, Default)]
@@ -74,7 +79,7 @@ fn cpu_s(broker: u32) -> f64 {
     (cpu_ticks(std::process::id()) + cpu_ticks(broker)) as f64 / ticks_per_s()
 }
 
-fn spawn_broker() -> (Child, u16) {
+fn spawn_broker(busy_poll_us: Option<u64>) -> (Child, u16) {
     let exe = std::env::current_exe().expect("current exe");
     let bin = exe
         .parent()
@@ -90,6 +95,7 @@ fn spawn_broker() -> (Child, u16) {
             "--node-id",
             "bench",
         ])
+        .args(busy_poll_us.map(|us| format!("--busy-poll={us}us")))
         .env("RUST_LOG", "info")
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
@@ -128,8 +134,23 @@ fn percentile(sorted: &[Duration], p: f64) -> f64 {
     sorted[i].as_secs_f64() * 1e6
 }
 
+/// Polls (without blocking, like a busy-polling runtime) until `s` is readable.
+fn poll_until_readable(s: &std::net::TcpStream) {
+    use std::os::fd::AsRawFd;
+    let mut p = libc::pollfd {
+        fd: s.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd, zero timeout.
+    while unsafe { libc::poll(&mut p, 1, 0) } == 0 {
+        std::hint::spin_loop();
+    }
+}
+
 /// Round trips of `size` bytes between two sockets of this process (two
-/// threads, blocking I/O): what the transport costs without a broker.
+/// threads, blocking I/O, or polling with `--busy-poll-us`): what the
+/// transport costs without a broker.
 fn raw_ping_pong(args: &Args, accel: bool, cgroup: &std::path::Path) -> f64 {
     use std::io::{Read, Write};
     let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
@@ -144,11 +165,15 @@ fn raw_ping_pong(args: &Args, accel: bool, cgroup: &std::path::Path) -> f64 {
     });
     let size = args.size;
     let n = args.requests + 1000;
+    let spin = args.busy_poll_us.is_some();
     let echo = std::thread::spawn(move || {
         let (mut s, _) = l.accept().unwrap();
         s.set_nodelay(true).unwrap();
         let mut b = vec![0u8; size];
         for _ in 0..n {
+            if spin {
+                poll_until_readable(&s);
+            }
             s.read_exact(&mut b).unwrap();
             s.write_all(&b).unwrap();
         }
@@ -160,6 +185,9 @@ fn raw_ping_pong(args: &Args, accel: bool, cgroup: &std::path::Path) -> f64 {
     for _ in 0..n {
         let t = Instant::now();
         c.write_all(&b).unwrap();
+        if spin {
+            poll_until_readable(&c);
+        }
         c.read_exact(&mut b).unwrap();
         lat.push(t.elapsed());
     }
@@ -171,7 +199,10 @@ fn raw_ping_pong(args: &Args, accel: bool, cgroup: &std::path::Path) -> f64 {
 
 async fn measure(args: &Args, accel: bool, cgroup: &std::path::Path) -> Sample {
     let raw_p50_us = raw_ping_pong(args, accel, cgroup);
-    let (mut broker, port) = spawn_broker();
+    let (mut broker, port) = spawn_broker(args.busy_poll_us);
+    let poller = args
+        .busy_poll_us
+        .map(|us| sockbus_client::busy_poll(Duration::from_micros(us)));
     let fp = accel.then(|| {
         FastPath::attach(&AttachOptions {
             ports: vec![port],
@@ -199,17 +230,27 @@ async fn measure(args: &Args, accel: bool, cgroup: &std::path::Path) -> Sample {
             }
         });
         let c = sockbus_client::connect(&url).await.unwrap();
-        let body = vec![0u8; args.size];
-        for _ in 0..1000 {
-            c.request("bench.rr", &body).await.unwrap();
-        }
-        let mut lat = Vec::with_capacity(args.requests);
-        let cpu0 = cpu_s(broker.id());
-        for _ in 0..args.requests {
-            let t = Instant::now();
-            c.request("bench.rr", &body).await.unwrap();
-            lat.push(t.elapsed());
-        }
+        let (size, requests) = (args.size, args.requests);
+        let broker_pid = broker.id();
+        // The requester is a task of its own, as in a service: the
+        // runtime's `block_on` future is polled only after the runtime has
+        // looked for I/O once more.
+        let (mut lat, cpu0) = tokio::spawn(async move {
+            let body = vec![0u8; size];
+            for _ in 0..1000 {
+                c.request("bench.rr", &body).await.unwrap();
+            }
+            let mut lat = Vec::with_capacity(requests);
+            let cpu0 = cpu_s(broker_pid);
+            for _ in 0..requests {
+                let t = Instant::now();
+                c.request("bench.rr", &body).await.unwrap();
+                lat.push(t.elapsed());
+            }
+            (lat, cpu0)
+        })
+        .await
+        .unwrap();
         s.rr_cpu_us = (cpu_s(broker.id()) - cpu0) * 1e6 / args.requests as f64;
         lat.sort_unstable();
         s.rr_p50_us = percentile(&lat, 0.50);
@@ -241,12 +282,15 @@ async fn measure(args: &Args, accel: bool, cgroup: &std::path::Path) -> Sample {
         let p = sockbus_client::connect(&url).await.unwrap();
         p.flush().await.unwrap();
         let payload = vec![0u8; args.size];
+        // At most 16 MiB ahead: the broker closes a subscriber that falls
+        // more than --max-pending (64 MiB) behind as a slow consumer.
+        let lead = args.lead.min((16 << 20) / args.size.max(1) as u64).max(1);
         let cpu0 = cpu_s(broker.id());
         let t = Instant::now();
         for i in 0..n {
             // Sleep (not spin) while too far ahead: spinning would burn the
             // CPU this measures and steal it from the broker.
-            while i >= got.load(Ordering::Relaxed) + args.lead {
+            while i >= got.load(Ordering::Relaxed) + lead {
                 more.notified().await;
             }
             p.publish("bench.ps", &payload).await.unwrap();
@@ -262,6 +306,7 @@ async fn measure(args: &Args, accel: bool, cgroup: &std::path::Path) -> Sample {
         s.redirects = st.msgs_redirected;
     }
     drop(fp);
+    drop(poller);
     let _ = broker.kill();
     let _ = broker.wait();
     s
@@ -281,11 +326,16 @@ fn main() {
     std::fs::create_dir_all(&cg).expect("create the bench cgroup (run as root)");
     std::fs::write(cg.join("cgroup.procs"), std::process::id().to_string())
         .expect("move into the bench cgroup");
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
+    let rt = if args.busy_poll_us.is_some() {
+        tokio::runtime::Builder::new_current_thread()
+    } else {
+        let mut b = tokio::runtime::Builder::new_multi_thread();
+        b.worker_threads(2);
+        b
+    }
+    .enable_all()
+    .build()
+    .unwrap();
     let mut off = Vec::new();
     let mut on = Vec::new();
     println!(

@@ -76,7 +76,7 @@ impl<'de> Deserialize<'de> for ByteSize {
     }
 }
 
-/// A duration written as `250ms`, `10s`, `5m`, `1h`.
+/// A duration written as `50us`, `250ms`, `10s`, `5m`, `1h`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Dur(pub Duration);
 
@@ -90,13 +90,14 @@ impl FromStr for Dur {
             .parse()
             .map_err(|_| format!("{s:?} is not a duration (examples: 250ms, 10s, 5m)"))?;
         let d = match unit {
+            "us" | "µs" => Duration::from_micros(n),
             "ms" => Duration::from_millis(n),
             "s" | "" => Duration::from_secs(n),
             "m" => Duration::from_secs(n * 60),
             "h" => Duration::from_secs(n * 3600),
             u => {
                 return Err(format!(
-                    "unknown duration unit {u:?} in {s:?} (use ms, s, m or h)"
+                    "unknown duration unit {u:?} in {s:?} (use us, ms, s, m or h)"
                 ))
             }
         };
@@ -174,6 +175,12 @@ pub struct Options {
     /// Log format on stderr.
     #[arg(long, env = "SOCKBUS_LOG_FORMAT", value_enum)]
     pub log_format: Option<LogFormat>,
+    /// Keep polling the sockets for this long after the last read or write
+    /// instead of sleeping (e.g. 200us; default off). Lower latency for one
+    /// core's worth of CPU while traffic flows; the broker then runs its
+    /// connections on one thread. docs/operations.md, "Busy-polling".
+    #[arg(long, env = "SOCKBUS_BUSY_POLL")]
+    pub busy_poll: Option<Dur>,
 }
 
 /// The validated configuration the broker runs with.
@@ -206,6 +213,8 @@ pub struct Config {
     pub log_format: LogFormat,
     /// Receive window announced to clients (bytes).
     pub recv_window: u32,
+    /// Busy-poll window; None: sleep when idle (the default).
+    pub busy_poll: Option<Duration>,
 }
 
 impl Default for Config {
@@ -232,6 +241,7 @@ impl Default for Config {
             handshake_timeout: Duration::from_secs(5),
             log_format: LogFormat::Text,
             recv_window: 8 << 20,
+            busy_poll: None,
         }
     }
 }
@@ -331,7 +341,11 @@ impl Options {
             handshake_timeout: d.handshake_timeout,
             log_format: o.log_format.unwrap_or_default(),
             recv_window: d.recv_window,
+            busy_poll: o.busy_poll.map(|x| x.0).filter(|d| !d.is_zero()),
         };
+        if cfg.busy_poll.is_some_and(|d| d > Duration::from_secs(1)) {
+            bail!("--busy-poll is a window after each message, at most 1s (e.g. 200us); 0 turns it off");
+        }
         if cfg.node_id.is_empty() || cfg.node_id.contains(char::is_whitespace) {
             bail!(
                 "--node-id {:?} must be non-empty without spaces",
@@ -362,6 +376,7 @@ impl Options {
             write_timeout: self.write_timeout.or(file.write_timeout),
             drain_timeout: self.drain_timeout.or(file.drain_timeout),
             log_format: self.log_format.or(file.log_format),
+            busy_poll: self.busy_poll.or(file.busy_poll),
         }
     }
 }
@@ -381,7 +396,30 @@ mod tests {
             Duration::from_millis(250)
         );
         assert_eq!("5m".parse::<Dur>().unwrap().0, Duration::from_secs(300));
+        assert_eq!(
+            "200us".parse::<Dur>().unwrap().0,
+            Duration::from_micros(200)
+        );
         assert!("soon".parse::<Dur>().is_err());
+    }
+
+    #[test]
+    fn busy_poll_is_off_by_default_off_at_zero_and_bounded() {
+        let resolve = |v: Option<&str>| {
+            Options {
+                busy_poll: v.map(|v| v.parse().unwrap()),
+                ..Default::default()
+            }
+            .resolve()
+        };
+        assert_eq!(resolve(None).unwrap().busy_poll, None);
+        assert_eq!(resolve(Some("0")).unwrap().busy_poll, None);
+        assert_eq!(
+            resolve(Some("200us")).unwrap().busy_poll,
+            Some(Duration::from_micros(200))
+        );
+        let e = resolve(Some("5s")).unwrap_err().to_string();
+        assert!(e.contains("--busy-poll"), "{e}");
     }
 
     #[test]

@@ -418,6 +418,7 @@ impl Reader {
                     if r? == 0 {
                         return Ok(());
                     }
+                    sockbus_protocol::busy_poll::touch();
                 }
                 _ = self.shared.abort.cancelled() => return Ok(()),
                 _ = shutdown.cancelled() => return Ok(()),

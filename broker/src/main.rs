@@ -82,11 +82,24 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     if !config.peers.is_empty() && config.cluster.is_none() {
         bail!("--peers needs --cluster ADDR: peers dial this broker's route port too");
     }
-    let rt = tokio::runtime::Builder::new_multi_thread()
+    // A poller helps only where its thread owns the I/O driver; with more
+    // workers another one sleeps in epoll_wait holding it.
+    let mut rt = if config.busy_poll.is_some() {
+        tokio::runtime::Builder::new_current_thread()
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
+    };
+    let rt = rt
         .enable_all()
         .build()
         .context("cannot start the async runtime")?;
     rt.block_on(async move {
+        let _busy_poll = config.busy_poll.map(|w| {
+            info!(
+                "busy-polling: connections run on one thread that polls for {w:?} after each read or write instead of sleeping (--busy-poll)"
+            );
+            sockbus_protocol::busy_poll::spawn(w)
+        });
         let mode = config.accel;
         let mut accel_opts = sockbus_broker::accel::AttachOptions {
             ports: config.accel_ports.clone(),
@@ -105,6 +118,15 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             .metrics
             .sources
             .register(std::sync::Arc::new(sockbus_broker::accel::MetricsSource));
+        if let Some(p) = &_busy_poll {
+            server
+                .state()
+                .metrics
+                .sources
+                .register(std::sync::Arc::new(sockbus_broker::metrics::BusyPollSource(
+                    p.window(),
+                )));
+        }
         let http = start_http(&server).await?;
         let shutdown = CancellationToken::new();
         let sd = shutdown.clone();

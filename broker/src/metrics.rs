@@ -373,6 +373,49 @@ impl Sources {
     }
 }
 
+/// Figures of the busy-poll task (`--busy-poll`), when it runs.
+pub struct BusyPollSource(pub std::time::Duration);
+
+impl Source for BusyPollSource {
+    fn name(&self) -> &'static str {
+        "busy_poll"
+    }
+
+    fn prometheus(&self, out: &mut String) {
+        use std::fmt::Write;
+        let s = sockbus_protocol::busy_poll::stats();
+        let _ = write!(
+            out,
+            "# HELP sockbus_busy_poll_window_seconds How long the broker polls after a read or write before sleeping.\n\
+             # TYPE sockbus_busy_poll_window_seconds gauge\n\
+             sockbus_busy_poll_window_seconds {}\n\
+             # HELP sockbus_busy_poll_sleeping 1 while the poller sleeps (no traffic for its window).\n\
+             # TYPE sockbus_busy_poll_sleeping gauge\n\
+             sockbus_busy_poll_sleeping {}\n\
+             # HELP sockbus_busy_poll_polls_total Non-blocking looks for I/O made by the poller.\n\
+             # TYPE sockbus_busy_poll_polls_total counter\n\
+             sockbus_busy_poll_polls_total {}\n\
+             # HELP sockbus_busy_poll_sleeps_total Times the poller went to sleep after a quiet window.\n\
+             # TYPE sockbus_busy_poll_sleeps_total counter\n\
+             sockbus_busy_poll_sleeps_total {}\n",
+            self.0.as_secs_f64(),
+            s.sleeping,
+            s.polls,
+            s.sleeps
+        );
+    }
+
+    fn status(&self) -> serde_json::Value {
+        let s = sockbus_protocol::busy_poll::stats();
+        serde_json::json!({
+            "window_us": self.0.as_micros() as u64,
+            "sleeping": s.sleeping > 0,
+            "polls": s.polls,
+            "sleeps": s.sleeps,
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -198,3 +198,89 @@ async fn broker_memory_stays_bounded_when_a_subscriber_stops_reading() {
         "stalled subscriber was disconnected"
     );
 }
+
+/// CPU seconds (user + system) the process has used.
+fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    // Fields after the ")" that closes the command name: utime is the 12th, stime the 13th.
+    let rest = &stat[stat.rfind(')').unwrap() + 2..];
+    let f: Vec<u64> = rest
+        .split_whitespace()
+        .skip(11)
+        .take(2)
+        .map(|v| v.parse().unwrap())
+        .collect();
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    (f[0] + f[1]) as f64 / hz
+}
+
+fn metric(http: std::net::SocketAddr, name: &str) -> f64 {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(http).unwrap();
+    s.write_all(b"GET /metrics HTTP/1.0\r\nHost: x\r\n\r\n")
+        .unwrap();
+    let mut body = String::new();
+    s.read_to_string(&mut body).unwrap();
+    body.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+        .unwrap_or_else(|| panic!("{name} not in /metrics:\n{body}"))
+}
+
+#[tokio::test]
+async fn busy_polling_broker_serves_every_message_and_sleeps_when_idle() {
+    let http: std::net::SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let b = Broker::spawn(&["--busy-poll", "200us", "--http", &http.to_string()]).await;
+    let _poll = sockbus_client::busy_poll(Duration::from_micros(200));
+    assert_eq!(metric(http, "sockbus_busy_poll_window_seconds"), 0.0002);
+    let polls_before = metric(http, "sockbus_busy_poll_polls_total");
+
+    // Request/reply: every request gets its own answer.
+    let svc = sockbus_client::connect(&b.url).await.unwrap();
+    let mut reqs = svc.subscribe("bp.echo").await.unwrap();
+    svc.flush().await.unwrap();
+    let replier = tokio::spawn(async move {
+        while let Some(m) = reqs.next().await {
+            if let Some(r) = m.reply() {
+                svc.publish(r, &m.payload).await.unwrap();
+            }
+        }
+    });
+    let c = sockbus_client::connect(&b.url).await.unwrap();
+    for i in 0u32..5_000 {
+        let r = c.request("bp.echo", i.to_le_bytes()).await.unwrap();
+        assert_eq!(r.payload.as_ref(), i.to_le_bytes());
+    }
+    // Pub/sub: all of them, in order.
+    let mut sub = c.subscribe("bp.data").await.unwrap();
+    c.flush().await.unwrap();
+    let p = sockbus_client::connect(&b.url).await.unwrap();
+    const N: u32 = 50_000;
+    for i in 0..N {
+        p.publish("bp.data", i.to_le_bytes()).await.unwrap();
+    }
+    p.flush().await.unwrap();
+    for i in 0..N {
+        let m = tokio::time::timeout(Duration::from_secs(10), sub.next())
+            .await
+            .expect("message within 10s")
+            .unwrap();
+        assert_eq!(m.payload.as_ref(), i.to_le_bytes());
+    }
+    replier.abort();
+    assert!(
+        metric(http, "sockbus_busy_poll_polls_total") > polls_before,
+        "the broker polled while traffic flowed"
+    );
+
+    // Idle: the poller goes to sleep, so the broker stops using CPU.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let cpu0 = cpu_seconds(b.pid());
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let idle_cpu = cpu_seconds(b.pid()) - cpu0;
+    assert_eq!(metric(http, "sockbus_busy_poll_sleeping"), 1.0);
+    assert!(
+        idle_cpu < 0.25,
+        "an idle busy-polling broker used {idle_cpu:.2} s of CPU in 1 s"
+    );
+}

@@ -1014,7 +1014,7 @@ async fn read_loop(
         tokio::select! {
             r = rd.read_buf(&mut buf) => match r {
                 Ok(0) => return Error::Disconnected,
-                Ok(_) => {}
+                Ok(_) => sockbus_protocol::busy_poll::touch(),
                 Err(e) => return e.into(),
             },
             _ = inner.closed.notified() => return Error::Closed,

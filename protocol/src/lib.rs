@@ -1,7 +1,9 @@
 //! The sockbus wire protocol, sans-IO: bytes in, frames out. No runtime, no
 //! sockets, so every protocol case is a plain unit test and the decoder can
-//! be fuzzed. See docs/protocol.md for the byte layout.
+//! be fuzzed. See docs/protocol.md for the byte layout. (The one exception,
+//! the optional busy-poll task behind feature `rt`, lives in [`busy_poll`].)
 
+pub mod busy_poll;
 pub mod flow;
 pub mod frame;
 pub mod outbox;

@@ -121,6 +121,7 @@ impl Take {
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => return Err(e),
             };
+            crate::busy_poll::touch();
             let f = n.min(self.front.len());
             let _ = self.front.split_to(f);
             let _ = self.data.split_to(n - f);

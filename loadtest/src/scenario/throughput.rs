@@ -100,8 +100,11 @@ pub(crate) async fn run<D: Driver>(
                 } else {
                     payload.clone()
                 };
-                conn.publish(&topic, body).await?;
+                // Counted before it is sent: a publish can be delivered
+                // before `publish` returns, and the warm-up snapshot must
+                // never see a delivery whose publish it has not counted.
                 published.fetch_add(1, Relaxed);
+                conn.publish(&topic, body).await?;
             }
             conn.sync().await
         }));
