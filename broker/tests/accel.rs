@@ -473,6 +473,60 @@ fn spawn_broker(args: &[&str]) -> (Child, u16, std::sync::mpsc::Receiver<String>
     panic!("broker did not start:\n{log}");
 }
 
+/// Busy-polling (broker `--busy-poll`, SDK `busy_poll`) polls sockets for
+/// readiness and never spins on `recv`, which on a redirected socket would
+/// fight the sender for the socket lock: everything arrives, in order.
+#[tokio::test]
+async fn busy_polling_broker_and_clients_on_the_fast_path_deliver_everything() {
+    if !privileged("busy_polling_broker_and_clients_on_the_fast_path_deliver_everything") {
+        return;
+    }
+    let (child, port, _log) =
+        spawn_broker(&["--accel", "off", "--http", "off", "--busy-poll", "200us"]);
+    // Killed on every way out of the test, a failed assertion included.
+    struct KillOnDrop(Child);
+    impl Drop for KillOnDrop {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let _child = KillOnDrop(child);
+    let fp = attach(&[port]);
+    let url = format!("sockbus://127.0.0.1:{port}");
+    let _poll = sockbus_client::busy_poll(Duration::from_micros(200));
+    let svc = sockbus_client::connect(&url).await.unwrap();
+    let mut reqs = svc.subscribe("bp.echo").await.unwrap();
+    svc.flush().await.unwrap();
+    let replier = tokio::spawn(async move {
+        while let Some(m) = reqs.next().await {
+            if let Some(r) = m.reply() {
+                svc.publish(r, &m.payload).await.unwrap();
+            }
+        }
+    });
+    let c = sockbus_client::connect(&url).await.unwrap();
+    for i in 0..5_000u32 {
+        let body = payload(i, 64 + (i as usize % 512));
+        let r = c.request("bp.echo", &body).await.unwrap();
+        assert_eq!(r.payload.as_ref(), &body[..], "reply {i}");
+    }
+    let mut sub = c.subscribe("bp.data").await.unwrap();
+    c.flush().await.unwrap();
+    let p = sockbus_client::connect(&url).await.unwrap();
+    for i in 0..50_000u32 {
+        p.publish("bp.data", i.to_le_bytes()).await.unwrap();
+    }
+    p.flush().await.unwrap();
+    for i in 0..50_000u32 {
+        let m = recv(&mut sub).await;
+        assert_eq!(m.payload.as_ref(), i.to_le_bytes(), "message {i}");
+    }
+    nothing(&mut sub).await;
+    replier.abort();
+    assert_accelerated(&fp, 5_000 * 64 * 4 + 50_000 * 4 * 2);
+}
+
 fn rss_peak_kib(pid: u32) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
     status
