@@ -361,6 +361,10 @@ impl Reader {
         shutdown: &CancellationToken,
     ) -> Result<(), ConnError> {
         let max_body = self.state.config.max_payload + MAX_FRAME_OVERHEAD;
+        // Made once: registering with a token per read costs two locks each.
+        let aborted = self.shared.abort.clone().cancelled_owned();
+        let shut_down = shutdown.cancelled();
+        tokio::pin!(aborted, shut_down);
         loop {
             let mut consumed = 0usize;
             loop {
@@ -420,8 +424,8 @@ impl Reader {
                     }
                     sockbus_protocol::busy_poll::touch();
                 }
-                _ = self.shared.abort.cancelled() => return Ok(()),
-                _ = shutdown.cancelled() => return Ok(()),
+                _ = aborted.as_mut() => return Ok(()),
+                _ = shut_down.as_mut() => return Ok(()),
             }
         }
     }

@@ -91,7 +91,7 @@ const TALLY_MAX_PENDING: u32 = 32;
 /// Subjects tracked by the shared table.
 const TABLE_CAP: usize = 1024;
 /// Replies to requests go to unique `_INBOX.` subjects: not worth tracking.
-const INBOX_PREFIX: &str = "_INBOX.";
+use sockbus_protocol::subject::INBOX_PREFIX;
 
 #[derive(Default, Debug, Clone)]
 struct TallySlot {

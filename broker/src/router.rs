@@ -13,7 +13,7 @@ use std::sync::{Arc, Mutex, RwLock};
 
 use sockbus_protocol::frame::{encode_sub, encode_unsub};
 use sockbus_protocol::outbox::Push;
-use sockbus_protocol::subject::{validate_subject, SubjectError};
+use sockbus_protocol::subject::{validate_subject, SubjectError, INBOX_PREFIX};
 
 use crate::conn::ConnShared;
 
@@ -460,6 +460,13 @@ impl MatchCache {
             .map(|(g, m)| (*g, m.clone()));
         let (g, m) = match cached {
             Some(hit) => hit,
+            None if subject.starts_with(INBOX_PREFIX) => {
+                // A request's reply subject is used once: caching it would
+                // cost an allocation and push out the subjects that repeat.
+                validate_subject(subject)?;
+                let (m, g) = router.compute(subject);
+                (g, Arc::new(m))
+            }
             None => {
                 if !self.map.contains_key(subject) {
                     validate_subject(subject)?;

@@ -256,7 +256,7 @@ impl Inner {
             errors: Mutex::new((0, None)),
             requests: Mutex::new(HashMap::default()),
             mux_sid: tokio::sync::OnceCell::new(),
-            inbox_prefix: format!("_INBOX.{id:016x}"),
+            inbox_prefix: format!("{}{id:016x}", sockbus_protocol::subject::INBOX_PREFIX),
             next_req: AtomicU64::new(1),
             closing: AtomicBool::new(false),
             closed: Notify::new(),
@@ -999,6 +999,14 @@ async fn read_loop(
 ) -> Error {
     let mut recv = RecvWindow::new(recv_window);
     let mut consumed = info_len;
+    // Registered once, before the first read, so a close while a batch is
+    // being handled is seen too (and no lock per read for a new waiter).
+    let closed = inner.closed.notified();
+    tokio::pin!(closed);
+    closed.as_mut().enable();
+    if inner.is_closing() {
+        return Error::Closed;
+    }
     loop {
         if let Err(e) = read_batch(inner, &mut buf, &mut consumed) {
             return e;
@@ -1017,7 +1025,7 @@ async fn read_loop(
                 Ok(_) => sockbus_protocol::busy_poll::touch(),
                 Err(e) => return e.into(),
             },
-            _ = inner.closed.notified() => return Error::Closed,
+            _ = closed.as_mut() => return Error::Closed,
         }
     }
 }

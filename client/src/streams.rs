@@ -376,7 +376,11 @@ impl Client {
                 serde_json::to_vec(&wire).expect("serialisable"),
             )
             .await?;
-        let inbox = format!("_INBOX.{:016x}.c", rand::random::<u64>());
+        let inbox = format!(
+            "{}{:016x}.c",
+            sockbus_protocol::subject::INBOX_PREFIX,
+            rand::random::<u64>()
+        );
         let sub = self.subscribe(&inbox).await?;
         Ok(PullConsumer {
             client: self.clone(),

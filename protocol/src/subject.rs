@@ -7,6 +7,11 @@ use thiserror::Error;
 /// Longest subject or pattern accepted, in bytes.
 pub const MAX_SUBJECT_LEN: usize = 4096;
 
+/// Prefix of the one-time reply subjects clients make for requests
+/// (`_INBOX.<client>.<request>`): each is used once, so the broker neither
+/// caches their routes nor tracks them per subject.
+pub const INBOX_PREFIX: &str = "_INBOX.";
+
 /// Why a subject or pattern was refused. The text is meant for the user.
 #[derive(Debug, Clone, PartialEq, Eq, Error)]
 pub enum SubjectError {
