@@ -20,6 +20,9 @@ use std::time::{Duration, Instant};
 use clap::Parser;
 use sockbus_broker::accel::{AttachOptions, FastPath};
 
+#[path = "shared/request_reply.rs"]
+mod request_reply;
+
 #[derive(Parser, Debug)]
 struct Args {
     /// Rounds; each runs off and on (order alternating between rounds).
@@ -219,43 +222,16 @@ async fn measure(args: &Args, accel: bool, cgroup: &std::path::Path) -> Sample {
 
     // Request/reply.
     {
-        let svc = sockbus_client::connect(&url).await.unwrap();
-        let mut reqs = svc.subscribe("bench.rr").await.unwrap();
-        svc.flush().await.unwrap();
-        let replier = tokio::spawn(async move {
-            while let Some(m) = reqs.next().await {
-                if let Some(r) = m.reply() {
-                    let _ = svc.publish(r, &m.payload).await;
-                }
-            }
-        });
-        let c = sockbus_client::connect(&url).await.unwrap();
-        let (size, requests) = (args.size, args.requests);
         let broker_pid = broker.id();
-        // The requester is a task of its own, as in a service: the
-        // runtime's `block_on` future is polled only after the runtime has
-        // looked for I/O once more.
-        let (mut lat, cpu0) = tokio::spawn(async move {
-            let body = vec![0u8; size];
-            for _ in 0..1000 {
-                c.request("bench.rr", &body).await.unwrap();
-            }
-            let mut lat = Vec::with_capacity(requests);
-            let cpu0 = cpu_s(broker_pid);
-            for _ in 0..requests {
-                let t = Instant::now();
-                c.request("bench.rr", &body).await.unwrap();
-                lat.push(t.elapsed());
-            }
-            (lat, cpu0)
-        })
-        .await
-        .unwrap();
+        let (mut lat, cpu0) =
+            request_reply::sdk_round_trips(&url, args.size, args.requests, move || {
+                cpu_s(broker_pid)
+            })
+            .await;
         s.rr_cpu_us = (cpu_s(broker.id()) - cpu0) * 1e6 / args.requests as f64;
         lat.sort_unstable();
         s.rr_p50_us = percentile(&lat, 0.50);
         s.rr_p99_us = percentile(&lat, 0.99);
-        replier.abort();
     }
 
     // Pub/sub 1 -> 1.

@@ -24,6 +24,9 @@ use std::time::{Duration, Instant};
 use bytes::{Buf, BytesMut};
 use clap::Parser;
 use sockbus_broker::accel::{AttachOptions, FastPath};
+
+#[path = "shared/request_reply.rs"]
+mod request_reply;
 use sockbus_protocol::frame::{self, encode_connect, encode_pub, encode_sub};
 use sockbus_protocol::Frame;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -227,34 +230,8 @@ async fn raw_clients(port: u16, args: &Args) -> f64 {
 
 async fn sdk_clients(port: u16, args: &Args) -> f64 {
     let url = format!("sockbus://127.0.0.1:{port}");
-    let svc = sockbus_client::connect(&url).await.unwrap();
-    let mut reqs = svc.subscribe("rr.svc").await.unwrap();
-    svc.flush().await.unwrap();
-    let replier = tokio::spawn(async move {
-        while let Some(m) = reqs.next().await {
-            if let Some(r) = m.reply() {
-                let _ = svc.publish(r, &m.payload).await;
-            }
-        }
-    });
-    let c = sockbus_client::connect(&url).await.unwrap();
-    let (size, n) = (args.size, args.requests);
-    let r = tokio::spawn(async move {
-        let body = vec![0u8; size];
-        let mut lat = Vec::with_capacity(n);
-        for i in 0..n + 1000 {
-            let t = Instant::now();
-            c.request("rr.svc", &body).await.unwrap();
-            if i >= 1000 {
-                lat.push(t.elapsed());
-            }
-        }
-        p50(lat)
-    })
-    .await
-    .unwrap();
-    replier.abort();
-    r
+    let (lat, ()) = request_reply::sdk_round_trips(&url, args.size, args.requests, || ()).await;
+    p50(lat)
 }
 
 // ------------------------------------------------------------------- main

@@ -496,15 +496,7 @@ async fn busy_polling_broker_and_clients_on_the_fast_path_deliver_everything() {
     let url = format!("sockbus://127.0.0.1:{port}");
     let _poll = sockbus_client::busy_poll(Duration::from_micros(200));
     let svc = sockbus_client::connect(&url).await.unwrap();
-    let mut reqs = svc.subscribe("bp.echo").await.unwrap();
-    svc.flush().await.unwrap();
-    let replier = tokio::spawn(async move {
-        while let Some(m) = reqs.next().await {
-            if let Some(r) = m.reply() {
-                svc.publish(r, &m.payload).await.unwrap();
-            }
-        }
-    });
+    let replier = common::echo_replier(svc, "bp.echo").await;
     let c = sockbus_client::connect(&url).await.unwrap();
     for i in 0..5_000u32 {
         let body = payload(i, 64 + (i as usize % 512));

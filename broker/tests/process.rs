@@ -237,15 +237,7 @@ async fn busy_polling_broker_serves_every_message_and_sleeps_when_idle() {
 
     // Request/reply: every request gets its own answer.
     let svc = sockbus_client::connect(&b.url).await.unwrap();
-    let mut reqs = svc.subscribe("bp.echo").await.unwrap();
-    svc.flush().await.unwrap();
-    let replier = tokio::spawn(async move {
-        while let Some(m) = reqs.next().await {
-            if let Some(r) = m.reply() {
-                svc.publish(r, &m.payload).await.unwrap();
-            }
-        }
-    });
+    let replier = common::echo_replier(svc, "bp.echo").await;
     let c = sockbus_client::connect(&b.url).await.unwrap();
     for i in 0u32..5_000 {
         let r = c.request("bp.echo", i.to_le_bytes()).await.unwrap();

@@ -151,6 +151,23 @@ pub async fn recv(sub: &mut sockbus_client::Subscriber) -> sockbus_client::Messa
         .expect("subscription ended")
 }
 
+/// A replier that answers every request on `subject` with its own payload,
+/// until the returned task is aborted.
+pub async fn echo_replier(
+    svc: sockbus_client::Client,
+    subject: &str,
+) -> tokio::task::JoinHandle<()> {
+    let mut reqs = svc.subscribe(subject).await.unwrap();
+    svc.flush().await.unwrap();
+    tokio::spawn(async move {
+        while let Some(m) = reqs.next().await {
+            if let Some(r) = m.reply() {
+                svc.publish(r, &m.payload).await.unwrap();
+            }
+        }
+    })
+}
+
 /// Asserts nothing arrives within a short while.
 pub async fn nothing(sub: &mut sockbus_client::Subscriber) {
     if let Ok(Some(m)) = tokio::time::timeout(Duration::from_millis(200), sub.next()).await {
