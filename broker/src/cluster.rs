@@ -395,6 +395,10 @@ async fn read_route(
     // A peer forwards publishes on our streams' subjects: store them here.
     let mut captures = crate::streams::CaptureCache::default();
     let mut stored = crate::streams::Pending::default();
+    // Made once: registering with a token per read costs two locks each.
+    let aborted = link.abort.cancelled();
+    let shut_down = shutdown.cancelled();
+    tokio::pin!(aborted, shut_down);
     loop {
         while let Some(h) = frame::parse_header(buf)? {
             frame::check_len(&h, max_body)?;
@@ -502,9 +506,10 @@ async fn read_route(
                 if r? == 0 {
                     return Ok(());
                 }
+                sockbus_protocol::busy_poll::touch();
             }
-            _ = link.abort.cancelled() => return Ok(()),
-            _ = shutdown.cancelled() => return Ok(()),
+            _ = aborted.as_mut() => return Ok(()),
+            _ = shut_down.as_mut() => return Ok(()),
         }
     }
 }
