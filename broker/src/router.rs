@@ -195,10 +195,74 @@ impl Node {
 
 pub struct Router {
     root: RwLock<Node>,
+    /// Three-token patterns under `_INBOX.` (or a leading `*`) whose last
+    /// token is literal, changed under `root`'s write lock: while there are
+    /// none for a client token, every `_INBOX.<client>.<n>` matches the same
+    /// subscriptions whatever `<n>` is (see [`MatchCache`]).
+    inbox_literal: RwLock<InboxLiteral>,
     generation: AtomicU64,
     count: AtomicUsize,
     rr_seed: AtomicUsize,
     interest: Mutex<Interest>,
+}
+
+/// Counts of the patterns that make a reply subject's matches depend on its
+/// last token: `_INBOX.<client>.<literal>` per client token, and any other
+/// three-token pattern with a literal last token that can match `_INBOX.`
+/// (`*.x.y`, `_INBOX.*.y`).
+#[derive(Default)]
+struct InboxLiteral {
+    per_client: HashMap<Box<str>, usize>,
+    any: usize,
+}
+
+impl InboxLiteral {
+    /// What `pattern` counts under, if anything.
+    fn key<'a>(toks: &[&'a str]) -> Option<Option<&'a str>> {
+        let &[first, second, last] = toks else {
+            return None;
+        };
+        let inbox = INBOX_PREFIX.trim_end_matches('.');
+        if (first != inbox && first != "*") || last == "*" || last == ">" {
+            return None;
+        }
+        Some((first == inbox && second != "*").then_some(second))
+    }
+
+    fn add(&mut self, toks: &[&str]) {
+        match Self::key(toks) {
+            None => {}
+            Some(None) => self.any += 1,
+            Some(Some(c)) => *self.per_client.entry(c.into()).or_default() += 1,
+        }
+    }
+
+    fn remove(&mut self, toks: &[&str]) {
+        match Self::key(toks) {
+            None => {}
+            Some(None) => self.any -= 1,
+            Some(Some(c)) => {
+                if let Some(n) = self.per_client.get_mut(c) {
+                    *n -= 1;
+                    if *n == 0 {
+                        self.per_client.remove(c);
+                    }
+                }
+            }
+        }
+    }
+
+    fn blocks(&self, client: &str) -> bool {
+        self.any > 0 || self.per_client.contains_key(client)
+    }
+}
+
+/// The client token of a reply subject `_INBOX.<client>.<n>` (exactly three
+/// tokens), else None.
+fn inbox_client(subject: &str) -> Option<&str> {
+    let rest = subject.strip_prefix(INBOX_PREFIX)?;
+    let (client, n) = rest.split_once('.')?;
+    (!n.contains('.')).then_some(client)
 }
 
 /// This broker's local interest as peers see it: one route subscription per
@@ -245,6 +309,7 @@ impl Router {
     pub fn new() -> Self {
         Router {
             root: RwLock::new(Node::default()),
+            inbox_literal: RwLock::new(InboxLiteral::default()),
             generation: AtomicU64::new(1),
             count: AtomicUsize::new(0),
             rr_seed: AtomicUsize::new(0),
@@ -356,6 +421,10 @@ impl Router {
         let toks: Vec<&str> = pattern.split('.').collect();
         let mut root = self.root.write().unwrap_or_else(|p| p.into_inner());
         root.insert(&toks, sub);
+        self.inbox_literal
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .add(&toks);
         self.count.fetch_add(1, Ordering::Relaxed);
         // Bump while holding the lock so no reader caches a stale result
         // under the new generation.
@@ -376,6 +445,10 @@ impl Router {
         let found = root.remove(&toks, sub);
         if found {
             self.count.fetch_sub(1, Ordering::Relaxed);
+            self.inbox_literal
+                .write()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(&toks);
         }
         self.generation.fetch_add(1, Ordering::Release);
         drop(root);
@@ -399,12 +472,15 @@ impl Router {
     /// Computes what a literal subject matches. Returns the result and the
     /// generation it is valid for.
     pub fn compute(&self, subject: &str) -> (Matches, u64) {
-        let toks: Vec<&str> = subject.split('.').collect();
         let root = self.root.read().unwrap_or_else(|p| p.into_inner());
+        self.compute_locked(subject, &root)
+    }
+
+    fn compute_locked(&self, subject: &str, root: &Node) -> (Matches, u64) {
+        let toks: Vec<&str> = subject.split('.').collect();
         let gen = self.generation.load(Ordering::Acquire);
         let mut all = Vec::new();
         root.collect(&toks, &mut all);
-        drop(root);
         let mut m = Matches::default();
         for s in all {
             match &s.queue {
@@ -423,11 +499,33 @@ impl Router {
         }
         (m, gen)
     }
+
+    /// What every reply subject `_INBOX.<client>.<n>` of `subject`'s client
+    /// matches, when that does not depend on `<n>` (no subscription names a
+    /// literal last token there); None otherwise.
+    fn compute_inbox(&self, subject: &str, client: &str) -> Option<(Matches, u64)> {
+        // Holding the trie's read lock keeps the count and the generation
+        // consistent with the walk.
+        let _root = self.root.read().unwrap_or_else(|p| p.into_inner());
+        if self
+            .inbox_literal
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .blocks(client)
+        {
+            return None;
+        }
+        let r = self.compute_locked(subject, &_root);
+        Some(r)
+    }
 }
 
 /// A reader task's private cache of match results.
 pub struct MatchCache {
     map: HashMap<Box<str>, (u64, Arc<Matches>), rustc_hash::FxBuildHasher>,
+    /// Reply subjects `_INBOX.<client>.<n>` by client token: each reply
+    /// subject is used once, but one client's all match alike.
+    inbox: HashMap<Box<str>, (u64, Arc<Matches>), rustc_hash::FxBuildHasher>,
     /// The last subject looked up: most publishers repeat one, and a string
     /// compare is cheaper than hashing it.
     last_key: String,
@@ -440,6 +538,7 @@ impl MatchCache {
     pub fn new(cap: usize) -> Self {
         MatchCache {
             map: HashMap::default(),
+            inbox: HashMap::default(),
             last_key: String::new(),
             last_gen: 0,
             last: None,
@@ -452,6 +551,29 @@ impl MatchCache {
         let gen = router.generation();
         if self.last.is_some() && self.last_gen == gen && self.last_key == subject {
             return Ok(self.last.as_deref().expect("checked"));
+        }
+        if let Some(client) = inbox_client(subject) {
+            validate_subject(subject)?;
+            let hit = matches!(self.inbox.get(client), Some((g, _)) if *g == gen);
+            if !hit {
+                match router.compute_inbox(subject, client) {
+                    Some((m, g)) => {
+                        if self.inbox.len() >= self.cap {
+                            self.inbox.clear();
+                        }
+                        self.inbox.insert(client.into(), (g, Arc::new(m)));
+                    }
+                    None => {
+                        // Some subscription names this reply subject itself.
+                        let (m, g) = router.compute(subject);
+                        self.last_key.clear();
+                        self.last_key.push_str(subject);
+                        self.last_gen = g;
+                        return Ok(self.last.insert(Arc::new(m)));
+                    }
+                }
+            }
+            return Ok(&self.inbox.get(client).expect("inserted").1);
         }
         let cached = self
             .map
@@ -484,5 +606,130 @@ impl MatchCache {
         self.last_key.push_str(subject);
         self.last_gen = g;
         Ok(self.last.insert(m))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use sockbus_protocol::outbox::Outbox;
+    use tokio_util::sync::CancellationToken;
+
+    fn sub(router: &Router, id: u64, pattern: &str) -> Arc<Subscription> {
+        let conn = Arc::new(ConnShared::new(
+            id,
+            Outbox::new(1 << 20, 0),
+            CancellationToken::new(),
+            None,
+        ));
+        let s = Arc::new(Subscription::new(1, pattern, None, conn));
+        router.insert(s.clone());
+        s
+    }
+
+    fn who(cache: &mut MatchCache, router: &Router, subject: &str) -> Vec<u64> {
+        let m = cache.get(router, subject).unwrap();
+        let mut ids: Vec<u64> = m.plain.iter().map(|s| s.conn.id).collect();
+        ids.sort_unstable();
+        ids
+    }
+
+    #[test]
+    fn reply_subjects_match_like_a_direct_walk_of_the_trie() {
+        let r = Router::new();
+        let mut c = MatchCache::new(16);
+        let _mux = sub(&r, 1, "_INBOX.a.*");
+        let _all = sub(&r, 2, "_INBOX.>");
+        let _other = sub(&r, 3, "_INBOX.b.*");
+        assert_eq!(who(&mut c, &r, "_INBOX.a.1"), [1, 2]);
+        assert_eq!(who(&mut c, &r, "_INBOX.a.2"), [1, 2]);
+        assert_eq!(who(&mut c, &r, "_INBOX.b.2"), [2, 3]);
+        // Not three tokens: not the per-client shortcut, still right.
+        assert_eq!(who(&mut c, &r, "_INBOX.a.2.x"), [2]);
+        assert_eq!(who(&mut c, &r, "_INBOX.a"), [2]);
+
+        // A subscription to one reply subject of client a: only that one
+        // gains a match, a's other reply subjects do not.
+        let one = sub(&r, 4, "_INBOX.a.7");
+        assert_eq!(who(&mut c, &r, "_INBOX.a.7"), [1, 2, 4]);
+        assert_eq!(who(&mut c, &r, "_INBOX.a.8"), [1, 2]);
+        assert_eq!(who(&mut c, &r, "_INBOX.b.7"), [2, 3]);
+        r.remove(&one);
+        assert_eq!(who(&mut c, &r, "_INBOX.a.7"), [1, 2]);
+
+        // Wildcards before a literal last token, for any client.
+        let any = sub(&r, 5, "*.*.9");
+        let star = sub(&r, 6, "_INBOX.*.9");
+        assert_eq!(who(&mut c, &r, "_INBOX.b.9"), [2, 3, 5, 6]);
+        assert_eq!(who(&mut c, &r, "_INBOX.b.8"), [2, 3]);
+        r.remove(&any);
+        assert_eq!(who(&mut c, &r, "_INBOX.a.9"), [1, 2, 6]);
+        r.remove(&star);
+        assert_eq!(who(&mut c, &r, "_INBOX.a.9"), [1, 2]);
+        assert_eq!(who(&mut c, &r, "_INBOX.b.9"), [2, 3]);
+
+        // Publish subjects are still validated.
+        assert!(c.get(&r, "_INBOX.a.*").is_err());
+        assert!(c.get(&r, "_INBOX.a. x").is_err());
+    }
+
+    fn sorted(m: &Matches) -> Vec<u64> {
+        let mut ids: Vec<u64> = m.plain.iter().map(|s| s.conn.id).collect();
+        ids.sort_unstable();
+        ids
+    }
+
+    fn token() -> impl proptest::strategy::Strategy<Value = &'static str> {
+        proptest::sample::select(vec!["_INBOX", "a", "b", "1", "2", "*"])
+    }
+
+    proptest::proptest! {
+        /// Whatever subscriptions come and go, a reader's cached result for
+        /// any subject is what a fresh walk of the trie finds.
+        #[test]
+        fn cached_matches_equal_a_fresh_walk(
+            ops in proptest::collection::vec(
+                (0u8..3, proptest::collection::vec(token(), 1..4), proptest::bool::ANY, 0usize..8),
+                1..60,
+            ),
+        ) {
+            let r = Router::new();
+            let mut c = MatchCache::new(4);
+            let mut live: Vec<Arc<Subscription>> = Vec::new();
+            for (i, (op, toks, tail, pick)) in ops.into_iter().enumerate() {
+                match op {
+                    0 => {
+                        let mut pattern = toks.join(".");
+                        if tail {
+                            pattern.push_str(".>");
+                        }
+                        live.push(sub(&r, i as u64, &pattern));
+                    }
+                    1 if !live.is_empty() => {
+                        let s = live.swap_remove(pick % live.len());
+                        r.remove(&s);
+                    }
+                    _ => {
+                        let subject = toks
+                            .iter()
+                            .map(|t| if *t == "*" { "x" } else { t })
+                            .collect::<Vec<_>>()
+                            .join(".");
+                        // Reply subjects of the same clients one after the
+                        // other: the per-client shortcut must not carry one
+                        // subject's matches over to another.
+                        let fixed = ["_INBOX.a.1", "_INBOX.a.2", "_INBOX.b.1", "_INBOX.b.2", "_INBOX.a.1"];
+                        for subject in [subject.clone(), format!("_INBOX.{subject}")]
+                            .into_iter()
+                            .chain(fixed.map(String::from))
+                        {
+                            let cached = sorted(c.get(&r, &subject).unwrap());
+                            let fresh = sorted(&r.compute(&subject).0);
+                            proptest::prop_assert_eq!(cached, fresh, "subject {}", subject);
+                        }
+                    }
+                }
+            }
+        }
     }
 }

@@ -7,6 +7,7 @@ use std::collections::HashSet;
 use std::time::Duration;
 
 use common::{nothing, recv, TestBroker};
+use sockbus_broker::metrics::Metrics;
 use sockbus_client::{ConnectOptions, Error, Headers};
 
 #[tokio::test]
@@ -172,6 +173,32 @@ async fn request_gets_the_reply_and_no_responders_is_distinct_from_timeout() {
         .await
         .unwrap_err();
     assert!(matches!(e, Error::Timeout), "{e}");
+}
+
+#[tokio::test]
+async fn a_message_to_a_new_inbox_is_sent_once_even_beside_requests() {
+    let b = TestBroker::start().await;
+    let c = sockbus_client::connect(&b.url).await.unwrap();
+    let svc = sockbus_client::connect(&b.url).await.unwrap();
+    let _replier = common::echo_replier(svc, "svc.echo").await;
+    // A request first: the client's reply multiplexer is subscribed.
+    c.request("svc.echo", "x").await.unwrap();
+    let inbox = c.new_inbox();
+    let mut sub = c.subscribe(&inbox).await.unwrap();
+    c.flush().await.unwrap();
+    let out = || Metrics::get(&b.state.metrics.msgs_out);
+    let before = out();
+    c.publish(&inbox, "once").await.unwrap();
+    assert_eq!(recv(&mut sub).await.payload.as_ref(), b"once");
+    c.flush().await.unwrap();
+    // One MSG frame left the broker for that publish: the inbox is not also
+    // matched by the multiplexer's `_INBOX.<client>.*`.
+    assert_eq!(out() - before, 1);
+    // And requests still work beside it.
+    assert_eq!(
+        c.request("svc.echo", "y").await.unwrap().payload.as_ref(),
+        b"y"
+    );
 }
 
 #[tokio::test]

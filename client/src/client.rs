@@ -549,10 +549,12 @@ impl Client {
         })
     }
 
-    /// A unique subject to receive replies on.
+    /// A unique subject to receive replies on (`_INBOX.<client>_<n>`: outside
+    /// the `_INBOX.<client>.*` subscription that carries this client's
+    /// request replies).
     pub fn new_inbox(&self) -> String {
         let n = self.inner.next_req.fetch_add(1, Ordering::Relaxed);
-        format!("{}.i{n}", self.inner.inbox_prefix)
+        format!("{}_{n}", self.inner.inbox_prefix)
     }
 
     /// Sends a request and waits for the first reply, up to the request timeout.

@@ -8,8 +8,9 @@ use thiserror::Error;
 pub const MAX_SUBJECT_LEN: usize = 4096;
 
 /// Prefix of the one-time reply subjects clients make for requests
-/// (`_INBOX.<client>.<request>`): each is used once, so the broker neither
-/// caches their routes nor tracks them per subject.
+/// (`_INBOX.<client>.<request>`): each is used once, so the broker caches
+/// their routes per client, not per subject, and does not track them per
+/// subject.
 pub const INBOX_PREFIX: &str = "_INBOX.";
 
 /// Why a subject or pattern was refused. The text is meant for the user.
