@@ -3,6 +3,7 @@
 //! supervisor that reconnects with backoff and restores subscriptions.
 
 use std::collections::{HashMap, VecDeque};
+use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
@@ -209,11 +210,15 @@ struct Inner {
     wake: Notify,
     /// The current connection's socket, for direct writes.
     sock: Mutex<Option<Arc<OwnedWriteHalf>>>,
+    /// The current connection's read side, for tasks that read it themselves.
+    read: Mutex<Option<Arc<ReadSide>>>,
     /// Time base, and when the last write ended (nanoseconds since `t0`).
     t0: Instant,
     last_write: AtomicU64,
     /// Wakes publishers waiting for outbox space.
     space: Notify,
+    /// How many publishers wait on `space`.
+    space_waiters: AtomicUsize,
     subs: Mutex<SubMap>,
     next_sid: AtomicU32,
     pings: Mutex<VecDeque<(u64, oneshot::Sender<Result<()>>)>>,
@@ -231,6 +236,32 @@ struct Inner {
     server: Mutex<Option<(String, SocketAddr)>>,
 }
 
+/// `<prefix>.<id>` written into `buf`: a request's reply subject without an
+/// allocation (the prefix is `_INBOX.` and 16 hex digits).
+fn reply_subject<'a>(buf: &'a mut [u8; 64], prefix: &str, id: u64) -> &'a str {
+    use std::io::Write;
+    let mut w = &mut buf[..];
+    write!(w, "{prefix}.{id}").expect("a reply subject fits in 64 bytes");
+    let n = 64 - w.len();
+    std::str::from_utf8(&buf[..n]).expect("ASCII")
+}
+
+/// Counts a publisher waiting for outbox space while it lives.
+struct SpaceWaiter<'a>(&'a AtomicUsize);
+
+impl<'a> SpaceWaiter<'a> {
+    fn new(n: &'a AtomicUsize) -> Self {
+        n.fetch_add(1, Ordering::SeqCst);
+        SpaceWaiter(n)
+    }
+}
+
+impl Drop for SpaceWaiter<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
@@ -245,9 +276,11 @@ impl Inner {
             outbox: Outbox::new(send_buffer, 0),
             wake: Notify::new(),
             sock: Mutex::new(None),
+            read: Mutex::new(None),
             t0: Instant::now(),
             last_write: AtomicU64::new(0),
             space: Notify::new(),
+            space_waiters: AtomicUsize::new(0),
             subs: Mutex::new(SubMap::default()),
             next_sid: AtomicU32::new(1),
             pings: Mutex::new(VecDeque::new()),
@@ -275,15 +308,12 @@ impl Inner {
     /// of a request); on a connection that wrote within `QUIET_NS` the
     /// writer task takes it, so fast publishers' frames go out in batches.
     fn pushed(&self) {
-        if self
-            .now_ns()
-            .saturating_sub(self.last_write.load(Ordering::Relaxed))
-            < QUIET_NS
-        {
+        let now = self.now_ns();
+        if now.saturating_sub(self.last_write.load(Ordering::Relaxed)) < QUIET_NS {
             self.wake.notify_one();
             return;
         }
-        self.kick();
+        self.kick_at(Some(now));
     }
 
     fn now_ns(&self) -> u64 {
@@ -294,11 +324,27 @@ impl Inner {
         self.last_write.store(self.now_ns(), Ordering::Relaxed);
     }
 
+    /// Wakes the publishers waiting for outbox space, if any (checking
+    /// first saves the notifier's lock on every write).
+    fn space_freed(&self) {
+        std::sync::atomic::fence(Ordering::SeqCst);
+        if self.space_waiters.load(Ordering::SeqCst) > 0 {
+            self.space.notify_waiters();
+        }
+    }
+
     /// Writes what is queued to the socket without blocking when nobody else
     /// is writing and the batch is small; otherwise leaves it to the writer
     /// task (woken if needed). What the socket does not take, the writer
     /// task finishes.
     fn kick(&self) {
+        self.kick_at(None)
+    }
+
+    /// [`Inner::kick`], `now` being the time just read by the caller (one
+    /// clock read per publish, not two: it stands for the end of the write,
+    /// a couple of µs off, well inside `QUIET_NS`).
+    fn kick_at(&self, now: Option<u64>) {
         let sock = lock(&self.sock);
         let Some(s) = sock.as_ref() else {
             // Between connections: what is queued stays queued (the next
@@ -313,8 +359,11 @@ impl Inner {
         let r = t.write_nonblocking(|b| s.try_write_vectored(b));
         drop(sock);
         // The claim took bytes out of the outbox: room for waiting publishers.
-        self.space.notify_waiters();
-        self.wrote();
+        self.space_freed();
+        match now {
+            Some(now) => self.last_write.store(now, Ordering::Relaxed),
+            None => self.wrote(),
+        }
         // On an error the writer task meets it too, and the connection is
         // replaced.
         if self.outbox.release(t) || r.is_err() {
@@ -452,6 +501,10 @@ impl Client {
             let waiter = self.inner.space.notified();
             tokio::pin!(waiter);
             waiter.as_mut().enable();
+            // Counted before the second look, which the notifier's count
+            // check cannot then miss (both sides fence: see space_freed).
+            let _counted = SpaceWaiter::new(&self.inner.space_waiters);
+            std::sync::atomic::fence(Ordering::SeqCst);
             if try_push()? {
                 return Ok(());
             }
@@ -626,17 +679,21 @@ impl Client {
             })
             .await?;
         let id = inner.next_req.fetch_add(1, Ordering::Relaxed);
-        let reply = format!("{}.{id}", inner.inbox_prefix);
+        let mut subject_buf = [0u8; 64];
+        let reply = reply_subject(&mut subject_buf, &inner.inbox_prefix, id);
         let (tx, rx) = oneshot::channel();
         lock(&inner.requests).insert(id, tx);
         if let Err(e) = self
-            .publish_inner(subject, Some(&reply), headers, payload)
+            .publish_inner(subject, Some(reply), headers, payload)
             .await
         {
             lock(&inner.requests).remove(&id);
             return Err(e);
         }
-        match tokio::time::timeout(timeout, rx).await {
+        let mut rx = rx;
+        let reply =
+            std::future::poll_fn(|cx| poll_reading(inner, cx, |cx| Pin::new(&mut rx).poll(cx)));
+        match tokio::time::timeout(timeout, reply).await {
             Ok(Ok(m)) if m.is_no_responders() => Err(Error::NoResponders),
             Ok(Ok(m)) => Ok(m),
             Ok(Err(_)) => Err(Error::Closed),
@@ -708,9 +765,16 @@ pub struct Subscriber {
 impl Subscriber {
     /// The next message; `None` once unsubscribed and drained, or closed.
     pub async fn next(&mut self) -> Option<Message> {
-        let m = self.rx.recv().await?;
-        self.pending.fetch_sub(m.payload.len(), Ordering::Relaxed);
-        Some(m)
+        std::future::poll_fn(|cx| self.poll_message(cx)).await
+    }
+
+    fn poll_message(&mut self, cx: &mut Context<'_>) -> Poll<Option<Message>> {
+        let rx = &mut self.rx;
+        let m = std::task::ready!(poll_reading(&self.client.inner, cx, |cx| rx.poll_recv(cx)));
+        if let Some(m) = &m {
+            self.pending.fetch_sub(m.payload.len(), Ordering::Relaxed);
+        }
+        Poll::Ready(m)
     }
 
     /// Stops the subscription now.
@@ -770,13 +834,7 @@ impl Drop for Subscriber {
 impl Stream for Subscriber {
     type Item = Message;
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Message>> {
-        match self.rx.poll_recv(cx) {
-            Poll::Ready(Some(m)) => {
-                self.pending.fetch_sub(m.payload.len(), Ordering::Relaxed);
-                Poll::Ready(Some(m))
-            }
-            other => other,
-        }
+        self.poll_message(cx)
     }
 }
 
@@ -941,12 +999,24 @@ async fn serve(inner: &Arc<Inner>, conn: Conn) -> Error {
     let (rd, wr) = stream.into_split();
     let wr = Arc::new(wr);
     *lock(&inner.sock) = Some(wr.clone());
+    let side = Arc::new(ReadSide {
+        sock: wr.clone(),
+        state: Mutex::new(ReadState {
+            _rd: rd,
+            buf,
+            recv: RecvWindow::new(recv_window),
+            consumed: info_len,
+        }),
+        failed: Mutex::new(None),
+        failed_wake: Notify::new(),
+    });
+    *lock(&inner.read) = Some(side.clone());
     // Frames queued while there was no connection.
     inner.wake.notify_one();
     let writer = tokio::spawn(write_loop(inner.clone(), wr));
     let abort = writer.abort_handle();
     let r = tokio::select! {
-        r = read_loop(inner, rd, buf, recv_window, info_len) => r,
+        r = read_loop(inner, &side) => r,
         w = writer => match w {
             Ok(e) => e,
             Err(_) => Error::Disconnected,
@@ -954,6 +1024,7 @@ async fn serve(inner: &Arc<Inner>, conn: Conn) -> Error {
     };
     abort.abort();
     lock(&inner.sock).take();
+    lock(&inner.read).take();
     r
 }
 
@@ -975,7 +1046,7 @@ async fn write_loop(inner: Arc<Inner>, wr: Arc<OwnedWriteHalf>) -> Error {
             continue;
         };
         if !t.data.is_empty() {
-            inner.space.notify_waiters();
+            inner.space_freed();
         }
         let r = async {
             while !t.write_nonblocking(|b| wr.try_write_vectored(b))? {
@@ -992,15 +1063,133 @@ async fn write_loop(inner: Arc<Inner>, wr: Arc<OwnedWriteHalf>) -> Error {
     }
 }
 
-async fn read_loop(
-    inner: &Arc<Inner>,
-    mut rd: OwnedReadHalf,
-    mut buf: BytesMut,
-    recv_window: u32,
-    info_len: usize,
-) -> Error {
-    let mut recv = RecvWindow::new(recv_window);
-    let mut consumed = info_len;
+/// A connection's read side: the socket and what was read from it but not
+/// handled yet. The connection's reader task reads it, and so does a task
+/// waiting for a request's reply or a subscription's next message when the
+/// socket's readiness wakes it first (see [`poll_reading`]): what it waits
+/// for then reaches it without a hand-off from the reader task, a task
+/// switch per message. Whoever reads handles every frame read, in order,
+/// under `state`'s lock, which nobody holds across an await: a waiting task
+/// that is never polled again cannot stall the connection, the reader task
+/// reads on.
+struct ReadSide {
+    /// The socket (through the write half, which the writer shares).
+    sock: Arc<OwnedWriteHalf>,
+    state: Mutex<ReadState>,
+    /// What a waiting task met while reading (an error, the end of the
+    /// stream): the reader task ends the connection with it.
+    failed: Mutex<Option<Error>>,
+    failed_wake: Notify,
+}
+
+struct ReadState {
+    /// Held so the socket's read side stays open; reads go through `sock`.
+    _rd: OwnedReadHalf,
+    buf: BytesMut,
+    recv: RecvWindow,
+    /// Bytes handled since the last credit grant.
+    consumed: usize,
+}
+
+impl ReadSide {
+    fn stream(&self) -> &TcpStream {
+        self.sock.as_ref().as_ref()
+    }
+
+    /// Handles the whole frames in the buffer, then reads once and handles
+    /// what that completes. `Ok(true)` when bytes were read; `Ok(false)`
+    /// when the socket had none (its readiness is then cleared).
+    fn read_and_handle(&self, inner: &Inner, st: &mut ReadState) -> Result<bool, Error> {
+        self.handle(inner, st)?;
+        if st.buf.capacity() - st.buf.len() < 4096 {
+            st.buf.reserve(64 * 1024);
+        }
+        let stream = self.stream();
+        let spare = st.buf.capacity() - st.buf.len();
+        let mut got = None;
+        let r = stream.try_io(tokio::io::Interest::READABLE, || {
+            let n = socket2::SockRef::from(stream).recv(st.buf.spare_capacity_mut())?;
+            got = Some(n);
+            if n > 0 && n < spare {
+                // A short read took everything there was: clear the
+                // readiness now (as tokio's own reads do), so that the
+                // other reader, woken by the same event, does not try again.
+                return Err(std::io::ErrorKind::WouldBlock.into());
+            }
+            Ok(())
+        });
+        match (got, r) {
+            (Some(0), _) => Err(Error::Disconnected),
+            (Some(n), _) => {
+                // SAFETY: recv initialised the first n spare bytes.
+                unsafe { st.buf.set_len(st.buf.len() + n) };
+                sockbus_protocol::busy_poll::touch();
+                self.handle(inner, st)?;
+                Ok(true)
+            }
+            (None, Err(e)) if e.kind() == std::io::ErrorKind::WouldBlock => Ok(false),
+            (None, Err(e)) => Err(e.into()),
+            (None, Ok(())) => unreachable!("recv ran"),
+        }
+    }
+
+    /// Handles the whole frames in the buffer and grants the credit they free.
+    fn handle(&self, inner: &Inner, st: &mut ReadState) -> Result<(), Error> {
+        read_batch(inner, &mut st.buf, &mut st.consumed)?;
+        if let Some(c) = st.recv.on_consumed(std::mem::take(&mut st.consumed)) {
+            if inner.outbox.grant(c) {
+                inner.kick();
+            }
+        }
+        Ok(())
+    }
+
+    /// Hands an error met by a waiting task to the reader task.
+    fn fail(&self, e: Error) {
+        lock(&self.failed).get_or_insert(e);
+        self.failed_wake.notify_one();
+    }
+}
+
+/// Polls `poll_rx` (a reply's or a subscription's channel) and, while it is
+/// empty, the connection's socket: when the socket's readiness wakes this
+/// task (it is woken before the reader task), it reads and handles what
+/// arrived itself, its own message included, and looks at `poll_rx` again.
+/// When the reader task is busy reading, it waits for the reader task to
+/// deliver as usual.
+fn poll_reading<T>(
+    inner: &Inner,
+    cx: &mut Context<'_>,
+    mut poll_rx: impl FnMut(&mut Context<'_>) -> Poll<T>,
+) -> Poll<T> {
+    loop {
+        if let Poll::Ready(v) = poll_rx(cx) {
+            return Poll::Ready(v);
+        }
+        let Some(side) = lock(&inner.read).clone() else {
+            return Poll::Pending;
+        };
+        // Registers this task for the socket's readiness (the reader task
+        // waits for it too).
+        if side.stream().poll_read_ready(cx).is_pending() {
+            return Poll::Pending;
+        }
+        let mut st = match side.state.try_lock() {
+            Ok(st) => st,
+            // The reader task (or another waiting task) is reading: what it
+            // reads for us comes through the channel.
+            Err(std::sync::TryLockError::WouldBlock) => return Poll::Pending,
+            Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner(),
+        };
+        if let Err(e) = side.read_and_handle(inner, &mut st) {
+            drop(st);
+            side.fail(e);
+            return Poll::Pending;
+        }
+    }
+}
+
+async fn read_loop(inner: &Arc<Inner>, side: &ReadSide) -> Error {
     // Registered once, before the first read, so a close while a batch is
     // being handled is seen too (and no lock per read for a new waiter).
     let closed = inner.closed.notified();
@@ -1010,23 +1199,41 @@ async fn read_loop(
         return Error::Closed;
     }
     loop {
-        if let Err(e) = read_batch(inner, &mut buf, &mut consumed) {
+        if let Some(e) = lock(&side.failed).take() {
             return e;
         }
-        if let Some(c) = recv.on_consumed(std::mem::take(&mut consumed)) {
-            if inner.outbox.grant(c) {
-                inner.kick();
+        let r = match side.state.try_lock() {
+            Ok(mut st) => Some(side.read_and_handle(inner, &mut st)),
+            Err(std::sync::TryLockError::Poisoned(p)) => {
+                Some(side.read_and_handle(inner, &mut p.into_inner()))
             }
+            Err(std::sync::TryLockError::WouldBlock) => None,
+        };
+        let read = match r {
+            Some(Ok(read)) => read,
+            Some(Err(e)) => return e,
+            None => {
+                // A waiting task is reading; look again after it.
+                tokio::task::yield_now().await;
+                continue;
+            }
+        };
+        if read {
+            continue;
         }
-        if buf.capacity() - buf.len() < 4096 {
-            buf.reserve(64 * 1024);
+        let failed = side.failed_wake.notified();
+        tokio::pin!(failed);
+        failed.as_mut().enable();
+        if lock(&side.failed).is_some() {
+            continue;
         }
         tokio::select! {
-            r = rd.read_buf(&mut buf) => match r {
-                Ok(0) => return Error::Disconnected,
-                Ok(_) => sockbus_protocol::busy_poll::touch(),
-                Err(e) => return e.into(),
-            },
+            r = side.stream().readable() => {
+                if let Err(e) = r {
+                    return e.into();
+                }
+            }
+            _ = failed.as_mut() => {}
             _ = closed.as_mut() => return Error::Closed,
         }
     }

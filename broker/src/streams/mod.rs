@@ -680,6 +680,12 @@ impl CaptureCache {
         if let Some(s) = self.map.get(subject) {
             return s.clone();
         }
+        if subject.starts_with(sockbus_protocol::subject::INBOX_PREFIX) {
+            // A request's one-time reply subject: looked up, not cached (an
+            // entry per reply would allocate and push out the subjects
+            // that repeat).
+            return streams.capture(subject);
+        }
         if self.map.len() >= 4096 {
             self.map.clear();
         }
@@ -837,6 +843,31 @@ impl crate::metrics::Source for StreamsMetrics {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn reply_subjects_are_captured_but_not_cached() {
+        let dir = std::env::temp_dir().join(format!("sockbus-capture-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let streams = Streams::open(&dir).unwrap();
+        streams
+            .create(serde_json::from_str(r#"{"name":"replies","subjects":["_INBOX.>"]}"#).unwrap())
+            .unwrap();
+        streams
+            .create(serde_json::from_str(r#"{"name":"orders","subjects":["orders.*"]}"#).unwrap())
+            .unwrap();
+        let mut c = CaptureCache::default();
+        for n in 0..10 {
+            let s = c
+                .get(&streams, &format!("_INBOX.client.{n}"))
+                .expect("captured");
+            assert_eq!(s.config.name, "replies");
+        }
+        assert_eq!(c.get(&streams, "orders.eu").unwrap().config.name, "orders");
+        assert!(c.get(&streams, "other").is_none());
+        // Only the repeating subjects took cache entries.
+        assert_eq!(c.map.len(), 2);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 
     #[test]
     fn overlapping_patterns_are_those_one_subject_could_match_both() {
