@@ -201,6 +201,93 @@ async fn a_message_to_a_new_inbox_is_sent_once_even_beside_requests() {
     );
 }
 
+/// A task waiting for a message reads the connection itself; a wait that is
+/// started and then neither polled nor dropped must not hold up anything
+/// else on that connection.
+#[tokio::test]
+async fn a_wait_that_is_never_polled_again_does_not_stall_the_connection() {
+    let b = TestBroker::start().await;
+    let c = sockbus_client::connect(&b.url).await.unwrap();
+    let svc = sockbus_client::connect(&b.url).await.unwrap();
+    let _replier = common::echo_replier(svc.clone(), "svc.echo").await;
+    let mut quiet = c.subscribe("quiet").await.unwrap();
+    let mut busy = c.subscribe("busy").await.unwrap();
+    c.flush().await.unwrap();
+    let stuck = quiet.next();
+    tokio::pin!(stuck);
+    // Polled until it waits on the socket, then left alone.
+    assert!(tokio::time::timeout(Duration::from_millis(20), &mut stuck)
+        .await
+        .is_err());
+    for i in 0..2_000u32 {
+        svc.publish("busy", i.to_be_bytes()).await.unwrap();
+    }
+    for i in 0..2_000u32 {
+        assert_eq!(recv(&mut busy).await.payload.as_ref(), i.to_be_bytes());
+    }
+    for i in 0..200 {
+        let r = c.request("svc.echo", format!("{i}")).await.unwrap();
+        assert_eq!(r.payload.as_ref(), format!("{i}").as_bytes());
+    }
+    // The abandoned wait still gets its message once polled again.
+    svc.publish("quiet", "late").await.unwrap();
+    let m = tokio::time::timeout(Duration::from_secs(5), stuck)
+        .await
+        .expect("the old wait completes")
+        .expect("message");
+    assert_eq!(m.payload.as_ref(), b"late");
+}
+
+/// Requests and subscriptions of many tasks on one connection, on a runtime
+/// with several workers: each waiting task may read the socket for the
+/// others, and nothing may be lost or left waiting.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn many_tasks_waiting_on_one_connection_all_get_theirs() {
+    let b = TestBroker::start().await;
+    let c = sockbus_client::connect(&b.url).await.unwrap();
+    let svc = sockbus_client::connect(&b.url).await.unwrap();
+    let _replier = common::echo_replier(svc.clone(), "svc.echo").await;
+    let mut subs = Vec::new();
+    for k in 0..4 {
+        subs.push(c.subscribe(&format!("feed.{k}")).await.unwrap());
+    }
+    c.flush().await.unwrap();
+    let mut tasks = tokio::task::JoinSet::new();
+    for (k, mut sub) in subs.into_iter().enumerate() {
+        tasks.spawn(async move {
+            for i in 0..3_000u32 {
+                let m = recv(&mut sub).await;
+                assert_eq!(m.payload.as_ref(), i.to_be_bytes(), "feed.{k}");
+            }
+        });
+    }
+    for t in 0..6 {
+        let c = c.clone();
+        tasks.spawn(async move {
+            for i in 0..500 {
+                let body = format!("{t}-{i}");
+                let r = c.request("svc.echo", &body).await.unwrap();
+                assert_eq!(r.payload.as_ref(), body.as_bytes());
+            }
+        });
+    }
+    for i in 0..3_000u32 {
+        for k in 0..4 {
+            svc.publish(&format!("feed.{k}"), i.to_be_bytes())
+                .await
+                .unwrap();
+        }
+    }
+    let all = async {
+        while let Some(r) = tasks.join_next().await {
+            r.unwrap();
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(60), all)
+        .await
+        .expect("every task got its replies and messages");
+}
+
 #[tokio::test]
 async fn unsubscribe_stops_delivery_and_unsubscribe_after_counts() {
     let b = TestBroker::start().await;

@@ -1202,21 +1202,11 @@ async fn read_loop(inner: &Arc<Inner>, side: &ReadSide) -> Error {
         if let Some(e) = lock(&side.failed).take() {
             return e;
         }
-        let r = match side.state.try_lock() {
-            Ok(mut st) => Some(side.read_and_handle(inner, &mut st)),
-            Err(std::sync::TryLockError::Poisoned(p)) => {
-                Some(side.read_and_handle(inner, &mut p.into_inner()))
-            }
-            Err(std::sync::TryLockError::WouldBlock) => None,
-        };
-        let read = match r {
-            Some(Ok(read)) => read,
-            Some(Err(e)) => return e,
-            None => {
-                // A waiting task is reading; look again after it.
-                tokio::task::yield_now().await;
-                continue;
-            }
+        // A waiting task may be reading: it holds the lock for one read and
+        // what that completes, never across an await.
+        let read = match side.read_and_handle(inner, &mut lock(&side.state)) {
+            Ok(read) => read,
+            Err(e) => return e,
         };
         if read {
             continue;
