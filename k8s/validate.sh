@@ -260,11 +260,13 @@ print(*[x.getsockname()[1] for x in s])')
             "$scratch" "$bin/python" "$here/tools/roundtrips.py" "$port" \
             || { ok=0; detail="the round trips through the fast path failed or timed out; "; }
         local redirected
-        redirected=$(curl -fs "127.0.0.1:$mport/metrics" | awk '/^sockbus_accel_msgs_redirected_total / {print $2}')
-        if [ "$ok" = 1 ] && [ "${redirected:-0}" -ge 400 ]; then
-            detail="uid $uid with only ${caps}, no_new_privs, read-only cgroup mount: attached, $redirected messages redirected"
+        redirected=$(curl -fs "127.0.0.1:$mport/metrics" | awk '/^sockbus_accel_redirect_verdicts_total / {print $2}')
+        # One redirect verdict covers a connection's next 64 KiB of sends:
+        # both ends of the connection redirected gives at least 2.
+        if [ "$ok" = 1 ] && [ "${redirected:-0}" -ge 2 ]; then
+            detail="uid $uid with only ${caps}, no_new_privs, read-only cgroup mount: attached, $redirected redirect verdicts"
         else
-            ok=0; detail+="attached but redirected ${redirected:-no} messages (expected >= 400)"
+            ok=0; detail+="attached but ${redirected:-no} redirect verdicts (expected >= 2, one per end)"
         fi
     else
         ok=0; detail="did not attach with ${caps}: $(grep -v '^\s*$' "$out/agent/agent.log" | tail -1)"

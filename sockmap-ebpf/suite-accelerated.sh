@@ -42,7 +42,7 @@ status=0
 (echo "$BASHPID" >"$cg/cgroup.procs" && exec cargo test --no-fail-fast -p sockbus-broker -p sockbus-client "$@") || status=$?
 
 metrics=$(curl -sf "http://127.0.0.1:$port/metrics" || true)
-echo "$metrics" | grep -E '^sockbus_accel_(sockets_added|add_failures|msgs_redirected|bytes_redirected|misses)_total' || true
+echo "$metrics" | grep -E '^sockbus_accel_(sockets_added|add_failures|redirect_verdicts|bytes_redirected|misses)_total' || true
 redirected=$(echo "$metrics" | awk '$1 == "sockbus_accel_bytes_redirected_total" {print $2}')
 if [ "$status" -ne 0 ]; then
     echo "suite-accelerated: the test suite failed on the fast path" >&2

@@ -279,7 +279,7 @@ async fn measure(args: &Args, accel: bool, cgroup: &std::path::Path) -> Sample {
     if let Some(fp) = &fp {
         let st = fp.stats().unwrap_or_default();
         s.redirected_bytes = st.bytes_redirected;
-        s.redirects = st.msgs_redirected;
+        s.redirects = st.redirect_verdicts;
     }
     drop(fp);
     drop(poller);

@@ -117,7 +117,7 @@ fn delta(after: Stats, before: Stats) -> Stats {
     Stats {
         sockets_added: after.sockets_added - before.sockets_added,
         add_failures: after.add_failures - before.add_failures,
-        msgs_redirected: after.msgs_redirected - before.msgs_redirected,
+        redirect_verdicts: after.redirect_verdicts - before.redirect_verdicts,
         bytes_redirected: after.bytes_redirected - before.bytes_redirected,
         misses: after.misses - before.misses,
     }
@@ -282,7 +282,7 @@ fn fast_path_moves_messages_without_a_single_packet_on_lo() {
         on.bytes_redirected >= frames,
         "stats count the redirected bytes: {on:?}"
     );
-    assert!(on.msgs_redirected >= 2, "{on:?}");
+    assert!(on.redirect_verdicts >= 2, "{on:?}");
     assert_eq!(on.misses, 0, "{on:?}");
 }
 
@@ -1065,7 +1065,7 @@ fn agent_attaches_serves_metrics_and_detaches_on_sigterm() {
     assert!(body.starts_with("HTTP/1.0 200"), "{body}");
     assert!(body.contains("sockbus_accel_active 1"), "{body}");
     assert!(
-        body.contains("sockbus_accel_msgs_redirected_total"),
+        body.contains("sockbus_accel_redirect_verdicts_total"),
         "{body}"
     );
     assert!(get("/healthz").unwrap().contains("ok"));

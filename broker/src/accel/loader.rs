@@ -189,7 +189,7 @@ impl FastPath {
         for c in per_cpu.iter() {
             s.sockets_added += c.sockets_added;
             s.add_failures += c.add_failures;
-            s.msgs_redirected += c.msgs_redirected;
+            s.redirect_verdicts += c.redirect_verdicts;
             s.bytes_redirected += c.bytes_redirected;
             s.misses += c.misses;
         }

@@ -134,8 +134,8 @@ pub fn render_prometheus(out: &mut String) {
     let counters = [
         ("sockets_added_total", "Sockets put into the socket hash.", s.stats.sockets_added),
         ("add_failures_total", "Socket inserts the kernel refused (map full, socket busy); those connections use plain TCP.", s.stats.add_failures),
-        ("msgs_redirected_total", "sendmsg calls redirected socket to socket.", s.stats.msgs_redirected),
-        ("bytes_redirected_total", "Bytes redirected socket to socket.", s.stats.bytes_redirected),
+        ("redirect_verdicts_total", "Redirect verdicts: sends that ran the sk_msg program and went socket to socket; each covers the connection's next 64 KiB of sends.", s.stats.redirect_verdicts),
+        ("bytes_redirected_total", "Bytes covered by redirect verdicts (64 KiB each): bytes sent socket to socket, ahead by less than 64 KiB per connection.", s.stats.bytes_redirected),
         ("misses_total", "sendmsg calls on an accelerated socket whose peer was not in the map (sent over TCP).", s.stats.misses),
     ];
     for (name, help, v) in counters {
@@ -244,7 +244,7 @@ impl crate::metrics::Source for MetricsSource {
             "sockets": s.sockets,
             "sockets_added": s.stats.sockets_added,
             "add_failures": s.stats.add_failures,
-            "msgs_redirected": s.stats.msgs_redirected,
+            "redirect_verdicts": s.stats.redirect_verdicts,
             "bytes_redirected": s.stats.bytes_redirected,
             "misses": s.stats.misses,
         })
@@ -267,7 +267,7 @@ mod tests {
             "sockbus_accel_sockets ",
             "sockbus_accel_sockets_added_total ",
             "sockbus_accel_add_failures_total ",
-            "sockbus_accel_msgs_redirected_total ",
+            "sockbus_accel_redirect_verdicts_total ",
             "sockbus_accel_bytes_redirected_total ",
             "sockbus_accel_misses_total ",
         ] {

@@ -47,14 +47,27 @@ pub struct Stats {
     pub sockets_added: u64,
     /// Inserts the kernel refused (map full, socket busy in another map).
     pub add_failures: u64,
-    /// sendmsg/sendfile calls redirected to the peer socket.
-    pub msgs_redirected: u64,
-    /// Bytes redirected.
+    /// Redirect verdicts: sends that ran the program and were redirected to
+    /// the peer socket. Each verdict also covers the connection's following
+    /// sends up to [`VERDICT_BYTES`] in all, which the kernel redirects
+    /// without running the program again.
+    pub redirect_verdicts: u64,
+    /// Bytes the redirect verdicts cover, [`VERDICT_BYTES`] each: the bytes
+    /// redirected, ahead of them by less than `VERDICT_BYTES` per connection
+    /// (the part of its last verdict a connection has not used yet).
     pub bytes_redirected: u64,
     /// sendmsg calls on an accelerated socket whose peer was not in the map
     /// (it went over plain TCP).
     pub misses: u64,
 }
+
+/// How many bytes of a connection's sends one redirect verdict covers
+/// (`bpf_msg_apply_bytes`). The peer of a connection never changes, so the
+/// verdict is the same for every send; running the program for each one
+/// costs about a microsecond of every request/reply round trip (the verdict
+/// machinery takes and drops references on the peer socket, a cache line
+/// the peer's CPU owns).
+pub const VERDICT_BYTES: u32 = 64 * 1024;
 
 /// Index of the single [`Stats`] entry in the per-CPU stats array.
 pub const STATS_INDEX: u32 = 0;

@@ -17,12 +17,14 @@ use core::ptr::{addr_of, read_volatile};
 use core::sync::atomic::{AtomicU64, Ordering};
 
 use aya_ebpf::bindings::{bpf_sock_ops, sk_action, sk_msg_md, BPF_F_INGRESS};
-use aya_ebpf::helpers::bpf_get_netns_cookie;
+use aya_ebpf::helpers::{bpf_get_netns_cookie, bpf_msg_apply_bytes};
 use aya_ebpf::macros::{map, sk_msg, sock_ops};
 use aya_ebpf::maps::{HashMap, PerCpuArray, SockHash};
 use aya_ebpf::programs::{SkMsgContext, SockOpsContext};
 use aya_ebpf::EbpfContext;
-use sockbus_accel_common::{SockKey, Stats, PORTS_MAX_ENTRIES, SOCKS_MAX_ENTRIES, STATS_INDEX};
+use sockbus_accel_common::{
+    SockKey, Stats, PORTS_MAX_ENTRIES, SOCKS_MAX_ENTRIES, STATS_INDEX, VERDICT_BYTES,
+};
 
 #[map(name = "SOCKBUS_SOCKS")]
 static SOCKS: SockHash<SockKey> = SockHash::with_max_entries(SOCKS_MAX_ENTRIES, 0);
@@ -187,8 +189,15 @@ pub fn sockbus_sk_msg(ctx: SkMsgContext) -> u32 {
     // On a miss the helper answers SK_DROP, which would discard the data:
     // pass it to TCP instead.
     if SOCKS.redirect_msg(&ctx, &mut peer, BPF_F_INGRESS as u64) == sk_action::SK_PASS as i64 {
-        stat(|s| &s.msgs_redirected, 1);
-        stat(|s| &s.bytes_redirected, size as u64);
+        // The peer never changes: let this verdict stand for this message
+        // and the next VERDICT_BYTES of the connection's sends (the kernel
+        // redirects them without running this program; a miss is never
+        // cached). Covering the whole message keeps a large send in one
+        // piece.
+        let grant = size.saturating_add(VERDICT_BYTES);
+        unsafe { bpf_msg_apply_bytes(ctx.msg, grant) };
+        stat(|s| &s.redirect_verdicts, 1);
+        stat(|s| &s.bytes_redirected, grant as u64);
     } else {
         stat(|s| &s.misses, 1);
     }
