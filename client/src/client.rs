@@ -1157,14 +1157,27 @@ impl ReadSide {
 /// arrived itself, its own message included, and looks at `poll_rx` again.
 /// When the reader task is busy reading, it waits for the reader task to
 /// deliver as usual.
+///
+/// Only on a current-thread runtime. On a multi-thread runtime each event
+/// would wake two tasks, the waiting one and the reader task, often on two
+/// workers: a thread wake-up more per message, which under an open-loop
+/// load of 50,000 messages a second doubled the latency p99 of
+/// `sockbus-loadtest`'s latency scenario. There the waiting task only waits.
 fn poll_reading<T>(
     inner: &Inner,
     cx: &mut Context<'_>,
     mut poll_rx: impl FnMut(&mut Context<'_>) -> Poll<T>,
 ) -> Poll<T> {
+    let own_thread = matches!(
+        tokio::runtime::Handle::try_current().map(|h| h.runtime_flavor()),
+        Ok(tokio::runtime::RuntimeFlavor::CurrentThread)
+    );
     loop {
         if let Poll::Ready(v) = poll_rx(cx) {
             return Poll::Ready(v);
+        }
+        if !own_thread {
+            return Poll::Pending;
         }
         let Some(side) = lock(&inner.read).clone() else {
             return Poll::Pending;
