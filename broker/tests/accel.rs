@@ -283,6 +283,9 @@ fn fast_path_moves_messages_without_a_single_packet_on_lo() {
         "stats count the redirected bytes: {on:?}"
     );
     assert!(on.redirect_verdicts >= 2, "{on:?}");
+    // One verdict stands for a connection's next 64 KiB of sends: the
+    // program ran for a few sends, not for each of the thousands.
+    assert!(on.redirect_verdicts < N as u64 / 10, "{on:?}");
     assert_eq!(on.misses, 0, "{on:?}");
 }
 
