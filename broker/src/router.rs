@@ -194,16 +194,23 @@ impl Node {
 }
 
 pub struct Router {
-    root: RwLock<Node>,
-    /// Three-token patterns under `_INBOX.` (or a leading `*`) whose last
-    /// token is literal, changed under `root`'s write lock: while there are
-    /// none for a client token, every `_INBOX.<client>.<n>` matches the same
-    /// subscriptions whatever `<n>` is (see [`MatchCache`]).
-    inbox_literal: RwLock<InboxLiteral>,
+    root: RwLock<Trie>,
     generation: AtomicU64,
     count: AtomicUsize,
     rr_seed: AtomicUsize,
     interest: Mutex<Interest>,
+}
+
+/// The subscription trie and what the reply-subject shortcut needs to know
+/// of it, changed together under one lock.
+#[derive(Default)]
+struct Trie {
+    node: Node,
+    /// Three-token patterns under `_INBOX.` (or a leading `*`) whose last
+    /// token is literal: while there are none for a client token, every
+    /// `_INBOX.<client>.<n>` matches the same subscriptions whatever `<n>`
+    /// is (see [`MatchCache`]).
+    inbox_literal: InboxLiteral,
 }
 
 /// Counts of the patterns that make a reply subject's matches depend on its
@@ -308,8 +315,7 @@ impl Default for Router {
 impl Router {
     pub fn new() -> Self {
         Router {
-            root: RwLock::new(Node::default()),
-            inbox_literal: RwLock::new(InboxLiteral::default()),
+            root: RwLock::new(Trie::default()),
             generation: AtomicU64::new(1),
             count: AtomicUsize::new(0),
             rr_seed: AtomicUsize::new(0),
@@ -420,11 +426,8 @@ impl Router {
         let local = (!sub.route).then(|| sub.queue.clone());
         let toks: Vec<&str> = pattern.split('.').collect();
         let mut root = self.root.write().unwrap_or_else(|p| p.into_inner());
-        root.insert(&toks, sub);
-        self.inbox_literal
-            .write()
-            .unwrap_or_else(|p| p.into_inner())
-            .add(&toks);
+        root.node.insert(&toks, sub);
+        root.inbox_literal.add(&toks);
         self.count.fetch_add(1, Ordering::Relaxed);
         // Bump while holding the lock so no reader caches a stale result
         // under the new generation.
@@ -442,13 +445,10 @@ impl Router {
         }
         let toks: Vec<&str> = sub.pattern.split('.').collect();
         let mut root = self.root.write().unwrap_or_else(|p| p.into_inner());
-        let found = root.remove(&toks, sub);
+        let found = root.node.remove(&toks, sub);
         if found {
             self.count.fetch_sub(1, Ordering::Relaxed);
-            self.inbox_literal
-                .write()
-                .unwrap_or_else(|p| p.into_inner())
-                .remove(&toks);
+            root.inbox_literal.remove(&toks);
         }
         self.generation.fetch_add(1, Ordering::Release);
         drop(root);
@@ -473,7 +473,7 @@ impl Router {
     /// generation it is valid for.
     pub fn compute(&self, subject: &str) -> (Matches, u64) {
         let root = self.root.read().unwrap_or_else(|p| p.into_inner());
-        self.compute_locked(subject, &root)
+        self.compute_locked(subject, &root.node)
     }
 
     fn compute_locked(&self, subject: &str, root: &Node) -> (Matches, u64) {
@@ -504,19 +504,12 @@ impl Router {
     /// matches, when that does not depend on `<n>` (no subscription names a
     /// literal last token there); None otherwise.
     fn compute_inbox(&self, subject: &str, client: &str) -> Option<(Matches, u64)> {
-        // Holding the trie's read lock keeps the count and the generation
-        // consistent with the walk.
-        let _root = self.root.read().unwrap_or_else(|p| p.into_inner());
-        if self
-            .inbox_literal
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .blocks(client)
-        {
+        // One read lock for the count, the walk and the generation.
+        let root = self.root.read().unwrap_or_else(|p| p.into_inner());
+        if root.inbox_literal.blocks(client) {
             return None;
         }
-        let r = self.compute_locked(subject, &_root);
-        Some(r)
+        Some(self.compute_locked(subject, &root.node))
     }
 }
 
