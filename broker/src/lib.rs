@@ -1,20 +1,35 @@
-//! sockbus broker: subject-based pub/sub with wildcards, queue groups and
-//! request/reply over the native protocol (sockbus-protocol).
+//! sockbus broker: subject-based pub/sub with wildcards, queue groups,
+//! request/reply, durable streams, cluster routes, an HTTP gateway and the
+//! eBPF fast path.
 //!
-//! One module per concern: `server` accepts, `conn` speaks the protocol to
-//! one client, `router` finds subscribers, `outbox` batches and bounds what
-//! goes back out, `config` validates settings, `metrics` counts.
+//! One module per concern: `server` accepts and builds the shared state,
+//! `conn` speaks the native protocol to one client, `read` is the
+//! frame-reading loop every connection kind shares, `deliver` is the one
+//! delivery path (publish -> match -> fan-out -> capture -> flush),
+//! `router` is the subscription index, `outlet` batches and bounds what goes
+//! back out, `cluster` runs routes to peer brokers and tells them of local
+//! interest, `streams` and `store` keep durable streams, `http` is the
+//! gateway, `accel` the eBPF fast path, `config` validates settings,
+//! `metrics` counts.
+//!
+//! The public API is what the `sockbus-broker` binary and a program that
+//! embeds the broker need: [`Server`], [`Config`]/[`Options`], [`State`]'s
+//! read-only accessors, [`http::HttpServer`], [`metrics`] and [`accel`].
 
 pub mod accel;
-pub mod cluster;
+mod cluster;
 pub mod config;
-pub mod conn;
+mod conn;
+mod deliver;
 pub mod http;
 pub mod metrics;
-pub mod router;
-pub mod server;
-pub mod store;
-pub mod streams;
+mod outlet;
+mod read;
+mod router;
+mod server;
+mod store;
+mod streams;
 
 pub use config::{Config, Options};
 pub use server::{Server, State};
+pub use streams::{StreamInfo, StreamState};

@@ -115,13 +115,13 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             .map_err(|e| anyhow::anyhow!("--accel on: cannot attach the eBPF fast path: {e}"))?;
         server
             .state()
-            .metrics
+            .metrics()
             .sources
             .register(std::sync::Arc::new(sockbus_broker::accel::MetricsSource));
         if let Some(p) = &_busy_poll {
             server
                 .state()
-                .metrics
+                .metrics()
                 .sources
                 .register(std::sync::Arc::new(sockbus_broker::metrics::BusyPollSource(
                     p.window(),
@@ -149,13 +149,13 @@ fn run(cli: Cli) -> anyhow::Result<()> {
 /// says so; an address given with --http must work.
 async fn start_http(server: &Server) -> anyhow::Result<Option<HttpServer>> {
     let state = server.state();
-    let Some(addr) = state.config.http else {
+    let Some(addr) = state.config().http else {
         info!("HTTP gateway off (--http off)");
         return Ok(None);
     };
     match HttpServer::bind(addr, state.clone()).await {
         Ok(h) => Ok(Some(h)),
-        Err(e) if !state.config.http_explicit => {
+        Err(e) if !state.config().http_explicit => {
             warn!("HTTP gateway off: {e:#} (give --http ADDR to choose another address, --http off to disable it)");
             Ok(None)
         }

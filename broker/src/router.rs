@@ -9,23 +9,22 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, RwLock};
 
-use sockbus_protocol::frame::{encode_sub, encode_unsub};
-use sockbus_protocol::outbox::Push;
 use sockbus_protocol::subject::{validate_subject, SubjectError, INBOX_PREFIX};
 
-use crate::conn::ConnShared;
+use crate::outlet::Outlet;
 
 /// One subscription of one connection.
-pub struct Subscription {
+pub(crate) struct Subscription {
     pub sid: u32,
     pub pattern: Box<str>,
     pub queue: Option<Box<str>>,
-    pub conn: Arc<ConnShared>,
-    /// Interest of a peer broker, held by a cluster route connection: gets
-    /// forwarded RMSG frames, is never itself propagated to other peers.
-    pub route: bool,
+    /// Where its messages go.
+    pub outlet: Arc<Outlet>,
+    /// Interest of a peer broker, held by a cluster route: gets forwarded
+    /// RMSG frames, is never itself announced to other peers.
+    pub peer: bool,
     /// Messages after which the subscription ends (u64::MAX: never).
     max: AtomicU64,
     delivered: AtomicU64,
@@ -33,13 +32,13 @@ pub struct Subscription {
 }
 
 impl Subscription {
-    pub fn new(sid: u32, pattern: &str, queue: Option<&str>, conn: Arc<ConnShared>) -> Self {
+    pub fn new(sid: u32, pattern: &str, queue: Option<&str>, outlet: Arc<Outlet>) -> Self {
         Subscription {
             sid,
             pattern: pattern.into(),
             queue: queue.map(Into::into),
-            conn,
-            route: false,
+            outlet,
+            peer: false,
             max: AtomicU64::new(u64::MAX),
             delivered: AtomicU64::new(0),
             removed: AtomicBool::new(false),
@@ -47,10 +46,10 @@ impl Subscription {
     }
 
     /// A peer broker's interest, arriving on a cluster route.
-    pub fn new_route(sid: u32, pattern: &str, queue: Option<&str>, conn: Arc<ConnShared>) -> Self {
+    pub fn new_peer(sid: u32, pattern: &str, queue: Option<&str>, outlet: Arc<Outlet>) -> Self {
         Subscription {
-            route: true,
-            ..Subscription::new(sid, pattern, queue, conn)
+            peer: true,
+            ..Subscription::new(sid, pattern, queue, outlet)
         }
     }
 
@@ -81,7 +80,7 @@ impl Subscription {
 }
 
 /// A queue group's members for one subject.
-pub struct QueueGroup {
+pub(crate) struct QueueGroup {
     pub name: Box<str>,
     pub members: Vec<Arc<Subscription>>,
     next: AtomicUsize,
@@ -97,7 +96,7 @@ impl QueueGroup {
 
 /// Everything a subject matches.
 #[derive(Default)]
-pub struct Matches {
+pub(crate) struct Matches {
     pub plain: Vec<Arc<Subscription>>,
     pub groups: Vec<QueueGroup>,
 }
@@ -193,12 +192,12 @@ impl Node {
     }
 }
 
-pub struct Router {
+pub(crate) struct Router {
     root: RwLock<Trie>,
     generation: AtomicU64,
     count: AtomicUsize,
     rr_seed: AtomicUsize,
-    interest: Mutex<Interest>,
+    hook: Option<Arc<dyn InterestHook>>,
 }
 
 /// The subscription trie and what the reply-subject shortcut needs to know
@@ -272,158 +271,36 @@ fn inbox_client(subject: &str) -> Option<&str> {
     (!n.contains('.')).then_some(client)
 }
 
-/// This broker's local interest as peers see it: one route subscription per
-/// distinct (pattern, queue), however many local subscriptions share it, and
-/// the route links it is announced on (at most one per peer node).
-/// (pattern, queue group) of local subscriptions.
-type InterestKey = (Box<str>, Option<Box<str>>);
-
-#[derive(Default)]
-struct Interest {
-    /// Route subscription id and how many local subscriptions share the key.
-    table: HashMap<InterestKey, (u32, usize)>,
-    next_rsid: u32,
-    links: Vec<Link>,
-}
-
-struct Link {
-    conn: Arc<ConnShared>,
-    peer: Box<str>,
-    dialed_by_us: bool,
-}
-
-/// Why a route was not registered.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum LinkRefused {
-    /// A route to that peer is up and wins the tie-break: the one dialed by
-    /// the node with the smaller id is kept, so both ends keep the same one.
-    Duplicate,
-}
-
-fn announce(link: &ConnShared, f: impl FnOnce(&mut bytes::BytesMut)) {
-    if let Push::Queued { was_empty: true } = link.outbox.push_control(f) {
-        link.wake();
-    }
+/// Told when local interest changes: a subscription of this broker's own
+/// clients (not a peer's) is added or removed. The cluster module keeps what
+/// its peers must hear from it; the router knows nothing of peers.
+pub(crate) trait InterestHook: Send + Sync {
+    fn added(&self, pattern: &str, queue: Option<&str>);
+    fn removed(&self, pattern: &str, queue: Option<&str>);
 }
 
 impl Default for Router {
     fn default() -> Self {
-        Self::new()
+        Self::new(None)
     }
 }
 
 impl Router {
-    pub fn new() -> Self {
+    /// A router that tells `hook` of every change to local interest.
+    pub fn new(hook: Option<Arc<dyn InterestHook>>) -> Self {
         Router {
             root: RwLock::new(Trie::default()),
             generation: AtomicU64::new(1),
             count: AtomicUsize::new(0),
             rr_seed: AtomicUsize::new(0),
-            interest: Mutex::new(Interest::default()),
-        }
-    }
-
-    fn interest(&self) -> std::sync::MutexGuard<'_, Interest> {
-        self.interest.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    /// Registers an outbound cluster route and queues a SUB for every piece of
-    /// local interest on it; later changes are queued as they happen. Done
-    /// under one lock so no change can fall between snapshot and registration.
-    ///
-    /// Keeps one route per peer: when both nodes dialed each other, the route
-    /// dialed by the node with the smaller id (`us` vs `peer`) wins on both
-    /// ends; a losing existing route is aborted, a losing new one refused.
-    pub fn add_link(
-        &self,
-        link: Arc<ConnShared>,
-        us: &str,
-        peer: &str,
-        dialed_by_us: bool,
-    ) -> Result<(), LinkRefused> {
-        let mut i = self.interest();
-        let wins = |dialed_by_us: bool| dialed_by_us == (us < peer);
-        if let Some(pos) = i.links.iter().position(|l| &*l.peer == peer) {
-            if !wins(dialed_by_us) || wins(i.links[pos].dialed_by_us) {
-                return Err(LinkRefused::Duplicate);
-            }
-            let old = i.links.swap_remove(pos);
-            old.conn.abort.cancel();
-        }
-        for ((pattern, queue), (rsid, _)) in &i.table {
-            announce(&link, |b| {
-                let _ = encode_sub(b, *rsid, pattern, queue.as_deref());
-            });
-        }
-        i.links.push(Link {
-            conn: link,
-            peer: peer.into(),
-            dialed_by_us,
-        });
-        Ok(())
-    }
-
-    pub fn remove_link(&self, id: u64) {
-        self.interest().links.retain(|l| l.conn.id != id);
-    }
-
-    /// Node ids of the peers with a route up.
-    pub fn peers(&self) -> Vec<String> {
-        self.interest()
-            .links
-            .iter()
-            .map(|l| l.peer.to_string())
-            .collect()
-    }
-
-    /// Interest that is not a subscription (a durable stream's subjects):
-    /// announced to cluster peers like one, so they forward matching publishes.
-    pub fn add_local_interest(&self, pattern: &str) {
-        self.interest_added(pattern, None);
-    }
-
-    pub fn remove_local_interest(&self, pattern: &str) {
-        self.interest_removed(pattern, None);
-    }
-
-    fn interest_added(&self, pattern: &str, queue: Option<&str>) {
-        let mut i = self.interest();
-        let key = (Box::<str>::from(pattern), queue.map(Box::<str>::from));
-        if let Some(e) = i.table.get_mut(&key) {
-            e.1 += 1;
-            return;
-        }
-        i.next_rsid = i.next_rsid.wrapping_add(1);
-        let rsid = i.next_rsid;
-        i.table.insert(key, (rsid, 1));
-        for l in &i.links {
-            announce(&l.conn, |b| {
-                let _ = encode_sub(b, rsid, pattern, queue);
-            });
-        }
-    }
-
-    fn interest_removed(&self, pattern: &str, queue: Option<&str>) {
-        let mut i = self.interest();
-        let key = (Box::<str>::from(pattern), queue.map(Box::<str>::from));
-        let Some(e) = i.table.get_mut(&key) else {
-            return;
-        };
-        e.1 -= 1;
-        if e.1 > 0 {
-            return;
-        }
-        let rsid = e.0;
-        i.table.remove(&key);
-        for l in &i.links {
-            announce(&l.conn, |b| encode_unsub(b, rsid, 0));
+            hook,
         }
     }
 
     /// Adds a subscription (its pattern already validated).
     pub fn insert(&self, sub: Arc<Subscription>) {
         let pattern = sub.pattern.clone();
-        let local = (!sub.route).then(|| sub.queue.clone());
+        let local = (!sub.peer).then(|| sub.queue.clone());
         let toks: Vec<&str> = pattern.split('.').collect();
         let mut root = self.root.write().unwrap_or_else(|p| p.into_inner());
         root.node.insert(&toks, sub);
@@ -433,8 +310,8 @@ impl Router {
         // under the new generation.
         self.generation.fetch_add(1, Ordering::Release);
         drop(root);
-        if let Some(queue) = local {
-            self.interest_added(&pattern, queue.as_deref());
+        if let (Some(queue), Some(hook)) = (local, &self.hook) {
+            hook.added(&pattern, queue.as_deref());
         }
     }
 
@@ -452,17 +329,13 @@ impl Router {
         }
         self.generation.fetch_add(1, Ordering::Release);
         drop(root);
-        if found && !sub.route {
-            self.interest_removed(&sub.pattern, sub.queue.as_deref());
+        if let Some(hook) = self.hook.as_ref().filter(|_| found && !sub.peer) {
+            hook.removed(&sub.pattern, sub.queue.as_deref());
         }
     }
 
     pub fn len(&self) -> usize {
         self.count.load(Ordering::Relaxed)
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
     }
 
     pub fn generation(&self) -> u64 {
@@ -514,7 +387,7 @@ impl Router {
 }
 
 /// A reader task's private cache of match results.
-pub struct MatchCache {
+pub(crate) struct MatchCache {
     map: HashMap<Box<str>, (u64, Arc<Matches>), rustc_hash::FxBuildHasher>,
     /// Reply subjects `_INBOX.<client>.<n>` by client token: each reply
     /// subject is used once, but one client's all match alike.
@@ -609,7 +482,7 @@ mod tests {
     use tokio_util::sync::CancellationToken;
 
     fn sub(router: &Router, id: u64, pattern: &str) -> Arc<Subscription> {
-        let conn = Arc::new(ConnShared::new(
+        let conn = Arc::new(Outlet::new(
             id,
             Outbox::new(1 << 20, 0),
             CancellationToken::new(),
@@ -622,14 +495,14 @@ mod tests {
 
     fn who(cache: &mut MatchCache, router: &Router, subject: &str) -> Vec<u64> {
         let m = cache.get(router, subject).unwrap();
-        let mut ids: Vec<u64> = m.plain.iter().map(|s| s.conn.id).collect();
+        let mut ids: Vec<u64> = m.plain.iter().map(|s| s.outlet.id).collect();
         ids.sort_unstable();
         ids
     }
 
     #[test]
     fn reply_subjects_match_like_a_direct_walk_of_the_trie() {
-        let r = Router::new();
+        let r = Router::default();
         let mut c = MatchCache::new(16);
         let _mux = sub(&r, 1, "_INBOX.a.*");
         let _all = sub(&r, 2, "_INBOX.>");
@@ -667,7 +540,7 @@ mod tests {
     }
 
     fn sorted(m: &Matches) -> Vec<u64> {
-        let mut ids: Vec<u64> = m.plain.iter().map(|s| s.conn.id).collect();
+        let mut ids: Vec<u64> = m.plain.iter().map(|s| s.outlet.id).collect();
         ids.sort_unstable();
         ids
     }
@@ -686,7 +559,7 @@ mod tests {
                 1..60,
             ),
         ) {
-            let r = Router::new();
+            let r = Router::default();
             let mut c = MatchCache::new(4);
             let mut live: Vec<Arc<Subscription>> = Vec::new();
             for (i, (op, toks, tail, pick)) in ops.into_iter().enumerate() {

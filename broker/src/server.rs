@@ -2,7 +2,7 @@
 //! shutdown can drain every one before the process exits.
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -16,25 +16,47 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
+use crate::cluster::{ClusterMetrics, PeerInterest};
 use crate::config::Config;
+use crate::deliver::Delivery;
 use crate::metrics::Metrics;
 use crate::router::Router;
+use crate::streams::{StreamInfo, Streams, StreamsMetrics};
 
-/// Everything the connection tasks share.
+/// What the broker's front ends share, built once in [`Server::bind`].
 pub struct State {
-    pub config: Config,
-    pub router: Router,
-    pub metrics: Metrics,
-    /// Durable streams (crate::streams).
-    pub streams: crate::streams::Streams,
-    next_conn_id: AtomicU64,
+    pub(crate) config: Config,
+    /// The delivery engine: router, counters, every publish and subscription.
+    pub(crate) delivery: Delivery,
+    pub(crate) streams: Arc<Streams>,
+    /// What cluster peers must hear of local interest.
+    pub(crate) peers: Arc<PeerInterest>,
 }
 
 impl State {
-    /// A fresh connection id, for anything that subscribes like a connection
-    /// (an SSE stream of the HTTP gateway, a cluster route).
-    pub fn next_conn_id(&self) -> u64 {
-        self.next_conn_id.fetch_add(1, Ordering::Relaxed)
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    /// The broker's counters (what `/metrics` shows), and where other
+    /// parts of a program embedding the broker register figures of theirs.
+    pub fn metrics(&self) -> &Metrics {
+        self.delivery.metrics()
+    }
+
+    /// Subscriptions in the router, peers' interest included.
+    pub fn subscriptions(&self) -> usize {
+        self.delivery.router().len()
+    }
+
+    /// Every durable stream, sorted by name.
+    pub fn streams(&self) -> Vec<StreamInfo> {
+        self.streams.list()
+    }
+
+    /// Node ids of the cluster peers with a route up.
+    pub fn peers(&self) -> Vec<String> {
+        self.peers.peers()
     }
 }
 
@@ -47,6 +69,7 @@ pub struct Server {
 
 impl Server {
     /// Binds the native listener. Port 0 picks a free port (see [`Server::local_addr`]).
+    /// Opens the streams under the data directory; must run inside a tokio runtime.
     pub async fn bind(config: Config) -> anyhow::Result<Server> {
         let listener = TcpListener::bind(config.listen)
             .await
@@ -60,24 +83,35 @@ impl Server {
             ),
             None => None,
         };
-        let streams = crate::streams::Streams::open(&config.data_dir)?;
+        // One pass, each part handed the narrow handles it needs.
+        let metrics = Arc::new(Metrics::default());
+        let peers = Arc::new(PeerInterest::default());
+        let delivery = Delivery::new(
+            Router::new(Some(peers.clone())),
+            metrics.clone(),
+            config.max_payload,
+            config.max_pending,
+        );
+        let streams = Arc::new(Streams::open(
+            &config.data_dir,
+            delivery.clone(),
+            Some(peers.clone()),
+        )?);
+        metrics.sources.register(Arc::new(ClusterMetrics {
+            metrics: metrics.clone(),
+            peers: peers.clone(),
+            node: config.node_id.clone(),
+            listen: config.cluster,
+        }));
+        metrics
+            .sources
+            .register(Arc::new(StreamsMetrics(streams.clone())));
         let state = Arc::new(State {
             config,
-            router: Router::new(),
-            metrics: Metrics::default(),
+            delivery,
             streams,
-            next_conn_id: AtomicU64::new(1),
+            peers,
         });
-        state.streams.attach(&state);
-        let weak = Arc::downgrade(&state);
-        state
-            .metrics
-            .sources
-            .register(Arc::new(crate::cluster::ClusterMetrics(weak.clone())));
-        state
-            .metrics
-            .sources
-            .register(Arc::new(crate::streams::StreamsMetrics(weak)));
         Ok(Server {
             state,
             listener,
@@ -131,7 +165,7 @@ impl Server {
             };
             let Ok(permit) = limit.clone().try_acquire_owned() else {
                 state
-                    .metrics
+                    .metrics()
                     .connections_refused
                     .fetch_add(1, Ordering::Relaxed);
                 warn!(%peer, limit = state.config.max_connections, "connection refused: at the connection limit");
@@ -148,14 +182,15 @@ impl Server {
                 });
                 continue;
             };
-            let id = state.next_conn_id();
+            let id = state.delivery.next_id();
             let st = state.clone();
             let sd = shutdown.clone();
             tracker.spawn(async move {
-                st.metrics.connections.fetch_add(1, Ordering::Relaxed);
-                st.metrics.connections_total.fetch_add(1, Ordering::Relaxed);
+                let m = st.metrics();
+                m.connections.fetch_add(1, Ordering::Relaxed);
+                m.connections_total.fetch_add(1, Ordering::Relaxed);
                 crate::conn::run(st.clone(), stream, peer, id, sd).await;
-                st.metrics.connections.fetch_sub(1, Ordering::Relaxed);
+                st.metrics().connections.fetch_sub(1, Ordering::Relaxed);
                 drop(permit);
             });
         }

@@ -273,13 +273,13 @@ async fn a_subscriber_that_never_reads_does_not_slow_a_fast_one_and_is_cut_off_a
         BATCH * BATCHES,
         "the fast subscriber got every message"
     );
-    let slow = sockbus_broker::metrics::Metrics::get(&b.state.metrics.slow_consumers);
+    let slow = sockbus_broker::metrics::Metrics::get(&b.state.metrics().slow_consumers);
     assert_eq!(
         slow, 1,
         "the stalled subscriber was cut off as a slow consumer"
     );
     assert_eq!(
-        b.state.router.len(),
+        b.state.subscriptions(),
         1,
         "its subscription is gone; the fast one remains"
     );

@@ -69,14 +69,14 @@ fn mesh() -> Vec<Node> {
 /// Waits until `b`'s router holds at least `n` subscriptions (local + peers' interest).
 async fn wait_subs(b: &TestBroker, n: usize) {
     for _ in 0..500 {
-        if b.state.router.len() >= n {
+        if b.state.subscriptions() >= n {
             return;
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     panic!(
         "interest did not propagate: {} subscriptions, wanted {n}",
-        b.state.router.len()
+        b.state.subscriptions()
     );
 }
 
@@ -84,7 +84,7 @@ async fn wait_routes(brokers: &[&TestBroker], each: u64) {
     for _ in 0..500 {
         if brokers
             .iter()
-            .all(|b| Metrics::get(&b.state.metrics.routes) == each)
+            .all(|b| Metrics::get(&b.state.metrics().routes) == each)
         {
             return;
         }
@@ -128,24 +128,24 @@ async fn fanout_reaches_every_node_exactly_once_per_subscriber() {
         nothing(sub).await;
     }
     assert_eq!(
-        Metrics::get(&b.state.metrics.route_msgs_in),
+        Metrics::get(&b.state.metrics().route_msgs_in),
         N as u64,
         "each message crossed A→B once"
     );
     assert_eq!(
-        Metrics::get(&c.state.metrics.route_msgs_in),
+        Metrics::get(&c.state.metrics().route_msgs_in),
         N as u64,
         "each message crossed A→C once"
     );
     assert_eq!(
-        Metrics::get(&a.state.metrics.route_msgs_in),
+        Metrics::get(&a.state.metrics().route_msgs_in),
         0,
         "nothing looped back to A"
     );
     // The same figures reach /metrics and the status page.
     let src = b
         .state
-        .metrics
+        .metrics()
         .sources
         .all()
         .into_iter()
@@ -379,13 +379,13 @@ async fn a_cut_route_heals_without_duplicates() {
     cut.store(true, Ordering::SeqCst);
     kill.notify_waiters();
     for _ in 0..500 {
-        if b.state.router.is_empty() {
+        if b.state.subscriptions() == 0 {
             break;
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     assert!(
-        b.state.router.is_empty(),
+        (b.state.subscriptions() == 0),
         "B dropped the interest of the cut route"
     );
     pb.publish("cut.x", "while cut").await.unwrap();
@@ -407,7 +407,7 @@ async fn a_cut_route_heals_without_duplicates() {
     }
     nothing(&mut sub).await;
     assert_eq!(
-        b.state.router.len(),
+        b.state.subscriptions(),
         1,
         "exactly one copy of A's interest after healing"
     );
@@ -509,5 +509,5 @@ async fn a_durable_publish_on_one_node_is_stored_by_the_stream_on_another_and_ac
     let info = cb.stream_info("ORDERS").await.unwrap();
     assert_eq!(info.state.messages, 20, "stored once each, on B");
     // Nothing was stored on A or C: they have no streams.
-    assert!(a.state.streams.list().is_empty() && c.state.streams.list().is_empty());
+    assert!(a.state.streams().is_empty() && c.state.streams().is_empty());
 }

@@ -112,7 +112,7 @@ async fn bad_publishes_get_json_errors_with_the_right_status() {
     assert!(head.starts_with("HTTP/1.1 413"), "{head}");
     assert!(head.contains("maximum payload of 1024 bytes"), "{head}");
     assert_eq!(
-        Metrics::get(&b.broker.state.metrics.msgs_in),
+        Metrics::get(&b.broker.state.metrics().msgs_in),
         1,
         "only the message at the limit was published"
     );
@@ -173,7 +173,7 @@ async fn sse_streams_wildcard_matches_with_subject_headers_and_multiline_data() 
         sse.headers.get("content-type").unwrap(),
         "text/event-stream"
     );
-    assert_eq!(b.broker.state.router.len(), 1);
+    assert_eq!(b.broker.state.subscriptions(), 1);
 
     let p = sockbus_client::connect(&b.broker.url).await.unwrap();
     let mut h = sockbus_client::Headers::new();
@@ -215,7 +215,7 @@ async fn sse_streams_wildcard_matches_with_subject_headers_and_multiline_data() 
     drop(sse);
     drop(js);
     let st = b.broker.state.clone();
-    eventually("SSE subscriptions removed", || st.router.is_empty()).await;
+    eventually("SSE subscriptions removed", || st.subscriptions() == 0).await;
 }
 
 #[tokio::test]
@@ -263,7 +263,7 @@ async fn bad_subscriptions_are_400() {
         assert_eq!(r.status, StatusCode::BAD_REQUEST, "{path}");
         assert!(r.error().contains(needle), "{path}: {}", r.text());
     }
-    assert!(b.broker.state.router.is_empty());
+    assert!(b.broker.state.subscriptions() == 0);
 }
 
 #[tokio::test]
@@ -278,7 +278,7 @@ async fn a_stalled_sse_client_is_cut_off_as_a_slow_consumer() {
         .await
         .unwrap();
     let st = b.broker.state.clone();
-    eventually("SSE subscription", || st.router.len() == 1).await;
+    eventually("SSE subscription", || st.subscriptions() == 1).await;
 
     let p = sockbus_client::connect(&b.broker.url).await.unwrap();
     let payload = vec![b'x'; 16 * 1024];
@@ -288,11 +288,11 @@ async fn a_stalled_sse_client_is_cut_off_as_a_slow_consumer() {
     }
     p.flush().await.unwrap();
     eventually("slow consumer verdict", || {
-        Metrics::get(&st.metrics.slow_consumers) == 1
+        Metrics::get(&st.metrics().slow_consumers) == 1
     })
     .await;
-    eventually("subscription removed", || st.router.is_empty()).await;
-    assert!(Metrics::get(&st.metrics.dropped_messages) > 0);
+    eventually("subscription removed", || st.subscriptions() == 0).await;
+    assert!(Metrics::get(&st.metrics().dropped_messages) > 0);
     // The connection is closed: reading drains what was sent, then EOF.
     let mut tmp = vec![0u8; 1 << 16];
     let closed = tokio::time::timeout(Duration::from_secs(10), async {
@@ -356,7 +356,7 @@ async fn health_and_readiness_probes_follow_the_parts_of_the_broker() {
 
     b.broker
         .state
-        .metrics
+        .metrics()
         .sources
         .register(Arc::new(Recovering));
     let r = b.get("/readyz").await;
@@ -625,7 +625,7 @@ async fn a_slow_request_body_gets_408_after_the_body_timeout() {
     assert!(head.starts_with("HTTP/1.1 408"), "{head}");
     assert!(head.contains("did not arrive within 300ms"), "{head}");
     assert!(start.elapsed() < Duration::from_secs(3));
-    assert_eq!(Metrics::get(&b.broker.state.metrics.msgs_in), 0);
+    assert_eq!(Metrics::get(&b.broker.state.metrics().msgs_in), 0);
 }
 
 #[tokio::test]
@@ -649,7 +649,7 @@ async fn shutdown_ends_sse_streams_after_flushing_them() {
     let e = sse.next().await.expect("queued message delivered");
     assert_eq!(e.data(), "last words");
     assert!(sse.next().await.is_none(), "stream ended");
-    assert!(b.broker.state.router.is_empty());
+    assert!(b.broker.state.subscriptions() == 0);
 }
 
 #[tokio::test]

@@ -186,7 +186,7 @@ async fn a_message_to_a_new_inbox_is_sent_once_even_beside_requests() {
     let inbox = c.new_inbox();
     let mut sub = c.subscribe(&inbox).await.unwrap();
     c.flush().await.unwrap();
-    let out = || Metrics::get(&b.state.metrics.msgs_out);
+    let out = || Metrics::get(&b.state.metrics().msgs_out);
     let before = out();
     c.publish(&inbox, "once").await.unwrap();
     assert_eq!(recv(&mut sub).await.payload.as_ref(), b"once");
@@ -298,7 +298,7 @@ async fn unsubscribe_stops_delivery_and_unsubscribe_after_counts() {
     c.flush().await.unwrap();
     s1.unsubscribe().unwrap();
     c.flush().await.unwrap();
-    assert_eq!(b.state.router.len(), 1);
+    assert_eq!(b.state.subscriptions(), 1);
     for i in 0..10 {
         c.publish("u.a", format!("{i}")).await.unwrap();
     }
@@ -315,7 +315,7 @@ async fn unsubscribe_stops_delivery_and_unsubscribe_after_counts() {
         .unwrap();
     assert!(end.is_none());
     assert_eq!(
-        b.state.router.len(),
+        b.state.subscriptions(),
         0,
         "broker removed the finished subscription"
     );
@@ -362,7 +362,7 @@ async fn client_reconnects_after_broker_restart_and_restores_subscriptions() {
     let b2 = TestBroker::with(cfg).await;
     c.wait_connected(Duration::from_secs(5)).await.unwrap();
     c.flush().await.unwrap();
-    assert_eq!(b2.state.router.len(), 2, "both subscriptions restored");
+    assert_eq!(b2.state.subscriptions(), 2, "both subscriptions restored");
     let p = sockbus_client::connect(&b2.url).await.unwrap();
     p.publish("r.after", "back").await.unwrap();
     p.publish("rq", "queued").await.unwrap();
@@ -418,5 +418,5 @@ async fn many_concurrent_connections_each_get_their_messages() {
     for (i, s) in subs.iter_mut().enumerate() {
         assert_eq!(recv(s).await.payload.as_ref(), format!("{i}").as_bytes());
     }
-    assert!(sockbus_broker::metrics::Metrics::get(&b.state.metrics.connections) >= 201);
+    assert!(sockbus_broker::metrics::Metrics::get(&b.state.metrics().connections) >= 201);
 }

@@ -136,7 +136,7 @@ pub(super) fn label(v: &str) -> String {
 
 pub(super) fn render(gw: &Gateway) -> String {
     let st = &gw.state;
-    let m = &st.metrics;
+    let m = st.metrics();
     let g = Metrics::get;
     let mut o = String::with_capacity(8 * 1024);
     family(
@@ -189,7 +189,7 @@ pub(super) fn render(gw: &Gateway) -> String {
         "sockbus_subscriptions",
         "gauge",
         "Subscriptions in the router (native, SSE and cluster interest).",
-        st.router.len() as u64,
+        st.subscriptions() as u64,
     );
     sample(
         &mut o,
@@ -373,7 +373,7 @@ pub(super) fn render(gw: &Gateway) -> String {
     );
     sample(&mut o, "sockbus_subjects_untracked_messages_total", "counter", "Messages counted under no tracked subject (table full, or too many subjects in one batch).", other_msgs);
 
-    for s in st.metrics.sources.all() {
+    for s in st.metrics().sources.all() {
         s.prometheus(&mut o);
     }
     o

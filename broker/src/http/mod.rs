@@ -32,9 +32,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn, Instrument};
 
-use crate::conn::ConnShared;
-use crate::metrics::LocalCounts;
-use crate::router::MatchCache;
+use crate::deliver::Batch;
 use crate::server::State;
 
 pub use exposition::HttpMetrics;
@@ -76,13 +74,11 @@ struct ConnCtx {
     local: Mutex<ConnLocal>,
 }
 
-/// The publish path's reusable state, kept per connection so that a
-/// keep-alive client publishing to the same subjects allocates nothing and
-/// takes no shared lock per request.
+/// The publish path's reusable state (the delivery engine's per-producer
+/// batch), kept per connection so that a keep-alive client publishing to the
+/// same subjects allocates nothing and takes no shared lock per request.
 struct ConnLocal {
-    cache: MatchCache,
-    counts: LocalCounts,
-    wake: Vec<Arc<ConnShared>>,
+    batch: Batch,
 }
 
 pub struct HttpServer {
@@ -155,7 +151,7 @@ impl HttpServer {
                 }
                 continue;
             };
-            let id = gw.state.next_conn_id();
+            let id = gw.state.delivery.next_id();
             let gw = gw.clone();
             let sd = shutdown.clone();
             let span = tracing::info_span!("http", id, %peer);
@@ -229,9 +225,10 @@ async fn serve(gw: &Arc<Gateway>, stream: TcpStream, id: u64, shutdown: Cancella
         id,
         kill: CancellationToken::new(),
         local: Mutex::new(ConnLocal {
-            cache: MatchCache::new(CONN_MATCH_CACHE),
-            counts: LocalCounts::default(),
-            wake: Vec::new(),
+            batch: gw
+                .state
+                .delivery
+                .ingress(&gw.state.streams, CONN_MATCH_CACHE),
         }),
     });
     let svc = {
@@ -266,8 +263,5 @@ async fn serve(gw: &Arc<Gateway>, stream: TcpStream, id: u64, shutdown: Cancella
     }
     ctx.kill.cancel();
     let mut local = ctx.local.lock().unwrap_or_else(|p| p.into_inner());
-    gw.state
-        .metrics
-        .subjects
-        .merge(&mut local.counts.subjects, true);
+    local.batch.close();
 }

@@ -2,9 +2,12 @@
 //! named `Sockbus-Header-<Name>` become message headers `<name>`, and
 //! `Sockbus-Reply` sets the reply subject (docs/http.md).
 //!
-//! The path is kept cheap: the connection's own match cache (no router lock
-//! on a hit), a body of one chunk used as is, counters added once per
-//! request, no allocation beyond what hyper makes for the request itself.
+//! The message goes through the delivery engine like any publish: checked,
+//! routed, and stored when a stream captures its subject (the answer is then
+//! 200 `{"stream":..,"seq":..}` once stored, per the stream's fsync policy).
+//! The path is kept cheap: the connection's own batch and match cache (no
+//! router lock on a hit), a body of one chunk used as is, counters added
+//! once per request, no allocation beyond what hyper makes for the request.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -16,11 +19,12 @@ use hyper::header::CONTENT_LENGTH;
 use hyper::http::request::Parts;
 use hyper::{Response, StatusCode};
 use sockbus_protocol::frame::push_header;
-use sockbus_protocol::subject::{subject_hash, validate_subject};
+use sockbus_protocol::subject::validate_subject;
+use tokio::sync::oneshot;
 
 use super::routes::{decode_path, error, json, Body};
-use super::{streams, ConnCtx, Gateway};
-use crate::conn::{route, Outgoing};
+use super::{ConnCtx, Gateway};
+use crate::deliver::{PublishError, Publisher};
 
 /// Request headers with this prefix (any case) are carried as message headers.
 pub const HEADER_PREFIX: &str = "sockbus-header-";
@@ -121,47 +125,48 @@ pub(super) async fn publish(
         }
     };
 
-    let stored = match streams::store_if_captured(state, &subject, reply, &headers, &payload).await
-    {
-        Ok(s) => s,
-        Err(e) => return error(StatusCode::SERVICE_UNAVAILABLE, e),
+    // Routed at once; when a stream captures the subject, the answer waits
+    // until the message is stored as the stream's fsync policy says.
+    let (tx, rx) = oneshot::channel();
+    let from = Publisher {
+        id: ctx.id,
+        echo: true,
+        no_responders: false,
+        api: false,
     };
-
-    {
+    let (published, backlog) = {
         let mut guard = ctx.local.lock().unwrap_or_else(|p| p.into_inner());
-        let local = &mut *guard;
-        let m = match local.cache.get(&state.router, &subject) {
-            Ok(m) => m,
-            Err(e) => return error(StatusCode::BAD_REQUEST, format!("invalid subject: {e}")),
-        };
-        let msg = Outgoing {
-            subject: &subject,
-            hash: subject_hash(subject.as_bytes()),
-            reply,
-            headers: &headers,
-            payload: &payload,
-            flags: 0,
-        };
-        local.counts.msgs_in += 1;
-        local.counts.bytes_in += payload.len() as u64;
-        local.counts.subject(&subject, msg.hash, payload.len());
-        route(state, m, &msg, None, &mut local.wake, &mut local.counts);
-        for c in local.wake.drain(..) {
-            c.kick();
+        let batch = &mut guard.batch;
+        let r = batch.publish(&from, &subject, reply, &headers, &payload, Some(tx));
+        batch.finish();
+        (r, batch.backlogged())
+    };
+    let published = match published {
+        Ok(p) => p,
+        Err(e @ PublishError::PayloadTooLarge { .. }) => {
+            return error(StatusCode::PAYLOAD_TOO_LARGE, e.to_string())
         }
-        state.metrics.add(&mut local.counts);
+        Err(e) => return error(StatusCode::BAD_REQUEST, e.to_string()),
+    };
+    if let Some(s) = backlog {
+        // The stream's writer is behind: this connection waits before its next request.
+        s.wait_space().await;
     }
-
-    match stored {
-        Some(s) => json(
+    if !published.stored {
+        let mut r = Response::new(Body::Left(Default::default()));
+        *r.status_mut() = StatusCode::NO_CONTENT;
+        return r;
+    }
+    match rx.await {
+        Ok(Ok(a)) => json(
             StatusCode::OK,
-            &serde_json::json!({"stream": s.stream, "seq": s.seq}),
+            &serde_json::json!({"stream": a.stream, "seq": a.seq}),
         ),
-        None => {
-            let mut r = Response::new(Body::Left(Default::default()));
-            *r.status_mut() = StatusCode::NO_CONTENT;
-            r
-        }
+        Ok(Err(e)) => error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
+        Err(_) => error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the stream was deleted before the message was stored".to_string(),
+        ),
     }
 }
 

@@ -1,7 +1,7 @@
 //! `GET /v1/subscribe/{subject}[?queue=G][&format=json]`: Server-Sent Events,
 //! one event per message.
 //!
-//! An SSE client subscribes like a native connection: a [`ConnShared`] with
+//! An SSE client subscribes like a native connection: an [`Outlet`] with
 //! its own bounded [`Outbox`] in the router, so the router encodes MSG frames
 //! into it exactly as for any client, and the same slow-consumer policy
 //! applies (over `--max-pending` queued bytes: dropped and disconnected).
@@ -21,13 +21,13 @@ use hyper::header::{HeaderValue, CACHE_CONTROL, CONTENT_TYPE};
 use hyper::{Response, StatusCode};
 use sockbus_protocol::frame::{self, iter_headers, FrameRef};
 use sockbus_protocol::outbox::Outbox;
-use sockbus_protocol::subject::validate_pattern;
 use tokio_util::sync::CancellationToken;
 use tracing::debug;
 
 use super::routes::{decode_path, error, Body};
 use super::{ConnCtx, Gateway};
-use crate::conn::ConnShared;
+use crate::deliver::SubscribeError;
+use crate::outlet::Outlet;
 use crate::router::Subscription;
 use crate::server::State;
 
@@ -55,9 +55,6 @@ pub(super) fn subscribe(
         Ok(s) => s,
         Err(e) => return error(StatusCode::BAD_REQUEST, format!("invalid subject: {e}")),
     };
-    if let Err(e) = validate_pattern(&pattern) {
-        return error(StatusCode::BAD_REQUEST, format!("invalid subject: {e}"));
-    }
     let mut queue = None;
     let mut format = Format::Raw;
     for pair in query.unwrap_or("").split('&').filter(|p| !p.is_empty()) {
@@ -95,19 +92,22 @@ pub(super) fn subscribe(
     // The connection's kill token doubles as the subscriber's abort token:
     // a slow-consumer verdict drops the HTTP connection at once, even when
     // hyper is stuck writing to a client that stopped reading.
-    let conn = Arc::new(ConnShared::new(
-        state.next_conn_id(),
+    let conn = Arc::new(Outlet::new(
+        state.delivery.next_id(),
         Outbox::new(state.config.max_pending, 0),
         ctx.kill.clone(),
         None,
     ));
-    let sub = Arc::new(Subscription::new(
-        1,
-        &pattern,
-        queue.as_deref(),
-        conn.clone(),
-    ));
-    state.router.insert(sub.clone());
+    let sub = match state
+        .delivery
+        .subscribe(&conn, 1, &pattern, queue.as_deref())
+    {
+        Ok(s) => s,
+        Err(SubscribeError::InvalidSubject(e)) => {
+            return error(StatusCode::BAD_REQUEST, format!("invalid subject: {e}"))
+        }
+        Err(e) => return error(StatusCode::BAD_REQUEST, e.to_string()),
+    };
     gw.metrics.sse_opened();
     debug!(conn = ctx.id, subscriber = conn.id, pattern = %pattern, queue = queue.as_deref().unwrap_or(""), "SSE subscription");
 
@@ -151,16 +151,16 @@ struct Guard {
 
 impl Drop for Guard {
     fn drop(&mut self) {
-        self.gw.state.router.remove(&self.sub);
-        self.sub.conn.outbox.close();
-        self.sub.conn.outbox.clear();
+        self.gw.state.delivery.unsubscribe(&self.sub);
+        self.sub.outlet.outbox.close();
+        self.sub.outlet.outbox.clear();
         self.gw.metrics.sse_closed();
     }
 }
 
 struct Feed {
     guard: Guard,
-    conn: Arc<ConnShared>,
+    conn: Arc<Outlet>,
     shutdown: CancellationToken,
     hello: Option<Bytes>,
     format: Format,

@@ -56,7 +56,7 @@ impl Rates {
     pub(super) fn new(state: &State) -> Rates {
         Rates(Mutex::new(RateState {
             at: Instant::now(),
-            prev: Totals::read(&state.metrics),
+            prev: Totals::read(state.metrics()),
             per_sec: PerSec::default(),
         }))
     }
@@ -76,7 +76,7 @@ pub(super) async fn tick(gw: Arc<Gateway>, shutdown: CancellationToken) {
             _ = shutdown.cancelled() => return,
         }
         let now = Instant::now();
-        let cur = Totals::read(&gw.state.metrics);
+        let cur = Totals::read(gw.state.metrics());
         let secs = {
             let mut r = gw.rates.lock();
             let secs = now.duration_since(r.at).as_secs_f64();
@@ -94,7 +94,7 @@ pub(super) async fn tick(gw: Arc<Gateway>, shutdown: CancellationToken) {
             r.at = now;
             secs
         };
-        gw.state.metrics.subjects.tick(secs);
+        gw.state.metrics().subjects.tick(secs);
     }
 }
 
@@ -106,7 +106,7 @@ pub(super) fn ready(gw: &Gateway) -> Result<(), String> {
     }
     let waiting: Vec<String> = gw
         .state
-        .metrics
+        .metrics()
         .sources
         .all()
         .iter()
@@ -126,7 +126,7 @@ fn round(x: f64) -> f64 {
 /// Everything the status page shows.
 pub(super) fn snapshot(gw: &Gateway) -> Value {
     let st = &gw.state;
-    let m = &st.metrics;
+    let m = st.metrics();
     let g = Metrics::get;
     let per = gw.rates.lock().per_sec;
     let subjects: Vec<Value> = m
@@ -161,7 +161,7 @@ pub(super) fn snapshot(gw: &Gateway) -> Value {
             "sse": gw.metrics.sse_subscribers(),
             "refused": g(&m.connections_refused),
         },
-        "subscriptions": st.router.len(),
+        "subscriptions": st.subscriptions(),
         "messages": {
             "in": g(&m.msgs_in),
             "out": g(&m.msgs_out),
@@ -192,7 +192,7 @@ pub(super) fn snapshot(gw: &Gateway) -> Value {
     });
     // Parts of the broker that report for themselves replace the defaults above.
     if let Some(obj) = doc.as_object_mut() {
-        for s in st.metrics.sources.all() {
+        for s in st.metrics().sources.all() {
             let v = s.status();
             if !v.is_null() {
                 obj.insert(s.name().to_string(), v);

@@ -474,19 +474,6 @@ impl Appender {
         Ok(())
     }
 
-    pub fn log(&self) -> &Arc<Log> {
-        &self.log
-    }
-
-    /// Sequence the next staged record gets.
-    pub fn next_seq(&self) -> u64 {
-        self.next_seq
-    }
-
-    pub fn staged_bytes(&self) -> usize {
-        self.staging.len()
-    }
-
     /// Assigns the next sequence to an encoded record and stages it, first
     /// committing and rolling the segment when the record would overflow it.
     pub fn stage(&mut self, rec: &mut [u8], fsync: bool) -> io::Result<(u64, u64)> {

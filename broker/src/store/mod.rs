@@ -6,5 +6,5 @@ pub mod log;
 pub mod record;
 pub mod segment;
 
-pub use log::{now_ns, Appender, Log, LogState, OpenReport, ReadBatch, ReadPos};
+pub use log::{now_ns, Appender, Log, ReadPos};
 pub use record::StoredMsg;

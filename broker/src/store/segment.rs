@@ -240,24 +240,6 @@ impl Segment {
         }
     }
 
-    /// Offset to start reading at for the first record with ts >= `ts`.
-    pub fn offset_for_time(&self, ts: u64) -> u64 {
-        let i = self.index.partition_point(|e| e.ts < ts);
-        if i == 0 {
-            SEG_HEADER
-        } else {
-            self.index[i - 1].off
-        }
-    }
-
-    /// If `off` lies in a known damaged range, where reading resumes.
-    pub fn skip_bad(&self, off: u64) -> Option<u64> {
-        self.bad
-            .iter()
-            .find(|r| r.start <= off && off < r.end)
-            .map(|r| r.end)
-    }
-
     pub fn remove_files(&self) {
         let _ = std::fs::remove_file(&self.path);
         let _ = std::fs::remove_file(idx_path(&self.path));

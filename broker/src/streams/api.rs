@@ -16,13 +16,18 @@
 //!
 //! Errors are `{"error": "...", "status": N}` with an HTTP-style status.
 
-use std::sync::Arc;
-
 use serde::Serialize;
 
 use super::consumer::{self, AckKind, ConsumerConfig, PullRequest};
+use super::Streams;
 use super::{StreamConfig, StreamError};
-use crate::server::State;
+use crate::deliver::Delivery;
+
+/// What the API needs of the broker: the streams, and a way to answer.
+struct Ctx<'a> {
+    streams: &'a Streams,
+    delivery: &'a Delivery,
+}
 
 pub const API_PREFIX: &str = "$SB.API.";
 pub const ACK_PREFIX: &str = "$SB.ACK.";
@@ -32,13 +37,13 @@ pub fn error_body(e: &StreamError) -> Vec<u8> {
         .expect("serialisable")
 }
 
-fn reply_with<T: Serialize>(state: &State, reply: Option<&str>, r: Result<T, StreamError>) {
+fn reply_with<T: Serialize>(state: &Ctx<'_>, reply: Option<&str>, r: Result<T, StreamError>) {
     let Some(reply) = reply else { return };
     let body = match r {
         Ok(v) => serde_json::to_vec(&v).expect("serialisable"),
         Err(e) => error_body(&e),
     };
-    let _ = crate::conn::publish(state, reply, None, &[], &body);
+    let _ = state.delivery.publish_now(reply, &[], &body);
 }
 
 fn parse<'a, T: serde::Deserialize<'a>>(payload: &'a [u8]) -> Result<T, StreamError> {
@@ -47,7 +52,14 @@ fn parse<'a, T: serde::Deserialize<'a>>(payload: &'a [u8]) -> Result<T, StreamEr
 }
 
 /// Handles a PUB to a `$SB.` subject (never routed to subscribers).
-pub fn handle(state: &Arc<State>, subject: &str, reply: Option<&str>, payload: &[u8]) {
+pub(crate) fn handle(
+    streams: &Streams,
+    delivery: &Delivery,
+    subject: &str,
+    reply: Option<&str>,
+    payload: &[u8],
+) {
+    let state = &Ctx { streams, delivery };
     if let Some(rest) = subject.strip_prefix(ACK_PREFIX) {
         let r = ack(state, rest, payload, reply);
         if let Err(e) = r {
@@ -105,7 +117,7 @@ pub fn handle(state: &Arc<State>, subject: &str, reply: Option<&str>, payload: &
                 let s = streams
                     .get(stream)
                     .ok_or_else(|| StreamError::NotFound(stream.to_string()))?;
-                consumer::create(state, &s, cfg)
+                consumer::create(&s, cfg)
             });
             reply_with(state, reply, r)
         }
@@ -158,7 +170,7 @@ pub fn handle(state: &Arc<State>, subject: &str, reply: Option<&str>, payload: &
                 Ok(())
             });
             if let Err(e) = r {
-                consumer::send_status(state, reply, e.status(), &e.to_string(), 0);
+                consumer::send_status(state.delivery, reply, e.status(), &e.to_string(), 0);
             }
         }
         _ => reply_with::<()>(
@@ -172,7 +184,7 @@ pub fn handle(state: &Arc<State>, subject: &str, reply: Option<&str>, payload: &
 }
 
 fn ack(
-    state: &Arc<State>,
+    state: &Ctx<'_>,
     rest: &str,
     payload: &[u8],
     reply: Option<&str>,
@@ -202,6 +214,6 @@ fn ack(
     let c = s
         .consumer(name)
         .ok_or_else(|| StreamError::ConsumerNotFound(name.to_string()))?;
-    c.ack(state, seq, kind, reply);
+    c.ack(seq, kind, reply);
     Ok(())
 }

@@ -19,15 +19,13 @@ use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 use sockbus_protocol::frame::push_header;
-use sockbus_protocol::subject::{subject_hash, validate_pattern};
+use sockbus_protocol::subject::validate_pattern;
 use tokio::sync::{mpsc, Notify};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use super::{valid_name, write_atomic, Stream, StreamError};
-use crate::conn::{route, Outgoing};
-use crate::metrics::LocalCounts;
-use crate::server::State;
+use crate::deliver::{Delivery, Outgoing};
 use crate::store::{now_ns, Log, ReadPos, StoredMsg};
 
 const OP_LEN: usize = 17;
@@ -158,6 +156,8 @@ pub struct Consumer {
     kick: Notify,
     stop: CancellationToken,
     last_pull: AtomicU64,
+    /// Where deliveries and ack answers go.
+    delivery: Delivery,
 }
 
 fn op(buf: &mut Vec<u8>, kind: u8, seq: u64, n: u32) {
@@ -241,7 +241,7 @@ impl Consumer {
         });
     }
 
-    pub(crate) fn ack(&self, state: &Arc<State>, seq: u64, kind: AckKind, reply: Option<&str>) {
+    pub(crate) fn ack(&self, seq: u64, kind: AckKind, reply: Option<&str>) {
         let file = {
             let mut st = self.lock();
             let mut ops = Vec::new();
@@ -273,7 +273,7 @@ impl Consumer {
         };
         let Some(reply) = reply else { return };
         let reply = reply.to_string();
-        let state = state.clone();
+        let delivery = self.delivery.clone();
         match file {
             Some(f) => {
                 tokio::task::spawn_blocking(move || {
@@ -281,11 +281,11 @@ impl Consumer {
                         Ok(()) => br#"{"ok":true}"#,
                         Err(_) => br#"{"error":"cannot store the ack","status":503}"#,
                     };
-                    let _ = crate::conn::publish(&state, &reply, None, &[], body);
+                    let _ = delivery.publish_now(&reply, &[], body);
                 });
             }
             None => {
-                let _ = crate::conn::publish(&state, &reply, None, &[], br#"{"ok":true}"#);
+                let _ = delivery.publish_now(&reply, &[], br#"{"ok":true}"#);
             }
         }
     }
@@ -441,11 +441,7 @@ fn parse_start(log: &Log, start: &str) -> Result<u64, StreamError> {
 }
 
 /// Creates a consumer (or returns the existing durable of that name).
-pub fn create(
-    state: &Arc<State>,
-    s: &Arc<Stream>,
-    mut cfg: ConsumerConfig,
-) -> Result<ConsumerInfo, StreamError> {
+pub fn create(s: &Arc<Stream>, mut cfg: ConsumerConfig) -> Result<ConsumerInfo, StreamError> {
     if let Some(f) = &cfg.filter_subject {
         validate_pattern(f).map_err(|e| StreamError::BadRequest(format!("filter subject: {e}")))?;
     }
@@ -495,7 +491,6 @@ pub fn create(
         (None, None, 0)
     };
     let c = start(
-        state,
         s,
         name,
         cfg,
@@ -514,7 +509,6 @@ pub fn create(
 }
 
 fn start(
-    state: &Arc<State>,
     s: &Arc<Stream>,
     name: String,
     config: ConsumerConfig,
@@ -533,22 +527,18 @@ fn start(
         kick: Notify::new(),
         stop: CancellationToken::new(),
         last_pull: AtomicU64::new(now_ns()),
+        delivery: s.delivery.clone(),
     });
     s.consumers
         .lock()
         .unwrap_or_else(|p| p.into_inner())
         .insert(name, c.clone());
-    tokio::spawn(serve(
-        c.clone(),
-        Arc::downgrade(state),
-        Arc::downgrade(s),
-        rx,
-    ));
+    tokio::spawn(serve(c.clone(), Arc::downgrade(s), rx));
     c
 }
 
 /// Loads every durable consumer of a stream (at start-up).
-pub(crate) fn load_all(s: &Arc<Stream>, state: &Arc<State>) {
+pub(crate) fn load_all(s: &Arc<Stream>) {
     let dir = s.consumers_dir();
     let Ok(rd) = std::fs::read_dir(&dir) else {
         return;
@@ -617,7 +607,6 @@ pub(crate) fn load_all(s: &Arc<Stream>, state: &Arc<State>) {
             });
         let pend = pending.len();
         let c = start(
-            state,
             s,
             name,
             cfg,
@@ -652,20 +641,15 @@ pub(crate) fn delete(s: &Arc<Stream>, name: &str) -> Result<(), StreamError> {
 
 /// A status message to a pull's inbox: no payload, headers `Sb-Status`,
 /// `Sb-Description` and `Sb-Pending` (messages of the pull not delivered).
-pub fn send_status(state: &State, reply: &str, code: u16, text: &str, pending: usize) {
+pub(crate) fn send_status(d: &Delivery, reply: &str, code: u16, text: &str, pending: usize) {
     let mut h = Vec::new();
     let _ = push_header(&mut h, "Sb-Status", &code.to_string());
     let _ = push_header(&mut h, "Sb-Description", text);
     let _ = push_header(&mut h, "Sb-Pending", &pending.to_string());
-    let _ = crate::conn::publish(state, reply, None, &h, &[]);
+    let _ = d.publish_now(reply, &h, &[]);
 }
 
-async fn serve(
-    c: Arc<Consumer>,
-    state: Weak<State>,
-    stream: Weak<Stream>,
-    mut rx: mpsc::UnboundedReceiver<Pull>,
-) {
+async fn serve(c: Arc<Consumer>, stream: Weak<Stream>, mut rx: mpsc::UnboundedReceiver<Pull>) {
     let mut committed = c.log.committed.subscribe();
     let inactive = Duration::from_millis(c.config.inactive_ms.unwrap_or(60_000).max(100));
     loop {
@@ -683,14 +667,12 @@ async fn serve(
                 continue;
             }
         };
-        let Some(state) = state.upgrade() else { return };
-        serve_pull(&c, &state, pull, &mut committed).await;
+        serve_pull(&c, pull, &mut committed).await;
     }
 }
 
 async fn serve_pull(
     c: &Arc<Consumer>,
-    state: &Arc<State>,
     pull: Pull,
     committed: &mut tokio::sync::watch::Receiver<u64>,
 ) {
@@ -702,8 +684,7 @@ async fn serve_pull(
             return;
         }
         committed.borrow_and_update();
-        let (m, _) = state.router.compute(&pull.reply);
-        if m.is_empty() {
+        if c.delivery.router().compute(&pull.reply).0.is_empty() {
             // The client is gone; its pull with it.
             return;
         }
@@ -714,7 +695,7 @@ async fn serve_pull(
             Ok(Err(e)) => {
                 warn!(consumer = %c.name, "cannot read the stream: {e}");
                 send_status(
-                    state,
+                    &c.delivery,
                     &pull.reply,
                     503,
                     &format!("cannot read the stream: {e}"),
@@ -725,20 +706,15 @@ async fn serve_pull(
             Err(_) => return,
         };
         if !batch.is_empty() {
-            let mut wake = Vec::new();
-            let mut counts = LocalCounts::default();
+            let mut out = c.delivery.batch(4);
             let mut failed = Vec::new();
             for (msg, deliveries) in &batch {
                 let ack = format!("$SB.ACK.{}.{}.{}.{}", c.stream, c.name, msg.seq, deliveries);
-                let out = Outgoing {
-                    subject: msg.subject(),
-                    hash: subject_hash(msg.subject().as_bytes()),
+                let m = Outgoing {
                     reply: Some(&ack),
-                    headers: &msg.headers,
-                    payload: &msg.payload,
-                    flags: 0,
+                    ..Outgoing::new(msg.subject(), None, &msg.headers, &msg.payload)
                 };
-                if !failed.is_empty() || route(state, &m, &out, None, &mut wake, &mut counts) == 0 {
+                if !failed.is_empty() || out.internal(&pull.reply, &m, false).unwrap_or(0) == 0 {
                     failed.push(msg.seq);
                     continue;
                 }
@@ -746,10 +722,7 @@ async fn serve_pull(
                 bytes_left = bytes_left
                     .saturating_sub(msg.payload.len() + msg.headers.len() + msg.subject().len());
             }
-            for w in wake {
-                w.notify.notify_one();
-            }
-            state.metrics.add(&mut counts);
+            out.finish();
             if !failed.is_empty() {
                 c.undeliver(&failed);
                 return;
@@ -763,12 +736,12 @@ async fn serve_pull(
             continue;
         }
         if pull.no_wait {
-            send_status(state, &pull.reply, 404, "no messages", left);
+            send_status(&c.delivery, &pull.reply, 404, "no messages", left);
             return;
         }
         let now = Instant::now();
         if now >= deadline {
-            send_status(state, &pull.reply, 408, "request expired", left);
+            send_status(&c.delivery, &pull.reply, 408, "request expired", left);
             return;
         }
         let mut wake_at = deadline.min(now + Duration::from_secs(1));

@@ -13,19 +13,20 @@ mod writer;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, OnceLock, RwLock, Weak};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use bytes::BytesMut;
 use serde::{Deserialize, Serialize};
-use sockbus_protocol::frame::{iter_headers, validate_headers};
-use sockbus_protocol::subject::{validate_pattern, validate_subject};
+use sockbus_protocol::frame::iter_headers;
+use sockbus_protocol::subject::validate_pattern;
 use tokio::sync::{oneshot, Notify};
 use tracing::{error, info, warn};
 
-use crate::server::State;
+use crate::deliver::Delivery;
+use crate::router::InterestHook;
 use crate::store::{record, Log};
-pub use consumer::{Consumer, ConsumerConfig, ConsumerInfo};
+pub use consumer::Consumer;
 
 /// Header whose value makes a publish idempotent within the stream's duplicate window.
 pub const MSG_ID_HEADER: &str = "Msg-Id";
@@ -249,14 +250,11 @@ pub struct Stream {
     space: Notify,
     pub(crate) consumers: Mutex<HashMap<String, Arc<Consumer>>>,
     deleted: AtomicBool,
-    state: Arc<OnceLock<Weak<State>>>,
+    /// Where acks and consumer deliveries go.
+    pub(crate) delivery: Delivery,
 }
 
 impl Stream {
-    pub fn name(&self) -> &str {
-        &self.config.name
-    }
-
     pub fn info(&self) -> StreamInfo {
         let st = self.log.lock();
         let first_ts = st.first_ts();
@@ -299,7 +297,7 @@ impl Stream {
                     fail_all(
                         e.0,
                         &StreamError::Deleted(self.config.name.clone()),
-                        &self.state,
+                        &self.delivery,
                     );
                 }
             }
@@ -308,7 +306,7 @@ impl Stream {
                 fail_all(
                     req,
                     &StreamError::Deleted(self.config.name.clone()),
-                    &self.state,
+                    &self.delivery,
                 )
             }
         }
@@ -319,7 +317,7 @@ impl Stream {
     }
 
     /// Waits until the writer's queue is below its limit.
-    async fn wait_space(&self) {
+    pub(crate) async fn wait_space(&self) {
         loop {
             let n = self.space.notified();
             tokio::pin!(n);
@@ -344,15 +342,12 @@ impl Stream {
     }
 }
 
-fn fail_all(req: WriteReq, e: &StreamError, state: &OnceLock<Weak<State>>) {
-    let st = state.get().and_then(Weak::upgrade);
-    let mut wake = Vec::new();
+fn fail_all(req: WriteReq, e: &StreamError, delivery: &Delivery) {
+    let mut batch = delivery.batch(16);
     for en in req.entries {
-        writer::send_ack(st.as_deref(), en.ack, Err(e.clone()), &mut wake);
+        writer::send_ack(&mut batch, en.ack, Err(e.clone()));
     }
-    for c in wake {
-        c.kick();
-    }
+    batch.finish();
 }
 
 /// Every stream of the broker; lives on [`State`].
@@ -361,21 +356,31 @@ pub struct Streams {
     map: RwLock<HashMap<String, Arc<Stream>>>,
     generation: AtomicU64,
     count: AtomicUsize,
-    state: Arc<OnceLock<Weak<State>>>,
+    delivery: Delivery,
+    /// Told of every stream's subjects, which are interest like a
+    /// subscription's: cluster peers forward publishes on them here.
+    interest: Option<Arc<dyn InterestHook>>,
     /// Serialises create/delete (file-system work).
     admin: Mutex<()>,
 }
 
 impl Streams {
-    /// Opens every stream found under `<data_dir>/streams`. Creates nothing
-    /// until the first stream is added.
-    pub fn open(data_dir: &Path) -> anyhow::Result<Streams> {
+    /// Opens every stream found under `<data_dir>/streams`, with their
+    /// consumers, and announces their subjects to `interest`. Creates
+    /// nothing until the first stream is added. Must run inside a tokio
+    /// runtime (consumers are tasks).
+    pub fn open(
+        data_dir: &Path,
+        delivery: Delivery,
+        interest: Option<Arc<dyn InterestHook>>,
+    ) -> anyhow::Result<Streams> {
         let streams = Streams {
             data_dir: data_dir.to_path_buf(),
             map: RwLock::new(HashMap::new()),
             generation: AtomicU64::new(1),
             count: AtomicUsize::new(0),
-            state: Arc::new(OnceLock::new()),
+            delivery,
+            interest,
             admin: Mutex::new(()),
         };
         let root = data_dir.join("streams");
@@ -420,16 +425,11 @@ impl Streams {
             streams.map.read().unwrap_or_else(|p| p.into_inner()).len(),
             Ordering::Release,
         );
-        Ok(streams)
-    }
-
-    /// Called once the broker's State exists: acks and consumer deliveries go through it.
-    pub fn attach(&self, state: &Arc<State>) {
-        let _ = self.state.set(Arc::downgrade(state));
-        for s in self.list_streams() {
-            consumer::load_all(&s, state);
-            self.announce(&s.config.subjects, true);
+        for s in streams.list_streams() {
+            consumer::load_all(&s);
+            streams.announce(&s.config.subjects, true);
         }
+        Ok(streams)
     }
 
     fn start_stream(&self, cfg: StreamConfig, dir: &Path) -> std::io::Result<Arc<Stream>> {
@@ -444,7 +444,7 @@ impl Streams {
             space: Notify::new(),
             consumers: Mutex::new(HashMap::new()),
             deleted: AtomicBool::new(false),
-            state: self.state.clone(),
+            delivery: self.delivery.clone(),
         });
         writer::spawn(s.clone(), rx)?;
         let log = s.log.clone();
@@ -554,14 +554,12 @@ impl Streams {
     /// A stream's subjects are interest like a subscription's, so cluster
     /// peers forward publishes on them here, where they are stored and acked.
     fn announce(&self, subjects: &[String], add: bool) {
-        let Some(state) = self.state.get().and_then(std::sync::Weak::upgrade) else {
-            return;
-        };
+        let Some(hook) = &self.interest else { return };
         for p in subjects {
             if add {
-                state.router.add_local_interest(p);
+                hook.added(p, None);
             } else {
-                state.router.remove_local_interest(p);
+                hook.removed(p, None);
             }
         }
     }
@@ -602,30 +600,6 @@ impl Streams {
         info!(stream = name, "stream deleted");
         Ok(())
     }
-
-    /// Stores a message published outside the native protocol (the HTTP
-    /// gateway), answering once it is stored as the stream's fsync policy
-    /// says. Only stores: routing to subscribers is `conn::publish`.
-    /// `headers` is an encoded header block.
-    pub async fn publish(
-        &self,
-        subject: &str,
-        headers: &[u8],
-        payload: &[u8],
-    ) -> Result<PubAck, StreamError> {
-        validate_subject(subject).map_err(|e| StreamError::BadRequest(e.to_string()))?;
-        validate_headers(headers).map_err(|e| StreamError::BadRequest(e.to_string()))?;
-        let s = self
-            .capture(subject)
-            .ok_or_else(|| StreamError::NotCaptured(subject.into()))?;
-        s.wait_space().await;
-        let (tx, rx) = oneshot::channel();
-        let mut p = Pending::default();
-        p.add(&s, subject, AckTo::Chan(tx), headers, payload);
-        p.flush();
-        rx.await
-            .map_err(|_| StreamError::Deleted(s.config.name.clone()))?
-    }
 }
 
 pub(crate) fn write_atomic(path: &Path, data: &[u8]) -> std::io::Result<()> {
@@ -637,25 +611,6 @@ pub(crate) fn write_atomic(path: &Path, data: &[u8]) -> std::io::Result<()> {
         crate::store::segment::sync_dir(d)?;
     }
     Ok(())
-}
-
-/// Routes a message like a PUB and, when a stream captures its subject,
-/// stores it and waits for the ack: the one call the HTTP gateway needs for
-/// `POST /v1/publish/{subject}`. `Ok(None)`: no stream captures it (it was
-/// only routed).
-pub async fn publish_durable(
-    state: &State,
-    subject: &str,
-    headers: &[u8],
-    payload: &[u8],
-) -> Result<Option<PubAck>, StreamError> {
-    crate::conn::publish(state, subject, None, headers, payload)
-        .map_err(|e| StreamError::BadRequest(e.to_string()))?;
-    match state.streams.publish(subject, headers, payload).await {
-        Ok(a) => Ok(Some(a)),
-        Err(StreamError::NotCaptured(_)) => Ok(None),
-        Err(e) => Err(e),
-    }
 }
 
 /// A reader task's cache of `subject -> capturing stream`, valid for one
@@ -743,19 +698,6 @@ impl Pending {
         });
     }
 
-    /// Stores a captured PUB from a client connection.
-    pub fn add_pub(
-        &mut self,
-        s: &Arc<Stream>,
-        subject: &str,
-        reply: Option<&str>,
-        headers: &[u8],
-        payload: &[u8],
-    ) {
-        let ack = reply.map_or(AckTo::None, |r| AckTo::Reply(r.into()));
-        self.add(s, subject, ack, headers, payload);
-    }
-
     /// Hands everything queued to the writers.
     pub fn flush(&mut self) {
         for (s, req) in self.reqs.drain(..) {
@@ -766,11 +708,9 @@ impl Pending {
         }
     }
 
-    /// Backpressure: waits while a stream this reader wrote to is behind.
-    pub async fn wait_space(&mut self) {
-        if let Some(s) = self.full.take() {
-            s.wait_space().await;
-        }
+    /// Backpressure: a stream this batch wrote to whose writer is behind.
+    pub fn take_full(&mut self) -> Option<Arc<Stream>> {
+        self.full.take()
     }
 }
 
@@ -783,7 +723,7 @@ type Series = (
 );
 
 /// Stream figures for `/metrics`, one series per stream.
-pub struct StreamsMetrics(pub std::sync::Weak<crate::server::State>);
+pub(crate) struct StreamsMetrics(pub Arc<Streams>);
 
 impl crate::metrics::Source for StreamsMetrics {
     fn name(&self) -> &'static str {
@@ -792,8 +732,7 @@ impl crate::metrics::Source for StreamsMetrics {
 
     fn prometheus(&self, out: &mut String) {
         use std::fmt::Write;
-        let Some(st) = self.0.upgrade() else { return };
-        let list = st.streams.list();
+        let list = self.0.list();
         let series: [Series; 5] = [
             (
                 "sockbus_stream_messages",
@@ -844,11 +783,20 @@ impl crate::metrics::Source for StreamsMetrics {
 mod tests {
     use super::*;
 
+    fn test_delivery() -> Delivery {
+        Delivery::new(
+            crate::router::Router::default(),
+            Default::default(),
+            1 << 20,
+            1 << 20,
+        )
+    }
+
     #[tokio::test]
     async fn reply_subjects_are_captured_but_not_cached() {
         let dir = std::env::temp_dir().join(format!("sockbus-capture-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
-        let streams = Streams::open(&dir).unwrap();
+        let streams = Streams::open(&dir, test_delivery(), None).unwrap();
         streams
             .create(serde_json::from_str(r#"{"name":"replies","subjects":["_INBOX.>"]}"#).unwrap())
             .unwrap();

@@ -15,7 +15,7 @@ use sockbus_protocol::frame::iter_headers;
 use tracing::{error, warn};
 
 use super::{AckTo, Fsync, PubAck, Stream, StreamError, WriteReq, MSG_ID_HEADER};
-use crate::server::State;
+use crate::deliver::{Batch, Outgoing};
 use crate::store::{now_ns, Appender};
 
 /// Most bytes gathered into one round.
@@ -253,12 +253,11 @@ impl Writer {
         self.s.queued.fetch_sub(bytes, Ordering::AcqRel);
         self.s.space.notify_waiters();
         let committed = self.s.log.lock().next_seq;
-        let state = self.s.state.get().and_then(std::sync::Weak::upgrade);
         let err = failed.unwrap_or_else(|| StreamError::Storage {
             name: name.clone(),
             error: "write failed".into(),
         });
-        let mut wake = Vec::new();
+        let mut batch = self.s.delivery.batch(16);
         for (ack, seq, dup, id, ts) in done {
             let r = match seq {
                 Some(seq) if seq < committed => {
@@ -273,12 +272,10 @@ impl Writer {
                 }
                 _ => Err(err.clone()),
             };
-            send_ack(state.as_deref(), ack, r, &mut wake);
+            send_ack(&mut batch, ack, r);
         }
         // One write per publishing connection for the whole commit.
-        for c in wake {
-            c.kick();
-        }
+        batch.finish();
     }
 
     fn storage_error(&self, e: std::io::Error) -> StreamError {
@@ -291,24 +288,18 @@ impl Writer {
 }
 
 /// Answers one publish: JSON on its reply subject, or through its channel.
-pub(super) fn send_ack(
-    state: Option<&State>,
-    ack: AckTo,
-    r: Result<PubAck, StreamError>,
-    wake: &mut Vec<std::sync::Arc<crate::conn::ConnShared>>,
-) {
+pub(super) fn send_ack(batch: &mut Batch, ack: AckTo, r: Result<PubAck, StreamError>) {
     match ack {
         AckTo::None => {}
         AckTo::Chan(tx) => {
             let _ = tx.send(r);
         }
         AckTo::Reply(subject) => {
-            let Some(state) = state else { return };
             let body = match &r {
                 Ok(a) => serde_json::to_vec(a).expect("serialisable"),
                 Err(e) => super::api::error_body(e),
             };
-            let _ = crate::conn::publish_deferred(state, &subject, None, &[], &body, wake);
+            let _ = batch.internal(&subject, &Outgoing::new(&subject, None, &[], &body), true);
         }
     }
 }

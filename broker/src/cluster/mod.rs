@@ -17,6 +17,14 @@
 //!
 //! A lost route is redialed with backoff; on reconnect the interest is
 //! announced again and the peer drops what the old route held.
+//!
+//! `interest` keeps what peers must hear from this broker; this file runs
+//! the routes themselves. Messages a peer forwards go into the delivery
+//! engine like any other ([`Batch::forwarded`]).
+
+mod interest;
+
+pub(crate) use interest::PeerInterest;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -25,27 +33,31 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::{Buf, BytesMut};
-use sockbus_protocol::flow::{effective_window, RecvWindow};
+use sockbus_protocol::flow::effective_window;
 use sockbus_protocol::frame::{
-    self, encode_connect, encode_err, encode_info, encode_pong, CONNECT_ROUTE, RMSG_PLAIN,
+    self, encode_connect, encode_err, encode_info, encode_pong, Header, CONNECT_ROUTE, RMSG_PLAIN,
 };
 use sockbus_protocol::outbox::Outbox;
-use sockbus_protocol::subject::{subject_hash, validate_pattern};
-use sockbus_protocol::{FrameRef, Kind, HEADER_LEN, MAX_FRAME_OVERHEAD};
+use sockbus_protocol::{FrameRef, MAX_FRAME_OVERHEAD};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::tcp::OwnedReadHalf;
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 
-use crate::conn::{route_from_peer, ConnShared, Outgoing};
-use crate::metrics::LocalCounts;
-use crate::router::{MatchCache, Subscription};
+use crate::deliver::Batch;
+use crate::metrics::Metrics;
+use crate::outlet::{write_loop, Outlet};
+use crate::read::{FrameReader, Frames};
+use crate::router::Subscription;
 use crate::server::State;
+use crate::streams::Stream;
+
+/// Subjects each route remembers the matches of.
+const MATCH_CACHE: usize = 4096;
 
 /// Starts the route listener and one dialer per peer.
-pub fn start(
+pub(crate) fn start(
     state: Arc<State>,
     listener: TcpListener,
     tracker: &TaskTracker,
@@ -309,8 +321,8 @@ async fn run_route(
         info_len,
     } = route;
     let (mut rd, mut wr) = stream.into_split();
-    let link = Arc::new(ConnShared::new(
-        state.next_conn_id(),
+    let link = Arc::new(Outlet::new(
+        state.delivery.next_id(),
         Outbox::new(state.config.max_pending, send_window),
         CancellationToken::new(),
         None,
@@ -329,7 +341,7 @@ async fn run_route(
     }
     // Announces all local interest now, and every change from here on.
     if state
-        .router
+        .peers
         .add_link(link.clone(), &state.config.node_id, &peer_node, dialed)
         .is_err()
     {
@@ -352,22 +364,27 @@ async fn run_route(
     }
     info!(peer = %peer_node, addr = %peer_addr, dialed, "cluster route up");
     link.wake();
-    state.metrics.routes.fetch_add(1, Ordering::Relaxed);
+    let metrics = state.metrics();
+    metrics.routes.fetch_add(1, Ordering::Relaxed);
     link.set_socket(wr);
-    let writer = tokio::spawn(crate::conn::write_loop(link.clone(), state.clone()));
-    let mut subs: HashMap<u32, Arc<Subscription>> = HashMap::new();
-    let r = read_route(
-        state, &link, &mut subs, &mut rd, &mut buf, our_window, info_len, shutdown,
-    )
-    .await;
+    let writer = tokio::spawn(write_loop(link.clone(), state.config.write_timeout));
+    let mut peer = Peer {
+        batch: state.delivery.ingress(&state.streams, MATCH_CACHE),
+        link: link.clone(),
+        subs: HashMap::new(),
+        max_body: state.config.max_payload + MAX_FRAME_OVERHEAD,
+    };
+    let r = FrameReader::new(peer.max_body, our_window, info_len)
+        .run(&mut peer, &mut rd, &mut buf, &link, shutdown)
+        .await;
     if let Err(e) = &r {
         debug!(peer = %peer_node, "route read ended: {e}");
     }
-    for (_, s) in subs.drain() {
-        state.router.remove(&s);
+    for (_, s) in peer.subs.drain() {
+        state.delivery.unsubscribe(&s);
     }
-    state.router.remove_link(link.id);
-    state.metrics.routes.fetch_sub(1, Ordering::Relaxed);
+    state.peers.remove_link(link.id);
+    metrics.routes.fetch_sub(1, Ordering::Relaxed);
     link.outbox.close();
     link.abort.cancel();
     let _ = writer.await;
@@ -375,147 +392,101 @@ async fn run_route(
     r
 }
 
-#[allow(clippy::too_many_arguments)]
-async fn read_route(
-    state: &Arc<State>,
-    link: &Arc<ConnShared>,
-    subs: &mut HashMap<u32, Arc<Subscription>>,
-    rd: &mut OwnedReadHalf,
-    buf: &mut BytesMut,
-    window: u32,
-    info_len: usize,
-    shutdown: &CancellationToken,
-) -> Result<(), DialError> {
-    let max_body = state.config.max_payload + MAX_FRAME_OVERHEAD;
-    let mut recv = RecvWindow::new(window);
-    let mut cache = MatchCache::new(4096);
-    let mut wake: Vec<Arc<ConnShared>> = Vec::new();
-    let mut counts = LocalCounts::default();
-    let mut consumed = info_len;
-    // A peer forwards publishes on our streams' subjects: store them here.
-    let mut captures = crate::streams::CaptureCache::default();
-    let mut stored = crate::streams::Pending::default();
-    // Made once: registering with a token per read costs two locks each.
-    let aborted = link.abort.cancelled();
-    let shut_down = shutdown.cancelled();
-    tokio::pin!(aborted, shut_down);
-    loop {
-        while let Some(h) = frame::parse_header(buf)? {
-            frame::check_len(&h, max_body)?;
-            let len = h.frame_len();
-            if buf.len() < len {
-                buf.reserve(len - buf.len());
-                break;
-            }
-            if h.kind != Kind::Credit {
-                consumed += len;
-            }
-            match frame::decode_body(&h, &buf[HEADER_LEN..len])? {
-                FrameRef::RMsg {
-                    flags,
+/// A cluster route's side of the protocol: what the peer's frames mean.
+struct Peer {
+    batch: Batch,
+    link: Arc<Outlet>,
+    /// The peer's interest: route subscriptions held by this link.
+    subs: HashMap<u32, Arc<Subscription>>,
+    max_body: u32,
+}
+
+impl Frames for Peer {
+    type Error = DialError;
+
+    fn oversized(&mut self, h: &Header) -> Result<(), DialError> {
+        Err(sockbus_protocol::ProtocolError::FrameTooLarge {
+            len: h.len,
+            max: self.max_body,
+        }
+        .into())
+    }
+
+    fn frame(&mut self, f: FrameRef<'_>) -> Result<(), DialError> {
+        match f {
+            FrameRef::RMsg {
+                flags,
+                subject,
+                reply,
+                queues,
+                headers,
+                payload,
+            } => {
+                self.batch
+                    .delivery()
+                    .metrics()
+                    .route_msgs_in
+                    .fetch_add(1, Ordering::Relaxed);
+                self.batch.forwarded(
                     subject,
                     reply,
-                    queues,
                     headers,
                     payload,
-                } => {
-                    counts.msgs_in += 1;
-                    counts.bytes_in += payload.len() as u64;
-                    state.metrics.route_msgs_in.fetch_add(1, Ordering::Relaxed);
-                    if let Ok(m) = cache.get(&state.router, subject) {
-                        let msg = Outgoing {
-                            subject,
-                            hash: subject_hash(subject.as_bytes()),
-                            reply,
-                            headers,
-                            payload,
-                            flags: 0,
-                        };
-                        route_from_peer(
-                            state,
-                            m,
-                            &msg,
-                            flags & RMSG_PLAIN != 0,
-                            queues,
-                            &mut wake,
-                            &mut counts,
-                        );
-                        if flags & RMSG_PLAIN != 0 {
-                            if let Some(s) = captures.get(&state.streams, subject) {
-                                stored.add_pub(&s, subject, reply, headers, payload);
-                            }
-                        }
+                    flags & RMSG_PLAIN != 0,
+                    queues,
+                );
+            }
+            FrameRef::Sub {
+                sid,
+                subject,
+                queue,
+            } => {
+                let d = self.batch.delivery();
+                if let Ok(sub) = d.subscribe_peer(&self.link, sid, subject, queue) {
+                    if let Some(old) = self.subs.insert(sid, sub) {
+                        d.unsubscribe(&old);
                     }
                 }
-                // The peer's interest: route subscriptions held by this link.
-                FrameRef::Sub {
-                    sid,
-                    subject,
-                    queue,
-                } => {
-                    if validate_pattern(subject).is_ok() {
-                        let sub =
-                            Arc::new(Subscription::new_route(sid, subject, queue, link.clone()));
-                        state.router.insert(sub.clone());
-                        if let Some(old) = subs.insert(sid, sub) {
-                            state.router.remove(&old);
-                        }
-                    }
-                }
-                FrameRef::Unsub { sid, .. } => {
-                    if let Some(s) = subs.remove(&sid) {
-                        state.router.remove(&s);
-                    }
-                }
-                FrameRef::Credit(n) => {
-                    link.outbox.on_credit(n);
-                    link.wake();
-                }
-                FrameRef::Ping(id) => {
-                    link.outbox.push_control(|b| encode_pong(b, id));
-                    link.wake();
-                }
-                FrameRef::Pong(_) => {}
-                FrameRef::Err { code, text } => {
-                    warn!(code, "peer reported an error on the route: {text}")
-                }
-                other => {
-                    return Err(DialError::Refused(format!(
-                        "unexpected frame on a route: {other:?}"
-                    )))
+            }
+            FrameRef::Unsub { sid, .. } => {
+                if let Some(s) = self.subs.remove(&sid) {
+                    self.batch.delivery().unsubscribe(&s);
                 }
             }
-            buf.advance(len);
-        }
-        stored.flush();
-        for c in wake.drain(..) {
-            c.kick();
-        }
-        state.metrics.add(&mut counts);
-        stored.wait_space().await;
-        if let Some(c) = recv.on_consumed(std::mem::take(&mut consumed)) {
-            if link.outbox.grant(c) {
-                link.kick();
+            FrameRef::Credit(n) => {
+                self.link.outbox.on_credit(n);
+                self.link.wake();
+            }
+            FrameRef::Ping(id) => {
+                self.link.outbox.push_control(|b| encode_pong(b, id));
+                self.link.wake();
+            }
+            FrameRef::Pong(_) => {}
+            FrameRef::Err { code, text } => {
+                warn!(code, "peer reported an error on the route: {text}")
+            }
+            other => {
+                return Err(DialError::Refused(format!(
+                    "unexpected frame on a route: {other:?}"
+                )))
             }
         }
-        if buf.capacity() - buf.len() < 4096 {
-            buf.reserve(64 * 1024);
-        }
-        tokio::select! {
-            r = rd.read_buf(buf) => {
-                if r? == 0 {
-                    return Ok(());
-                }
-                sockbus_protocol::busy_poll::touch();
-            }
-            _ = aborted.as_mut() => return Ok(()),
-            _ = shut_down.as_mut() => return Ok(()),
-        }
+        Ok(())
+    }
+
+    fn end_batch(&mut self) -> Option<Arc<Stream>> {
+        self.batch.finish();
+        self.batch.backlogged()
     }
 }
 
 /// Cluster figures for `/metrics` and the status page.
-pub struct ClusterMetrics(pub std::sync::Weak<State>);
+pub(crate) struct ClusterMetrics {
+    pub metrics: Arc<Metrics>,
+    pub peers: Arc<PeerInterest>,
+    pub node: String,
+    pub listen: Option<SocketAddr>,
+}
 
 impl crate::metrics::Source for ClusterMetrics {
     fn name(&self) -> &'static str {
@@ -524,7 +495,6 @@ impl crate::metrics::Source for ClusterMetrics {
 
     fn prometheus(&self, out: &mut String) {
         use std::fmt::Write;
-        let Some(st) = self.0.upgrade() else { return };
         let _ = write!(
             out,
             "# HELP sockbus_cluster_routes Cluster routes to peer brokers that are up.\n\
@@ -533,23 +503,20 @@ impl crate::metrics::Source for ClusterMetrics {
              # HELP sockbus_cluster_messages_in_total Messages received from peers over cluster routes.\n\
              # TYPE sockbus_cluster_messages_in_total counter\n\
              sockbus_cluster_messages_in_total {}\n",
-            st.metrics.routes.load(Ordering::Relaxed),
-            st.metrics.route_msgs_in.load(Ordering::Relaxed),
+            self.metrics.routes.load(Ordering::Relaxed),
+            self.metrics.route_msgs_in.load(Ordering::Relaxed),
         );
     }
 
     fn status(&self) -> serde_json::Value {
-        let Some(st) = self.0.upgrade() else {
-            return serde_json::Value::Null;
-        };
-        if st.config.cluster.is_none() {
+        if self.listen.is_none() {
             return serde_json::Value::Null;
         }
         serde_json::json!({
-            "node": st.config.node_id,
-            "listen": st.config.cluster.map(|a| a.to_string()),
-            "routes_up": st.metrics.routes.load(Ordering::Relaxed),
-            "peers": st.router.peers().into_iter().map(|p| serde_json::json!({"node": p})).collect::<Vec<_>>(),
+            "node": self.node,
+            "listen": self.listen.map(|a| a.to_string()),
+            "routes_up": self.metrics.routes.load(Ordering::Relaxed),
+            "peers": self.peers.peers().into_iter().map(|p| serde_json::json!({"node": p})).collect::<Vec<_>>(),
         })
     }
 }

@@ -1,0 +1,984 @@
+//! The delivery engine: every message that enters the broker, from any
+//! front end (client connections, cluster routes, the HTTP gateway) or from
+//! the broker itself (stream acks, consumer deliveries, status messages),
+//! goes through here: checks -> match -> fan-out to local subscribers and
+//! peers -> stream capture -> wake/flush -> counters. So does every
+//! subscription change. A check that must hold for every publish or every
+//! subscription is written once, in this file.
+//!
+//! [`Delivery`] is the cheap shared handle; a [`Batch`] is one producer's
+//! working state (match cache, the outlets it queued to, counts, captured
+//! messages), flushed once per read batch with [`Batch::finish`] so a burst
+//! of publishes costs one write per receiving connection.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use sockbus_protocol::frame::{self, encode_msg, message_frame_len, MSG_NO_RESPONDERS};
+use sockbus_protocol::outbox::Push;
+use sockbus_protocol::subject::{subject_hash, validate_pattern, validate_subject};
+use sockbus_protocol::SubjectError;
+use tokio::sync::oneshot;
+use tracing::warn;
+
+use crate::metrics::{LocalCounts, Metrics};
+use crate::outlet::Outlet;
+use crate::router::{MatchCache, Matches, QueueGroup, Router, Subscription};
+use crate::streams::{AckTo, CaptureCache, Pending, PubAck, Stream, StreamError, Streams};
+
+/// Prefix of the subjects the broker answers itself (the stream API).
+pub(crate) const RESERVED_PREFIX: &str = "$SB.";
+
+struct Engine {
+    router: Router,
+    metrics: Arc<Metrics>,
+    max_payload: u32,
+    max_pending: usize,
+    next_id: AtomicU64,
+}
+
+/// The engine's handle: clone it freely.
+#[derive(Clone)]
+pub(crate) struct Delivery(Arc<Engine>);
+
+/// Why a publish was refused. The text is what the publisher sees.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum PublishError {
+    #[error("invalid subject: {0}")]
+    InvalidSubject(SubjectError),
+    #[error("invalid reply subject: {0}")]
+    InvalidReply(SubjectError),
+    #[error("message of {size} bytes exceeds the maximum payload of {max} bytes")]
+    PayloadTooLarge { size: usize, max: u32 },
+    #[error("subject {0:?} is reserved: subjects under $SB. are the broker's API")]
+    Reserved(String),
+}
+
+/// Why a subscription was refused.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum SubscribeError {
+    #[error("invalid subscription subject: {0}")]
+    InvalidSubject(SubjectError),
+    #[error("invalid queue group name {0:?}")]
+    InvalidQueue(String),
+}
+
+/// Who publishes, as far as the checks and the fan-out care.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Publisher {
+    /// The publisher's outlet id (its own subscriptions).
+    pub id: u64,
+    /// Deliver to the publisher's own subscriptions too.
+    pub echo: bool,
+    /// Answer a request nobody receives with a no-responders status.
+    pub no_responders: bool,
+    /// `$SB.` subjects go to the stream API instead of being refused.
+    pub api: bool,
+}
+
+/// What became of an accepted publish.
+#[derive(Debug, Default, Clone, Copy)]
+pub(crate) struct Published {
+    /// A stream captured it: its ack follows once stored.
+    pub stored: bool,
+}
+
+/// A message on its way to subscribers, borrowed from the producer's buffer.
+pub(crate) struct Outgoing<'a> {
+    pub subject: &'a str,
+    pub hash: u32,
+    pub reply: Option<&'a str>,
+    pub headers: &'a [u8],
+    pub payload: &'a [u8],
+    pub flags: u8,
+}
+
+impl<'a> Outgoing<'a> {
+    pub fn new(
+        subject: &'a str,
+        reply: Option<&'a str>,
+        headers: &'a [u8],
+        payload: &'a [u8],
+    ) -> Self {
+        Outgoing {
+            subject,
+            hash: subject_hash(subject.as_bytes()),
+            reply,
+            headers,
+            payload,
+            flags: 0,
+        }
+    }
+}
+
+impl Delivery {
+    pub fn new(
+        router: Router,
+        metrics: Arc<Metrics>,
+        max_payload: u32,
+        max_pending: usize,
+    ) -> Self {
+        Delivery(Arc::new(Engine {
+            router,
+            metrics,
+            max_payload,
+            max_pending,
+            next_id: AtomicU64::new(1),
+        }))
+    }
+
+    pub fn router(&self) -> &Router {
+        &self.0.router
+    }
+
+    pub fn metrics(&self) -> &Metrics {
+        &self.0.metrics
+    }
+
+    /// A fresh outlet id (client connections, routes, event streams).
+    pub fn next_id(&self) -> u64 {
+        self.0.next_id.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// A batch for the broker's own messages: nothing it publishes is captured by a stream.
+    pub fn batch(&self, cache: usize) -> Batch {
+        Batch {
+            d: self.clone(),
+            cache: MatchCache::new(cache),
+            wake: Vec::new(),
+            counts: LocalCounts::default(),
+            capture: None,
+        }
+    }
+
+    /// A batch for a front end: what it publishes is also stored by the stream capturing it.
+    pub fn ingress(&self, streams: &Arc<Streams>, cache: usize) -> Batch {
+        Batch {
+            capture: Some(Capture {
+                streams: streams.clone(),
+                cache: CaptureCache::default(),
+                pending: Pending::default(),
+            }),
+            ..self.batch(cache)
+        }
+    }
+
+    /// Publishes one message of the broker's own (an API answer, a status)
+    /// and gets it on its way at once. Returns how many subscriptions took it.
+    pub fn publish_now(
+        &self,
+        subject: &str,
+        headers: &[u8],
+        payload: &[u8],
+    ) -> Result<usize, PublishError> {
+        let mut b = self.batch(1);
+        let n = b.internal(
+            subject,
+            &Outgoing::new(subject, None, headers, payload),
+            true,
+        );
+        b.finish();
+        n
+    }
+
+    /// Adds a subscription of a client or an event stream.
+    pub fn subscribe(
+        &self,
+        outlet: &Arc<Outlet>,
+        sid: u32,
+        pattern: &str,
+        queue: Option<&str>,
+    ) -> Result<Arc<Subscription>, SubscribeError> {
+        self.check_subscription(pattern, queue)?;
+        let sub = Arc::new(Subscription::new(sid, pattern, queue, outlet.clone()));
+        self.0.router.insert(sub.clone());
+        Ok(sub)
+    }
+
+    /// Adds a peer broker's interest, held by the route it arrived on.
+    pub fn subscribe_peer(
+        &self,
+        link: &Arc<Outlet>,
+        sid: u32,
+        pattern: &str,
+        queue: Option<&str>,
+    ) -> Result<Arc<Subscription>, SubscribeError> {
+        self.check_subscription(pattern, queue)?;
+        let sub = Arc::new(Subscription::new_peer(sid, pattern, queue, link.clone()));
+        self.0.router.insert(sub.clone());
+        Ok(sub)
+    }
+
+    /// Ends a subscription; idempotent.
+    pub fn unsubscribe(&self, sub: &Arc<Subscription>) {
+        self.0.router.remove(sub);
+    }
+
+    fn check_subscription(&self, pattern: &str, queue: Option<&str>) -> Result<(), SubscribeError> {
+        if let Err(e) = validate_pattern(pattern) {
+            self.0
+                .metrics
+                .invalid_subjects
+                .fetch_add(1, Ordering::Relaxed);
+            return Err(SubscribeError::InvalidSubject(e));
+        }
+        if let Some(q) = queue {
+            if q.len() > 255 || q.bytes().any(|b| b <= b' ' || b == 0x7f) {
+                return Err(SubscribeError::InvalidQueue(q.into()));
+            }
+        }
+        Ok(())
+    }
+
+    /// Counts a message refused for its size before it was even read (the
+    /// native reader skips its bytes) and returns the error to report.
+    pub fn too_large(&self, size: usize) -> PublishError {
+        self.0
+            .metrics
+            .payload_too_large
+            .fetch_add(1, Ordering::Relaxed);
+        PublishError::PayloadTooLarge {
+            size,
+            max: self.0.max_payload,
+        }
+    }
+}
+
+/// A front end's stream capture: which stream takes a subject, and what this batch stores.
+struct Capture {
+    streams: Arc<Streams>,
+    cache: CaptureCache,
+    pending: Pending,
+}
+
+/// One producer's working state, reused across its messages.
+pub(crate) struct Batch {
+    d: Delivery,
+    cache: MatchCache,
+    /// Outlets this batch made non-empty: kicked once at [`Batch::finish`].
+    wake: Vec<Arc<Outlet>>,
+    counts: LocalCounts,
+    capture: Option<Capture>,
+}
+
+impl Batch {
+    pub fn delivery(&self) -> &Delivery {
+        &self.d
+    }
+
+    /// Publishes a message from a client (native or HTTP): checked, routed
+    /// to subscribers and peers, and stored by the stream that captures its
+    /// subject, whose ack goes to `reply` or, when given, to `ack`.
+    pub fn publish(
+        &mut self,
+        from: &Publisher,
+        subject: &str,
+        reply: Option<&str>,
+        headers: &[u8],
+        payload: &[u8],
+        ack: Option<oneshot::Sender<Result<PubAck, StreamError>>>,
+    ) -> Result<Published, PublishError> {
+        let e = &*self.d.0;
+        if payload.len() > e.max_payload as usize {
+            return Err(self.d.too_large(payload.len()));
+        }
+        if let Some(r) = reply {
+            if let Err(err) = validate_subject(r) {
+                e.metrics.invalid_subjects.fetch_add(1, Ordering::Relaxed);
+                return Err(PublishError::InvalidReply(err));
+            }
+        }
+        if subject.starts_with(RESERVED_PREFIX) {
+            return match &self.capture {
+                Some(c) if from.api => {
+                    crate::streams::api::handle(&c.streams, &self.d, subject, reply, payload);
+                    Ok(Published::default())
+                }
+                _ => Err(PublishError::Reserved(subject.into())),
+            };
+        }
+        let m = match self.cache.get(&e.router, subject) {
+            Ok(m) => m,
+            Err(err) => {
+                e.metrics.invalid_subjects.fetch_add(1, Ordering::Relaxed);
+                return Err(PublishError::InvalidSubject(err));
+            }
+        };
+        self.counts.msgs_in += 1;
+        self.counts.bytes_in += payload.len() as u64;
+        let msg = Outgoing::new(subject, reply, headers, payload);
+        self.counts.subject(subject, msg.hash, payload.len());
+        let skip = (!from.echo).then_some(from.id);
+        let delivered = fan_out(e, m, &msg, skip, &mut self.wake, &mut self.counts);
+        let stored = match self.capture.as_mut() {
+            Some(c) => match c.cache.get(&c.streams, subject) {
+                Some(s) => {
+                    let to = match ack {
+                        Some(tx) => AckTo::Chan(tx),
+                        None => reply.map_or(AckTo::None, |r| AckTo::Reply(r.into())),
+                    };
+                    c.pending.add(&s, subject, to, headers, payload);
+                    true
+                }
+                None => false,
+            },
+            None => false,
+        };
+        if delivered == 0 && !stored && from.no_responders {
+            if let Some(r) = reply {
+                self.no_responders(from.id, r);
+            }
+        }
+        Ok(Published { stored })
+    }
+
+    /// Delivers a message that arrived over a cluster route: only to local
+    /// subscriptions (never onward to other peers, so a full mesh cannot
+    /// loop), to plain ones when the sender said so, and to one local member
+    /// of each queue group it named. A plain copy is also stored here when a
+    /// local stream captures it.
+    pub fn forwarded(
+        &mut self,
+        subject: &str,
+        reply: Option<&str>,
+        headers: &[u8],
+        payload: &[u8],
+        plain: bool,
+        queues: &[u8],
+    ) -> usize {
+        let e = &*self.d.0;
+        self.counts.msgs_in += 1;
+        self.counts.bytes_in += payload.len() as u64;
+        let Ok(m) = self.cache.get(&e.router, subject) else {
+            return 0;
+        };
+        let msg = Outgoing::new(subject, reply, headers, payload);
+        let (wake, counts) = (&mut self.wake, &mut self.counts);
+        let mut n = 0;
+        if plain {
+            for s in m.plain.iter().filter(|s| !s.peer) {
+                n += deliver(e, s, &msg, wake, counts) as usize;
+            }
+        }
+        for q in frame::iter_queues(queues) {
+            if let Some(g) = m.groups.iter().find(|g| &*g.name == q) {
+                n += pick_local(e, g, g.start(), &msg, None, wake, counts) as usize;
+            }
+        }
+        if plain {
+            if let Some(c) = self.capture.as_mut() {
+                if let Some(s) = c.cache.get(&c.streams, subject) {
+                    let to = reply.map_or(AckTo::None, |r| AckTo::Reply(r.into()));
+                    c.pending.add(&s, subject, to, headers, payload);
+                }
+            }
+        }
+        n
+    }
+
+    /// Publishes one of the broker's own messages (an ack, an API answer, a
+    /// consumer's delivery) to the subscribers of `to`: routed like any
+    /// publish, never captured. `to` is the message's own subject except for
+    /// a consumer's deliveries, which go to the pull's inbox but carry the
+    /// subject they were stored under. `new`: counted as a message in (a
+    /// consumer's delivery of a stored message is not). Returns how many
+    /// subscriptions took it.
+    pub fn internal(
+        &mut self,
+        to: &str,
+        msg: &Outgoing<'_>,
+        new: bool,
+    ) -> Result<usize, PublishError> {
+        let e = &*self.d.0;
+        if new {
+            self.counts.msgs_in += 1;
+            self.counts.bytes_in += msg.payload.len() as u64;
+        }
+        if let Some(r) = msg.reply {
+            validate_subject(r).map_err(PublishError::InvalidReply)?;
+        }
+        if msg.payload.len() > e.max_payload as usize {
+            return Err(PublishError::PayloadTooLarge {
+                size: msg.payload.len(),
+                max: e.max_payload,
+            });
+        }
+        let m = self
+            .cache
+            .get(&e.router, to)
+            .map_err(PublishError::InvalidSubject)?;
+        Ok(fan_out(e, m, msg, None, &mut self.wake, &mut self.counts))
+    }
+
+    /// Tells a requester nobody listens: a status MSG to its own reply subscriptions.
+    fn no_responders(&mut self, requester: u64, reply: &str) {
+        let e = &*self.d.0;
+        e.metrics.no_responders.fetch_add(1, Ordering::Relaxed);
+        let (m, _) = e.router.compute(reply);
+        let msg = Outgoing {
+            flags: MSG_NO_RESPONDERS,
+            ..Outgoing::new(reply, None, &[], &[])
+        };
+        for s in m
+            .plain
+            .iter()
+            .chain(m.groups.iter().flat_map(|g| g.members.iter()))
+        {
+            if s.outlet.id == requester {
+                deliver(e, s, &msg, &mut self.wake, &mut self.counts);
+            }
+        }
+    }
+
+    /// Queues `out` to be kicked with the rest of the batch (a PONG, credit that arrived).
+    pub fn wake(&mut self, out: &Arc<Outlet>) {
+        self.wake.push(out.clone());
+    }
+
+    /// End of a batch: captured messages to their streams' writers, every
+    /// outlet written to on its way, counters published.
+    pub fn finish(&mut self) {
+        if let Some(c) = self.capture.as_mut() {
+            c.pending.flush();
+        }
+        for o in self.wake.drain(..) {
+            o.kick();
+        }
+        self.d.0.metrics.add(&mut self.counts);
+    }
+
+    /// A stream this batch stored to whose writer is behind: the producer
+    /// waits on it before taking more (backpressure).
+    pub fn backlogged(&mut self) -> Option<Arc<Stream>> {
+        self.capture.as_mut().and_then(|c| c.pending.take_full())
+    }
+
+    /// Per-subject counts not yet merged into the broker's table, merged now
+    /// (a front end whose batch goes away).
+    pub fn close(&mut self) {
+        self.finish();
+        self.d
+            .0
+            .metrics
+            .subjects
+            .merge(&mut self.counts.subjects, true);
+    }
+}
+
+/// Delivers a message published on this broker: to every plain local
+/// subscription, to one member of each queue group (a local one when any can
+/// take it), and at most once over each cluster route, carrying the plain
+/// flag and the queue groups that peer should serve.
+/// Returns how many subscriptions (or routes) took the message.
+fn fan_out(
+    e: &Engine,
+    m: &Matches,
+    msg: &Outgoing<'_>,
+    skip: Option<u64>,
+    wake: &mut Vec<Arc<Outlet>>,
+    counts: &mut LocalCounts,
+) -> usize {
+    let mut n = 0;
+    let mut remote: Vec<Remote<'_>> = Vec::new();
+    for s in &m.plain {
+        if s.peer {
+            note_remote(&mut remote, s, None);
+            continue;
+        }
+        if skip == Some(s.outlet.id) {
+            continue;
+        }
+        n += deliver(e, s, msg, wake, counts) as usize;
+    }
+    for g in &m.groups {
+        let start = g.start();
+        if pick_local(e, g, start, msg, skip, wake, counts) {
+            n += 1;
+            continue;
+        }
+        // No local member could take it: one peer with members gets it.
+        let len = g.members.len();
+        if let Some(s) = (0..len)
+            .map(|i| &g.members[(start + i) % len])
+            .find(|s| s.peer && !s.is_removed())
+        {
+            note_remote(&mut remote, s, Some(&g.name));
+        }
+    }
+    for r in &remote {
+        n += forward(e, r, msg, wake, counts) as usize;
+    }
+    n
+}
+
+/// One member of a queue group on this broker, round-robin; false when no
+/// local member could take the message.
+fn pick_local(
+    e: &Engine,
+    g: &QueueGroup,
+    start: usize,
+    msg: &Outgoing<'_>,
+    skip: Option<u64>,
+    wake: &mut Vec<Arc<Outlet>>,
+    counts: &mut LocalCounts,
+) -> bool {
+    let len = g.members.len();
+    for i in 0..len {
+        let s = &g.members[(start + i) % len];
+        if s.peer || skip == Some(s.outlet.id) {
+            continue;
+        }
+        if deliver(e, s, msg, wake, counts) {
+            return true;
+        }
+    }
+    false
+}
+
+/// What one message owes one cluster route.
+struct Remote<'a> {
+    sub: &'a Arc<Subscription>,
+    plain: bool,
+    queues: Vec<&'a str>,
+}
+
+fn note_remote<'a>(remote: &mut Vec<Remote<'a>>, s: &'a Arc<Subscription>, queue: Option<&'a str>) {
+    let i = match remote.iter().position(|r| r.sub.outlet.id == s.outlet.id) {
+        Some(i) => i,
+        None => {
+            remote.push(Remote {
+                sub: s,
+                plain: false,
+                queues: Vec::new(),
+            });
+            remote.len() - 1
+        }
+    };
+    match queue {
+        None => remote[i].plain = true,
+        Some(q) => remote[i].queues.push(q),
+    }
+}
+
+fn forward(
+    e: &Engine,
+    r: &Remote<'_>,
+    msg: &Outgoing<'_>,
+    wake: &mut Vec<Arc<Outlet>>,
+    counts: &mut LocalCounts,
+) -> bool {
+    if r.sub.is_removed() {
+        return false;
+    }
+    let flags = if r.plain { frame::RMSG_PLAIN } else { 0 };
+    let len = frame::rmsg_frame_len(msg.subject, msg.reply, &r.queues, msg.headers, msg.payload);
+    let push = r.sub.outlet.outbox.push(len, |b| {
+        frame::encode_rmsg(
+            b,
+            flags,
+            msg.subject,
+            msg.hash,
+            msg.reply,
+            &r.queues,
+            msg.headers,
+            msg.payload,
+        )
+    });
+    if accepted(e, &r.sub.outlet, push, wake) {
+        counts.msgs_out += 1;
+        counts.bytes_out += msg.payload.len() as u64;
+        true
+    } else {
+        false
+    }
+}
+
+/// Common handling of a push into an outlet: wake its writer, or treat it
+/// as a slow consumer when it is over budget.
+fn accepted(e: &Engine, out: &Arc<Outlet>, push: Push, wake: &mut Vec<Arc<Outlet>>) -> bool {
+    match push {
+        Push::Queued { was_empty } => {
+            if was_empty {
+                wake.push(out.clone());
+            }
+            true
+        }
+        Push::OverBudget => {
+            e.metrics.dropped_messages.fetch_add(1, Ordering::Relaxed);
+            if out.outbox.close() {
+                e.metrics.slow_consumers.fetch_add(1, Ordering::Relaxed);
+                warn!(
+                    conn = out.id,
+                    budget = e.max_pending,
+                    "slow consumer: outbound budget exceeded, closing the connection"
+                );
+                out.abort.cancel();
+            }
+            false
+        }
+        Push::Closed => {
+            e.metrics.dropped_messages.fetch_add(1, Ordering::Relaxed);
+            false
+        }
+    }
+}
+
+/// Queues one MSG frame for one subscription. False when it could not take it.
+#[inline]
+fn deliver(
+    e: &Engine,
+    s: &Arc<Subscription>,
+    msg: &Outgoing<'_>,
+    wake: &mut Vec<Arc<Outlet>>,
+    counts: &mut LocalCounts,
+) -> bool {
+    if s.is_removed() {
+        return false;
+    }
+    let Some(last) = s.claim() else { return false };
+    let len = message_frame_len(true, msg.subject, msg.reply, msg.headers, msg.payload);
+    let push = s.outlet.outbox.push(len, |b| {
+        encode_msg(
+            b,
+            s.sid,
+            msg.flags,
+            msg.subject,
+            msg.hash,
+            msg.reply,
+            msg.headers,
+            msg.payload,
+        )
+    });
+    if !accepted(e, &s.outlet, push, wake) {
+        return false;
+    }
+    counts.msgs_out += 1;
+    counts.bytes_out += msg.payload.len() as u64;
+    if last {
+        e.router.remove(s);
+    }
+    true
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use sockbus_protocol::outbox::Outbox;
+    use sockbus_protocol::FrameRef;
+    use tokio_util::sync::CancellationToken;
+
+    const MAX_PAYLOAD: u32 = 1024;
+
+    fn engine() -> Delivery {
+        Delivery::new(Router::default(), Default::default(), MAX_PAYLOAD, 4096)
+    }
+
+    fn outlet(d: &Delivery) -> Arc<Outlet> {
+        Arc::new(Outlet::new(
+            d.next_id(),
+            Outbox::new(4096, 1 << 20),
+            CancellationToken::new(),
+            None,
+        ))
+    }
+
+    fn client(out: &Outlet) -> Publisher {
+        Publisher {
+            id: out.id,
+            echo: true,
+            no_responders: false,
+            api: false,
+        }
+    }
+
+    /// (sid, subject, flags, payload) of every MSG queued for `out`, and
+    /// (flags, subject, queues) of every RMSG.
+    #[allow(clippy::type_complexity)]
+    fn received(
+        out: &Outlet,
+    ) -> (
+        Vec<(u32, String, u8, Vec<u8>)>,
+        Vec<(u8, String, Vec<String>)>,
+    ) {
+        let t = out.outbox.take();
+        let mut data = &t.data[..];
+        let (mut msgs, mut rmsgs) = (Vec::new(), Vec::new());
+        while let Ok(Some((f, len))) = frame::decode(data, u32::MAX) {
+            data = &data[len..];
+            match f {
+                FrameRef::Msg {
+                    sid,
+                    flags,
+                    subject,
+                    payload,
+                    ..
+                } => msgs.push((sid, subject.into(), flags, payload.into())),
+                FrameRef::RMsg {
+                    flags,
+                    subject,
+                    queues,
+                    ..
+                } => rmsgs.push((
+                    flags,
+                    subject.into(),
+                    frame::iter_queues(queues).map(String::from).collect(),
+                )),
+                other => panic!("unexpected frame {other:?}"),
+            }
+        }
+        (msgs, rmsgs)
+    }
+
+    fn msgs(out: &Outlet) -> Vec<(u32, String, u8, Vec<u8>)> {
+        received(out).0
+    }
+
+    #[test]
+    fn a_publish_reaches_every_plain_subscriber_and_one_member_of_each_queue_group() {
+        let d = engine();
+        let (a, b, q1, q2, publisher) =
+            (outlet(&d), outlet(&d), outlet(&d), outlet(&d), outlet(&d));
+        d.subscribe(&a, 1, "orders.*", None).unwrap();
+        d.subscribe(&b, 2, "orders.>", None).unwrap();
+        d.subscribe(&q1, 3, "orders.eu", Some("workers")).unwrap();
+        d.subscribe(&q2, 4, "orders.eu", Some("workers")).unwrap();
+        let mut batch = d.batch(16);
+        for i in 0..10 {
+            let p = batch
+                .publish(&client(&publisher), "orders.eu", None, &[], &[i], None)
+                .unwrap();
+            assert!(!p.stored);
+        }
+        batch.finish();
+        assert_eq!(msgs(&a).len(), 10);
+        assert_eq!(msgs(&b).len(), 10);
+        let (n1, n2) = (msgs(&q1).len(), msgs(&q2).len());
+        assert_eq!(n1 + n2, 10, "each message to exactly one member");
+        assert!(n1 > 0 && n2 > 0, "round-robin uses both members: {n1}/{n2}");
+        assert!(msgs(&publisher).is_empty());
+        assert_eq!(d.metrics().msgs_in.load(Ordering::Relaxed), 10);
+        assert_eq!(d.metrics().msgs_out.load(Ordering::Relaxed), 30);
+    }
+
+    #[test]
+    fn without_echo_a_publisher_does_not_get_its_own_messages() {
+        let d = engine();
+        let me = outlet(&d);
+        d.subscribe(&me, 1, "x", None).unwrap();
+        let mut batch = d.batch(16);
+        let quiet = Publisher {
+            echo: false,
+            ..client(&me)
+        };
+        batch.publish(&quiet, "x", None, &[], b"1", None).unwrap();
+        batch
+            .publish(&client(&me), "x", None, &[], b"2", None)
+            .unwrap();
+        batch.finish();
+        let got: Vec<Vec<u8>> = msgs(&me).into_iter().map(|m| m.3).collect();
+        assert_eq!(got, [b"2".to_vec()]);
+    }
+
+    #[test]
+    fn a_request_nobody_receives_gets_a_no_responders_status_only_at_the_requester() {
+        let d = engine();
+        let (requester, other) = (outlet(&d), outlet(&d));
+        d.subscribe(&requester, 9, "_INBOX.r.*", None).unwrap();
+        d.subscribe(&other, 1, "_INBOX.>", None).unwrap();
+        let mut batch = d.batch(16);
+        let from = Publisher {
+            no_responders: true,
+            ..client(&requester)
+        };
+        batch
+            .publish(&from, "svc.nobody", Some("_INBOX.r.1"), &[], b"?", None)
+            .unwrap();
+        batch.finish();
+        let got = msgs(&requester);
+        assert_eq!(got.len(), 1);
+        assert_eq!((got[0].0, got[0].2), (9, MSG_NO_RESPONDERS));
+        assert!(
+            msgs(&other).is_empty(),
+            "the status goes to the requester only"
+        );
+        assert_eq!(d.metrics().no_responders.load(Ordering::Relaxed), 1);
+    }
+
+    #[test]
+    fn bad_publishes_are_refused_with_the_reason_and_counted() {
+        let d = engine();
+        let out = outlet(&d);
+        let mut batch = d.batch(16);
+        let from = client(&out);
+        let big = vec![0u8; MAX_PAYLOAD as usize + 1];
+        assert!(matches!(
+            batch.publish(&from, "a", None, &[], &big, None),
+            Err(PublishError::PayloadTooLarge {
+                size: 1025,
+                max: 1024
+            })
+        ));
+        assert!(matches!(
+            batch.publish(&from, "a.*", None, &[], b"", None),
+            Err(PublishError::InvalidSubject(_))
+        ));
+        assert!(matches!(
+            batch.publish(&from, "a", Some("r. x"), &[], b"", None),
+            Err(PublishError::InvalidReply(_))
+        ));
+        assert!(matches!(
+            batch.publish(&from, "$SB.API.STREAM.LIST", None, &[], b"", None),
+            Err(PublishError::Reserved(_))
+        ));
+        let m = d.metrics();
+        assert_eq!(m.payload_too_large.load(Ordering::Relaxed), 1);
+        assert_eq!(m.invalid_subjects.load(Ordering::Relaxed), 2);
+        assert_eq!(
+            m.msgs_in.load(Ordering::Relaxed),
+            0,
+            "nothing refused counts as in"
+        );
+    }
+
+    #[test]
+    fn bad_subscriptions_are_refused() {
+        let d = engine();
+        let out = outlet(&d);
+        assert!(matches!(
+            d.subscribe(&out, 1, "a..b", None),
+            Err(SubscribeError::InvalidSubject(_))
+        ));
+        assert!(matches!(
+            d.subscribe(&out, 1, "a", Some("has space")),
+            Err(SubscribeError::InvalidQueue(_))
+        ));
+        assert_eq!(d.router().len(), 0);
+    }
+
+    #[test]
+    fn a_subscriber_over_its_budget_is_cut_off_and_the_others_keep_getting_messages() {
+        let d = engine();
+        let (slow, fine, publisher) = (outlet(&d), outlet(&d), outlet(&d));
+        d.subscribe(&slow, 1, "x", None).unwrap();
+        d.subscribe(&fine, 1, "x", None).unwrap();
+        let mut batch = d.batch(16);
+        let payload = [7u8; 512];
+        for _ in 0..20 {
+            batch
+                .publish(&client(&publisher), "x", None, &[], &payload, None)
+                .unwrap();
+            // The fine subscriber drains as it goes; the slow one never does.
+            let _ = fine.outbox.take();
+        }
+        batch.finish();
+        assert!(
+            slow.abort.is_cancelled(),
+            "the slow consumer is disconnected"
+        );
+        assert_eq!(d.metrics().slow_consumers.load(Ordering::Relaxed), 1);
+        assert!(d.metrics().dropped_messages.load(Ordering::Relaxed) > 0);
+        assert!(!fine.abort.is_cancelled());
+    }
+
+    #[test]
+    fn a_subscription_with_a_limit_ends_after_that_many_messages() {
+        let d = engine();
+        let (sub, publisher) = (outlet(&d), outlet(&d));
+        let s = d.subscribe(&sub, 1, "x", None).unwrap();
+        assert!(!s.set_max(2));
+        let mut batch = d.batch(16);
+        for _ in 0..5 {
+            batch
+                .publish(&client(&publisher), "x", None, &[], b"m", None)
+                .unwrap();
+        }
+        batch.finish();
+        assert_eq!(msgs(&sub).len(), 2);
+        assert_eq!(d.router().len(), 0, "removed once its limit was reached");
+    }
+
+    #[test]
+    fn each_peer_gets_one_copy_carrying_the_plain_flag_and_the_queue_groups_it_serves() {
+        let d = engine();
+        let (link, publisher) = (outlet(&d), outlet(&d));
+        // The peer has a plain subscriber and a queue group; both match.
+        d.subscribe_peer(&link, 1, "orders.>", None).unwrap();
+        d.subscribe_peer(&link, 2, "orders.*", None).unwrap();
+        d.subscribe_peer(&link, 3, "orders.eu", Some("workers"))
+            .unwrap();
+        let mut batch = d.batch(16);
+        batch
+            .publish(&client(&publisher), "orders.eu", None, &[], b"m", None)
+            .unwrap();
+        batch.finish();
+        let (m, r) = received(&link);
+        assert!(m.is_empty());
+        assert_eq!(
+            r,
+            [(
+                frame::RMSG_PLAIN,
+                "orders.eu".into(),
+                vec!["workers".into()]
+            )]
+        );
+
+        // A local member of the group takes precedence over the peer's.
+        let local = outlet(&d);
+        d.subscribe(&local, 1, "orders.eu", Some("workers"))
+            .unwrap();
+        batch
+            .publish(&client(&publisher), "orders.eu", None, &[], b"m", None)
+            .unwrap();
+        batch.finish();
+        assert_eq!(msgs(&local).len(), 1);
+        let (_, r) = received(&link);
+        assert_eq!(r, [(frame::RMSG_PLAIN, "orders.eu".into(), vec![])]);
+    }
+
+    #[test]
+    fn a_forwarded_message_reaches_local_subscribers_only_never_another_peer() {
+        let d = engine();
+        let (link, local, q) = (outlet(&d), outlet(&d), outlet(&d));
+        d.subscribe_peer(&link, 1, ">", None).unwrap();
+        d.subscribe(&local, 1, "a", None).unwrap();
+        d.subscribe(&q, 2, "a", Some("g")).unwrap();
+        let mut batch = d.batch(16);
+        assert_eq!(batch.forwarded("a", None, &[], b"m", true, &[]), 1);
+        // The queue block of an RMSG naming group "g".
+        let mut b = bytes::BytesMut::new();
+        frame::encode_rmsg(&mut b, 0, "a", subject_hash(b"a"), None, &["g"], &[], b"m");
+        let Ok(Some((FrameRef::RMsg { queues, .. }, _))) = frame::decode(&b, u32::MAX) else {
+            panic!("an RMSG");
+        };
+        assert_eq!(batch.forwarded("a", None, &[], b"m", false, queues), 1);
+        batch.finish();
+        assert_eq!(msgs(&local).len(), 1, "plain only when the sender said so");
+        assert_eq!(msgs(&q).len(), 1, "the group the sender named");
+        assert_eq!(received(&link), (vec![], vec![]), "never onward to a peer");
+    }
+
+    #[test]
+    fn the_brokers_own_messages_go_to_the_subscribers_of_their_target() {
+        let d = engine();
+        let inbox = outlet(&d);
+        d.subscribe(&inbox, 5, "_INBOX.c.1", None).unwrap();
+        let mut batch = d.batch(4);
+        let stored = Outgoing {
+            reply: Some("$SB.ACK.S.c.1.1"),
+            ..Outgoing::new("orders.eu", None, &[], b"stored")
+        };
+        assert_eq!(batch.internal("_INBOX.c.1", &stored, false).unwrap(), 1);
+        batch.finish();
+        let got = msgs(&inbox);
+        assert_eq!(
+            got[0].1, "orders.eu",
+            "delivered with the subject it was stored under"
+        );
+        assert_eq!(d.publish_now("_INBOX.c.1", &[], b"ack").unwrap(), 1);
+        assert_eq!(
+            d.metrics().msgs_in.load(Ordering::Relaxed),
+            1,
+            "only the new message counts as in"
+        );
+    }
+}
