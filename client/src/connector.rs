@@ -4,14 +4,13 @@
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::Duration;
 
 use bytes::{Buf, BytesMut};
 use sockbus_protocol::flow::effective_window;
 use sockbus_protocol::frame::{
     self, code, encode_connect, encode_sub, encode_unsub, CONNECT_NO_ECHO, CONNECT_NO_RESPONDERS,
 };
-use sockbus_protocol::FrameRef;
+use sockbus_protocol::{Backoff, FrameRef};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tracing::{debug, info, warn};
@@ -130,6 +129,7 @@ async fn supervise(inner: Arc<Inner>, first: Conn) {
     let mut conn = Some(first);
     let mut failures = 0usize;
     let mut next_url = 0usize;
+    let backoff = Backoff::client_reconnect(inner.opts.max_reconnect_delay);
     loop {
         if let Some(c) = conn.take() {
             inner.connected.send_replace(true);
@@ -150,13 +150,11 @@ async fn supervise(inner: Arc<Inner>, first: Conn) {
             warn!("giving up after {} reconnect attempts", failures - 1);
             break;
         }
-        // Exponential backoff with jitter, capped.
-        let base =
-            Duration::from_millis(25u64 << failures.min(7)).min(inner.opts.max_reconnect_delay);
-        let jitter =
-            Duration::from_millis(rand::random::<u64>() % (base.as_millis() as u64 / 2 + 1));
+        // Exponential backoff with jitter, capped: 50 ms, 100 ms, ...
+        let attempt = u32::try_from(failures - 1).unwrap_or(u32::MAX);
+        let delay = backoff.delay(attempt, rand::random());
         tokio::select! {
-            _ = tokio::time::sleep(base + jitter) => {}
+            _ = tokio::time::sleep(delay) => {}
             _ = inner.closed.notified() => break,
         }
         match establish(&inner, next_url).await {
