@@ -2,6 +2,7 @@
 //! serve it until it fails, then reconnect with backoff, restoring every
 //! subscription on the new connection before anything else is sent.
 
+use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
@@ -11,7 +12,7 @@ use sockbus_protocol::frame::{
     self, code, encode_connect, encode_sub, encode_unsub, CONNECT_NO_ECHO, CONNECT_NO_RESPONDERS,
 };
 use sockbus_protocol::{Backoff, FrameRef};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tracing::{debug, info, warn};
 
@@ -30,8 +31,9 @@ pub(crate) async fn connect(opts: ConnectOptions, urls: Vec<String>) -> Result<C
     Ok(Client::new(inner))
 }
 
-struct Conn {
-    stream: TcpStream,
+/// A connection whose handshake is done. `S` is a `TcpStream` except in tests.
+struct Conn<S = TcpStream> {
+    stream: S,
     buf: BytesMut,
     recv_window: u32,
     /// Size of the INFO frame: the broker counts it against our window.
@@ -54,9 +56,20 @@ async fn establish(inner: &Arc<Inner>, start: usize) -> Result<Conn> {
 }
 
 async fn handshake(inner: &Arc<Inner>, url: &str) -> Result<Conn> {
-    let mut stream = TcpStream::connect(url).await?;
+    let stream = TcpStream::connect(url).await?;
     stream.set_nodelay(true)?;
     let peer = stream.peer_addr()?;
+    greet(inner, stream, peer).await
+}
+
+/// CONNECT out, INFO in; then the outbox is reset for this connection, every
+/// live subscription first. What arrived behind the INFO stays in the
+/// returned buffer for the reader.
+async fn greet<S: AsyncRead + AsyncWrite + Unpin>(
+    inner: &Inner,
+    mut stream: S,
+    peer: SocketAddr,
+) -> Result<Conn<S>> {
     let mut flags = CONNECT_NO_RESPONDERS;
     if inner.opts.no_echo {
         flags |= CONNECT_NO_ECHO;

@@ -34,6 +34,8 @@ use crate::subscriber::{SubEntry, SubMap};
 pub(crate) struct ReadSide {
     /// The socket (through the write half, which the writer shares).
     sock: Arc<OwnedWriteHalf>,
+    /// Held so the socket's read side stays open; reads go through `sock`.
+    _rd: OwnedReadHalf,
     state: Mutex<ReadState>,
     /// What a waiting task met while reading (an error, the end of the
     /// stream): the reader task ends the connection with it.
@@ -41,13 +43,36 @@ pub(crate) struct ReadSide {
     failed_wake: Notify,
 }
 
-struct ReadState {
-    /// Held so the socket's read side stays open; reads go through `sock`.
-    _rd: OwnedReadHalf,
+/// What was read but not handled yet, and the credit it frees: no socket
+/// here, so the handling of any run of bytes is a plain unit test.
+pub(crate) struct ReadState {
     buf: BytesMut,
     recv: RecvWindow,
     /// Bytes handled since the last credit grant.
     consumed: usize,
+}
+
+impl ReadState {
+    /// `consumed`: bytes already handled that count against our window
+    /// (the INFO frame).
+    pub(crate) fn new(buf: BytesMut, recv_window: u32, consumed: usize) -> ReadState {
+        ReadState {
+            buf,
+            recv: RecvWindow::new(recv_window),
+            consumed,
+        }
+    }
+
+    /// Handles the whole frames in the buffer and grants the credit they free.
+    pub(crate) fn handle(&mut self, inner: &Inner) -> Result<(), Error> {
+        read_batch(inner, &mut self.buf, &mut self.consumed)?;
+        if let Some(c) = self.recv.on_consumed(std::mem::take(&mut self.consumed)) {
+            if inner.outbox.grant(c) {
+                inner.kick();
+            }
+        }
+        Ok(())
+    }
 }
 
 impl ReadSide {
@@ -60,12 +85,8 @@ impl ReadSide {
     ) -> ReadSide {
         ReadSide {
             sock,
-            state: Mutex::new(ReadState {
-                _rd: rd,
-                buf,
-                recv: RecvWindow::new(recv_window),
-                consumed: info_len,
-            }),
+            _rd: rd,
+            state: Mutex::new(ReadState::new(buf, recv_window, info_len)),
             failed: Mutex::new(None),
             failed_wake: Notify::new(),
         }
@@ -79,7 +100,7 @@ impl ReadSide {
     /// what that completes. `Ok(true)` when bytes were read; `Ok(false)`
     /// when the socket had none (its readiness is then cleared).
     fn read_and_handle(&self, inner: &Inner, st: &mut ReadState) -> Result<bool, Error> {
-        self.handle(inner, st)?;
+        st.handle(inner)?;
         if st.buf.capacity() - st.buf.len() < 4096 {
             st.buf.reserve(64 * 1024);
         }
@@ -103,24 +124,13 @@ impl ReadSide {
                 // SAFETY: recv initialised the first n spare bytes.
                 unsafe { st.buf.set_len(st.buf.len() + n) };
                 sockbus_protocol::busy_poll::touch();
-                self.handle(inner, st)?;
+                st.handle(inner)?;
                 Ok(true)
             }
             (None, Err(e)) if e.kind() == std::io::ErrorKind::WouldBlock => Ok(false),
             (None, Err(e)) => Err(e.into()),
             (None, Ok(())) => unreachable!("recv ran"),
         }
-    }
-
-    /// Handles the whole frames in the buffer and grants the credit they free.
-    fn handle(&self, inner: &Inner, st: &mut ReadState) -> Result<(), Error> {
-        read_batch(inner, &mut st.buf, &mut st.consumed)?;
-        if let Some(c) = st.recv.on_consumed(std::mem::take(&mut st.consumed)) {
-            if inner.outbox.grant(c) {
-                inner.kick();
-            }
-        }
-        Ok(())
     }
 
     /// Hands an error met by a waiting task to the reader task.
