@@ -219,3 +219,6 @@ async fn serve(inner: &Arc<Inner>, conn: Conn) -> Error {
     lock(&inner.read).take();
     r
 }
+
+#[cfg(test)]
+mod tests;

@@ -25,6 +25,8 @@ mod reader;
 mod request;
 pub mod streams;
 mod subscriber;
+#[cfg(test)]
+mod testing;
 mod writer;
 
 pub use client::Client;

@@ -407,3 +407,6 @@ fn drop_slow(e: &mut SubEntry, sid: u32) {
         warn!(sid, subject = %e.subject, "slow consumer: subscription buffer full, dropping messages");
     }
 }
+
+#[cfg(test)]
+mod tests;
