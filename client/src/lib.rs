@@ -17,13 +17,23 @@
 //! `flush()` resolves once the broker has processed everything sent before it.
 
 mod client;
+mod connector;
 mod error;
 mod message;
+mod options;
+mod reader;
+mod request;
 pub mod streams;
+mod subscriber;
+#[cfg(test)]
+mod testing;
+mod writer;
 
-pub use client::{connect, Client, ConnectOptions, Subscriber};
+pub use client::Client;
 pub use error::{Error, Result};
 pub use message::{Headers, Message};
+pub use options::{connect, ConnectOptions};
+pub use subscriber::Subscriber;
 
 pub use sockbus_protocol::busy_poll::BusyPoll;
 

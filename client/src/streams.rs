@@ -20,9 +20,10 @@ use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 use sockbus_protocol::frame::code;
 
-use crate::client::{Client, Subscriber};
+use crate::client::Client;
 use crate::error::{Error, Result};
 use crate::message::{Headers, Message};
+use crate::subscriber::Subscriber;
 
 pub use crate::client::MSG_ID_HEADER;
 

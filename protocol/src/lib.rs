@@ -3,6 +3,7 @@
 //! be fuzzed. See docs/protocol.md for the byte layout. (The one exception,
 //! the optional busy-poll task behind feature `rt`, lives in [`busy_poll`].)
 
+pub mod backoff;
 pub mod busy_poll;
 pub mod flow;
 pub mod frame;
@@ -11,6 +12,7 @@ pub mod owned;
 pub mod subject;
 mod sync;
 
+pub use backoff::Backoff;
 pub use frame::{
     code, decode, decode_body, parse_header, FrameRef, Header, Kind, ProtocolError, HEADER_LEN,
     MAX_FRAME_OVERHEAD, PROTOCOL_VERSION,

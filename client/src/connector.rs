@@ -1,0 +1,224 @@
+//! A connection's life: connect and handshake (CONNECT out, INFO in),
+//! serve it until it fails, then reconnect with backoff, restoring every
+//! subscription on the new connection before anything else is sent.
+
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use bytes::{Buf, BytesMut};
+use sockbus_protocol::flow::effective_window;
+use sockbus_protocol::frame::{
+    self, code, encode_connect, encode_sub, encode_unsub, CONNECT_NO_ECHO, CONNECT_NO_RESPONDERS,
+};
+use sockbus_protocol::{Backoff, FrameRef};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tracing::{debug, info, warn};
+
+use crate::client::{lock, Client, Inner};
+use crate::error::{Error, Result};
+use crate::options::ConnectOptions;
+use crate::reader::{read_loop, ReadSide};
+use crate::writer::write_loop;
+
+/// Connects to the first reachable server of `urls` and starts the
+/// connection's supervisor.
+pub(crate) async fn connect(opts: ConnectOptions, urls: Vec<String>) -> Result<Client> {
+    let inner = Arc::new(Inner::new(opts, urls));
+    let conn = establish(&inner, 0).await?;
+    tokio::spawn(supervise(inner.clone(), conn));
+    Ok(Client::new(inner))
+}
+
+/// A connection whose handshake is done. `S` is a `TcpStream` except in tests.
+struct Conn<S = TcpStream> {
+    stream: S,
+    buf: BytesMut,
+    recv_window: u32,
+    /// Size of the INFO frame: the broker counts it against our window.
+    info_len: usize,
+}
+
+/// Tries every server once, starting at `start`; on success the outbox is
+/// reset for the new connection with every live subscription re-sent first.
+async fn establish(inner: &Arc<Inner>, start: usize) -> Result<Conn> {
+    let mut last = String::new();
+    for i in 0..inner.urls.len() {
+        let url = &inner.urls[(start + i) % inner.urls.len()];
+        match tokio::time::timeout(inner.opts.connect_timeout, handshake(inner, url)).await {
+            Ok(Ok(c)) => return Ok(c),
+            Ok(Err(e)) => last = format!("{url}: {e}"),
+            Err(_) => last = format!("{url}: timed out"),
+        }
+    }
+    Err(Error::NoServers(last))
+}
+
+async fn handshake(inner: &Arc<Inner>, url: &str) -> Result<Conn> {
+    let stream = TcpStream::connect(url).await?;
+    stream.set_nodelay(true)?;
+    let peer = stream.peer_addr()?;
+    greet(inner, stream, peer).await
+}
+
+/// CONNECT out, INFO in; then the outbox is reset for this connection, every
+/// live subscription first. What arrived behind the INFO stays in the
+/// returned buffer for the reader.
+async fn greet<S: AsyncRead + AsyncWrite + Unpin>(
+    inner: &Inner,
+    mut stream: S,
+    peer: SocketAddr,
+) -> Result<Conn<S>> {
+    let mut flags = CONNECT_NO_RESPONDERS;
+    if inner.opts.no_echo {
+        flags |= CONNECT_NO_ECHO;
+    }
+    let mut out = BytesMut::new();
+    encode_connect(
+        &mut out,
+        flags,
+        inner.opts.recv_window,
+        &inner.opts.name,
+        &inner.opts.token,
+    )?;
+    stream.write_all(&out).await?;
+    let mut buf = BytesMut::with_capacity(64 * 1024);
+    loop {
+        if let Some((f, len)) = frame::decode(&buf, 64 * 1024)? {
+            match f {
+                FrameRef::Info {
+                    recv_window,
+                    max_payload,
+                    server_name,
+                    ..
+                } => {
+                    inner.max_payload.store(max_payload, Ordering::Relaxed);
+                    *lock(&inner.server) = Some((server_name.to_string(), peer));
+                    let send_window = effective_window(recv_window, max_payload);
+                    let our_window = effective_window(inner.opts.recv_window, max_payload);
+                    buf.advance(len);
+                    let mut prefix = BytesMut::new();
+                    for (sid, e) in lock(&inner.subs).iter() {
+                        let _ = encode_sub(&mut prefix, *sid, &e.subject, e.queue.as_deref());
+                        if let Some(max) = e.max {
+                            // The new broker counts from zero.
+                            encode_unsub(
+                                &mut prefix,
+                                *sid,
+                                max.saturating_sub(e.received).max(1).min(u32::MAX as u64) as u32,
+                            );
+                        }
+                    }
+                    inner.outbox.reset(send_window, &prefix);
+                    return Ok(Conn {
+                        stream,
+                        buf,
+                        recv_window: our_window,
+                        info_len: len,
+                    });
+                }
+                FrameRef::Err { code, text } => {
+                    return Err(Error::Server {
+                        code,
+                        message: text.to_string(),
+                    });
+                }
+                _ => {
+                    return Err(Error::Server {
+                        code: code::MALFORMED,
+                        message: "expected INFO from the broker".into(),
+                    })
+                }
+            }
+        }
+        if stream.read_buf(&mut buf).await? == 0 {
+            return Err(Error::Disconnected);
+        }
+    }
+}
+
+async fn supervise(inner: Arc<Inner>, first: Conn) {
+    let mut conn = Some(first);
+    let mut failures = 0usize;
+    let mut next_url = 0usize;
+    let backoff = Backoff::client_reconnect(inner.opts.max_reconnect_delay);
+    loop {
+        if let Some(c) = conn.take() {
+            inner.connected.send_replace(true);
+            let err = serve(&inner, c).await;
+            inner.connected.send_replace(false);
+            inner.fail_pings(|| Error::Disconnected);
+            if inner.is_closing() {
+                break;
+            }
+            warn!("disconnected from the broker: {err}; reconnecting");
+            next_url += 1;
+        }
+        if inner.is_closing() {
+            break;
+        }
+        failures += 1;
+        if inner.opts.max_reconnects.is_some_and(|m| failures > m) {
+            warn!("giving up after {} reconnect attempts", failures - 1);
+            break;
+        }
+        // Exponential backoff with jitter, capped: 50 ms, 100 ms, ...
+        let attempt = u32::try_from(failures - 1).unwrap_or(u32::MAX);
+        let delay = backoff.delay(attempt, rand::random());
+        tokio::select! {
+            _ = tokio::time::sleep(delay) => {}
+            _ = inner.closed.notified() => break,
+        }
+        match establish(&inner, next_url).await {
+            Ok(c) => {
+                info!(
+                    "reconnected to {:?}",
+                    lock(&inner.server).as_ref().map(|s| s.1)
+                );
+                failures = 0;
+                conn = Some(c);
+            }
+            Err(e) => debug!("reconnect attempt {failures} failed: {e}"),
+        }
+    }
+    inner.shutdown();
+    inner.connected.send_replace(false);
+    inner.fail_pings(|| Error::Closed);
+    // Ending the senders ends every subscriber's stream.
+    lock(&inner.subs).clear();
+    lock(&inner.requests).clear();
+}
+
+/// Runs one connection until it fails or the client closes.
+async fn serve(inner: &Arc<Inner>, conn: Conn) -> Error {
+    let Conn {
+        stream,
+        buf,
+        recv_window,
+        info_len,
+    } = conn;
+    let (rd, wr) = stream.into_split();
+    let wr = Arc::new(wr);
+    *lock(&inner.sock) = Some(wr.clone());
+    let side = Arc::new(ReadSide::new(wr.clone(), rd, buf, recv_window, info_len));
+    *lock(&inner.read) = Some(side.clone());
+    // Frames queued while there was no connection.
+    inner.wake.notify_one();
+    let writer = tokio::spawn(write_loop(inner.clone(), wr));
+    let abort = writer.abort_handle();
+    let r = tokio::select! {
+        r = read_loop(inner, &side) => r,
+        w = writer => match w {
+            Ok(e) => e,
+            Err(_) => Error::Disconnected,
+        },
+    };
+    abort.abort();
+    lock(&inner.sock).take();
+    lock(&inner.read).take();
+    r
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,145 @@
+//! [`ConnectOptions`]: how a client connects and behaves, and the server
+//! URLs it accepts.
+
+use std::time::Duration;
+
+use crate::client::Client;
+use crate::connector;
+use crate::error::{Error, Result};
+
+/// How a client connects and behaves. Start from `ConnectOptions::default()`.
+#[derive(Debug, Clone)]
+pub struct ConnectOptions {
+    pub(crate) name: String,
+    pub(crate) token: Vec<u8>,
+    pub(crate) connect_timeout: Duration,
+    pub(crate) request_timeout: Duration,
+    pub(crate) flush_timeout: Duration,
+    pub(crate) max_reconnect_delay: Duration,
+    pub(crate) max_reconnects: Option<usize>,
+    pub(crate) sub_capacity: usize,
+    pub(crate) sub_pending_bytes: usize,
+    pub(crate) send_buffer: usize,
+    pub(crate) recv_window: u32,
+    pub(crate) no_echo: bool,
+}
+
+impl Default for ConnectOptions {
+    fn default() -> Self {
+        ConnectOptions {
+            name: String::new(),
+            token: Vec::new(),
+            connect_timeout: Duration::from_secs(5),
+            request_timeout: Duration::from_secs(5),
+            flush_timeout: Duration::from_secs(10),
+            max_reconnect_delay: Duration::from_secs(2),
+            max_reconnects: None,
+            sub_capacity: 65536,
+            sub_pending_bytes: 64 << 20,
+            send_buffer: 32 << 20,
+            recv_window: 8 << 20,
+            no_echo: false,
+        }
+    }
+}
+
+impl ConnectOptions {
+    pub fn new() -> Self {
+        Self::default()
+    }
+    /// Name shown in the broker's logs.
+    pub fn name(mut self, name: impl Into<String>) -> Self {
+        self.name = name.into();
+        self
+    }
+    /// Authentication token (carried in CONNECT; reserved for broker auth).
+    pub fn token(mut self, token: impl Into<Vec<u8>>) -> Self {
+        self.token = token.into();
+        self
+    }
+    pub fn connect_timeout(mut self, d: Duration) -> Self {
+        self.connect_timeout = d;
+        self
+    }
+    pub fn request_timeout(mut self, d: Duration) -> Self {
+        self.request_timeout = d;
+        self
+    }
+    pub fn flush_timeout(mut self, d: Duration) -> Self {
+        self.flush_timeout = d;
+        self
+    }
+    /// Longest wait between reconnect attempts (backoff doubles up to it).
+    pub fn max_reconnect_delay(mut self, d: Duration) -> Self {
+        self.max_reconnect_delay = d;
+        self
+    }
+    /// Give up after this many failed reconnect attempts in a row (default: never).
+    pub fn max_reconnects(mut self, n: usize) -> Self {
+        self.max_reconnects = Some(n);
+        self
+    }
+    /// Messages a subscription buffers before new ones are dropped (slow consumer).
+    pub fn subscription_capacity(mut self, n: usize) -> Self {
+        self.sub_capacity = n.max(1);
+        self
+    }
+    /// Payload bytes a subscription buffers before new ones are dropped.
+    pub fn subscription_pending_bytes(mut self, n: usize) -> Self {
+        self.sub_pending_bytes = n.max(1);
+        self
+    }
+    /// Bytes of unsent frames after which `publish` waits (backpressure).
+    pub fn send_buffer(mut self, n: usize) -> Self {
+        self.send_buffer = n.max(64 * 1024);
+        self
+    }
+    /// Flow-control window announced to the broker (0: the default, 8 MiB).
+    pub fn receive_window(mut self, n: u32) -> Self {
+        self.recv_window = n;
+        self
+    }
+    /// Do not receive this client's own publishes on its subscriptions.
+    pub fn no_echo(mut self, yes: bool) -> Self {
+        self.no_echo = yes;
+        self
+    }
+
+    /// Connects to the first reachable server of a comma-separated list.
+    pub async fn connect(self, urls: &str) -> Result<Client> {
+        connector::connect(self, parse_urls(urls)?).await
+    }
+}
+
+/// Connects with default options.
+pub async fn connect(urls: &str) -> Result<Client> {
+    ConnectOptions::default().connect(urls).await
+}
+
+fn parse_urls(urls: &str) -> Result<Vec<String>> {
+    let mut out = Vec::new();
+    for u in urls.split(',').map(str::trim).filter(|u| !u.is_empty()) {
+        let bare = match u.split_once("://") {
+            Some(("sockbus" | "tcp", rest)) => rest,
+            Some(_) => return Err(Error::InvalidUrl(u.to_string())),
+            None => u,
+        }
+        .trim_end_matches('/');
+        if bare.is_empty() || bare.contains('/') {
+            return Err(Error::InvalidUrl(u.to_string()));
+        }
+        let hostport = if bare
+            .rsplit_once(':')
+            .is_some_and(|(_, p)| p.parse::<u16>().is_ok())
+        {
+            bare.to_string()
+        } else {
+            format!("{bare}:7420")
+        };
+        out.push(hostport);
+    }
+    if out.is_empty() {
+        return Err(Error::InvalidUrl(urls.to_string()));
+    }
+    Ok(out)
+}

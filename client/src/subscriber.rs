@@ -1,0 +1,136 @@
+//! Subscriptions: the user's [`Subscriber`] stream, and the entry the
+//! reader delivers to ([`SubEntry`], kept in the client's [`SubMap`]).
+
+use std::collections::HashMap;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use futures_core::Stream;
+use sockbus_protocol::frame::encode_unsub;
+use tokio::sync::mpsc;
+
+use crate::client::{lock, Client};
+use crate::error::Result;
+use crate::message::Message;
+use crate::reader::poll_reading;
+
+/// Subscriptions by id; ids are small integers, so a fast non-keyed hash suffices.
+pub(crate) type SubMap = HashMap<u32, SubEntry, rustc_hash::FxBuildHasher>;
+
+/// A subscription as the reader sees it: where its messages go, and its counts.
+pub(crate) struct SubEntry {
+    pub(crate) subject: String,
+    pub(crate) queue: Option<String>,
+    pub(crate) tx: mpsc::Sender<Message>,
+    pub(crate) pending: Arc<AtomicUsize>,
+    /// Messages received over the subscription's life, and the limit.
+    pub(crate) received: u64,
+    pub(crate) max: Option<u64>,
+    pub(crate) dropped: Arc<AtomicU64>,
+    pub(crate) warned: bool,
+}
+
+/// A subscription: a `Stream` of messages. Dropping it unsubscribes.
+pub struct Subscriber {
+    sid: u32,
+    rx: mpsc::Receiver<Message>,
+    pending: Arc<AtomicUsize>,
+    dropped: Arc<AtomicU64>,
+    client: Client,
+    active: bool,
+}
+
+impl Subscriber {
+    pub(crate) fn new(
+        sid: u32,
+        rx: mpsc::Receiver<Message>,
+        pending: Arc<AtomicUsize>,
+        dropped: Arc<AtomicU64>,
+        client: Client,
+    ) -> Subscriber {
+        Subscriber {
+            sid,
+            rx,
+            pending,
+            dropped,
+            client,
+            active: true,
+        }
+    }
+
+    /// The next message; `None` once unsubscribed and drained, or closed.
+    pub async fn next(&mut self) -> Option<Message> {
+        std::future::poll_fn(|cx| self.poll_message(cx)).await
+    }
+
+    fn poll_message(&mut self, cx: &mut Context<'_>) -> Poll<Option<Message>> {
+        let rx = &mut self.rx;
+        let m = std::task::ready!(poll_reading(&self.client.inner, cx, |cx| rx.poll_recv(cx)));
+        if let Some(m) = &m {
+            self.pending.fetch_sub(m.payload.len(), Ordering::Relaxed);
+        }
+        Poll::Ready(m)
+    }
+
+    /// Stops the subscription now.
+    pub fn unsubscribe(mut self) -> Result<()> {
+        self.stop()
+    }
+
+    /// Ends the subscription after `n` more messages.
+    pub fn unsubscribe_after(&mut self, n: u64) -> Result<()> {
+        let mut subs = lock(&self.client.inner.subs);
+        let Some(e) = subs.get_mut(&self.sid) else {
+            return Ok(());
+        };
+        let total = e.received + n;
+        e.max = Some(total);
+        if n == 0 {
+            subs.remove(&self.sid);
+        }
+        let sid = self.sid;
+        self.client
+            .inner
+            .control(|b| encode_unsub(b, sid, total.min(u32::MAX as u64) as u32))
+    }
+
+    /// Messages dropped because this subscription's buffer was full.
+    pub fn dropped(&self) -> u64 {
+        self.dropped.load(Ordering::Relaxed)
+    }
+
+    fn stop(&mut self) -> Result<()> {
+        if !std::mem::replace(&mut self.active, false) {
+            return Ok(());
+        }
+        let present = lock(&self.client.inner.subs).remove(&self.sid).is_some();
+        if present {
+            let sid = self.sid;
+            self.client.inner.control(|b| encode_unsub(b, sid, 0))?;
+        }
+        Ok(())
+    }
+}
+
+impl std::fmt::Debug for Subscriber {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Subscriber")
+            .field("sid", &self.sid)
+            .finish()
+    }
+}
+
+impl Drop for Subscriber {
+    fn drop(&mut self) {
+        let _ = self.stop();
+    }
+}
+
+impl Stream for Subscriber {
+    type Item = Message;
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Message>> {
+        self.poll_message(cx)
+    }
+}
