@@ -489,7 +489,7 @@ impl Reader {
                     }
                 }
                 let state = self.state.clone();
-                if subject.starts_with("$SB.") {
+                if sockbus_protocol::api::subject::is_reserved(subject) {
                     // The stream API: answered by the broker, never routed.
                     crate::streams::api::handle(&state, subject, reply, payload);
                     return Ok(());
