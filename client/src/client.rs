@@ -31,7 +31,7 @@ use crate::error::{Error, Result};
 use crate::message::{Headers, Message};
 
 /// Header that makes a stored publish idempotent (see `streams`).
-pub const MSG_ID_HEADER: &str = "Msg-Id";
+pub use sockbus_protocol::api::header::MSG_ID as MSG_ID_HEADER;
 
 /// How a client connects and behaves. Start from `ConnectOptions::default()`.
 #[derive(Debug, Clone)]
