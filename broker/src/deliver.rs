@@ -14,6 +14,7 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
+use sockbus_protocol::api::subject::is_reserved;
 use sockbus_protocol::frame::{self, encode_msg, message_frame_len, MSG_NO_RESPONDERS};
 use sockbus_protocol::outbox::Push;
 use sockbus_protocol::subject::{subject_hash, validate_pattern, validate_subject};
@@ -25,9 +26,6 @@ use crate::metrics::{LocalCounts, Metrics};
 use crate::outlet::Outlet;
 use crate::router::{MatchCache, Matches, QueueGroup, Router, Subscription};
 use crate::streams::{AckTo, CaptureCache, Pending, PubAck, Stream, StreamError, Streams};
-
-/// Prefix of the subjects the broker answers itself (the stream API).
-pub(crate) const RESERVED_PREFIX: &str = "$SB.";
 
 struct Engine {
     router: Router,
@@ -288,7 +286,7 @@ impl Batch {
                 return Err(PublishError::InvalidReply(err));
             }
         }
-        if subject.starts_with(RESERVED_PREFIX) {
+        if is_reserved(subject) {
             return match &self.capture {
                 Some(c) if from.api => {
                     crate::streams::api::handle(&c.streams, &self.d, subject, reply, payload);

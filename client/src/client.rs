@@ -26,7 +26,7 @@ use crate::reader::ReadSide;
 use crate::subscriber::{SubEntry, SubMap, Subscriber};
 
 /// Header that makes a stored publish idempotent (see `streams`).
-pub const MSG_ID_HEADER: &str = "Msg-Id";
+pub use sockbus_protocol::api::header::MSG_ID as MSG_ID_HEADER;
 
 /// What the client's clones, its subscribers and its connection tasks share.
 pub(crate) struct Inner {

@@ -1,6 +1,7 @@
 //! Durable streams from the SDK: stored publishes with acks, stream
 //! management and pull consumers. Everything goes over request/reply on the
-//! broker's reserved `$SB.` subjects (see docs/storage.md).
+//! broker's reserved `$SB.` subjects (see docs/storage.md). The subjects and
+//! the JSON types are the broker's own, from `sockbus_protocol::api`.
 //!
 //! ```no_run
 //! # async fn demo(client: sockbus_client::Client) -> sockbus_client::Result<()> {
@@ -14,10 +15,11 @@
 //! # Ok(()) }
 //! ```
 
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use bytes::Bytes;
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
+use sockbus_protocol::api::{self, header, subject, AckKind, AckPolicy, ApiError, PullRequest};
 use sockbus_protocol::frame::code;
 
 use crate::client::Client;
@@ -27,129 +29,9 @@ use crate::subscriber::Subscriber;
 
 pub use crate::client::MSG_ID_HEADER;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
-#[serde(rename_all = "lowercase")]
-pub enum Fsync {
-    #[default]
-    Always,
-    Interval,
-    Never,
-}
-
-/// A stream's settings.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct StreamConfig {
-    pub name: String,
-    pub subjects: Vec<String>,
-    #[serde(default)]
-    pub fsync: Fsync,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub fsync_interval_ms: Option<u64>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub max_age_ms: Option<u64>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub max_bytes: Option<u64>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub max_msgs: Option<u64>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub segment_bytes: Option<u64>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub duplicate_window_ms: Option<u64>,
-}
-
-impl StreamConfig {
-    pub fn new<S: Into<String>>(
-        name: impl Into<String>,
-        subjects: impl IntoIterator<Item = S>,
-    ) -> Self {
-        StreamConfig {
-            name: name.into(),
-            subjects: subjects.into_iter().map(Into::into).collect(),
-            fsync: Fsync::Always,
-            fsync_interval_ms: None,
-            max_age_ms: None,
-            max_bytes: None,
-            max_msgs: None,
-            segment_bytes: None,
-            duplicate_window_ms: None,
-        }
-    }
-}
-
-#[derive(Debug, Clone, Deserialize)]
-pub struct StreamState {
-    pub messages: u64,
-    pub bytes: u64,
-    pub first_seq: u64,
-    pub last_seq: u64,
-    #[serde(default)]
-    pub first_ts: Option<String>,
-    #[serde(default)]
-    pub last_ts: Option<String>,
-    pub segments: usize,
-    pub consumers: usize,
-    pub damaged_records: u64,
-}
-
-#[derive(Debug, Clone, Deserialize)]
-pub struct StreamInfo {
-    pub config: StreamConfig,
-    pub state: StreamState,
-}
-
-/// The broker's answer to a stored publish.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
-pub struct PubAck {
-    pub stream: String,
-    pub seq: u64,
-    /// The message carried a `Msg-Id` already stored within the duplicate window.
-    #[serde(default)]
-    pub duplicate: bool,
-}
-
-/// Where a new consumer starts.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Start {
-    First,
-    Last,
-    New,
-    Seq(u64),
-    Time(SystemTime),
-}
-
-impl Start {
-    fn to_wire(&self) -> String {
-        match self {
-            Start::First => "first".into(),
-            Start::Last => "last".into(),
-            Start::New => "new".into(),
-            Start::Seq(n) => format!("seq:{n}"),
-            Start::Time(t) => format!("time:{}", humantime::format_rfc3339_nanos(*t)),
-        }
-    }
-}
-
-impl std::str::FromStr for Start {
-    type Err = String;
-    /// `first`, `last`, `new`, `seq:N` or `time:RFC3339`.
-    fn from_str(s: &str) -> std::result::Result<Start, String> {
-        let bad = || format!("{s:?} must be first, last, new, seq:N or time:RFC3339");
-        Ok(match s {
-            "first" => Start::First,
-            "last" => Start::Last,
-            "new" => Start::New,
-            _ => {
-                if let Some(n) = s.strip_prefix("seq:") {
-                    Start::Seq(n.parse().map_err(|_| bad())?)
-                } else if let Some(t) = s.strip_prefix("time:") {
-                    Start::Time(humantime::parse_rfc3339_weak(t).map_err(|_| bad())?)
-                } else {
-                    return Err(bad());
-                }
-            }
-        })
-    }
-}
+pub use sockbus_protocol::api::{
+    ConsumerInfo, Fsync, PubAck, Start, StreamConfig, StreamInfo, StreamState,
+};
 
 /// A consumer's settings; start from [`ConsumerConfig::durable`] or [`ConsumerConfig::ephemeral`].
 #[derive(Debug, Clone)]
@@ -217,44 +99,33 @@ impl ConsumerConfig {
         self.batch = n.max(1);
         self
     }
-}
 
-#[derive(Serialize)]
-struct WireConsumer<'a> {
-    #[serde(skip_serializing_if = "Option::is_none")]
-    durable: Option<&'a str>,
-    start: String,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    filter_subject: Option<&'a str>,
-    ack_policy: &'static str,
-    ack_wait_ms: u64,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    max_deliver: Option<u32>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    max_ack_pending: Option<usize>,
-}
-
-#[derive(Debug, Clone, Deserialize)]
-pub struct ConsumerInfo {
-    pub stream: String,
-    pub name: String,
-    pub durable: bool,
-    pub next_seq: u64,
-    pub ack_floor: u64,
-    pub num_ack_pending: usize,
-    pub num_redelivered: u64,
+    /// What the broker is sent to create the consumer (`batch` and
+    /// `pull_expires` are the SDK's own).
+    pub fn to_wire(&self) -> api::ConsumerConfig {
+        api::ConsumerConfig {
+            durable: self.durable.clone(),
+            start: self.start.to_string(),
+            filter_subject: self.filter_subject.clone(),
+            ack_policy: if self.no_ack {
+                AckPolicy::None
+            } else {
+                AckPolicy::Explicit
+            },
+            ack_wait_ms: Some(self.ack_wait.as_millis() as u64),
+            max_deliver: self.max_deliver,
+            max_ack_pending: self.max_ack_pending,
+            inactive_ms: None,
+        }
+    }
 }
 
 /// Turns an API reply into `T`, or the broker's `{"error": ..}` into an error.
 fn answer<T: for<'de> Deserialize<'de>>(m: &Message) -> Result<T> {
-    #[derive(Deserialize)]
-    struct E {
-        error: String,
-    }
     // The broker's error answers are `{"error":...}`; look for that before
     // parsing, so a successful answer is parsed once.
     if m.payload.starts_with(br#"{"error""#) {
-        let e: E = serde_json::from_slice(&m.payload).map_err(|e| Error::Server {
+        let e: ApiError = serde_json::from_slice(&m.payload).map_err(|e| Error::Server {
             code: code::MALFORMED,
             message: format!("unexpected answer from the broker: {e}"),
         })?;
@@ -316,65 +187,44 @@ impl Client {
 
     pub async fn stream_add(&self, cfg: &StreamConfig) -> Result<StreamInfo> {
         let body = serde_json::to_vec(cfg).expect("serialisable");
-        self.api(&format!("$SB.API.STREAM.CREATE.{}", cfg.name), body)
-            .await
+        self.api(&subject::stream_create(&cfg.name), body).await
     }
 
     pub async fn stream_info(&self, name: &str) -> Result<StreamInfo> {
-        self.api(&format!("$SB.API.STREAM.INFO.{name}"), Vec::new())
-            .await
+        self.api(&subject::stream_info(name), Vec::new()).await
     }
 
     pub async fn stream_list(&self) -> Result<Vec<StreamInfo>> {
-        #[derive(Deserialize)]
-        struct L {
-            streams: Vec<StreamInfo>,
-        }
         Ok(self
-            .api::<L>("$SB.API.STREAM.LIST", Vec::new())
+            .api::<api::StreamList>(subject::STREAM_LIST, Vec::new())
             .await?
             .streams)
     }
 
     pub async fn stream_delete(&self, name: &str) -> Result<()> {
-        self.api::<serde_json::Value>(&format!("$SB.API.STREAM.DELETE.{name}"), Vec::new())
+        self.api::<api::Deleted>(&subject::stream_delete(name), Vec::new())
             .await
             .map(|_| ())
     }
 
     pub async fn consumer_info(&self, stream: &str, name: &str) -> Result<ConsumerInfo> {
-        self.api(
-            &format!("$SB.API.CONSUMER.INFO.{stream}.{name}"),
-            Vec::new(),
-        )
-        .await
+        self.api(&subject::consumer_info(stream, name), Vec::new())
+            .await
     }
 
     pub async fn consumer_delete(&self, stream: &str, name: &str) -> Result<()> {
-        self.api::<serde_json::Value>(
-            &format!("$SB.API.CONSUMER.DELETE.{stream}.{name}"),
-            Vec::new(),
-        )
-        .await
-        .map(|_| ())
+        self.api::<api::Deleted>(&subject::consumer_delete(stream, name), Vec::new())
+            .await
+            .map(|_| ())
     }
 
     /// Creates a pull consumer (a durable one that exists resumes where it
     /// left off; its start is then ignored).
     pub async fn consumer(&self, stream: &str, cfg: ConsumerConfig) -> Result<PullConsumer> {
-        let wire = WireConsumer {
-            durable: cfg.durable.as_deref(),
-            start: cfg.start.to_wire(),
-            filter_subject: cfg.filter_subject.as_deref(),
-            ack_policy: if cfg.no_ack { "none" } else { "explicit" },
-            ack_wait_ms: cfg.ack_wait.as_millis() as u64,
-            max_deliver: cfg.max_deliver,
-            max_ack_pending: cfg.max_ack_pending,
-        };
         let info: ConsumerInfo = self
             .api(
-                &format!("$SB.API.CONSUMER.CREATE.{stream}"),
-                serde_json::to_vec(&wire).expect("serialisable"),
+                &subject::consumer_create(stream),
+                serde_json::to_vec(&cfg.to_wire()).expect("serialisable"),
             )
             .await?;
         let inbox = format!(
@@ -385,7 +235,7 @@ impl Client {
         let sub = self.subscribe(&inbox).await?;
         Ok(PullConsumer {
             client: self.clone(),
-            next_subject: format!("$SB.API.CONSUMER.NEXT.{stream}.{}", info.name),
+            next_subject: subject::consumer_next(stream, &info.name),
             info,
             inbox,
             sub,
@@ -431,12 +281,26 @@ impl StreamMessage {
     }
     /// Asks for redelivery now.
     pub async fn nak(&self) -> Result<()> {
-        self.client.publish(&self.ack_subject, b"-NAK").await
+        self.client
+            .publish(&self.ack_subject, AckKind::Nak.payload())
+            .await
     }
     /// Never deliver this message again.
     pub async fn term(&self) -> Result<()> {
-        self.client.publish(&self.ack_subject, b"+TERM").await
+        self.client
+            .publish(&self.ack_subject, AckKind::Term.payload())
+            .await
     }
+}
+
+/// The body of a pull (`NEXT`) asking for `n` messages within `expires`.
+fn pull_body(n: usize, expires: Duration) -> Vec<u8> {
+    serde_json::to_vec(&PullRequest {
+        batch: n,
+        expires_ms: Some(expires.as_millis() as u64),
+        ..PullRequest::default()
+    })
+    .expect("serialisable")
 }
 
 /// A pull consumer: asks the broker for `batch` messages at a time and asks
@@ -467,10 +331,7 @@ impl PullConsumer {
     }
 
     async fn pull(&mut self, n: usize) -> Result<()> {
-        let body = format!(
-            r#"{{"batch":{n},"expires_ms":{}}}"#,
-            self.expires.as_millis()
-        );
+        let body = pull_body(n, self.expires);
         self.client
             .publish_with_reply(&self.next_subject, &self.inbox, body)
             .await?;
@@ -544,21 +405,21 @@ impl PullConsumer {
                 }
             };
             self.last_activity = tokio::time::Instant::now();
-            if let Some(status) = m.headers().get("Sb-Status") {
+            if let Some(status) = m.headers().get(header::STATUS) {
                 let h = m.headers();
                 let left: usize = h
-                    .get("Sb-Pending")
+                    .get(header::PENDING)
                     .and_then(|v| v.parse().ok())
                     .unwrap_or(0);
                 self.outstanding = self.outstanding.saturating_sub(left);
                 match status {
-                    "404" if h.get("Sb-Description") == Some("no messages") => {}
+                    "404" if h.get(header::DESCRIPTION) == Some("no messages") => {}
                     "408" => {}
                     _ => {
                         return Err(Error::Server {
                             code: code::BAD_REQUEST,
                             message: h
-                                .get("Sb-Description")
+                                .get(header::DESCRIPTION)
                                 .unwrap_or("consumer error")
                                 .to_string(),
                         })
@@ -570,10 +431,8 @@ impl PullConsumer {
             let Some(ack) = m.reply().map(str::to_string) else {
                 continue;
             };
-            // $SB.ACK.<stream>.<consumer>.<seq>.<deliveries>
-            let mut t = ack.rsplit('.');
-            let deliveries = t.next().and_then(|x| x.parse().ok()).unwrap_or(1);
-            let seq = t.next().and_then(|x| x.parse().ok()).unwrap_or(0);
+            let (seq, deliveries) =
+                subject::parse_ack(&ack).map_or((0, 1), |a| (a.seq, a.deliveries));
             return Ok(Some(StreamMessage {
                 seq,
                 deliveries,
@@ -582,5 +441,64 @@ impl PullConsumer {
                 client: self.client.clone(),
             }));
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::SystemTime;
+
+    /// The create bodies this SDK sent before it shared the broker's types
+    /// (WireConsumer): a broker of either age reads the same bytes.
+    #[test]
+    fn consumer_create_bodies_are_the_bytes_older_sdks_sent() {
+        let t = SystemTime::UNIX_EPOCH + Duration::from_nanos(1_714_564_800_000_000_001);
+        for (cfg, json) in [
+            (
+                ConsumerConfig::durable("worker"),
+                r#"{"durable":"worker","start":"first","ack_policy":"explicit","ack_wait_ms":30000}"#,
+            ),
+            (
+                ConsumerConfig::ephemeral()
+                    .no_ack(true)
+                    .filter("a.b")
+                    .max_deliver(3)
+                    .ack_wait(Duration::from_millis(1500))
+                    .start(Start::Seq(9)),
+                r#"{"start":"seq:9","filter_subject":"a.b","ack_policy":"none","ack_wait_ms":1500,"max_deliver":3}"#,
+            ),
+            (
+                ConsumerConfig::ephemeral().start(Start::Time(t)),
+                r#"{"start":"time:2024-05-01T12:00:00.000000001Z","ack_policy":"explicit","ack_wait_ms":30000}"#,
+            ),
+        ] {
+            assert_eq!(serde_json::to_string(&cfg.to_wire()).unwrap(), json);
+        }
+    }
+
+    #[test]
+    fn pull_bodies_are_the_bytes_older_sdks_sent() {
+        assert_eq!(
+            pull_body(256, Duration::from_secs(5)),
+            br#"{"batch":256,"expires_ms":5000}"#
+        );
+    }
+
+    #[test]
+    fn an_error_answer_becomes_an_error_with_the_brokers_text() {
+        let m = |body: &'static str| Message {
+            frame: Bytes::new(),
+            subject: (0, 0),
+            reply: None,
+            headers: (0, 0),
+            payload: Bytes::from_static(body.as_bytes()),
+            status: 0,
+        };
+        let e = answer::<StreamInfo>(&m(r#"{"error":"stream \"X\" not found","status":404}"#))
+            .unwrap_err();
+        assert!(e.to_string().contains(r#"stream "X" not found"#), "{e}");
+        let a: PubAck = answer(&m(r#"{"stream":"S","seq":3}"#)).unwrap();
+        assert_eq!((a.stream.as_str(), a.seq, a.duplicate), ("S", 3, false));
     }
 }

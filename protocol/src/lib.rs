@@ -2,7 +2,10 @@
 //! sockets, so every protocol case is a plain unit test and the decoder can
 //! be fuzzed. See docs/protocol.md for the byte layout. (The one exception,
 //! the optional busy-poll task behind feature `rt`, lives in [`busy_poll`].)
+//! The durable-stream API's JSON types and `$SB.` subjects, shared by the
+//! broker and the SDK, are in [`api`].
 
+pub mod api;
 pub mod backoff;
 pub mod busy_poll;
 pub mod flow;

@@ -1,22 +1,15 @@
 //! The stream API over request/reply on reserved subjects, the way NATS
-//! JetStream does it. The broker intercepts every PUB to `$SB.>`:
-//!
-//! | subject | body | reply |
-//! |---|---|---|
-//! | `$SB.API.STREAM.CREATE.<stream>` | StreamConfig | StreamInfo |
-//! | `$SB.API.STREAM.INFO.<stream>` | - | StreamInfo |
-//! | `$SB.API.STREAM.DELETE.<stream>` | - | `{"deleted":true}` |
-//! | `$SB.API.STREAM.LIST` | - | `{"streams":[StreamInfo..]}` |
-//! | `$SB.API.CONSUMER.CREATE.<stream>` | ConsumerConfig | ConsumerInfo |
-//! | `$SB.API.CONSUMER.INFO.<stream>.<consumer>` | - | ConsumerInfo |
-//! | `$SB.API.CONSUMER.DELETE.<stream>.<consumer>` | - | `{"deleted":true}` |
-//! | `$SB.API.CONSUMER.LIST.<stream>` | - | `{"consumers":[ConsumerInfo..]}` |
-//! | `$SB.API.CONSUMER.NEXT.<stream>.<consumer>` | PullRequest | messages to the reply subject |
-//! | `$SB.ACK.<stream>.<consumer>.<seq>.<deliveries>` | ``/`+ACK`, `-NAK`, `+WPI`, `+TERM` | `{"ok":true}` once stored, if a reply subject is given |
+//! JetStream does it. The broker intercepts every PUB to `$SB.>` and
+//! answers it here. The subjects (their table is in
+//! `sockbus_protocol::api::subject`) and the JSON bodies of requests and
+//! replies are defined once, in `sockbus_protocol::api`, for the broker and
+//! the SDK alike; this module only dispatches them.
 //!
 //! Errors are `{"error": "...", "status": N}` with an HTTP-style status.
 
 use serde::Serialize;
+use sockbus_protocol::api::subject::{self, Api};
+use sockbus_protocol::api::{ApiError, ConsumerList, Deleted, StreamList};
 
 use super::consumer::{self, AckKind, ConsumerConfig, PullRequest};
 use super::Streams;
@@ -29,12 +22,12 @@ struct Ctx<'a> {
     delivery: &'a Delivery,
 }
 
-pub const API_PREFIX: &str = "$SB.API.";
-pub const ACK_PREFIX: &str = "$SB.ACK.";
-
 pub fn error_body(e: &StreamError) -> Vec<u8> {
-    serde_json::to_vec(&serde_json::json!({"error": e.to_string(), "status": e.status()}))
-        .expect("serialisable")
+    serde_json::to_vec(&ApiError {
+        error: e.to_string(),
+        status: e.status(),
+    })
+    .expect("serialisable")
 }
 
 fn reply_with<T: Serialize>(state: &Ctx<'_>, reply: Option<&str>, r: Result<T, StreamError>) {
@@ -60,14 +53,14 @@ pub(crate) fn handle(
     payload: &[u8],
 ) {
     let state = &Ctx { streams, delivery };
-    if let Some(rest) = subject.strip_prefix(ACK_PREFIX) {
-        let r = ack(state, rest, payload, reply);
+    if subject.starts_with(subject::ACK_PREFIX) {
+        let r = ack(state, subject, payload, reply);
         if let Err(e) = r {
             reply_with::<()>(state, reply, Err(e));
         }
         return;
     }
-    let Some(rest) = subject.strip_prefix(API_PREFIX) else {
+    let Some(request) = Api::parse(subject) else {
         reply_with::<()>(
             state,
             reply,
@@ -77,10 +70,9 @@ pub(crate) fn handle(
         );
         return;
     };
-    let toks: Vec<&str> = rest.split('.').collect();
     let streams = &state.streams;
-    match toks.as_slice() {
-        ["STREAM", "CREATE", name] => {
+    match request {
+        Api::StreamCreate { stream: name } => {
             let r = parse::<serde_json::Value>(payload).and_then(|mut v| {
                 if let Some(o) = v.as_object_mut() {
                     o.entry("name")
@@ -89,7 +81,7 @@ pub(crate) fn handle(
                 let cfg: StreamConfig = serde_json::from_value(v).map_err(|e| {
                     StreamError::BadRequest(format!("invalid stream configuration: {e}"))
                 })?;
-                if cfg.name != *name {
+                if cfg.name != name {
                     return Err(StreamError::BadRequest(format!(
                         "stream name {:?} in the body does not match {name:?} in the subject",
                         cfg.name
@@ -99,20 +91,20 @@ pub(crate) fn handle(
             });
             reply_with(state, reply, r)
         }
-        ["STREAM", "INFO", name] => reply_with(state, reply, streams.info(name)),
-        ["STREAM", "DELETE", name] => reply_with(
+        Api::StreamInfo { stream: name } => reply_with(state, reply, streams.info(name)),
+        Api::StreamDelete { stream: name } => reply_with(
             state,
             reply,
-            streams
-                .delete(name)
-                .map(|_| serde_json::json!({"deleted": true})),
+            streams.delete(name).map(|_| Deleted { deleted: true }),
         ),
-        ["STREAM", "LIST"] => reply_with(
+        Api::StreamList => reply_with(
             state,
             reply,
-            Ok(serde_json::json!({"streams": streams.list()})),
+            Ok(StreamList {
+                streams: streams.list(),
+            }),
         ),
-        ["CONSUMER", "CREATE", stream] => {
+        Api::ConsumerCreate { stream } => {
             let r = parse::<ConsumerConfig>(payload).and_then(|cfg| {
                 let s = streams
                     .get(stream)
@@ -121,7 +113,10 @@ pub(crate) fn handle(
             });
             reply_with(state, reply, r)
         }
-        ["CONSUMER", "INFO", stream, name] => {
+        Api::ConsumerInfo {
+            stream,
+            consumer: name,
+        } => {
             let r = streams
                 .get(stream)
                 .ok_or_else(|| StreamError::NotFound(stream.to_string()))
@@ -132,15 +127,18 @@ pub(crate) fn handle(
                 .map(|c| c.info());
             reply_with(state, reply, r)
         }
-        ["CONSUMER", "DELETE", stream, name] => {
+        Api::ConsumerDelete {
+            stream,
+            consumer: name,
+        } => {
             let r = streams
                 .get(stream)
                 .ok_or_else(|| StreamError::NotFound(stream.to_string()))
                 .and_then(|s| consumer::delete(&s, name))
-                .map(|_| serde_json::json!({"deleted": true}));
+                .map(|_| Deleted { deleted: true });
             reply_with(state, reply, r)
         }
-        ["CONSUMER", "LIST", stream] => {
+        Api::ConsumerList { stream } => {
             let r = streams
                 .get(stream)
                 .ok_or_else(|| StreamError::NotFound(stream.to_string()))
@@ -153,11 +151,14 @@ pub(crate) fn handle(
                         .map(|c| c.info())
                         .collect();
                     v.sort_by(|a, b| a.name.cmp(&b.name));
-                    serde_json::json!({"consumers": v})
+                    ConsumerList { consumers: v }
                 });
             reply_with(state, reply, r)
         }
-        ["CONSUMER", "NEXT", stream, name] => {
+        Api::ConsumerNext {
+            stream,
+            consumer: name,
+        } => {
             let Some(reply) = reply else { return };
             let r = parse::<PullRequest>(payload).and_then(|p| {
                 let s = streams
@@ -173,40 +174,25 @@ pub(crate) fn handle(
                 consumer::send_status(state.delivery, reply, e.status(), &e.to_string(), 0);
             }
         }
-        _ => reply_with::<()>(
-            state,
-            reply,
-            Err(StreamError::BadRequest(format!(
-                "unknown API subject {subject:?}"
-            ))),
-        ),
     }
 }
 
 fn ack(
     state: &Ctx<'_>,
-    rest: &str,
+    subject: &str,
     payload: &[u8],
     reply: Option<&str>,
 ) -> Result<(), StreamError> {
-    let mut t = rest.split('.');
-    let (Some(stream), Some(name), Some(seq)) = (t.next(), t.next(), t.next()) else {
-        return Err(StreamError::BadRequest("malformed ack subject".into()));
-    };
-    let seq: u64 = seq
-        .parse()
-        .map_err(|_| StreamError::BadRequest("malformed ack subject".into()))?;
-    let kind = match payload {
-        b"" | b"+ACK" => AckKind::Ack,
-        b"-NAK" => AckKind::Nak,
-        b"+WPI" => AckKind::Progress,
-        b"+TERM" => AckKind::Term,
-        _ => {
-            return Err(StreamError::BadRequest(
-                "unknown ack kind (use +ACK, -NAK, +WPI or +TERM)".into(),
-            ))
-        }
-    };
+    let subject::Ack {
+        stream,
+        consumer: name,
+        seq,
+        ..
+    } = subject::parse_ack(subject)
+        .ok_or_else(|| StreamError::BadRequest("malformed ack subject".into()))?;
+    let kind = AckKind::from_payload(payload).ok_or_else(|| {
+        StreamError::BadRequest("unknown ack kind (use +ACK, -NAK, +WPI or +TERM)".into())
+    })?;
     let s = state
         .streams
         .get(stream)

@@ -17,14 +17,13 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::{Duration, Instant};
 
-use serde::{Deserialize, Serialize};
+use sockbus_protocol::api::{header, subject, Start};
 use sockbus_protocol::frame::push_header;
-use sockbus_protocol::subject::validate_pattern;
 use tokio::sync::{mpsc, Notify};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use super::{valid_name, write_atomic, Stream, StreamError};
+use super::{write_atomic, Stream, StreamError};
 use crate::deliver::{Delivery, Outgoing};
 use crate::store::{now_ns, Log, ReadPos, StoredMsg};
 
@@ -34,94 +33,8 @@ const COMPACT_AT: u64 = 1 << 20;
 const ROUND_MSGS: usize = 1024;
 const ROUND_BYTES: usize = 4 << 20;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
-#[serde(rename_all = "lowercase")]
-pub enum AckPolicy {
-    #[default]
-    Explicit,
-    None,
-}
-
-fn default_start() -> String {
-    "first".into()
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct ConsumerConfig {
-    /// Name of a durable consumer; absent for an ephemeral one.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub durable: Option<String>,
-    /// `first`, `last`, `new`, `seq:N` or `time:RFC3339`; used only when the consumer is created.
-    #[serde(default = "default_start")]
-    pub start: String,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub filter_subject: Option<String>,
-    #[serde(default)]
-    pub ack_policy: AckPolicy,
-    /// Redeliver a message not acked within this (default 30 s).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub ack_wait_ms: Option<u64>,
-    /// Give up on a message after this many deliveries (default: never).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub max_deliver: Option<u32>,
-    /// Most delivered-unacked messages before new ones wait (default 10000).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub max_ack_pending: Option<usize>,
-    /// An ephemeral consumer without pulls for this long is removed (default 60 s).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub inactive_ms: Option<u64>,
-}
-
-impl ConsumerConfig {
-    fn ack_wait(&self) -> Duration {
-        Duration::from_millis(self.ack_wait_ms.unwrap_or(30_000).max(1))
-    }
-    fn max_ack_pending(&self) -> usize {
-        self.max_ack_pending.unwrap_or(10_000).max(1)
-    }
-}
-
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct PullRequest {
-    #[serde(default = "one")]
-    pub batch: usize,
-    #[serde(default)]
-    pub max_bytes: Option<usize>,
-    /// How long the pull waits for messages (default 5 s).
-    #[serde(default)]
-    pub expires_ms: Option<u64>,
-    /// Answer at once with what there is.
-    #[serde(default)]
-    pub no_wait: bool,
-}
-
-fn one() -> usize {
-    1
-}
-
-#[derive(Debug, Clone, Serialize)]
-pub struct ConsumerInfo {
-    pub stream: String,
-    pub name: String,
-    pub durable: bool,
-    pub config: ConsumerConfig,
-    /// The next stream sequence never delivered before.
-    pub next_seq: u64,
-    /// Every message up to here is acked (or given up on).
-    pub ack_floor: u64,
-    pub num_ack_pending: usize,
-    pub num_redelivered: u64,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum AckKind {
-    Ack,
-    Nak,
-    Progress,
-    Term,
-}
+/// The API's types are shared with the SDK (sockbus_protocol::api).
+pub use sockbus_protocol::api::{AckKind, AckPolicy, ConsumerConfig, ConsumerInfo, PullRequest};
 
 struct Pend {
     deliveries: u32,
@@ -417,37 +330,32 @@ fn parse_start(log: &Log, start: &str) -> Result<u64, StreamError> {
             "start {start:?} must be first, last, new, seq:N or time:RFC3339"
         ))
     };
+    let start = match start {
+        "" => Start::First,
+        s => s.parse().map_err(|_| bad())?,
+    };
     Ok(match start {
-        "first" | "" => log.lock().first_seq(),
-        "last" => st_next.saturating_sub(1).max(1).max(log.lock().first_seq()),
-        "new" => st_next,
-        s => {
-            if let Some(n) = s.strip_prefix("seq:") {
-                n.parse::<u64>().map_err(|_| bad())?.max(1)
-            } else if let Some(t) = s.strip_prefix("time:") {
-                let t = humantime::parse_rfc3339_weak(t).map_err(|_| bad())?;
-                let ns = t
-                    .duration_since(std::time::UNIX_EPOCH)
-                    .map_or(0, |d| d.as_nanos() as u64);
-                log.seq_for_time(ns).map_err(|e| StreamError::Storage {
-                    name: log.name.clone(),
-                    error: e.to_string(),
-                })?
-            } else {
-                return Err(bad());
-            }
+        Start::First => log.lock().first_seq(),
+        Start::Last => st_next.saturating_sub(1).max(1).max(log.lock().first_seq()),
+        Start::New => st_next,
+        Start::Seq(n) => n.max(1),
+        Start::Time(t) => {
+            let ns = t
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_nanos() as u64);
+            log.seq_for_time(ns).map_err(|e| StreamError::Storage {
+                name: log.name.clone(),
+                error: e.to_string(),
+            })?
         }
     })
 }
 
 /// Creates a consumer (or returns the existing durable of that name).
 pub fn create(s: &Arc<Stream>, mut cfg: ConsumerConfig) -> Result<ConsumerInfo, StreamError> {
-    if let Some(f) = &cfg.filter_subject {
-        validate_pattern(f).map_err(|e| StreamError::BadRequest(format!("filter subject: {e}")))?;
-    }
+    cfg.validate()?;
     let name = match &cfg.durable {
         Some(n) => {
-            valid_name("consumer", n)?;
             if let Some(c) = s.consumer(n) {
                 if c.config.filter_subject != cfg.filter_subject
                     || c.config.ack_policy != cfg.ack_policy
@@ -463,7 +371,7 @@ pub fn create(s: &Arc<Stream>, mut cfg: ConsumerConfig) -> Result<ConsumerInfo, 
         None => format!("eph-{:016x}", rand::random::<u64>()),
     };
     if cfg.start.is_empty() {
-        cfg.start = default_start();
+        cfg.start = Start::First.to_string();
     }
     let next_seq = parse_start(&s.log, &cfg.start)?;
     let storage = |e: std::io::Error| StreamError::Storage {
@@ -643,9 +551,9 @@ pub(crate) fn delete(s: &Arc<Stream>, name: &str) -> Result<(), StreamError> {
 /// `Sb-Description` and `Sb-Pending` (messages of the pull not delivered).
 pub(crate) fn send_status(d: &Delivery, reply: &str, code: u16, text: &str, pending: usize) {
     let mut h = Vec::new();
-    let _ = push_header(&mut h, "Sb-Status", &code.to_string());
-    let _ = push_header(&mut h, "Sb-Description", text);
-    let _ = push_header(&mut h, "Sb-Pending", &pending.to_string());
+    let _ = push_header(&mut h, header::STATUS, &code.to_string());
+    let _ = push_header(&mut h, header::DESCRIPTION, text);
+    let _ = push_header(&mut h, header::PENDING, &pending.to_string());
     let _ = d.publish_now(reply, &h, &[]);
 }
 
@@ -709,7 +617,7 @@ async fn serve_pull(
             let mut out = c.delivery.batch(4);
             let mut failed = Vec::new();
             for (msg, deliveries) in &batch {
-                let ack = format!("$SB.ACK.{}.{}.{}.{}", c.stream, c.name, msg.seq, deliveries);
+                let ack = subject::ack(&c.stream, &c.name, msg.seq, *deliveries);
                 let m = Outgoing {
                     reply: Some(&ack),
                     ..Outgoing::new(msg.subject(), None, &msg.headers, &msg.payload)

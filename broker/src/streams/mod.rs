@@ -17,9 +17,8 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use bytes::BytesMut;
-use serde::{Deserialize, Serialize};
+use sockbus_protocol::api::ConfigError;
 use sockbus_protocol::frame::iter_headers;
-use sockbus_protocol::subject::validate_pattern;
 use tokio::sync::{oneshot, Notify};
 use tracing::{error, info, warn};
 
@@ -27,88 +26,22 @@ use crate::deliver::Delivery;
 use crate::router::InterestHook;
 use crate::store::{record, Log};
 pub use consumer::Consumer;
+/// The API's types are shared with the SDK (sockbus_protocol::api).
+pub use sockbus_protocol::api::{Fsync, PubAck, StreamConfig, StreamInfo, StreamState};
 
 /// Header whose value makes a publish idempotent within the stream's duplicate window.
-pub const MSG_ID_HEADER: &str = "Msg-Id";
+pub use sockbus_protocol::api::header::MSG_ID as MSG_ID_HEADER;
 /// Bytes a stream's writer may have queued before publishers are slowed down.
 const QUEUE_LIMIT: usize = 32 << 20;
 const DEFAULT_SEGMENT: u64 = 64 << 20;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
-#[serde(rename_all = "lowercase")]
-pub enum Fsync {
-    /// The ack is sent once the data is on disk (group commit).
-    #[default]
-    Always,
-    /// Written at once, `fdatasync`ed every `fsync_interval_ms`.
-    Interval,
-    /// Left to the kernel.
-    Never,
+/// What the store derives from a stream's settings.
+pub(crate) trait StreamConfigExt {
+    /// Size at which the stream's segments are sealed.
+    fn segment_bytes(&self) -> u64;
 }
 
-impl std::str::FromStr for Fsync {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        match s {
-            "always" => Ok(Fsync::Always),
-            "interval" => Ok(Fsync::Interval),
-            "never" => Ok(Fsync::Never),
-            _ => Err(format!(
-                "fsync must be always, interval or never, got {s:?}"
-            )),
-        }
-    }
-}
-
-/// A stream's settings, as created (JSON on the API and in `stream.json`).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct StreamConfig {
-    pub name: String,
-    pub subjects: Vec<String>,
-    #[serde(default)]
-    pub fsync: Fsync,
-    /// For `fsync = interval`: the longest a write stays only in memory (default 100 ms).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub fsync_interval_ms: Option<u64>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub max_age_ms: Option<u64>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub max_bytes: Option<u64>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub max_msgs: Option<u64>,
-    /// Size at which a segment is sealed and a new one started (default 64 MiB).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub segment_bytes: Option<u64>,
-    /// How long a `Msg-Id` is remembered for deduplication (default 2 minutes).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub duplicate_window_ms: Option<u64>,
-}
-
-impl StreamConfig {
-    pub fn validate(&self) -> Result<(), StreamError> {
-        valid_name("stream", &self.name)?;
-        if self.subjects.is_empty() {
-            return Err(StreamError::BadRequest(
-                "a stream needs at least one subject".into(),
-            ));
-        }
-        for s in &self.subjects {
-            validate_pattern(s).map_err(|e| StreamError::BadRequest(e.to_string()))?;
-            if s.starts_with("$SB.") {
-                return Err(StreamError::BadRequest(format!(
-                    "subject {s:?} is reserved"
-                )));
-            }
-        }
-        if self.segment_bytes.is_some_and(|b| b < 1024) {
-            return Err(StreamError::BadRequest(
-                "segment_bytes must be at least 1024".into(),
-            ));
-        }
-        Ok(())
-    }
-
+impl StreamConfigExt for StreamConfig {
     fn segment_bytes(&self) -> u64 {
         let mut s = self.segment_bytes.unwrap_or(DEFAULT_SEGMENT);
         if let Some(b) = self.max_bytes {
@@ -117,24 +50,6 @@ impl StreamConfig {
         }
         s
     }
-
-    fn duplicate_window(&self) -> Duration {
-        Duration::from_millis(self.duplicate_window_ms.unwrap_or(120_000))
-    }
-}
-
-pub(crate) fn valid_name(what: &str, n: &str) -> Result<(), StreamError> {
-    if n.is_empty()
-        || n.len() > 64
-        || !n
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
-    {
-        return Err(StreamError::BadRequest(format!(
-            "{what} name {n:?} must be 1 to 64 letters, digits, '_' or '-'"
-        )));
-    }
-    Ok(())
 }
 
 /// Could one subject match both patterns?
@@ -166,8 +81,12 @@ pub enum StreamError {
     Storage { name: String, error: String },
     #[error("stream {0:?} was deleted")]
     Deleted(String),
-    #[error("no stream captures subject {0:?}")]
-    NotCaptured(String),
+}
+
+impl From<ConfigError> for StreamError {
+    fn from(e: ConfigError) -> Self {
+        StreamError::BadRequest(e.to_string())
+    }
 }
 
 impl StreamError {
@@ -175,45 +94,11 @@ impl StreamError {
     pub fn status(&self) -> u16 {
         match self {
             StreamError::BadRequest(_) => 400,
-            StreamError::NotFound(_)
-            | StreamError::ConsumerNotFound(_)
-            | StreamError::NotCaptured(_) => 404,
+            StreamError::NotFound(_) | StreamError::ConsumerNotFound(_) => 404,
             StreamError::Exists(_) => 409,
             StreamError::Storage { .. } | StreamError::Deleted(_) => 503,
         }
     }
-}
-
-/// What a stored publish is answered with.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct PubAck {
-    pub stream: String,
-    pub seq: u64,
-    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
-    pub duplicate: bool,
-}
-
-#[derive(Debug, Clone, Serialize)]
-pub struct StreamState {
-    pub messages: u64,
-    pub bytes: u64,
-    pub first_seq: u64,
-    pub last_seq: u64,
-    /// RFC 3339, absent while the stream is empty.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub first_ts: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub last_ts: Option<String>,
-    pub segments: usize,
-    pub consumers: usize,
-    /// Records found damaged on disk (CRC mismatch) and skipped.
-    pub damaged_records: u64,
-}
-
-#[derive(Debug, Clone, Serialize)]
-pub struct StreamInfo {
-    pub config: StreamConfig,
-    pub state: StreamState,
 }
 
 pub(crate) fn rfc3339(ns: u64) -> String {

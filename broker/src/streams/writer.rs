@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use sockbus_protocol::frame::iter_headers;
 use tracing::{error, warn};
 
-use super::{AckTo, Fsync, PubAck, Stream, StreamError, WriteReq, MSG_ID_HEADER};
+use super::{AckTo, Fsync, PubAck, Stream, StreamConfigExt, StreamError, WriteReq, MSG_ID_HEADER};
 use crate::deliver::{Batch, Outgoing};
 use crate::store::{now_ns, Appender};
 

@@ -1,0 +1,318 @@
+//! Streams: the configuration a stream is created with (also its
+//! `stream.json` on the broker's disk), what it reports about itself, and
+//! the ack of a stored publish.
+
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use super::{subject, validate_name, ConfigError};
+use crate::subject::validate_pattern;
+
+/// Smallest `segment_bytes` a stream accepts.
+pub const MIN_SEGMENT_BYTES: u64 = 1024;
+
+/// When a stored message reaches the disk, and so when its ack is sent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Fsync {
+    /// The ack is sent once the data is on disk (group commit).
+    #[default]
+    Always,
+    /// Written at once, `fdatasync`ed every `fsync_interval_ms`.
+    Interval,
+    /// Left to the kernel.
+    Never,
+}
+
+impl std::str::FromStr for Fsync {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "always" => Ok(Fsync::Always),
+            "interval" => Ok(Fsync::Interval),
+            "never" => Ok(Fsync::Never),
+            _ => Err(format!(
+                "fsync must be always, interval or never, got {s:?}"
+            )),
+        }
+    }
+}
+
+/// A stream's settings, as created (JSON on the API and in `stream.json`).
+/// Unknown fields are refused, so a misspelt limit is an error, not ignored.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StreamConfig {
+    pub name: String,
+    /// Subject patterns whose messages the stream stores.
+    pub subjects: Vec<String>,
+    #[serde(default)]
+    pub fsync: Fsync,
+    /// For `fsync = interval`: the longest a write stays only in memory (default 100 ms).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fsync_interval_ms: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_age_ms: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_bytes: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_msgs: Option<u64>,
+    /// Size at which a segment is sealed and a new one started (default 64 MiB).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub segment_bytes: Option<u64>,
+    /// How long a `Msg-Id` is remembered for deduplication (default 2 minutes).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub duplicate_window_ms: Option<u64>,
+}
+
+impl StreamConfig {
+    /// A stream of these subjects, `fsync = always`, no limits.
+    pub fn new<S: Into<String>>(
+        name: impl Into<String>,
+        subjects: impl IntoIterator<Item = S>,
+    ) -> Self {
+        StreamConfig {
+            name: name.into(),
+            subjects: subjects.into_iter().map(Into::into).collect(),
+            fsync: Fsync::Always,
+            fsync_interval_ms: None,
+            max_age_ms: None,
+            max_bytes: None,
+            max_msgs: None,
+            segment_bytes: None,
+            duplicate_window_ms: None,
+        }
+    }
+
+    /// What the stream's own fields allow; whether its subjects overlap
+    /// another stream's is for the broker to say.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        validate_name("stream", &self.name)?;
+        if self.subjects.is_empty() {
+            return Err(ConfigError::NoSubjects);
+        }
+        for s in &self.subjects {
+            validate_pattern(s).map_err(ConfigError::Subject)?;
+            if subject::is_reserved(s) {
+                return Err(ConfigError::Reserved(s.clone()));
+            }
+        }
+        if self.segment_bytes.is_some_and(|b| b < MIN_SEGMENT_BYTES) {
+            return Err(ConfigError::SegmentTooSmall);
+        }
+        Ok(())
+    }
+
+    /// `duplicate_window_ms`, or its default of 2 minutes.
+    pub fn duplicate_window(&self) -> Duration {
+        Duration::from_millis(self.duplicate_window_ms.unwrap_or(120_000))
+    }
+}
+
+/// What a stored publish is answered with.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PubAck {
+    pub stream: String,
+    pub seq: u64,
+    /// The message carried a `Msg-Id` already stored within the duplicate window.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub duplicate: bool,
+}
+
+/// A stream's contents, as `INFO` and `GET /v1/streams` report them.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StreamState {
+    pub messages: u64,
+    pub bytes: u64,
+    pub first_seq: u64,
+    pub last_seq: u64,
+    /// RFC 3339, absent while the stream is empty.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub first_ts: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_ts: Option<String>,
+    pub segments: usize,
+    pub consumers: usize,
+    /// Records found damaged on disk (CRC mismatch) and skipped.
+    pub damaged_records: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StreamInfo {
+    pub config: StreamConfig,
+    pub state: StreamState,
+}
+
+/// The answer to `$SB.API.STREAM.LIST`, sorted by name.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StreamList {
+    pub streams: Vec<StreamInfo>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::subject::SubjectError;
+
+    /// Round-trips `v` and checks its JSON is exactly `json` (what brokers
+    /// and SDKs before the types were shared wrote).
+    fn pinned<T>(v: &T, json: &str)
+    where
+        T: Serialize + for<'de> Deserialize<'de> + PartialEq + std::fmt::Debug,
+    {
+        assert_eq!(serde_json::to_string(v).unwrap(), json);
+        assert_eq!(&serde_json::from_str::<T>(json).unwrap(), v);
+    }
+
+    fn orders() -> StreamConfig {
+        StreamConfig {
+            fsync: Fsync::Interval,
+            fsync_interval_ms: Some(50),
+            max_age_ms: Some(86_400_000),
+            max_msgs: Some(1000),
+            duplicate_window_ms: Some(60_000),
+            ..StreamConfig::new("ORDERS", ["orders.>"])
+        }
+    }
+
+    fn state() -> StreamState {
+        StreamState {
+            messages: 2,
+            bytes: 100,
+            first_seq: 1,
+            last_seq: 2,
+            first_ts: Some("2024-05-01T12:00:00.000000001Z".into()),
+            last_ts: Some("2024-05-01T12:00:01Z".into()),
+            segments: 1,
+            consumers: 1,
+            damaged_records: 0,
+        }
+    }
+
+    #[test]
+    fn stream_config_json_is_pinned_and_unset_limits_are_left_out() {
+        pinned(
+            &StreamConfig::new("ORDERS", ["orders.>"]),
+            r#"{"name":"ORDERS","subjects":["orders.>"],"fsync":"always"}"#,
+        );
+        pinned(
+            &orders(),
+            r#"{"name":"ORDERS","subjects":["orders.>"],"fsync":"interval","fsync_interval_ms":50,"max_age_ms":86400000,"max_msgs":1000,"duplicate_window_ms":60000}"#,
+        );
+        let all = StreamConfig {
+            fsync: Fsync::Never,
+            max_bytes: Some(1 << 30),
+            segment_bytes: Some(4096),
+            ..orders()
+        };
+        let back: StreamConfig =
+            serde_json::from_str(&serde_json::to_string(&all).unwrap()).unwrap();
+        assert_eq!(back, all);
+    }
+
+    #[test]
+    fn stream_config_defaults_fsync_and_refuses_unknown_fields_and_fsync_values() {
+        let c: StreamConfig = serde_json::from_str(r#"{"name":"A","subjects":["a"]}"#).unwrap();
+        assert_eq!(c, StreamConfig::new("A", ["a"]));
+        let e = serde_json::from_str::<StreamConfig>(r#"{"name":"a","subjects":["a"],"bogus":1}"#)
+            .unwrap_err();
+        assert!(e.to_string().starts_with("unknown field `bogus`"), "{e}");
+        assert!(serde_json::from_str::<StreamConfig>(
+            r#"{"name":"x","subjects":["a"],"fsync":"sometimes"}"#
+        )
+        .is_err());
+        assert!(serde_json::from_str::<StreamConfig>(r#"{"subjects":["a"]}"#).is_err());
+    }
+
+    #[test]
+    fn fsync_parses_its_three_names_only() {
+        for f in [Fsync::Always, Fsync::Interval, Fsync::Never] {
+            let name = serde_json::to_value(f).unwrap();
+            assert_eq!(name.as_str().unwrap().parse::<Fsync>(), Ok(f));
+        }
+        assert_eq!(
+            "Always".parse::<Fsync>().unwrap_err(),
+            r#"fsync must be always, interval or never, got "Always""#
+        );
+    }
+
+    #[test]
+    fn stream_info_json_is_pinned_and_timestamps_are_left_out_while_empty() {
+        pinned(
+            &StreamInfo {
+                config: orders(),
+                state: state(),
+            },
+            r#"{"config":{"name":"ORDERS","subjects":["orders.>"],"fsync":"interval","fsync_interval_ms":50,"max_age_ms":86400000,"max_msgs":1000,"duplicate_window_ms":60000},"state":{"messages":2,"bytes":100,"first_seq":1,"last_seq":2,"first_ts":"2024-05-01T12:00:00.000000001Z","last_ts":"2024-05-01T12:00:01Z","segments":1,"consumers":1,"damaged_records":0}}"#,
+        );
+        pinned(
+            &StreamState {
+                messages: 0,
+                first_ts: None,
+                last_ts: None,
+                ..state()
+            },
+            r#"{"messages":0,"bytes":100,"first_seq":1,"last_seq":2,"segments":1,"consumers":1,"damaged_records":0}"#,
+        );
+        pinned(&StreamList { streams: vec![] }, r#"{"streams":[]}"#);
+    }
+
+    #[test]
+    fn pub_ack_says_duplicate_only_when_it_was_one() {
+        let mut a = PubAck {
+            stream: "ORDERS".into(),
+            seq: 42,
+            duplicate: false,
+        };
+        pinned(&a, r#"{"stream":"ORDERS","seq":42}"#);
+        a.duplicate = true;
+        pinned(&a, r#"{"stream":"ORDERS","seq":42,"duplicate":true}"#);
+    }
+
+    #[test]
+    fn stream_configs_are_validated_with_the_errors_users_see() {
+        assert_eq!(orders().validate(), Ok(()));
+        let bad = |f: fn(&mut StreamConfig)| {
+            let mut c = orders();
+            f(&mut c);
+            c.validate().unwrap_err()
+        };
+        assert!(matches!(
+            bad(|c| c.name = "has space".into()),
+            ConfigError::Name { kind: "stream", .. }
+        ));
+        assert!(matches!(
+            bad(|c| c.name = "a.b".into()),
+            ConfigError::Name { .. }
+        ));
+        assert_eq!(
+            bad(|c| c.subjects.clear()).to_string(),
+            "a stream needs at least one subject"
+        );
+        assert!(matches!(
+            bad(|c| c.subjects = vec!["a..b".into()]),
+            ConfigError::Subject(SubjectError::EmptyToken(_))
+        ));
+        assert_eq!(
+            bad(|c| c.subjects = vec!["$SB.API.>".into()]).to_string(),
+            r#"subject "$SB.API.>" is reserved"#
+        );
+        assert_eq!(
+            bad(|c| c.segment_bytes = Some(1023)).to_string(),
+            "segment_bytes must be at least 1024"
+        );
+        let mut c = orders();
+        c.segment_bytes = Some(1024);
+        assert_eq!(c.validate(), Ok(()));
+    }
+
+    #[test]
+    fn the_duplicate_window_defaults_to_two_minutes() {
+        assert_eq!(
+            StreamConfig::new("A", ["a"]).duplicate_window(),
+            Duration::from_secs(120)
+        );
+        assert_eq!(orders().duplicate_window(), Duration::from_secs(60));
+    }
+}
