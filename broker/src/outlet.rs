@@ -6,7 +6,8 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use sockbus_protocol::outbox::{Direct, Outbox, Push};
+use sockbus_protocol::drain::{self, Kick};
+use sockbus_protocol::outbox::{Outbox, Push};
 use tokio::net::tcp::OwnedWriteHalf;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
@@ -78,25 +79,23 @@ impl Outlet {
             // No socket: an event stream, or the writer task has ended.
             return self.wake();
         };
-        let mut t = match self.outbox.claim_direct(DIRECT_MAX) {
-            Direct::Write(t) => t,
-            Direct::Wake => return self.wake(),
-            Direct::Busy => return,
-        };
-        let r = t.write_nonblocking(|b| s.try_write_vectored(b));
-        drop(sock);
-        let left = self.outbox.release(t);
-        match r {
-            Ok(_) => {
+        match drain::write_now(&self.outbox, s, DIRECT_MAX) {
+            Kick::Wrote {
+                result: Ok(()),
+                left,
+            } => {
                 if left {
                     self.wake();
                 }
             }
-            Err(e) => {
+            Kick::Wrote { result: Err(e), .. } => {
+                drop(sock);
                 debug!(conn = self.id, "write failed: {e}");
                 self.outbox.close();
                 self.abort.cancel();
             }
+            Kick::Wake => self.wake(),
+            Kick::Busy => {}
         }
     }
 }
@@ -120,14 +119,8 @@ pub(crate) async fn write_loop(out: Arc<Outlet>, write_timeout: Duration) {
             }
             continue;
         };
-        let write = async {
-            while !t.write_nonblocking(|b| sock.try_write_vectored(b))? {
-                sock.writable().await?;
-            }
-            Ok::<_, std::io::Error>(())
-        };
         let r = tokio::select! {
-            r = tokio::time::timeout(write_timeout, write) => Some(r),
+            r = tokio::time::timeout(write_timeout, drain::write_all(&mut t, &sock)) => Some(r),
             _ = out.abort.cancelled() => None,
         };
         out.outbox.release(t);

@@ -6,7 +6,7 @@
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
-use sockbus_protocol::outbox::Direct;
+use sockbus_protocol::drain::{self, Kick};
 use tokio::net::tcp::OwnedWriteHalf;
 
 use crate::client::{lock, Inner};
@@ -72,13 +72,13 @@ impl Inner {
             // connection's reset keeps the publishes) for the next writer.
             return self.wake.notify_one();
         };
-        let mut t = match self.outbox.claim_direct(DIRECT_MAX) {
-            Direct::Write(t) => t,
-            Direct::Wake => return self.wake.notify_one(),
-            Direct::Busy => return,
-        };
-        let r = t.write_nonblocking(|b| s.try_write_vectored(b));
+        let kicked = drain::write_now(&self.outbox, s, DIRECT_MAX);
         drop(sock);
+        let (result, left) = match kicked {
+            Kick::Wrote { result, left } => (result, left),
+            Kick::Wake => return self.wake.notify_one(),
+            Kick::Busy => return,
+        };
         // The claim took bytes out of the outbox: room for waiting publishers.
         self.space_freed();
         match now {
@@ -87,7 +87,7 @@ impl Inner {
         }
         // On an error the writer task meets it too, and the connection is
         // replaced.
-        if self.outbox.release(t) || r.is_err() {
+        if left || result.is_err() {
             self.wake.notify_one();
         }
     }
@@ -113,13 +113,7 @@ pub(crate) async fn write_loop(inner: Arc<Inner>, wr: Arc<OwnedWriteHalf>) -> Er
         if !t.data.is_empty() {
             inner.space_freed();
         }
-        let r = async {
-            while !t.write_nonblocking(|b| wr.try_write_vectored(b))? {
-                wr.writable().await?;
-            }
-            Ok::<_, std::io::Error>(())
-        }
-        .await;
+        let r = drain::write_all(&mut t, &wr).await;
         inner.outbox.release(t);
         inner.wrote();
         if let Err(e) = r {

@@ -53,12 +53,10 @@ impl Backoff {
     }
 
     /// The backoff of the broker's cluster routes (`dial_loop` in
-    /// broker/src/cluster.rs, which computes it itself today): 50 ms
-    /// doubling at most 5 times, so at most 1.6 s (its 2 s cap is never
-    /// reached), plus up to half of that as jitter. `dial_loop` would pass
-    /// its `failures` count as is: 0 right after a lost route (50 ms), 1
-    /// after the first failed dial (100 ms). One difference: its jitter
-    /// excludes the upper bound (`rand_jitter`), this one includes it.
+    /// broker/src/cluster/mod.rs): 50 ms doubling at most 5 times, so at
+    /// most 1.6 s, plus up to half of that as jitter. `dial_loop` passes its
+    /// `failures` count: 0 right after a lost route (50 ms), 1 after the
+    /// first failed dial (100 ms).
     pub const fn cluster_route() -> Self {
         Backoff::new(Duration::from_millis(50), Duration::from_secs(2))
             .max_doublings(5)

@@ -8,6 +8,8 @@
 pub mod api;
 pub mod backoff;
 pub mod busy_poll;
+#[cfg(feature = "rt")]
+pub mod drain;
 pub mod flow;
 pub mod frame;
 pub mod outbox;

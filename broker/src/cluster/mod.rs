@@ -38,7 +38,7 @@ use sockbus_protocol::frame::{
     self, encode_connect, encode_err, encode_info, encode_pong, Header, CONNECT_ROUTE, RMSG_PLAIN,
 };
 use sockbus_protocol::outbox::Outbox;
-use sockbus_protocol::{FrameRef, MAX_FRAME_OVERHEAD};
+use sockbus_protocol::{Backoff, FrameRef, MAX_FRAME_OVERHEAD};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
@@ -55,6 +55,9 @@ use crate::streams::Stream;
 
 /// Subjects each route remembers the matches of.
 const MATCH_CACHE: usize = 4096;
+/// Redials of a lost or unreachable peer: 50 ms doubling to 1.6 s, with jitter
+/// so that many nodes do not redial in step.
+const ROUTE_BACKOFF: Backoff = Backoff::cluster_route();
 
 /// Starts the route listener and one dialer per peer.
 pub(crate) fn start(
@@ -169,24 +172,11 @@ async fn dial_loop(state: Arc<State>, url: String, shutdown: CancellationToken) 
                 }
             }
         }
-        let base = Duration::from_millis(50u64 << failures.min(5)).min(Duration::from_secs(2));
-        let jitter = Duration::from_millis(rand_jitter(base.as_millis() as u64 / 2));
+        let delay = ROUTE_BACKOFF.delay(failures, rand::random());
         tokio::select! {
             _ = shutdown.cancelled() => return,
-            _ = tokio::time::sleep(base + jitter) => {}
+            _ = tokio::time::sleep(delay) => {}
         }
-    }
-}
-
-fn rand_jitter(max: u64) -> u64 {
-    // Spread redials of many nodes; the quality of the randomness does not matter.
-    let t = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.subsec_nanos() as u64);
-    if max == 0 {
-        0
-    } else {
-        t % max
     }
 }
 

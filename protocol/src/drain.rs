@@ -1,0 +1,47 @@
+//! Draining an [`Outbox`] into a TCP socket: the two moves the broker's
+//! outlets and the SDK's connection both make (feature `rt`). A producer
+//! that finds nobody writing sends a small batch itself ([`write_now`]);
+//! otherwise the connection's writer task sends what is queued
+//! ([`write_all`]). The policy around them (when to write directly, what a
+//! failed write ends) stays with each side.
+
+use std::io;
+
+use tokio::net::tcp::OwnedWriteHalf;
+
+use crate::outbox::{Direct, Outbox, Take};
+
+/// What [`write_now`] did.
+#[derive(Debug)]
+pub enum Kick {
+    /// Wrote what the socket took without blocking. `left`: bytes remain
+    /// queued, for the writer task.
+    Wrote { result: io::Result<()>, left: bool },
+    /// More is queued than a producer writes itself: wake the writer task.
+    Wake,
+    /// Someone else is writing; their release takes care of the rest.
+    Busy,
+}
+
+/// Writes up to `max` queued bytes to `sock` here and now, without
+/// blocking, when nobody else is writing.
+pub fn write_now(outbox: &Outbox, sock: &OwnedWriteHalf, max: usize) -> Kick {
+    let mut t = match outbox.claim_direct(max) {
+        Direct::Write(t) => t,
+        Direct::Wake => return Kick::Wake,
+        Direct::Busy => return Kick::Busy,
+    };
+    let result = t
+        .write_nonblocking(|b| sock.try_write_vectored(b))
+        .map(|_| ());
+    let left = outbox.release(t);
+    Kick::Wrote { result, left }
+}
+
+/// Writes all of a claimed batch, waiting for the socket as needed.
+pub async fn write_all(t: &mut Take, sock: &OwnedWriteHalf) -> io::Result<()> {
+    while !t.write_nonblocking(|b| sock.try_write_vectored(b))? {
+        sock.writable().await?;
+    }
+    Ok(())
+}
