@@ -88,6 +88,13 @@ async fn bad_publishes_get_json_errors_with_the_right_status() {
     assert_eq!(r.status, StatusCode::BAD_REQUEST);
     assert!(r.error().contains("reply"), "{}", r.text());
 
+    // $SB. is the broker's API on every front end: never routed from HTTP.
+    for path in ["/v1/publish/$SB.API.STREAM.LIST", "/v1/publish/%24SB.ACK.s.c.1.1"] {
+        let r = b.post(path, "x").await;
+        assert_eq!(r.status, StatusCode::BAD_REQUEST, "{path}");
+        assert!(r.error().contains("reserved"), "{path}: {}", r.text());
+    }
+
     // Over the limit with a Content-Length: refused before the body is read.
     let r = b.post("/v1/publish/a", vec![0u8; 1025]).await;
     assert_eq!(r.status, StatusCode::PAYLOAD_TOO_LARGE);
@@ -253,6 +260,7 @@ async fn bad_subscriptions_are_400() {
     let b = HttpBroker::start().await;
     for (path, needle) in [
         ("/v1/subscribe/a..b", "invalid subject"),
+        ("/v1/subscribe/a?queue=a%7Fb", "queue"),
         ("/v1/subscribe/a.%3E.b", "invalid subject"),
         ("/v1/subscribe/", "invalid subject"),
         ("/v1/subscribe/a?queue=", "queue"),
