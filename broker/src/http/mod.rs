@@ -13,7 +13,7 @@ mod publish;
 mod routes;
 mod sse;
 mod status;
-pub mod streams;
+mod streams;
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -48,7 +48,7 @@ const CONN_MATCH_CACHE: usize = 64;
 
 /// What every HTTP connection shares.
 pub struct Gateway {
-    pub state: Arc<State>,
+    pub(crate) state: Arc<State>,
     pub metrics: HttpMetrics,
     /// Where the gateway listens (shown on the status page).
     pub local_addr: SocketAddr,
