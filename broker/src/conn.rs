@@ -377,3 +377,188 @@ impl Frames for Client {
         self.batch.backlogged()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::deliver::Delivery;
+    use crate::router::Router;
+    use crate::streams::Streams;
+    use sockbus_protocol::frame::encode_pub;
+
+    const MAX_PAYLOAD: u32 = 1024;
+
+    /// A client connection's frame handler with no socket, over a fresh engine.
+    fn client(dir: &std::path::Path) -> (Client, Delivery) {
+        let d = Delivery::new(Router::default(), Default::default(), MAX_PAYLOAD, 1 << 20);
+        let streams = Arc::new(Streams::open(dir, d.clone(), None).unwrap());
+        let out = Arc::new(Outlet::new(
+            d.next_id(),
+            Outbox::new(1 << 20, 1 << 20),
+            CancellationToken::new(),
+            None,
+        ));
+        let c = Client {
+            batch: d.ingress(&streams, 16),
+            max_body: MAX_PAYLOAD + MAX_FRAME_OVERHEAD,
+            out: out.clone(),
+            subs: HashMap::new(),
+            me: Publisher {
+                id: out.id,
+                echo: true,
+                no_responders: true,
+                api: true,
+            },
+        };
+        (c, d)
+    }
+
+    /// Every frame queued for the client, owned.
+    fn sent(c: &Client) -> Vec<sockbus_protocol::Frame> {
+        let t = c.out.outbox.take();
+        let mut data = &t.data[..];
+        let mut v = Vec::new();
+        while let Ok(Some((f, len))) = frame::decode(data, u32::MAX) {
+            data = &data[len..];
+            v.push(sockbus_protocol::Frame::from(f));
+        }
+        v
+    }
+
+    fn err_codes(frames: &[sockbus_protocol::Frame]) -> Vec<u16> {
+        frames
+            .iter()
+            .filter_map(|f| match f {
+                sockbus_protocol::Frame::Err { code, .. } => Some(*code),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn sub(c: &mut Client, sid: u32, subject: &str) {
+        c.frame(FrameRef::Sub {
+            sid,
+            subject,
+            queue: None,
+        })
+        .unwrap();
+    }
+
+    fn publish(c: &mut Client, subject: &str, reply: Option<&str>, payload: &[u8]) {
+        c.frame(FrameRef::Pub {
+            subject,
+            reply,
+            headers: &[],
+            payload,
+        })
+        .unwrap();
+        c.end_batch();
+    }
+
+    #[tokio::test]
+    async fn a_subscription_id_in_use_is_refused_and_the_first_keeps_its_messages() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut c, d) = client(dir.path());
+        sub(&mut c, 1, "a");
+        sub(&mut c, 1, "b");
+        assert_eq!(err_codes(&sent(&c)), [code::BAD_REQUEST]);
+        assert_eq!(d.router().len(), 1);
+        publish(&mut c, "a", None, b"x");
+        assert!(matches!(
+            &sent(&c)[..],
+            [sockbus_protocol::Frame::Msg { sid: 1, .. }]
+        ));
+    }
+
+    #[tokio::test]
+    async fn unsub_with_a_count_ends_the_subscription_after_that_many_messages() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut c, d) = client(dir.path());
+        sub(&mut c, 7, "a");
+        c.frame(FrameRef::Unsub { sid: 7, max: 2 }).unwrap();
+        for _ in 0..4 {
+            publish(&mut c, "a", None, b"x");
+        }
+        assert_eq!(sent(&c).len(), 2);
+        assert_eq!(d.router().len(), 0);
+    }
+
+    #[tokio::test]
+    async fn ping_is_answered_with_pong_and_bad_input_gets_an_error_the_connection_survives() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut c, _d) = client(dir.path());
+        c.frame(FrameRef::Ping(42)).unwrap();
+        c.end_batch();
+        assert!(matches!(&sent(&c)[..], [sockbus_protocol::Frame::Pong(42)]));
+
+        publish(&mut c, "a.*", None, b"");
+        publish(&mut c, "a", Some("bad reply"), b"");
+        sub(&mut c, 2, "a..b");
+        c.frame(FrameRef::Sub {
+            sid: 3,
+            subject: "a",
+            queue: Some("bad queue"),
+        })
+        .unwrap();
+        // An oversized PUB is skipped unread; anything else that big ends the connection.
+        let mut big = BytesMut::new();
+        encode_pub(&mut big, "a", None, &[], &[0u8; 2000]).unwrap();
+        let h = frame::parse_header(&big).unwrap().unwrap();
+        assert!(c.oversized(&h).is_ok());
+        assert_eq!(
+            err_codes(&sent(&c)),
+            [
+                code::INVALID_SUBJECT,
+                code::INVALID_SUBJECT,
+                code::INVALID_SUBJECT,
+                code::BAD_REQUEST,
+                code::MAX_PAYLOAD
+            ]
+        );
+        let h = Header {
+            kind: Kind::Sub,
+            ..h
+        };
+        assert!(matches!(c.oversized(&h), Err(ConnError::Malformed(_))));
+        assert!(matches!(c.frame(FrameRef::Credit(1)), Ok(())));
+        assert!(matches!(
+            c.frame(FrameRef::Info {
+                version: PROTOCOL_VERSION,
+                recv_window: 0,
+                max_payload: 0,
+                server_name: "x",
+            }),
+            Err(ConnError::Refused(_))
+        ));
+    }
+
+    #[tokio::test]
+    async fn a_request_to_the_stream_api_is_answered_on_its_reply_subject() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut c, _d) = client(dir.path());
+        sub(&mut c, 5, "_INBOX.me.*");
+        publish(&mut c, "$SB.API.STREAM.LIST", Some("_INBOX.me.1"), b"");
+        let f = sent(&c);
+        let [sockbus_protocol::Frame::Msg {
+            sid: 5, payload, ..
+        }] = &f[..]
+        else {
+            panic!("one answer: {f:?}");
+        };
+        let v: serde_json::Value = serde_json::from_slice(payload).unwrap();
+        assert_eq!(v["streams"], serde_json::json!([]));
+    }
+
+    #[tokio::test]
+    async fn a_request_nobody_answers_gets_no_responders_at_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut c, _d) = client(dir.path());
+        sub(&mut c, 5, "_INBOX.me.*");
+        publish(&mut c, "svc.none", Some("_INBOX.me.2"), b"?");
+        let f = sent(&c);
+        assert!(
+            matches!(&f[..], [sockbus_protocol::Frame::Msg { sid: 5, flags, .. }] if flags & frame::MSG_NO_RESPONDERS != 0),
+            "{f:?}"
+        );
+    }
+}

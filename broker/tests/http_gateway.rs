@@ -89,7 +89,10 @@ async fn bad_publishes_get_json_errors_with_the_right_status() {
     assert!(r.error().contains("reply"), "{}", r.text());
 
     // $SB. is the broker's API on every front end: never routed from HTTP.
-    for path in ["/v1/publish/$SB.API.STREAM.LIST", "/v1/publish/%24SB.ACK.s.c.1.1"] {
+    for path in [
+        "/v1/publish/$SB.API.STREAM.LIST",
+        "/v1/publish/%24SB.ACK.s.c.1.1",
+    ] {
         let r = b.post(path, "x").await;
         assert_eq!(r.status, StatusCode::BAD_REQUEST, "{path}");
         assert!(r.error().contains("reserved"), "{path}: {}", r.text());
