@@ -27,7 +27,7 @@ pub struct Metrics {
     pub subjects: SubjectTable,
     /// Figures reported by other parts of the broker (fast path, streams, cluster).
     pub sources: Sources,
-    /// Cluster routes this broker dialed that are up.
+    /// Cluster routes that are up, dialed or accepted.
     pub routes: AtomicU64,
     /// Messages received from peers over cluster routes.
     pub route_msgs_in: AtomicU64,
@@ -79,9 +79,9 @@ impl Metrics {
 // ---------------------------------------------------------------- subjects
 //
 // The status page lists the busiest subjects. Counting them must not cost the
-// publish path a lock or an allocation per message: each reader counts into
-// its own small table (a hash-indexed array, strings reused), and merges it
-// into the shared table once per read batch with `try_lock`; when the shared
+// publish path a lock or an allocation per message: each delivery batch counts
+// into its own small table (a hash-indexed array, strings reused), and merges it
+// into the shared table once per batch with `try_lock`; when the shared
 // table is busy the counts wait for the next batch.
 
 const TALLY_SLOTS: usize = 16;

@@ -1,7 +1,8 @@
 //! The subscription index: a token trie with NATS matching rules, plus a
-//! per-reader match cache so the hot path (publish) takes no lock.
+//! per-producer match cache so the hot path (publish) takes no lock.
 //!
-//! Every change to the trie bumps a generation counter. A reader task keeps
+//! Every change to the trie bumps a generation counter. Each producer (the
+//! delivery engine's `Batch` of a connection, route or HTTP connection) keeps
 //! its own `subject -> matches` cache tagged with the generation it was
 //! computed at; a hit at the current generation costs one atomic load and
 //! one hash lookup. A miss takes the read lock and walks only the trie
@@ -386,7 +387,7 @@ impl Router {
     }
 }
 
-/// A reader task's private cache of match results.
+/// A producer's private cache of match results (one per delivery `Batch`).
 pub(crate) struct MatchCache {
     map: HashMap<Box<str>, (u64, Arc<Matches>), rustc_hash::FxBuildHasher>,
     /// Reply subjects `_INBOX.<client>.<n>` by client token: each reply

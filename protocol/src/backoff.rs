@@ -154,7 +154,8 @@ mod tests {
         }
     }
 
-    /// broker/src/cluster.rs `dial_loop`: 50 ms << min(failures, 5), capped at 2 s.
+    /// broker/src/cluster/mod.rs `dial_loop`: 50 ms << min(failures, 5),
+    /// so 1.6 s at most.
     #[test]
     fn cluster_route_matches_the_dial_loop_base_delays() {
         let b = Backoff::cluster_route();

@@ -2,7 +2,7 @@
 //! Used by the broker (one per client connection) and by the client SDK (one
 //! per client). No I/O here: producers push frames, a writer task takes them.
 //!
-//! Producers (in the broker, the reader tasks of publishing connections) encode frames
+//! Producers (in the broker, the delivery engine's batches) encode frames
 //! straight into one contiguous buffer under a short, never-awaited lock;
 //! whoever holds the writer role takes everything queued in one piece and
 //! writes it with one syscall. That is what batches writes: a publisher that

@@ -223,7 +223,7 @@ pub fn start(mode: AccelMode, opts: &AttachOptions) -> Result<AccelGuard, Attach
 }
 
 /// Reports the fast path on the broker's `/metrics`, `/v1/status` (as
-/// `fast_path`) and status page. Register it on `State.metrics.sources`.
+/// `fast_path`) and status page. Register it on `State::metrics().sources`.
 #[derive(Debug, Default)]
 pub struct MetricsSource;
 

@@ -10,10 +10,10 @@
 //! RMSG frames: one frame per message per route at most, carrying "deliver to
 //! your plain subscribers" and the queue groups the peer should serve. A node
 //! delivers an RMSG only to its own clients, never onward, so a full mesh can
-//! neither loop nor duplicate. When two nodes dialed each other, the router
-//! keeps the route dialed by the smaller node id on both ends. Queue groups
-//! stay exactly-once cluster-wide: the publishing node picks a local member
-//! when it has one, otherwise exactly one peer.
+//! neither loop nor duplicate. When two nodes dialed each other,
+//! `PeerInterest` keeps the route dialed by the smaller node id on both
+//! ends. Queue groups stay exactly-once cluster-wide: the publishing node
+//! picks a local member when it has one, otherwise exactly one peer.
 //!
 //! A lost route is redialed with backoff; on reconnect the interest is
 //! announced again and the peer drops what the old route held.

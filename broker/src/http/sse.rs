@@ -2,9 +2,10 @@
 //! one event per message.
 //!
 //! An SSE client subscribes like a native connection: an [`Outlet`] with
-//! its own bounded [`Outbox`] in the router, so the router encodes MSG frames
-//! into it exactly as for any client, and the same slow-consumer policy
-//! applies (over `--max-pending` queued bytes: dropped and disconnected).
+//! its own bounded [`Outbox`] in the router, so the delivery engine encodes
+//! MSG frames into it exactly as for any client, and the same slow-consumer
+//! policy applies (over `--max-pending` queued bytes: dropped and
+//! disconnected).
 //! The response body takes what is queued, decodes the frames and writes
 //! them as events; hyper polls it only when the socket can take more, so a
 //! client that stops reading leaves its bytes in the outbox until the budget

@@ -1,9 +1,10 @@
 //! The stream API over request/reply on reserved subjects, the way NATS
-//! JetStream does it. The broker intercepts every PUB to `$SB.>` and
-//! answers it here. The subjects (their table is in
-//! `sockbus_protocol::api::subject`) and the JSON bodies of requests and
-//! replies are defined once, in `sockbus_protocol::api`, for the broker and
-//! the SDK alike; this module only dispatches them.
+//! JetStream does it. The delivery engine hands every native PUB to `$SB.>`
+//! here (the HTTP gateway refuses them) and this module answers it. The
+//! subjects (their table is in `sockbus_protocol::api::subject`) and the
+//! JSON bodies of requests and replies are defined once, in
+//! `sockbus_protocol::api`, for the broker and the SDK alike; this module
+//! only dispatches them.
 //!
 //! Errors are `{"error": "...", "status": N}` with an HTTP-style status.
 
