@@ -8,6 +8,8 @@
 
 pub mod api;
 pub mod consumer;
+#[cfg(test)]
+mod testing;
 mod writer;
 
 use std::collections::HashMap;
