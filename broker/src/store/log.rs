@@ -873,4 +873,41 @@ mod tests {
         assert_eq!(append(&mut app, 29..30), [29]);
         assert_eq!(read_all(&log, 1), expected(29..=29));
     }
+
+    #[test]
+    fn an_emptied_stream_keeps_its_next_sequence_across_a_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let (log, mut app) = fifty(dir.path());
+        std::thread::sleep(Duration::from_millis(5));
+        assert_eq!(
+            app.retention(Some(Duration::from_millis(1)), None, None)
+                .unwrap(),
+            50
+        );
+        drop((app, log));
+        let (log, _) = Log::open(dir.path(), "s").unwrap();
+        assert_eq!(log.lock().next_seq, 51);
+        let mut app = Appender::new(log.clone(), SEG, false, false);
+        assert_eq!(append(&mut app, 51..52), [51]);
+    }
+
+    #[test]
+    fn records_appended_to_a_segment_whose_header_a_crash_lost_survive_the_next_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let (log, app) = fifty(dir.path());
+        drop((app, log));
+        // A crash right after the next segment's file was created, before
+        // its header reached the disk.
+        std::fs::File::create(seg_path(dir.path(), 51)).unwrap();
+
+        let (log, _) = Log::open(dir.path(), "s").unwrap();
+        assert_eq!(log.lock().next_seq, 51);
+        let mut app = Appender::new(log.clone(), SEG, false, false);
+        assert_eq!(append(&mut app, 51..54), [51, 52, 53]);
+        assert_eq!(read_all(&log, 48), expected(48..=53));
+        drop((app, log));
+
+        let (log, _) = Log::open(dir.path(), "s").unwrap();
+        assert_eq!(read_all(&log, 48), expected(48..=53), "acked records kept");
+    }
 }
