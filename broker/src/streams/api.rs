@@ -6,13 +6,15 @@
 //! the SDK alike; this module only dispatches them.
 //!
 //! Errors are `{"error": "...", "status": N}` with an HTTP-style status.
+//! Request bodies are read strictly (see [`super::strict`]): a field the
+//! broker does not know is refused, naming it.
 
 use serde::Serialize;
 use sockbus_protocol::api::subject::{self, Api};
 use sockbus_protocol::api::{ApiError, ConsumerList, Deleted, StreamList};
 
 use super::consumer::{self, AckKind, ConsumerConfig, PullRequest};
-use super::Streams;
+use super::{strict, Streams};
 use super::{StreamConfig, StreamError};
 use crate::deliver::Delivery;
 
@@ -40,7 +42,7 @@ fn reply_with<T: Serialize>(state: &Ctx<'_>, reply: Option<&str>, r: Result<T, S
 }
 
 fn parse<'a, T: serde::Deserialize<'a>>(payload: &'a [u8]) -> Result<T, StreamError> {
-    serde_json::from_slice(if payload.is_empty() { b"{}" } else { payload })
+    strict::from_slice(if payload.is_empty() { b"{}" } else { payload })
         .map_err(|e| StreamError::BadRequest(format!("invalid request body: {e}")))
 }
 
@@ -78,7 +80,7 @@ pub(crate) fn handle(
                     o.entry("name")
                         .or_insert_with(|| serde_json::Value::String(name.to_string()));
                 }
-                let cfg: StreamConfig = serde_json::from_value(v).map_err(|e| {
+                let cfg: StreamConfig = strict::from_value(v).map_err(|e| {
                     StreamError::BadRequest(format!("invalid stream configuration: {e}"))
                 })?;
                 if cfg.name != name {

@@ -23,7 +23,7 @@ use tokio::sync::{mpsc, Notify};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use super::{write_atomic, Stream, StreamError};
+use super::{strict, write_atomic, Stream, StreamError};
 use crate::deliver::{Delivery, Outgoing};
 use crate::store::{now_ns, Log, ReadPos, StoredMsg};
 
@@ -458,7 +458,7 @@ pub(crate) fn load_all(s: &Arc<Stream>) {
         }
         let cfg: ConsumerConfig = match std::fs::read(&p)
             .map_err(|e| e.to_string())
-            .and_then(|b| serde_json::from_slice(&b).map_err(|e| e.to_string()))
+            .and_then(|b| strict::from_slice(&b).map_err(|e| e.to_string()))
         {
             Ok(c) => c,
             Err(e) => {
