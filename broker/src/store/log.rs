@@ -739,7 +739,11 @@ mod tests {
         let (log, report) = Log::open(dir.path(), "s").unwrap();
         assert_eq!((report.segments, report.truncated_bytes), (8, 0));
         assert_eq!(read_all(&log, 1), expected(1..=50));
-        assert_eq!(read_all(&log, 23), expected(23..=50), "a read from the middle");
+        assert_eq!(
+            read_all(&log, 23),
+            expected(23..=50),
+            "a read from the middle"
+        );
         let st = log.lock();
         assert_eq!((st.first_seq(), st.last_seq(), st.msgs()), (1, 50, 50));
         drop(st);
@@ -818,7 +822,11 @@ mod tests {
         assert_eq!((st.first_seq(), st.msgs()), (29, 22));
         drop(st);
         assert_eq!(seg_files(dir.path()), 4, "their files are gone");
-        assert_eq!(read_all(&log, 1), expected(29..=50), "a read from 1 starts at 29");
+        assert_eq!(
+            read_all(&log, 1),
+            expected(29..=50),
+            "a read from 1 starts at 29"
+        );
         assert_eq!(app.retention(None, None, Some(20)).unwrap(), 0);
         drop((app, log));
         let (log, _) = Log::open(dir.path(), "s").unwrap();

@@ -249,7 +249,12 @@ mod tests {
             )
         );
         assert!(streams.get("ORDERS").is_none(), "nothing created");
-        let a = request(&streams, &d, &create, r#"{"subjects":["orders.>"],"max_msgs":10}"#);
+        let a = request(
+            &streams,
+            &d,
+            &create,
+            r#"{"subjects":["orders.>"],"max_msgs":10}"#,
+        );
         assert_eq!(a["config"]["max_msgs"], 10, "{a}");
     }
 

@@ -724,8 +724,15 @@ mod tests {
             let mut acks = Vec::new();
             for i in seqs {
                 let (tx, rx) = oneshot::channel();
-                b.publish(&from, "s.x", None, &[], format!("m{i}").as_bytes(), Some(tx))
-                    .unwrap();
+                b.publish(
+                    &from,
+                    "s.x",
+                    None,
+                    &[],
+                    format!("m{i}").as_bytes(),
+                    Some(tx),
+                )
+                .unwrap();
                 acks.push((i, rx));
             }
             b.finish();
@@ -822,7 +829,10 @@ mod tests {
         let first = fx.pull(&c).await;
         assert_eq!(seqs(&first), [(1, 1), (2, 1), (3, 1)]);
         assert_eq!(first[0].payload, "m1");
-        assert!(fx.pull(&c).await.is_empty(), "nothing again before ack_wait");
+        assert!(
+            fx.pull(&c).await.is_empty(),
+            "nothing again before ack_wait"
+        );
         sleep_ms(300).await;
         let again = fx.pull(&c).await;
         assert_eq!(seqs(&again), [(1, 2), (2, 2), (3, 2)]);
@@ -909,7 +919,10 @@ mod tests {
         sleep_ms(150).await;
         assert_eq!(seqs(&fx.pull(&c).await), [(1, 2), (2, 2)]);
         sleep_ms(150).await;
-        assert!(fx.pull(&c).await.is_empty(), "given up after two deliveries");
+        assert!(
+            fx.pull(&c).await.is_empty(),
+            "given up after two deliveries"
+        );
         let info = c.info();
         assert_eq!((info.num_ack_pending, info.ack_floor), (0, 2));
         // New messages still flow.
@@ -950,7 +963,13 @@ mod tests {
         // A confirmed ack is answered once it is on disk.
         let confirm = Inbox::new(&fx.d, "_INBOX.ack.1");
         let handle = super::super::api::handle;
-        handle(&fx.streams, &fx.d, &got[3].ack, Some(&confirm.subject), b"+ACK");
+        handle(
+            &fx.streams,
+            &fx.d,
+            &got[3].ack,
+            Some(&confirm.subject),
+            b"+ACK",
+        );
         assert_eq!(confirm.next().await[0].payload, br#"{"ok":true}"#);
         let before = c.info();
         assert_eq!((before.next_seq, before.num_ack_pending), (6, 2));
@@ -984,14 +1003,21 @@ mod tests {
         let mut op_bytes = Vec::new();
         op(&mut op_bytes, b'A', 2, 0);
         let whole = std::fs::metadata(&path).unwrap().len();
-        let mut f = std::fs::OpenOptions::new().append(true).open(&path).unwrap();
+        let mut f = std::fs::OpenOptions::new()
+            .append(true)
+            .open(&path)
+            .unwrap();
         f.write_all(&op_bytes[..9]).unwrap();
         drop(f);
 
         let fx = Fx::open(dir.path()).await;
         let c = fx.s.consumer("d").unwrap();
         let info = c.info();
-        assert_eq!((info.num_ack_pending, info.next_seq), (2, 4), "2 and 3 pending");
+        assert_eq!(
+            (info.num_ack_pending, info.next_seq),
+            (2, 4),
+            "2 and 3 pending"
+        );
         assert_eq!(std::fs::metadata(&path).unwrap().len(), whole, "cut");
         let again = fx.pull(&c).await;
         assert_eq!(seqs(&again), [(2, 2), (3, 2)]);
@@ -1026,7 +1052,10 @@ mod tests {
                 break;
             }
             longest = len;
-            assert!(longest <= COMPACT_AT + 100 * OP_LEN as u64, "never compacted");
+            assert!(
+                longest <= COMPACT_AT + 100 * OP_LEN as u64,
+                "never compacted"
+            );
         }
         assert_eq!(
             std::fs::metadata(&path).unwrap().len(),

@@ -162,8 +162,12 @@ mod tests {
             r#""a""#,
             r#"{"name":"a","#,
         ] {
-            let want = serde_json::from_str::<Denying>(json).unwrap_err().to_string();
-            let got = from_slice::<Lenient>(json.as_bytes()).unwrap_err().to_string();
+            let want = serde_json::from_str::<Denying>(json)
+                .unwrap_err()
+                .to_string();
+            let got = from_slice::<Lenient>(json.as_bytes())
+                .unwrap_err()
+                .to_string();
             assert_eq!(got, want, "{json}");
             if let Ok(v) = serde_json::from_str::<serde_json::Value>(json) {
                 let want = serde_json::from_value::<Denying>(v.clone())

@@ -357,7 +357,13 @@ mod tests {
             .iter()
             .map(|(payload, id)| {
                 let (tx, rx) = oneshot::channel();
-                p.add(s, "orders.eu", AckTo::Chan(tx), &headers(*id), payload.as_bytes());
+                p.add(
+                    s,
+                    "orders.eu",
+                    AckTo::Chan(tx),
+                    &headers(*id),
+                    payload.as_bytes(),
+                );
                 rx
             })
             .collect();
@@ -400,13 +406,21 @@ mod tests {
                 produce(&s, &msgs)
             })
             .collect();
-        assert_eq!(*s.log.committed.borrow(), 0, "nothing stored before the round");
+        assert_eq!(
+            *s.log.committed.borrow(),
+            0,
+            "nothing stored before the round"
+        );
         round(&mut w, &rx);
         let seqs: Vec<u64> = acks.iter_mut().map(|a| ack(a).unwrap().seq).collect();
         assert_eq!(seqs, (1..=32).collect::<Vec<_>>());
         assert_eq!(stored(&s), payloads.concat(), "stored in queue order");
         assert_eq!(*s.log.committed.borrow(), 32);
-        assert_eq!(s.queued.load(Ordering::Acquire), 0, "the queue is empty again");
+        assert_eq!(
+            s.queued.load(Ordering::Acquire),
+            0,
+            "the queue is empty again"
+        );
     }
 
     #[test]
@@ -480,7 +494,14 @@ mod tests {
         };
         for p in ["one", "two"] {
             let r = batch
-                .publish(&from, "orders.eu", Some(&inbox.subject), &[], p.as_bytes(), None)
+                .publish(
+                    &from,
+                    "orders.eu",
+                    Some(&inbox.subject),
+                    &[],
+                    p.as_bytes(),
+                    None,
+                )
                 .unwrap();
             assert!(r.stored);
         }
@@ -523,7 +544,13 @@ mod tests {
         let mut p = Pending::default();
         let (tx, mut rx) = oneshot::channel();
         p.add(&s, "orders.eu", AckTo::Chan(tx), &[], b"lost?");
-        p.add(&s, "orders.eu", AckTo::Reply(inbox.subject.clone().into()), &[], b"lost?");
+        p.add(
+            &s,
+            "orders.eu",
+            AckTo::Reply(inbox.subject.clone().into()),
+            &[],
+            b"lost?",
+        );
         p.flush();
         let e = rx.try_recv().expect("answered at once").unwrap_err();
         assert!(matches!(e, StreamError::Deleted(_)), "{e:?}");
