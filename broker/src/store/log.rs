@@ -765,7 +765,7 @@ mod tests {
         let mut torn = rec("m6");
         record::seal(&mut torn, 6, now_ns());
         let f = std::fs::OpenOptions::new().append(true).open(&seg).unwrap();
-        (&f).write_all_at(&torn[..torn.len() / 2], whole).unwrap();
+        f.write_all_at(&torn[..torn.len() / 2], whole).unwrap();
         drop(f);
 
         let (log, report) = Log::open(dir.path(), "s").unwrap();
