@@ -485,16 +485,41 @@ mod tests {
         );
     }
 
-    #[test]
-    fn an_error_answer_becomes_an_error_with_the_brokers_text() {
-        let m = |body: &'static str| Message {
+    fn answer_with(body: &'static str) -> Message {
+        Message {
             frame: Bytes::new(),
             subject: (0, 0),
             reply: None,
             headers: (0, 0),
             payload: Bytes::from_static(body.as_bytes()),
             status: 0,
-        };
+        }
+    }
+
+    /// A newer broker may add fields anywhere in its answers; this SDK
+    /// reads what it knows and ignores the rest, as it did before it
+    /// shared the broker's types.
+    #[test]
+    fn answers_from_a_newer_broker_with_fields_this_sdk_does_not_know_still_read() {
+        let info: StreamInfo = answer(&answer_with(
+            r#"{"config":{"name":"ORDERS","subjects":["orders.>"],"fsync":"always","max_msgs":10,"replicas":3},"state":{"messages":1,"bytes":64,"first_seq":1,"last_seq":1,"segments":1,"consumers":0,"damaged_records":0,"deleted_seqs":[]},"cluster":{"leader":"b2"}}"#,
+        ))
+        .unwrap();
+        assert_eq!(info.config.name, "ORDERS");
+        assert_eq!(info.config.max_msgs, Some(10));
+        assert_eq!((info.state.messages, info.state.last_seq), (1, 1));
+
+        let c: ConsumerInfo = answer(&answer_with(
+            r#"{"stream":"ORDERS","name":"worker","durable":true,"config":{"durable":"worker","start":"first","ack_policy":"explicit","ack_wait_ms":30000,"backoff_ms":[1000,5000]},"next_seq":5,"ack_floor":3,"num_ack_pending":1,"num_redelivered":0,"paused":false}"#,
+        ))
+        .unwrap();
+        assert_eq!((c.name.as_str(), c.next_seq, c.ack_floor), ("worker", 5, 3));
+        assert_eq!(c.config.ack_wait_ms, Some(30_000));
+    }
+
+    #[test]
+    fn an_error_answer_becomes_an_error_with_the_brokers_text() {
+        let m = answer_with;
         let e = answer::<StreamInfo>(&m(r#"{"error":"stream \"X\" not found","status":404}"#))
             .unwrap_err();
         assert!(e.to_string().contains(r#"stream "X" not found"#), "{e}");

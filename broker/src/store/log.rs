@@ -662,3 +662,260 @@ impl Appender {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::segment::seg_path;
+
+    /// Small segments, so a few dozen records span several of them.
+    const SEG: u64 = 1024;
+
+    /// A record whose payload is `p` padded to 100 bytes (133 bytes on disk:
+    /// seven to a `SEG` segment).
+    fn rec(p: &str) -> Vec<u8> {
+        let mut b = BytesMut::new();
+        record::encode_unsealed(&mut b, "s.x", b"", format!("{p:<100}").as_bytes());
+        b.to_vec()
+    }
+
+    /// Stages and commits records `from..to`, payload `m<seq>`; returns their sequences.
+    fn append(app: &mut Appender, range: std::ops::Range<u64>) -> Vec<u64> {
+        let seqs = range
+            .map(|i| app.stage(&mut rec(&format!("m{i}")), false).unwrap().0)
+            .collect();
+        app.commit(false).unwrap();
+        seqs
+    }
+
+    /// Every readable record: (seq, payload without its padding).
+    fn read_all(log: &Log, from: u64) -> Vec<(u64, String)> {
+        let mut out = Vec::new();
+        let mut at = from;
+        loop {
+            let b = log.read(at, None, 7, usize::MAX, None).unwrap();
+            if b.msgs.is_empty() {
+                return out;
+            }
+            for m in &b.msgs {
+                let p = std::str::from_utf8(&m.payload).unwrap().trim_end();
+                out.push((m.seq, p.to_string()));
+            }
+            at = b.next;
+        }
+    }
+
+    fn expected(seqs: std::ops::RangeInclusive<u64>) -> Vec<(u64, String)> {
+        seqs.map(|i| (i, format!("m{i}"))).collect()
+    }
+
+    fn seg_files(dir: &Path) -> usize {
+        std::fs::read_dir(dir)
+            .unwrap()
+            .filter(|e| {
+                e.as_ref()
+                    .unwrap()
+                    .file_name()
+                    .to_string_lossy()
+                    .ends_with(".seg")
+            })
+            .count()
+    }
+
+    #[test]
+    fn appended_records_read_back_in_order_across_segments_and_after_a_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let (log, _) = Log::open(dir.path(), "s").unwrap();
+        let mut app = Appender::new(log.clone(), SEG, false, false);
+        let mut seqs = Vec::new();
+        for round in 0..5 {
+            seqs.extend(append(&mut app, round * 10 + 1..round * 10 + 11));
+        }
+        assert_eq!(seqs, (1..=50).collect::<Vec<_>>());
+        assert_eq!(read_all(&log, 1), expected(1..=50));
+        assert_eq!(*log.committed.borrow(), 50);
+        drop((app, log));
+
+        let (log, report) = Log::open(dir.path(), "s").unwrap();
+        assert_eq!((report.segments, report.truncated_bytes), (8, 0));
+        assert_eq!(read_all(&log, 1), expected(1..=50));
+        assert_eq!(
+            read_all(&log, 23),
+            expected(23..=50),
+            "a read from the middle"
+        );
+        let st = log.lock();
+        assert_eq!((st.first_seq(), st.last_seq(), st.msgs()), (1, 50, 50));
+        drop(st);
+        let mut app = Appender::new(log.clone(), SEG, false, false);
+        assert_eq!(append(&mut app, 51..53), [51, 52]);
+        assert_eq!(read_all(&log, 48), expected(48..=52));
+    }
+
+    #[test]
+    fn a_torn_tail_is_cut_on_reopen_and_appending_continues_from_the_last_whole_record() {
+        let dir = tempfile::tempdir().unwrap();
+        let (log, _) = Log::open(dir.path(), "s").unwrap();
+        let mut app = Appender::new(log.clone(), 1 << 20, false, false);
+        append(&mut app, 1..6);
+        drop((app, log));
+        // A crash in the middle of writing record 6: half of it reached the disk.
+        let seg = seg_path(dir.path(), 1);
+        let whole = std::fs::metadata(&seg).unwrap().len();
+        let mut torn = rec("m6");
+        record::seal(&mut torn, 6, now_ns());
+        let f = std::fs::OpenOptions::new().append(true).open(&seg).unwrap();
+        f.write_all_at(&torn[..torn.len() / 2], whole).unwrap();
+        drop(f);
+
+        let (log, report) = Log::open(dir.path(), "s").unwrap();
+        assert_eq!(report.truncated_bytes, (torn.len() / 2) as u64);
+        assert_eq!(std::fs::metadata(&seg).unwrap().len(), whole);
+        assert_eq!(read_all(&log, 1), expected(1..=5));
+        let mut app = Appender::new(log.clone(), 1 << 20, false, false);
+        assert_eq!(append(&mut app, 6..8), [6, 7], "sequences carry on");
+        drop((app, log));
+
+        let (log, report) = Log::open(dir.path(), "s").unwrap();
+        assert_eq!(report.truncated_bytes, 0);
+        assert_eq!(read_all(&log, 1), expected(1..=7));
+    }
+
+    #[test]
+    fn zero_filled_space_after_the_last_record_is_not_a_torn_write_and_is_written_over() {
+        let dir = tempfile::tempdir().unwrap();
+        let (log, _) = Log::open(dir.path(), "s").unwrap();
+        // prealloc: the active segment is zero-filled ahead (fsync = always).
+        let mut app = Appender::new(log.clone(), 64 << 20, true, true);
+        append(&mut app, 1..4);
+        drop((app, log));
+        let seg = seg_path(dir.path(), 1);
+        assert!(std::fs::metadata(&seg).unwrap().len() > PREALLOC);
+
+        let (log, report) = Log::open(dir.path(), "s").unwrap();
+        assert_eq!(report.truncated_bytes, 0, "zero fill is no damage");
+        assert_eq!(read_all(&log, 1), expected(1..=3));
+        let mut app = Appender::new(log.clone(), 64 << 20, true, true);
+        assert_eq!(append(&mut app, 4..6), [4, 5]);
+        drop((app, log));
+        let (log, _) = Log::open(dir.path(), "s").unwrap();
+        assert_eq!(read_all(&log, 1), expected(1..=5));
+    }
+
+    /// 50 records in 1024-byte segments: seven segments of 7 (947 bytes
+    /// each) and the active one holding seq 50.
+    fn fifty(dir: &Path) -> (Arc<Log>, Appender) {
+        let (log, _) = Log::open(dir, "s").unwrap();
+        let mut app = Appender::new(log.clone(), SEG, false, false);
+        append(&mut app, 1..51);
+        assert_eq!(log.lock().segs.len(), 8);
+        (log, app)
+    }
+
+    #[test]
+    fn retention_by_count_drops_whole_old_segments_and_keeps_at_least_the_limit() {
+        let dir = tempfile::tempdir().unwrap();
+        let (log, mut app) = fifty(dir.path());
+        // Dropping a fifth segment would leave 15 < 20: four go, 22 stay.
+        assert_eq!(app.retention(None, None, Some(20)).unwrap(), 28);
+        let st = log.lock();
+        assert_eq!((st.first_seq(), st.msgs()), (29, 22));
+        drop(st);
+        assert_eq!(seg_files(dir.path()), 4, "their files are gone");
+        assert_eq!(
+            read_all(&log, 1),
+            expected(29..=50),
+            "a read from 1 starts at 29"
+        );
+        assert_eq!(app.retention(None, None, Some(20)).unwrap(), 0);
+        drop((app, log));
+        let (log, _) = Log::open(dir.path(), "s").unwrap();
+        assert_eq!(read_all(&log, 1), expected(29..=50));
+    }
+
+    #[test]
+    fn retention_by_bytes_drops_whole_old_segments_and_keeps_at_least_the_limit() {
+        let dir = tempfile::tempdir().unwrap();
+        let (log, mut app) = fifty(dir.path());
+        let total = log.lock().bytes();
+        assert_eq!(total, 7 * 947 + 149);
+        // 6778 bytes; after three segments go, 3937 are left (>= 3000) and
+        // dropping a fourth would leave 2990.
+        assert_eq!(app.retention(None, Some(3000), None).unwrap(), 21);
+        let st = log.lock();
+        assert_eq!((st.first_seq(), st.msgs(), st.bytes()), (22, 29, 3937));
+        drop(st);
+        assert_eq!(read_all(&log, 1), expected(22..=50));
+    }
+
+    #[test]
+    fn retention_by_age_drops_segments_whose_newest_record_expired_and_keeps_sequences() {
+        let dir = tempfile::tempdir().unwrap();
+        let (log, _) = Log::open(dir.path(), "s").unwrap();
+        let mut app = Appender::new(log.clone(), SEG, false, false);
+        append(&mut app, 1..11);
+        std::thread::sleep(Duration::from_millis(400));
+        append(&mut app, 11..29);
+        // Segments: [1-7] old, [8-14] old and new, [15-21], [22-28] new.
+        assert_eq!(
+            app.retention(Some(Duration::from_millis(200)), None, None)
+                .unwrap(),
+            7
+        );
+        assert_eq!(
+            read_all(&log, 1),
+            expected(8..=28),
+            "old 8-10 stay with the newer records of their segment"
+        );
+        // Once everything is old, even the active segment goes; the
+        // sequence carries on.
+        std::thread::sleep(Duration::from_millis(5));
+        assert_eq!(
+            app.retention(Some(Duration::from_millis(1)), None, None)
+                .unwrap(),
+            21
+        );
+        let st = log.lock();
+        assert_eq!((st.msgs(), st.first_seq(), st.next_seq), (0, 29, 29));
+        drop(st);
+        assert_eq!(append(&mut app, 29..30), [29]);
+        assert_eq!(read_all(&log, 1), expected(29..=29));
+    }
+
+    #[test]
+    fn an_emptied_stream_keeps_its_next_sequence_across_a_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let (log, mut app) = fifty(dir.path());
+        std::thread::sleep(Duration::from_millis(5));
+        assert_eq!(
+            app.retention(Some(Duration::from_millis(1)), None, None)
+                .unwrap(),
+            50
+        );
+        drop((app, log));
+        let (log, _) = Log::open(dir.path(), "s").unwrap();
+        assert_eq!(log.lock().next_seq, 51);
+        let mut app = Appender::new(log.clone(), SEG, false, false);
+        assert_eq!(append(&mut app, 51..52), [51]);
+    }
+
+    #[test]
+    fn records_appended_to_a_segment_whose_header_a_crash_lost_survive_the_next_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let (log, app) = fifty(dir.path());
+        drop((app, log));
+        // A crash right after the next segment's file was created, before
+        // its header reached the disk.
+        std::fs::File::create(seg_path(dir.path(), 51)).unwrap();
+
+        let (log, _) = Log::open(dir.path(), "s").unwrap();
+        assert_eq!(log.lock().next_seq, 51);
+        let mut app = Appender::new(log.clone(), SEG, false, false);
+        assert_eq!(append(&mut app, 51..54), [51, 52, 53]);
+        assert_eq!(read_all(&log, 48), expected(48..=53));
+        drop((app, log));
+
+        let (log, _) = Log::open(dir.path(), "s").unwrap();
+        assert_eq!(read_all(&log, 48), expected(48..=53), "acked records kept");
+    }
+}

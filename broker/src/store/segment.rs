@@ -53,6 +53,19 @@ pub struct Segment {
     pub verified: bool,
 }
 
+/// Writes a segment's 16-byte header: magic and base sequence.
+fn write_header(file: &File, base: u64) -> io::Result<()> {
+    let mut h = [0u8; SEG_HEADER as usize];
+    h[..8].copy_from_slice(SEG_MAGIC);
+    h[8..].copy_from_slice(&base.to_le_bytes());
+    file.write_all_at(&h, 0)
+}
+
+fn has_header(file: &File) -> bool {
+    let mut magic = [0u8; 8];
+    file.read_exact_at(&mut magic, 0).is_ok() && &magic == SEG_MAGIC
+}
+
 pub fn seg_path(dir: &Path, base: u64) -> PathBuf {
     dir.join(format!("{base:020}.seg"))
 }
@@ -91,10 +104,7 @@ impl Segment {
             .create(true)
             .truncate(true)
             .open(&path)?;
-        let mut h = [0u8; SEG_HEADER as usize];
-        h[..8].copy_from_slice(SEG_MAGIC);
-        h[8..].copy_from_slice(&base.to_le_bytes());
-        if let Err(e) = file.write_all_at(&h, 0).and_then(|_| {
+        if let Err(e) = write_header(&file, base).and_then(|_| {
             if sync {
                 file.sync_data()?;
                 sync_dir(dir)?;
@@ -167,6 +177,12 @@ impl Segment {
             seg.len = scan.valid_end.max(SEG_HEADER);
         } else {
             seg.len = file_len.max(SEG_HEADER);
+        }
+        if truncate && !has_header(&seg.file) {
+            // Created just before a crash: records appended after a missing
+            // header would be unreadable (and cut) at the next open.
+            write_header(&seg.file, base)?;
+            seg.file.sync_data()?;
         }
         Ok((seg, Some(scan)))
     }

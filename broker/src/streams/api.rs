@@ -7,13 +7,15 @@
 //! only dispatches them.
 //!
 //! Errors are `{"error": "...", "status": N}` with an HTTP-style status.
+//! Request bodies are read strictly (see [`super::strict`]): a field the
+//! broker does not know is refused, naming it.
 
 use serde::Serialize;
 use sockbus_protocol::api::subject::{self, Api};
 use sockbus_protocol::api::{ApiError, ConsumerList, Deleted, StreamList};
 
 use super::consumer::{self, AckKind, ConsumerConfig, PullRequest};
-use super::Streams;
+use super::{strict, Streams};
 use super::{StreamConfig, StreamError};
 use crate::deliver::Delivery;
 
@@ -41,7 +43,7 @@ fn reply_with<T: Serialize>(state: &Ctx<'_>, reply: Option<&str>, r: Result<T, S
 }
 
 fn parse<'a, T: serde::Deserialize<'a>>(payload: &'a [u8]) -> Result<T, StreamError> {
-    serde_json::from_slice(if payload.is_empty() { b"{}" } else { payload })
+    strict::from_slice(if payload.is_empty() { b"{}" } else { payload })
         .map_err(|e| StreamError::BadRequest(format!("invalid request body: {e}")))
 }
 
@@ -79,7 +81,7 @@ pub(crate) fn handle(
                     o.entry("name")
                         .or_insert_with(|| serde_json::Value::String(name.to_string()));
                 }
-                let cfg: StreamConfig = serde_json::from_value(v).map_err(|e| {
+                let cfg: StreamConfig = strict::from_value(v).map_err(|e| {
                     StreamError::BadRequest(format!("invalid stream configuration: {e}"))
                 })?;
                 if cfg.name != name {
@@ -203,4 +205,81 @@ fn ack(
         .ok_or_else(|| StreamError::ConsumerNotFound(name.to_string()))?;
     c.ack(seq, kind, reply);
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::streams::testing::{delivery, Inbox};
+
+    /// Sends one API request and returns its answer.
+    fn request(streams: &Streams, d: &Delivery, subject: &str, body: &str) -> serde_json::Value {
+        let inbox = Inbox::new(d, "_INBOX.api.1");
+        handle(streams, d, subject, Some(&inbox.subject), body.as_bytes());
+        let got = inbox.take();
+        assert_eq!(got.len(), 1, "one answer");
+        serde_json::from_slice(&got[0].payload).unwrap()
+    }
+
+    fn refused(answer: &serde_json::Value) -> (&str, u64) {
+        (
+            answer["error"].as_str().expect("an error answer"),
+            answer["status"].as_u64().unwrap(),
+        )
+    }
+
+    #[tokio::test]
+    async fn a_stream_create_naming_an_unknown_field_is_refused_with_the_field_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = delivery();
+        let streams = Streams::open(dir.path(), d.clone(), None).unwrap();
+        let create = subject::stream_create("ORDERS");
+        let a = request(
+            &streams,
+            &d,
+            &create,
+            r#"{"subjects":["orders.>"],"max_msg":10}"#,
+        );
+        assert_eq!(
+            refused(&a),
+            (
+                "invalid stream configuration: unknown field `max_msg`, expected one of `name`, \
+                 `subjects`, `fsync`, `fsync_interval_ms`, `max_age_ms`, `max_bytes`, `max_msgs`, \
+                 `segment_bytes`, `duplicate_window_ms`",
+                400
+            )
+        );
+        assert!(streams.get("ORDERS").is_none(), "nothing created");
+        let a = request(
+            &streams,
+            &d,
+            &create,
+            r#"{"subjects":["orders.>"],"max_msgs":10}"#,
+        );
+        assert_eq!(a["config"]["max_msgs"], 10, "{a}");
+    }
+
+    #[tokio::test]
+    async fn a_consumer_create_naming_an_unknown_field_is_refused_with_the_field_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = delivery();
+        let streams = Streams::open(dir.path(), d.clone(), None).unwrap();
+        streams
+            .create(StreamConfig::new("ORDERS", ["orders.>"]))
+            .unwrap();
+        let create = subject::consumer_create("ORDERS");
+        let a = request(&streams, &d, &create, r#"{"durable":"w","ack_wait":5}"#);
+        assert_eq!(
+            refused(&a),
+            (
+                "invalid request body: unknown field `ack_wait`, expected one of `durable`, \
+                 `start`, `filter_subject`, `ack_policy`, `ack_wait_ms`, `max_deliver`, \
+                 `max_ack_pending`, `inactive_ms` at line 1 column 25",
+                400
+            )
+        );
+        assert!(streams.get("ORDERS").unwrap().consumer("w").is_none());
+        let a = request(&streams, &d, &create, r#"{"durable":"w","ack_wait_ms":5}"#);
+        assert_eq!(a["config"]["ack_wait_ms"], 5, "{a}");
+    }
 }

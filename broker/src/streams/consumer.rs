@@ -23,7 +23,7 @@ use tokio::sync::{mpsc, Notify};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use super::{write_atomic, Stream, StreamError};
+use super::{strict, write_atomic, Stream, StreamError};
 use crate::deliver::{Delivery, Outgoing};
 use crate::store::{now_ns, Log, ReadPos, StoredMsg};
 
@@ -458,7 +458,7 @@ pub(crate) fn load_all(s: &Arc<Stream>) {
         }
         let cfg: ConsumerConfig = match std::fs::read(&p)
             .map_err(|e| e.to_string())
-            .and_then(|b| serde_json::from_slice(&b).map_err(|e| e.to_string()))
+            .and_then(|b| strict::from_slice(&b).map_err(|e| e.to_string()))
         {
             Ok(c) => c,
             Err(e) => {
@@ -662,5 +662,425 @@ async fn serve_pull(
             _ = tokio::time::sleep_until(wake_at.into()) => {}
             _ = c.stop.cancelled() => return,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use tokio::sync::oneshot;
+
+    use super::*;
+    use crate::deliver::Publisher;
+    use crate::streams::testing::{delivery, Inbox, Received};
+    use crate::streams::{StreamConfig, Streams};
+
+    /// A broker's streams without a server: stream `S` on `s.>`, and an
+    /// inbox subscribed for pulls.
+    struct Fx {
+        d: Delivery,
+        streams: Arc<Streams>,
+        s: Arc<Stream>,
+        inbox: Inbox,
+    }
+
+    /// One delivered message, as the client sees it.
+    #[derive(Debug)]
+    struct Got {
+        seq: u64,
+        deliveries: u32,
+        payload: String,
+        ack: String,
+    }
+
+    impl Fx {
+        /// Opens (or reopens, as after a restart) the streams in `dir`.
+        async fn open(dir: &Path) -> Fx {
+            let d = delivery();
+            let streams = Arc::new(Streams::open(dir, d.clone(), None).unwrap());
+            if streams.get("S").is_none() {
+                streams.create(StreamConfig::new("S", ["s.>"])).unwrap();
+            }
+            let s = streams.get("S").unwrap();
+            let inbox = Inbox::new(&d, "_INBOX.pull.1");
+            Fx {
+                d,
+                streams,
+                s,
+                inbox,
+            }
+        }
+
+        /// Stores messages `m<from>`..`m<to>` and waits for their acks.
+        async fn publish(&self, seqs: std::ops::RangeInclusive<u64>) {
+            let mut b = self.d.ingress(&self.streams, 16);
+            let from = Publisher {
+                id: self.d.next_id(),
+                echo: false,
+                no_responders: false,
+                api: true,
+            };
+            let mut acks = Vec::new();
+            for i in seqs {
+                let (tx, rx) = oneshot::channel();
+                b.publish(
+                    &from,
+                    "s.x",
+                    None,
+                    &[],
+                    format!("m{i}").as_bytes(),
+                    Some(tx),
+                )
+                .unwrap();
+                acks.push((i, rx));
+            }
+            b.finish();
+            for (i, rx) in acks {
+                assert_eq!(rx.await.unwrap().unwrap().seq, i);
+            }
+        }
+
+        fn consumer(&self, cfg: ConsumerConfig) -> Arc<Consumer> {
+            let info = create(&self.s, cfg).unwrap();
+            self.s.consumer(&info.name).unwrap()
+        }
+
+        /// A pull that does not wait (`no_wait`), the way a client sends it:
+        /// everything the consumer has for it now, up to 100 messages.
+        async fn pull(&self, c: &Consumer) -> Vec<Got> {
+            c.pull(
+                &self.inbox.subject,
+                PullRequest {
+                    batch: 100,
+                    no_wait: true,
+                    ..PullRequest::default()
+                },
+            );
+            let mut got = Vec::new();
+            loop {
+                for m in self.inbox.next().await {
+                    if let Some(status) = m.header(header::STATUS) {
+                        assert_eq!(status, "404", "{m:?}");
+                        return got;
+                    }
+                    got.push(delivered(m));
+                }
+            }
+        }
+
+        /// Acks one delivery the way a client does: a PUB to its ack subject.
+        fn ack(&self, m: &Got, kind: AckKind) {
+            super::super::api::handle(&self.streams, &self.d, &m.ack, None, kind.payload());
+        }
+
+        /// What a shutdown does to the streams (their consumers stop, their
+        /// writers end), so the directory can be opened again.
+        fn close(self) {
+            for s in self.streams.list_streams() {
+                for c in s.consumers.lock().unwrap().values() {
+                    c.stop();
+                }
+                s.tx.lock().unwrap().take();
+            }
+        }
+    }
+
+    fn delivered(m: Received) -> Got {
+        let ack = m.reply.expect("a delivery carries its ack subject");
+        let a = subject::parse_ack(&ack).expect("an ack subject");
+        Got {
+            seq: a.seq,
+            deliveries: a.deliveries,
+            payload: String::from_utf8(m.payload).unwrap(),
+            ack,
+        }
+    }
+
+    /// (seq, deliveries) of each message.
+    fn seqs(got: &[Got]) -> Vec<(u64, u32)> {
+        got.iter().map(|g| (g.seq, g.deliveries)).collect()
+    }
+
+    fn explicit(ack_wait_ms: u64) -> ConsumerConfig {
+        ConsumerConfig {
+            ack_wait_ms: Some(ack_wait_ms),
+            ..ConsumerConfig::default()
+        }
+    }
+
+    fn durable(name: &str, ack_wait_ms: u64) -> ConsumerConfig {
+        ConsumerConfig {
+            durable: Some(name.into()),
+            ..explicit(ack_wait_ms)
+        }
+    }
+
+    async fn sleep_ms(ms: u64) {
+        tokio::time::sleep(Duration::from_millis(ms)).await;
+    }
+
+    #[tokio::test]
+    async fn an_unacked_message_is_delivered_again_after_ack_wait_with_its_delivery_count_raised() {
+        let dir = tempfile::tempdir().unwrap();
+        let fx = Fx::open(dir.path()).await;
+        fx.publish(1..=3).await;
+        let c = fx.consumer(explicit(200));
+        let first = fx.pull(&c).await;
+        assert_eq!(seqs(&first), [(1, 1), (2, 1), (3, 1)]);
+        assert_eq!(first[0].payload, "m1");
+        assert!(
+            fx.pull(&c).await.is_empty(),
+            "nothing again before ack_wait"
+        );
+        sleep_ms(300).await;
+        let again = fx.pull(&c).await;
+        assert_eq!(seqs(&again), [(1, 2), (2, 2), (3, 2)]);
+        assert_eq!(again[2].payload, "m3", "the same message");
+        let info = c.info();
+        assert_eq!((info.num_redelivered, info.num_ack_pending), (3, 3));
+    }
+
+    #[tokio::test]
+    async fn an_acked_message_leaves_pending_and_is_never_delivered_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let fx = Fx::open(dir.path()).await;
+        fx.publish(1..=3).await;
+        let c = fx.consumer(explicit(200));
+        let got = fx.pull(&c).await;
+        fx.ack(&got[1], AckKind::Ack);
+        let info = c.info();
+        assert_eq!((info.num_ack_pending, info.ack_floor), (2, 0));
+        fx.ack(&got[0], AckKind::Ack);
+        assert_eq!(c.info().ack_floor, 2, "everything up to 2 is acked");
+        sleep_ms(300).await;
+        assert_eq!(seqs(&fx.pull(&c).await), [(3, 2)], "only the unacked one");
+        // An ack of the first delivery still counts for the redelivered message.
+        fx.ack(&got[2], AckKind::Ack);
+        sleep_ms(300).await;
+        assert!(fx.pull(&c).await.is_empty());
+        let info = c.info();
+        assert_eq!((info.num_ack_pending, info.ack_floor), (0, 3));
+    }
+
+    #[tokio::test]
+    async fn a_nak_makes_a_message_due_again_at_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let fx = Fx::open(dir.path()).await;
+        fx.publish(1..=3).await;
+        let c = fx.consumer(explicit(60_000));
+        let got = fx.pull(&c).await;
+        assert!(fx.pull(&c).await.is_empty());
+        fx.ack(&got[1], AckKind::Nak);
+        assert_eq!(seqs(&fx.pull(&c).await), [(2, 2)]);
+        assert_eq!(c.info().num_redelivered, 1);
+    }
+
+    #[tokio::test]
+    async fn progress_pushes_a_messages_redelivery_out_by_another_ack_wait() {
+        let dir = tempfile::tempdir().unwrap();
+        let fx = Fx::open(dir.path()).await;
+        fx.publish(1..=3).await;
+        let c = fx.consumer(explicit(400));
+        let got = fx.pull(&c).await;
+        sleep_ms(200).await;
+        fx.ack(&got[0], AckKind::Progress);
+        // 500 ms after delivery: 2 and 3 are due (400), 1 not before 600.
+        sleep_ms(300).await;
+        assert_eq!(seqs(&fx.pull(&c).await), [(2, 2), (3, 2)]);
+        sleep_ms(200).await;
+        assert_eq!(seqs(&fx.pull(&c).await), [(1, 2)]);
+    }
+
+    #[tokio::test]
+    async fn a_terminated_message_is_never_delivered_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let fx = Fx::open(dir.path()).await;
+        fx.publish(1..=3).await;
+        let c = fx.consumer(explicit(200));
+        let got = fx.pull(&c).await;
+        fx.ack(&got[0], AckKind::Term);
+        let info = c.info();
+        assert_eq!((info.num_ack_pending, info.ack_floor), (2, 1));
+        sleep_ms(300).await;
+        assert_eq!(seqs(&fx.pull(&c).await), [(2, 2), (3, 2)]);
+    }
+
+    #[tokio::test]
+    async fn max_deliver_stops_redelivery() {
+        let dir = tempfile::tempdir().unwrap();
+        let fx = Fx::open(dir.path()).await;
+        fx.publish(1..=2).await;
+        let c = fx.consumer(ConsumerConfig {
+            max_deliver: Some(2),
+            ..explicit(100)
+        });
+        assert_eq!(seqs(&fx.pull(&c).await), [(1, 1), (2, 1)]);
+        sleep_ms(150).await;
+        assert_eq!(seqs(&fx.pull(&c).await), [(1, 2), (2, 2)]);
+        sleep_ms(150).await;
+        assert!(
+            fx.pull(&c).await.is_empty(),
+            "given up after two deliveries"
+        );
+        let info = c.info();
+        assert_eq!((info.num_ack_pending, info.ack_floor), (0, 2));
+        // New messages still flow.
+        fx.publish(3..=3).await;
+        assert_eq!(seqs(&fx.pull(&c).await), [(3, 1)]);
+    }
+
+    #[tokio::test]
+    async fn max_ack_pending_holds_back_new_messages_until_acks_arrive() {
+        let dir = tempfile::tempdir().unwrap();
+        let fx = Fx::open(dir.path()).await;
+        fx.publish(1..=5).await;
+        let c = fx.consumer(ConsumerConfig {
+            max_ack_pending: Some(2),
+            ..explicit(60_000)
+        });
+        let a = fx.pull(&c).await;
+        assert_eq!(seqs(&a), [(1, 1), (2, 1)]);
+        assert!(fx.pull(&c).await.is_empty(), "two are pending: no more");
+        fx.ack(&a[0], AckKind::Ack);
+        let b = fx.pull(&c).await;
+        assert_eq!(seqs(&b), [(3, 1)]);
+        fx.ack(&a[1], AckKind::Ack);
+        fx.ack(&b[0], AckKind::Ack);
+        assert_eq!(seqs(&fx.pull(&c).await), [(4, 1), (5, 1)]);
+    }
+
+    #[tokio::test]
+    async fn a_durable_consumer_comes_back_after_a_restart_with_the_same_pending_and_position() {
+        let dir = tempfile::tempdir().unwrap();
+        let fx = Fx::open(dir.path()).await;
+        fx.publish(1..=5).await;
+        let c = fx.consumer(durable("d", 60_000));
+        let got = fx.pull(&c).await;
+        assert_eq!(got.len(), 5);
+        fx.ack(&got[1], AckKind::Ack);
+        fx.ack(&got[4], AckKind::Term);
+        // A confirmed ack is answered once it is on disk.
+        let confirm = Inbox::new(&fx.d, "_INBOX.ack.1");
+        let handle = super::super::api::handle;
+        handle(
+            &fx.streams,
+            &fx.d,
+            &got[3].ack,
+            Some(&confirm.subject),
+            b"+ACK",
+        );
+        assert_eq!(confirm.next().await[0].payload, br#"{"ok":true}"#);
+        let before = c.info();
+        assert_eq!((before.next_seq, before.num_ack_pending), (6, 2));
+        fx.close();
+
+        let fx = Fx::open(dir.path()).await;
+        let c = fx.s.consumer("d").expect("the durable consumer is loaded");
+        let after = c.info();
+        assert_eq!(
+            (after.next_seq, after.num_ack_pending, after.ack_floor),
+            (before.next_seq, before.num_ack_pending, before.ack_floor)
+        );
+        assert_eq!(after.config, before.config);
+        // Pending messages are due at once after a restart, counted on.
+        assert_eq!(seqs(&fx.pull(&c).await), [(1, 2), (3, 2)]);
+        fx.publish(6..=6).await;
+        assert_eq!(seqs(&fx.pull(&c).await), [(6, 1)]);
+    }
+
+    #[tokio::test]
+    async fn a_torn_last_op_is_cut_on_reopen_and_later_ops_count() {
+        let dir = tempfile::tempdir().unwrap();
+        let fx = Fx::open(dir.path()).await;
+        fx.publish(1..=3).await;
+        let c = fx.consumer(durable("d", 60_000));
+        let got = fx.pull(&c).await;
+        fx.ack(&got[0], AckKind::Ack);
+        let path = fx.s.consumers_dir().join("d.log");
+        fx.close();
+        // A crash while writing the ack of 2: part of its op reached the disk.
+        let mut op_bytes = Vec::new();
+        op(&mut op_bytes, b'A', 2, 0);
+        let whole = std::fs::metadata(&path).unwrap().len();
+        let mut f = std::fs::OpenOptions::new()
+            .append(true)
+            .open(&path)
+            .unwrap();
+        f.write_all(&op_bytes[..9]).unwrap();
+        drop(f);
+
+        let fx = Fx::open(dir.path()).await;
+        let c = fx.s.consumer("d").unwrap();
+        let info = c.info();
+        assert_eq!(
+            (info.num_ack_pending, info.next_seq),
+            (2, 4),
+            "2 and 3 pending"
+        );
+        assert_eq!(std::fs::metadata(&path).unwrap().len(), whole, "cut");
+        let again = fx.pull(&c).await;
+        assert_eq!(seqs(&again), [(2, 2), (3, 2)]);
+        fx.ack(&again[0], AckKind::Ack);
+        fx.close();
+
+        let fx = Fx::open(dir.path()).await;
+        let c = fx.s.consumer("d").unwrap();
+        let info = c.info();
+        assert_eq!(
+            (info.num_ack_pending, info.ack_floor),
+            (1, 2),
+            "the ack written after the cut is read back"
+        );
+    }
+
+    #[tokio::test]
+    async fn compaction_of_the_op_log_keeps_pending_counts_and_position() {
+        let dir = tempfile::tempdir().unwrap();
+        let fx = Fx::open(dir.path()).await;
+        fx.publish(1..=100).await;
+        let c = fx.consumer(durable("d", 1));
+        let path = fx.s.consumers_dir().join("d.log");
+        // Redeliver (everything is due again after 1 ms) until the op log
+        // passes COMPACT_AT and is rewritten.
+        let mut longest = 0;
+        loop {
+            std::thread::sleep(Duration::from_millis(1));
+            assert_eq!(c.collect(1000, usize::MAX).unwrap().len(), 100);
+            let len = std::fs::metadata(&path).unwrap().len();
+            if len < longest {
+                break;
+            }
+            longest = len;
+            assert!(
+                longest <= COMPACT_AT + 100 * OP_LEN as u64,
+                "never compacted"
+            );
+        }
+        assert_eq!(
+            std::fs::metadata(&path).unwrap().len(),
+            101 * OP_LEN as u64,
+            "one N op and one D op per pending message"
+        );
+        for seq in (2..=100).step_by(2) {
+            c.ack(seq, AckKind::Ack, None);
+        }
+        let deliveries = |c: &Consumer| -> Vec<(u64, u32)> {
+            c.lock()
+                .pending
+                .iter()
+                .map(|(s, p)| (*s, p.deliveries))
+                .collect()
+        };
+        let before = deliveries(&c);
+        assert_eq!(before.len(), 50);
+        assert!(before.iter().all(|&(_, n)| n > 2 && n == before[0].1));
+        let next = c.info().next_seq;
+        fx.close();
+
+        let fx = Fx::open(dir.path()).await;
+        let c = fx.s.consumer("d").unwrap();
+        assert_eq!(deliveries(&c), before);
+        assert_eq!(c.info().next_seq, next);
     }
 }

@@ -8,6 +8,9 @@
 
 pub mod api;
 pub mod consumer;
+mod strict;
+#[cfg(test)]
+mod testing;
 mod writer;
 
 use std::collections::HashMap;
@@ -283,7 +286,8 @@ impl Streams {
             let Ok(text) = std::fs::read(&cfg_path) else {
                 continue;
             };
-            let cfg: StreamConfig = match serde_json::from_slice(&text) {
+            // Read as strictly as when it was created (see `strict`).
+            let cfg: StreamConfig = match strict::from_slice(&text) {
                 Ok(c) => c,
                 Err(e) => {
                     error!(

@@ -303,3 +303,281 @@ pub(super) fn send_ack(batch: &mut Batch, ack: AckTo, r: Result<PubAck, StreamEr
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+    use std::sync::atomic::{AtomicBool, AtomicUsize};
+    use std::sync::mpsc::{channel, Receiver};
+    use std::sync::Mutex;
+
+    use sockbus_protocol::frame::push_header;
+    use tokio::sync::{oneshot, Notify};
+
+    use super::*;
+    use crate::deliver::{Delivery, Publisher};
+    use crate::store::Log;
+    use crate::streams::testing::{delivery, Inbox};
+    use crate::streams::{Pending, StreamConfig, Streams};
+
+    type AckRx = oneshot::Receiver<Result<PubAck, StreamError>>;
+
+    /// A stream whose writer the test runs by hand: what producers queue
+    /// waits in the returned receiver until the test hands it to a round.
+    fn stream(dir: &Path, cfg: StreamConfig, d: &Delivery) -> (Arc<Stream>, Receiver<WriteReq>) {
+        let (log, _) = Log::open(dir, &cfg.name).unwrap();
+        let (tx, rx) = channel();
+        let s = Arc::new(Stream {
+            config: cfg,
+            log,
+            dir: dir.to_path_buf(),
+            tx: Mutex::new(Some(tx)),
+            queued: AtomicUsize::new(0),
+            space: Notify::new(),
+            consumers: Default::default(),
+            deleted: AtomicBool::new(false),
+            delivery: d.clone(),
+        });
+        (s, rx)
+    }
+
+    fn headers(msg_id: Option<&str>) -> Vec<u8> {
+        let mut h = Vec::new();
+        if let Some(id) = msg_id {
+            push_header(&mut h, MSG_ID_HEADER, id).unwrap();
+        }
+        h
+    }
+
+    /// One producer's reader batch: its publishes, handed to the writer in
+    /// one send, each with its ack on a channel.
+    fn produce(s: &Arc<Stream>, msgs: &[(&str, Option<&str>)]) -> Vec<AckRx> {
+        let mut p = Pending::default();
+        let acks = msgs
+            .iter()
+            .map(|(payload, id)| {
+                let (tx, rx) = oneshot::channel();
+                p.add(
+                    s,
+                    "orders.eu",
+                    AckTo::Chan(tx),
+                    &headers(*id),
+                    payload.as_bytes(),
+                );
+                rx
+            })
+            .collect();
+        p.flush();
+        acks
+    }
+
+    /// Runs one round with everything queued so far.
+    fn round(w: &mut Writer, rx: &Receiver<WriteReq>) {
+        let reqs: Vec<_> = rx.try_iter().collect();
+        assert!(!reqs.is_empty());
+        w.round(reqs);
+    }
+
+    fn ack(rx: &mut AckRx) -> Result<PubAck, StreamError> {
+        rx.try_recv().expect("answered")
+    }
+
+    fn stored(s: &Stream) -> Vec<String> {
+        let b = s.log.read(1, None, 1000, usize::MAX, None).unwrap();
+        b.msgs
+            .iter()
+            .map(|m| String::from_utf8(m.payload.to_vec()).unwrap())
+            .collect()
+    }
+
+    #[test]
+    fn publishes_from_many_producers_in_one_round_are_acked_with_consecutive_sequences_in_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = delivery();
+        let (s, rx) = stream(dir.path(), StreamConfig::new("S", ["orders.>"]), &d);
+        let mut w = Writer::new(s.clone());
+        let payloads: Vec<Vec<String>> = (0..8)
+            .map(|p| (0..4).map(|i| format!("p{p}-{i}")).collect())
+            .collect();
+        let mut acks: Vec<AckRx> = payloads
+            .iter()
+            .flat_map(|batch| {
+                let msgs: Vec<_> = batch.iter().map(|m| (m.as_str(), None)).collect();
+                produce(&s, &msgs)
+            })
+            .collect();
+        assert_eq!(
+            *s.log.committed.borrow(),
+            0,
+            "nothing stored before the round"
+        );
+        round(&mut w, &rx);
+        let seqs: Vec<u64> = acks.iter_mut().map(|a| ack(a).unwrap().seq).collect();
+        assert_eq!(seqs, (1..=32).collect::<Vec<_>>());
+        assert_eq!(stored(&s), payloads.concat(), "stored in queue order");
+        assert_eq!(*s.log.committed.borrow(), 32);
+        assert_eq!(
+            s.queued.load(Ordering::Acquire),
+            0,
+            "the queue is empty again"
+        );
+    }
+
+    #[test]
+    fn a_duplicate_msg_id_in_the_window_is_acked_with_the_first_sequence_and_stored_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = delivery();
+        let cfg = StreamConfig {
+            duplicate_window_ms: Some(300),
+            ..StreamConfig::new("S", ["orders.>"])
+        };
+        let (s, rx) = stream(dir.path(), cfg, &d);
+        let mut w = Writer::new(s.clone());
+        // Within one round, and in the next one.
+        let mut first = produce(&s, &[("a", Some("id-a")), ("a again", Some("id-a"))]);
+        round(&mut w, &rx);
+        let mut next = produce(&s, &[("a retried", Some("id-a")), ("b", Some("id-b"))]);
+        round(&mut w, &rx);
+        let answers: Vec<(u64, bool)> = first
+            .iter_mut()
+            .chain(next.iter_mut())
+            .map(|a| ack(a).map(|a| (a.seq, a.duplicate)).unwrap())
+            .collect();
+        assert_eq!(answers, [(1, false), (1, true), (1, true), (2, false)]);
+        assert_eq!(stored(&s), ["a", "b"]);
+
+        // Once the window has passed, the same Msg-Id is a new message.
+        std::thread::sleep(Duration::from_millis(450));
+        let mut late = produce(&s, &[("a later", Some("id-a"))]);
+        round(&mut w, &rx);
+        let a = ack(&mut late[0]).unwrap();
+        assert_eq!((a.seq, a.duplicate), (3, false));
+        assert_eq!(stored(&s), ["a", "b", "a later"]);
+    }
+
+    #[test]
+    fn a_duplicate_msg_id_is_still_recognised_by_a_writer_started_after_a_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = delivery();
+        let (s, rx) = stream(dir.path(), StreamConfig::new("S", ["orders.>"]), &d);
+        let mut w = Writer::new(s.clone());
+        let mut a = produce(&s, &[("x", Some("id-x")), ("y", None)]);
+        round(&mut w, &rx);
+        assert_eq!(ack(&mut a[0]).unwrap().seq, 1);
+        drop((w, rx, s));
+
+        let (s, rx) = stream(dir.path(), StreamConfig::new("S", ["orders.>"]), &d);
+        let mut w = Writer::new(s.clone());
+        let mut retry = produce(&s, &[("x", Some("id-x"))]);
+        round(&mut w, &rx);
+        let r = ack(&mut retry[0]).unwrap();
+        assert_eq!((r.seq, r.duplicate), (1, true));
+        assert_eq!(stored(&s), ["x", "y"]);
+    }
+
+    #[tokio::test]
+    async fn an_ack_goes_as_json_to_the_publishers_reply_subject() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = delivery();
+        let streams = Arc::new(Streams::open(dir.path(), d.clone(), None).unwrap());
+        streams
+            .create(StreamConfig::new("ORDERS", ["orders.>"]))
+            .unwrap();
+        let inbox = Inbox::new(&d, "_INBOX.pub.1");
+        // The path a client's PUB with a reply subject takes.
+        let mut batch = d.ingress(&streams, 16);
+        let from = Publisher {
+            id: d.next_id(),
+            echo: false,
+            no_responders: true,
+            api: true,
+        };
+        for p in ["one", "two"] {
+            let r = batch
+                .publish(
+                    &from,
+                    "orders.eu",
+                    Some(&inbox.subject),
+                    &[],
+                    p.as_bytes(),
+                    None,
+                )
+                .unwrap();
+            assert!(r.stored);
+        }
+        batch.finish();
+        let mut got = inbox.next().await;
+        if got.len() < 2 {
+            got.extend(inbox.next().await);
+        }
+        let bodies: Vec<PubAck> = got
+            .iter()
+            .map(|m| serde_json::from_slice(&m.payload).unwrap())
+            .collect();
+        assert_eq!(
+            bodies,
+            [1, 2].map(|seq| PubAck {
+                stream: "ORDERS".into(),
+                seq,
+                duplicate: false
+            })
+        );
+        assert_eq!(
+            std::str::from_utf8(&got[0].payload).unwrap(),
+            r#"{"stream":"ORDERS","seq":1}"#
+        );
+        assert_eq!(got[0].subject, inbox.subject);
+    }
+
+    #[tokio::test]
+    async fn publishes_reaching_a_deleted_stream_are_answered_with_an_error_not_dropped() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = delivery();
+        let streams = Streams::open(dir.path(), d.clone(), None).unwrap();
+        streams
+            .create(StreamConfig::new("ORDERS", ["orders.>"]))
+            .unwrap();
+        // A reader whose capture cache still holds the stream when it is deleted.
+        let s = streams.get("ORDERS").unwrap();
+        streams.delete("ORDERS").unwrap();
+        let inbox = Inbox::new(&d, "_INBOX.pub.2");
+        let mut p = Pending::default();
+        let (tx, mut rx) = oneshot::channel();
+        p.add(&s, "orders.eu", AckTo::Chan(tx), &[], b"lost?");
+        p.add(
+            &s,
+            "orders.eu",
+            AckTo::Reply(inbox.subject.clone().into()),
+            &[],
+            b"lost?",
+        );
+        p.flush();
+        let e = rx.try_recv().expect("answered at once").unwrap_err();
+        assert!(matches!(e, StreamError::Deleted(_)), "{e:?}");
+        assert_eq!(e.to_string(), r#"stream "ORDERS" was deleted"#);
+        let got = inbox.next().await;
+        assert_eq!(
+            std::str::from_utf8(&got[0].payload).unwrap(),
+            r#"{"error":"stream \"ORDERS\" was deleted","status":503}"#
+        );
+    }
+
+    #[test]
+    fn publishes_queued_when_the_stream_is_deleted_are_all_answered_before_the_writer_ends() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = delivery();
+        let (s, rx) = stream(dir.path(), StreamConfig::new("S", ["orders.>"]), &d);
+        let w = Writer::new(s.clone());
+        let mut queued = produce(&s, &[("1", None), ("2", None), ("3", None)]);
+        // What Streams::delete does to the writer's queue.
+        s.tx.lock().unwrap().take();
+        let mut after = produce(&s, &[("4", None)]);
+        let e = ack(&mut after[0]).unwrap_err();
+        assert!(matches!(e, StreamError::Deleted(_)), "{e:?}");
+        // The writer answers what it already had, then ends.
+        let t = std::thread::spawn(move || w.run(rx));
+        t.join().unwrap();
+        let seqs: Vec<u64> = queued.iter_mut().map(|a| ack(a).unwrap().seq).collect();
+        assert_eq!(seqs, [1, 2, 3]);
+    }
+}

@@ -40,9 +40,10 @@ impl std::str::FromStr for Fsync {
 }
 
 /// A stream's settings, as created (JSON on the API and in `stream.json`).
-/// Unknown fields are refused, so a misspelt limit is an error, not ignored.
+/// Unknown fields are ignored here, so an SDK reads the answers of a newer
+/// broker that added one; the broker refuses them in what it is sent (a
+/// misspelt limit is an error there, not ignored).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct StreamConfig {
     pub name: String,
     /// Subject patterns whose messages the stream stores.
@@ -212,12 +213,9 @@ mod tests {
     }
 
     #[test]
-    fn stream_config_defaults_fsync_and_refuses_unknown_fields_and_fsync_values() {
+    fn stream_config_defaults_fsync_and_refuses_bad_fsync_values() {
         let c: StreamConfig = serde_json::from_str(r#"{"name":"A","subjects":["a"]}"#).unwrap();
         assert_eq!(c, StreamConfig::new("A", ["a"]));
-        let e = serde_json::from_str::<StreamConfig>(r#"{"name":"a","subjects":["a"],"bogus":1}"#)
-            .unwrap_err();
-        assert!(e.to_string().starts_with("unknown field `bogus`"), "{e}");
         assert!(serde_json::from_str::<StreamConfig>(
             r#"{"name":"x","subjects":["a"],"fsync":"sometimes"}"#
         )
@@ -256,6 +254,21 @@ mod tests {
             r#"{"messages":0,"bytes":100,"first_seq":1,"last_seq":2,"segments":1,"consumers":1,"damaged_records":0}"#,
         );
         pinned(&StreamList { streams: vec![] }, r#"{"streams":[]}"#);
+    }
+
+    /// What an SDK reads from a broker newer than itself; the broker
+    /// refuses unknown fields in the requests it is sent (its own check).
+    #[test]
+    fn stream_info_with_fields_from_a_newer_broker_still_reads() {
+        let json = r#"{"config":{"name":"ORDERS","subjects":["orders.>"],"fsync":"interval","fsync_interval_ms":50,"max_age_ms":86400000,"max_msgs":1000,"duplicate_window_ms":60000,"replicas":3},"state":{"messages":2,"bytes":100,"first_seq":1,"last_seq":2,"first_ts":"2024-05-01T12:00:00.000000001Z","last_ts":"2024-05-01T12:00:01Z","segments":1,"consumers":1,"damaged_records":0,"deleted":[]},"cluster":{"leader":"b1"}}"#;
+        let info: StreamInfo = serde_json::from_str(json).unwrap();
+        assert_eq!(
+            info,
+            StreamInfo {
+                config: orders(),
+                state: state(),
+            }
+        );
     }
 
     #[test]
