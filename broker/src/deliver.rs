@@ -170,11 +170,7 @@ impl Delivery {
         payload: &[u8],
     ) -> Result<usize, PublishError> {
         let mut b = self.batch(1);
-        let n = b.internal(
-            subject,
-            &Outgoing::new(subject, None, headers, payload),
-            true,
-        );
+        let n = b.internal(&Outgoing::new(subject, None, headers, payload));
         b.finish();
         n
     }
@@ -375,26 +371,10 @@ impl Batch {
     }
 
     /// Publishes one of the broker's own messages (an ack, an API answer, a
-    /// consumer's delivery) to the subscribers of `to`: routed like any
-    /// publish, never captured. `to` is the message's own subject except for
-    /// a consumer's deliveries, which go to the pull's inbox but carry the
-    /// subject they were stored under. `new`: counted as a message in (a
-    /// consumer's delivery of a stored message is not). Returns how many
-    /// subscriptions took it.
-    pub fn internal(
-        &mut self,
-        to: &str,
-        msg: &Outgoing<'_>,
-        new: bool,
-    ) -> Result<usize, PublishError> {
+    /// status) to the subscribers of its subject, counted as a message in;
+    /// never captured. Returns how many subscriptions took it.
+    pub fn internal(&mut self, msg: &Outgoing<'_>) -> Result<usize, PublishError> {
         let e = &*self.d.0;
-        if new {
-            self.counts.msgs_in += 1;
-            self.counts.bytes_in += msg.payload.len() as u64;
-        }
-        if let Some(r) = msg.reply {
-            validate_subject(r).map_err(PublishError::InvalidReply)?;
-        }
         if msg.payload.len() > e.max_payload as usize {
             return Err(PublishError::PayloadTooLarge {
                 size: msg.payload.len(),
@@ -403,9 +383,19 @@ impl Batch {
         }
         let m = self
             .cache
-            .get(&e.router, to)
+            .get(&e.router, msg.subject)
             .map_err(PublishError::InvalidSubject)?;
+        self.counts.msgs_in += 1;
+        self.counts.bytes_in += msg.payload.len() as u64;
         Ok(fan_out(e, m, msg, None, &mut self.wake, &mut self.counts))
+    }
+
+    /// Delivers a stored message again (a consumer's delivery) to `m`, what
+    /// the pull's inbox matches (looked up once per round by the consumer),
+    /// with the subject it was stored under. Not counted as a message in.
+    /// Returns how many subscriptions took it.
+    pub fn redeliver(&mut self, m: &Matches, msg: &Outgoing<'_>) -> usize {
+        fan_out(&self.d.0, m, msg, None, &mut self.wake, &mut self.counts)
     }
 
     /// Tells a requester nobody listens: a status MSG to its own reply subscriptions.
@@ -965,7 +955,8 @@ mod tests {
             reply: Some("$SB.ACK.S.c.1.1"),
             ..Outgoing::new("orders.eu", None, &[], b"stored")
         };
-        assert_eq!(batch.internal("_INBOX.c.1", &stored, false).unwrap(), 1);
+        let (m, _) = d.router().compute("_INBOX.c.1");
+        assert_eq!(batch.redeliver(&m, &stored), 1);
         batch.finish();
         let got = msgs(&inbox);
         assert_eq!(

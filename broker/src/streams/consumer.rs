@@ -592,7 +592,8 @@ async fn serve_pull(
             return;
         }
         committed.borrow_and_update();
-        if c.delivery.router().compute(&pull.reply).0.is_empty() {
+        let (inbox, _) = c.delivery.router().compute(&pull.reply);
+        if inbox.is_empty() {
             // The client is gone; its pull with it.
             return;
         }
@@ -622,7 +623,7 @@ async fn serve_pull(
                     reply: Some(&ack),
                     ..Outgoing::new(msg.subject(), None, &msg.headers, &msg.payload)
                 };
-                if !failed.is_empty() || out.internal(&pull.reply, &m, false).unwrap_or(0) == 0 {
+                if !failed.is_empty() || out.redeliver(&inbox, &m) == 0 {
                     failed.push(msg.seq);
                     continue;
                 }

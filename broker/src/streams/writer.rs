@@ -299,7 +299,7 @@ pub(super) fn send_ack(batch: &mut Batch, ack: AckTo, r: Result<PubAck, StreamEr
                 Ok(a) => serde_json::to_vec(a).expect("serialisable"),
                 Err(e) => super::api::error_body(e),
             };
-            let _ = batch.internal(&subject, &Outgoing::new(&subject, None, &[], &body), true);
+            let _ = batch.internal(&Outgoing::new(&subject, None, &[], &body));
         }
     }
 }
