@@ -8,9 +8,10 @@ mod http_util;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use base64::Engine;
 use bytes::Bytes;
 use common::{recv, test_config};
-use http_util::{eventually, request, HttpBroker, Sse};
+use http_util::{eventually, request, whatwg_events, HttpBroker, Sse};
 use hyper::{Method, StatusCode};
 use sockbus_broker::metrics::{Metrics, Source};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -706,4 +707,116 @@ async fn publish_to_a_stream_subject_answers_200_with_stream_and_seq_once_stored
         metrics.contains("sockbus_stream_messages{stream=\"ORDERS\"} 3"),
         "{metrics}"
     );
+}
+
+#[test]
+fn the_whatwg_parser_follows_the_standard() {
+    // The examples of the standard's section 9.2.6 and the line-ending rules.
+    let (e, retry) = whatwg_events(
+        b"\xef\xbb\xbfdata: YHOO\ndata: +2\ndata: 10\n\n: c\r\nid: 1\rdata:first\r\n\r\ndata\ndata\n\ndata:\n\nevent: add\ndata: x\n\ndata: pending",
+    );
+    let d: Vec<(&str, &str, &str)> = e
+        .iter()
+        .map(|e| (e.kind.as_str(), e.data.as_str(), e.last_event_id.as_str()))
+        .collect();
+    assert_eq!(
+        d,
+        [
+            ("message", "YHOO\n+2\n10", ""),
+            ("message", "first", "1"),
+            ("message", "\n", "1"),
+            ("message", "", "1"),
+            ("add", "x", "1"),
+        ]
+    );
+    assert_eq!(retry, None);
+    assert_eq!(whatwg_events(b"retry: 5\n\n").1, Some(5));
+    assert!(whatwg_events(b"id: a\0b\n\n").0.is_empty());
+}
+
+/// Payloads that try to end their event early, forge fields or whole extra
+/// events: a browser must see each as one event of its own text.
+const HOSTILE_PAYLOADS: &[&[u8]] = &[
+    b"\rid: 7\revent: x\r\rdata: forged",
+    b"one\rtwo\nthree\r\nfour",
+    b"\n\nid: 9\nevent: evil\ndata: forged\n\n",
+    b"retry: 1\r: comment\r\revent: evil\rdata: x\r\r",
+    b"ends with cr\r",
+    b"\r\n\r\n",
+    b"\r\r\n\n\r",
+    b"nul\0inside\0",
+    b"\0",
+    b"",
+    b" leading space",
+    b"\xff\rid: 1\r\r",
+];
+
+/// What an EventSource shows for a payload in the raw format: its lines,
+/// ended by CR, LF or CRLF alike, joined by LF (invalid UTF-8 replaced).
+fn as_browser_sees(payload: &[u8]) -> String {
+    let text = String::from_utf8_lossy(payload);
+    let mut lines = Vec::new();
+    let mut rest = &*text;
+    while let Some(i) = rest.find(['\r', '\n']) {
+        lines.push(&rest[..i]);
+        rest = &rest[i + if rest[i..].starts_with("\r\n") { 2 } else { 1 }..];
+    }
+    lines.push(rest);
+    lines.join("\n")
+}
+
+#[tokio::test]
+async fn sse_payloads_cannot_forge_fields_or_events_in_either_format() {
+    let b = HttpBroker::start().await;
+    let mut raw = Sse::open(b.http, "/v1/subscribe/evil.%3E").await;
+    let mut json = Sse::open(b.http, "/v1/subscribe/evil.%3E?format=json").await;
+    let p = sockbus_client::connect(&b.broker.url).await.unwrap();
+    for (i, payload) in HOSTILE_PAYLOADS.iter().enumerate() {
+        // Natively and over HTTP: both reach SSE subscribers the same way.
+        p.publish(&format!("evil.native.{i}"), *payload)
+            .await
+            .unwrap();
+        p.flush().await.unwrap();
+        let r = b
+            .post(&format!("/v1/publish/evil.http.{i}"), *payload)
+            .await;
+        assert_eq!(r.status, StatusCode::NO_CONTENT);
+    }
+    b.post("/v1/publish/evil.end", "the end").await;
+
+    let want: Vec<String> = HOSTILE_PAYLOADS
+        .iter()
+        .flat_map(|p| [as_browser_sees(p), as_browser_sees(p)])
+        .chain(["the end".to_string()])
+        .collect();
+    let events = raw.whatwg_until(|e| e.data == "the end").await;
+    let got: Vec<&str> = events.iter().map(|e| e.data.as_str()).collect();
+    assert_eq!(got, want, "one event per message, its lines joined by LF");
+    for e in &events {
+        assert_eq!(e.kind, "message", "no forged event type: {e:?}");
+        assert_eq!(e.last_event_id, "", "no forged id: {e:?}");
+    }
+
+    let events = json.whatwg_until(|e| e.data.contains("\"the end\"")).await;
+    let payloads: Vec<Vec<u8>> = events
+        .iter()
+        .map(|e| {
+            assert_eq!((e.kind.as_str(), e.last_event_id.as_str()), ("message", ""));
+            let v: serde_json::Value = serde_json::from_str(&e.data)
+                .unwrap_or_else(|err| panic!("not one JSON object ({err}): {:?}", e.data));
+            match (v["data"].as_str(), v["data_base64"].as_str()) {
+                (Some(s), None) => s.as_bytes().to_vec(),
+                (None, Some(b64)) => base64::engine::general_purpose::STANDARD
+                    .decode(b64)
+                    .unwrap(),
+                _ => panic!("no data in {v}"),
+            }
+        })
+        .collect();
+    let want: Vec<Vec<u8>> = HOSTILE_PAYLOADS
+        .iter()
+        .flat_map(|p| [p.to_vec(), p.to_vec()])
+        .chain([b"the end".to_vec()])
+        .collect();
+    assert_eq!(payloads, want, "format=json carries every byte exactly");
 }
