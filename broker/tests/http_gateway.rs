@@ -820,3 +820,39 @@ async fn sse_payloads_cannot_forge_fields_or_events_in_either_format() {
         .collect();
     assert_eq!(payloads, want, "format=json carries every byte exactly");
 }
+
+#[tokio::test]
+async fn sse_subscriptions_under_the_reserved_sb_prefix_are_refused_wildcards_are_not() {
+    let b = HttpBroker::start().await;
+    for path in [
+        "/v1/subscribe/$SB.%3E",
+        "/v1/subscribe/%24SB.%3E",
+        "/v1/subscribe/$SB.API.%3E",
+        "/v1/subscribe/$SB.API.STREAM.LIST",
+        "/v1/subscribe/$SB.ACK.*.*.*.*",
+        "/v1/subscribe/$SB.*?queue=g",
+    ] {
+        let s = Sse::open(b.http, path).await;
+        assert_eq!(s.status, StatusCode::BAD_REQUEST, "{path}");
+        drop(s);
+        let r = b.get(path).await;
+        assert_eq!(r.status, StatusCode::BAD_REQUEST, "{path}: {}", r.text());
+        assert!(r.error().contains("reserved"), "{path}: {}", r.text());
+    }
+    assert_eq!(b.broker.state.subscriptions(), 0);
+    // Patterns that merely could match $SB. subjects are ordinary ones.
+    let mut open = Vec::new();
+    for path in [
+        "/v1/subscribe/%3E",
+        "/v1/subscribe/*.API.%3E",
+        "/v1/subscribe/*",
+        "/v1/subscribe/$SB",
+        "/v1/subscribe/SB.%3E",
+        "/v1/subscribe/x.$SB.%3E",
+    ] {
+        let s = Sse::open(b.http, path).await;
+        assert_eq!(s.status, StatusCode::OK, "{path}");
+        open.push(s);
+    }
+    assert_eq!(b.broker.state.subscriptions(), open.len());
+}

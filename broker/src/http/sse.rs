@@ -26,7 +26,7 @@ use tracing::debug;
 
 use super::routes::{decode_path, error, Body};
 use super::{ConnCtx, Gateway};
-use crate::deliver::SubscribeError;
+use crate::deliver::{SubscribeError, Subscriber};
 use crate::outlet::Outlet;
 use crate::router::Subscription;
 
@@ -99,10 +99,13 @@ pub(super) fn subscribe(
         ctx.kill.clone(),
         None,
     ));
-    let sub = match state
-        .delivery
-        .subscribe(&conn, 1, &pattern, queue.as_deref())
-    {
+    let sub = match state.delivery.subscribe(
+        &Subscriber { api: false },
+        &conn,
+        1,
+        &pattern,
+        queue.as_deref(),
+    ) {
         Ok(s) => s,
         Err(SubscribeError::InvalidSubject(e)) => {
             return error(StatusCode::BAD_REQUEST, format!("invalid subject: {e}"))
