@@ -558,7 +558,7 @@ async fn status_page_and_its_json_show_the_busiest_subjects() {
 }
 
 #[tokio::test]
-async fn connections_over_the_limit_get_503() {
+async fn at_the_connection_limit_probes_still_answer_and_everything_else_gets_503() {
     let mut cfg = test_config();
     cfg.http_max_connections = 2;
     let b = HttpBroker::with(cfg).await;
@@ -566,12 +566,81 @@ async fn connections_over_the_limit_get_503() {
     let _two = TcpStream::connect(b.http).await.unwrap();
     let g = b.gateway.clone();
     eventually("two connections counted", || g.metrics.connections() == 2).await;
+
+    // Liveness and readiness are answered (a kubelet would otherwise kill
+    // or unlist a healthy broker under load)...
     let r = b.get("/healthz").await;
-    assert_eq!(r.status, StatusCode::SERVICE_UNAVAILABLE);
-    assert!(r.error().contains("connection limit"));
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+    assert_eq!(r.json(), serde_json::json!({"status": "ok"}));
+    let r = b.get("/readyz?verbose").await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+    assert_eq!(r.json(), serde_json::json!({"status": "ready"}));
+    let r = request(b.http, Method::HEAD, "/healthz", &[], Bytes::new()).await;
+    assert_eq!(r.status, StatusCode::OK);
+    assert!(r.body.is_empty());
+
+    // ...everything else is refused, publishes included.
+    for (method, path) in [
+        (Method::POST, "/v1/publish/a"),
+        (Method::GET, "/metrics"),
+        (Method::POST, "/healthz"),
+        (Method::GET, "/healthzz"),
+        (Method::GET, "/v1/subscribe/a"),
+    ] {
+        let r = request(b.http, method.clone(), path, &[], Bytes::from_static(b"x")).await;
+        assert_eq!(r.status, StatusCode::SERVICE_UNAVAILABLE, "{method} {path}");
+        assert!(r.error().contains("connection limit"), "{method} {path}");
+        assert_eq!(r.header("retry-after"), Some("1"));
+    }
+    assert_eq!(Metrics::get(&b.broker.state.metrics().msgs_in), 0);
+    assert_eq!(
+        g.metrics.connections(),
+        2,
+        "answers at the limit hold no slot"
+    );
+
+    // A client that connects and says nothing still gets its 503, within a second or so.
+    let mut s = TcpStream::connect(b.http).await.unwrap();
+    let start = Instant::now();
+    let head = read_head(&mut s).await;
+    assert!(head.starts_with("HTTP/1.1 503"), "{head:?}");
+    assert!(start.elapsed() < Duration::from_secs(3));
+    // A request line longer than a probe's is not read to its end.
+    let mut s = TcpStream::connect(b.http).await.unwrap();
+    let long = format!("GET /healthz{} HTTP/1.1\r\n", "x".repeat(100_000));
+    let _ = s.write_all(long.as_bytes()).await;
+    let head = read_head(&mut s).await;
+    assert!(head.starts_with("HTTP/1.1 503"), "{head:?}");
+
     drop(_one);
     eventually("a slot frees up", || g.metrics.connections() == 1).await;
-    assert_eq!(b.get("/healthz").await.status, StatusCode::OK);
+    assert_eq!(
+        b.post("/v1/publish/a", "x").await.status,
+        StatusCode::NO_CONTENT
+    );
+    // The refusals are counted, the probes answered at the limit are not.
+    eventually("the publish's connection closed", || {
+        g.metrics.connections() == 1
+    })
+    .await;
+    let metrics = parse_exposition(&b.get("/metrics").await.text());
+    let value = |name: &str, labels: &str| {
+        metrics
+            .iter()
+            .find(|(n, l, _)| n == name && l == labels)
+            .map(|s| s.2)
+    };
+    assert_eq!(
+        value("sockbus_http_connections_refused_total", ""),
+        Some(7.0)
+    );
+    assert_eq!(
+        value(
+            "sockbus_http_requests_total",
+            "route=\"/healthz\",status=\"200\""
+        ),
+        Some(2.0)
+    );
 }
 
 #[tokio::test]
