@@ -777,7 +777,6 @@ async fn publish_to_a_stream_subject_answers_200_with_stream_and_seq_once_stored
         "{metrics}"
     );
 }
-
 #[test]
 fn the_whatwg_parser_follows_the_standard() {
     // The examples of the standard's section 9.2.6 and the line-ending rules.
@@ -924,4 +923,107 @@ async fn sse_subscriptions_under_the_reserved_sb_prefix_are_refused_wildcards_ar
         open.push(s);
     }
     assert_eq!(b.broker.state.subscriptions(), open.len());
+}
+
+/// Sends raw requests on one connection and reads until `responses`
+/// status lines arrived (or the connection closed).
+async fn raw_exchange(b: &HttpBroker, req: &[u8], responses: usize) -> String {
+    let mut s = TcpStream::connect(b.http).await.unwrap();
+    s.write_all(req).await.unwrap();
+    let mut got = Vec::new();
+    let mut tmp = [0u8; 4096];
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while String::from_utf8_lossy(&got).matches("HTTP/1.1 ").count() < responses {
+        assert!(
+            Instant::now() < deadline,
+            "{}",
+            String::from_utf8_lossy(&got)
+        );
+        match tokio::time::timeout(Duration::from_secs(10), s.read(&mut tmp)).await {
+            Ok(Ok(0)) | Ok(Err(_)) | Err(_) => break,
+            Ok(Ok(n)) => got.extend_from_slice(&tmp[..n]),
+        }
+    }
+    String::from_utf8_lossy(&got).into_owned()
+}
+
+#[tokio::test]
+async fn raw_wildcards_in_the_path_work_as_the_docs_show_them() {
+    let b = HttpBroker::start().await;
+    // What `curl -N 'http://127.0.0.1:7480/v1/subscribe/orders.>?queue=billing'` sends.
+    let mut s = TcpStream::connect(b.http).await.unwrap();
+    s.write_all(b"GET /v1/subscribe/orders.>?queue=billing HTTP/1.1\r\nHost: 127.0.0.1:7480\r\nUser-Agent: curl/7.88.1\r\nAccept: */*\r\n\r\n")
+        .await
+        .unwrap();
+    let head = read_head(&mut s).await;
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    assert!(
+        head.contains(": subscribed to orders.> (queue group billing)"),
+        "{head}"
+    );
+    b.post("/v1/publish/orders.new", "raw >").await;
+    let more = read_head(&mut s).await;
+    assert!(more.contains("subject: orders.new"), "{more}");
+    assert!(more.contains("data: raw >"), "{more}");
+
+    // `*`, and the encoded forms, on both routes.
+    for path in [
+        "/v1/subscribe/orders.*",
+        "/v1/subscribe/*.>",
+        "/v1/subscribe/orders.%3E",
+        "/v1/subscribe/%2A.%3e",
+    ] {
+        let r = raw_exchange(
+            &b,
+            format!("GET {path} HTTP/1.1\r\nhost: x\r\n\r\n").as_bytes(),
+            1,
+        )
+        .await;
+        assert!(r.starts_with("HTTP/1.1 200"), "{path}: {r}");
+    }
+    // A wildcard where none belongs is still the subject's error, not the URL's.
+    let r = raw_exchange(
+        &b,
+        b"POST /v1/publish/orders.> HTTP/1.1\r\nhost: x\r\ncontent-length: 1\r\n\r\nx",
+        1,
+    )
+    .await;
+    assert!(r.starts_with("HTTP/1.1 400"), "{r}");
+    assert!(r.contains("invalid subject"), "{r}");
+    assert!(r.contains("wildcard"), "{r}");
+
+    // On one keep-alive connection: bodies (which may hold `>` and things
+    // that look like request lines) are passed through untouched, and each
+    // following request line still has its `>` understood.
+    let sub = sockbus_client::connect(&b.broker.url).await.unwrap();
+    let mut got = sub.subscribe("k.>").await.unwrap();
+    sub.flush().await.unwrap();
+    let body = "GET /v1/subscribe/a.> HTTP/1.1\r\n\r\n>>";
+    let req = format!(
+        "POST /v1/publish/k.one HTTP/1.1\r\nhost: x\r\ncontent-length: {}\r\n\r\n{body}\
+         GET /v1/streams/a> HTTP/1.1\r\nhost: x\r\n\r\n\
+         POST /v1/publish/k.two?x=> HTTP/1.1\r\nhost: x\r\ncontent-length: 1\r\n\r\n>\
+         POST /v1/publish/k.> HTTP/1.1\r\nhost: x\r\nContent-Length: 2\r\n\r\n>>",
+        body.len()
+    );
+    let r = raw_exchange(&b, req.as_bytes(), 4).await;
+    let statuses: Vec<&str> = r
+        .match_indices("HTTP/1.1 ")
+        .map(|(i, _)| &r[i + 9..i + 12])
+        .collect();
+    assert_eq!(statuses, ["204", "404", "204", "400"], "{r}");
+    assert!(r.contains("no stream named \\\"a>\\\""), "{r}");
+    let m = recv(&mut got).await;
+    assert_eq!((m.subject(), &m.payload[..]), ("k.one", body.as_bytes()));
+    let m = recv(&mut got).await;
+    assert_eq!((m.subject(), &m.payload[..]), ("k.two", &b">"[..]));
+
+    // A target of 20,000 raw `>` triples when encoded: a head too large.
+    let huge = format!(
+        "GET /v1/subscribe/{} HTTP/1.1\r\nhost: x\r\n\r\n",
+        ">".repeat(20_000)
+    );
+    let r = raw_exchange(&b, huge.as_bytes(), 1).await;
+    assert!(r.starts_with("HTTP/1.1 431"), "{}", &r[..r.len().min(200)]);
+    assert_eq!(b.get("/healthz").await.status, StatusCode::OK);
 }

@@ -7,11 +7,13 @@
 //! `publish` and `sse` carry messages, `exposition` counts requests and
 //! renders `/metrics`, `status` serves the page and its JSON, `streams` is
 //! where durable streams plug in, `limit` answers connections over the
-//! connection limit (probes still get their answer).
+//! connection limit (probes still get their answer), `rawpath` lets a raw
+//! `>` stand in a request path.
 
 mod exposition;
 mod limit;
 mod publish;
+mod rawpath;
 mod routes;
 mod sse;
 mod status;
@@ -217,7 +219,9 @@ async fn serve(gw: &Arc<Gateway>, stream: TcpStream, id: u64, shutdown: Cancella
             async move { Ok::<_, Infallible>(routes::handle(&gw, &ctx, &shutdown, req).await) }
         })
     };
-    let conn = gw.h1.serve_connection(TokioIo::new(stream), svc);
+    let conn = gw
+        .h1
+        .serve_connection(TokioIo::new(rawpath::RawPath::new(stream)), svc);
     tokio::pin!(conn);
     let res = tokio::select! {
         r = conn.as_mut() => Some(r),
