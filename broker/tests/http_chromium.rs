@@ -320,6 +320,16 @@ async fn event_source_in_headless_chromium_sees_exactly_the_published_messages()
     let browser = Browser::launch(&bin);
     // Same origin as the gateway, so EventSource may read the streams.
     let mut cdp = Cdp::open(&browser, &b.url("/")).await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        // Scripts run in the page only once it has replaced about:blank.
+        let v = cdp.eval("document.readyState + ' ' + location.href").await;
+        if v == json!(format!("complete {}", b.url("/"))) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "page not loaded: {v}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     let opened = cdp
         .eval(
             r#"(() => {
