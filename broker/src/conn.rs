@@ -21,7 +21,7 @@ use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn, Instrument};
 
-use crate::deliver::{Batch, PublishError, Publisher, SubscribeError};
+use crate::deliver::{Batch, PublishError, Publisher, SubscribeError, Subscriber};
 use crate::outlet::{write_loop, Outlet};
 use crate::read::{FrameReader, Frames};
 use crate::router::Subscription;
@@ -320,18 +320,20 @@ impl Frames for Client {
                     );
                     return Ok(());
                 }
-                match self
-                    .batch
-                    .delivery()
-                    .subscribe(&self.out, sid, subject, queue)
-                {
+                match self.batch.delivery().subscribe(
+                    &Subscriber { api: self.me.api },
+                    &self.out,
+                    sid,
+                    subject,
+                    queue,
+                ) {
                     Ok(sub) => {
                         self.subs.insert(sid, sub);
                     }
                     Err(e @ SubscribeError::InvalidSubject(_)) => {
                         self.error(code::INVALID_SUBJECT, &e.to_string())
                     }
-                    Err(e @ SubscribeError::InvalidQueue(_)) => {
+                    Err(e @ (SubscribeError::InvalidQueue(_) | SubscribeError::Reserved(_))) => {
                         self.error(code::BAD_REQUEST, &e.to_string())
                     }
                 }

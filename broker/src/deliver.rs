@@ -59,6 +59,10 @@ pub(crate) enum SubscribeError {
     InvalidSubject(SubjectError),
     #[error("invalid queue group name {0:?}")]
     InvalidQueue(String),
+    #[error(
+        "cannot subscribe to {0:?} here: subjects under $SB. are reserved for the broker's API"
+    )]
+    Reserved(String),
 }
 
 /// Who publishes, as far as the checks and the fan-out care.
@@ -71,6 +75,14 @@ pub(crate) struct Publisher {
     /// Answer a request nobody receives with a no-responders status.
     pub no_responders: bool,
     /// `$SB.` subjects go to the stream API instead of being refused.
+    pub api: bool,
+}
+
+/// Who subscribes, as far as the checks care: the mirror of [`Publisher`].
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Subscriber {
+    /// May subscribe under `$SB.` (where the broker answers API requests
+    /// sent with a `$SB.` reply subject); refused otherwise.
     pub api: bool,
 }
 
@@ -178,18 +190,25 @@ impl Delivery {
     /// Adds a subscription of a client or an event stream.
     pub fn subscribe(
         &self,
+        from: &Subscriber,
         outlet: &Arc<Outlet>,
         sid: u32,
         pattern: &str,
         queue: Option<&str>,
     ) -> Result<Arc<Subscription>, SubscribeError> {
         self.check_subscription(pattern, queue)?;
+        // Only a pattern whose first token is literally `$SB`: `>` or
+        // `*.API.>` may match the API's subjects but are ordinary patterns.
+        if !from.api && is_reserved(pattern) {
+            return Err(SubscribeError::Reserved(pattern.into()));
+        }
         let sub = Arc::new(Subscription::new(sid, pattern, queue, outlet.clone()));
         self.0.router.insert(sub.clone());
         Ok(sub)
     }
 
-    /// Adds a peer broker's interest, held by the route it arrived on.
+    /// Adds a peer broker's interest, held by the route it arrived on. The
+    /// peer checked its own subscribers; `$SB.` interest is theirs to have.
     pub fn subscribe_peer(
         &self,
         link: &Arc<Outlet>,
@@ -670,6 +689,8 @@ mod tests {
         ))
     }
 
+    const NATIVE: Subscriber = Subscriber { api: true };
+
     fn client(out: &Outlet) -> Publisher {
         Publisher {
             id: out.id,
@@ -726,10 +747,12 @@ mod tests {
         let d = engine();
         let (a, b, q1, q2, publisher) =
             (outlet(&d), outlet(&d), outlet(&d), outlet(&d), outlet(&d));
-        d.subscribe(&a, 1, "orders.*", None).unwrap();
-        d.subscribe(&b, 2, "orders.>", None).unwrap();
-        d.subscribe(&q1, 3, "orders.eu", Some("workers")).unwrap();
-        d.subscribe(&q2, 4, "orders.eu", Some("workers")).unwrap();
+        d.subscribe(&NATIVE, &a, 1, "orders.*", None).unwrap();
+        d.subscribe(&NATIVE, &b, 2, "orders.>", None).unwrap();
+        d.subscribe(&NATIVE, &q1, 3, "orders.eu", Some("workers"))
+            .unwrap();
+        d.subscribe(&NATIVE, &q2, 4, "orders.eu", Some("workers"))
+            .unwrap();
         let mut batch = d.batch(16);
         for i in 0..10 {
             let p = batch
@@ -752,7 +775,7 @@ mod tests {
     fn without_echo_a_publisher_does_not_get_its_own_messages() {
         let d = engine();
         let me = outlet(&d);
-        d.subscribe(&me, 1, "x", None).unwrap();
+        d.subscribe(&NATIVE, &me, 1, "x", None).unwrap();
         let mut batch = d.batch(16);
         let quiet = Publisher {
             echo: false,
@@ -771,8 +794,9 @@ mod tests {
     fn a_request_nobody_receives_gets_a_no_responders_status_only_at_the_requester() {
         let d = engine();
         let (requester, other) = (outlet(&d), outlet(&d));
-        d.subscribe(&requester, 9, "_INBOX.r.*", None).unwrap();
-        d.subscribe(&other, 1, "_INBOX.>", None).unwrap();
+        d.subscribe(&NATIVE, &requester, 9, "_INBOX.r.*", None)
+            .unwrap();
+        d.subscribe(&NATIVE, &other, 1, "_INBOX.>", None).unwrap();
         let mut batch = d.batch(16);
         let from = Publisher {
             no_responders: true,
@@ -833,22 +857,44 @@ mod tests {
         let d = engine();
         let out = outlet(&d);
         assert!(matches!(
-            d.subscribe(&out, 1, "a..b", None),
+            d.subscribe(&NATIVE, &out, 1, "a..b", None),
             Err(SubscribeError::InvalidSubject(_))
         ));
         assert!(matches!(
-            d.subscribe(&out, 1, "a", Some("has space")),
+            d.subscribe(&NATIVE, &out, 1, "a", Some("has space")),
             Err(SubscribeError::InvalidQueue(_))
         ));
         assert_eq!(d.router().len(), 0);
     }
 
     #[test]
+    fn only_front_ends_with_the_api_may_subscribe_under_sb() {
+        let d = engine();
+        let out = outlet(&d);
+        let http = Subscriber { api: false };
+        for p in ["$SB.>", "$SB.API.>", "$SB.*", "$SB.ACK.s.c.1.1"] {
+            assert!(
+                matches!(
+                    d.subscribe(&http, &out, 1, p, None),
+                    Err(SubscribeError::Reserved(_))
+                ),
+                "{p}"
+            );
+            d.subscribe(&NATIVE, &out, 1, p, None).unwrap();
+        }
+        assert_eq!(d.router().len(), 4, "only the native ones");
+        // Patterns that merely may match `$SB.` subjects are ordinary.
+        for p in [">", "*", "*.API.>", "$SB", "x.$SB.>", "$SBX.>"] {
+            d.subscribe(&http, &out, 1, p, None).unwrap();
+        }
+    }
+
+    #[test]
     fn a_subscriber_over_its_budget_is_cut_off_and_the_others_keep_getting_messages() {
         let d = engine();
         let (slow, fine, publisher) = (outlet(&d), outlet(&d), outlet(&d));
-        d.subscribe(&slow, 1, "x", None).unwrap();
-        d.subscribe(&fine, 1, "x", None).unwrap();
+        d.subscribe(&NATIVE, &slow, 1, "x", None).unwrap();
+        d.subscribe(&NATIVE, &fine, 1, "x", None).unwrap();
         let mut batch = d.batch(16);
         let payload = [7u8; 512];
         for _ in 0..20 {
@@ -872,7 +918,7 @@ mod tests {
     fn a_subscription_with_a_limit_ends_after_that_many_messages() {
         let d = engine();
         let (sub, publisher) = (outlet(&d), outlet(&d));
-        let s = d.subscribe(&sub, 1, "x", None).unwrap();
+        let s = d.subscribe(&NATIVE, &sub, 1, "x", None).unwrap();
         assert!(!s.set_max(2));
         let mut batch = d.batch(16);
         for _ in 0..5 {
@@ -912,7 +958,7 @@ mod tests {
 
         // A local member of the group takes precedence over the peer's.
         let local = outlet(&d);
-        d.subscribe(&local, 1, "orders.eu", Some("workers"))
+        d.subscribe(&NATIVE, &local, 1, "orders.eu", Some("workers"))
             .unwrap();
         batch
             .publish(&client(&publisher), "orders.eu", None, &[], b"m", None)
@@ -928,8 +974,8 @@ mod tests {
         let d = engine();
         let (link, local, q) = (outlet(&d), outlet(&d), outlet(&d));
         d.subscribe_peer(&link, 1, ">", None).unwrap();
-        d.subscribe(&local, 1, "a", None).unwrap();
-        d.subscribe(&q, 2, "a", Some("g")).unwrap();
+        d.subscribe(&NATIVE, &local, 1, "a", None).unwrap();
+        d.subscribe(&NATIVE, &q, 2, "a", Some("g")).unwrap();
         let mut batch = d.batch(16);
         assert_eq!(batch.forwarded("a", None, &[], b"m", true, &[]), 1);
         // The queue block of an RMSG naming group "g".
@@ -949,7 +995,7 @@ mod tests {
     fn the_brokers_own_messages_go_to_the_subscribers_of_their_target() {
         let d = engine();
         let inbox = outlet(&d);
-        d.subscribe(&inbox, 5, "_INBOX.c.1", None).unwrap();
+        d.subscribe(&NATIVE, &inbox, 5, "_INBOX.c.1", None).unwrap();
         let mut batch = d.batch(4);
         let stored = Outgoing {
             reply: Some("$SB.ACK.S.c.1.1"),

@@ -3,7 +3,11 @@
 //! shows change by themselves, without a reload. Driven over the DevTools
 //! protocol; a screenshot is kept in `target/.../tmp/status-page.png`.
 //!
-//! Without Chromium the test says why and passes; with `CI=true` it fails.
+//! A second test subscribes with the browser's own `EventSource` and checks
+//! that payloads full of line breaks and NULs arrive as exactly the
+//! messages that were published.
+//!
+//! Without Chromium the tests say why and pass; with `CI=true` they fail.
 
 mod common;
 mod http_util;
@@ -33,6 +37,21 @@ fn find_chromium() -> Option<PathBuf> {
         }
     }
     None
+}
+
+/// Chromium's path, or None after saying why the test is skipped; in CI
+/// (`CI=true`) a missing Chromium fails the test instead.
+fn chromium_or_skip() -> Option<PathBuf> {
+    let bin = find_chromium();
+    if bin.is_none() {
+        if std::env::var("CI").as_deref() == Ok("true") {
+            panic!(
+                "chromium is not installed (apt-get install -y chromium); CI must run this test"
+            );
+        }
+        eprintln!("skipping: chromium not found on PATH (apt-get install -y chromium, or set SOCKBUS_CHROMIUM)");
+    }
+    bin
 }
 
 struct Browser {
@@ -114,6 +133,27 @@ struct Cdp {
 }
 
 impl Cdp {
+    /// A new tab on `url`, attached.
+    async fn open(browser: &Browser, url: &str) -> Cdp {
+        let (ws, _) = tokio_tungstenite::connect_async(browser.ws_url.as_str())
+            .await
+            .expect("connect to DevTools");
+        let mut cdp = Cdp {
+            ws,
+            next_id: 0,
+            session: None,
+        };
+        let target = cdp.call("Target.createTarget", json!({"url": url})).await;
+        let session = cdp
+            .call(
+                "Target.attachToTarget",
+                json!({"targetId": target["targetId"], "flatten": true}),
+            )
+            .await;
+        cdp.session = Some(session["sessionId"].as_str().unwrap().to_string());
+        cdp
+    }
+
     async fn call(&mut self, method: &str, params: Value) -> Value {
         self.next_id += 1;
         let id = self.next_id;
@@ -170,13 +210,7 @@ async fn shown(cdp: &mut Cdp) -> Value {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn status_page_in_headless_chromium_shows_counts_that_change() {
-    let Some(bin) = find_chromium() else {
-        if std::env::var("CI").as_deref() == Ok("true") {
-            panic!(
-                "chromium is not installed (apt-get install -y chromium); CI must run this test"
-            );
-        }
-        eprintln!("skipping: chromium not found on PATH (apt-get install -y chromium, or set SOCKBUS_CHROMIUM)");
+    let Some(bin) = chromium_or_skip() else {
         return;
     };
     let b = HttpBroker::start().await;
@@ -188,24 +222,7 @@ async fn status_page_in_headless_chromium_shows_counts_that_change() {
     c.flush().await.unwrap();
 
     let browser = Browser::launch(&bin);
-    let (ws, _) = tokio_tungstenite::connect_async(browser.ws_url.as_str())
-        .await
-        .expect("connect to DevTools");
-    let mut cdp = Cdp {
-        ws,
-        next_id: 0,
-        session: None,
-    };
-    let target = cdp
-        .call("Target.createTarget", json!({"url": b.url("/")}))
-        .await;
-    let session = cdp
-        .call(
-            "Target.attachToTarget",
-            json!({"targetId": target["targetId"], "flatten": true}),
-        )
-        .await;
-    cdp.session = Some(session["sessionId"].as_str().unwrap().to_string());
+    let mut cdp = Cdp::open(&browser, &b.url("/")).await;
 
     // The page fills itself from /v1/status.
     let deadline = Instant::now() + Duration::from_secs(30);
@@ -278,4 +295,116 @@ async fn status_page_in_headless_chromium_shows_counts_that_change() {
     std::fs::write(&path, &png).unwrap();
     eprintln!("status page screenshot: {}", path.display());
     assert!(png.starts_with(b"\x89PNG"), "a PNG");
+}
+
+/// Payloads that try to end their event early or forge fields and events.
+const HOSTILE_PAYLOADS: &[&str] = &[
+    "\rid: 7\revent: x\r\rdata: forged",
+    "one\rtwo\nthree\r\nfour",
+    "\n\nid: 9\nevent: evil\ndata: forged\n\n",
+    "retry: 1\r: comment\r\revent: evil\rdata: x\r\r",
+    "ends with cr\r",
+    "\r\n\r\n",
+    "nul\0inside\0",
+    "\0",
+    "",
+    " leading space",
+];
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn event_source_in_headless_chromium_sees_exactly_the_published_messages() {
+    let Some(bin) = chromium_or_skip() else {
+        return;
+    };
+    let b = HttpBroker::start().await;
+    let browser = Browser::launch(&bin);
+    // Same origin as the gateway, so EventSource may read the streams.
+    let mut cdp = Cdp::open(&browser, &b.url("/")).await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        // Scripts run in the page only once it has replaced about:blank.
+        let v = cdp.eval("document.readyState + ' ' + location.href").await;
+        if v == json!(format!("complete {}", b.url("/"))) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "page not loaded: {v}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let opened = cdp
+        .eval(
+            r#"(() => {
+            window.got = {raw: [], json: [], errors: 0};
+            for (const [k, url] of [["raw", "/v1/subscribe/evil.>"], ["json", "/v1/subscribe/evil.>?format=json"]]) {
+                const es = new EventSource(url);
+                es.onmessage = (e) => window.got[k].push({type: e.type, data: e.data, id: e.lastEventId});
+                es.addEventListener("x", () => window.got[k].push({type: "x"}));
+                es.addEventListener("evil", () => window.got[k].push({type: "evil"}));
+                es.onerror = () => window.got.errors++;
+            }
+            return true;
+        })()"#,
+        )
+        .await;
+    assert_eq!(opened, json!(true));
+    let st = b.broker.state.clone();
+    http_util::eventually("both EventSources subscribed", || st.subscriptions() == 2).await;
+
+    for p in HOSTILE_PAYLOADS {
+        let r = b.post("/v1/publish/evil.one", p.to_string()).await;
+        assert_eq!(r.status, hyper::StatusCode::NO_CONTENT);
+    }
+    b.post("/v1/publish/evil.one", "the end").await;
+
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let got = loop {
+        let v = cdp.eval("JSON.stringify(window.got)").await;
+        let got: Value = serde_json::from_str(v.as_str().unwrap_or("{}")).unwrap_or_default();
+        let done = |k: &str| {
+            got[k]
+                .as_array()
+                .and_then(|a| a.last())
+                .and_then(|e| e["data"].as_str())
+                .is_some_and(|d| d.contains("the end"))
+        };
+        if done("raw") && done("json") {
+            break got;
+        }
+        assert!(Instant::now() < deadline, "events so far: {got}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(got["errors"], 0, "{got}");
+
+    // Raw: one event per message, its lines (CR, LF or CRLF) joined by LF.
+    let want: Vec<Value> = HOSTILE_PAYLOADS
+        .iter()
+        .map(|p| json!({"type": "message", "data": lines_joined_by_lf(p), "id": ""}))
+        .chain([json!({"type": "message", "data": "the end", "id": ""})])
+        .collect();
+    assert_eq!(got["raw"], json!(want), "raw format");
+
+    // JSON: the payload byte for byte.
+    let data: Vec<Value> = got["json"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| {
+            assert_eq!(
+                (&e["type"], &e["id"]),
+                (&json!("message"), &json!("")),
+                "{e}"
+            );
+            let v: Value = serde_json::from_str(e["data"].as_str().unwrap()).unwrap();
+            v["data"].clone()
+        })
+        .collect();
+    let want: Vec<Value> = HOSTILE_PAYLOADS
+        .iter()
+        .chain(&["the end"])
+        .map(|p| json!(p))
+        .collect();
+    assert_eq!(data, want, "json format");
+}
+
+fn lines_joined_by_lf(p: &str) -> String {
+    p.replace("\r\n", "\n").replace('\r', "\n")
 }

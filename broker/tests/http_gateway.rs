@@ -8,9 +8,10 @@ mod http_util;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use base64::Engine;
 use bytes::Bytes;
 use common::{recv, test_config};
-use http_util::{eventually, request, HttpBroker, Sse};
+use http_util::{eventually, request, whatwg_events, HttpBroker, Sse};
 use hyper::{Method, StatusCode};
 use sockbus_broker::metrics::{Metrics, Source};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -557,7 +558,7 @@ async fn status_page_and_its_json_show_the_busiest_subjects() {
 }
 
 #[tokio::test]
-async fn connections_over_the_limit_get_503() {
+async fn at_the_connection_limit_probes_still_answer_and_everything_else_gets_503() {
     let mut cfg = test_config();
     cfg.http_max_connections = 2;
     let b = HttpBroker::with(cfg).await;
@@ -565,12 +566,81 @@ async fn connections_over_the_limit_get_503() {
     let _two = TcpStream::connect(b.http).await.unwrap();
     let g = b.gateway.clone();
     eventually("two connections counted", || g.metrics.connections() == 2).await;
+
+    // Liveness and readiness are answered (a kubelet would otherwise kill
+    // or unlist a healthy broker under load)...
     let r = b.get("/healthz").await;
-    assert_eq!(r.status, StatusCode::SERVICE_UNAVAILABLE);
-    assert!(r.error().contains("connection limit"));
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+    assert_eq!(r.json(), serde_json::json!({"status": "ok"}));
+    let r = b.get("/readyz?verbose").await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+    assert_eq!(r.json(), serde_json::json!({"status": "ready"}));
+    let r = request(b.http, Method::HEAD, "/healthz", &[], Bytes::new()).await;
+    assert_eq!(r.status, StatusCode::OK);
+    assert!(r.body.is_empty());
+
+    // ...everything else is refused, publishes included.
+    for (method, path) in [
+        (Method::POST, "/v1/publish/a"),
+        (Method::GET, "/metrics"),
+        (Method::POST, "/healthz"),
+        (Method::GET, "/healthzz"),
+        (Method::GET, "/v1/subscribe/a"),
+    ] {
+        let r = request(b.http, method.clone(), path, &[], Bytes::from_static(b"x")).await;
+        assert_eq!(r.status, StatusCode::SERVICE_UNAVAILABLE, "{method} {path}");
+        assert!(r.error().contains("connection limit"), "{method} {path}");
+        assert_eq!(r.header("retry-after"), Some("1"));
+    }
+    assert_eq!(Metrics::get(&b.broker.state.metrics().msgs_in), 0);
+    assert_eq!(
+        g.metrics.connections(),
+        2,
+        "answers at the limit hold no slot"
+    );
+
+    // A client that connects and says nothing still gets its 503, within a second or so.
+    let mut s = TcpStream::connect(b.http).await.unwrap();
+    let start = Instant::now();
+    let head = read_head(&mut s).await;
+    assert!(head.starts_with("HTTP/1.1 503"), "{head:?}");
+    assert!(start.elapsed() < Duration::from_secs(3));
+    // A request line longer than a probe's is not read to its end.
+    let mut s = TcpStream::connect(b.http).await.unwrap();
+    let long = format!("GET /healthz{} HTTP/1.1\r\n", "x".repeat(100_000));
+    let _ = s.write_all(long.as_bytes()).await;
+    let head = read_head(&mut s).await;
+    assert!(head.starts_with("HTTP/1.1 503"), "{head:?}");
+
     drop(_one);
     eventually("a slot frees up", || g.metrics.connections() == 1).await;
-    assert_eq!(b.get("/healthz").await.status, StatusCode::OK);
+    assert_eq!(
+        b.post("/v1/publish/a", "x").await.status,
+        StatusCode::NO_CONTENT
+    );
+    // The refusals are counted, the probes answered at the limit are not.
+    eventually("the publish's connection closed", || {
+        g.metrics.connections() == 1
+    })
+    .await;
+    let metrics = parse_exposition(&b.get("/metrics").await.text());
+    let value = |name: &str, labels: &str| {
+        metrics
+            .iter()
+            .find(|(n, l, _)| n == name && l == labels)
+            .map(|s| s.2)
+    };
+    assert_eq!(
+        value("sockbus_http_connections_refused_total", ""),
+        Some(7.0)
+    );
+    assert_eq!(
+        value(
+            "sockbus_http_requests_total",
+            "route=\"/healthz\",status=\"200\""
+        ),
+        Some(2.0)
+    );
 }
 
 #[tokio::test]
@@ -706,4 +776,254 @@ async fn publish_to_a_stream_subject_answers_200_with_stream_and_seq_once_stored
         metrics.contains("sockbus_stream_messages{stream=\"ORDERS\"} 3"),
         "{metrics}"
     );
+}
+#[test]
+fn the_whatwg_parser_follows_the_standard() {
+    // The examples of the standard's section 9.2.6 and the line-ending rules.
+    let (e, retry) = whatwg_events(
+        b"\xef\xbb\xbfdata: YHOO\ndata: +2\ndata: 10\n\n: c\r\nid: 1\rdata:first\r\n\r\ndata\ndata\n\ndata:\n\nevent: add\ndata: x\n\ndata: pending",
+    );
+    let d: Vec<(&str, &str, &str)> = e
+        .iter()
+        .map(|e| (e.kind.as_str(), e.data.as_str(), e.last_event_id.as_str()))
+        .collect();
+    assert_eq!(
+        d,
+        [
+            ("message", "YHOO\n+2\n10", ""),
+            ("message", "first", "1"),
+            ("message", "\n", "1"),
+            ("message", "", "1"),
+            ("add", "x", "1"),
+        ]
+    );
+    assert_eq!(retry, None);
+    assert_eq!(whatwg_events(b"retry: 5\n\n").1, Some(5));
+    assert!(whatwg_events(b"id: a\0b\n\n").0.is_empty());
+}
+
+/// Payloads that try to end their event early, forge fields or whole extra
+/// events: a browser must see each as one event of its own text.
+const HOSTILE_PAYLOADS: &[&[u8]] = &[
+    b"\rid: 7\revent: x\r\rdata: forged",
+    b"one\rtwo\nthree\r\nfour",
+    b"\n\nid: 9\nevent: evil\ndata: forged\n\n",
+    b"retry: 1\r: comment\r\revent: evil\rdata: x\r\r",
+    b"ends with cr\r",
+    b"\r\n\r\n",
+    b"\r\r\n\n\r",
+    b"nul\0inside\0",
+    b"\0",
+    b"",
+    b" leading space",
+    b"\xff\rid: 1\r\r",
+];
+
+/// What an EventSource shows for a payload in the raw format: its lines,
+/// ended by CR, LF or CRLF alike, joined by LF (invalid UTF-8 replaced).
+fn as_browser_sees(payload: &[u8]) -> String {
+    let text = String::from_utf8_lossy(payload);
+    let mut lines = Vec::new();
+    let mut rest = &*text;
+    while let Some(i) = rest.find(['\r', '\n']) {
+        lines.push(&rest[..i]);
+        rest = &rest[i + if rest[i..].starts_with("\r\n") { 2 } else { 1 }..];
+    }
+    lines.push(rest);
+    lines.join("\n")
+}
+
+#[tokio::test]
+async fn sse_payloads_cannot_forge_fields_or_events_in_either_format() {
+    let b = HttpBroker::start().await;
+    let mut raw = Sse::open(b.http, "/v1/subscribe/evil.%3E").await;
+    let mut json = Sse::open(b.http, "/v1/subscribe/evil.%3E?format=json").await;
+    let p = sockbus_client::connect(&b.broker.url).await.unwrap();
+    for (i, payload) in HOSTILE_PAYLOADS.iter().enumerate() {
+        // Natively and over HTTP: both reach SSE subscribers the same way.
+        p.publish(&format!("evil.native.{i}"), *payload)
+            .await
+            .unwrap();
+        p.flush().await.unwrap();
+        let r = b
+            .post(&format!("/v1/publish/evil.http.{i}"), *payload)
+            .await;
+        assert_eq!(r.status, StatusCode::NO_CONTENT);
+    }
+    b.post("/v1/publish/evil.end", "the end").await;
+
+    let want: Vec<String> = HOSTILE_PAYLOADS
+        .iter()
+        .flat_map(|p| [as_browser_sees(p), as_browser_sees(p)])
+        .chain(["the end".to_string()])
+        .collect();
+    let events = raw.whatwg_until(|e| e.data == "the end").await;
+    let got: Vec<&str> = events.iter().map(|e| e.data.as_str()).collect();
+    assert_eq!(got, want, "one event per message, its lines joined by LF");
+    for e in &events {
+        assert_eq!(e.kind, "message", "no forged event type: {e:?}");
+        assert_eq!(e.last_event_id, "", "no forged id: {e:?}");
+    }
+
+    let events = json.whatwg_until(|e| e.data.contains("\"the end\"")).await;
+    let payloads: Vec<Vec<u8>> = events
+        .iter()
+        .map(|e| {
+            assert_eq!((e.kind.as_str(), e.last_event_id.as_str()), ("message", ""));
+            let v: serde_json::Value = serde_json::from_str(&e.data)
+                .unwrap_or_else(|err| panic!("not one JSON object ({err}): {:?}", e.data));
+            match (v["data"].as_str(), v["data_base64"].as_str()) {
+                (Some(s), None) => s.as_bytes().to_vec(),
+                (None, Some(b64)) => base64::engine::general_purpose::STANDARD
+                    .decode(b64)
+                    .unwrap(),
+                _ => panic!("no data in {v}"),
+            }
+        })
+        .collect();
+    let want: Vec<Vec<u8>> = HOSTILE_PAYLOADS
+        .iter()
+        .flat_map(|p| [p.to_vec(), p.to_vec()])
+        .chain([b"the end".to_vec()])
+        .collect();
+    assert_eq!(payloads, want, "format=json carries every byte exactly");
+}
+
+#[tokio::test]
+async fn sse_subscriptions_under_the_reserved_sb_prefix_are_refused_wildcards_are_not() {
+    let b = HttpBroker::start().await;
+    for path in [
+        "/v1/subscribe/$SB.%3E",
+        "/v1/subscribe/%24SB.%3E",
+        "/v1/subscribe/$SB.API.%3E",
+        "/v1/subscribe/$SB.API.STREAM.LIST",
+        "/v1/subscribe/$SB.ACK.*.*.*.*",
+        "/v1/subscribe/$SB.*?queue=g",
+    ] {
+        let s = Sse::open(b.http, path).await;
+        assert_eq!(s.status, StatusCode::BAD_REQUEST, "{path}");
+        drop(s);
+        let r = b.get(path).await;
+        assert_eq!(r.status, StatusCode::BAD_REQUEST, "{path}: {}", r.text());
+        assert!(r.error().contains("reserved"), "{path}: {}", r.text());
+    }
+    assert_eq!(b.broker.state.subscriptions(), 0);
+    // Patterns that merely could match $SB. subjects are ordinary ones.
+    let mut open = Vec::new();
+    for path in [
+        "/v1/subscribe/%3E",
+        "/v1/subscribe/*.API.%3E",
+        "/v1/subscribe/*",
+        "/v1/subscribe/$SB",
+        "/v1/subscribe/SB.%3E",
+        "/v1/subscribe/x.$SB.%3E",
+    ] {
+        let s = Sse::open(b.http, path).await;
+        assert_eq!(s.status, StatusCode::OK, "{path}");
+        open.push(s);
+    }
+    assert_eq!(b.broker.state.subscriptions(), open.len());
+}
+
+/// Sends raw requests on one connection and reads until `responses`
+/// status lines arrived (or the connection closed).
+async fn raw_exchange(b: &HttpBroker, req: &[u8], responses: usize) -> String {
+    let mut s = TcpStream::connect(b.http).await.unwrap();
+    s.write_all(req).await.unwrap();
+    let mut got = Vec::new();
+    let mut tmp = [0u8; 4096];
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while String::from_utf8_lossy(&got).matches("HTTP/1.1 ").count() < responses {
+        assert!(
+            Instant::now() < deadline,
+            "{}",
+            String::from_utf8_lossy(&got)
+        );
+        match tokio::time::timeout(Duration::from_secs(10), s.read(&mut tmp)).await {
+            Ok(Ok(0)) | Ok(Err(_)) | Err(_) => break,
+            Ok(Ok(n)) => got.extend_from_slice(&tmp[..n]),
+        }
+    }
+    String::from_utf8_lossy(&got).into_owned()
+}
+
+#[tokio::test]
+async fn raw_wildcards_in_the_path_work_as_the_docs_show_them() {
+    let b = HttpBroker::start().await;
+    // What `curl -N 'http://127.0.0.1:7480/v1/subscribe/orders.>?queue=billing'` sends.
+    let mut s = TcpStream::connect(b.http).await.unwrap();
+    s.write_all(b"GET /v1/subscribe/orders.>?queue=billing HTTP/1.1\r\nHost: 127.0.0.1:7480\r\nUser-Agent: curl/7.88.1\r\nAccept: */*\r\n\r\n")
+        .await
+        .unwrap();
+    let head = read_head(&mut s).await;
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    assert!(
+        head.contains(": subscribed to orders.> (queue group billing)"),
+        "{head}"
+    );
+    b.post("/v1/publish/orders.new", "raw >").await;
+    let more = read_head(&mut s).await;
+    assert!(more.contains("subject: orders.new"), "{more}");
+    assert!(more.contains("data: raw >"), "{more}");
+
+    // `*`, and the encoded forms, on both routes.
+    for path in [
+        "/v1/subscribe/orders.*",
+        "/v1/subscribe/*.>",
+        "/v1/subscribe/orders.%3E",
+        "/v1/subscribe/%2A.%3e",
+    ] {
+        let r = raw_exchange(
+            &b,
+            format!("GET {path} HTTP/1.1\r\nhost: x\r\n\r\n").as_bytes(),
+            1,
+        )
+        .await;
+        assert!(r.starts_with("HTTP/1.1 200"), "{path}: {r}");
+    }
+    // A wildcard where none belongs is still the subject's error, not the URL's.
+    let r = raw_exchange(
+        &b,
+        b"POST /v1/publish/orders.> HTTP/1.1\r\nhost: x\r\ncontent-length: 1\r\n\r\nx",
+        1,
+    )
+    .await;
+    assert!(r.starts_with("HTTP/1.1 400"), "{r}");
+    assert!(r.contains("invalid subject"), "{r}");
+    assert!(r.contains("wildcard"), "{r}");
+
+    // On one keep-alive connection: bodies (which may hold `>` and things
+    // that look like request lines) are passed through untouched, and each
+    // following request line still has its `>` understood.
+    let sub = sockbus_client::connect(&b.broker.url).await.unwrap();
+    let mut got = sub.subscribe("k.>").await.unwrap();
+    sub.flush().await.unwrap();
+    let body = "GET /v1/subscribe/a.> HTTP/1.1\r\n\r\n>>";
+    let req = format!(
+        "POST /v1/publish/k.one HTTP/1.1\r\nhost: x\r\ncontent-length: {}\r\n\r\n{body}\
+         GET /v1/streams/a> HTTP/1.1\r\nhost: x\r\n\r\n\
+         POST /v1/publish/k.two?x=> HTTP/1.1\r\nhost: x\r\ncontent-length: 1\r\n\r\n>\
+         POST /v1/publish/k.> HTTP/1.1\r\nhost: x\r\nContent-Length: 2\r\n\r\n>>",
+        body.len()
+    );
+    let r = raw_exchange(&b, req.as_bytes(), 4).await;
+    let statuses: Vec<&str> = r
+        .match_indices("HTTP/1.1 ")
+        .map(|(i, _)| &r[i + 9..i + 12])
+        .collect();
+    assert_eq!(statuses, ["204", "404", "204", "400"], "{r}");
+    assert!(r.contains("no stream named \\\"a>\\\""), "{r}");
+    let m = recv(&mut got).await;
+    assert_eq!((m.subject(), &m.payload[..]), ("k.one", body.as_bytes()));
+    let m = recv(&mut got).await;
+    assert_eq!((m.subject(), &m.payload[..]), ("k.two", &b">"[..]));
+
+    // A target of 20,000 raw `>` triples when encoded: a head too large.
+    let huge = format!(
+        "GET /v1/subscribe/{} HTTP/1.1\r\nhost: x\r\n\r\n",
+        ">".repeat(20_000)
+    );
+    let r = raw_exchange(&b, huge.as_bytes(), 1).await;
+    assert!(r.starts_with("HTTP/1.1 431"), "{}", &r[..r.len().min(200)]);
+    assert_eq!(b.get("/healthz").await.status, StatusCode::OK);
 }

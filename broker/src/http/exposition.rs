@@ -277,7 +277,7 @@ pub(super) fn render(gw: &Gateway) -> String {
         &mut o,
         "sockbus_http_connections_refused_total",
         "counter",
-        "HTTP connections refused at --http-max-connections.",
+        "HTTP connections refused at --http-max-connections (probes answered there are not counted).",
         h.connections_refused.load(Relaxed),
     );
     sample(

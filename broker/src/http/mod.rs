@@ -6,10 +6,14 @@
 //! One file per concern: `routes` dispatches and answers the small routes,
 //! `publish` and `sse` carry messages, `exposition` counts requests and
 //! renders `/metrics`, `status` serves the page and its JSON, `streams` is
-//! where durable streams plug in.
+//! where durable streams plug in, `limit` answers connections over the
+//! connection limit (probes still get their answer), `rawpath` lets a raw
+//! `>` stand in a request path.
 
 mod exposition;
+mod limit;
 mod publish;
+mod rawpath;
 mod routes;
 mod sse;
 mod status;
@@ -25,7 +29,6 @@ use anyhow::Context;
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
@@ -41,8 +44,6 @@ pub use exposition::HttpMetrics;
 pub const MAX_HEAD_BYTES: usize = 32 * 1024;
 /// Pending connections the kernel queues for us (capped by net.core.somaxconn).
 const LISTEN_BACKLOG: u32 = 4096;
-/// Connections over the limit that may wait at once for their 503 to be written.
-const MAX_REFUSING: usize = 256;
 /// Subjects each HTTP connection remembers the matches of.
 const CONN_MATCH_CACHE: usize = 64;
 
@@ -124,8 +125,8 @@ impl HttpServer {
         let cfg = &gw.state.config;
         info!(addr = %gw.local_addr, max_connections = cfg.http_max_connections, "HTTP gateway listening (status page, /metrics, /v1/publish, /v1/subscribe)");
         let tracker = TaskTracker::new();
-        let limit = Arc::new(Semaphore::new(cfg.http_max_connections));
-        let refusing = Arc::new(Semaphore::new(MAX_REFUSING));
+        let slots = Arc::new(Semaphore::new(cfg.http_max_connections));
+        let answering = Arc::new(Semaphore::new(limit::MAX_ANSWERING));
         tracker.spawn(status::tick(gw.clone(), shutdown.clone()));
         loop {
             let (stream, peer) = tokio::select! {
@@ -140,14 +141,14 @@ impl HttpServer {
                     }
                 },
             };
-            let Ok(permit) = limit.clone().try_acquire_owned() else {
-                gw.metrics.refused();
-                debug!(%peer, limit = cfg.http_max_connections, "HTTP connection refused: at the connection limit");
-                if let Ok(p) = refusing.clone().try_acquire_owned() {
-                    tracker.spawn(async move {
-                        refuse(stream).await;
-                        drop(p);
-                    });
+            let Ok(permit) = slots.clone().try_acquire_owned() else {
+                debug!(%peer, limit = cfg.http_max_connections, "HTTP connection over the connection limit: probes only");
+                match answering.clone().try_acquire_owned() {
+                    Ok(p) => {
+                        tracker.spawn(limit::answer(gw.clone(), stream, p));
+                    }
+                    // Too many answers in flight already: closed unanswered.
+                    Err(_) => gw.metrics.refused(),
                 }
                 continue;
             };
@@ -193,30 +194,6 @@ fn listen(addr: SocketAddr) -> std::io::Result<TcpListener> {
     sock.listen(LISTEN_BACKLOG)
 }
 
-/// Answers a connection over the limit with a 503 and closes it, without
-/// spending a hyper connection on it. Bounded: it gives up after a second.
-async fn refuse(mut stream: TcpStream) {
-    const BODY: &str = "{\"error\":\"the broker is at its HTTP connection limit\"}";
-    let resp = format!(
-        "HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\nretry-after: 1\r\n\r\n{BODY}",
-        BODY.len()
-    );
-    let _ = tokio::time::timeout(Duration::from_secs(1), async {
-        let _ = stream.write_all(resp.as_bytes()).await;
-        let _ = stream.shutdown().await;
-        // Read (and discard) the request until the client closes: closing
-        // with unread bytes would reset the connection and could destroy
-        // the answer before the client reads it.
-        let mut buf = [0u8; 4096];
-        while let Ok(n) = stream.read(&mut buf).await {
-            if n == 0 {
-                break;
-            }
-        }
-    })
-    .await;
-}
-
 /// One HTTP connection, until the client leaves, its SSE stream is cut off
 /// as a slow consumer, or shutdown has drained it.
 async fn serve(gw: &Arc<Gateway>, stream: TcpStream, id: u64, shutdown: CancellationToken) {
@@ -242,7 +219,9 @@ async fn serve(gw: &Arc<Gateway>, stream: TcpStream, id: u64, shutdown: Cancella
             async move { Ok::<_, Infallible>(routes::handle(&gw, &ctx, &shutdown, req).await) }
         })
     };
-    let conn = gw.h1.serve_connection(TokioIo::new(stream), svc);
+    let conn = gw
+        .h1
+        .serve_connection(TokioIo::new(rawpath::RawPath::new(stream)), svc);
     tokio::pin!(conn);
     let res = tokio::select! {
         r = conn.as_mut() => Some(r),

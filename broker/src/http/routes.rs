@@ -86,7 +86,7 @@ impl Route {
     }
 
     /// The route of a path, and the path's variable part (subject or name).
-    fn of(path: &str) -> (Route, &str) {
+    pub(super) fn of(path: &str) -> (Route, &str) {
         let fixed = match path {
             "/" => Route::Page,
             "/v1/status" => Route::Status,
@@ -161,11 +161,10 @@ pub(super) async fn handle(
                 );
                 r
             }
-            Route::Healthz => json(StatusCode::OK, &serde_json::json!({"status": "ok"})),
-            Route::Readyz => match status::ready(gw) {
-                Ok(()) => json(StatusCode::OK, &serde_json::json!({"status": "ready"})),
-                Err(why) => error(StatusCode::SERVICE_UNAVAILABLE, format!("not ready: {why}")),
-            },
+            Route::Healthz | Route::Readyz => {
+                let (status, body) = probe(gw, route);
+                json(status, &body)
+            }
             Route::Page => {
                 let mut r = Response::new(Either::Left(Full::new(Bytes::from_static(
                     STATUS_PAGE.as_bytes(),
@@ -186,6 +185,22 @@ pub(super) async fn handle(
     gw.metrics.observe(route, resp.status(), took);
     debug!(conn = ctx.id, method = %parts.method, path, status = resp.status().as_u16(), micros = took.as_micros() as u64, "request");
     resp
+}
+
+/// The answer of a probe route, `/healthz` or `/readyz`; also given to
+/// connections over the connection limit (`limit`). Liveness says only
+/// that the process is alive and serving: it is always 200.
+pub(super) fn probe(gw: &Gateway, route: Route) -> (StatusCode, serde_json::Value) {
+    match route {
+        Route::Readyz => match status::ready(gw) {
+            Ok(()) => (StatusCode::OK, serde_json::json!({"status": "ready"})),
+            Err(why) => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                serde_json::json!({ "error": format!("not ready: {why}") }),
+            ),
+        },
+        _ => (StatusCode::OK, serde_json::json!({"status": "ok"})),
+    }
 }
 
 /// A JSON error: `{"error": "..."}`.

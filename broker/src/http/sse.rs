@@ -15,7 +15,7 @@ use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::{BufMut, Bytes, BytesMut};
+use bytes::{Buf, BufMut, Bytes, BytesMut};
 use http_body_util::{BodyExt, Either, StreamBody};
 use hyper::body::Frame;
 use hyper::header::{HeaderValue, CACHE_CONTROL, CONTENT_TYPE};
@@ -27,14 +27,15 @@ use tracing::debug;
 
 use super::routes::{decode_path, error, Body};
 use super::{ConnCtx, Gateway};
-use crate::deliver::SubscribeError;
+use crate::deliver::{SubscribeError, Subscriber};
 use crate::outlet::Outlet;
 use crate::router::Subscription;
-use crate::server::State;
 
 /// A comment line sent when nothing else was, so proxies keep the stream
 /// open and a vanished client is noticed.
 const KEEPALIVE: Duration = Duration::from_secs(15);
+/// Bytes of queued frames turned into one chunk of events (at least one frame).
+const CHUNK_INPUT: usize = 64 * 1024;
 
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Format {
@@ -99,10 +100,13 @@ pub(super) fn subscribe(
         ctx.kill.clone(),
         None,
     ));
-    let sub = match state
-        .delivery
-        .subscribe(&conn, 1, &pattern, queue.as_deref())
-    {
+    let sub = match state.delivery.subscribe(
+        &Subscriber { api: false },
+        &conn,
+        1,
+        &pattern,
+        queue.as_deref(),
+    ) {
         Ok(s) => s,
         Err(SubscribeError::InvalidSubject(e)) => {
             return error(StatusCode::BAD_REQUEST, format!("invalid subject: {e}"))
@@ -128,6 +132,7 @@ pub(super) fn subscribe(
         shutdown: shutdown.clone(),
         hello: Some(hello),
         format,
+        frames: BytesMut::new(),
         ending: false,
     };
     let stream = futures_util::stream::unfold(feed, |mut f| async move {
@@ -165,6 +170,8 @@ struct Feed {
     shutdown: CancellationToken,
     hello: Option<Bytes>,
     format: Format,
+    /// MSG frames taken from the outbox and not yet sent as events.
+    frames: BytesMut,
     /// Shutting down: send what is queued, then end.
     ending: bool,
 }
@@ -176,9 +183,15 @@ impl Feed {
             return Some(h);
         }
         loop {
-            let t = self.conn.outbox.take();
-            if !t.data.is_empty() {
-                return Some(encode_events(&self.guard.gw.state, &t.data, self.format));
+            if self.frames.is_empty() {
+                self.frames = self.conn.outbox.take().data;
+            }
+            if !self.frames.is_empty() {
+                return Some(encode_events(
+                    &self.guard.gw.state.config.node_id,
+                    &mut self.frames,
+                    self.format,
+                ));
             }
             if self.ending || self.conn.abort.is_cancelled() {
                 return None;
@@ -193,10 +206,18 @@ impl Feed {
     }
 }
 
-/// Turns a run of MSG frames into SSE events.
-fn encode_events(state: &State, mut data: &[u8], format: Format) -> Bytes {
-    let mut out = BytesMut::with_capacity(data.len() + data.len() / 2 + 64);
+/// Turns the first MSG frames of `frames` into SSE events and removes
+/// them: whole frames, at least one, until [`CHUNK_INPUT`] bytes are used.
+/// Events can be several times larger than their frames (a payload of line
+/// breaks), so turning the whole outbox into one chunk could multiply a
+/// subscriber's `--max-pending` in memory.
+fn encode_events(node: &str, frames: &mut BytesMut, format: Format) -> Bytes {
+    let mut data = &frames[..];
+    let mut out = BytesMut::with_capacity(data.len().min(CHUNK_INPUT) * 3 / 2 + 64);
     while let Ok(Some((f, len))) = frame::decode(data, u32::MAX) {
+        if frames.len() - data.len() >= CHUNK_INPUT {
+            break;
+        }
         data = &data[len..];
         if let FrameRef::Msg {
             subject,
@@ -212,13 +233,17 @@ fn encode_events(state: &State, mut data: &[u8], format: Format) -> Bytes {
             }
         }
     }
-    if !data.is_empty() {
+    let used = frames.len() - data.len();
+    if used == 0 {
         // Only whole frames are ever queued; anything else is a bug worth a line.
         tracing::warn!(
-            node = %state.config.node_id,
+            node,
             bytes = data.len(),
             "SSE: undecodable bytes in a subscriber's outbox"
         );
+        frames.clear();
+    } else {
+        frames.advance(used);
     }
     out.freeze()
 }
@@ -252,14 +277,28 @@ fn raw_event(
         out.put_slice(b"header: ");
         put_field(out, k, v);
     }
-    let text = String::from_utf8_lossy(payload);
-    // Each line of the payload is one data field; receivers join them with "\n".
-    for line in text.split('\n') {
-        out.put_slice(b"data: ");
-        out.put_slice(line.strip_suffix('\r').unwrap_or(line).as_bytes());
-        out.put_u8(b'\n');
-    }
+    put_data(out, &String::from_utf8_lossy(payload));
     out.put_u8(b'\n');
+}
+
+/// One `data:` field per line of `text`. The event-stream format ends a
+/// line at CRLF, a lone LF or a lone CR, so each of them ends a field here:
+/// a payload byte can never end the field early and start another field or
+/// event. Receivers join the fields with LF.
+fn put_data(out: &mut BytesMut, text: &str) {
+    let mut rest = text.as_bytes();
+    loop {
+        out.put_slice(b"data: ");
+        let Some(i) = rest.iter().position(|&b| b == b'\n' || b == b'\r') else {
+            out.put_slice(rest);
+            out.put_u8(b'\n');
+            return;
+        };
+        out.put_slice(&rest[..i]);
+        out.put_u8(b'\n');
+        let crlf = rest[i] == b'\r' && rest.get(i + 1) == Some(&b'\n');
+        rest = &rest[i + 1 + crlf as usize..];
+    }
 }
 
 fn json_event(
@@ -335,6 +374,61 @@ mod tests {
     }
 
     #[test]
+    fn cr_lf_and_crlf_each_end_one_data_line_and_nothing_else_does() {
+        let data = |payload: &[u8]| {
+            let mut out = BytesMut::new();
+            raw_event(&mut out, "a", None, &[], payload);
+            String::from_utf8(out.to_vec()).unwrap()
+        };
+        assert_eq!(
+            data(b"\rid: 7\revent: x\r\rdata: forged"),
+            "subject: a\ndata: \ndata: id: 7\ndata: event: x\ndata: \ndata: data: forged\n\n"
+        );
+        assert_eq!(
+            data(b"a\r\nb\n\rc\r"),
+            "subject: a\ndata: a\ndata: b\ndata: \ndata: c\ndata: \n\n"
+        );
+        assert_eq!(data(b""), "subject: a\ndata: \n\n");
+        assert_eq!(data(b"n\0l"), "subject: a\ndata: n\0l\n\n");
+        // Whatever the payload, the only line ends are the encoder's own:
+        // "data: " starts every line of the event after the subject.
+        for p in [&b"\r\r\n\n\r"[..], b"\xff\r\xfe\n", b"x\r\n\r\ny"] {
+            let d = data(p);
+            let body = d.strip_suffix("\n\n").unwrap();
+            for line in body.split(['\r', '\n']).skip(1) {
+                assert!(line.starts_with("data: "), "{p:?}: {d:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn a_backlog_becomes_events_in_bounded_chunks() {
+        // 64 messages of 16 KiB of line breaks: each becomes 7 times larger.
+        let payload = vec![b'\r'; 16 * 1024];
+        let mut frames = BytesMut::new();
+        for sid in 0..64 {
+            frame::encode_msg(&mut frames, sid, 0, "a", 0, None, &[], &payload);
+        }
+        let (mut events, mut chunks) = (0, 0);
+        while !frames.is_empty() {
+            let chunk = encode_events("n", &mut frames, Format::Raw);
+            assert!(
+                chunk.len() <= 7 * (CHUNK_INPUT + payload.len()) + 1024,
+                "{} bytes",
+                chunk.len()
+            );
+            events += chunk.windows(3).filter(|w| w == b"\n\ns").count();
+            chunks += 1;
+        }
+        assert_eq!(events + chunks, 64, "every message once");
+        assert!(chunks > 1);
+        // A single message larger than a chunk still goes out whole.
+        frame::encode_msg(&mut frames, 1, 0, "a", 0, None, &[], &vec![b'x'; 200_000]);
+        let chunk = encode_events("n", &mut frames, Format::Raw);
+        assert!(chunk.len() > 200_000 && frames.is_empty());
+    }
+
+    #[test]
     fn json_events_are_one_line() {
         let one = |payload: &[u8]| {
             let mut out = BytesMut::new();
@@ -345,12 +439,16 @@ mod tests {
                 .unwrap()
                 .strip_suffix("\n\n")
                 .unwrap();
-            assert!(!body.contains('\n'), "{text:?}");
+            assert!(!body.contains(['\n', '\r']), "{text:?}");
             serde_json::from_str::<serde_json::Value>(body).unwrap()
         };
         assert_eq!(
             one(b"x\ny"),
             serde_json::json!({"subject": "a", "data": "x\ny"})
+        );
+        assert_eq!(
+            one(b"\rid: 1\r\r\0"),
+            serde_json::json!({"subject": "a", "data": "\rid: 1\r\r\0"})
         );
         assert_eq!(
             one(&[0xff]),

@@ -275,3 +275,105 @@ pub async fn eventually<F: FnMut() -> bool>(what: &str, mut f: F) {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+/// An event as a browser's `EventSource` dispatches it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Dispatched {
+    /// The event type (`message` unless an `event:` field said otherwise).
+    pub kind: String,
+    pub data: String,
+    pub last_event_id: String,
+}
+
+/// Parses a whole `text/event-stream` body the way the WHATWG HTML standard
+/// says a browser does ("Interpreting an event stream"): UTF-8 with one
+/// leading BOM stripped, lines ended by CRLF, a lone LF or a lone CR,
+/// comments, `event`/`data`/`id`/`retry` fields (others ignored), dispatch
+/// on a blank line, an unfinished event at the end discarded. Returns the
+/// dispatched events and the last `retry` value.
+pub fn whatwg_events(body: &[u8]) -> (Vec<Dispatched>, Option<u64>) {
+    let text = String::from_utf8_lossy(body);
+    let text = text.strip_prefix('\u{feff}').unwrap_or(&text);
+    let mut lines = Vec::new();
+    let mut rest = text;
+    // Only complete lines: an unterminated last line is not processed yet.
+    while let Some(i) = rest.find(['\r', '\n']) {
+        lines.push(&rest[..i]);
+        let skip = if rest[i..].starts_with("\r\n") { 2 } else { 1 };
+        rest = &rest[i + skip..];
+    }
+    let (mut events, mut retry) = (Vec::new(), None);
+    let (mut data, mut kind, mut id_buf) = (String::new(), String::new(), String::new());
+    for line in lines {
+        if line.is_empty() {
+            // Dispatch: the last event ID is set even when no event fires.
+            let last_id = id_buf.clone();
+            if data.is_empty() {
+                kind.clear();
+                continue;
+            }
+            if data.ends_with('\n') {
+                data.pop();
+            }
+            events.push(Dispatched {
+                kind: if kind.is_empty() {
+                    "message".into()
+                } else {
+                    std::mem::take(&mut kind)
+                },
+                data: std::mem::take(&mut data),
+                last_event_id: last_id,
+            });
+            kind.clear();
+            continue;
+        }
+        if line.starts_with(':') {
+            continue;
+        }
+        let (field, value) = match line.split_once(':') {
+            Some((f, v)) => (f, v.strip_prefix(' ').unwrap_or(v)),
+            None => (line, ""),
+        };
+        match field {
+            "event" => kind = value.to_string(),
+            "data" => {
+                data.push_str(value);
+                data.push('\n');
+            }
+            "id" if !value.contains('\0') => id_buf = value.to_string(),
+            "retry" if !value.is_empty() && value.bytes().all(|b| b.is_ascii_digit()) => {
+                retry = value.parse().ok()
+            }
+            _ => {}
+        }
+    }
+    (events, retry)
+}
+
+impl Sse {
+    /// Reads the raw stream until the WHATWG parser dispatches an event
+    /// for which `last` holds; returns every event dispatched since the
+    /// subscription comment (the stream's bytes are kept in full).
+    pub async fn whatwg_until(&mut self, last: impl Fn(&Dispatched) -> bool) -> Vec<Dispatched> {
+        let mut raw = std::mem::take(&mut self.buf).into_bytes();
+        loop {
+            let (events, _) = whatwg_events(&raw);
+            if events.iter().any(&last) {
+                return events;
+            }
+            let f = tokio::time::timeout(Duration::from_secs(10), self.body.frame())
+                .await
+                .unwrap_or_else(|_| {
+                    panic!(
+                        "no last event within 10 s; stream so far: {:?}",
+                        String::from_utf8_lossy(&raw)
+                    )
+                })
+                .expect("stream ended")
+                .expect("stream error");
+            if let Ok(d) = f.into_data() {
+                raw.extend_from_slice(&d);
+            }
+        }
+    }
+}
