@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
 use sockbus_protocol::frame::{
-    code, encode_ping, encode_pub, encode_sub, encode_unsub, message_frame_len,
+    code, encode_ping, encode_pub_flags, encode_sub, encode_unsub, message_frame_len,
 };
 use sockbus_protocol::outbox::{Outbox, Push};
 use sockbus_protocol::subject::{validate_pattern, validate_subject};
@@ -24,6 +24,9 @@ use crate::message::{Headers, Message};
 use crate::options::ConnectOptions;
 use crate::reader::ReadSide;
 use crate::subscriber::{SubEntry, SubMap, Subscriber};
+
+#[cfg(doc)]
+use sockbus_protocol::frame::PUB_ACK;
 
 /// Header that makes a stored publish idempotent (see `streams`).
 pub use sockbus_protocol::api::header::MSG_ID as MSG_ID_HEADER;
@@ -186,7 +189,7 @@ impl Client {
     /// Publishes a message. Returns once it is queued; waits only when the
     /// send buffer is full. Use [`Client::flush`] to know the broker has it.
     pub async fn publish(&self, subject: &str, payload: impl AsRef<[u8]>) -> Result<()> {
-        self.publish_inner(subject, None, &[], payload.as_ref())
+        self.publish_inner(subject, None, &[], payload.as_ref(), 0)
             .await
     }
 
@@ -197,7 +200,7 @@ impl Client {
         payload: impl AsRef<[u8]>,
     ) -> Result<()> {
         validate_subject(reply)?;
-        self.publish_inner(subject, Some(reply), &[], payload.as_ref())
+        self.publish_inner(subject, Some(reply), &[], payload.as_ref(), 0)
             .await
     }
 
@@ -208,16 +211,18 @@ impl Client {
         payload: impl AsRef<[u8]>,
     ) -> Result<()> {
         let h = headers.encode()?;
-        self.publish_inner(subject, None, &h, payload.as_ref())
+        self.publish_inner(subject, None, &h, payload.as_ref(), 0)
             .await
     }
 
+    /// `flags`: the PUB frame's ([`PUB_ACK`] for a durable publish).
     pub(crate) async fn publish_inner(
         &self,
         subject: &str,
         reply: Option<&str>,
         headers: &[u8],
         payload: &[u8],
+        flags: u8,
     ) -> Result<()> {
         validate_subject(subject)?;
         let max = self.inner.max_payload.load(Ordering::Relaxed);
@@ -238,7 +243,7 @@ impl Client {
         // Ok(true): queued; Ok(false): the send buffer is full.
         let try_push = || match self.inner.outbox.push(len, |b| {
             // Lengths were checked above, so encoding cannot fail.
-            let _ = encode_pub(b, subject, reply, headers, payload);
+            let _ = encode_pub_flags(b, flags, subject, reply, headers, payload);
         }) {
             Push::Queued { was_empty } => {
                 if was_empty {

@@ -9,7 +9,8 @@ use std::sync::Arc;
 use bytes::{Buf, BytesMut};
 use sockbus_protocol::flow::effective_window;
 use sockbus_protocol::frame::{
-    self, code, encode_connect, encode_sub, encode_unsub, CONNECT_NO_ECHO, CONNECT_NO_RESPONDERS,
+    self, code, encode_connect, encode_sub, encode_unsub, CONNECT_EXPLICIT_ACKS, CONNECT_NO_ECHO,
+    CONNECT_NO_RESPONDERS,
 };
 use sockbus_protocol::{Backoff, FrameRef};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -70,7 +71,9 @@ async fn greet<S: AsyncRead + AsyncWrite + Unpin>(
     mut stream: S,
     peer: SocketAddr,
 ) -> Result<Conn<S>> {
-    let mut flags = CONNECT_NO_RESPONDERS;
+    // Stream acks only for durable publishes (PUB_ACK): a request to a
+    // subject a stream captures gets its responders' replies alone.
+    let mut flags = CONNECT_NO_RESPONDERS | CONNECT_EXPLICIT_ACKS;
     if inner.opts.no_echo {
         flags |= CONNECT_NO_ECHO;
     }

@@ -20,7 +20,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use serde::Deserialize;
 use sockbus_protocol::api::{self, header, subject, AckKind, AckPolicy, ApiError, PullRequest};
-use sockbus_protocol::frame::code;
+use sockbus_protocol::frame::{code, PUB_ACK};
 
 use crate::client::Client;
 use crate::error::{Error, Result};
@@ -172,8 +172,10 @@ impl Client {
         headers: &Headers,
         payload: impl AsRef<[u8]>,
     ) -> Result<PubAck> {
+        let h = headers.encode()?;
+        let timeout = self.inner.opts.request_timeout;
         let m = self
-            .request_with_headers(subject, headers, payload.as_ref())
+            .request_raw(subject, &h, payload.as_ref(), timeout, PUB_ACK)
             .await
             .map_err(|e| match e {
                 Error::NoResponders => Error::Server {

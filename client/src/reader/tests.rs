@@ -201,6 +201,7 @@ async fn a_msg_with_a_truncated_body_ends_the_connection() {
 async fn a_frame_only_clients_send_ends_the_connection_as_unexpected() {
     let client = offline_client(ConnectOptions::default());
     let publish = Frame::Pub {
+        flags: 0,
         subject: "a".into(),
         reply: None,
         headers: Vec::new(),
@@ -239,6 +240,7 @@ async fn credit_from_the_broker_releases_publishes_its_window_held_back() {
     let client = offline_client(ConnectOptions::default());
     let inner = &client.inner;
     let one = encode(&[Frame::Pub {
+        flags: 0,
         subject: "a".into(),
         reply: None,
         headers: Vec::new(),

@@ -65,6 +65,8 @@ pub enum ConfigError {
     Subject(SubjectError),
     #[error("subject {0:?} is reserved")]
     Reserved(String),
+    #[error("subject {0:?} is under _INBOX.: streams never capture reply subjects")]
+    Inbox(String),
     #[error("segment_bytes must be at least {}", stream::MIN_SEGMENT_BYTES)]
     SegmentTooSmall,
     #[error("filter subject: {0}")]

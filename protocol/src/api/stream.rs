@@ -7,7 +7,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use super::{subject, validate_name, ConfigError};
-use crate::subject::validate_pattern;
+use crate::subject::{is_inbox, validate_pattern};
 
 /// Smallest `segment_bytes` a stream accepts.
 pub const MIN_SEGMENT_BYTES: u64 = 1024;
@@ -96,6 +96,11 @@ impl StreamConfig {
             validate_pattern(s).map_err(ConfigError::Subject)?;
             if subject::is_reserved(s) {
                 return Err(ConfigError::Reserved(s.clone()));
+            }
+            // A request's reply is for the requester alone; a wildcard such
+            // as `>` still stands for every other subject.
+            if is_inbox(s) {
+                return Err(ConfigError::Inbox(s.clone()));
             }
         }
         if self.segment_bytes.is_some_and(|b| b < MIN_SEGMENT_BYTES) {
@@ -298,6 +303,21 @@ mod tests {
             bad(|c| c.subjects = vec!["$SB.API.>".into()]).to_string(),
             r#"subject "$SB.API.>" is reserved"#
         );
+        assert_eq!(
+            bad(|c| c.subjects = vec!["orders.>".into(), "_INBOX.>".into()]).to_string(),
+            r#"subject "_INBOX.>" is under _INBOX.: streams never capture reply subjects"#
+        );
+        assert!(matches!(
+            bad(|c| c.subjects = vec!["_INBOX.abc.*".into()]),
+            ConfigError::Inbox(_)
+        ));
+        // Wildcards that also cover _INBOX. subjects are fine: those are
+        // simply not captured.
+        for p in [">", "*.>", "*.*"] {
+            let mut c = orders();
+            c.subjects = vec![p.into()];
+            assert_eq!(c.validate(), Ok(()), "{p}");
+        }
         assert_eq!(
             bad(|c| c.segment_bytes = Some(1023)).to_string(),
             "segment_bytes must be at least 1024"
