@@ -541,3 +541,38 @@ async fn an_older_client_that_does_not_ask_explicitly_still_gets_an_ack_on_its_r
         other => panic!("expected the ack, got {other:?}"),
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_broker_names_the_stream_a_publish_to_a_subject_would_be_stored_by() {
+    let dir = tempfile::tempdir().unwrap();
+    let b = broker_in(dir.path()).await;
+    let c = client(&b).await;
+    assert!(c.stream_for_subject("orders.eu").await.unwrap().is_none());
+    c.stream_add(&StreamConfig::new("ORDERS", ["orders.*"]))
+        .await
+        .unwrap();
+    c.stream_add(&StreamConfig::new("ALL", ["*.>"]))
+        .await
+        .unwrap_err(); // overlaps
+    c.stream_add(&StreamConfig::new("REST", ["x.>"]))
+        .await
+        .unwrap();
+    let name = |s: Option<sockbus_client::streams::StreamInfo>| s.map(|s| s.config.name);
+    assert_eq!(
+        name(c.stream_for_subject("orders.eu").await.unwrap()),
+        Some("ORDERS".into())
+    );
+    assert_eq!(
+        name(c.stream_for_subject("x.y.z").await.unwrap()),
+        Some("REST".into())
+    );
+    assert_eq!(
+        name(c.stream_for_subject("orders.eu.x").await.unwrap()),
+        None
+    );
+    assert_eq!(
+        name(c.stream_for_subject("_INBOX.x.1").await.unwrap()),
+        None
+    );
+    assert!(c.stream_for_subject("orders.*").await.is_err(), "a pattern");
+}

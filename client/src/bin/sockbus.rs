@@ -20,7 +20,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
-    /// Publish DATA (or stdin) to SUBJECT; exits once the broker has accepted every message.
+    /// Publish DATA (or stdin) to SUBJECT; exits once the broker has accepted every message,
+    /// and once stored when a stream captures SUBJECT.
     Pub {
         subject: String,
         data: Option<String>,
@@ -30,6 +31,9 @@ enum Cmd {
         /// Header as NAME:VALUE (repeatable).
         #[arg(long = "header", short = 'H')]
         headers: Vec<String>,
+        /// Print each stored message's ack, {"stream":..,"seq":..}, one per line.
+        #[arg(long)]
+        ack: bool,
     },
     /// Print each message's payload followed by a newline.
     Sub {
@@ -165,8 +169,8 @@ fn main() -> ExitCode {
     match rt.block_on(run(cli)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            // One line a person understands.
-            match e.downcast_ref::<Error>() {
+            // One line a person understands; a bare `req` outcome as DESIGN.md words it.
+            match e.downcast_ref::<Error>().filter(|_| e.chain().count() == 1) {
                 Some(Error::NoResponders) => eprintln!("sockbus: no responders"),
                 Some(Error::Timeout) => eprintln!("sockbus: timeout"),
                 _ => eprintln!("sockbus: {}", format!("{e:#}").replace('\n', " ")),
@@ -199,6 +203,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             data,
             count,
             headers,
+            ack,
         } => {
             let payload = match data {
                 Some(d) => d.into_bytes(),
@@ -218,16 +223,28 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 hdrs.insert(k.trim(), v.trim());
             }
             let client = connect(&cli.server).await?;
-            for _ in 0..count {
-                if hdrs.is_empty() {
-                    client.publish(&subject, &payload).await?;
-                } else {
-                    client
-                        .publish_with_headers(&subject, &hdrs, &payload)
-                        .await?;
+            // The broker says which stream, if any, stores this subject.
+            let stream = client
+                .stream_for_subject(&subject)
+                .await
+                .context("cannot ask the broker which stream stores the subject")?;
+            if stream.is_some() {
+                publish_stored(&client, &subject, &hdrs, &payload, count, ack).await?;
+            } else {
+                for _ in 0..count {
+                    if hdrs.is_empty() {
+                        client.publish(&subject, &payload).await?;
+                    } else {
+                        client
+                            .publish_with_headers(&subject, &hdrs, &payload)
+                            .await?;
+                    }
+                }
+                client.flush().await?;
+                if ack {
+                    eprintln!("sockbus: no stream captures {subject:?}: published, not stored");
                 }
             }
-            client.flush().await?;
             client.close().await?;
         }
         Cmd::Sub {
@@ -301,6 +318,46 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             bail!("connection closed after {n} replies");
         }
     }
+    Ok(())
+}
+
+/// Durable publishes still waiting for their ack at any time: enough to
+/// keep a stream's group commit busy, bounded so memory is too.
+const ACK_WINDOW: usize = 256;
+
+/// Publishes `count` copies to a subject a stream captures and returns once
+/// every one is stored (as the stream's fsync policy says), printing the
+/// acks with `print_acks`. Up to [`ACK_WINDOW`] wait for their acks at once.
+async fn publish_stored(
+    client: &Client,
+    subject: &str,
+    headers: &Headers,
+    payload: &[u8],
+    count: u64,
+    print_acks: bool,
+) -> anyhow::Result<()> {
+    use futures_util::StreamExt;
+    let mut acks = futures_util::stream::iter(0..count)
+        .map(|i| async move {
+            let r = client
+                .publish_durable_with_headers(subject, headers, payload)
+                .await;
+            (i, r)
+        })
+        .buffered(ACK_WINDOW);
+    let mut out = std::io::stdout().lock();
+    while let Some((i, r)) = acks.next().await {
+        let a = r.with_context(|| {
+            format!(
+                "message {} of {count} to {subject:?} is not known to be stored",
+                i + 1
+            )
+        })?;
+        if print_acks {
+            writeln!(out, "{}", serde_json::to_string(&a)?)?;
+        }
+    }
+    out.flush()?;
     Ok(())
 }
 

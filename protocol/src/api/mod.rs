@@ -20,7 +20,9 @@ use crate::subject::SubjectError;
 pub use consumer::{
     AckKind, AckPolicy, ConsumerConfig, ConsumerInfo, ConsumerList, PullRequest, Start,
 };
-pub use stream::{Fsync, PubAck, StreamConfig, StreamInfo, StreamList, StreamState};
+pub use stream::{
+    Fsync, PubAck, StreamConfig, StreamInfo, StreamList, StreamListRequest, StreamState,
+};
 
 /// Header names the stream API gives a meaning to.
 pub mod header {

@@ -155,6 +155,16 @@ pub struct StreamList {
     pub streams: Vec<StreamInfo>,
 }
 
+/// The optional body of `$SB.API.STREAM.LIST`: with `subject`, only the
+/// stream that would store a message published to that subject (none or
+/// one: streams' subjects never overlap). Empty body: every stream.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StreamListRequest {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub subject: Option<String>,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -261,6 +271,13 @@ mod tests {
             r#"{"messages":0,"bytes":100,"first_seq":1,"last_seq":2,"segments":1,"consumers":1,"damaged_records":0}"#,
         );
         pinned(&StreamList { streams: vec![] }, r#"{"streams":[]}"#);
+        pinned(&StreamListRequest::default(), "{}");
+        pinned(
+            &StreamListRequest {
+                subject: Some("orders.eu".into()),
+            },
+            r#"{"subject":"orders.eu"}"#,
+        );
     }
 
     #[test]
