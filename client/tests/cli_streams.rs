@@ -290,7 +290,13 @@ async fn pub_fails_loudly_when_the_broker_goes_away_and_every_ack_it_printed_is_
         .args(["--count", "10000000", "--ack"])
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped());
-    let child = p.spawn().unwrap();
+    let mut child = p.spawn().unwrap();
+    let mut stdout = child.stdout.take().unwrap();
+    let acks = std::thread::spawn(move || {
+        let mut s = String::new();
+        std::io::Read::read_to_string(&mut stdout, &mut s).unwrap();
+        s
+    });
     let c = sockbus_client::connect(&b.url).await.unwrap();
     for _ in 0..500 {
         if c.stream_info("ORDERS").await.unwrap().state.messages > 100 {
@@ -301,10 +307,18 @@ async fn pub_fails_loudly_when_the_broker_goes_away_and_every_ack_it_printed_is_
     r.cut.cancel();
     let out = tokio::time::timeout(
         std::time::Duration::from_secs(30),
-        tokio::task::spawn_blocking(move || child.wait_with_output().unwrap()),
+        tokio::task::spawn_blocking(move || {
+            // Killed unless it ends by itself in time (so a hang fails the test).
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(25);
+            while child.try_wait().unwrap().is_none() && std::time::Instant::now() < deadline {
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            let _ = child.kill();
+            child.wait_with_output().unwrap()
+        }),
     )
     .await
-    .expect("the CLI ends once the broker is gone")
+    .unwrap()
     .unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());
@@ -312,7 +326,7 @@ async fn pub_fails_loudly_when_the_broker_goes_away_and_every_ack_it_printed_is_
     assert!(stderr.contains("is not known to be stored"), "{stderr}");
     // What it said was stored, is: acks 1, 2, 3, ... all within the stream.
     let stored = c.stream_info("ORDERS").await.unwrap().state.last_seq;
-    let acks = String::from_utf8_lossy(&out.stdout);
+    let acks = acks.join().unwrap();
     let mut n = 0;
     for (i, line) in acks.lines().enumerate() {
         let a: serde_json::Value = serde_json::from_str(line).unwrap();
