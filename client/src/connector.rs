@@ -150,6 +150,12 @@ async fn supervise(inner: Arc<Inner>, first: Conn) {
         if let Some(c) = conn.take() {
             inner.connected.send_replace(true);
             let err = serve(&inner, c).await;
+            {
+                let reason = lock(&inner.close_reason).take();
+                let mut lost = lock(&inner.lost);
+                lost.0 += 1;
+                lost.1 = reason;
+            }
             inner.connected.send_replace(false);
             inner.fail_pings(|| Error::Disconnected);
             if inner.is_closing() {
@@ -205,6 +211,9 @@ async fn serve(inner: &Arc<Inner>, conn: Conn) -> Error {
     let wr = Arc::new(wr);
     *lock(&inner.sock) = Some(wr.clone());
     let side = Arc::new(ReadSide::new(wr.clone(), rd, buf, recv_window, info_len));
+    // A message held up on the last connection went with it.
+    inner.stalled.store(false, Ordering::SeqCst);
+    lock(&inner.close_reason).take();
     *lock(&inner.read) = Some(side.clone());
     // Frames queued while there was no connection.
     inner.wake.notify_one();

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context};
 use clap::{Parser, Subcommand};
-use sockbus_client::{Client, ConnectOptions, Error, Headers};
+use sockbus_client::{Client, ConnectOptions, Error, Headers, Overflow};
 
 #[derive(Parser)]
 #[command(name = "sockbus", version, about = "sockbus command-line client")]
@@ -35,7 +35,8 @@ enum Cmd {
         #[arg(long)]
         ack: bool,
     },
-    /// Print each message's payload followed by a newline.
+    /// Print each message's payload followed by a newline, at the pace stdout takes them;
+    /// a message lost on the way is reported on stderr with a non-zero exit.
     Sub {
         subject: String,
         /// Join a queue group: each message goes to one member.
@@ -180,11 +181,16 @@ fn main() -> ExitCode {
     }
 }
 
+fn options() -> ConnectOptions {
+    ConnectOptions::new().name("sockbus-cli").max_reconnects(3)
+}
+
 async fn connect(server: &str) -> anyhow::Result<Client> {
-    ConnectOptions::new()
-        .name("sockbus-cli")
-        .max_reconnects(3)
-        .connect(server)
+    connect_with(server, options()).await
+}
+
+async fn connect_with(server: &str, opts: ConnectOptions) -> anyhow::Result<Client> {
+    opts.connect(server)
         .await
         .with_context(|| format!("cannot connect to {server}"))
 }
@@ -251,30 +257,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             subject,
             queue,
             count,
-        } => {
-            let client = connect(&cli.server).await?;
-            let mut sub = match &queue {
-                Some(q) => client.queue_subscribe(&subject, q).await?,
-                None => client.subscribe(&subject).await?,
-            };
-            // Make sure the broker has the subscription before we report anything.
-            client.flush().await?;
-            let mut out = std::io::stdout().lock();
-            let mut n = 0;
-            if count == Some(0) {
-                return Ok(());
-            }
-            while let Some(m) = sub.next().await {
-                out.write_all(&m.payload)?;
-                out.write_all(b"\n")?;
-                out.flush()?;
-                n += 1;
-                if count.is_some_and(|c| n >= c) {
-                    return Ok(());
-                }
-            }
-            bail!("connection closed after {n} messages");
-        }
+        } => subscribe(&cli.server, &subject, queue.as_deref(), count).await?,
         Cmd::Req {
             subject,
             data,
@@ -319,6 +302,68 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// `sockbus sub`: prints payloads at the pace stdout takes them. When stdout
+/// is slower than the messages come, the SDK holds the connection
+/// ([`Overflow::Wait`]) instead of dropping: the broker keeps what it would
+/// send, up to its `--max-pending`, and beyond that cuts the connection off.
+/// Every message lost on the way is an error, never silent: a dropped one,
+/// or a lost connection (not remade: what was published meanwhile is gone,
+/// and printing on after a gap would hide it).
+async fn subscribe(
+    server: &str,
+    subject: &str,
+    queue: Option<&str>,
+    count: Option<u64>,
+) -> anyhow::Result<()> {
+    use futures_util::FutureExt;
+    let opts = options()
+        .max_reconnects(0)
+        .when_subscription_full(Overflow::Wait)
+        // Little buffered here: the pipe sets the pace, the broker holds the rest.
+        .subscription_capacity(8192)
+        .subscription_pending_bytes(8 << 20);
+    let client = connect_with(server, opts).await?;
+    let lost = client.disconnected();
+    tokio::pin!(lost);
+    let mut sub = match queue {
+        Some(q) => client.queue_subscribe(subject, q).await?,
+        None => client.subscribe(subject).await?,
+    };
+    // Make sure the broker has the subscription before we report anything.
+    client.flush().await?;
+    if count == Some(0) {
+        return Ok(());
+    }
+    let mut out = std::io::stdout().lock();
+    let mut n = 0u64;
+    // Ends when the connection does, after what arrived before.
+    while let Some(m) = sub.next().await {
+        out.write_all(&m.payload)
+            .and_then(|_| out.write_all(b"\n"))
+            .and_then(|_| out.flush())
+            .with_context(|| format!("cannot write to stdout after {n} messages"))?;
+        n += 1;
+        let dropped = sub.dropped();
+        if dropped > 0 {
+            bail!("{dropped} messages dropped after {n}: the subscription's buffer was full");
+        }
+        if count.is_some_and(|c| n >= c) {
+            return Ok(());
+        }
+    }
+    let why = (&mut lost).now_or_never().unwrap_or(Error::Closed);
+    let dropped = sub.dropped();
+    let held = if dropped > 0 {
+        format!(" ({dropped} received but not printed)")
+    } else {
+        String::new()
+    };
+    bail!(
+        "connection to the broker lost after {n} messages{held}: {why}; messages published since \
+         are missing (a broker cuts off a subscriber more than its --max-pending behind)"
+    );
 }
 
 /// Durable publishes still waiting for their ack at any time: enough to
