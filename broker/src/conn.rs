@@ -10,8 +10,8 @@ use std::sync::Arc;
 use bytes::{Buf, BytesMut};
 use sockbus_protocol::flow::effective_window;
 use sockbus_protocol::frame::{
-    self, code, encode_err, encode_info, encode_pong, Header, CONNECT_NO_ECHO,
-    CONNECT_NO_RESPONDERS, CONNECT_ROUTE, MAX_FRAME_OVERHEAD,
+    self, code, encode_err, encode_info, encode_pong, Header, CONNECT_EXPLICIT_ACKS,
+    CONNECT_NO_ECHO, CONNECT_NO_RESPONDERS, CONNECT_ROUTE, MAX_FRAME_OVERHEAD,
 };
 use sockbus_protocol::outbox::Outbox;
 use sockbus_protocol::{FrameRef, Kind, ProtocolError, HEADER_LEN, PROTOCOL_VERSION};
@@ -21,7 +21,7 @@ use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn, Instrument};
 
-use crate::deliver::{Batch, PublishError, Publisher, SubscribeError, Subscriber};
+use crate::deliver::{Ack, Batch, PublishError, Publisher, SubscribeError, Subscriber};
 use crate::outlet::{write_loop, Outlet};
 use crate::read::{FrameReader, Frames};
 use crate::router::Subscription;
@@ -158,6 +158,7 @@ async fn serve(
             echo: flags & CONNECT_NO_ECHO == 0,
             no_responders: flags & CONNECT_NO_RESPONDERS != 0,
             api: true,
+            explicit_acks: flags & CONNECT_EXPLICIT_ACKS != 0,
         },
     };
     let res = FrameReader::new(max_body, our_window, 0)
@@ -296,15 +297,20 @@ impl Frames for Client {
     fn frame(&mut self, f: FrameRef<'_>) -> Result<(), ConnError> {
         match f {
             FrameRef::Pub {
+                flags,
                 subject,
                 reply,
                 headers,
                 payload,
             } => {
-                if let Err(e) = self
-                    .batch
-                    .publish(&self.me, subject, reply, headers, payload, None)
-                {
+                if let Err(e) = self.batch.publish(
+                    &self.me,
+                    subject,
+                    reply,
+                    headers,
+                    payload,
+                    Ack::Flags(flags),
+                ) {
                     self.refused(&e);
                 }
             }
@@ -410,6 +416,7 @@ mod tests {
                 echo: true,
                 no_responders: true,
                 api: true,
+                explicit_acks: true,
             },
         };
         (c, d)
@@ -448,6 +455,7 @@ mod tests {
 
     fn publish(c: &mut Client, subject: &str, reply: Option<&str>, payload: &[u8]) {
         c.frame(FrameRef::Pub {
+            flags: 0,
             subject,
             reply,
             headers: &[],

@@ -15,7 +15,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use sockbus_protocol::api::subject::is_reserved;
-use sockbus_protocol::frame::{self, encode_msg, message_frame_len, MSG_NO_RESPONDERS};
+use sockbus_protocol::frame::{
+    self, encode_msg, message_frame_len, MSG_NO_RESPONDERS, PUB_ACK, RMSG_NO_ACK,
+};
 use sockbus_protocol::outbox::Push;
 use sockbus_protocol::subject::{subject_hash, validate_pattern, validate_subject};
 use sockbus_protocol::SubjectError;
@@ -76,6 +78,30 @@ pub(crate) struct Publisher {
     pub no_responders: bool,
     /// `$SB.` subjects go to the stream API instead of being refused.
     pub api: bool,
+    /// The publisher asks for stream acks with [`PUB_ACK`]
+    /// (`CONNECT_EXPLICIT_ACKS`); otherwise (an older client) every captured
+    /// publish with a reply subject is acked there.
+    pub explicit_acks: bool,
+}
+
+/// Who waits for the ack of a publish a stream captures.
+pub(crate) enum Ack {
+    /// The PUB's flags say whether its reply subject gets it ([`PUB_ACK`],
+    /// read with [`Publisher::explicit_acks`]).
+    Flags(u8),
+    /// The HTTP gateway, on this channel (never the reply subject).
+    Chan(oneshot::Sender<Result<PubAck, StreamError>>),
+}
+
+impl Ack {
+    /// Does the publish's reply subject get the stream's ack? A request
+    /// that did not ask for one gets only its responders' replies.
+    fn on_reply(&self, from: &Publisher) -> bool {
+        match self {
+            Ack::Flags(f) => f & PUB_ACK != 0 || !from.explicit_acks,
+            Ack::Chan(_) => false,
+        }
+    }
 }
 
 /// Who subscribes, as far as the checks care: the mirror of [`Publisher`].
@@ -101,6 +127,9 @@ pub(crate) struct Outgoing<'a> {
     pub headers: &'a [u8],
     pub payload: &'a [u8],
     pub flags: u8,
+    /// Over a cluster route: the publisher asked for no stream ack
+    /// ([`RMSG_NO_ACK`]).
+    pub no_ack: bool,
 }
 
 impl<'a> Outgoing<'a> {
@@ -117,6 +146,7 @@ impl<'a> Outgoing<'a> {
             headers,
             payload,
             flags: 0,
+            no_ack: false,
         }
     }
 }
@@ -281,7 +311,8 @@ impl Batch {
 
     /// Publishes a message from a client (native or HTTP): checked, routed
     /// to subscribers and peers, and stored by the stream that captures its
-    /// subject, whose ack goes to `reply` or, when given, to `ack`.
+    /// subject, whose ack goes where `ack` says: the reply subject only
+    /// when the publisher asked for it ([`Ack::on_reply`]).
     pub fn publish(
         &mut self,
         from: &Publisher,
@@ -289,7 +320,7 @@ impl Batch {
         reply: Option<&str>,
         headers: &[u8],
         payload: &[u8],
-        ack: Option<oneshot::Sender<Result<PubAck, StreamError>>>,
+        ack: Ack,
     ) -> Result<Published, PublishError> {
         let e = &*self.d.0;
         if payload.len() > e.max_payload as usize {
@@ -319,25 +350,33 @@ impl Batch {
         };
         self.counts.msgs_in += 1;
         self.counts.bytes_in += payload.len() as u64;
-        let msg = Outgoing::new(subject, reply, headers, payload);
+        let on_reply = reply.is_some() && ack.on_reply(from);
+        let msg = Outgoing {
+            no_ack: reply.is_some() && !on_reply,
+            ..Outgoing::new(subject, reply, headers, payload)
+        };
         self.counts.subject(subject, msg.hash, payload.len());
         let skip = (!from.echo).then_some(from.id);
         let delivered = fan_out(e, m, &msg, skip, &mut self.wake, &mut self.counts);
-        let stored = match self.capture.as_mut() {
+        let (stored, answered) = match self.capture.as_mut() {
             Some(c) => match c.cache.get(&c.streams, subject) {
                 Some(s) => {
-                    let to = match ack {
-                        Some(tx) => AckTo::Chan(tx),
-                        None => reply.map_or(AckTo::None, |r| AckTo::Reply(r.into())),
+                    let to = match (ack, reply) {
+                        (Ack::Chan(tx), _) => AckTo::Chan(tx),
+                        (_, Some(r)) if on_reply => AckTo::Reply(r.into()),
+                        _ => AckTo::None,
                     };
+                    let answered = matches!(to, AckTo::Reply(_));
                     c.pending.add(&s, subject, to, headers, payload);
-                    true
+                    (true, answered)
                 }
-                None => false,
+                None => (false, false),
             },
-            None => false,
+            None => (false, false),
         };
-        if delivered == 0 && !stored && from.no_responders {
+        // A stream that stores a request without acking it is no answer:
+        // the requester hears "no responders" as without the stream.
+        if delivered == 0 && !answered && from.no_responders {
             if let Some(r) = reply {
                 self.no_responders(from.id, r);
             }
@@ -349,7 +388,9 @@ impl Batch {
     /// subscriptions (never onward to other peers, so a full mesh cannot
     /// loop), to plain ones when the sender said so, and to one local member
     /// of each queue group it named. A plain copy is also stored here when a
-    /// local stream captures it.
+    /// local stream captures it, and acked on `reply` when `ack` (the
+    /// publisher asked for it).
+    #[allow(clippy::too_many_arguments)]
     pub fn forwarded(
         &mut self,
         subject: &str,
@@ -357,6 +398,7 @@ impl Batch {
         headers: &[u8],
         payload: &[u8],
         plain: bool,
+        ack: bool,
         queues: &[u8],
     ) -> usize {
         let e = &*self.d.0;
@@ -381,7 +423,10 @@ impl Batch {
         if plain {
             if let Some(c) = self.capture.as_mut() {
                 if let Some(s) = c.cache.get(&c.streams, subject) {
-                    let to = reply.map_or(AckTo::None, |r| AckTo::Reply(r.into()));
+                    let to = match reply {
+                        Some(r) if ack => AckTo::Reply(r.into()),
+                        _ => AckTo::None,
+                    };
                     c.pending.add(&s, subject, to, headers, payload);
                 }
             }
@@ -577,7 +622,10 @@ fn forward(
     if r.sub.is_removed() {
         return false;
     }
-    let flags = if r.plain { frame::RMSG_PLAIN } else { 0 };
+    let mut flags = if r.plain { frame::RMSG_PLAIN } else { 0 };
+    if msg.no_ack {
+        flags |= RMSG_NO_ACK;
+    }
     let len = frame::rmsg_frame_len(msg.subject, msg.reply, &r.queues, msg.headers, msg.payload);
     let push = r.sub.outlet.outbox.push(len, |b| {
         frame::encode_rmsg(
@@ -697,6 +745,7 @@ mod tests {
             echo: true,
             no_responders: false,
             api: false,
+            explicit_acks: true,
         }
     }
 
@@ -756,7 +805,14 @@ mod tests {
         let mut batch = d.batch(16);
         for i in 0..10 {
             let p = batch
-                .publish(&client(&publisher), "orders.eu", None, &[], &[i], None)
+                .publish(
+                    &client(&publisher),
+                    "orders.eu",
+                    None,
+                    &[],
+                    &[i],
+                    Ack::Flags(0),
+                )
                 .unwrap();
             assert!(!p.stored);
         }
@@ -781,9 +837,11 @@ mod tests {
             echo: false,
             ..client(&me)
         };
-        batch.publish(&quiet, "x", None, &[], b"1", None).unwrap();
         batch
-            .publish(&client(&me), "x", None, &[], b"2", None)
+            .publish(&quiet, "x", None, &[], b"1", Ack::Flags(0))
+            .unwrap();
+        batch
+            .publish(&client(&me), "x", None, &[], b"2", Ack::Flags(0))
             .unwrap();
         batch.finish();
         let got: Vec<Vec<u8>> = msgs(&me).into_iter().map(|m| m.3).collect();
@@ -803,7 +861,14 @@ mod tests {
             ..client(&requester)
         };
         batch
-            .publish(&from, "svc.nobody", Some("_INBOX.r.1"), &[], b"?", None)
+            .publish(
+                &from,
+                "svc.nobody",
+                Some("_INBOX.r.1"),
+                &[],
+                b"?",
+                Ack::Flags(0),
+            )
             .unwrap();
         batch.finish();
         let got = msgs(&requester);
@@ -824,22 +889,22 @@ mod tests {
         let from = client(&out);
         let big = vec![0u8; MAX_PAYLOAD as usize + 1];
         assert!(matches!(
-            batch.publish(&from, "a", None, &[], &big, None),
+            batch.publish(&from, "a", None, &[], &big, Ack::Flags(0)),
             Err(PublishError::PayloadTooLarge {
                 size: 1025,
                 max: 1024
             })
         ));
         assert!(matches!(
-            batch.publish(&from, "a.*", None, &[], b"", None),
+            batch.publish(&from, "a.*", None, &[], b"", Ack::Flags(0)),
             Err(PublishError::InvalidSubject(_))
         ));
         assert!(matches!(
-            batch.publish(&from, "a", Some("r. x"), &[], b"", None),
+            batch.publish(&from, "a", Some("r. x"), &[], b"", Ack::Flags(0)),
             Err(PublishError::InvalidReply(_))
         ));
         assert!(matches!(
-            batch.publish(&from, "$SB.API.STREAM.LIST", None, &[], b"", None),
+            batch.publish(&from, "$SB.API.STREAM.LIST", None, &[], b"", Ack::Flags(0)),
             Err(PublishError::Reserved(_))
         ));
         let m = d.metrics();
@@ -899,7 +964,7 @@ mod tests {
         let payload = [7u8; 512];
         for _ in 0..20 {
             batch
-                .publish(&client(&publisher), "x", None, &[], &payload, None)
+                .publish(&client(&publisher), "x", None, &[], &payload, Ack::Flags(0))
                 .unwrap();
             // The fine subscriber drains as it goes; the slow one never does.
             let _ = fine.outbox.take();
@@ -923,7 +988,7 @@ mod tests {
         let mut batch = d.batch(16);
         for _ in 0..5 {
             batch
-                .publish(&client(&publisher), "x", None, &[], b"m", None)
+                .publish(&client(&publisher), "x", None, &[], b"m", Ack::Flags(0))
                 .unwrap();
         }
         batch.finish();
@@ -942,7 +1007,14 @@ mod tests {
             .unwrap();
         let mut batch = d.batch(16);
         batch
-            .publish(&client(&publisher), "orders.eu", None, &[], b"m", None)
+            .publish(
+                &client(&publisher),
+                "orders.eu",
+                None,
+                &[],
+                b"m",
+                Ack::Flags(0),
+            )
             .unwrap();
         batch.finish();
         let (m, r) = received(&link);
@@ -961,12 +1033,57 @@ mod tests {
         d.subscribe(&NATIVE, &local, 1, "orders.eu", Some("workers"))
             .unwrap();
         batch
-            .publish(&client(&publisher), "orders.eu", None, &[], b"m", None)
+            .publish(
+                &client(&publisher),
+                "orders.eu",
+                None,
+                &[],
+                b"m",
+                Ack::Flags(0),
+            )
             .unwrap();
         batch.finish();
         assert_eq!(msgs(&local).len(), 1);
         let (_, r) = received(&link);
         assert_eq!(r, [(frame::RMSG_PLAIN, "orders.eu".into(), vec![])]);
+    }
+
+    #[test]
+    fn a_peer_is_told_when_a_request_did_not_ask_for_a_stream_ack() {
+        let d = engine();
+        let (link, publisher) = (outlet(&d), outlet(&d));
+        d.subscribe_peer(&link, 1, ">", None).unwrap();
+        let mut batch = d.batch(16);
+        let legacy = Publisher {
+            explicit_acks: false,
+            ..client(&publisher)
+        };
+        for (from, flags, no_ack) in [
+            (client(&publisher), 0, true),
+            (client(&publisher), PUB_ACK, false),
+            (legacy, 0, false),
+        ] {
+            batch
+                .publish(
+                    &from,
+                    "svc",
+                    Some("_INBOX.r.1"),
+                    &[],
+                    b"?",
+                    Ack::Flags(flags),
+                )
+                .unwrap();
+            batch.finish();
+            let (_, r) = received(&link);
+            assert_eq!(r.len(), 1);
+            assert_eq!(r[0].0 & RMSG_NO_ACK != 0, no_ack, "flags {flags}");
+        }
+        // Without a reply subject there is nothing to ack: the frame is as before.
+        batch
+            .publish(&client(&publisher), "x", None, &[], b"m", Ack::Flags(0))
+            .unwrap();
+        batch.finish();
+        assert_eq!(received(&link).1[0].0, frame::RMSG_PLAIN);
     }
 
     #[test]
@@ -977,14 +1094,17 @@ mod tests {
         d.subscribe(&NATIVE, &local, 1, "a", None).unwrap();
         d.subscribe(&NATIVE, &q, 2, "a", Some("g")).unwrap();
         let mut batch = d.batch(16);
-        assert_eq!(batch.forwarded("a", None, &[], b"m", true, &[]), 1);
+        assert_eq!(batch.forwarded("a", None, &[], b"m", true, false, &[]), 1);
         // The queue block of an RMSG naming group "g".
         let mut b = bytes::BytesMut::new();
         frame::encode_rmsg(&mut b, 0, "a", subject_hash(b"a"), None, &["g"], &[], b"m");
         let Ok(Some((FrameRef::RMsg { queues, .. }, _))) = frame::decode(&b, u32::MAX) else {
             panic!("an RMSG");
         };
-        assert_eq!(batch.forwarded("a", None, &[], b"m", false, queues), 1);
+        assert_eq!(
+            batch.forwarded("a", None, &[], b"m", false, false, queues),
+            1
+        );
         batch.finish();
         assert_eq!(msgs(&local).len(), 1, "plain only when the sender said so");
         assert_eq!(msgs(&q).len(), 1, "the group the sender named");

@@ -140,6 +140,7 @@ async fn oversized_payload_is_refused_naming_the_limit_and_the_connection_stays_
         assert!(text.contains("1024"), "error names the limit: {text}");
     }
     raw.send_frame(Frame::Pub {
+        flags: 0,
         subject: "raw.small".into(),
         reply: None,
         headers: vec![],
@@ -163,6 +164,7 @@ async fn invalid_subject_from_a_raw_client_is_an_error_not_a_disconnect() {
     let b = TestBroker::start().await;
     let mut raw = Raw::connect(b.addr).await;
     raw.send_frame(Frame::Pub {
+        flags: 0,
         subject: "a..b".into(),
         reply: None,
         headers: vec![],

@@ -444,3 +444,135 @@ async fn closing_a_consumer_hands_back_prefetched_messages_for_the_next_reader()
     assert_eq!(got, (2..=20).collect::<Vec<_>>());
     assert!(t.elapsed() < Duration::from_secs(5));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_a_stream_on_everything_a_request_gets_exactly_its_reply_and_replies_are_not_stored() {
+    let dir = tempfile::tempdir().unwrap();
+    let b = broker_in(dir.path()).await;
+    let c = client(&b).await;
+    // A stream of reply subjects only is refused with the reason.
+    let e = c
+        .stream_add(&StreamConfig::new("REPLIES", ["_INBOX.>"]))
+        .await
+        .unwrap_err();
+    assert!(
+        e.to_string().contains("never capture reply subjects"),
+        "{e}"
+    );
+    c.stream_add(&StreamConfig::new("ALL", [">"]))
+        .await
+        .unwrap();
+    let _svc = common::echo_replier(client(&b).await, "svc.echo").await;
+
+    for i in 0..20 {
+        let r = c.request("svc.echo", format!("q{i}")).await.unwrap();
+        assert_eq!(r.payload.as_ref(), format!("q{i}").as_bytes());
+    }
+    // The same requests on reply subjects we watch: what travels back to a
+    // requester is its reply and nothing else.
+    let mut inbox = c.subscribe("_INBOX.watched.>").await.unwrap();
+    for i in 0..20 {
+        c.publish_with_reply("svc.echo", &format!("_INBOX.watched.{i}"), format!("w{i}"))
+            .await
+            .unwrap();
+    }
+    // An ordinary publish is still stored.
+    c.publish("orders.eu", "o").await.unwrap();
+    c.flush().await.unwrap();
+    for i in 0..20 {
+        let m = common::recv(&mut inbox).await;
+        assert_eq!(m.subject(), format!("_INBOX.watched.{i}"));
+        assert_eq!(m.payload.as_ref(), format!("w{i}").as_bytes(), "reply {i}");
+    }
+    // The 40 requests and the order; none of the 40 replies.
+    let mut stored = 0;
+    for _ in 0..100 {
+        stored = c.stream_info("ALL").await.unwrap().state.messages;
+        if stored >= 41 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(stored, 41);
+    // Stored, so an ack would have been sent by now: none was.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    common::nothing(&mut inbox).await;
+
+    // A request only the stream took is stored, and its requester hears
+    // "no responders" as it would without the stream.
+    let e = c.request("nobody.home", "x").await.unwrap_err();
+    assert!(matches!(e, sockbus_client::Error::NoResponders), "{e}");
+    // A durable publish asks for its ack and gets it.
+    let a = c.publish_durable("orders.us", "d").await.unwrap();
+    assert_eq!((a.stream.as_str(), a.seq), ("ALL", 43));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_older_client_that_does_not_ask_explicitly_still_gets_an_ack_on_its_reply_subject() {
+    use sockbus_protocol::Frame;
+    let dir = tempfile::tempdir().unwrap();
+    let b = broker_in(dir.path()).await;
+    let c = client(&b).await;
+    c.stream_add(&StreamConfig::new("ORDERS", ["orders.>"]))
+        .await
+        .unwrap();
+    // CONNECT without CONNECT_EXPLICIT_ACKS, as SDKs before it.
+    let mut raw = common::Raw::connect(b.addr).await;
+    raw.send_frame(Frame::Sub {
+        sid: 1,
+        subject: "_INBOX.old.*".into(),
+        queue: None,
+    })
+    .await;
+    raw.send_frame(Frame::Pub {
+        flags: 0,
+        subject: "orders.eu".into(),
+        reply: Some("_INBOX.old.1".into()),
+        headers: vec![],
+        payload: b"o".to_vec(),
+    })
+    .await;
+    match raw.next().await {
+        Some(Frame::Msg {
+            sid: 1, payload, ..
+        }) => {
+            assert_eq!(payload, br#"{"stream":"ORDERS","seq":1}"#)
+        }
+        other => panic!("expected the ack, got {other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_broker_names_the_stream_a_publish_to_a_subject_would_be_stored_by() {
+    let dir = tempfile::tempdir().unwrap();
+    let b = broker_in(dir.path()).await;
+    let c = client(&b).await;
+    assert!(c.stream_for_subject("orders.eu").await.unwrap().is_none());
+    c.stream_add(&StreamConfig::new("ORDERS", ["orders.*"]))
+        .await
+        .unwrap();
+    c.stream_add(&StreamConfig::new("ALL", ["*.>"]))
+        .await
+        .unwrap_err(); // overlaps
+    c.stream_add(&StreamConfig::new("REST", ["x.>"]))
+        .await
+        .unwrap();
+    let name = |s: Option<sockbus_client::streams::StreamInfo>| s.map(|s| s.config.name);
+    assert_eq!(
+        name(c.stream_for_subject("orders.eu").await.unwrap()),
+        Some("ORDERS".into())
+    );
+    assert_eq!(
+        name(c.stream_for_subject("x.y.z").await.unwrap()),
+        Some("REST".into())
+    );
+    assert_eq!(
+        name(c.stream_for_subject("orders.eu.x").await.unwrap()),
+        None
+    );
+    assert_eq!(
+        name(c.stream_for_subject("_INBOX.x.1").await.unwrap()),
+        None
+    );
+    assert!(c.stream_for_subject("orders.*").await.is_err(), "a pattern");
+}

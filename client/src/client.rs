@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
 use sockbus_protocol::frame::{
-    code, encode_ping, encode_pub, encode_sub, encode_unsub, message_frame_len,
+    code, encode_ping, encode_pub_flags, encode_sub, encode_unsub, message_frame_len,
 };
 use sockbus_protocol::outbox::{Outbox, Push};
 use sockbus_protocol::subject::{validate_pattern, validate_subject};
@@ -21,9 +21,12 @@ use tokio::sync::{mpsc, oneshot, Notify};
 
 use crate::error::{Error, Result};
 use crate::message::{Headers, Message};
-use crate::options::ConnectOptions;
+use crate::options::{ConnectOptions, Overflow};
 use crate::reader::ReadSide;
 use crate::subscriber::{SubEntry, SubMap, Subscriber};
+
+#[cfg(doc)]
+use sockbus_protocol::frame::PUB_ACK;
 
 /// Header that makes a stored publish idempotent (see `streams`).
 pub use sockbus_protocol::api::header::MSG_ID as MSG_ID_HEADER;
@@ -59,6 +62,15 @@ pub(crate) struct Inner {
     pub(crate) next_req: AtomicU64,
     pub(crate) closing: AtomicBool,
     pub(crate) closed: Notify,
+    /// A full subscription holds up the read side ([`Overflow::Wait`]).
+    pub(crate) stalled: AtomicBool,
+    /// Wakes the reader task when a subscriber made room while `stalled`.
+    pub(crate) room: Notify,
+    /// The closing ERR the broker sent on the current connection, if any.
+    pub(crate) close_reason: Mutex<Option<(u16, String)>>,
+    /// Connections lost so far, and why the last one was (the broker's
+    /// closing ERR, when it sent one).
+    pub(crate) lost: Mutex<(u64, Option<(u16, String)>)>,
     pub(crate) connected: tokio::sync::watch::Sender<bool>,
     pub(crate) server: Mutex<Option<(String, SocketAddr)>>,
 }
@@ -110,6 +122,10 @@ impl Inner {
             next_req: AtomicU64::new(1),
             closing: AtomicBool::new(false),
             closed: Notify::new(),
+            stalled: AtomicBool::new(false),
+            room: Notify::new(),
+            close_reason: Mutex::new(None),
+            lost: Mutex::new((0, None)),
             connected: tokio::sync::watch::channel(false).0,
             server: Mutex::new(None),
         }
@@ -117,6 +133,19 @@ impl Inner {
 
     pub(crate) fn is_closing(&self) -> bool {
         self.closing.load(Ordering::Acquire)
+    }
+
+    /// A subscriber took a message (or went away): with [`Overflow::Wait`],
+    /// wakes the read side if it waits for room. The fence pairs with the
+    /// one in `reader::offer`, so either the reader sees the room or this
+    /// sees its `stalled`.
+    pub(crate) fn took(&self) {
+        if self.opts.overflow == Overflow::Wait {
+            std::sync::atomic::fence(Ordering::SeqCst);
+            if self.stalled.load(Ordering::SeqCst) {
+                self.room.notify_one();
+            }
+        }
     }
 
     /// Queues a control frame (SUB, UNSUB, PING): small, never refused for space.
@@ -186,7 +215,7 @@ impl Client {
     /// Publishes a message. Returns once it is queued; waits only when the
     /// send buffer is full. Use [`Client::flush`] to know the broker has it.
     pub async fn publish(&self, subject: &str, payload: impl AsRef<[u8]>) -> Result<()> {
-        self.publish_inner(subject, None, &[], payload.as_ref())
+        self.publish_inner(subject, None, &[], payload.as_ref(), 0)
             .await
     }
 
@@ -197,7 +226,7 @@ impl Client {
         payload: impl AsRef<[u8]>,
     ) -> Result<()> {
         validate_subject(reply)?;
-        self.publish_inner(subject, Some(reply), &[], payload.as_ref())
+        self.publish_inner(subject, Some(reply), &[], payload.as_ref(), 0)
             .await
     }
 
@@ -208,16 +237,18 @@ impl Client {
         payload: impl AsRef<[u8]>,
     ) -> Result<()> {
         let h = headers.encode()?;
-        self.publish_inner(subject, None, &h, payload.as_ref())
+        self.publish_inner(subject, None, &h, payload.as_ref(), 0)
             .await
     }
 
+    /// `flags`: the PUB frame's ([`PUB_ACK`] for a durable publish).
     pub(crate) async fn publish_inner(
         &self,
         subject: &str,
         reply: Option<&str>,
         headers: &[u8],
         payload: &[u8],
+        flags: u8,
     ) -> Result<()> {
         validate_subject(subject)?;
         let max = self.inner.max_payload.load(Ordering::Relaxed);
@@ -238,7 +269,7 @@ impl Client {
         // Ok(true): queued; Ok(false): the send buffer is full.
         let try_push = || match self.inner.outbox.push(len, |b| {
             // Lengths were checked above, so encoding cannot fail.
-            let _ = encode_pub(b, subject, reply, headers, payload);
+            let _ = encode_pub_flags(b, flags, subject, reply, headers, payload);
         }) {
             Push::Queued { was_empty } => {
                 if was_empty {
@@ -355,6 +386,38 @@ impl Client {
     /// True while a connection to a broker is up.
     pub fn is_connected(&self) -> bool {
         *self.inner.connected.borrow()
+    }
+
+    /// Resolves when the connection that is up now is lost: the broker went
+    /// away or closed it (as a slow consumer, say, with
+    /// [`Overflow::Wait`]), or the client was closed ([`Error::Closed`]).
+    /// The client reconnects by itself, but what was published meanwhile
+    /// never reaches its subscriptions: a reader that must not miss a
+    /// message watches this. The error is the broker's reason when it gave
+    /// one ([`Error::Server`]), else [`Error::Disconnected`].
+    pub fn disconnected(&self) -> impl std::future::Future<Output = Error> + Send + 'static {
+        let inner = self.inner.clone();
+        let seen = lock(&inner.lost).0;
+        let mut rx = inner.connected.subscribe();
+        async move {
+            loop {
+                {
+                    let lost = lock(&inner.lost);
+                    if lost.0 > seen {
+                        return match &lost.1 {
+                            Some((code, message)) => Error::Server {
+                                code: *code,
+                                message: message.clone(),
+                            },
+                            None => Error::Disconnected,
+                        };
+                    }
+                }
+                if inner.is_closing() || rx.changed().await.is_err() {
+                    return Error::Closed;
+                }
+            }
+        }
     }
 
     /// Waits until connected (e.g. after a broker restart), up to `timeout`.

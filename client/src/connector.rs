@@ -9,7 +9,8 @@ use std::sync::Arc;
 use bytes::{Buf, BytesMut};
 use sockbus_protocol::flow::effective_window;
 use sockbus_protocol::frame::{
-    self, code, encode_connect, encode_sub, encode_unsub, CONNECT_NO_ECHO, CONNECT_NO_RESPONDERS,
+    self, code, encode_connect, encode_sub, encode_unsub, CONNECT_EXPLICIT_ACKS, CONNECT_NO_ECHO,
+    CONNECT_NO_RESPONDERS,
 };
 use sockbus_protocol::{Backoff, FrameRef};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -70,7 +71,9 @@ async fn greet<S: AsyncRead + AsyncWrite + Unpin>(
     mut stream: S,
     peer: SocketAddr,
 ) -> Result<Conn<S>> {
-    let mut flags = CONNECT_NO_RESPONDERS;
+    // Stream acks only for durable publishes (PUB_ACK): a request to a
+    // subject a stream captures gets its responders' replies alone.
+    let mut flags = CONNECT_NO_RESPONDERS | CONNECT_EXPLICIT_ACKS;
     if inner.opts.no_echo {
         flags |= CONNECT_NO_ECHO;
     }
@@ -147,6 +150,12 @@ async fn supervise(inner: Arc<Inner>, first: Conn) {
         if let Some(c) = conn.take() {
             inner.connected.send_replace(true);
             let err = serve(&inner, c).await;
+            {
+                let reason = lock(&inner.close_reason).take();
+                let mut lost = lock(&inner.lost);
+                lost.0 += 1;
+                lost.1 = reason;
+            }
             inner.connected.send_replace(false);
             inner.fail_pings(|| Error::Disconnected);
             if inner.is_closing() {
@@ -202,6 +211,9 @@ async fn serve(inner: &Arc<Inner>, conn: Conn) -> Error {
     let wr = Arc::new(wr);
     *lock(&inner.sock) = Some(wr.clone());
     let side = Arc::new(ReadSide::new(wr.clone(), rd, buf, recv_window, info_len));
+    // A message held up on the last connection went with it.
+    inner.stalled.store(false, Ordering::SeqCst);
+    lock(&inner.close_reason).take();
     *lock(&inner.read) = Some(side.clone());
     // Frames queued while there was no connection.
     inner.wake.notify_one();

@@ -32,7 +32,7 @@ mod writer;
 pub use client::Client;
 pub use error::{Error, Result};
 pub use message::{Headers, Message};
-pub use options::{connect, ConnectOptions};
+pub use options::{connect, ConnectOptions, Overflow};
 pub use subscriber::Subscriber;
 
 pub use sockbus_protocol::busy_poll::BusyPoll;

@@ -7,6 +7,35 @@ use crate::client::Client;
 use crate::connector;
 use crate::error::{Error, Result};
 
+/// What the client does with a message for a subscription whose buffer is
+/// full (its subscriber is slower than the messages come).
+///
+/// The read side is one per connection, shared by all its subscriptions
+/// and requests, and messages are handled in the order they arrive: a
+/// subscription cannot wait alone without the others losing their order or
+/// their messages. So the choice is the connection's.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Overflow {
+    /// Drop the message and count it ([`Subscriber::dropped`]); the other
+    /// subscriptions, requests and flushes of the connection go on. Right
+    /// for a client with many subscriptions, where one slow reader must not
+    /// hold up the rest.
+    ///
+    /// [`Subscriber::dropped`]: crate::Subscriber::dropped
+    #[default]
+    Drop,
+    /// Keep the message and stop handling the connection's input until the
+    /// subscriber takes one: nothing is dropped here. Everything behind it
+    /// waits too (other subscriptions, replies, flushes), the client stops
+    /// granting the broker credit, and the broker holds what it would send,
+    /// up to its `--max-pending`, then closes the connection as a slow
+    /// consumer (counted in its metrics), which
+    /// [`Client::disconnected`](crate::Client::disconnected) reports. Right
+    /// for one reader that must see everything or fail loudly (`sockbus sub`);
+    /// give such a subscription a connection of its own.
+    Wait,
+}
+
 /// How a client connects and behaves. Start from `ConnectOptions::default()`.
 #[derive(Debug, Clone)]
 pub struct ConnectOptions {
@@ -19,6 +48,7 @@ pub struct ConnectOptions {
     pub(crate) max_reconnects: Option<usize>,
     pub(crate) sub_capacity: usize,
     pub(crate) sub_pending_bytes: usize,
+    pub(crate) overflow: Overflow,
     pub(crate) send_buffer: usize,
     pub(crate) recv_window: u32,
     pub(crate) no_echo: bool,
@@ -36,6 +66,7 @@ impl Default for ConnectOptions {
             max_reconnects: None,
             sub_capacity: 65536,
             sub_pending_bytes: 64 << 20,
+            overflow: Overflow::Drop,
             send_buffer: 32 << 20,
             recv_window: 8 << 20,
             no_echo: false,
@@ -87,6 +118,15 @@ impl ConnectOptions {
     /// Payload bytes a subscription buffers before new ones are dropped.
     pub fn subscription_pending_bytes(mut self, n: usize) -> Self {
         self.sub_pending_bytes = n.max(1);
+        self
+    }
+    /// What happens to a message for a subscription whose buffer
+    /// ([`subscription_capacity`](Self::subscription_capacity),
+    /// [`subscription_pending_bytes`](Self::subscription_pending_bytes)) is
+    /// full: dropped and counted (the default), or held while the whole
+    /// connection waits. See [`Overflow`].
+    pub fn when_subscription_full(mut self, o: Overflow) -> Self {
+        self.overflow = o;
         self
     }
     /// Bytes of unsent frames after which `publish` waits (backpressure).

@@ -4,7 +4,7 @@
 //! waiting request, control frames (PONG, PING, CREDIT, ERR, INFO) update
 //! the client.
 
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{fence, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll};
 
@@ -20,6 +20,7 @@ use tracing::warn;
 use crate::client::{lock, Inner};
 use crate::error::Error;
 use crate::message::Message;
+use crate::options::Overflow;
 use crate::subscriber::{SubEntry, SubMap};
 
 /// A connection's read side: the socket and what was read from it but not
@@ -50,6 +51,42 @@ pub(crate) struct ReadState {
     recv: RecvWindow,
     /// Bytes handled since the last credit grant.
     consumed: usize,
+    /// With [`Overflow::Wait`]: the message a full subscription could not
+    /// take yet. Nothing behind it is handled (nor read, nor credited)
+    /// until it can.
+    stalled: Option<Stalled>,
+}
+
+/// A message held for a full subscription ([`Overflow::Wait`]).
+pub(crate) struct Stalled {
+    sid: u32,
+    msg: Message,
+    size: usize,
+    /// The subscription ends with this message (its UNSUB count).
+    last: bool,
+    /// The subscription's drop count: the message is counted there if the
+    /// connection ends before it is delivered.
+    dropped: Arc<AtomicU64>,
+}
+
+/// What a read made of the connection.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum Progress {
+    /// Bytes were read and handled.
+    Read,
+    /// The socket had nothing (its readiness is now cleared).
+    Idle,
+    /// A full subscription holds a message: nothing is read until it has room.
+    Stalled,
+}
+
+impl Drop for ReadState {
+    fn drop(&mut self) {
+        // The connection ended with a message its subscriber never got.
+        if let Some(s) = self.stalled.take() {
+            s.dropped.fetch_add(1, Ordering::Relaxed);
+        }
+    }
 }
 
 impl ReadState {
@@ -60,12 +97,19 @@ impl ReadState {
             buf,
             recv: RecvWindow::new(recv_window),
             consumed,
+            stalled: None,
         }
     }
 
-    /// Handles the whole frames in the buffer and grants the credit they free.
+    /// Handles the whole frames in the buffer (first the message a full
+    /// subscription holds up, if any) and grants the credit they free.
     pub(crate) fn handle(&mut self, inner: &Inner) -> Result<(), Error> {
-        read_batch(inner, &mut self.buf, &mut self.consumed)?;
+        if let Some(s) = self.stalled.take() {
+            self.stalled = retry(inner, s);
+        }
+        if self.stalled.is_none() {
+            read_batch(inner, &mut self.buf, &mut self.consumed, &mut self.stalled)?;
+        }
         if let Some(c) = self.recv.on_consumed(std::mem::take(&mut self.consumed)) {
             if inner.outbox.grant(c) {
                 inner.kick();
@@ -96,11 +140,16 @@ impl ReadSide {
         self.sock.as_ref().as_ref()
     }
 
-    /// Handles the whole frames in the buffer, then reads once and handles
-    /// what that completes. `Ok(true)` when bytes were read; `Ok(false)`
-    /// when the socket had none (its readiness is then cleared).
-    fn read_and_handle(&self, inner: &Inner, st: &mut ReadState) -> Result<bool, Error> {
+    /// Handles the whole frames in the buffer, then, unless a full
+    /// subscription holds a message up, reads once and handles what that
+    /// completes.
+    fn read_and_handle(&self, inner: &Inner, st: &mut ReadState) -> Result<Progress, Error> {
         st.handle(inner)?;
+        if st.stalled.is_some() {
+            // Not reading is the backpressure: the broker gets no credit
+            // for what stays in the socket.
+            return Ok(Progress::Stalled);
+        }
         if st.buf.capacity() - st.buf.len() < 4096 {
             st.buf.reserve(64 * 1024);
         }
@@ -125,9 +174,9 @@ impl ReadSide {
                 unsafe { st.buf.set_len(st.buf.len() + n) };
                 sockbus_protocol::busy_poll::touch();
                 st.handle(inner)?;
-                Ok(true)
+                Ok(Progress::Read)
             }
-            (None, Err(e)) if e.kind() == std::io::ErrorKind::WouldBlock => Ok(false),
+            (None, Err(e)) if e.kind() == std::io::ErrorKind::WouldBlock => Ok(Progress::Idle),
             (None, Err(e)) => Err(e.into()),
             (None, Ok(())) => unreachable!("recv ran"),
         }
@@ -161,11 +210,14 @@ pub(crate) fn poll_reading<T>(
         tokio::runtime::Handle::try_current().map(|h| h.runtime_flavor()),
         Ok(tokio::runtime::RuntimeFlavor::CurrentThread)
     );
+    let mut stalled = false;
     loop {
         if let Poll::Ready(v) = poll_rx(cx) {
             return Poll::Ready(v);
         }
-        if !own_thread {
+        // Held up by another subscription: what we wait for comes through
+        // the channel once the reader task can go on.
+        if !own_thread || stalled {
             return Poll::Pending;
         }
         let Some(side) = lock(&inner.read).clone() else {
@@ -183,10 +235,13 @@ pub(crate) fn poll_reading<T>(
             Err(std::sync::TryLockError::WouldBlock) => return Poll::Pending,
             Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner(),
         };
-        if let Err(e) = side.read_and_handle(inner, &mut st) {
-            drop(st);
-            side.fail(e);
-            return Poll::Pending;
+        match side.read_and_handle(inner, &mut st) {
+            Ok(p) => stalled = p == Progress::Stalled,
+            Err(e) => {
+                drop(st);
+                side.fail(e);
+                return Poll::Pending;
+            }
         }
     }
 }
@@ -204,13 +259,17 @@ pub(crate) async fn read_loop(inner: &Arc<Inner>, side: &ReadSide) -> Error {
         if let Some(e) = lock(&side.failed).take() {
             return e;
         }
+        // Registered before the read, so room made while it runs is seen.
+        let room = inner.room.notified();
+        tokio::pin!(room);
+        room.as_mut().enable();
         // A waiting task may be reading: it holds the lock for one read and
         // what that completes, never across an await.
-        let read = match side.read_and_handle(inner, &mut lock(&side.state)) {
-            Ok(read) => read,
+        let progress = match side.read_and_handle(inner, &mut lock(&side.state)) {
+            Ok(p) => p,
             Err(e) => return e,
         };
-        if read {
+        if progress == Progress::Read {
             continue;
         }
         let failed = side.failed_wake.notified();
@@ -219,25 +278,36 @@ pub(crate) async fn read_loop(inner: &Arc<Inner>, side: &ReadSide) -> Error {
         if lock(&side.failed).is_some() {
             continue;
         }
+        // Stalled: wait for the subscriber to make room, not for the socket
+        // (readable, it would wake us at once for nothing). Idle: either; a
+        // waiting task may have stalled on a read of its own.
+        let stalled = progress == Progress::Stalled;
         tokio::select! {
-            r = side.stream().readable() => {
+            r = side.stream().readable(), if !stalled => {
                 if let Err(e) = r {
                     return e.into();
                 }
             }
+            _ = room.as_mut() => {}
             _ = failed.as_mut() => {}
             _ = closed.as_mut() => return Error::Closed,
         }
     }
 }
 
-/// Handles every whole frame in `buf`. Takes the subscription lock at the
-/// first MSG and holds it to the end of the batch: one lock per read, not per
-/// message (and never across an await: this is not async).
-fn read_batch(inner: &Inner, buf: &mut BytesMut, consumed: &mut usize) -> Result<(), Error> {
+/// Handles every whole frame in `buf`, up to a message a full subscription
+/// holds up ([`Overflow::Wait`], left in `stalled`). Takes the subscription
+/// lock at the first MSG and holds it to the end of the batch: one lock per
+/// read, not per message (and never across an await: this is not async).
+fn read_batch(
+    inner: &Inner,
+    buf: &mut BytesMut,
+    consumed: &mut usize,
+    stalled: &mut Option<Stalled>,
+) -> Result<(), Error> {
     let max_body = u32::MAX;
     let mut subs: Option<MutexGuard<'_, SubMap>> = None;
-    loop {
+    while stalled.is_none() {
         let h = match frame::parse_header(buf) {
             Ok(Some(h)) => h,
             Ok(None) => break,
@@ -256,7 +326,7 @@ fn read_batch(inner: &Inner, buf: &mut BytesMut, consumed: &mut usize) -> Result
         }
         if h.kind == Kind::Msg {
             let frame = buf.split_to(len).freeze();
-            dispatch_msg(inner, &mut subs, &h, frame)?;
+            *stalled = dispatch_msg(inner, &mut subs, &h, frame)?;
             continue;
         }
         let r = match frame::decode_body(&h, &buf[HEADER_LEN..len]) {
@@ -297,6 +367,7 @@ fn handle_control(inner: &Inner, f: FrameRef<'_>) -> Result<(), Error> {
                 | code::SLOW_CONSUMER
                 | code::SHUTTING_DOWN
                 | code::NOT_CONNECTED => {
+                    *lock(&inner.close_reason) = Some((c, text.to_string()));
                     warn!(code = c, "broker closed the connection: {text}")
                 }
                 _ => warn!(code = c, "broker refused a request: {text}"),
@@ -315,12 +386,14 @@ fn handle_control(inner: &Inner, f: FrameRef<'_>) -> Result<(), Error> {
     Ok(())
 }
 
+/// Routes a MSG to its subscription or waiting request. `Some` when a full
+/// subscription holds it up ([`Overflow::Wait`]).
 fn dispatch_msg<'a>(
     inner: &'a Inner,
     subs: &mut Option<MutexGuard<'a, SubMap>>,
     h: &frame::Header,
     frame: Bytes,
-) -> Result<(), Error> {
+) -> Result<Option<Stalled>, Error> {
     let f = frame::decode_body(h, &frame[HEADER_LEN..])?;
     let FrameRef::Msg {
         sid,
@@ -360,15 +433,14 @@ fn dispatch_msg<'a>(
                 });
             }
         }
-        return Ok(());
+        return Ok(None);
     }
     let subs = subs.get_or_insert_with(|| lock(&inner.subs));
     let Some(e) = subs.get_mut(&sid) else {
-        return Ok(());
+        return Ok(None);
     };
     let size = payload.len();
     e.received += 1;
-    let over = e.pending.load(Ordering::Relaxed) + size > inner.opts.sub_pending_bytes;
     let msg = Message {
         frame,
         subject: subject_span,
@@ -377,27 +449,94 @@ fn dispatch_msg<'a>(
         payload,
         status: flags,
     };
-    let mut remove = e.max.is_some_and(|m| e.received >= m);
-    if over {
-        drop_slow(e, sid);
-    } else {
-        // Count before sending: the subscriber may take it off at once.
-        e.pending.fetch_add(size, Ordering::Relaxed);
-        match e.tx.try_send(msg) {
-            Ok(()) => e.warned = false,
-            Err(err) => {
-                e.pending.fetch_sub(size, Ordering::Relaxed);
-                match err {
-                    mpsc::error::TrySendError::Full(_) => drop_slow(e, sid),
-                    mpsc::error::TrySendError::Closed(_) => remove = true,
+    let last = e.max.is_some_and(|m| e.received >= m);
+    match offer(inner, e, sid, msg, size) {
+        Offer::Taken if !last => {}
+        Offer::Taken | Offer::Closed => {
+            subs.remove(&sid);
+        }
+        Offer::Full(msg) => {
+            return Ok(Some(Stalled {
+                sid,
+                msg,
+                size,
+                last,
+                dropped: e.dropped.clone(),
+            }))
+        }
+    }
+    Ok(None)
+}
+
+/// What became of a message offered to a subscription.
+enum Offer {
+    /// Queued for the subscriber, or dropped and counted ([`Overflow::Drop`]).
+    Taken,
+    /// The subscriber is gone.
+    Closed,
+    /// Full, and the connection waits for room ([`Overflow::Wait`]).
+    Full(Message),
+}
+
+/// Queues `msg` for the subscription, or, when its buffer is full, drops it
+/// and counts it or hands it back, as [`Overflow`] says.
+fn offer(inner: &Inner, e: &mut SubEntry, sid: u32, mut msg: Message, size: usize) -> Offer {
+    let wait = inner.opts.overflow == Overflow::Wait;
+    for second_look in [false, true] {
+        let pending = e.pending.load(Ordering::Relaxed);
+        // Waiting, a message larger than the whole allowance still goes to
+        // an empty subscription (else it would wait forever).
+        let over = pending + size > inner.opts.sub_pending_bytes && !(wait && pending == 0);
+        if !over {
+            // Count before sending: the subscriber may take it off at once.
+            e.pending.fetch_add(size, Ordering::Relaxed);
+            match e.tx.try_send(msg) {
+                Ok(()) => {
+                    e.warned = false;
+                    return Offer::Taken;
+                }
+                Err(mpsc::error::TrySendError::Full(m)) => {
+                    e.pending.fetch_sub(size, Ordering::Relaxed);
+                    msg = m;
+                }
+                Err(mpsc::error::TrySendError::Closed(_)) => {
+                    e.pending.fetch_sub(size, Ordering::Relaxed);
+                    return Offer::Closed;
                 }
             }
         }
+        if !wait {
+            drop_slow(e, sid);
+            return Offer::Taken;
+        }
+        if !second_look {
+            // Say we wait, then look once more: a subscriber that took a
+            // message before it could see this left room we see now (both
+            // sides fence, see `Inner::took`).
+            inner.stalled.store(true, Ordering::SeqCst);
+            fence(Ordering::SeqCst);
+        }
     }
-    if remove {
-        subs.remove(&sid);
+    Offer::Full(msg)
+}
+
+/// Offers a held message again; `Some` while its subscription is still full.
+fn retry(inner: &Inner, s: Stalled) -> Option<Stalled> {
+    let mut subs = lock(&inner.subs);
+    let outcome = match subs.get_mut(&s.sid) {
+        // Unsubscribed meanwhile: nobody wants it.
+        None => Offer::Closed,
+        Some(e) => offer(inner, e, s.sid, s.msg, s.size),
+    };
+    match outcome {
+        Offer::Full(msg) => return Some(Stalled { msg, ..s }),
+        Offer::Taken if !s.last => {}
+        Offer::Taken | Offer::Closed => {
+            subs.remove(&s.sid);
+        }
     }
-    Ok(())
+    inner.stalled.store(false, Ordering::SeqCst);
+    None
 }
 
 fn drop_slow(e: &mut SubEntry, sid: u32) {

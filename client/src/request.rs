@@ -50,7 +50,7 @@ impl Client {
         payload: impl AsRef<[u8]>,
         timeout: Duration,
     ) -> Result<Message> {
-        self.request_raw(subject, &[], payload.as_ref(), timeout)
+        self.request_raw(subject, &[], payload.as_ref(), timeout, 0)
             .await
     }
 
@@ -67,16 +67,23 @@ impl Client {
             &h,
             payload.as_ref(),
             self.inner.opts.request_timeout,
+            0,
         )
         .await
     }
 
-    async fn request_raw(
+    /// A request whose PUB carries `flags`: [`PUB_ACK`] asks the stream
+    /// that stores it for its ack as the reply (a durable publish); without
+    /// it a stream capturing the subject stores the request silently.
+    ///
+    /// [`PUB_ACK`]: sockbus_protocol::frame::PUB_ACK
+    pub(crate) async fn request_raw(
         &self,
         subject: &str,
         headers: &[u8],
         payload: &[u8],
         timeout: Duration,
+        flags: u8,
     ) -> Result<Message> {
         validate_subject(subject)?;
         let inner = &self.inner;
@@ -112,7 +119,7 @@ impl Client {
         let (tx, rx) = oneshot::channel();
         lock(&inner.requests).insert(id, tx);
         if let Err(e) = self
-            .publish_inner(subject, Some(reply), headers, payload)
+            .publish_inner(subject, Some(reply), headers, payload, flags)
             .await
         {
             lock(&inner.requests).remove(&id);

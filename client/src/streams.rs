@@ -20,7 +20,8 @@ use std::time::Duration;
 use bytes::Bytes;
 use serde::Deserialize;
 use sockbus_protocol::api::{self, header, subject, AckKind, AckPolicy, ApiError, PullRequest};
-use sockbus_protocol::frame::code;
+use sockbus_protocol::frame::{code, PUB_ACK};
+use sockbus_protocol::subject::{is_inbox, validate_subject};
 
 use crate::client::Client;
 use crate::error::{Error, Result};
@@ -172,8 +173,10 @@ impl Client {
         headers: &Headers,
         payload: impl AsRef<[u8]>,
     ) -> Result<PubAck> {
+        let h = headers.encode()?;
+        let timeout = self.inner.opts.request_timeout;
         let m = self
-            .request_with_headers(subject, headers, payload.as_ref())
+            .request_raw(subject, &h, payload.as_ref(), timeout, PUB_ACK)
             .await
             .map_err(|e| match e {
                 Error::NoResponders => Error::Server {
@@ -192,6 +195,32 @@ impl Client {
 
     pub async fn stream_info(&self, name: &str) -> Result<StreamInfo> {
         self.api(&subject::stream_info(name), Vec::new()).await
+    }
+
+    /// The stream that stores what is published to `subject`, if any: the
+    /// broker answers by the rule its publish path follows (`_INBOX.`
+    /// subjects never, see docs/storage.md). `None` also when the broker
+    /// has no stream support. A stream on another broker of a cluster is
+    /// not seen: the broker answers for its own streams.
+    pub async fn stream_for_subject(&self, subject: &str) -> Result<Option<StreamInfo>> {
+        validate_subject(subject)?;
+        let body = serde_json::to_vec(&api::StreamListRequest {
+            subject: Some(subject.to_string()),
+        })
+        .expect("serialisable");
+        let list: api::StreamList = match self.request(subject::STREAM_LIST, body).await {
+            Ok(m) => answer(&m)?,
+            Err(Error::NoResponders) => return Ok(None),
+            Err(e) => return Err(e),
+        };
+        // A broker older than the `subject` filter lists every stream.
+        Ok(list.streams.into_iter().find(|s| {
+            !is_inbox(subject)
+                && s.config
+                    .subjects
+                    .iter()
+                    .any(|p| sockbus_protocol::matches(p, subject))
+        }))
     }
 
     pub async fn stream_list(&self) -> Result<Vec<StreamInfo>> {

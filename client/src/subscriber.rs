@@ -70,6 +70,7 @@ impl Subscriber {
         let m = std::task::ready!(poll_reading(&self.client.inner, cx, |cx| rx.poll_recv(cx)));
         if let Some(m) = &m {
             self.pending.fetch_sub(m.payload.len(), Ordering::Relaxed);
+            self.client.inner.took();
         }
         Poll::Ready(m)
     }
@@ -89,6 +90,10 @@ impl Subscriber {
         e.max = Some(total);
         if n == 0 {
             subs.remove(&self.sid);
+            drop(subs);
+            self.client.inner.took();
+        } else {
+            drop(subs);
         }
         let sid = self.sid;
         self.client
@@ -96,7 +101,13 @@ impl Subscriber {
             .control(|b| encode_unsub(b, sid, total.min(u32::MAX as u64) as u32))
     }
 
-    /// Messages dropped because this subscription's buffer was full.
+    /// Messages dropped because this subscription's buffer was full
+    /// ([`Overflow::Drop`], the default), plus, with [`Overflow::Wait`], a
+    /// message held for it when its connection ended. Each drop is also
+    /// logged once per run of drops (`tracing`, at warn).
+    ///
+    /// [`Overflow::Drop`]: crate::Overflow::Drop
+    /// [`Overflow::Wait`]: crate::Overflow::Wait
     pub fn dropped(&self) -> u64 {
         self.dropped.load(Ordering::Relaxed)
     }
@@ -106,6 +117,8 @@ impl Subscriber {
             return Ok(());
         }
         let present = lock(&self.client.inner.subs).remove(&self.sid).is_some();
+        // A message held for it goes nowhere now: the read side goes on.
+        self.client.inner.took();
         if present {
             let sid = self.sid;
             self.client.inner.control(|b| encode_unsub(b, sid, 0))?;

@@ -3,6 +3,7 @@
 
 use std::io::Write;
 use std::process::{Command, Stdio};
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use sockbus_broker::{Config, Server};
@@ -11,6 +12,7 @@ use tokio_util::sync::CancellationToken;
 struct Broker {
     url: String,
     stop: CancellationToken,
+    state: std::sync::Arc<sockbus_broker::State>,
 }
 
 impl Drop for Broker {
@@ -20,15 +22,93 @@ impl Drop for Broker {
 }
 
 async fn broker() -> Broker {
+    broker_with(Config::default()).await
+}
+
+async fn broker_with(cfg: Config) -> Broker {
     let cfg = Config {
         listen: "127.0.0.1:0".parse().unwrap(),
-        ..Config::default()
+        ..cfg
     };
     let server = Server::bind(cfg).await.unwrap();
     let url = format!("sockbus://{}", server.local_addr());
+    let state = server.state();
     let stop = CancellationToken::new();
     tokio::spawn(server.run(stop.clone()));
-    Broker { url, stop }
+    Broker { url, stop, state }
+}
+
+/// Waits until the broker has `n` subscriptions.
+async fn subscribed(b: &Broker, n: usize) {
+    for _ in 0..500 {
+        if b.state.subscriptions() >= n {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("{} subscriptions, wanted {n}", b.state.subscriptions());
+}
+
+/// Starts `sockbus sub SUBJECT ARGS..` with stdout and stderr piped, and
+/// waits until the broker has its subscription.
+async fn start_sub(b: &Broker, subject: &str, args: &[&str]) -> std::process::Child {
+    let before = b.state.subscriptions();
+    let mut c = cli();
+    c.args(["--server", &b.url, "sub", subject])
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let child = c.spawn().unwrap();
+    subscribed(b, before + 1).await;
+    child
+}
+
+/// Waits for `child` to exit, up to `limit` (else kills it and fails with
+/// `what`), and returns its status and stderr.
+async fn finish(
+    mut child: std::process::Child,
+    limit: Duration,
+    what: &str,
+) -> (std::process::ExitStatus, String) {
+    let deadline = std::time::Instant::now() + limit;
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            let mut err = String::new();
+            if let Some(mut e) = child.stderr.take() {
+                std::io::Read::read_to_string(&mut e, &mut err).unwrap();
+            }
+            return (status, err);
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("{what}");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Reads lines from `r` on a thread: nothing for `first`, then every
+/// `every` lines a pause of `pause` (a slow consumer of a pipe).
+fn slow_reader(
+    r: impl std::io::Read + Send + 'static,
+    first: Duration,
+    every: usize,
+    pause: Duration,
+) -> tokio::task::JoinHandle<Vec<String>> {
+    tokio::task::spawn_blocking(move || {
+        use std::io::BufRead;
+        std::thread::sleep(first);
+        let mut lines = Vec::new();
+        for l in std::io::BufReader::new(r).lines() {
+            let Ok(l) = l else { break };
+            lines.push(l);
+            if lines.len() % every == 0 {
+                std::thread::sleep(pause);
+            }
+        }
+        lines
+    })
 }
 
 fn cli() -> Command {
@@ -207,4 +287,111 @@ async fn errors_are_one_line_with_a_nonzero_exit() {
         assert_eq!(err.trim().lines().count(), 1, "{args:?}: {err}");
         assert!(err.starts_with("sockbus: "), "{err}");
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sub_through_a_slow_pipe_gets_every_message_in_order() {
+    const N: usize = 300_000;
+    let b = broker().await;
+    let mut child = start_sub(&b, "slow.x", &["--count", &N.to_string()]).await;
+    // The pipe fills while nobody reads, then drains in slow steps.
+    let lines = slow_reader(
+        child.stdout.take().unwrap(),
+        Duration::from_secs(1),
+        30_000,
+        Duration::from_millis(100),
+    );
+    let c = sockbus_client::connect(&b.url).await.unwrap();
+    for i in 0..N {
+        c.publish("slow.x", i.to_string()).await.unwrap();
+    }
+    c.flush().await.unwrap();
+    let (status, err) = finish(
+        child,
+        Duration::from_secs(120),
+        "the CLI never printed all the messages",
+    )
+    .await;
+    let lines = lines.await.unwrap();
+    assert!(status.success(), "{err}");
+    assert_eq!(lines.len(), N);
+    for (i, l) in lines.iter().enumerate() {
+        assert_eq!(l, &i.to_string(), "line {i}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sub_cut_off_by_the_broker_says_so_on_stderr_and_exits_nonzero() {
+    // A broker that holds little for a slow subscriber.
+    let b = broker_with(Config {
+        max_payload: 64 << 10,
+        max_pending: 256 << 10,
+        ..Config::default()
+    })
+    .await;
+    const N: usize = 40_000;
+    let mut child = start_sub(&b, "cut.x", &["--count", &N.to_string()]).await;
+    let stdout = child.stdout.take().unwrap();
+    let c = sockbus_client::connect(&b.url).await.unwrap();
+    let payload = "p".repeat(1024);
+    for _ in 0..N {
+        c.publish("cut.x", &payload).await.unwrap();
+    }
+    c.flush().await.unwrap();
+    // Read only once the broker has given up on the subscriber.
+    for _ in 0..1000 {
+        if b.state.metrics().slow_consumers.load(Ordering::Relaxed) > 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(b.state.metrics().slow_consumers.load(Ordering::Relaxed), 1);
+    let lines = slow_reader(stdout, Duration::ZERO, usize::MAX, Duration::ZERO);
+    let (status, err) = finish(
+        child,
+        Duration::from_secs(60),
+        "the CLI did not end once the broker had cut it off",
+    )
+    .await;
+    let printed = lines.await.unwrap().len();
+    assert!(!status.success(), "{printed} printed; {err}");
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(
+        err.contains(&format!(
+            "connection to the broker lost after {printed} messages"
+        )),
+        "{err}"
+    );
+    assert!(printed < N, "{printed}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sub_whose_reader_closes_the_pipe_exits_nonzero_at_once() {
+    let b = broker().await;
+    let mut child = start_sub(&b, "gone.x", &[]).await;
+    let c = sockbus_client::connect(&b.url).await.unwrap();
+    c.publish("gone.x", "first").await.unwrap();
+    c.flush().await.unwrap();
+    let mut stdout = std::io::BufReader::new(child.stdout.take().unwrap());
+    let first = tokio::task::spawn_blocking(move || {
+        use std::io::BufRead;
+        let mut l = String::new();
+        stdout.read_line(&mut l).unwrap();
+        l
+    })
+    .await
+    .unwrap();
+    assert_eq!(first, "first\n");
+    // The reader has closed its end (dropped above); the next write fails.
+    for i in 0..10 {
+        c.publish("gone.x", format!("m{i}")).await.unwrap();
+    }
+    c.flush().await.unwrap();
+    let (status, err) = finish(child, Duration::from_secs(10), "the CLI did not end").await;
+    assert!(!status.success());
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(
+        err.contains("cannot write to stdout after 1 messages"),
+        "{err}"
+    );
 }

@@ -30,10 +30,24 @@ pub const CONNECT_NO_RESPONDERS: u8 = 0x01;
 pub const CONNECT_NO_ECHO: u8 = 0x02;
 /// MSG flag: a status message saying a request published with this reply subject found no responders.
 pub const MSG_NO_RESPONDERS: u8 = 0x01;
+/// CONNECT flag: the client asks for stream acks explicitly (PUB flag
+/// [`PUB_ACK`]); a PUB of its without the flag gets no ack on its reply
+/// subject, so a request to a subject a stream captures gets only the
+/// replies of its responders. Without this flag (older clients) every
+/// captured PUB with a reply subject is acked there.
+pub const CONNECT_EXPLICIT_ACKS: u8 = 0x04;
 /// CONNECT flag: the peer is a broker opening a cluster route, not a client.
 pub const CONNECT_ROUTE: u8 = 0x80;
+/// PUB flag: answer on the reply subject with the ack of the stream that
+/// stores this message (a durable publish). See [`CONNECT_EXPLICIT_ACKS`].
+pub const PUB_ACK: u8 = 0x01;
 /// RMSG flag: deliver to the receiving broker's plain (non-queue) subscribers.
 pub const RMSG_PLAIN: u8 = 0x01;
+/// RMSG flag: the publisher did not ask for a stream ack, so a stream on the
+/// receiving broker stores the message without acking its reply subject.
+/// (Inverted so that an RMSG from an older broker, which never sets it,
+/// keeps being acked as before.)
+pub const RMSG_NO_ACK: u8 = 0x02;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[repr(u8)]
@@ -192,6 +206,8 @@ pub enum FrameRef<'a> {
         server_name: &'a str,
     },
     Pub {
+        /// [`PUB_ACK`] or 0.
+        flags: u8,
         subject: &'a str,
         reply: Option<&'a str>,
         headers: &'a [u8],
@@ -328,6 +344,7 @@ pub fn decode_body<'a>(h: &Header, body: &'a [u8]) -> Result<FrameRef<'a>, Proto
             let payload = c.buf;
             c.buf = &[];
             FrameRef::Pub {
+                flags: h.flags,
                 subject,
                 reply,
                 headers,
@@ -505,12 +522,24 @@ pub fn encode_pub(
     headers: &[u8],
     payload: &[u8],
 ) -> Result<(), ProtocolError> {
+    encode_pub_flags(dst, 0, subject, reply, headers, payload)
+}
+
+/// [`encode_pub`] with PUB flags ([`PUB_ACK`]).
+pub fn encode_pub_flags(
+    dst: &mut impl BufMut,
+    flags: u8,
+    subject: &str,
+    reply: Option<&str>,
+    headers: &[u8],
+    payload: &[u8],
+) -> Result<(), ProtocolError> {
     str16_len(subject, "subject")?;
     str16_len(reply.unwrap_or(""), "reply subject")?;
     let len = body_len(message_frame_len(false, subject, reply, headers, payload) - HEADER_LEN)?;
     Header {
         kind: Kind::Pub,
-        flags: 0,
+        flags,
         len,
         hash: subject_hash(subject.as_bytes()),
     }

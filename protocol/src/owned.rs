@@ -19,6 +19,7 @@ pub enum Frame {
         server_name: String,
     },
     Pub {
+        flags: u8,
         subject: String,
         reply: Option<String>,
         headers: Vec<u8>,
@@ -73,11 +74,12 @@ impl Frame {
                 server_name,
             } => encode_info(dst, *recv_window, *max_payload, server_name)?,
             Frame::Pub {
+                flags,
                 subject,
                 reply,
                 headers,
                 payload,
-            } => encode_pub(dst, subject, reply.as_deref(), headers, payload)?,
+            } => encode_pub_flags(dst, *flags, subject, reply.as_deref(), headers, payload)?,
             Frame::Sub {
                 sid,
                 subject,
@@ -156,11 +158,13 @@ impl From<FrameRef<'_>> for Frame {
                 server_name: server_name.into(),
             },
             FrameRef::Pub {
+                flags,
                 subject,
                 reply,
                 headers,
                 payload,
             } => Frame::Pub {
+                flags,
                 subject: subject.into(),
                 reply: reply.map(Into::into),
                 headers: headers.into(),

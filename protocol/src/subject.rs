@@ -13,6 +13,13 @@ pub const MAX_SUBJECT_LEN: usize = 4096;
 /// subject.
 pub const INBOX_PREFIX: &str = "_INBOX.";
 
+/// Is `subject` (or pattern) under `_INBOX.`, where requests' replies go?
+/// Streams never capture these (docs/storage.md, "Capture").
+#[inline]
+pub fn is_inbox(subject: &str) -> bool {
+    subject.starts_with(INBOX_PREFIX)
+}
+
 /// Why a subject or pattern was refused. The text is meant for the user.
 #[derive(Debug, Clone, PartialEq, Eq, Error)]
 pub enum SubjectError {

@@ -67,14 +67,22 @@ fn frame() -> impl Strategy<Value = Frame> {
                 }
             }
         ),
-        (text(200), opt_text(200), header_block(), payload()).prop_map(
-            |(subject, reply, (_, headers), payload)| Frame::Pub {
-                subject,
-                reply,
-                headers,
-                payload,
-            }
-        ),
+        (
+            any::<u8>(),
+            text(200),
+            opt_text(200),
+            header_block(),
+            payload()
+        )
+            .prop_map(
+                |(flags, subject, reply, (_, headers), payload)| Frame::Pub {
+                    flags,
+                    subject,
+                    reply,
+                    headers,
+                    payload,
+                }
+            ),
         (any::<u32>(), text(200), opt_text(100)).prop_map(|(sid, subject, queue)| Frame::Sub {
             sid,
             subject,
@@ -173,6 +181,7 @@ proptest! {
     #[test]
     fn header_blocks_read_back_pair_by_pair((pairs, block) in header_block()) {
         let f = Frame::Pub {
+            flags: 0,
             subject: "a".into(),
             reply: None,
             headers: block,

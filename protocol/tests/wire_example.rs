@@ -24,6 +24,7 @@ fn documented_pub_example_is_what_the_encoder_writes() {
     assert_eq!(
         f,
         FrameRef::Pub {
+            flags: 0,
             subject: "orders.eu",
             reply: Some("_INBOX.1"),
             headers: &headers,

@@ -35,7 +35,8 @@ use std::time::Duration;
 use bytes::{Buf, BytesMut};
 use sockbus_protocol::flow::effective_window;
 use sockbus_protocol::frame::{
-    self, encode_connect, encode_err, encode_info, encode_pong, Header, CONNECT_ROUTE, RMSG_PLAIN,
+    self, encode_connect, encode_err, encode_info, encode_pong, Header, CONNECT_ROUTE, RMSG_NO_ACK,
+    RMSG_PLAIN,
 };
 use sockbus_protocol::outbox::Outbox;
 use sockbus_protocol::{Backoff, FrameRef, MAX_FRAME_OVERHEAD};
@@ -423,6 +424,7 @@ impl Frames for Peer {
                     headers,
                     payload,
                     flags & RMSG_PLAIN != 0,
+                    flags & RMSG_NO_ACK == 0,
                     queues,
                 );
             }

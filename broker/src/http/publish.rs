@@ -24,7 +24,7 @@ use tokio::sync::oneshot;
 
 use super::routes::{decode_path, error, json, Body};
 use super::{ConnCtx, Gateway};
-use crate::deliver::{PublishError, Publisher};
+use crate::deliver::{Ack, PublishError, Publisher};
 
 /// Request headers with this prefix (any case) are carried as message headers.
 pub const HEADER_PREFIX: &str = "sockbus-header-";
@@ -133,11 +133,12 @@ pub(super) async fn publish(
         echo: true,
         no_responders: false,
         api: false,
+        explicit_acks: true,
     };
     let (published, backlog) = {
         let mut guard = ctx.local.lock().unwrap_or_else(|p| p.into_inner());
         let batch = &mut guard.batch;
-        let r = batch.publish(&from, &subject, reply, &headers, &payload, Some(tx));
+        let r = batch.publish(&from, &subject, reply, &headers, &payload, Ack::Chan(tx));
         batch.finish();
         (r, batch.backlogged())
     };

@@ -12,7 +12,8 @@
 
 use serde::Serialize;
 use sockbus_protocol::api::subject::{self, Api};
-use sockbus_protocol::api::{ApiError, ConsumerList, Deleted, StreamList};
+use sockbus_protocol::api::{ApiError, ConsumerList, Deleted, StreamList, StreamListRequest};
+use sockbus_protocol::subject::validate_subject;
 
 use super::consumer::{self, AckKind, ConsumerConfig, PullRequest};
 use super::{strict, Streams};
@@ -100,13 +101,21 @@ pub(crate) fn handle(
             reply,
             streams.delete(name).map(|_| Deleted { deleted: true }),
         ),
-        Api::StreamList => reply_with(
-            state,
-            reply,
-            Ok(StreamList {
-                streams: streams.list(),
-            }),
-        ),
+        Api::StreamList => {
+            let r = parse::<StreamListRequest>(payload).and_then(|req| {
+                let streams = match req.subject {
+                    None => streams.list(),
+                    // The stream a publish to this subject would be stored
+                    // by, by the rule the publish path itself follows.
+                    Some(s) => {
+                        validate_subject(&s).map_err(|e| StreamError::BadRequest(e.to_string()))?;
+                        streams.capture(&s).map(|s| s.info()).into_iter().collect()
+                    }
+                };
+                Ok(StreamList { streams })
+            });
+            reply_with(state, reply, r)
+        }
         Api::ConsumerCreate { stream } => {
             let r = parse::<ConsumerConfig>(payload).and_then(|cfg| {
                 let s = streams

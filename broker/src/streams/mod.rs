@@ -22,6 +22,7 @@ use std::time::Duration;
 use bytes::BytesMut;
 use sockbus_protocol::api::ConfigError;
 use sockbus_protocol::frame::iter_headers;
+use sockbus_protocol::subject::is_inbox;
 use tokio::sync::{oneshot, Notify};
 use tracing::{error, info, warn};
 
@@ -298,6 +299,9 @@ impl Streams {
                 }
             };
             let name = cfg.name.clone();
+            if let Some(p) = cfg.subjects.iter().find(|p| is_inbox(p)) {
+                warn!(stream = %name, "subject {p:?} is under _INBOX.: streams never capture reply subjects, so nothing is stored for it");
+            }
             let s = streams.start_stream(cfg, &dir).map_err(|e| {
                 anyhow::anyhow!("cannot open stream {name:?} in {}: {e}", dir.display())
             })?;
@@ -355,7 +359,9 @@ impl Streams {
     /// The stream that captures a literal subject, if any. Takes a read lock:
     /// the publish path goes through a [`CaptureCache`] instead.
     pub fn capture(&self, subject: &str) -> Option<Arc<Stream>> {
-        if self.is_empty() {
+        // A request's reply is for its requester alone: never stored, so
+        // never acked either (a stream on `>` stops short of `_INBOX.`).
+        if self.is_empty() || is_inbox(subject) {
             return None;
         }
         self.map
@@ -524,11 +530,11 @@ impl CaptureCache {
         if let Some(s) = self.map.get(subject) {
             return s.clone();
         }
-        if subject.starts_with(sockbus_protocol::subject::INBOX_PREFIX) {
-            // A request's one-time reply subject: looked up, not cached (an
-            // entry per reply would allocate and push out the subjects
-            // that repeat).
-            return streams.capture(subject);
+        if is_inbox(subject) {
+            // A request's one-time reply subject: never captured (and not
+            // cached: an entry per reply would push out the subjects that
+            // repeat).
+            return None;
         }
         if self.map.len() >= 4096 {
             self.map.clear();
@@ -682,28 +688,27 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn reply_subjects_are_captured_but_not_cached() {
-        let dir = std::env::temp_dir().join(format!("sockbus-capture-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        let streams = Streams::open(&dir, test_delivery(), None).unwrap();
-        streams
+    async fn reply_subjects_are_never_captured_not_even_by_a_stream_on_everything() {
+        let dir = tempfile::tempdir().unwrap();
+        let streams = Streams::open(dir.path(), test_delivery(), None).unwrap();
+        let e = streams
             .create(serde_json::from_str(r#"{"name":"replies","subjects":["_INBOX.>"]}"#).unwrap())
-            .unwrap();
+            .unwrap_err();
+        assert_eq!(e.status(), 400);
+        assert!(e.to_string().contains("_INBOX."), "{e}");
         streams
-            .create(serde_json::from_str(r#"{"name":"orders","subjects":["orders.*"]}"#).unwrap())
+            .create(serde_json::from_str(r#"{"name":"all","subjects":[">"]}"#).unwrap())
             .unwrap();
         let mut c = CaptureCache::default();
         for n in 0..10 {
-            let s = c
-                .get(&streams, &format!("_INBOX.client.{n}"))
-                .expect("captured");
-            assert_eq!(s.config.name, "replies");
+            let inbox = format!("_INBOX.client.{n}");
+            assert!(c.get(&streams, &inbox).is_none(), "{inbox}");
+            assert!(streams.capture(&inbox).is_none(), "{inbox}");
         }
-        assert_eq!(c.get(&streams, "orders.eu").unwrap().config.name, "orders");
-        assert!(c.get(&streams, "other").is_none());
+        assert_eq!(c.get(&streams, "orders.eu").unwrap().config.name, "all");
+        assert_eq!(c.get(&streams, "_INBOX").unwrap().config.name, "all");
         // Only the repeating subjects took cache entries.
         assert_eq!(c.map.len(), 2);
-        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]

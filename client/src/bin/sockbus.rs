@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context};
 use clap::{Parser, Subcommand};
-use sockbus_client::{Client, ConnectOptions, Error, Headers};
+use sockbus_client::{Client, ConnectOptions, Error, Headers, Overflow};
 
 #[derive(Parser)]
 #[command(name = "sockbus", version, about = "sockbus command-line client")]
@@ -20,7 +20,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
-    /// Publish DATA (or stdin) to SUBJECT; exits once the broker has accepted every message.
+    /// Publish DATA (or stdin) to SUBJECT; exits once the broker has accepted every message,
+    /// and once stored when a stream captures SUBJECT.
     Pub {
         subject: String,
         data: Option<String>,
@@ -30,8 +31,12 @@ enum Cmd {
         /// Header as NAME:VALUE (repeatable).
         #[arg(long = "header", short = 'H')]
         headers: Vec<String>,
+        /// Print each stored message's ack, {"stream":..,"seq":..}, one per line.
+        #[arg(long)]
+        ack: bool,
     },
-    /// Print each message's payload followed by a newline.
+    /// Print each message's payload followed by a newline, at the pace stdout takes them;
+    /// a message lost on the way is reported on stderr with a non-zero exit.
     Sub {
         subject: String,
         /// Join a queue group: each message goes to one member.
@@ -165,8 +170,8 @@ fn main() -> ExitCode {
     match rt.block_on(run(cli)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            // One line a person understands.
-            match e.downcast_ref::<Error>() {
+            // One line a person understands; a bare `req` outcome as DESIGN.md words it.
+            match e.downcast_ref::<Error>().filter(|_| e.chain().count() == 1) {
                 Some(Error::NoResponders) => eprintln!("sockbus: no responders"),
                 Some(Error::Timeout) => eprintln!("sockbus: timeout"),
                 _ => eprintln!("sockbus: {}", format!("{e:#}").replace('\n', " ")),
@@ -176,11 +181,16 @@ fn main() -> ExitCode {
     }
 }
 
+fn options() -> ConnectOptions {
+    ConnectOptions::new().name("sockbus-cli").max_reconnects(3)
+}
+
 async fn connect(server: &str) -> anyhow::Result<Client> {
-    ConnectOptions::new()
-        .name("sockbus-cli")
-        .max_reconnects(3)
-        .connect(server)
+    connect_with(server, options()).await
+}
+
+async fn connect_with(server: &str, opts: ConnectOptions) -> anyhow::Result<Client> {
+    opts.connect(server)
         .await
         .with_context(|| format!("cannot connect to {server}"))
 }
@@ -199,6 +209,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             data,
             count,
             headers,
+            ack,
         } => {
             let payload = match data {
                 Some(d) => d.into_bytes(),
@@ -218,46 +229,35 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 hdrs.insert(k.trim(), v.trim());
             }
             let client = connect(&cli.server).await?;
-            for _ in 0..count {
-                if hdrs.is_empty() {
-                    client.publish(&subject, &payload).await?;
-                } else {
-                    client
-                        .publish_with_headers(&subject, &hdrs, &payload)
-                        .await?;
+            // The broker says which stream, if any, stores this subject.
+            let stream = client
+                .stream_for_subject(&subject)
+                .await
+                .context("cannot ask the broker which stream stores the subject")?;
+            if stream.is_some() {
+                publish_stored(&client, &subject, &hdrs, &payload, count, ack).await?;
+            } else {
+                for _ in 0..count {
+                    if hdrs.is_empty() {
+                        client.publish(&subject, &payload).await?;
+                    } else {
+                        client
+                            .publish_with_headers(&subject, &hdrs, &payload)
+                            .await?;
+                    }
+                }
+                client.flush().await?;
+                if ack {
+                    eprintln!("sockbus: no stream captures {subject:?}: published, not stored");
                 }
             }
-            client.flush().await?;
             client.close().await?;
         }
         Cmd::Sub {
             subject,
             queue,
             count,
-        } => {
-            let client = connect(&cli.server).await?;
-            let mut sub = match &queue {
-                Some(q) => client.queue_subscribe(&subject, q).await?,
-                None => client.subscribe(&subject).await?,
-            };
-            // Make sure the broker has the subscription before we report anything.
-            client.flush().await?;
-            let mut out = std::io::stdout().lock();
-            let mut n = 0;
-            if count == Some(0) {
-                return Ok(());
-            }
-            while let Some(m) = sub.next().await {
-                out.write_all(&m.payload)?;
-                out.write_all(b"\n")?;
-                out.flush()?;
-                n += 1;
-                if count.is_some_and(|c| n >= c) {
-                    return Ok(());
-                }
-            }
-            bail!("connection closed after {n} messages");
-        }
+        } => subscribe(&cli.server, &subject, queue.as_deref(), count).await?,
         Cmd::Req {
             subject,
             data,
@@ -301,6 +301,108 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             bail!("connection closed after {n} replies");
         }
     }
+    Ok(())
+}
+
+/// `sockbus sub`: prints payloads at the pace stdout takes them. When stdout
+/// is slower than the messages come, the SDK holds the connection
+/// ([`Overflow::Wait`]) instead of dropping: the broker keeps what it would
+/// send, up to its `--max-pending`, and beyond that cuts the connection off.
+/// Every message lost on the way is an error, never silent: a dropped one,
+/// or a lost connection (not remade: what was published meanwhile is gone,
+/// and printing on after a gap would hide it).
+async fn subscribe(
+    server: &str,
+    subject: &str,
+    queue: Option<&str>,
+    count: Option<u64>,
+) -> anyhow::Result<()> {
+    use futures_util::FutureExt;
+    let opts = options()
+        .max_reconnects(0)
+        .when_subscription_full(Overflow::Wait)
+        // Little buffered here: the pipe sets the pace, the broker holds the rest.
+        .subscription_capacity(8192)
+        .subscription_pending_bytes(8 << 20);
+    let client = connect_with(server, opts).await?;
+    let lost = client.disconnected();
+    tokio::pin!(lost);
+    let mut sub = match queue {
+        Some(q) => client.queue_subscribe(subject, q).await?,
+        None => client.subscribe(subject).await?,
+    };
+    // Make sure the broker has the subscription before we report anything.
+    client.flush().await?;
+    if count == Some(0) {
+        return Ok(());
+    }
+    let mut out = std::io::stdout().lock();
+    let mut n = 0u64;
+    // Ends when the connection does, after what arrived before.
+    while let Some(m) = sub.next().await {
+        out.write_all(&m.payload)
+            .and_then(|_| out.write_all(b"\n"))
+            .and_then(|_| out.flush())
+            .with_context(|| format!("cannot write to stdout after {n} messages"))?;
+        n += 1;
+        let dropped = sub.dropped();
+        if dropped > 0 {
+            bail!("{dropped} messages dropped after {n}: the subscription's buffer was full");
+        }
+        if count.is_some_and(|c| n >= c) {
+            return Ok(());
+        }
+    }
+    let why = (&mut lost).now_or_never().unwrap_or(Error::Closed);
+    let dropped = sub.dropped();
+    let held = if dropped > 0 {
+        format!(" ({dropped} received but not printed)")
+    } else {
+        String::new()
+    };
+    bail!(
+        "connection to the broker lost after {n} messages{held}: {why}; messages published since \
+         are missing (a broker cuts off a subscriber more than its --max-pending behind)"
+    );
+}
+
+/// Durable publishes still waiting for their ack at any time: enough to
+/// keep a stream's group commit busy, bounded so memory is too.
+const ACK_WINDOW: usize = 256;
+
+/// Publishes `count` copies to a subject a stream captures and returns once
+/// every one is stored (as the stream's fsync policy says), printing the
+/// acks with `print_acks`. Up to [`ACK_WINDOW`] wait for their acks at once.
+async fn publish_stored(
+    client: &Client,
+    subject: &str,
+    headers: &Headers,
+    payload: &[u8],
+    count: u64,
+    print_acks: bool,
+) -> anyhow::Result<()> {
+    use futures_util::StreamExt;
+    let mut acks = futures_util::stream::iter(0..count)
+        .map(|i| async move {
+            let r = client
+                .publish_durable_with_headers(subject, headers, payload)
+                .await;
+            (i, r)
+        })
+        .buffered(ACK_WINDOW);
+    let mut out = std::io::stdout().lock();
+    while let Some((i, r)) = acks.next().await {
+        let a = r.with_context(|| {
+            format!(
+                "message {} of {count} to {subject:?} is not known to be stored",
+                i + 1
+            )
+        })?;
+        if print_acks {
+            writeln!(out, "{}", serde_json::to_string(&a)?)?;
+        }
+    }
+    out.flush()?;
     Ok(())
 }
 

@@ -7,7 +7,9 @@ use std::time::Duration;
 
 use bytes::BytesMut;
 use sockbus_protocol::flow::effective_window;
-use sockbus_protocol::frame::{code, CONNECT_NO_ECHO, CONNECT_NO_RESPONDERS};
+use sockbus_protocol::frame::{
+    code, CONNECT_EXPLICIT_ACKS, CONNECT_NO_ECHO, CONNECT_NO_RESPONDERS,
+};
 use sockbus_protocol::Frame;
 use tokio::io::{duplex, AsyncWriteExt, DuplexStream};
 use tokio::net::TcpListener;
@@ -63,7 +65,7 @@ async fn the_handshake_announces_the_client_and_adopts_the_brokers_limits() {
         assert_eq!(
             connect,
             Some(Frame::Connect {
-                flags: CONNECT_NO_RESPONDERS | CONNECT_NO_ECHO,
+                flags: CONNECT_NO_RESPONDERS | CONNECT_NO_ECHO | CONNECT_EXPLICIT_ACKS,
                 recv_window: 1 << 20,
                 name: "svc-a".into(),
                 token: Vec::new(),

@@ -13,7 +13,7 @@ use super::ReadState;
 use crate::client::Inner;
 use crate::error::Error;
 use crate::message::Headers;
-use crate::options::ConnectOptions;
+use crate::options::{ConnectOptions, Overflow};
 use crate::testing::{encode, msg, offline_client, ready, subscribe, take_sent};
 
 /// A read state with flow control off (a window of 0 grants nothing).
@@ -201,6 +201,7 @@ async fn a_msg_with_a_truncated_body_ends_the_connection() {
 async fn a_frame_only_clients_send_ends_the_connection_as_unexpected() {
     let client = offline_client(ConnectOptions::default());
     let publish = Frame::Pub {
+        flags: 0,
         subject: "a".into(),
         reply: None,
         headers: Vec::new(),
@@ -239,6 +240,7 @@ async fn credit_from_the_broker_releases_publishes_its_window_held_back() {
     let client = offline_client(ConnectOptions::default());
     let inner = &client.inner;
     let one = encode(&[Frame::Pub {
+        flags: 0,
         subject: "a".into(),
         reply: None,
         headers: Vec::new(),
@@ -287,6 +289,102 @@ async fn a_full_subscription_drops_new_messages_and_counts_them() {
     // Room again: the next message is kept.
     feed_frames(&mut st, inner, &[msg(sid, "a", "6")]);
     assert_eq!(ready(&mut sub).flatten().unwrap().payload.as_ref(), b"6");
+}
+
+/// A client whose subscriptions hold two messages and make the connection
+/// wait when full.
+fn waiting_client() -> crate::Client {
+    offline_client(
+        ConnectOptions::new()
+            .subscription_capacity(2)
+            .when_subscription_full(Overflow::Wait),
+    )
+}
+
+fn payload(m: Option<Option<crate::Message>>) -> String {
+    let m = m.flatten().expect("a message");
+    String::from_utf8_lossy(&m.payload).into_owned()
+}
+
+#[tokio::test]
+async fn a_full_subscription_that_waits_holds_up_the_connection_and_loses_nothing() {
+    let client = waiting_client();
+    let inner = &client.inner;
+    let (mut sub, sid) = subscribe(&client, "a").await;
+    let mut st = no_credit();
+    let mut frames: Vec<Frame> = (1..=5).map(|i| msg(sid, "a", &i.to_string())).collect();
+    frames.push(Frame::Ping(9));
+    feed_frames(&mut st, inner, &frames);
+    assert!(st.stalled.is_some(), "the third message waits for room");
+    assert!(
+        take_sent(inner).is_empty(),
+        "nothing behind it is handled yet"
+    );
+    assert_eq!(
+        (payload(ready(&mut sub)), payload(ready(&mut sub))),
+        ("1".into(), "2".into())
+    );
+    assert!(ready(&mut sub).is_none());
+    // The read side goes on where it stopped, as far as there is room.
+    st.handle(inner).unwrap();
+    assert_eq!(
+        (payload(ready(&mut sub)), payload(ready(&mut sub))),
+        ("3".into(), "4".into())
+    );
+    assert!(take_sent(inner).is_empty());
+    st.handle(inner).unwrap();
+    assert!(st.stalled.is_none());
+    assert_eq!(payload(ready(&mut sub)), "5");
+    assert_eq!(take_sent(inner), [Frame::Pong(9)], "then what came after");
+    assert_eq!(sub.dropped(), 0);
+}
+
+#[tokio::test]
+async fn a_subscriber_that_makes_room_wakes_the_waiting_read_side() {
+    let client = waiting_client();
+    let inner = &client.inner;
+    let (mut sub, sid) = subscribe(&client, "a").await;
+    let mut st = no_credit();
+    let frames: Vec<Frame> = (1..=3).map(|i| msg(sid, "a", &i.to_string())).collect();
+    feed_frames(&mut st, inner, &frames);
+    let room = inner.room.notified();
+    tokio::pin!(room);
+    room.as_mut().enable();
+    assert!(futures_util::poll!(room.as_mut()).is_pending());
+    payload(ready(&mut sub));
+    assert!(
+        futures_util::poll!(room.as_mut()).is_ready(),
+        "woken by the take"
+    );
+}
+
+#[tokio::test]
+async fn a_held_message_whose_subscriber_leaves_lets_the_connection_go_on() {
+    let client = waiting_client();
+    let inner = &client.inner;
+    let (full, sid) = subscribe(&client, "a").await;
+    let (mut other, other_sid) = subscribe(&client, "b").await;
+    let mut st = no_credit();
+    let mut frames: Vec<Frame> = (1..=3).map(|i| msg(sid, "a", &i.to_string())).collect();
+    frames.push(msg(other_sid, "b", "x"));
+    feed_frames(&mut st, inner, &frames);
+    assert!(ready(&mut other).is_none(), "held up behind the full one");
+    drop(full);
+    st.handle(inner).unwrap();
+    assert_eq!(payload(ready(&mut other)), "x");
+}
+
+#[tokio::test]
+async fn a_held_message_lost_with_its_connection_counts_as_dropped() {
+    let client = waiting_client();
+    let inner = &client.inner;
+    let (sub, sid) = subscribe(&client, "a").await;
+    let mut st = no_credit();
+    let frames: Vec<Frame> = (1..=3).map(|i| msg(sid, "a", &i.to_string())).collect();
+    feed_frames(&mut st, inner, &frames);
+    assert_eq!(sub.dropped(), 0);
+    drop(st);
+    assert_eq!(sub.dropped(), 1);
 }
 
 /// Starts a request and returns the inbox subscription's id and the reply

@@ -20,7 +20,9 @@ use crate::subject::SubjectError;
 pub use consumer::{
     AckKind, AckPolicy, ConsumerConfig, ConsumerInfo, ConsumerList, PullRequest, Start,
 };
-pub use stream::{Fsync, PubAck, StreamConfig, StreamInfo, StreamList, StreamState};
+pub use stream::{
+    Fsync, PubAck, StreamConfig, StreamInfo, StreamList, StreamListRequest, StreamState,
+};
 
 /// Header names the stream API gives a meaning to.
 pub mod header {
@@ -65,6 +67,8 @@ pub enum ConfigError {
     Subject(SubjectError),
     #[error("subject {0:?} is reserved")]
     Reserved(String),
+    #[error("subject {0:?} is under _INBOX.: streams never capture reply subjects")]
+    Inbox(String),
     #[error("segment_bytes must be at least {}", stream::MIN_SEGMENT_BYTES)]
     SegmentTooSmall,
     #[error("filter subject: {0}")]

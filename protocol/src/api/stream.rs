@@ -7,7 +7,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use super::{subject, validate_name, ConfigError};
-use crate::subject::validate_pattern;
+use crate::subject::{is_inbox, validate_pattern};
 
 /// Smallest `segment_bytes` a stream accepts.
 pub const MIN_SEGMENT_BYTES: u64 = 1024;
@@ -98,6 +98,11 @@ impl StreamConfig {
             if subject::is_reserved(s) {
                 return Err(ConfigError::Reserved(s.clone()));
             }
+            // A request's reply is for the requester alone; a wildcard such
+            // as `>` still stands for every other subject.
+            if is_inbox(s) {
+                return Err(ConfigError::Inbox(s.clone()));
+            }
         }
         if self.segment_bytes.is_some_and(|b| b < MIN_SEGMENT_BYTES) {
             return Err(ConfigError::SegmentTooSmall);
@@ -149,6 +154,16 @@ pub struct StreamInfo {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct StreamList {
     pub streams: Vec<StreamInfo>,
+}
+
+/// The optional body of `$SB.API.STREAM.LIST`: with `subject`, only the
+/// stream that would store a message published to that subject (none or
+/// one: streams' subjects never overlap). Empty body: every stream.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StreamListRequest {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub subject: Option<String>,
 }
 
 #[cfg(test)]
@@ -254,6 +269,13 @@ mod tests {
             r#"{"messages":0,"bytes":100,"first_seq":1,"last_seq":2,"segments":1,"consumers":1,"damaged_records":0}"#,
         );
         pinned(&StreamList { streams: vec![] }, r#"{"streams":[]}"#);
+        pinned(&StreamListRequest::default(), "{}");
+        pinned(
+            &StreamListRequest {
+                subject: Some("orders.eu".into()),
+            },
+            r#"{"subject":"orders.eu"}"#,
+        );
     }
 
     /// What an SDK reads from a broker newer than itself; the broker
@@ -311,6 +333,21 @@ mod tests {
             bad(|c| c.subjects = vec!["$SB.API.>".into()]).to_string(),
             r#"subject "$SB.API.>" is reserved"#
         );
+        assert_eq!(
+            bad(|c| c.subjects = vec!["orders.>".into(), "_INBOX.>".into()]).to_string(),
+            r#"subject "_INBOX.>" is under _INBOX.: streams never capture reply subjects"#
+        );
+        assert!(matches!(
+            bad(|c| c.subjects = vec!["_INBOX.abc.*".into()]),
+            ConfigError::Inbox(_)
+        ));
+        // Wildcards that also cover _INBOX. subjects are fine: those are
+        // simply not captured.
+        for p in [">", "*.>", "*.*"] {
+            let mut c = orders();
+            c.subjects = vec![p.into()];
+            assert_eq!(c.validate(), Ok(()), "{p}");
+        }
         assert_eq!(
             bad(|c| c.segment_bytes = Some(1023)).to_string(),
             "segment_bytes must be at least 1024"
