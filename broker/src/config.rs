@@ -157,6 +157,9 @@ pub struct Options {
     /// cgroup v2 directory the fast path attaches at, absolute or relative to the cgroup v2 root (default: the root).
     #[arg(long, env = "SOCKBUS_ACCEL_CGROUP")]
     pub accel_cgroup: Option<PathBuf>,
+    /// A fast-path connection whose socket takes none of a batch of bytes for this long is closed as a send stall (default 5s; 0 turns the guard off).
+    #[arg(long, env = "SOCKBUS_ACCEL_STALL_TIMEOUT")]
+    pub accel_stall_timeout: Option<Dur>,
     /// Largest payload accepted (default 1MiB).
     #[arg(long, env = "SOCKBUS_MAX_PAYLOAD")]
     pub max_payload: Option<ByteSize>,
@@ -204,6 +207,8 @@ pub struct Config {
     pub accel_ports: Vec<u16>,
     /// cgroup the fast path attaches at; None = the cgroup v2 root.
     pub accel_cgroup: Option<PathBuf>,
+    /// The stall guard's timeout; zero: no guard.
+    pub accel_stall_timeout: Duration,
     pub max_payload: u32,
     pub max_connections: usize,
     pub max_pending: usize,
@@ -233,6 +238,7 @@ impl Default for Config {
             accel: AccelMode::Auto,
             accel_ports: Vec::new(),
             accel_cgroup: None,
+            accel_stall_timeout: Duration::from_secs(5),
             max_payload: sockbus_protocol::DEFAULT_MAX_PAYLOAD,
             max_connections: 65536,
             max_pending: 64 << 20,
@@ -333,6 +339,9 @@ impl Options {
             accel: o.accel.unwrap_or_default(),
             accel_ports: o.accel_ports.unwrap_or_default(),
             accel_cgroup: o.accel_cgroup,
+            accel_stall_timeout: o
+                .accel_stall_timeout
+                .map_or(d.accel_stall_timeout, |x| x.0),
             max_payload: max_payload as u32,
             max_connections,
             max_pending: max_pending as usize,
@@ -370,6 +379,7 @@ impl Options {
             accel: self.accel.or(file.accel),
             accel_ports: self.accel_ports.or(file.accel_ports),
             accel_cgroup: self.accel_cgroup.or(file.accel_cgroup),
+            accel_stall_timeout: self.accel_stall_timeout.or(file.accel_stall_timeout),
             max_payload: self.max_payload.or(file.max_payload),
             max_connections: self.max_connections.or(file.max_connections),
             max_pending: self.max_pending.or(file.max_pending),

@@ -116,7 +116,7 @@ pub async fn run(
     }
 
     let span = tracing::info_span!("conn", id, %peer, client = %name);
-    serve(state, rd, wr, buf, id, flags, recv_window, shutdown)
+    serve(state, rd, wr, buf, id, &name, flags, recv_window, shutdown)
         .instrument(span)
         .await
 }
@@ -128,6 +128,7 @@ async fn serve(
     wr: OwnedWriteHalf,
     mut buf: BytesMut,
     id: u64,
+    name: &str,
     flags: u8,
     recv_window: u32,
     shutdown: CancellationToken,
@@ -146,6 +147,7 @@ async fn serve(
         let _ = encode_info(b, our_window, cfg.max_payload, &cfg.node_id);
     });
     let writer = tokio::spawn(write_loop(out.clone(), cfg.write_timeout));
+    crate::accel::guard::watch(id, name, &out);
 
     let max_body = cfg.max_payload + MAX_FRAME_OVERHEAD;
     let mut client = Client {

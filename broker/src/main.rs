@@ -101,6 +101,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             sockbus_protocol::busy_poll::spawn(w)
         });
         let mode = config.accel;
+        let stall_timeout = config.accel_stall_timeout;
         let mut accel_opts = sockbus_broker::accel::AttachOptions {
             ports: config.accel_ports.clone(),
             cgroup: config.accel_cgroup.clone(),
@@ -112,7 +113,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         }
         // Detaches when dropped, after the server has drained.
         let _accel = sockbus_broker::accel::start(mode, &accel_opts)
-            .map_err(|e| anyhow::anyhow!("--accel on: cannot attach the eBPF fast path: {e}"))?;
+            .map_err(|e| anyhow::anyhow!("--accel on: cannot use the eBPF fast path: {e}"))?;
         server
             .state()
             .metrics()
@@ -136,6 +137,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             info!("signal received: draining");
         });
         let http = http.map(|h| tokio::spawn(h.run(shutdown.clone())));
+        sockbus_broker::accel::guard::spawn(stall_timeout, shutdown.clone());
         server.run(shutdown).await?;
         if let Some(h) = http {
             h.await.context("HTTP gateway task")??;

@@ -64,7 +64,7 @@ impl Outlet {
         *self.sock.lock().unwrap_or_else(|p| p.into_inner()) = Some(Arc::new(wr));
     }
 
-    fn socket(&self) -> Option<Arc<OwnedWriteHalf>> {
+    pub fn socket(&self) -> Option<Arc<OwnedWriteHalf>> {
         self.sock.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 

@@ -433,9 +433,18 @@ async fn accelerated_large_payloads_arrive_intact() {
 
 /// Starts the broker binary in this test's cgroup; returns it and its port.
 fn spawn_broker(args: &[&str]) -> (Child, u16, std::sync::mpsc::Receiver<String>) {
+    spawn_broker_env(args, &[])
+}
+
+/// [`spawn_broker`] with extra environment variables.
+fn spawn_broker_env(
+    args: &[&str],
+    env: &[(&str, &str)],
+) -> (Child, u16, std::sync::mpsc::Receiver<String>) {
     let mut child = Command::new(env!("CARGO_BIN_EXE_sockbus-broker"))
         .args(["--listen", "127.0.0.1:0", "--node-id", "accel-test"])
         .args(args)
+        .envs(env.iter().copied())
         .env("RUST_LOG", "info")
         .stdin(Stdio::null())
         .stdout(Stdio::null())
@@ -1228,4 +1237,316 @@ fn broker_with_accel_on_detaches_on_sigterm_even_with_its_log_pipe_gone() {
         assert!(!a, "still attached after the broker exited");
     }
     let _ = std::fs::remove_dir(&cg);
+}
+
+// ------------------------------------------------------------ self-test
+
+/// The self-test passes on this kernel; its time is printed (docs/fast-path.md
+/// quotes it).
+#[test]
+fn self_test_passes_on_this_kernel() {
+    if !privileged("self_test_passes_on_this_kernel") {
+        return;
+    }
+    let fp = attach(&[17_473]);
+    let before = fp.stats().unwrap();
+    let took = sockbus_broker::accel::selftest::run(&fp).expect("self-test");
+    let s = delta(fp.stats().unwrap(), before);
+    eprintln!("self-test passed in {took:?}; {s:?}");
+    // The test's bytes were counted as redirected: more than its 4 MiB write.
+    assert!(s.bytes_redirected >= 4 << 20, "{s:?}");
+    assert_eq!(fp.sockets(), 0, "the test pair left the map when it closed");
+}
+
+/// Kills the child on every way out of a test.
+struct KillOnDrop(Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Every log line received so far (waiting up to `wait` for more).
+fn drain_log(rx: &std::sync::mpsc::Receiver<String>, wait: Duration) -> String {
+    let mut log = String::new();
+    while let Ok(l) = rx.recv_timeout(wait) {
+        log.push_str(&l);
+        log.push('\n');
+    }
+    log
+}
+
+/// Publishes through the broker at `port` and gets it back: the broker serves.
+async fn serves(port: u16) {
+    let url = format!("sockbus://127.0.0.1:{port}");
+    let c = sockbus_client::connect(&url).await.expect("connect");
+    let mut sub = c.subscribe("after.selftest").await.unwrap();
+    c.flush().await.unwrap();
+    for i in 0..100u32 {
+        c.publish("after.selftest", payload(i, 64)).await.unwrap();
+    }
+    c.flush().await.unwrap();
+    for i in 0..100u32 {
+        assert_eq!(recv(&mut sub).await.payload.as_ref(), payload(i, 64));
+    }
+}
+
+/// A self-test that fails makes `--accel auto` serve plain TCP and say which
+/// check failed, in the one line about the fast path. `fionread` is failed
+/// by the hook outright; `redirect` by a deliberately broken map (the
+/// receiver removed from it), which the check detects from the data segments
+/// on the wire; `hang` by a check that never finishes, which the time limit
+/// catches.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_self_test_makes_the_broker_serve_plain_tcp_and_name_the_check() {
+    if !privileged("a_failed_self_test_makes_the_broker_serve_plain_tcp_and_name_the_check") {
+        return;
+    }
+    let cg = test_cgroup().unwrap().to_string_lossy().into_owned();
+    for (hook, says) in [
+        ("fionread", "failed on purpose"),
+        ("redirect", "TCP data segments carried the test's bytes"),
+        ("hang", "did not finish within 2s"),
+    ] {
+        let t = Instant::now();
+        let (child, port, rx) = spawn_broker_env(
+            &["--accel", "auto", "--accel-cgroup", &cg, "--http", "off"],
+            &[("SOCKBUS_ACCEL_SELFTEST_FAIL", hook)],
+        );
+        let started = t.elapsed();
+        let _child = KillOnDrop(child);
+        serves(port).await;
+        let log = drain_log(&rx, Duration::from_millis(200));
+        let lines: Vec<&str> = log.lines().filter(|l| l.contains("fast path:")).collect();
+        eprintln!("{hook}: started in {started:?}: {lines:?}");
+        assert_eq!(lines.len(), 1, "one line about the fast path:\n{log}");
+        let check = if hook == "hang" { "insert" } else { hook };
+        assert!(
+            lines[0].contains("fast path: off (plain TCP): self-test failed: check ")
+                && lines[0].contains(&format!("check {check}: "))
+                && lines[0].contains(says),
+            "{hook}: names the check and why:\n{log}"
+        );
+        assert!(!log.contains("stall guard"), "no guard without a fast path:\n{log}");
+    }
+}
+
+#[test]
+fn a_failed_self_test_stops_accel_on_and_the_agent() {
+    if !privileged("a_failed_self_test_stops_accel_on_and_the_agent") {
+        return;
+    }
+    let cg = test_cgroup().unwrap().join("selftest-fail");
+    std::fs::create_dir_all(&cg).unwrap();
+    let attached = || {
+        Command::new("bpftool")
+            .args(["cgroup", "show"])
+            .arg(&cg)
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).contains("sockbus_sock_op"))
+    };
+    let out = Command::new(env!("CARGO_BIN_EXE_sockbus-broker"))
+        .args(["--listen", "127.0.0.1:0", "--http", "off", "--accel", "on"])
+        .arg("--accel-cgroup")
+        .arg(&cg)
+        .env("SOCKBUS_ACCEL_SELFTEST_FAIL", "eof")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("--accel on: cannot use the eBPF fast path: self-test failed: check eof"),
+        "{stderr}"
+    );
+
+    let mut agent = Command::new(env!("CARGO_BIN_EXE_sockbus-broker"))
+        .args(["accel", "agent", "--ports", "17474", "--metrics", "127.0.0.1:0"])
+        .arg("--cgroup")
+        .arg(&cg)
+        .env("SOCKBUS_ACCEL_SELFTEST_FAIL", "large")
+        .env("RUST_LOG", "info")
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let status = loop {
+        if let Some(s) = agent.try_wait().unwrap() {
+            break s;
+        }
+        if Instant::now() > deadline {
+            let _ = agent.kill();
+            let _ = agent.wait();
+            panic!("the agent kept running after its self-test failed");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let mut log = String::new();
+    agent.stderr.take().unwrap().read_to_string(&mut log).unwrap();
+    assert!(!status.success(), "{log}");
+    assert!(log.contains("self-test failed: check large"), "{log}");
+    if let Ok(a) = attached() {
+        assert!(!a, "nothing stays attached");
+    }
+    let _ = std::fs::remove_dir(&cg);
+}
+
+// ------------------------------------------------------------ stall guard
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn metric(http: u16, name: &str) -> u64 {
+    use std::io::Write;
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", http)).expect("HTTP");
+    write!(s, "GET /metrics HTTP/1.0\r\nHost: x\r\n\r\n").unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    out.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+        .unwrap_or_else(|| panic!("no {name} in /metrics:\n{out}"))
+}
+
+/// A raw client named `name` that subscribes to `subject` and reads nothing
+/// until told to.
+async fn raw_named(port: u16, name: &str, subject: &str) -> tokio::net::TcpStream {
+    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+    let mut b = BytesMut::new();
+    encode_connect(&mut b, 0, 0, name, b"").unwrap();
+    encode_sub(&mut b, 1, subject, None).unwrap();
+    frame::encode_ping(&mut b, 1);
+    s.write_all(&b).await.unwrap();
+    let mut buf = BytesMut::new();
+    assert!(matches!(read_frame(&mut s, &mut buf).await, Frame::Info { .. }));
+    assert!(matches!(read_frame(&mut s, &mut buf).await, Frame::Pong(1)));
+    s
+}
+
+/// Reads until 500 ms of silence; (bytes read, whether the broker closed).
+async fn read_all(s: &mut tokio::net::TcpStream) -> (usize, bool) {
+    let mut n = 0;
+    let mut tmp = vec![0u8; 1 << 20];
+    loop {
+        match tokio::time::timeout(Duration::from_millis(500), s.read(&mut tmp)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => return (n, true),
+            Ok(Ok(k)) => n += k,
+            Err(_) => return (n, false),
+        }
+    }
+}
+
+/// A fast-path connection whose socket stops taking bytes is closed,
+/// logged and counted; the broker's other connections carry on.
+///
+/// What is simulated: a kernel that stops taking a socket's bytes cannot be
+/// produced on demand, so `SOCKBUS_ACCEL_STALL_INJECT` makes the guard's
+/// sample of that one connection read "writer holding a batch, no new
+/// claim", what a socket that refuses bytes looks like from the outlet.
+/// Everything after the sample is real: the check that both ends are in the
+/// socket hash (a plain-TCP connection would be left alone), the log line,
+/// the counter in /metrics and the close the client sees.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stall_guard_closes_a_stalled_fast_path_connection_and_counts_it() {
+    if !privileged("stall_guard_closes_a_stalled_fast_path_connection_and_counts_it") {
+        return;
+    }
+    let cg = test_cgroup().unwrap().to_string_lossy().into_owned();
+    let http = free_port();
+    let http_arg = format!("127.0.0.1:{http}");
+    let (child, port, rx) = spawn_broker_env(
+        &[
+            "--accel", "on", "--accel-cgroup", &cg, "--accel-stall-timeout", "1s", "--http",
+            &http_arg,
+        ],
+        &[("SOCKBUS_ACCEL_STALL_INJECT", "stuck-client")],
+    );
+    let _child = KillOnDrop(child);
+    let mut stuck = raw_named(port, "stuck-client", "stall.x").await;
+    let url = format!("sockbus://127.0.0.1:{port}");
+    let healthy = sockbus_client::ConnectOptions::new()
+        .name("healthy")
+        .connect(&url)
+        .await
+        .unwrap();
+    let mut sub = healthy.subscribe("stall.x").await.unwrap();
+    healthy.flush().await.unwrap();
+    assert_eq!(metric(http, "sockbus_accel_stalls_total"), 0);
+    // The guard gives up on the stuck connection after 1 s of no progress.
+    let (_, closed) = tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            let r = read_all(&mut stuck).await;
+            if r.1 {
+                break r;
+            }
+        }
+    })
+    .await
+    .expect("the stalled connection is closed within 5 s");
+    assert!(closed);
+    assert_eq!(metric(http, "sockbus_accel_stalls_total"), 1);
+    let log = drain_log(&rx, Duration::from_millis(200));
+    let stall: Vec<&str> = log.lines().filter(|l| l.contains("send stall")).collect();
+    assert_eq!(stall.len(), 1, "{log}");
+    assert!(
+        stall[0].contains("stuck-client") && stall[0].contains("closing the connection"),
+        "{log}"
+    );
+    // The healthy client on the fast path is untouched.
+    for i in 0..1000u32 {
+        healthy.publish("stall.x", payload(i, 64)).await.unwrap();
+    }
+    healthy.flush().await.unwrap();
+    for i in 0..1000u32 {
+        assert_eq!(recv(&mut sub).await.payload.as_ref(), payload(i, 64));
+    }
+    assert_eq!(metric(http, "sockbus_accel_stalls_total"), 1);
+    assert!(metric(http, "sockbus_accel_redirect_verdicts_total") > 0);
+}
+
+/// A subscriber that stops reading is not a stall: the credit window stops
+/// the broker, the bytes wait in the broker's outbox, and the socket never
+/// refuses any. Nothing simulated here. 32 MiB are published to a
+/// subscriber that reads nothing for 3 s (three times the stall timeout);
+/// its connection stays open and what was sent is there to read.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fast_path_subscriber_that_stops_reading_is_not_a_stall() {
+    if !privileged("a_fast_path_subscriber_that_stops_reading_is_not_a_stall") {
+        return;
+    }
+    let cg = test_cgroup().unwrap().to_string_lossy().into_owned();
+    let http = free_port();
+    let http_arg = format!("127.0.0.1:{http}");
+    let (child, port, rx) = spawn_broker_env(
+        &[
+            "--accel", "on", "--accel-cgroup", &cg, "--accel-stall-timeout", "1s", "--http",
+            &http_arg,
+        ],
+        &[],
+    );
+    let _child = KillOnDrop(child);
+    let mut idle = raw_named(port, "idle-reader", "slow.x").await;
+    let p = sockbus_client::connect(&format!("sockbus://127.0.0.1:{port}"))
+        .await
+        .unwrap();
+    let chunk = vec![5u8; 64 * 1024];
+    for _ in 0..512 {
+        p.publish("slow.x", &chunk).await.unwrap();
+    }
+    p.flush().await.unwrap();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(metric(http, "sockbus_accel_stalls_total"), 0);
+    let (n, closed) = read_all(&mut idle).await;
+    eprintln!("the idle subscriber reads {n} B after 3 s");
+    assert!(!closed, "the idle subscriber's connection stays open");
+    assert!(n >= 4 << 20, "its window's worth was waiting: {n} B");
+    let log = drain_log(&rx, Duration::from_millis(200));
+    assert!(log.contains("stall guard: on"), "{log}");
+    assert!(!log.contains("send stall"), "{log}");
+    assert!(metric(http, "sockbus_accel_bytes_redirected_total") >= 4 << 20);
 }

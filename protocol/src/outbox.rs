@@ -141,6 +141,8 @@ struct Inner {
     unwritten: Bytes,
     /// Counts resets: a claim taken before one is void after it.
     epoch: u64,
+    /// Counts claims of the writer role (see [`Outbox::write_state`]).
+    claims: u64,
 }
 
 pub struct Outbox {
@@ -161,6 +163,7 @@ impl Outbox {
                 writing: false,
                 unwritten: Bytes::new(),
                 epoch: 0,
+                claims: 0,
             }),
             budget,
         }
@@ -286,6 +289,7 @@ impl Outbox {
             epoch: g.epoch,
         };
         g.writing = true;
+        g.claims = g.claims.wrapping_add(1);
         Some(t)
     }
 
@@ -314,6 +318,17 @@ impl Outbox {
     /// True while someone holds the writer role.
     pub fn is_writing(&self) -> bool {
         self.lock().writing
+    }
+
+    /// Whether someone holds the writer role, and how many times the role
+    /// has been claimed. Read periodically by a watchdog (the broker's
+    /// fast-path stall guard): the role held by the same claim on two reads
+    /// seconds apart means one batch has been waiting for the socket all
+    /// that time. Counting claims costs the writer nothing but an add under
+    /// the lock it already holds, once per batch.
+    pub fn write_state(&self) -> (bool, u64) {
+        let g = self.lock();
+        (g.writing, g.claims)
     }
 
     /// Bytes queued and not yet taken by the writer.

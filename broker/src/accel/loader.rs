@@ -2,9 +2,10 @@
 
 use std::fs::File;
 use std::io;
+use std::os::fd::{AsFd, OwnedFd};
 use std::path::{Path, PathBuf};
 
-use aya::maps::{HashMap, MapData, PerCpuArray, SockHash};
+use aya::maps::{HashMap, Map, MapData, PerCpuArray, PerCpuValues, SockHash};
 use aya::programs::{CgroupAttachMode, SkMsg, SockOps};
 use aya::{Ebpf, EbpfLoader};
 
@@ -41,6 +42,10 @@ pub enum AttachError {
     MountCgroup { path: String, err: io::Error },
     #[error("cannot open cgroup {path}: {err}")]
     OpenCgroup { path: PathBuf, err: io::Error },
+    /// Attached, but the programs did not carry a test connection correctly
+    /// (see `selftest`); detached again.
+    #[error("self-test failed: check {check}: {detail}")]
+    SelfTest { check: &'static str, detail: String },
 }
 
 fn classify(what: &str, e: impl std::error::Error) -> AttachError {
@@ -71,6 +76,8 @@ fn classify(what: &str, e: impl std::error::Error) -> AttachError {
 pub struct FastPath {
     bpf: Ebpf,
     stats: PerCpuArray<MapData, Stats>,
+    /// The stats map again, for handles of their own ([`FastPath::handles`]).
+    stats_fd: OwnedFd,
     cgroup: PathBuf,
     cgroup_mounted: bool,
     ports: Vec<u16>,
@@ -166,6 +173,14 @@ impl FastPath {
         ops.attach(dir, CgroupAttachMode::Single)
             .map_err(|e| classify(&format!("attach sock_ops at {}", path.display()), e))?;
 
+        let stats_fd = bpf
+            .map(abi::MAP_STATS)
+            .map(|m| match m {
+                Map::PerCpuArray(d) => d.fd().as_fd().try_clone_to_owned(),
+                _ => Err(io::Error::other("stats map is not a per-CPU array")),
+            })
+            .ok_or_else(|| AttachError::Kernel("object has no stats map".into()))?
+            .map_err(|e| classify("stats map", e))?;
         let stats = bpf
             .take_map(abi::MAP_STATS)
             .ok_or_else(|| AttachError::Kernel("object has no stats map".into()))?;
@@ -173,6 +188,7 @@ impl FastPath {
         Ok(FastPath {
             bpf,
             stats,
+            stats_fd,
             cgroup: path,
             cgroup_mounted: cg.mounted_here,
             ports,
@@ -185,15 +201,35 @@ impl FastPath {
             .stats
             .get(&abi::STATS_INDEX, 0)
             .map_err(io::Error::other)?;
-        let mut s = Stats::default();
-        for c in per_cpu.iter() {
-            s.sockets_added += c.sockets_added;
-            s.add_failures += c.add_failures;
-            s.redirect_verdicts += c.redirect_verdicts;
-            s.bytes_redirected += c.bytes_redirected;
-            s.misses += c.misses;
-        }
-        Ok(s)
+        Ok(sum(&per_cpu))
+    }
+
+    /// The socket hash and the counters through file descriptors of their
+    /// own, for a thread that must not borrow `self` (the self-test).
+    pub(crate) fn handles(&self) -> io::Result<Handles> {
+        let socks = self
+            .bpf
+            .map(abi::MAP_SOCKS)
+            .ok_or_else(|| io::Error::other("object has no socket map"))?;
+        let Map::SockHash(socks) = socks else {
+            return Err(io::Error::other("socket map is not a sockhash"));
+        };
+        let socks = MapData::from_fd(socks.fd().as_fd().try_clone_to_owned()?)
+            .map_err(io::Error::other)?;
+        let socks = SockHash::try_from(Map::SockHash(socks)).map_err(io::Error::other)?;
+        let stats = MapData::from_fd(self.stats_fd.try_clone()?).map_err(io::Error::other)?;
+        let stats = PerCpuArray::try_from(Map::PerCpuArray(stats)).map_err(io::Error::other)?;
+        Ok(Handles { socks, stats })
+    }
+
+    /// Which of `keys` are in the socket hash now (one walk of the map).
+    pub(crate) fn contains(&self, keys: &[SockKey]) -> io::Result<Vec<bool>> {
+        let map = self
+            .bpf
+            .map(abi::MAP_SOCKS)
+            .ok_or_else(|| io::Error::other("object has no socket map"))?;
+        let socks = SockHash::<_, SockKey>::try_from(map).map_err(io::Error::other)?;
+        contains(socks.keys(), keys)
     }
 
     /// Sockets currently in the socket hash (two per accelerated connection).
@@ -224,6 +260,54 @@ impl FastPath {
     pub fn detach(self) {
         drop(self)
     }
+}
+
+/// Owned handles on a fast path's maps (see [`FastPath::handles`]).
+pub(crate) struct Handles {
+    pub socks: SockHash<MapData, SockKey>,
+    pub stats: PerCpuArray<MapData, Stats>,
+}
+
+impl Handles {
+    pub fn stats(&self) -> io::Result<Stats> {
+        let per_cpu = self
+            .stats
+            .get(&abi::STATS_INDEX, 0)
+            .map_err(io::Error::other)?;
+        Ok(sum(&per_cpu))
+    }
+
+    pub fn contains(&self, keys: &[SockKey]) -> io::Result<Vec<bool>> {
+        contains(self.socks.keys(), keys)
+    }
+}
+
+fn contains(
+    in_map: impl Iterator<Item = Result<SockKey, aya::maps::MapError>>,
+    keys: &[SockKey],
+) -> io::Result<Vec<bool>> {
+    let mut found = vec![false; keys.len()];
+    for k in in_map {
+        // A key deleted while the walk passes it ends the walk early
+        // (ENOENT from the kernel's next-key); what was seen so far stands.
+        let Ok(k) = k else { break };
+        for (i, want) in keys.iter().enumerate() {
+            found[i] |= k == *want;
+        }
+    }
+    Ok(found)
+}
+
+fn sum(per_cpu: &PerCpuValues<Stats>) -> Stats {
+    let mut s = Stats::default();
+    for c in per_cpu.iter() {
+        s.sockets_added += c.sockets_added;
+        s.add_failures += c.add_failures;
+        s.redirect_verdicts += c.redirect_verdicts;
+        s.bytes_redirected += c.bytes_redirected;
+        s.misses += c.misses;
+    }
+    s
 }
 
 impl Drop for FastPath {

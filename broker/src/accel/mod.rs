@@ -8,12 +8,18 @@
 //! `--accel on` attaches or fails; `auto` attaches when it can and otherwise
 //! says why in one log line and serves plain TCP; `off` never tries. The
 //! `sockbus-broker accel agent` command attaches for a whole node so brokers
-//! can run unprivileged.
+//! can run unprivileged. Either way the fast path is used only after it has
+//! passed a self-test on this kernel (`selftest`), and while the broker
+//! runs, a stall guard (`guard`) closes fast-path connections whose socket
+//! stops taking bytes.
 
 pub mod abi;
 pub mod agent;
 pub mod cgroup;
+pub mod guard;
 mod loader;
+pub mod selftest;
+mod sock;
 
 use std::fmt::Write as _;
 use std::sync::{Arc, Mutex};
@@ -79,6 +85,11 @@ fn set(state: AccelState, reason: String, path: Option<Arc<FastPath>>) {
     g.path = path;
 }
 
+/// The attached fast path, when there is one.
+fn active_path() -> Option<Arc<FastPath>> {
+    global().path.clone()
+}
+
 /// The fast path's state in this process (broker or agent).
 pub fn status() -> AccelStatus {
     let (state, reason, path) = {
@@ -137,6 +148,7 @@ pub fn render_prometheus(out: &mut String) {
         ("redirect_verdicts_total", "Redirect verdicts: sends that ran the sk_msg program and went socket to socket; each covers the connection's next 64 KiB of sends.", s.stats.redirect_verdicts),
         ("bytes_redirected_total", "Bytes covered by redirect verdicts (64 KiB each): bytes sent socket to socket, ahead by less than 64 KiB per connection.", s.stats.bytes_redirected),
         ("misses_total", "sendmsg calls on an accelerated socket whose peer was not in the map (sent over TCP).", s.stats.misses),
+        ("stalls_total", "Fast-path connections the stall guard closed: their socket took none of a batch of bytes for --accel-stall-timeout.", guard::stalls()),
     ];
     for (name, help, v) in counters {
         let _ = writeln!(
@@ -190,22 +202,43 @@ pub fn start(mode: AccelMode, opts: &AttachOptions) -> Result<AccelGuard, Attach
         return Ok(AccelGuard { path: None });
     }
     let t = std::time::Instant::now();
-    match FastPath::attach(opts) {
-        Ok(p) => {
-            if p.mounted_cgroup() {
-                tracing::info!(
-                    "fast path: cgroup v2 was not mounted; mounted it at {}",
-                    cgroup::FALLBACK_MOUNT
-                );
-            }
+    let attached = FastPath::attach(opts).and_then(|p| {
+        if p.mounted_cgroup() {
+            tracing::info!(
+                "fast path: cgroup v2 was not mounted; mounted it at {}",
+                cgroup::FALLBACK_MOUNT
+            );
+        }
+        let attach_time = t.elapsed();
+        match selftest::run(&p) {
+            Ok(took) => Ok((p, attach_time, took)),
+            // Dropping `p` detaches the programs again.
+            Err(f) => Err(AttachError::SelfTest {
+                check: f.check,
+                detail: f.detail,
+            }),
+        }
+    });
+    match attached {
+        Ok((p, attach_time, self_test)) => {
             let reason = format!(
                 "eBPF sockmap attached at cgroup {} for ports {ports}",
                 p.cgroup().display()
             );
-            tracing::info!("fast path: on: {reason} ({} ms)", t.elapsed().as_millis());
+            tracing::info!(
+                "fast path: on: {reason} ({} ms; self-test passed in {} ms)",
+                attach_time.as_millis(),
+                self_test.as_millis()
+            );
             let p = Arc::new(p);
             set(AccelState::Active, reason, Some(p.clone()));
             Ok(AccelGuard { path: Some(p) })
+        }
+        Err(e @ AttachError::SelfTest { .. }) if mode == AccelMode::Auto => {
+            let reason = e.to_string();
+            tracing::warn!("fast path: off (plain TCP): {reason}; this kernel's sockmap is not used");
+            set(AccelState::Fallback, reason, None);
+            Ok(AccelGuard { path: None })
         }
         Err(e) if mode == AccelMode::Auto => {
             let reason = e.to_string();
@@ -247,6 +280,7 @@ impl crate::metrics::Source for MetricsSource {
             "redirect_verdicts": s.stats.redirect_verdicts,
             "bytes_redirected": s.stats.bytes_redirected,
             "misses": s.stats.misses,
+            "stalls": guard::stalls(),
         })
     }
 }
@@ -270,6 +304,7 @@ mod tests {
             "sockbus_accel_redirect_verdicts_total ",
             "sockbus_accel_bytes_redirected_total ",
             "sockbus_accel_misses_total ",
+            "sockbus_accel_stalls_total ",
         ] {
             assert!(out.contains(name), "{name} missing:\n{out}");
         }
