@@ -433,14 +433,16 @@ async fn accelerated_large_payloads_arrive_intact() {
 
 /// Starts the broker binary in this test's cgroup; returns it and its port.
 fn spawn_broker(args: &[&str]) -> (Child, u16, std::sync::mpsc::Receiver<String>) {
-    spawn_broker_env(args, &[])
+    let (child, port, rx, _) = spawn_broker_env(args, &[]);
+    (child, port, rx)
 }
 
-/// [`spawn_broker`] with extra environment variables.
+/// [`spawn_broker`] with extra environment variables; also returns the log
+/// lines up to and including the one saying where it listens.
 fn spawn_broker_env(
     args: &[&str],
     env: &[(&str, &str)],
-) -> (Child, u16, std::sync::mpsc::Receiver<String>) {
+) -> (Child, u16, std::sync::mpsc::Receiver<String>, String) {
     let mut child = Command::new(env!("CARGO_BIN_EXE_sockbus-broker"))
         .args(["--listen", "127.0.0.1:0", "--node-id", "accel-test"])
         .args(args)
@@ -477,7 +479,7 @@ fn spawn_broker_env(
                 .chars()
                 .take_while(char::is_ascii_digit)
                 .collect();
-            return (child, port.parse().unwrap(), rx);
+            return (child, port.parse().unwrap(), rx, log);
         }
     }
     let _ = child.kill();
@@ -1258,6 +1260,16 @@ fn self_test_passes_on_this_kernel() {
     assert_eq!(fp.sockets(), 0, "the test pair left the map when it closed");
 }
 
+/// Whether the broker binary has the test hooks (`SOCKBUS_ACCEL_SELFTEST_FAIL`,
+/// `SOCKBUS_ACCEL_STALL_INJECT`): only builds with debug assertions do, and
+/// the test binary is built with the same profile as the broker's.
+fn hooks_built(test: &str) -> bool {
+    if !cfg!(debug_assertions) {
+        eprintln!("skipping {test}: the test hooks exist only in debug builds");
+    }
+    cfg!(debug_assertions)
+}
+
 /// Kills the child on every way out of a test.
 struct KillOnDrop(Child);
 
@@ -1301,7 +1313,7 @@ async fn serves(port: u16) {
 /// catches.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failed_self_test_makes_the_broker_serve_plain_tcp_and_name_the_check() {
-    if !privileged("a_failed_self_test_makes_the_broker_serve_plain_tcp_and_name_the_check") {
+    if !privileged("a_failed_self_test_makes_the_broker_serve_plain_tcp_and_name_the_check") || !hooks_built("a_failed_self_test_makes_the_broker_serve_plain_tcp_and_name_the_check") {
         return;
     }
     let cg = test_cgroup().unwrap().to_string_lossy().into_owned();
@@ -1311,14 +1323,14 @@ async fn a_failed_self_test_makes_the_broker_serve_plain_tcp_and_name_the_check(
         ("hang", "did not finish within 2s"),
     ] {
         let t = Instant::now();
-        let (child, port, rx) = spawn_broker_env(
+        let (child, port, rx, mut log) = spawn_broker_env(
             &["--accel", "auto", "--accel-cgroup", &cg, "--http", "off"],
             &[("SOCKBUS_ACCEL_SELFTEST_FAIL", hook)],
         );
         let started = t.elapsed();
         let _child = KillOnDrop(child);
         serves(port).await;
-        let log = drain_log(&rx, Duration::from_millis(200));
+        log.push_str(&drain_log(&rx, Duration::from_millis(200)));
         let lines: Vec<&str> = log.lines().filter(|l| l.contains("fast path:")).collect();
         eprintln!("{hook}: started in {started:?}: {lines:?}");
         assert_eq!(lines.len(), 1, "one line about the fast path:\n{log}");
@@ -1335,7 +1347,7 @@ async fn a_failed_self_test_makes_the_broker_serve_plain_tcp_and_name_the_check(
 
 #[test]
 fn a_failed_self_test_stops_accel_on_and_the_agent() {
-    if !privileged("a_failed_self_test_stops_accel_on_and_the_agent") {
+    if !privileged("a_failed_self_test_stops_accel_on_and_the_agent") || !hooks_built("a_failed_self_test_stops_accel_on_and_the_agent") {
         return;
     }
     let cg = test_cgroup().unwrap().join("selftest-fail");
@@ -1453,13 +1465,13 @@ async fn read_all(s: &mut tokio::net::TcpStream) -> (usize, bool) {
 /// the counter in /metrics and the close the client sees.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stall_guard_closes_a_stalled_fast_path_connection_and_counts_it() {
-    if !privileged("stall_guard_closes_a_stalled_fast_path_connection_and_counts_it") {
+    if !privileged("stall_guard_closes_a_stalled_fast_path_connection_and_counts_it") || !hooks_built("stall_guard_closes_a_stalled_fast_path_connection_and_counts_it") {
         return;
     }
     let cg = test_cgroup().unwrap().to_string_lossy().into_owned();
     let http = free_port();
     let http_arg = format!("127.0.0.1:{http}");
-    let (child, port, rx) = spawn_broker_env(
+    let (child, port, rx, mut log) = spawn_broker_env(
         &[
             "--accel", "on", "--accel-cgroup", &cg, "--accel-stall-timeout", "1s", "--http",
             &http_arg,
@@ -1490,7 +1502,7 @@ async fn stall_guard_closes_a_stalled_fast_path_connection_and_counts_it() {
     .expect("the stalled connection is closed within 5 s");
     assert!(closed);
     assert_eq!(metric(http, "sockbus_accel_stalls_total"), 1);
-    let log = drain_log(&rx, Duration::from_millis(200));
+    log.push_str(&drain_log(&rx, Duration::from_millis(200)));
     let stall: Vec<&str> = log.lines().filter(|l| l.contains("send stall")).collect();
     assert_eq!(stall.len(), 1, "{log}");
     assert!(
@@ -1522,7 +1534,7 @@ async fn a_fast_path_subscriber_that_stops_reading_is_not_a_stall() {
     let cg = test_cgroup().unwrap().to_string_lossy().into_owned();
     let http = free_port();
     let http_arg = format!("127.0.0.1:{http}");
-    let (child, port, rx) = spawn_broker_env(
+    let (child, port, rx, mut log) = spawn_broker_env(
         &[
             "--accel", "on", "--accel-cgroup", &cg, "--accel-stall-timeout", "1s", "--http",
             &http_arg,
@@ -1545,7 +1557,7 @@ async fn a_fast_path_subscriber_that_stops_reading_is_not_a_stall() {
     eprintln!("the idle subscriber reads {n} B after 3 s");
     assert!(!closed, "the idle subscriber's connection stays open");
     assert!(n >= 4 << 20, "its window's worth was waiting: {n} B");
-    let log = drain_log(&rx, Duration::from_millis(200));
+    log.push_str(&drain_log(&rx, Duration::from_millis(200)));
     assert!(log.contains("stall guard: on"), "{log}");
     assert!(!log.contains("send stall"), "{log}");
     assert!(metric(http, "sockbus_accel_bytes_redirected_total") >= 4 << 20);

@@ -21,7 +21,8 @@
 //! its claims under the lock it already takes once per batch, and the guard
 //! reads that count per connection once per period.
 //!
-//! For tests only, `SOCKBUS_ACCEL_STALL_INJECT=<client name>` makes the
+//! For tests only (debug builds; a release build ignores it, see
+//! [`super::test_hook`]), `SOCKBUS_ACCEL_STALL_INJECT=<client name>` makes the
 //! guard see connections of that client name as stalled (writer holding a
 //! batch, no new claim); everything after that sample is the real path.
 
@@ -87,7 +88,7 @@ pub fn spawn(stall_after: Duration, shutdown: CancellationToken) {
     if stall_after.is_zero() || super::status().state != super::AccelState::Active {
         return;
     }
-    let inject = std::env::var(INJECT_VAR).ok().filter(|v| !v.is_empty());
+    let inject = super::test_hook(INJECT_VAR);
     RUNNING.store(true, Ordering::Relaxed);
     let every = period(stall_after);
     info!(

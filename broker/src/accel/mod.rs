@@ -85,6 +85,23 @@ fn set(state: AccelState, reason: String, path: Option<Arc<FastPath>>) {
     g.path = path;
 }
 
+/// The value of a test hook's variable (`SOCKBUS_ACCEL_SELFTEST_FAIL`,
+/// `SOCKBUS_ACCEL_STALL_INJECT`), which injects a failure on purpose.
+/// Hooks exist only in builds with debug assertions (what `cargo test`
+/// builds): a release build ignores the variable and says so, so a stray
+/// variable cannot switch the fast path off or close connections in
+/// production. A hook in use is logged at WARN.
+pub(crate) fn test_hook(var: &str) -> Option<String> {
+    let v = std::env::var(var).ok().filter(|v| !v.is_empty())?;
+    if cfg!(debug_assertions) {
+        tracing::warn!("test hook {var}={v} is set: a failure is injected on purpose (debug build)");
+        Some(v)
+    } else {
+        tracing::warn!("{var} is set and ignored: test hooks exist only in debug builds");
+        None
+    }
+}
+
 /// The attached fast path, when there is one.
 fn active_path() -> Option<Arc<FastPath>> {
     global().path.clone()

@@ -25,8 +25,9 @@
 //! The whole test runs on a thread of its own and is bounded: a check that
 //! does not finish within [`LIMIT`] fails.
 //!
-//! For tests only, `SOCKBUS_ACCEL_SELFTEST_FAIL=<check>` makes that check
-//! fail: `insert` leaves the pair out of the map and `redirect` removes the
+//! For tests only (debug builds; a release build ignores it, see
+//! [`super::test_hook`]), `SOCKBUS_ACCEL_SELFTEST_FAIL=<check>` makes that
+//! check fail: `insert` leaves the pair out of the map and `redirect` removes the
 //! receiver from it (both real breakages the checks then detect); `hang`
 //! makes the first check sleep past the limit; any other check name fails
 //! that check outright, saying so.
@@ -75,7 +76,7 @@ fn fail(check: &'static str, detail: impl Into<String>) -> Failure {
 
 /// Runs every check against the attached `fp`; returns how long it took.
 pub fn run(fp: &FastPath) -> Result<Duration, Failure> {
-    let hook = std::env::var(FAIL_VAR).ok().filter(|v| !v.is_empty());
+    let hook = super::test_hook(FAIL_VAR);
     if let Some(h) = &hook {
         if h != "hang" && !CHECKS.contains(&h.as_str()) {
             return Err(fail(
