@@ -1345,6 +1345,39 @@ async fn a_failed_self_test_makes_the_broker_serve_plain_tcp_and_name_the_check(
     }
 }
 
+/// Runs `cmd` and waits up to 10 s for it to exit (killing it and failing
+/// the test otherwise); returns its status and stderr.
+fn exits_within(cmd: &mut Command, what: &str) -> (std::process::ExitStatus, String) {
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stderr = child.stderr.take().unwrap();
+    let reader = std::thread::spawn(move || {
+        let mut log = String::new();
+        let _ = stderr.read_to_string(&mut log);
+        log
+    });
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!(
+                "{what} kept running after its self-test failed:\n{}",
+                reader.join().unwrap()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    (status, reader.join().unwrap())
+}
+
 #[test]
 fn a_failed_self_test_stops_accel_on_and_the_agent() {
     if !privileged("a_failed_self_test_stops_accel_on_and_the_agent") || !hooks_built("a_failed_self_test_stops_accel_on_and_the_agent") {
@@ -1359,43 +1392,29 @@ fn a_failed_self_test_stops_accel_on_and_the_agent() {
             .output()
             .map(|o| String::from_utf8_lossy(&o.stdout).contains("sockbus_sock_op"))
     };
-    let out = Command::new(env!("CARGO_BIN_EXE_sockbus-broker"))
-        .args(["--listen", "127.0.0.1:0", "--http", "off", "--accel", "on"])
-        .arg("--accel-cgroup")
-        .arg(&cg)
-        .env("SOCKBUS_ACCEL_SELFTEST_FAIL", "eof")
-        .output()
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    let (status, stderr) = exits_within(
+        Command::new(env!("CARGO_BIN_EXE_sockbus-broker"))
+            .args(["--listen", "127.0.0.1:0", "--http", "off", "--accel", "on"])
+            .arg("--accel-cgroup")
+            .arg(&cg)
+            .env("SOCKBUS_ACCEL_SELFTEST_FAIL", "eof"),
+        "the broker with --accel on",
+    );
+    assert_eq!(status.code(), Some(1), "{stderr}");
     assert!(
         stderr.contains("--accel on: cannot use the eBPF fast path: self-test failed: check eof"),
         "{stderr}"
     );
 
-    let mut agent = Command::new(env!("CARGO_BIN_EXE_sockbus-broker"))
-        .args(["accel", "agent", "--ports", "17474", "--metrics", "127.0.0.1:0"])
-        .arg("--cgroup")
-        .arg(&cg)
-        .env("SOCKBUS_ACCEL_SELFTEST_FAIL", "large")
-        .env("RUST_LOG", "info")
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let status = loop {
-        if let Some(s) = agent.try_wait().unwrap() {
-            break s;
-        }
-        if Instant::now() > deadline {
-            let _ = agent.kill();
-            let _ = agent.wait();
-            panic!("the agent kept running after its self-test failed");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    };
-    let mut log = String::new();
-    agent.stderr.take().unwrap().read_to_string(&mut log).unwrap();
+    let (status, log) = exits_within(
+        Command::new(env!("CARGO_BIN_EXE_sockbus-broker"))
+            .args(["accel", "agent", "--ports", "17474", "--metrics", "127.0.0.1:0"])
+            .arg("--cgroup")
+            .arg(&cg)
+            .env("SOCKBUS_ACCEL_SELFTEST_FAIL", "large")
+            .env("RUST_LOG", "info"),
+        "the agent",
+    );
     assert!(!status.success(), "{log}");
     assert!(log.contains("self-test failed: check large"), "{log}");
     if let Ok(a) = attached() {
