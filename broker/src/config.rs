@@ -339,9 +339,7 @@ impl Options {
             accel: o.accel.unwrap_or_default(),
             accel_ports: o.accel_ports.unwrap_or_default(),
             accel_cgroup: o.accel_cgroup,
-            accel_stall_timeout: o
-                .accel_stall_timeout
-                .map_or(d.accel_stall_timeout, |x| x.0),
+            accel_stall_timeout: o.accel_stall_timeout.map_or(d.accel_stall_timeout, |x| x.0),
             max_payload: max_payload as u32,
             max_connections,
             max_pending: max_pending as usize,

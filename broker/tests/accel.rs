@@ -1313,7 +1313,9 @@ async fn serves(port: u16) {
 /// catches.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failed_self_test_makes_the_broker_serve_plain_tcp_and_name_the_check() {
-    if !privileged("a_failed_self_test_makes_the_broker_serve_plain_tcp_and_name_the_check") || !hooks_built("a_failed_self_test_makes_the_broker_serve_plain_tcp_and_name_the_check") {
+    if !privileged("a_failed_self_test_makes_the_broker_serve_plain_tcp_and_name_the_check")
+        || !hooks_built("a_failed_self_test_makes_the_broker_serve_plain_tcp_and_name_the_check")
+    {
         return;
     }
     let cg = test_cgroup().unwrap().to_string_lossy().into_owned();
@@ -1341,7 +1343,10 @@ async fn a_failed_self_test_makes_the_broker_serve_plain_tcp_and_name_the_check(
                 && lines[0].contains(says),
             "{hook}: names the check and why:\n{log}"
         );
-        assert!(!log.contains("stall guard"), "no guard without a fast path:\n{log}");
+        assert!(
+            !log.contains("stall guard"),
+            "no guard without a fast path:\n{log}"
+        );
     }
 }
 
@@ -1380,7 +1385,9 @@ fn exits_within(cmd: &mut Command, what: &str) -> (std::process::ExitStatus, Str
 
 #[test]
 fn a_failed_self_test_stops_accel_on_and_the_agent() {
-    if !privileged("a_failed_self_test_stops_accel_on_and_the_agent") || !hooks_built("a_failed_self_test_stops_accel_on_and_the_agent") {
+    if !privileged("a_failed_self_test_stops_accel_on_and_the_agent")
+        || !hooks_built("a_failed_self_test_stops_accel_on_and_the_agent")
+    {
         return;
     }
     let cg = test_cgroup().unwrap().join("selftest-fail");
@@ -1408,7 +1415,14 @@ fn a_failed_self_test_stops_accel_on_and_the_agent() {
 
     let (status, log) = exits_within(
         Command::new(env!("CARGO_BIN_EXE_sockbus-broker"))
-            .args(["accel", "agent", "--ports", "17474", "--metrics", "127.0.0.1:0"])
+            .args([
+                "accel",
+                "agent",
+                "--ports",
+                "17474",
+                "--metrics",
+                "127.0.0.1:0",
+            ])
             .arg("--cgroup")
             .arg(&cg)
             .env("SOCKBUS_ACCEL_SELFTEST_FAIL", "large")
@@ -1447,14 +1461,19 @@ fn metric(http: u16, name: &str) -> u64 {
 /// A raw client named `name` that subscribes to `subject` and reads nothing
 /// until told to.
 async fn raw_named(port: u16, name: &str, subject: &str) -> tokio::net::TcpStream {
-    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap();
     let mut b = BytesMut::new();
     encode_connect(&mut b, 0, 0, name, b"").unwrap();
     encode_sub(&mut b, 1, subject, None).unwrap();
     frame::encode_ping(&mut b, 1);
     s.write_all(&b).await.unwrap();
     let mut buf = BytesMut::new();
-    assert!(matches!(read_frame(&mut s, &mut buf).await, Frame::Info { .. }));
+    assert!(matches!(
+        read_frame(&mut s, &mut buf).await,
+        Frame::Info { .. }
+    ));
     assert!(matches!(read_frame(&mut s, &mut buf).await, Frame::Pong(1)));
     s
 }
@@ -1484,7 +1503,9 @@ async fn read_all(s: &mut tokio::net::TcpStream) -> (usize, bool) {
 /// the counter in /metrics and the close the client sees.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stall_guard_closes_a_stalled_fast_path_connection_and_counts_it() {
-    if !privileged("stall_guard_closes_a_stalled_fast_path_connection_and_counts_it") || !hooks_built("stall_guard_closes_a_stalled_fast_path_connection_and_counts_it") {
+    if !privileged("stall_guard_closes_a_stalled_fast_path_connection_and_counts_it")
+        || !hooks_built("stall_guard_closes_a_stalled_fast_path_connection_and_counts_it")
+    {
         return;
     }
     let cg = test_cgroup().unwrap().to_string_lossy().into_owned();
@@ -1492,7 +1513,13 @@ async fn stall_guard_closes_a_stalled_fast_path_connection_and_counts_it() {
     let http_arg = format!("127.0.0.1:{http}");
     let (child, port, rx, mut log) = spawn_broker_env(
         &[
-            "--accel", "on", "--accel-cgroup", &cg, "--accel-stall-timeout", "1s", "--http",
+            "--accel",
+            "on",
+            "--accel-cgroup",
+            &cg,
+            "--accel-stall-timeout",
+            "1s",
+            "--http",
             &http_arg,
         ],
         &[("SOCKBUS_ACCEL_STALL_INJECT", "stuck-client")],
@@ -1555,7 +1582,13 @@ async fn a_fast_path_subscriber_that_stops_reading_is_not_a_stall() {
     let http_arg = format!("127.0.0.1:{http}");
     let (child, port, rx, mut log) = spawn_broker_env(
         &[
-            "--accel", "on", "--accel-cgroup", &cg, "--accel-stall-timeout", "1s", "--http",
+            "--accel",
+            "on",
+            "--accel-cgroup",
+            &cg,
+            "--accel-stall-timeout",
+            "1s",
+            "--http",
             &http_arg,
         ],
         &[],

@@ -113,7 +113,10 @@ pub fn spawn(stall_after: Duration, shutdown: CancellationToken) {
 
 /// One look at every watched connection; returns those whose writer has
 /// held the same batch for `stall_after` or longer.
-fn suspects(stall_after: Duration, inject: Option<&str>) -> Vec<(u64, String, Arc<Outlet>, Duration)> {
+fn suspects(
+    stall_after: Duration,
+    inject: Option<&str>,
+) -> Vec<(u64, String, Arc<Outlet>, Duration)> {
     let now = Instant::now();
     let mut found = Vec::new();
     conns().retain_mut(|w| {
@@ -184,6 +187,9 @@ mod tests {
     fn the_guard_looks_a_few_times_per_timeout_but_not_too_often() {
         assert_eq!(period(Duration::from_secs(5)), Duration::from_secs(1));
         assert_eq!(period(Duration::from_secs(1)), Duration::from_millis(250));
-        assert_eq!(period(Duration::from_millis(100)), Duration::from_millis(100));
+        assert_eq!(
+            period(Duration::from_millis(100)),
+            Duration::from_millis(100)
+        );
     }
 }

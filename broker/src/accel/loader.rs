@@ -214,8 +214,8 @@ impl FastPath {
         let Map::SockHash(socks) = socks else {
             return Err(io::Error::other("socket map is not a sockhash"));
         };
-        let socks = MapData::from_fd(socks.fd().as_fd().try_clone_to_owned()?)
-            .map_err(io::Error::other)?;
+        let socks =
+            MapData::from_fd(socks.fd().as_fd().try_clone_to_owned()?).map_err(io::Error::other)?;
         let socks = SockHash::try_from(Map::SockHash(socks)).map_err(io::Error::other)?;
         let stats = MapData::from_fd(self.stats_fd.try_clone()?).map_err(io::Error::other)?;
         let stats = PerCpuArray::try_from(Map::PerCpuArray(stats)).map_err(io::Error::other)?;

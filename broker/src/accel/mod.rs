@@ -94,7 +94,9 @@ fn set(state: AccelState, reason: String, path: Option<Arc<FastPath>>) {
 pub(crate) fn test_hook(var: &str) -> Option<String> {
     let v = std::env::var(var).ok().filter(|v| !v.is_empty())?;
     if cfg!(debug_assertions) {
-        tracing::warn!("test hook {var}={v} is set: a failure is injected on purpose (debug build)");
+        tracing::warn!(
+            "test hook {var}={v} is set: a failure is injected on purpose (debug build)"
+        );
         Some(v)
     } else {
         tracing::warn!("{var} is set and ignored: test hooks exist only in debug builds");
@@ -253,7 +255,9 @@ pub fn start(mode: AccelMode, opts: &AttachOptions) -> Result<AccelGuard, Attach
         }
         Err(e @ AttachError::SelfTest { .. }) if mode == AccelMode::Auto => {
             let reason = e.to_string();
-            tracing::warn!("fast path: off (plain TCP): {reason}; this kernel's sockmap is not used");
+            tracing::warn!(
+                "fast path: off (plain TCP): {reason}; this kernel's sockmap is not used"
+            );
             set(AccelState::Fallback, reason, None);
             Ok(AccelGuard { path: None })
         }

@@ -81,7 +81,10 @@ pub fn run(fp: &FastPath) -> Result<Duration, Failure> {
         if h != "hang" && !CHECKS.contains(&h.as_str()) {
             return Err(fail(
                 "hook",
-                format!("{FAIL_VAR}={h} names no check (one of {}, hang)", CHECKS.join(", ")),
+                format!(
+                    "{FAIL_VAR}={h} names no check (one of {}, hang)",
+                    CHECKS.join(", ")
+                ),
             ));
         }
     }
@@ -127,7 +130,10 @@ fn checks(
         }
         at.store(i, Ordering::Relaxed);
         if hook == Some(check) && !matches!(check, "insert" | "redirect") {
-            return Err(fail(check, format!("failed on purpose ({FAIL_VAR}={check})")));
+            return Err(fail(
+                check,
+                format!("failed on purpose ({FAIL_VAR}={check})"),
+            ));
         }
         Ok(check)
     };
@@ -146,8 +152,10 @@ fn checks(
     let (mut b, _) = l.accept().map_err(io(check, "accept"))?;
     drop(l);
     for s in [&a, &b] {
-        s.set_read_timeout(Some(LIMIT)).map_err(io(check, "SO_RCVTIMEO"))?;
-        s.set_write_timeout(Some(LIMIT)).map_err(io(check, "SO_SNDTIMEO"))?;
+        s.set_read_timeout(Some(LIMIT))
+            .map_err(io(check, "SO_RCVTIMEO"))?;
+        s.set_write_timeout(Some(LIMIT))
+            .map_err(io(check, "SO_SNDTIMEO"))?;
         s.set_nodelay(true).map_err(io(check, "TCP_NODELAY"))?;
     }
     let (ka, kb) = sock::keys(&a).map_err(io(check, "socket keys"))?;
@@ -161,7 +169,11 @@ fn checks(
             let _ = maps.socks.remove(k);
         }
     } else {
-        for ((k, s), _) in [(ka, &a), (kb, &b)].into_iter().zip(there).filter(|(_, t)| !t) {
+        for ((k, s), _) in [(ka, &a), (kb, &b)]
+            .into_iter()
+            .zip(there)
+            .filter(|(_, t)| !t)
+        {
             maps.socks
                 .insert(k, s.as_raw_fd(), 0)
                 .map_err(|e| fail(check, format!("insert into SOCKBUS_SOCKS: {e}")))?;
@@ -173,7 +185,9 @@ fn checks(
     if found != [true, true] {
         return Err(fail(
             check,
-            format!("the connection's ends are not in SOCKBUS_SOCKS after the insert (found {found:?})"),
+            format!(
+                "the connection's ends are not in SOCKBUS_SOCKS after the insert (found {found:?})"
+            ),
         ));
     }
     if hook == Some("redirect") {
@@ -249,7 +263,9 @@ fn checks(
         (Err(e), _) => return Err(fail(check, format!("write of {LARGE} bytes: {e}"))),
         (_, Err(_)) => return Err(fail(check, "the reading thread panicked")),
         (_, Ok(Err(e))) => return Err(fail(check, format!("read of {LARGE} bytes: {e}"))),
-        (_, Ok(Ok(false))) => return Err(fail(check, format!("the {LARGE} bytes read back differ"))),
+        (_, Ok(Ok(false))) => {
+            return Err(fail(check, format!("the {LARGE} bytes read back differ")))
+        }
         (Ok(()), Ok(Ok(true))) => sent += LARGE as u64,
     }
 
@@ -265,7 +281,9 @@ fn checks(
             format!("{segs} TCP data segments carried the test's bytes: they did not go through the redirect"),
         ));
     }
-    let covered = stats1.bytes_redirected.saturating_sub(stats0.bytes_redirected);
+    let covered = stats1
+        .bytes_redirected
+        .saturating_sub(stats0.bytes_redirected);
     if stats1.redirect_verdicts == stats0.redirect_verdicts || covered < sent {
         return Err(fail(
             check,
@@ -281,10 +299,17 @@ fn checks(
     a.write_all(b"last").map_err(io(check, "write"))?;
     a.shutdown(Shutdown::Write).map_err(io(check, "shutdown"))?;
     let mut rest = Vec::new();
-    b.read_to_end(&mut rest)
-        .map_err(|e| fail(check, format!("the peer never saw EOF after a shutdown: {e}")))?;
+    b.read_to_end(&mut rest).map_err(|e| {
+        fail(
+            check,
+            format!("the peer never saw EOF after a shutdown: {e}"),
+        )
+    })?;
     if rest != b"last" {
-        return Err(fail(check, format!("the peer read {rest:?} before EOF, not \"last\"")));
+        return Err(fail(
+            check,
+            format!("the peer read {rest:?} before EOF, not \"last\""),
+        ));
     }
     drop(b);
     let mut tmp = [0u8; 16];

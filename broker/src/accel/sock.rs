@@ -72,7 +72,12 @@ fn keys_of(
     Ok((mine, theirs))
 }
 
-fn getsockopt<T: Copy>(fd: RawFd, level: libc::c_int, name: libc::c_int, v: &mut T) -> io::Result<()> {
+fn getsockopt<T: Copy>(
+    fd: RawFd,
+    level: libc::c_int,
+    name: libc::c_int,
+    v: &mut T,
+) -> io::Result<()> {
     let mut len = std::mem::size_of::<T>() as libc::socklen_t;
     // SAFETY: `v` is a valid, writable `T` of `len` bytes.
     let rc = unsafe { libc::getsockopt(fd, level, name, (v as *mut T).cast(), &mut len) };
@@ -114,7 +119,12 @@ pub fn send_queue(fd: &impl AsFd) -> io::Result<usize> {
 pub fn data_segments(fd: &impl AsFd) -> io::Result<(u32, u32)> {
     // SAFETY: tcp_info is plain integers; all zeroes is valid.
     let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
-    getsockopt(fd.as_fd().as_raw_fd(), libc::IPPROTO_TCP, libc::TCP_INFO, &mut info)?;
+    getsockopt(
+        fd.as_fd().as_raw_fd(),
+        libc::IPPROTO_TCP,
+        libc::TCP_INFO,
+        &mut info,
+    )?;
     Ok((info.tcpi_data_segs_out, info.tcpi_data_segs_in))
 }
 
