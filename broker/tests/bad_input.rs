@@ -287,3 +287,47 @@ async fn a_subscriber_that_never_reads_does_not_slow_a_fast_one_and_is_cut_off_a
     );
     assert!(stalled.closed().await, "the stalled connection was closed");
 }
+
+#[tokio::test]
+async fn a_subscriber_that_withholds_credit_is_closed_after_the_write_timeout() {
+    let mut cfg = common::test_config();
+    cfg.write_timeout = Duration::from_secs(1);
+    let b = TestBroker::with(cfg).await;
+    let (c, mut s) = bystander(&b).await;
+    // Reads everything it is sent, but never grants credit: the broker may
+    // send it one window (8 MiB), then must wait for CREDIT.
+    let mut raw = Raw::connect(b.addr).await;
+    raw.send_frame(Frame::Sub {
+        sid: 1,
+        subject: "nocredit".into(),
+        queue: None,
+    })
+    .await;
+    raw.send_frame(Frame::Ping(1)).await;
+    assert_eq!(raw.next().await, Some(Frame::Pong(1)));
+    let p = sockbus_client::connect(&b.url).await.unwrap();
+    // 12 MiB: more than the window, far less than the 64 MiB budget.
+    let payload = vec![1u8; 64 << 10];
+    for _ in 0..192 {
+        p.publish("nocredit", &payload).await.unwrap();
+    }
+    p.flush().await.unwrap();
+    let mut got = 0usize;
+    let mut tmp = vec![0u8; 1 << 20];
+    let closed = loop {
+        use tokio::io::AsyncReadExt;
+        match tokio::time::timeout(Duration::from_secs(5), raw.stream.read(&mut tmp)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => break true,
+            Ok(Ok(n)) => got += n,
+            Err(_) => break false,
+        }
+    };
+    assert!(
+        closed,
+        "a connection that granted no credit for the write timeout was closed (it received {got} bytes)"
+    );
+    assert!(got <= 9 << 20, "no more than the window was sent: {got}");
+    let slow = sockbus_broker::metrics::Metrics::get(&b.state.metrics().slow_consumers);
+    assert_eq!(slow, 1, "counted as a slow consumer");
+    still_works(&c, &mut s).await;
+}
