@@ -334,7 +334,7 @@ fn long_subjects() -> Vec<String> {
 /// itself, an element drawn outside its panel (unless a scrolling or
 /// clipping box inside the panel holds it), an element whose own content
 /// spills out of it, and two panels overlapping. One line per problem.
-const LAYOUT_PROBLEMS: &str = r#"(() => {
+const LAYOUT_PROBLEMS: &str = r##"(() => {
   const out = [];
   const rect = (e) => e.getBoundingClientRect();
   const name = (e) => {
@@ -377,7 +377,7 @@ const LAYOUT_PROBLEMS: &str = r#"(() => {
     }
   }
   return out.slice(0, 20);
-})()"#;
+})()"##;
 
 /// What the Streams panel shows for the test's streams and consumers.
 const STREAM_TABLE: &str = r#"(() => {
