@@ -164,7 +164,9 @@ pub(crate) async fn write_loop(out: Arc<Outlet>, write_timeout: Duration) {
         return;
     };
     // Since when queued bytes wait for the peer's credit, and the outbox's
-    // progress then (producers may write directly meanwhile).
+    // progress then (producers may write directly meanwhile). Only frames
+    // taken for writing are progress: CREDIT frames we keep sending to a
+    // peer that talks but grants nothing are not.
     let mut starved: Option<(Instant, u64)> = None;
     loop {
         let Some(mut t) = out.outbox.claim() else {
@@ -174,7 +176,7 @@ pub(crate) async fn write_loop(out: Arc<Outlet>, write_timeout: Duration) {
             if out.abort.is_cancelled() || (out.outbox.is_closed() && !out.outbox.is_writing()) {
                 break;
             }
-            if !out.outbox.waits_for_credit() {
+            if out.outbox.queued() == 0 {
                 starved = None;
                 tokio::select! {
                     _ = out.notify.notified() => {}
@@ -182,25 +184,27 @@ pub(crate) async fn write_loop(out: Arc<Outlet>, write_timeout: Duration) {
                 }
                 continue;
             }
-            let (since, mark) =
-                *starved.get_or_insert_with(|| (Instant::now(), out.outbox.progress()));
+            let progress = out.outbox.progress();
+            let (since, mark) = match starved {
+                Some((since, mark)) if mark == progress => (since, mark),
+                _ => *starved.insert((Instant::now(), progress)),
+            };
             tokio::select! {
                 _ = out.notify.notified() => {}
                 _ = out.abort.cancelled() => break,
                 _ = tokio::time::sleep_until(since + write_timeout) => {
-                    if out.outbox.progress() != mark {
-                        starved = None;
-                    } else if out.outbox.waits_for_credit() {
+                    if out.outbox.progress() == mark && out.outbox.waits_for_credit() {
                         out.overflow(&format!(
                             "the peer granted no credit for {write_timeout:?} (--write-timeout)"
                         ));
                         break;
                     }
+                    // Someone wrote meanwhile, or is writing: start over.
+                    starved = None;
                 }
             }
             continue;
         };
-        starved = None;
         let r = tokio::select! {
             r = tokio::time::timeout(write_timeout, drain::write_all(&mut t, &sock)) => Some(r),
             _ = out.abort.cancelled() => None,
@@ -214,7 +218,8 @@ pub(crate) async fn write_loop(out: Arc<Outlet>, write_timeout: Duration) {
                 break;
             }
             Err(_) => {
-                let why = format!("a write made no progress for {write_timeout:?} (--write-timeout)");
+                let why =
+                    format!("a write made no progress for {write_timeout:?} (--write-timeout)");
                 if !out.overflow(&why) {
                     // Already closing (a drain): not a verdict on the peer.
                     debug!(conn = out.id, "{why}; closing");

@@ -324,7 +324,12 @@ mod tests {
 
     #[test]
     fn a_silent_peer_gets_max_out_pings_then_is_stale_and_a_pong_or_traffic_resets_it() {
-        let out = Outlet::new(1, Outbox::bounded(1 << 20, 0), CancellationToken::new(), None);
+        let out = Outlet::new(
+            1,
+            Outbox::bounded(1 << 20, 0),
+            CancellationToken::new(),
+            None,
+        );
         let mut r = FrameReader::new(1 << 20, 1 << 20, 0, KEEPALIVE);
         assert_eq!(r.keepalive_tick(&out), None);
         assert_eq!(r.keepalive_tick(&out), None);

@@ -288,14 +288,19 @@ async fn a_subscriber_that_never_reads_does_not_slow_a_fast_one_and_is_cut_off_a
     assert!(stalled.closed().await, "the stalled connection was closed");
 }
 
-#[tokio::test]
-async fn a_subscriber_that_withholds_credit_is_closed_after_the_write_timeout() {
+/// A subscriber that reads everything it is sent but never grants credit:
+/// the broker may send it one window (8 MiB), then its messages wait for
+/// CREDIT. With `talks`, it also publishes every 100 ms, so the broker owes
+/// it credit and keeps writing CREDIT frames to it: that is no progress for
+/// the messages held for it. Either way it is closed after the write
+/// timeout (1 s here), long before its 64 MiB budget fills.
+async fn withhold_credit(talks: bool) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut cfg = common::test_config();
     cfg.write_timeout = Duration::from_secs(1);
+    cfg.recv_window = 1; // the smallest the broker allows: two frames of max payload
     let b = TestBroker::with(cfg).await;
     let (c, mut s) = bystander(&b).await;
-    // Reads everything it is sent, but never grants credit: the broker may
-    // send it one window (8 MiB), then must wait for CREDIT.
     let mut raw = Raw::connect(b.addr).await;
     raw.send_frame(Frame::Sub {
         sid: 1,
@@ -312,14 +317,25 @@ async fn a_subscriber_that_withholds_credit_is_closed_after_the_write_timeout() 
         p.publish("nocredit", &payload).await.unwrap();
     }
     p.flush().await.unwrap();
+    // Half a MiB per round: the broker grants credit for it every round
+    // or so (a quarter of its smallest window, 2 MiB).
+    let mut chatter = BytesMut::new();
+    for _ in 0..8 {
+        encode_pub(&mut chatter, "nobody.listens", None, &[], &payload).unwrap();
+    }
     let mut got = 0usize;
     let mut tmp = vec![0u8; 1 << 20];
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(8);
     let closed = loop {
-        use tokio::io::AsyncReadExt;
-        match tokio::time::timeout(Duration::from_secs(5), raw.stream.read(&mut tmp)).await {
-            Ok(Ok(0)) | Ok(Err(_)) => break true,
-            Ok(Ok(n)) => got += n,
+        let read = tokio::time::timeout(Duration::from_millis(100), raw.stream.read(&mut tmp));
+        match tokio::time::timeout_at(deadline, read).await {
             Err(_) => break false,
+            Ok(Ok(Ok(0))) | Ok(Ok(Err(_))) => break true,
+            Ok(Ok(Ok(n))) => got += n,
+            Ok(Err(_)) => {}
+        }
+        if talks && raw.stream.write_all(&chatter).await.is_err() {
+            break true;
         }
     };
     assert!(
@@ -330,4 +346,14 @@ async fn a_subscriber_that_withholds_credit_is_closed_after_the_write_timeout() 
     let slow = sockbus_broker::metrics::Metrics::get(&b.state.metrics().slow_consumers);
     assert_eq!(slow, 1, "counted as a slow consumer");
     still_works(&c, &mut s).await;
+}
+
+#[tokio::test]
+async fn a_subscriber_that_withholds_credit_is_closed_after_the_write_timeout() {
+    withhold_credit(false).await;
+}
+
+#[tokio::test]
+async fn a_subscriber_that_withholds_credit_while_it_publishes_is_closed_after_the_write_timeout() {
+    withhold_credit(true).await;
 }

@@ -65,7 +65,9 @@ async fn a_client_that_answers_pings_stays_connected_across_several_intervals() 
             Err(_) => {}
         }
     }
-    assert!(pings >= 3, "PINGed every interval while idle: {pings}");
+    // A PONG is traffic too: as in NATS, the interval after an answered
+    // PING has been heard from, so the PINGs come every other interval.
+    assert!(pings >= 2, "PINGed while idle: {pings}");
     // Still served.
     raw.send_frame(Frame::Ping(77)).await;
     assert_eq!(raw.next().await, Some(Frame::Pong(77)));

@@ -9,8 +9,8 @@ use std::sync::Arc;
 use bytes::{Buf, BytesMut};
 use sockbus_protocol::flow::effective_window;
 use sockbus_protocol::frame::{
-    self, code, encode_connect, encode_ping, encode_sub, encode_unsub, CONNECT_EXPLICIT_ACKS, CONNECT_NO_ECHO,
-    CONNECT_NO_RESPONDERS,
+    self, code, encode_connect, encode_ping, encode_sub, encode_unsub, CONNECT_EXPLICIT_ACKS,
+    CONNECT_NO_ECHO, CONNECT_NO_RESPONDERS,
 };
 use sockbus_protocol::{Backoff, FrameRef};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};

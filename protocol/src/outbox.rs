@@ -272,12 +272,15 @@ impl Outbox {
         Push::Queued { was_empty }
     }
 
-    /// Records credit to grant the peer. Returns true when the writer must be woken.
+    /// Records credit to grant the peer. Returns true when the writer must
+    /// be woken: no grant was pending. Also when frames are queued: they may
+    /// be waiting for the peer's credit, and the CREDIT frame must not wait
+    /// with them (a writer busy with them takes it on its next claim).
     pub fn grant(&self, n: u32) -> bool {
         let mut g = self.lock();
-        let was_empty = g.buf.is_empty() && g.grant == 0;
+        let was_none = g.grant == 0;
         g.grant = g.grant.saturating_add(n);
-        was_empty
+        was_none
     }
 
     /// Applies credit granted by the peer.
@@ -483,7 +486,11 @@ mod tests {
             assert!(matches!(pong(&ob, i), Push::Queued { .. }), "pong {i}");
         }
         assert_eq!(pong(&ob, 10), Push::OverBudget);
-        assert_eq!(ob.queued(), 10 * PONG, "the refused frame left nothing behind");
+        assert_eq!(
+            ob.queued(),
+            10 * PONG,
+            "the refused frame left nothing behind"
+        );
     }
 
     #[test]
@@ -523,7 +530,10 @@ mod tests {
         pong(&ob, 1);
         pong(&ob, 2);
         let t = ob.claim().unwrap();
-        assert!(matches!(pong(&ob, 3), Push::Queued { .. }), "the claim freed room");
+        assert!(
+            matches!(pong(&ob, 3), Push::Queued { .. }),
+            "the claim freed room"
+        );
         pong(&ob, 4);
         assert_eq!(pong(&ob, 5), Push::OverBudget);
         assert!(matches!(
@@ -570,5 +580,20 @@ mod tests {
         assert!(ob.waits_for_credit());
         ob.on_credit(PONG as u32);
         assert!(!ob.waits_for_credit(), "credit arrived");
+    }
+
+    #[test]
+    fn credit_owed_wakes_the_writer_even_behind_frames_waiting_for_credit() {
+        let ob = Outbox::bounded(1 << 20, PONG as u32);
+        pong(&ob, 1);
+        pong(&ob, 2);
+        let mut t = ob.claim().unwrap();
+        t.data.clear();
+        ob.release(t);
+        assert!(ob.waits_for_credit());
+        assert!(ob.grant(100), "the CREDIT frame must go out now");
+        assert!(!ob.grant(100), "one wake-up for both grants");
+        let t = ob.claim().expect("the CREDIT frame");
+        assert_eq!((t.grant, t.data.len()), (200, 0));
     }
 }

@@ -94,12 +94,11 @@ pub(super) fn subscribe(
     // The connection's kill token doubles as the subscriber's abort token:
     // a slow-consumer verdict drops the HTTP connection at once, even when
     // hyper is stuck writing to a client that stopped reading.
-    let conn = Arc::new(state.delivery.outlet(
-        state.delivery.next_id(),
-        0,
-        ctx.kill.clone(),
-        None,
-    ));
+    let conn = Arc::new(
+        state
+            .delivery
+            .outlet(state.delivery.next_id(), 0, ctx.kill.clone(), None),
+    );
     let sub = match state.delivery.subscribe(
         &Subscriber { api: false },
         &conn,
