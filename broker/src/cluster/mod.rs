@@ -378,7 +378,7 @@ async fn run_route(
         Ok(Ended::Stale { unanswered }) => {
             warn!(peer = %peer_node, "closing a stale cluster route: {unanswered} PINGs unanswered");
             metrics.stale_connections.fetch_add(1, Ordering::Relaxed);
-            link.push_control(|b| {
+            link.control(|b| {
                 encode_err(
                     b,
                     frame::code::STALE_CONNECTION,
@@ -394,7 +394,10 @@ async fn run_route(
     state.peers.remove_link(link.id);
     metrics.routes.fetch_sub(1, Ordering::Relaxed);
     link.outbox.close();
-    if !matches!(r, Ok(Ended::Stale { .. })) {
+    if matches!(r, Ok(Ended::Stale { .. })) {
+        // The writer sends the ERR, then ends the route.
+        link.wake();
+    } else {
         link.abort.cancel();
     }
     // Bounded: the write loop gives up after the write timeout.
