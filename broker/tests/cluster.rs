@@ -533,7 +533,7 @@ async fn fake_route_peer(b: &TestBroker) -> TcpStream {
 
 async fn wait_metric(b: &TestBroker, what: &str, m: impl Fn(&Metrics) -> u64) {
     let t = std::time::Instant::now();
-    while m(&b.state.metrics()) == 0 {
+    while m(b.state.metrics()) == 0 {
         assert!(t.elapsed() < Duration::from_secs(15), "no {what} counted");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
