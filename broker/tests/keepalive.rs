@@ -144,3 +144,24 @@ async fn a_healthy_idle_sdk_connection_survives_keepalives_on_both_sides() {
     );
     assert_eq!(stale(&b), 0);
 }
+
+/// The SDK answers the broker's PINGs by itself: an idle client with the
+/// SDK's own keepalive far off (2 minutes) is PINGed by the broker every
+/// other second and is never closed as stale.
+#[tokio::test]
+async fn an_idle_sdk_client_answers_the_brokers_pings() {
+    let b = broker_1s().await;
+    let c = sockbus_client::connect(&b.url).await.unwrap();
+    let lost = c.disconnected();
+    let mut s = c.subscribe("idle").await.unwrap();
+    c.flush().await.unwrap();
+    // Three PINGs would be out (and the connection stale) by now without answers.
+    tokio::time::sleep(Duration::from_millis(4500)).await;
+    assert_eq!(stale(&b), 0);
+    assert!(
+        futures_util::FutureExt::now_or_never(lost).is_none(),
+        "the connection was never lost"
+    );
+    c.publish("idle", "still here").await.unwrap();
+    assert_eq!(recv(&mut s).await.payload.as_ref(), b"still here");
+}
