@@ -124,6 +124,12 @@ impl FrameReader {
             if buf.capacity() - buf.len() < 4096 {
                 buf.reserve(READ_CHUNK);
             }
+            // Checked here too: a peer that keeps the socket readable (a
+            // flood) would otherwise be read on after its connection was
+            // aborted (a slow-consumer verdict), since the read wins below.
+            if out.abort.is_cancelled() {
+                return Ok(Ended::Closed);
+            }
             tokio::select! {
                 biased;
                 r = rd.read_buf(buf) => {
