@@ -357,3 +357,47 @@ async fn a_subscriber_that_withholds_credit_is_closed_after_the_write_timeout() 
 async fn a_subscriber_that_withholds_credit_while_it_publishes_is_closed_after_the_write_timeout() {
     withhold_credit(true).await;
 }
+
+/// A subscriber that stops reading, with a window so large that credit never
+/// holds the broker back: its socket fills, the write makes no progress, and
+/// after the write timeout (1 s here) it is closed and counted as a slow
+/// consumer, long before its 64 MiB budget fills.
+#[tokio::test]
+async fn a_subscriber_that_stops_reading_is_closed_after_the_write_timeout() {
+    use tokio::io::AsyncWriteExt;
+    let mut cfg = common::test_config();
+    cfg.write_timeout = Duration::from_secs(1);
+    let b = TestBroker::with(cfg).await;
+    let (c, mut s) = bystander(&b).await;
+    let mut raw = Raw::connect_only(b.addr).await;
+    let mut hello = BytesMut::new();
+    sockbus_protocol::frame::encode_connect(&mut hello, 0, 1 << 30, "stalled", b"").unwrap();
+    raw.stream.write_all(&hello).await.unwrap();
+    assert!(matches!(raw.next().await, Some(Frame::Info { .. })));
+    raw.send_frame(Frame::Sub {
+        sid: 1,
+        subject: "stalled".into(),
+        queue: None,
+    })
+    .await;
+    raw.send_frame(Frame::Ping(1)).await;
+    assert_eq!(raw.next().await, Some(Frame::Pong(1)));
+    let p = sockbus_client::connect(&b.url).await.unwrap();
+    // 32 MiB: more than the socket buffers hold, half the budget.
+    let payload = vec![1u8; 64 << 10];
+    for _ in 0..512 {
+        p.publish("stalled", &payload).await.unwrap();
+    }
+    p.flush().await.unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let slow = || sockbus_broker::metrics::Metrics::get(&b.state.metrics().slow_consumers);
+    while slow() == 0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "a subscriber whose socket took nothing for 1 s was not cut off"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(raw.closed().await, "the stalled connection was closed");
+    still_works(&c, &mut s).await;
+}
