@@ -109,6 +109,8 @@ pub mod code {
     pub const BAD_REQUEST: u16 = 10;
     /// Cluster only: a route between these two brokers is already up; this one is closed.
     pub const DUPLICATE_ROUTE: u16 = 11;
+    /// The peer left `--max-pings-out` keepalive PINGs unanswered; the connection is closed.
+    pub const STALE_CONNECTION: u16 = 12;
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Error)]
