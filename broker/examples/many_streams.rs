@@ -94,9 +94,8 @@ impl Server {
                 .and_then(|n| n.parse::<f64>().ok())
                 .unwrap_or(0.0)
         };
-        let count = |what: &str| {
-            std::fs::read_dir(format!("/proc/{pid}/{what}")).map_or(0, |d| d.count())
-        };
+        let count =
+            |what: &str| std::fs::read_dir(format!("/proc/{pid}/{what}")).map_or(0, |d| d.count());
         Usage {
             rss_mib: kib("VmRSS:") / 1024.0,
             hwm_mib: kib("VmHWM:") / 1024.0,
@@ -412,7 +411,10 @@ async fn main() {
             rate(ns.many),
         ),
         (
-            format!("durable publish, {} B, {} in flight, one stream", a.size, a.window),
+            format!(
+                "durable publish, {} B, {} in flight, one stream",
+                a.size, a.window
+            ),
             rate(sb.one),
             rate(ns.one),
         ),
@@ -436,10 +438,7 @@ async fn main() {
         "\nsockbus fsync=always (ack after fdatasync); JetStream at its default (fsync every 2 min); nofile {}",
         a.nofile.map_or("unchanged".into(), |n| n.to_string())
     );
-    println!(
-        "{:<70} | {:<60} | NATS JetStream",
-        "scenario", "sockbus"
-    );
+    println!("{:<70} | {:<60} | NATS JetStream", "scenario", "sockbus");
     println!("{}", "-".repeat(200));
     for (what, s, n) in rows {
         println!("{what:<70} | {s:<60} | {n}");

@@ -154,7 +154,13 @@ impl Broker {
             .unwrap_or_default()
             .lines()
             .find(|l| l.starts_with("Max open files"))
-            .map(|l| l.split_whitespace().skip(3).take(2).collect::<Vec<_>>().join(" "))
+            .map(|l| {
+                l.split_whitespace()
+                    .skip(3)
+                    .take(2)
+                    .collect::<Vec<_>>()
+                    .join(" ")
+            })
             .unwrap_or_default()
     }
 
@@ -238,7 +244,11 @@ async fn ten_thousand_streams_under_1024_open_files_are_written_read_back_and_re
     let log = dir.path().join("broker.log");
     let port = free_port();
     let (b, _) = Broker::start(&data, &log, port, n).await;
-    assert_eq!(b.nofile(), format!("{NOFILE} {NOFILE}"), "the limit applies");
+    assert_eq!(
+        b.nofile(),
+        format!("{NOFILE} {NOFILE}"),
+        "the limit applies"
+    );
     let mut clients = Vec::new();
     for _ in 0..4 {
         clients.push(b.client_within(Duration::from_secs(10), &log).await);
@@ -258,7 +268,9 @@ async fn ten_thousand_streams_under_1024_open_files_are_written_read_back_and_re
         .unwrap_err()
         .to_string();
     assert!(
-        e.contains(&format!("holds {n} streams, its limit is {n} (--max-streams)")),
+        e.contains(&format!(
+            "holds {n} streams, its limit is {n} (--max-streams)"
+        )),
         "{e}"
     );
 
@@ -306,7 +318,10 @@ async fn ten_thousand_streams_under_1024_open_files_are_written_read_back_and_re
     }
     let t = Instant::now();
     each(&clients, n, read_back).await;
-    eprintln!("{n} streams read back after the restart in {:?}", t.elapsed());
+    eprintln!(
+        "{n} streams read back after the restart in {:?}",
+        t.elapsed()
+    );
     // Sequences carry on.
     each(&clients, n.min(100), |c, i| async move {
         let i = i * (n / n.min(100));
@@ -320,7 +335,9 @@ async fn ten_thousand_streams_under_1024_open_files_are_written_read_back_and_re
         .unwrap_err()
         .to_string();
     assert!(
-        e.contains(&format!("holds {n} streams, its limit is {lower} (--max-streams)")),
+        e.contains(&format!(
+            "holds {n} streams, its limit is {lower} (--max-streams)"
+        )),
         "{e}"
     );
     new_clients_are_served(&b, &log).await;
@@ -334,7 +351,10 @@ async fn ten_thousand_streams_under_1024_open_files_are_written_read_back_and_re
 async fn stream_contents(c: &Client, i: usize) -> Vec<(u64, String)> {
     let total = c.stream_info(&name(i)).await.unwrap().state.messages as usize;
     let mut k = c
-        .consumer(&name(i), ConsumerConfig::ephemeral().no_ack(true).batch(256))
+        .consumer(
+            &name(i),
+            ConsumerConfig::ephemeral().no_ack(true).batch(256),
+        )
         .await
         .unwrap();
     let mut out = Vec::with_capacity(total);
@@ -343,7 +363,9 @@ async fn stream_contents(c: &Client, i: usize) -> Vec<(u64, String)> {
             .next_limited(Duration::from_secs(10), total)
             .await
             .unwrap()
-            .unwrap_or_else(|| panic!("{}: read back stalled at {} of {total}", name(i), out.len()));
+            .unwrap_or_else(|| {
+                panic!("{}: read back stalled at {} of {total}", name(i), out.len())
+            });
         out.push((m.seq, String::from_utf8_lossy(m.payload()).into_owned()));
     }
     out
@@ -389,7 +411,10 @@ async fn kill_9_while_writing_to_many_streams_through_a_tiny_open_file_budget_lo
                 h.insert("Msg-Id", payload.clone());
                 // Retried until acked: the Msg-Id keeps a retry single.
                 loop {
-                    match c.publish_durable_with_headers(&subject(i), &h, &payload).await {
+                    match c
+                        .publish_durable_with_headers(&subject(i), &h, &payload)
+                        .await
+                    {
                         Ok(a) => {
                             acked.lock().unwrap().insert(payload.clone(), (i, a.seq));
                             break;
@@ -404,7 +429,9 @@ async fn kill_9_while_writing_to_many_streams_through_a_tiny_open_file_budget_lo
     for _ in 0..4 {
         tokio::time::sleep(Duration::from_millis(700)).await;
         b.kill9();
-        b = Broker::start_with(&data, &log, port, STREAMS, LIMIT).await.0;
+        b = Broker::start_with(&data, &log, port, STREAMS, LIMIT)
+            .await
+            .0;
     }
     tokio::time::sleep(Duration::from_millis(500)).await;
     stop.store(true, Ordering::Relaxed);
@@ -419,7 +446,10 @@ async fn kill_9_while_writing_to_many_streams_through_a_tiny_open_file_budget_lo
         let msgs = stream_contents(&c, i).await;
         for (k, (seq, p)) in msgs.iter().enumerate() {
             assert_eq!(*seq, k as u64 + 1, "{}: dense sequences", name(i));
-            assert!(stored.insert(p.clone(), (i, *seq)).is_none(), "{p} stored twice");
+            assert!(
+                stored.insert(p.clone(), (i, *seq)).is_none(),
+                "{p} stored twice"
+            );
         }
     }
     for (p, at) in &acked {

@@ -233,7 +233,11 @@ mod tests {
         (&*f.open().unwrap()).write_all(b"two").unwrap();
         assert_eq!(cache.opened(), before + 1, "reopened");
         f.open().unwrap().sync_data().unwrap();
-        assert_eq!(std::fs::read(&log).unwrap(), b"one two", "appends go to the end");
+        assert_eq!(
+            std::fs::read(&log).unwrap(),
+            b"one two",
+            "appends go to the end"
+        );
         drop(others);
     }
 

@@ -30,8 +30,8 @@ use tracing::{debug, error, info, warn};
 use crate::deliver::Delivery;
 use crate::router::InterestHook;
 use crate::store::{record, FileCache, Log};
-use index::PatternIndex;
 pub use consumer::Consumer;
+use index::PatternIndex;
 /// The API's types are shared with the SDK (sockbus_protocol::api).
 pub use sockbus_protocol::api::{Fsync, PubAck, StreamConfig, StreamInfo, StreamState};
 
@@ -381,7 +381,11 @@ impl Streams {
         let n = streams.map.read().unwrap_or_else(|p| p.into_inner()).len();
         streams.count.store(n, Ordering::Release);
         if n > 0 {
-            info!(streams = n, open_files = streams.files.capacity(), "streams opened");
+            info!(
+                streams = n,
+                open_files = streams.files.capacity(),
+                "streams opened"
+            );
         }
         if n > streams.max_streams {
             warn!(
@@ -850,13 +854,9 @@ mod tests {
         assert_eq!(e.status(), 400);
         assert!(streams.get("S3").is_none());
         // Creating one that exists is still answered; a delete makes room.
-        streams
-            .create(StreamConfig::new("S0", ["s0.>"]))
-            .unwrap();
+        streams.create(StreamConfig::new("S0", ["s0.>"])).unwrap();
         streams.delete("S0").unwrap();
-        streams
-            .create(StreamConfig::new("S3", ["s3.>"]))
-            .unwrap();
+        streams.create(StreamConfig::new("S3", ["s3.>"])).unwrap();
         drop(streams);
 
         let streams = Streams::open_with(dir.path(), test_delivery(), None, limits(2)).unwrap();
@@ -866,7 +866,14 @@ mod tests {
             .create(StreamConfig::new("S4", ["s4.>"]))
             .unwrap_err();
         assert!(
-            matches!(e, StreamError::TooMany { count: 3, max: 2, .. }),
+            matches!(
+                e,
+                StreamError::TooMany {
+                    count: 3,
+                    max: 2,
+                    ..
+                }
+            ),
             "{e}"
         );
     }
@@ -891,9 +898,7 @@ mod tests {
         assert_eq!(streams.capture("m.499.a").unwrap().config.name, "S499");
         assert!(streams.capture("m.500.a").is_none());
         streams.delete("S7").unwrap();
-        streams
-            .create(StreamConfig::new("X", ["m.7.x"]))
-            .unwrap();
+        streams.create(StreamConfig::new("X", ["m.7.x"])).unwrap();
         assert_eq!(streams.capture("m.7.x").unwrap().config.name, "X");
         assert!(streams.capture("m.7.y").is_none());
     }

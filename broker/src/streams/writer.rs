@@ -50,7 +50,8 @@ pub(super) async fn drive(mut w: Writer, mut rx: Receiver<WriteReq>) {
     let s = w.s.clone();
     let cfg = &s.config;
     let tick = if cfg.fsync == Fsync::Interval {
-        w.interval.clamp(Duration::from_millis(1), Duration::from_secs(1))
+        w.interval
+            .clamp(Duration::from_millis(1), Duration::from_secs(1))
     } else {
         Duration::from_secs(1)
     };
