@@ -50,7 +50,14 @@ impl Inbox {
             CancellationToken::new(),
             None,
         ));
-        d.subscribe(&out, 1, subject, None).expect("a valid inbox");
+        d.subscribe(
+            &crate::deliver::Subscriber { api: true },
+            &out,
+            1,
+            subject,
+            None,
+        )
+        .expect("a valid inbox");
         Inbox {
             subject: subject.to_string(),
             out,
