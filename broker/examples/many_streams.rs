@@ -241,7 +241,7 @@ async fn sockbus(a: &Args, dir: &Path, payload: &[u8]) -> Figures {
     let mut f = Figures::default();
     let port = free_port();
     let n = a.streams;
-    let sb = spawn(sockbus_cmd(&a.broker, dir, port, n), a.nofile);
+    let sb = spawn(sockbus_cmd(&a.broker, dir, port, n + 1), a.nofile);
     let c = connect_sockbus(port).await;
     let cc = c.clone();
     f.create = closed_loop(n as u64, 64, move |i| {
@@ -278,7 +278,7 @@ async fn sockbus(a: &Args, dir: &Path, payload: &[u8]) -> Figures {
     drop(c);
     sb.stop();
     let t = Instant::now();
-    let sb = spawn(sockbus_cmd(&a.broker, dir, port, n), a.nofile);
+    let sb = spawn(sockbus_cmd(&a.broker, dir, port, n + 1), a.nofile);
     let c = connect_sockbus(port).await;
     c.stream_info(&format!("M{}", n - 1))
         .await

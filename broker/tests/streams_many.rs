@@ -6,7 +6,13 @@
 //! writes to many streams whose files the broker keeps closing and
 //! reopening (a tiny open-file limit): nothing acked is lost.
 //!
-//! `SOCKBUS_TEST_STREAMS=N` runs the first with N streams instead.
+//! By default the first test runs 2,000 streams, not 10,000: on the CI
+//! machine's disk most of a 10,000-stream run is file-system metadata work
+//! (creating, then removing 10,000 directories) that takes minutes. 2,000
+//! streams are still four times the 512 files the broker may keep open
+//! under this limit, so the open-file cache closes and reopens files
+//! throughout. `SOCKBUS_TEST_STREAMS=10000` runs the full 10,000 (what it
+//! measured is in docs/benchmarks.md, "Many streams").
 
 use std::collections::HashMap;
 use std::os::unix::process::CommandExt;
@@ -29,7 +35,7 @@ fn streams_wanted() -> usize {
     std::env::var("SOCKBUS_TEST_STREAMS")
         .ok()
         .and_then(|v| v.parse().ok())
-        .unwrap_or(10_000)
+        .unwrap_or(2_000)
 }
 
 fn free_port() -> u16 {

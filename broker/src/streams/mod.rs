@@ -14,10 +14,10 @@ mod strict;
 mod testing;
 mod writer;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, RwLock};
 use std::time::Duration;
 
 use bytes::BytesMut;
@@ -92,6 +92,12 @@ pub enum StreamError {
     Storage { name: String, error: String },
     #[error("stream {0:?} was deleted")]
     Deleted(String),
+    #[error("the answer is {size} bytes, more than the largest payload, {max} bytes (--max-payload); {hint}")]
+    AnswerTooLarge {
+        size: usize,
+        max: usize,
+        hint: &'static str,
+    },
     #[error("cannot create stream {name:?}: the broker holds {count} streams, its limit is {max} (--max-streams)")]
     TooMany {
         name: String,
@@ -113,6 +119,7 @@ impl StreamError {
             StreamError::BadRequest(_) | StreamError::TooMany { .. } => 400,
             StreamError::NotFound(_) | StreamError::ConsumerNotFound(_) => 404,
             StreamError::Exists(_) => 409,
+            StreamError::AnswerTooLarge { .. } => 413,
             StreamError::Storage { .. } | StreamError::Deleted(_) => 503,
         }
     }
@@ -296,8 +303,12 @@ pub struct Streams {
     /// Told of every stream's subjects, which are interest like a
     /// subscription's: cluster peers forward publishes on them here.
     interest: Option<Arc<dyn InterestHook>>,
-    /// Serialises create/delete (file-system work).
-    admin: Mutex<()>,
+    /// Serialises the checks of create/delete; holds the names of the
+    /// streams being created (reserved: counted and in the index, their
+    /// files being written without the lock held).
+    admin: Mutex<HashSet<String>>,
+    /// Signalled when a create finishes (its name leaves `admin`).
+    created: Condvar,
 }
 
 impl Streams {
@@ -333,7 +344,8 @@ impl Streams {
             files: FileCache::new(limits.open_files),
             delivery,
             interest,
-            admin: Mutex::new(()),
+            admin: Mutex::new(HashSet::new()),
+            created: Condvar::new(),
         };
         let root = data_dir.join("streams");
         let Ok(rd) = std::fs::read_dir(&root) else {
@@ -492,55 +504,113 @@ impl Streams {
             .ok_or_else(|| StreamError::NotFound(name.into()))
     }
 
+    /// The admin lock, once no create of `name` is in progress.
+    fn admin_for(&self, name: &str) -> MutexGuard<'_, HashSet<String>> {
+        let mut pending = self.admin.lock().unwrap_or_else(|p| p.into_inner());
+        while pending.contains(name) {
+            pending = self
+                .created
+                .wait(pending)
+                .unwrap_or_else(|p| p.into_inner());
+        }
+        pending
+    }
+
     /// Creates a stream; creating one that exists with the same configuration is a no-op.
+    ///
+    /// Blocks on the disk (files written and fsynced): call it from a
+    /// blocking thread, not a runtime worker. The checks run under the
+    /// admin lock and reserve the name, subjects and a slot under
+    /// `--max-streams`; the files are written without the lock, so
+    /// concurrent creates share the disk's flushes instead of queueing.
     pub fn create(&self, cfg: StreamConfig) -> Result<StreamInfo, StreamError> {
         cfg.validate()?;
-        let _g = self.admin.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(s) = self.get(&cfg.name) {
-            return if s.config == cfg {
-                Ok(s.info())
-            } else {
-                Err(StreamError::Exists(cfg.name))
-            };
-        }
-        let count = self.count.load(Ordering::Acquire);
-        if count >= self.max_streams {
-            return Err(StreamError::TooMany {
-                name: cfg.name,
-                count,
-                max: self.max_streams,
-            });
-        }
         {
-            let ix = self.index.read().unwrap_or_else(|p| p.into_inner());
-            for q in &cfg.subjects {
-                if let Some((p, other)) = ix.overlap(q) {
-                    return Err(StreamError::BadRequest(format!(
-                        "subject {q:?} overlaps {p:?} of stream {other:?}"
-                    )));
+            let mut pending = self.admin_for(&cfg.name);
+            if let Some(s) = self.get(&cfg.name) {
+                return if s.config == cfg {
+                    Ok(s.info())
+                } else {
+                    Err(StreamError::Exists(cfg.name))
+                };
+            }
+            // Counts the streams being created too.
+            let count = self.count.load(Ordering::Acquire);
+            if count >= self.max_streams {
+                return Err(StreamError::TooMany {
+                    name: cfg.name,
+                    count,
+                    max: self.max_streams,
+                });
+            }
+            {
+                let ix = self.index.read().unwrap_or_else(|p| p.into_inner());
+                for q in &cfg.subjects {
+                    if let Some((p, other)) = ix.overlap(q) {
+                        return Err(StreamError::BadRequest(format!(
+                            "subject {q:?} overlaps {p:?} of stream {other:?}"
+                        )));
+                    }
                 }
             }
+            // Reserved. Until it is in the map, a publish the index sends
+            // to it finds no stream and is not captured, as before.
+            pending.insert(cfg.name.clone());
+            self.index_add(&cfg);
+            self.count.fetch_add(1, Ordering::AcqRel);
         }
-        let storage = |e: std::io::Error| StreamError::Storage {
-            name: cfg.name.clone(),
-            error: e.to_string(),
+        let made = self.create_files(&cfg);
+        let mut pending = self.admin.lock().unwrap_or_else(|p| p.into_inner());
+        pending.remove(&cfg.name);
+        self.created.notify_all();
+        let s = match made {
+            Ok(s) => s,
+            Err(e) => {
+                self.index_remove(&cfg);
+                self.count.fetch_sub(1, Ordering::AcqRel);
+                return Err(StreamError::Storage {
+                    name: cfg.name.clone(),
+                    error: e.to_string(),
+                });
+            }
         };
-        let dir = self.data_dir.join("streams").join(&cfg.name);
-        std::fs::create_dir_all(&dir).map_err(storage)?;
-        let json = serde_json::to_vec_pretty(&cfg).expect("serialisable");
-        write_atomic(&dir.join("stream.json"), &json).map_err(storage)?;
-        let s = self.start_stream(cfg.clone(), &dir).map_err(storage)?;
         info!(stream = %cfg.name, subjects = ?cfg.subjects, fsync = ?cfg.fsync, "stream created");
         let info = s.info();
-        self.index_add(&cfg);
         self.map
             .write()
             .unwrap_or_else(|p| p.into_inner())
             .insert(cfg.name.clone(), s);
-        self.count.fetch_add(1, Ordering::AcqRel);
         self.generation.fetch_add(1, Ordering::AcqRel);
+        drop(pending);
         self.announce(&info.config.subjects, true);
         Ok(info)
+    }
+
+    /// A new stream's directory, configuration and first segment, all on
+    /// disk (fsynced, with the directories that name them) before it is
+    /// acknowledged, so a power loss cannot make a created stream vanish.
+    fn create_files(&self, cfg: &StreamConfig) -> std::io::Result<Arc<Stream>> {
+        let root = self.data_dir.join("streams");
+        let new_root = !root.exists();
+        let dir = root.join(&cfg.name);
+        std::fs::create_dir_all(&dir)?;
+        let json = serde_json::to_vec_pretty(cfg).expect("serialisable");
+        // Syncs `dir` (which names stream.json) too.
+        write_atomic(&dir.join("stream.json"), &json)?;
+        // The entries naming the stream's directory (and `streams/` itself
+        // when this is the first stream).
+        crate::store::segment::sync_dir(&root)?;
+        if new_root {
+            crate::store::segment::sync_dir(&self.data_dir)?;
+        }
+        self.start_stream(cfg.clone(), &dir)
+    }
+
+    fn index_remove(&self, cfg: &StreamConfig) {
+        let mut ix = self.index.write().unwrap_or_else(|p| p.into_inner());
+        for p in &cfg.subjects {
+            ix.remove(p, &cfg.name);
+        }
     }
 
     /// A stream's subjects are interest like a subscription's, so cluster
@@ -558,19 +628,14 @@ impl Streams {
 
     /// Deletes a stream and its data. Publishes in flight to it fail.
     pub fn delete(&self, name: &str) -> Result<(), StreamError> {
-        let _g = self.admin.lock().unwrap_or_else(|p| p.into_inner());
+        let _g = self.admin_for(name);
         let s = self
             .map
             .write()
             .unwrap_or_else(|p| p.into_inner())
             .remove(name)
             .ok_or_else(|| StreamError::NotFound(name.into()))?;
-        {
-            let mut ix = self.index.write().unwrap_or_else(|p| p.into_inner());
-            for p in &s.config.subjects {
-                ix.remove(p, name);
-            }
-        }
+        self.index_remove(&s.config);
         self.count.fetch_sub(1, Ordering::AcqRel);
         self.generation.fetch_add(1, Ordering::AcqRel);
         self.announce(&s.config.subjects, false);
