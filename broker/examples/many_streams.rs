@@ -205,6 +205,8 @@ struct Figures {
     loaded: Option<Usage>,
     startup: Duration,
     restarted: Option<Usage>,
+    /// Why the run stopped early (a server that could not create them all).
+    failed: Option<String>,
 }
 
 async fn connect_sockbus(port: u16) -> sockbus_client::Client {
@@ -299,20 +301,39 @@ async fn nats(a: &Args, dir: &Path, payload: &[u8]) -> Figures {
     let nc = connect_nats(port).await;
     let js = async_nats::jetstream::new(nc.clone());
     let jj = js.clone();
+    // Under a low --nofile JetStream cannot create them all: reported, not a panic.
+    let errors = Arc::new(std::sync::Mutex::new((0u64, None::<String>)));
+    let ee = errors.clone();
     f.create = closed_loop(n as u64, 64, move |i| {
-        let js = jj.clone();
+        let (js, errors) = (jj.clone(), ee.clone());
         async move {
-            js.create_stream(Config {
-                name: format!("M{i}"),
-                subjects: vec![format!("many.{i}")],
-                storage: StorageType::File,
-                ..Default::default()
-            })
-            .await
-            .expect("create");
+            if let Err(e) = js
+                .create_stream(Config {
+                    name: format!("M{i}"),
+                    subjects: vec![format!("many.{i}")],
+                    storage: StorageType::File,
+                    ..Default::default()
+                })
+                .await
+            {
+                let mut g = errors.lock().unwrap();
+                g.0 += 1;
+                g.1.get_or_insert_with(|| e.to_string());
+            }
         }
     })
     .await;
+    let (failed, first) = errors.lock().unwrap().clone();
+    if let Some(e) = first {
+        f.failed = Some(format!(
+            "{} of {n} streams created; the others failed: {e}",
+            n as u64 - failed
+        ));
+        f.loaded = Some(srv.usage());
+        drop((js, nc));
+        srv.stop();
+        return f;
+    }
     js.create_stream(Config {
         name: "ONE".into(),
         subjects: vec!["one".into()],
@@ -438,6 +459,11 @@ async fn main() {
         "\nsockbus fsync=always (ack after fdatasync); JetStream at its default (fsync every 2 min); nofile {}",
         a.nofile.map_or("unchanged".into(), |n| n.to_string())
     );
+    for (who, f) in [("sockbus", &sb), ("NATS JetStream", &ns)] {
+        if let Some(e) = &f.failed {
+            println!("{who} stopped early: {e}");
+        }
+    }
     println!("{:<70} | {:<60} | NATS JetStream", "scenario", "sockbus");
     println!("{}", "-".repeat(200));
     for (what, s, n) in rows {

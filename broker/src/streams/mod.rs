@@ -39,6 +39,34 @@ pub use sockbus_protocol::api::{Fsync, PubAck, StreamConfig, StreamInfo, StreamS
 pub use sockbus_protocol::api::header::MSG_ID as MSG_ID_HEADER;
 /// Bytes a stream's writer may have queued before publishers are slowed down.
 const QUEUE_LIMIT: usize = 32 << 20;
+/// Bytes all the streams' writers together may have queued before
+/// publishers are slowed down: without it 10,000 streams could hold 32 MiB
+/// each (docs/storage.md, "Many streams").
+pub const TOTAL_QUEUE_LIMIT: usize = 256 << 20;
+
+/// The broker-wide count of bytes queued for stream writers.
+pub(crate) struct QueueBudget {
+    queued: AtomicUsize,
+    limit: usize,
+    /// Signalled after every writer round.
+    space: Notify,
+}
+
+impl QueueBudget {
+    pub(crate) fn new(limit: usize) -> Arc<QueueBudget> {
+        Arc::new(QueueBudget {
+            queued: AtomicUsize::new(0),
+            limit,
+            space: Notify::new(),
+        })
+    }
+
+    /// Bytes a round wrote (or failed): no longer queued.
+    pub(crate) fn release(&self, bytes: usize) {
+        self.queued.fetch_sub(bytes, Ordering::AcqRel);
+        self.space.notify_waiters();
+    }
+}
 const DEFAULT_SEGMENT: u64 = 64 << 20;
 /// Streams a broker holds unless `--max-streams` says otherwise: the scale
 /// CI checks (broker/tests/streams_many.rs).
@@ -157,6 +185,8 @@ pub struct Stream {
     /// Bytes handed to the writer and not yet written.
     queued: AtomicUsize,
     space: Notify,
+    /// Every stream's queued bytes, in total.
+    pub(crate) budget: Arc<QueueBudget>,
     /// Wakes the writer task: records were queued, or the stream was deleted.
     wake: Notify,
     pub(crate) consumers: Mutex<HashMap<String, Arc<Consumer>>>,
@@ -203,8 +233,10 @@ impl Stream {
         match tx.as_ref() {
             Some(tx) => {
                 self.queued.fetch_add(n, Ordering::AcqRel);
+                self.budget.queued.fetch_add(n, Ordering::AcqRel);
                 if let Err(e) = tx.send(req) {
                     self.queued.fetch_sub(n, Ordering::AcqRel);
+                    self.budget.release(n);
                     fail_all(
                         e.0,
                         &StreamError::Deleted(self.config.name.clone()),
@@ -232,20 +264,28 @@ impl Stream {
         self.wake.notify_one();
     }
 
+    /// Over this stream's queue limit, or the broker-wide one.
     fn over_limit(&self) -> bool {
         self.queued.load(Ordering::Acquire) > QUEUE_LIMIT
+            || self.budget.queued.load(Ordering::Acquire) > self.budget.limit
     }
 
-    /// Waits until the writer's queue is below its limit.
+    /// Waits until the writer's queue is below its limit and all the
+    /// writers' queues together are below theirs.
     pub(crate) async fn wait_space(&self) {
         loop {
-            let n = self.space.notified();
-            tokio::pin!(n);
-            n.as_mut().enable();
+            let mine = self.space.notified();
+            let all = self.budget.space.notified();
+            tokio::pin!(mine, all);
+            mine.as_mut().enable();
+            all.as_mut().enable();
             if !self.over_limit() || self.deleted.load(Ordering::Acquire) {
                 return;
             }
-            n.await;
+            tokio::select! {
+                _ = mine => {}
+                _ = all => {}
+            }
         }
     }
 
@@ -299,6 +339,8 @@ pub struct Streams {
     max_streams: usize,
     /// Open files, shared by every stream.
     files: Arc<FileCache>,
+    /// Bytes queued for all the writers.
+    budget: Arc<QueueBudget>,
     delivery: Delivery,
     /// Told of every stream's subjects, which are interest like a
     /// subscription's: cluster peers forward publishes on them here.
@@ -342,6 +384,7 @@ impl Streams {
             count: AtomicUsize::new(0),
             max_streams: limits.max_streams,
             files: FileCache::new(limits.open_files),
+            budget: QueueBudget::new(TOTAL_QUEUE_LIMIT),
             delivery,
             interest,
             admin: Mutex::new(HashSet::new()),
@@ -422,6 +465,7 @@ impl Streams {
             tx: Mutex::new(Some(tx)),
             queued: AtomicUsize::new(0),
             space: Notify::new(),
+            budget: self.budget.clone(),
             wake: Notify::new(),
             consumers: Mutex::new(HashMap::new()),
             deleted: AtomicBool::new(false),

@@ -322,6 +322,7 @@ impl Writer {
         }
         self.s.queued.fetch_sub(bytes, Ordering::AcqRel);
         self.s.space.notify_waiters();
+        self.s.budget.release(bytes);
         let committed = self.s.log.lock().next_seq;
         let err = failed.unwrap_or_else(|| StreamError::Storage {
             name: name.clone(),
@@ -388,13 +389,28 @@ mod tests {
     use crate::deliver::{Delivery, Publisher};
     use crate::store::{FileCache, Log};
     use crate::streams::testing::{delivery, Inbox};
-    use crate::streams::{Pending, StreamConfig, Streams};
+    use crate::streams::{Pending, QueueBudget, StreamConfig, Streams};
 
     type AckRx = oneshot::Receiver<Result<PubAck, StreamError>>;
 
     /// A stream whose writer the test runs by hand: what producers queue
     /// waits in the returned receiver until the test hands it to a round.
     fn stream(dir: &Path, cfg: StreamConfig, d: &Delivery) -> (Arc<Stream>, Receiver<WriteReq>) {
+        stream_in(
+            dir,
+            cfg,
+            d,
+            &QueueBudget::new(crate::streams::TOTAL_QUEUE_LIMIT),
+        )
+    }
+
+    /// [`stream`] counting its queued bytes in `budget`.
+    fn stream_in(
+        dir: &Path,
+        cfg: StreamConfig,
+        d: &Delivery,
+        budget: &Arc<QueueBudget>,
+    ) -> (Arc<Stream>, Receiver<WriteReq>) {
         let (log, _) = Log::open(dir, &cfg.name, &FileCache::new(4)).unwrap();
         let (tx, rx) = channel();
         let s = Arc::new(Stream {
@@ -404,6 +420,7 @@ mod tests {
             tx: Mutex::new(Some(tx)),
             queued: AtomicUsize::new(0),
             space: Notify::new(),
+            budget: budget.clone(),
             wake: Notify::new(),
             consumers: Default::default(),
             deleted: AtomicBool::new(false),
@@ -492,6 +509,47 @@ mod tests {
             0,
             "the queue is empty again"
         );
+    }
+
+    #[tokio::test]
+    async fn publishers_to_an_idle_stream_wait_while_all_streams_together_have_too_much_queued() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = delivery();
+        // A broker-wide limit of 4 KiB, far under one stream's own.
+        let budget = QueueBudget::new(4096);
+        let (a, a_rx) = stream_in(
+            &dir.path().join("a"),
+            StreamConfig::new("A", ["orders.>"]),
+            &d,
+            &budget,
+        );
+        let (b, b_rx) = stream_in(
+            &dir.path().join("b"),
+            StreamConfig::new("B", ["orders.>"]),
+            &d,
+            &budget,
+        );
+        let big = "x".repeat(1000);
+        let msgs: Vec<(&str, Option<&str>)> = (0..8).map(|_| (big.as_str(), None)).collect();
+        let _acks = produce(&a, &msgs);
+        assert!(
+            b.over_limit(),
+            "B has nothing queued but the streams together have 8 KB"
+        );
+        let wait = tokio::spawn({
+            let b = b.clone();
+            async move { b.wait_space().await }
+        });
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(!wait.is_finished(), "B's publishers wait");
+        // A's writer catches up: B's publishers go on.
+        round(&mut Writer::new(a.clone()), &a_rx);
+        tokio::time::timeout(Duration::from_secs(5), wait)
+            .await
+            .expect("woken when A's round freed the space")
+            .unwrap();
+        assert!(!b.over_limit());
+        drop(b_rx);
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
