@@ -13,6 +13,9 @@ use serde::Deserialize;
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:7420";
 pub const DEFAULT_CLUSTER: &str = "127.0.0.1:7421";
 pub const DEFAULT_HTTP: &str = "127.0.0.1:7480";
+/// About 11 MiB of broker memory per connection at the measured size of a
+/// subscription (docs/operations.md, "Memory").
+pub const DEFAULT_MAX_SUBSCRIPTIONS: usize = 65536;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Deserialize, Default)]
 #[serde(rename_all = "lowercase")]
@@ -163,6 +166,9 @@ pub struct Options {
     /// Most concurrent client connections (default 65536).
     #[arg(long, env = "SOCKBUS_MAX_CONNECTIONS")]
     pub max_connections: Option<usize>,
+    /// Most subscriptions one client connection may hold; 0: no limit (default 65536).
+    #[arg(long, env = "SOCKBUS_MAX_SUBSCRIPTIONS")]
+    pub max_subscriptions: Option<usize>,
     /// Outbound bytes held per connection before it is closed as a slow consumer (default 64MiB).
     #[arg(long, env = "SOCKBUS_MAX_PENDING")]
     pub max_pending: Option<ByteSize>,
@@ -206,6 +212,8 @@ pub struct Config {
     pub accel_cgroup: Option<PathBuf>,
     pub max_payload: u32,
     pub max_connections: usize,
+    /// Subscriptions per connection; 0: no limit.
+    pub max_subscriptions: usize,
     pub max_pending: usize,
     pub write_timeout: Duration,
     pub drain_timeout: Duration,
@@ -235,6 +243,7 @@ impl Default for Config {
             accel_cgroup: None,
             max_payload: sockbus_protocol::DEFAULT_MAX_PAYLOAD,
             max_connections: 65536,
+            max_subscriptions: DEFAULT_MAX_SUBSCRIPTIONS,
             max_pending: 64 << 20,
             write_timeout: Duration::from_secs(10),
             drain_timeout: Duration::from_secs(10),
@@ -335,6 +344,7 @@ impl Options {
             accel_cgroup: o.accel_cgroup,
             max_payload: max_payload as u32,
             max_connections,
+            max_subscriptions: o.max_subscriptions.unwrap_or(d.max_subscriptions),
             max_pending: max_pending as usize,
             write_timeout: o.write_timeout.map_or(d.write_timeout, |x| x.0),
             drain_timeout: o.drain_timeout.map_or(d.drain_timeout, |x| x.0),
@@ -372,6 +382,7 @@ impl Options {
             accel_cgroup: self.accel_cgroup.or(file.accel_cgroup),
             max_payload: self.max_payload.or(file.max_payload),
             max_connections: self.max_connections.or(file.max_connections),
+            max_subscriptions: self.max_subscriptions.or(file.max_subscriptions),
             max_pending: self.max_pending.or(file.max_pending),
             write_timeout: self.write_timeout.or(file.write_timeout),
             drain_timeout: self.drain_timeout.or(file.drain_timeout),
@@ -440,6 +451,29 @@ mod tests {
         .unwrap();
         assert_eq!(cfg.listen.port(), 9999);
         assert_eq!(cfg.max_payload, 4096);
+    }
+
+    #[test]
+    fn the_subscription_limit_is_bounded_by_default_and_comes_from_the_file_or_flag() {
+        assert_eq!(
+            Options::default().resolve().unwrap().max_subscriptions,
+            DEFAULT_MAX_SUBSCRIPTIONS
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("b.toml");
+        std::fs::write(&path, "max-subscriptions = 100\n").unwrap();
+        let from_file = |flag: Option<usize>| {
+            Options {
+                config: Some(path.clone()),
+                max_subscriptions: flag,
+                ..Default::default()
+            }
+            .resolve()
+            .unwrap()
+            .max_subscriptions
+        };
+        assert_eq!(from_file(None), 100);
+        assert_eq!(from_file(Some(0)), 0, "0: no limit");
     }
 
     #[test]

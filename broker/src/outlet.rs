@@ -3,6 +3,7 @@
 //! connection, a cluster route and an HTTP event stream each own one; the
 //! router and the delivery engine see only this, never the connection.
 
+use std::sync::atomic::AtomicUsize;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -25,6 +26,9 @@ pub(crate) struct Outlet {
     pub notify: Notify,
     /// Cancelled to abandon the connection at once (slow consumer, write error).
     pub abort: CancellationToken,
+    /// Live subscriptions delivering here; kept by the delivery engine,
+    /// which holds it to `--max-subscriptions`.
+    pub subscriptions: AtomicUsize,
     /// The socket, for writes by whoever holds the outbox's writer role;
     /// None for feeds with no socket (HTTP event streams) and once the
     /// writer task has ended.
@@ -43,6 +47,7 @@ impl Outlet {
             outbox,
             notify: Notify::new(),
             abort,
+            subscriptions: AtomicUsize::new(0),
             sock: std::sync::Mutex::new(sock.map(Arc::new)),
         }
     }

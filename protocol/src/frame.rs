@@ -109,6 +109,9 @@ pub mod code {
     pub const BAD_REQUEST: u16 = 10;
     /// Cluster only: a route between these two brokers is already up; this one is closed.
     pub const DUPLICATE_ROUTE: u16 = 11;
+    /// A SUB beyond the broker's per-connection subscription limit; the
+    /// connection and its other subscriptions stay usable.
+    pub const MAX_SUBSCRIPTIONS: u16 = 12;
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Error)]

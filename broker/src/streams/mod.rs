@@ -684,6 +684,7 @@ mod tests {
             Default::default(),
             1 << 20,
             1 << 20,
+            0,
         )
     }
 
