@@ -721,6 +721,7 @@ mod tests {
                 echo: false,
                 no_responders: false,
                 api: true,
+                explicit_acks: true,
             };
             let mut acks = Vec::new();
             for i in seqs {
@@ -731,7 +732,7 @@ mod tests {
                     None,
                     &[],
                     format!("m{i}").as_bytes(),
-                    Some(tx),
+                    crate::deliver::Ack::Chan(tx),
                 )
                 .unwrap();
                 acks.push((i, rx));

@@ -9,12 +9,12 @@ use sockbus_protocol::outbox::Outbox;
 use sockbus_protocol::FrameRef;
 use tokio_util::sync::CancellationToken;
 
-use crate::deliver::{Delivery, Subscriber};
+use crate::deliver::Delivery;
 use crate::outlet::Outlet;
 use crate::router::Router;
 
 pub(crate) fn delivery() -> Delivery {
-    Delivery::new(Router::default(), Default::default(), 1 << 20, 64 << 20, 0)
+    Delivery::new(Router::default(), Default::default(), 1 << 20, 64 << 20)
 }
 
 /// One MSG queued for an inbox.
@@ -50,8 +50,14 @@ impl Inbox {
             CancellationToken::new(),
             None,
         ));
-        d.subscribe(&Subscriber { api: true }, &out, 1, subject, None)
-            .expect("a valid inbox");
+        d.subscribe(
+            &crate::deliver::Subscriber { api: true },
+            &out,
+            1,
+            subject,
+            None,
+        )
+        .expect("a valid inbox");
         Inbox {
             subject: subject.to_string(),
             out,

@@ -491,6 +491,7 @@ mod tests {
             echo: false,
             no_responders: true,
             api: true,
+            explicit_acks: true,
         };
         for p in ["one", "two"] {
             let r = batch
@@ -500,7 +501,7 @@ mod tests {
                     Some(&inbox.subject),
                     &[],
                     p.as_bytes(),
-                    None,
+                    crate::deliver::Ack::Flags(sockbus_protocol::frame::PUB_ACK),
                 )
                 .unwrap();
             assert!(r.stored);
