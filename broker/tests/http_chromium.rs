@@ -7,6 +7,12 @@
 //! that payloads full of line breaks and NULs arrive as exactly the
 //! messages that were published.
 //!
+//! A third test opens the page of a clustered broker with streams and
+//! consumers at 1280x900 and 390x844 (a phone), screenshots it (in a temp dir
+//! under `target/.../tmp/`, and in `$SOCKBUS_SCREENSHOTS` when set) and
+//! checks in the DOM that nothing spills out of its panel, no two panels
+//! overlap, and the Streams panel's table shows the stream's figures.
+//!
 //! Without Chromium the tests say why and pass; with `CI=true` they fail.
 
 mod common;
@@ -21,6 +27,7 @@ use base64::Engine;
 use futures_util::{SinkExt, StreamExt};
 use http_util::HttpBroker;
 use serde_json::{json, Value};
+use sockbus_client::streams::{ConsumerConfig, Fsync, StreamConfig};
 use tokio_tungstenite::tungstenite::Message;
 
 fn find_chromium() -> Option<PathBuf> {
@@ -295,6 +302,283 @@ async fn status_page_in_headless_chromium_shows_counts_that_change() {
     std::fs::write(&path, &png).unwrap();
     eprintln!("status page screenshot: {}", path.display());
     assert!(png.starts_with(b"\x89PNG"), "a PNG");
+}
+
+/// The two viewports a person opens the status page in.
+const VIEWPORTS: &[(&str, u32, u32, bool)] = &[("1280", 1280, 900, false), ("390", 390, 844, true)];
+
+/// A stream name at the length limit and subjects long enough to break a
+/// careless layout: many patterns, and one token of 300 characters.
+const LONG_NAME: &str = "telemetry-from-every-warehouse-sensor-in-the-eu-central-region-1";
+
+fn long_subjects() -> Vec<String> {
+    let mut v: Vec<String> = [
+        "temperature",
+        "humidity",
+        "door-open",
+        "forklift-battery",
+        "conveyor-speed",
+        "freezer-compressor",
+        "dock-scale",
+        "air-quality",
+    ]
+    .iter()
+    .map(|s| format!("telemetry.warehouse-frankfurt-0001.sensors.{s}.>"))
+    .collect();
+    v.push(format!("telemetry.{}", "x".repeat(300)));
+    v
+}
+
+/// Looks for anything a person would see as broken: the page wider than
+/// the window, a panel (header, card, section) whose content is wider than
+/// itself, an element drawn outside its panel (unless a scrolling or
+/// clipping box inside the panel holds it), an element whose own content
+/// spills out of it, and two panels overlapping. One line per problem.
+const LAYOUT_PROBLEMS: &str = r#"(() => {
+  const out = [];
+  const rect = (e) => e.getBoundingClientRect();
+  const name = (e) => {
+    let n = e.tagName.toLowerCase();
+    if (e.id) n += "#" + e.id;
+    else if (typeof e.className === "string" && e.className) n += "." + e.className.trim().split(/\s+/).join(".");
+    const t = (e.textContent || "").trim().slice(0, 40);
+    return t ? `${n} "${t}"` : n;
+  };
+  const root = document.documentElement;
+  if (root.scrollWidth > window.innerWidth + 1)
+    out.push(`the page is ${root.scrollWidth}px wide in a ${window.innerWidth}px window`);
+  const panels = [...document.querySelectorAll("header, .card, section")];
+  for (const p of panels) {
+    const pr = rect(p);
+    if (pr.left < -1 || pr.right > window.innerWidth + 1)
+      out.push(`${name(p)} reaches past the window (${Math.round(pr.left)}..${Math.round(pr.right)})`);
+    if (p.scrollWidth > p.clientWidth + 1)
+      out.push(`${name(p)}: content ${p.scrollWidth}px wide in a ${p.clientWidth}px panel`);
+    for (const e of p.querySelectorAll("*")) {
+      const er = rect(e);
+      if (er.width === 0 && er.height === 0) continue;
+      const style = getComputedStyle(e);
+      if (style.overflowX === "visible" && e.clientWidth > 0 && e.scrollWidth > e.clientWidth + 1)
+        out.push(`${name(e)} in ${name(p)}: content ${e.scrollWidth}px wide in ${e.clientWidth}px`);
+      let clipped = false;
+      for (let a = e.parentElement; a && a !== p; a = a.parentElement) {
+        if (getComputedStyle(a).overflowX !== "visible") { clipped = true; break; }
+      }
+      if (!clipped && (er.left < pr.left - 1 || er.right > pr.right + 1))
+        out.push(`${name(e)} is drawn outside ${name(p)} (${Math.round(er.left)}..${Math.round(er.right)} vs ${Math.round(pr.left)}..${Math.round(pr.right)})`);
+    }
+  }
+  for (let i = 0; i < panels.length; i++) {
+    for (let j = i + 1; j < panels.length; j++) {
+      const a = rect(panels[i]), b = rect(panels[j]);
+      const w = Math.min(a.right, b.right) - Math.max(a.left, b.left);
+      const h = Math.min(a.bottom, b.bottom) - Math.max(a.top, b.top);
+      if (w > 1 && h > 1) out.push(`${name(panels[i])} and ${name(panels[j])} overlap`);
+    }
+  }
+  return out.slice(0, 20);
+})()"#;
+
+/// What the Streams panel shows for the test's streams and consumers.
+const STREAM_TABLE: &str = r#"(() => {
+  const q = (s) => document.querySelector(s);
+  const txt = (s) => { const e = q(s); return e ? e.textContent.trim() : null; };
+  return {
+    ordersMessages: txt('tr[data-stream="ORDERS"] td.messages'),
+    ordersBytes: txt('tr[data-stream="ORDERS"] td.bytes'),
+    ordersLastSeq: txt('tr[data-stream="ORDERS"] td.last-seq'),
+    ordersConsumers: txt('tr[data-stream="ORDERS"] td.consumers'),
+    ordersFsync: txt('tr[data-stream="ORDERS"] td.fsync'),
+    longName: (q('tr[data-stream="LONG"] .name') || {}).title || null,
+    longMessages: txt('tr[data-stream="LONG"] td.messages'),
+    longSubjects: [...document.querySelectorAll('tr[data-stream="LONG"] .chip')].map((e) => e.textContent),
+    billingPending: txt('tr[data-consumer="billing"] td.pending'),
+    billingAckPending: txt('tr[data-consumer="billing"] td.ack-pending'),
+    shippingPending: txt('tr[data-consumer="shipping"] td.pending'),
+    cluster: txt('#cluster'),
+  };
+})()"#;
+
+async fn screenshot(cdp: &mut Cdp, width: u32, path: &std::path::Path) {
+    let m = cdp.call("Page.getLayoutMetrics", json!({})).await;
+    let height = m["cssContentSize"]["height"].as_f64().expect("content height");
+    let shot = cdp
+        .call(
+            "Page.captureScreenshot",
+            json!({
+                "format": "png",
+                "captureBeyondViewport": true,
+                "clip": {"x": 0, "y": 0, "width": width, "height": height, "scale": 1},
+            }),
+        )
+        .await;
+    let png = base64::engine::general_purpose::STANDARD
+        .decode(shot["data"].as_str().expect("screenshot data"))
+        .expect("base64 PNG");
+    assert!(png.starts_with(b"\x89PNG"), "a PNG");
+    std::fs::write(path, &png).unwrap_or_else(|e| panic!("write {}: {e}", path.display()));
+    eprintln!("status page screenshot: {}", path.display());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_page_shows_streams_and_consumers_in_tables_that_fit_desktop_and_phone() {
+    let Some(bin) = chromium_or_skip() else {
+        return;
+    };
+    // Two brokers in a cluster; the page is node A's.
+    let free = || {
+        std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+    };
+    let (route_a, route_b) = (free(), free());
+    let peers = vec![
+        format!("sockbus-route://{route_a}"),
+        format!("sockbus-route://{route_b}"),
+    ];
+    let mut cfg = common::test_config();
+    cfg.node_id = "status-a".into();
+    cfg.cluster = Some(route_a);
+    cfg.peers = peers.clone();
+    let a = HttpBroker::with(cfg).await;
+    let mut cfg = common::test_config();
+    cfg.node_id = "status-b".into();
+    cfg.cluster = Some(route_b);
+    cfg.peers = peers;
+    let b = common::TestBroker::with(cfg).await;
+    let routes = |s: &sockbus_broker::State| {
+        sockbus_broker::metrics::Metrics::get(&s.metrics().routes)
+    };
+    let (sa, sb) = (a.broker.state.clone(), b.state.clone());
+    http_util::eventually("a route between the two brokers", || {
+        routes(&sa) == 1 && routes(&sb) == 1
+    })
+    .await;
+
+    let c = sockbus_client::connect(&a.broker.url).await.unwrap();
+    c.stream_add(&StreamConfig::new("ORDERS", ["orders.>"]))
+        .await
+        .unwrap();
+    let mut long = StreamConfig::new(LONG_NAME, long_subjects());
+    long.fsync = Fsync::Interval;
+    long.fsync_interval_ms = Some(50);
+    long.max_age_ms = Some(7 * 86_400_000);
+    long.max_msgs = Some(1_000_000);
+    c.stream_add(&long).await.unwrap();
+    let mut audit = StreamConfig::new("AUDIT", ["audit.*"]);
+    audit.fsync = Fsync::Never;
+    c.stream_add(&audit).await.unwrap();
+
+    for i in 0..25 {
+        let region = if i % 2 == 0 { "eu" } else { "us" };
+        c.publish_durable(&format!("orders.{region}.new"), format!("order {i:04}"))
+            .await
+            .unwrap();
+    }
+    for s in ["temperature", "humidity", "door-open"] {
+        c.publish_durable(
+            &format!("telemetry.warehouse-frankfurt-0001.sensors.{s}.dock-7"),
+            "21.5",
+        )
+        .await
+        .unwrap();
+    }
+    // billing has read 10 of the 25 orders and acked 6 of those; shipping
+    // (orders.eu.> only) has read nothing; the long stream has one reader.
+    let mut billing = c
+        .consumer("ORDERS", ConsumerConfig::durable("billing").batch(10))
+        .await
+        .unwrap();
+    for i in 0..10 {
+        let m = billing
+            .next_limited(Duration::from_secs(5), 10 - i)
+            .await
+            .unwrap()
+            .expect("an order within 5 s");
+        if i < 6 {
+            m.ack_sync().await.unwrap();
+        }
+    }
+    let _shipping = c
+        .consumer(
+            "ORDERS",
+            ConsumerConfig::durable("shipping").filter("orders.eu.>"),
+        )
+        .await
+        .unwrap();
+    let _dashboard = c
+        .consumer(LONG_NAME, ConsumerConfig::ephemeral())
+        .await
+        .unwrap();
+
+    let browser = Browser::launch(&bin);
+    let mut cdp = Cdp::open(&browser, &a.url("/")).await;
+    let dir = tempfile::Builder::new()
+        .prefix("status-page-")
+        .tempdir_in(env!("CARGO_TARGET_TMPDIR"))
+        .unwrap()
+        .keep();
+    let keep = std::env::var_os("SOCKBUS_SCREENSHOTS").map(PathBuf::from);
+    for &(tag, width, height, mobile) in VIEWPORTS {
+        cdp.call(
+            "Emulation.setDeviceMetricsOverride",
+            json!({"width": width, "height": height, "deviceScaleFactor": 1, "mobile": mobile}),
+        )
+        .await;
+        // A fresh poll after the resize, showing both streams.
+        let seen = cdp.eval("Number(document.body.dataset.polls || 0)").await;
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let v = cdp
+                .eval(
+                    "[Number(document.body.dataset.polls || 0), document.getElementById('streams').textContent]",
+                )
+                .await;
+            let text = v[1].as_str().unwrap_or("");
+            if v[0].as_u64() > seen.as_u64() && text.contains("ORDERS") && text.contains("AUDIT") {
+                break;
+            }
+            assert!(Instant::now() < deadline, "page never showed the streams: {v}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let file = format!("status-{tag}.png");
+        screenshot(&mut cdp, width, &dir.join(&file)).await;
+        if let Some(keep) = &keep {
+            std::fs::create_dir_all(keep).unwrap();
+            std::fs::copy(dir.join(&file), keep.join(&file)).unwrap();
+        }
+
+        let problems = cdp.eval(LAYOUT_PROBLEMS).await;
+        assert_eq!(
+            problems,
+            json!([]),
+            "at {width}x{height} (screenshot {}):\n{problems:#}",
+            dir.join(&file).display()
+        );
+
+        let t = cdp
+            .eval(&STREAM_TABLE.replace("\"LONG\"", &format!("{LONG_NAME:?}")))
+            .await;
+        assert_eq!(t["ordersMessages"], "25", "{width}px: {t:#}");
+        assert_eq!(t["ordersLastSeq"], "25", "{width}px: {t:#}");
+        assert_eq!(t["ordersConsumers"], "2", "{width}px: {t:#}");
+        assert_eq!(t["ordersFsync"], "always", "{width}px: {t:#}");
+        let bytes = t["ordersBytes"].as_str().unwrap_or("");
+        assert!(
+            bytes.ends_with(" B") || bytes.ends_with(" KiB"),
+            "bytes in human units: {t:#}"
+        );
+        assert_eq!(t["longName"], LONG_NAME, "{width}px: {t:#}");
+        assert_eq!(t["longMessages"], "3", "{width}px: {t:#}");
+        let shown: Vec<String> = serde_json::from_value(t["longSubjects"].clone()).unwrap();
+        assert_eq!(shown, long_subjects(), "every subject is on the page");
+        assert_eq!(t["billingPending"], "15", "{width}px: {t:#}");
+        assert_eq!(t["billingAckPending"], "4", "{width}px: {t:#}");
+        assert_eq!(t["shippingPending"], "≤ 25", "{width}px: {t:#}");
+        let cluster = t["cluster"].as_str().unwrap_or("");
+        assert!(cluster.contains("status-b"), "the peer is listed: {t:#}");
+    }
 }
 
 /// Payloads that try to end their event early or forge fields and events.

@@ -9,9 +9,10 @@ use std::time::{Duration, Instant};
 use serde_json::{json, Value};
 use tokio_util::sync::CancellationToken;
 
-use super::{streams, Gateway};
+use super::Gateway;
 use crate::metrics::Metrics;
 use crate::server::State;
+use crate::streams::StreamState;
 
 /// How many subjects the status page lists.
 const TOP_SUBJECTS: usize = 20;
@@ -119,6 +120,50 @@ pub(super) fn ready(gw: &Gateway) -> Result<(), String> {
     }
 }
 
+/// How many consumers of each stream `/v1/status` lists (by name); the
+/// stream's `state.consumers` still counts them all.
+const CONSUMERS_PER_STREAM: usize = 20;
+
+/// Every stream (config and state, as `GET /v1/streams`) with its first
+/// consumers by name, each with `num_pending`: messages after its position.
+fn streams_with_consumers(st: &State) -> Value {
+    st.streams
+        .list_with_consumers(CONSUMERS_PER_STREAM)
+        .into_iter()
+        .map(|(info, consumers)| {
+            let consumers: Vec<Value> = consumers
+                .into_iter()
+                .map(|c| {
+                    let pending = pending(&info.state, c.next_seq);
+                    // A filtered consumer reads only some of them; counting
+                    // which would mean reading the stream every second.
+                    let exact = c.config.filter_subject.is_none();
+                    let mut v = serde_json::to_value(&c).unwrap_or(Value::Null);
+                    if let Some(o) = v.as_object_mut() {
+                        o.insert("num_pending".into(), pending.into());
+                        o.insert("num_pending_exact".into(), exact.into());
+                    }
+                    v
+                })
+                .collect();
+            let mut v = serde_json::to_value(&info).unwrap_or(Value::Null);
+            if let Some(o) = v.as_object_mut() {
+                o.insert("consumers".into(), consumers.into());
+            }
+            v
+        })
+        .collect()
+}
+
+/// Messages stored after `next_seq - 1`: what a consumer at `next_seq`
+/// has not been delivered yet (sequences in a stream have no gaps; with
+/// damaged records skipped this is at most the stream's message count).
+fn pending(s: &StreamState, next_seq: u64) -> u64 {
+    (s.last_seq + 1)
+        .saturating_sub(next_seq.max(s.first_seq))
+        .min(s.messages)
+}
+
 fn round(x: f64) -> f64 {
     (x * 10.0).round() / 10.0
 }
@@ -179,7 +224,7 @@ pub(super) fn snapshot(gw: &Gateway) -> Value {
         "subjects_tracked": tracked,
         "subjects_other_msgs": other_msgs,
         "http_requests": gw.metrics.requests(),
-        "streams": streams::list(st)["streams"].clone(),
+        "streams": streams_with_consumers(st),
         "cluster": {
             "listen": st.config.cluster.map(|a| a.to_string()),
             "peers": st.config.peers.iter().map(|p| json!({"url": p})).collect::<Vec<_>>(),

@@ -154,16 +154,8 @@ pub(crate) fn handle(
             let r = streams
                 .get(stream)
                 .ok_or_else(|| StreamError::NotFound(stream.to_string()))
-                .map(|s| {
-                    let mut v: Vec<_> = s
-                        .consumers
-                        .lock()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .values()
-                        .map(|c| c.info())
-                        .collect();
-                    v.sort_by(|a, b| a.name.cmp(&b.name));
-                    ConsumerList { consumers: v }
+                .map(|s| ConsumerList {
+                    consumers: s.consumer_infos(usize::MAX),
                 });
             reply_with(state, reply, r)
         }

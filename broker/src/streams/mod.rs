@@ -31,7 +31,9 @@ use crate::router::InterestHook;
 use crate::store::{record, Log};
 pub use consumer::Consumer;
 /// The API's types are shared with the SDK (sockbus_protocol::api).
-pub use sockbus_protocol::api::{Fsync, PubAck, StreamConfig, StreamInfo, StreamState};
+pub use sockbus_protocol::api::{
+    ConsumerInfo, Fsync, PubAck, StreamConfig, StreamInfo, StreamState,
+};
 
 /// Header whose value makes a publish idempotent within the stream's duplicate window.
 pub use sockbus_protocol::api::header::MSG_ID as MSG_ID_HEADER;
@@ -226,6 +228,19 @@ impl Stream {
             .cloned()
     }
 
+    /// Up to `limit` of the stream's consumers' infos, sorted by name.
+    pub fn consumer_infos(&self, limit: usize) -> Vec<ConsumerInfo> {
+        let mut v: Vec<Arc<Consumer>> = self
+            .consumers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .cloned()
+            .collect();
+        v.sort_by(|a, b| a.name.cmp(&b.name));
+        v.iter().take(limit).map(|c| c.info()).collect()
+    }
+
     pub fn consumers_dir(&self) -> PathBuf {
         self.dir.join("consumers")
     }
@@ -395,6 +410,15 @@ impl Streams {
     /// Every stream's info, sorted by name (`GET /v1/streams`).
     pub fn list(&self) -> Vec<StreamInfo> {
         self.list_streams().iter().map(|s| s.info()).collect()
+    }
+
+    /// Every stream's info with up to `consumers` of its consumers' infos
+    /// (sorted by name), for the status page.
+    pub fn list_with_consumers(&self, consumers: usize) -> Vec<(StreamInfo, Vec<ConsumerInfo>)> {
+        self.list_streams()
+            .iter()
+            .map(|s| (s.info(), s.consumer_infos(consumers)))
+            .collect()
     }
 
     /// One stream's info (`GET /v1/streams/{name}`).
