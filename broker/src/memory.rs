@@ -59,6 +59,31 @@ impl Release {
     }
 }
 
+/// Most of a thread heap's free top that glibc keeps (see [`configure`]).
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+const TRIM_THRESHOLD: libc::c_int = 256 << 10;
+/// Blocks this large or larger get their own mapping, returned when freed.
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+const MMAP_THRESHOLD: libc::c_int = 1 << 20;
+
+/// Fixes glibc's trim and mmap thresholds, once per process. Left alone,
+/// glibc raises both after the first large block is freed (to twice its
+/// size for the trim threshold), and `malloc_trim` does not shrink the top
+/// of the heaps of threads other than the main one: the megabytes a big
+/// table left there would stay resident. Fixed, every free that merges
+/// into a heap's top returns what exceeds `TRIM_THRESHOLD`.
+pub(crate) fn configure() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    {
+        static ONCE: std::sync::Once = std::sync::Once::new();
+        // SAFETY: mallopt only sets the allocator's parameters, under its lock.
+        ONCE.call_once(|| unsafe {
+            libc::mallopt(libc::M_MMAP_THRESHOLD, MMAP_THRESHOLD);
+            libc::mallopt(libc::M_TRIM_THRESHOLD, TRIM_THRESHOLD);
+        });
+    }
+}
+
 /// Returns the allocator's free pages to the operating system.
 fn trim() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]

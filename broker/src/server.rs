@@ -156,6 +156,7 @@ impl Server {
         if let Some(l) = route_listener {
             crate::cluster::start(state.clone(), l, &tracker, shutdown.clone());
         }
+        crate::memory::configure();
         tracker.spawn(state.delivery.clone().give_back_memory(shutdown.clone()));
         let limit = Arc::new(Semaphore::new(state.config.max_connections));
         loop {

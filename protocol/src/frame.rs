@@ -111,7 +111,7 @@ pub mod code {
     pub const DUPLICATE_ROUTE: u16 = 11;
     /// A SUB beyond the broker's per-connection subscription limit; the
     /// connection and its other subscriptions stay usable.
-    pub const MAX_SUBSCRIPTIONS: u16 = 12;
+    pub const MAX_SUBSCRIPTIONS: u16 = 13;
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Error)]
