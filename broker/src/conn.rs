@@ -167,7 +167,13 @@ async fn serve(
         .await;
     client.batch.finish();
     // The table goes with them: its memory is part of what gets given back.
-    for s in std::mem::take(&mut client.subs).table {
+    // In the order they were allocated, not the table's (hash) order: each
+    // subscription is then next to the last one in memory, and a million
+    // go in a fraction of the time.
+    let mut subs: Vec<Arc<Subscription>> =
+        std::mem::take(&mut client.subs).table.into_iter().collect();
+    subs.sort_unstable_by_key(|s| Arc::as_ptr(s) as usize);
+    for s in subs {
         state.delivery.unsubscribe(&s);
     }
     match &res {

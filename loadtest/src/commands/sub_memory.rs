@@ -29,8 +29,9 @@ pub struct SubMemoryArgs {
     /// Rounds; each starts fresh servers, sockbus then NATS.
     #[arg(long, default_value_t = 1)]
     pub rounds: usize,
-    /// Pause before each reading, for the server to settle (and give back
-    /// what it frees).
+    /// Pause before the readings before and with the subscriptions, for the
+    /// server to settle; after the UNSUBs and the close the resident size is
+    /// polled for up to this plus 20 s, until it is back within 10 %.
     #[arg(long, default_value = "2s", value_parser = super::parse_duration)]
     pub settle: Duration,
     #[arg(long)]
@@ -50,8 +51,9 @@ struct Reading {
     base: u64,
     with: u64,
     peak: u64,
-    after_unsub: u64,
-    after_close: u64,
+    /// With how long it took to come back within 10 % of `base`.
+    after_unsub: (u64, Option<Duration>),
+    after_close: (u64, Option<Duration>),
 }
 
 pub async fn execute(args: SubMemoryArgs) -> anyhow::Result<()> {
@@ -66,6 +68,12 @@ pub async fn execute(args: SubMemoryArgs) -> anyhow::Result<()> {
         args.settle
     );
     println!();
+    println!(
+        "RSS after UNSUB / close: the first reading within 10 % of the one before, and when it came \
+         (or the last after {:?} + 20 s)",
+        args.settle
+    );
+    println!();
     println!("| round | server | RSS before | with subs | peak | bytes/subscription | after UNSUB all | after close |");
     println!("|---|---|---:|---:|---:|---:|---:|---:|");
     for round in 1..=args.rounds {
@@ -74,6 +82,10 @@ pub async fn execute(args: SubMemoryArgs) -> anyhow::Result<()> {
             let r = measure(wire, &broker_bin, &nats_bin, &dir.0, &args).await?;
             let per = (r.with.saturating_sub(r.base) * 1024) as f64 / args.subs as f64;
             let mib = |k: u64| format!("{:.1} MiB", k as f64 / 1024.0);
+            let back = |(k, took): (u64, Option<Duration>)| match took {
+                Some(t) => format!("{} ({:.1} s)", mib(k), t.as_secs_f64()),
+                None => format!("{} (not back)", mib(k)),
+            };
             println!(
                 "| {round} | {} | {} | {} | {} | {per:.0} | {} | {} |",
                 match wire {
@@ -83,8 +95,8 @@ pub async fn execute(args: SubMemoryArgs) -> anyhow::Result<()> {
                 mib(r.base),
                 mib(r.with),
                 mib(r.peak),
-                mib(r.after_unsub),
-                mib(r.after_close),
+                back(r.after_unsub),
+                back(r.after_close),
             );
         }
     }
@@ -140,12 +152,10 @@ async fn measure(
     tokio::time::sleep(args.settle).await;
     let with = rss("VmRSS:")?;
     c.unsubscribe(0..args.subs).await?;
-    tokio::time::sleep(args.settle).await;
-    let after_unsub = rss("VmRSS:")?;
+    let after_unsub = given_back(base, args.settle, || rss("VmRSS:")).await?;
     c.subscribe(0..args.subs).await?;
     drop(c);
-    tokio::time::sleep(args.settle).await;
-    let after_close = rss("VmRSS:")?;
+    let after_close = given_back(base, args.settle, || rss("VmRSS:")).await?;
     let peak = rss("VmHWM:")?;
     Ok(Reading {
         base,
@@ -154,6 +164,28 @@ async fn measure(
         after_unsub,
         after_close,
     })
+}
+
+/// Polls the resident size until it is back within 10 % of `base`, or for
+/// `settle` plus 20 s at most; returns the last reading (KiB) and the time
+/// it took, or None when it did not come back.
+async fn given_back(
+    base: u64,
+    settle: Duration,
+    rss: impl Fn() -> anyhow::Result<u64>,
+) -> anyhow::Result<(u64, Option<Duration>)> {
+    let start = Instant::now();
+    let deadline = start + settle + Duration::from_secs(20);
+    loop {
+        let now = rss()?;
+        if now <= base + base / 10 {
+            return Ok((now, Some(start.elapsed())));
+        }
+        if Instant::now() >= deadline {
+            return Ok((now, None));
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
 
 /// A `/proc/PID/status` field in KiB.
