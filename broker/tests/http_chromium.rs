@@ -334,7 +334,7 @@ fn long_subjects() -> Vec<String> {
 /// itself, an element drawn outside its panel (unless a scrolling or
 /// clipping box inside the panel holds it), an element whose own content
 /// spills out of it, and two panels overlapping. One line per problem.
-const LAYOUT_PROBLEMS: &str = r#"(() => {
+const LAYOUT_PROBLEMS: &str = r##"(() => {
   const out = [];
   const rect = (e) => e.getBoundingClientRect();
   const name = (e) => {
@@ -377,7 +377,7 @@ const LAYOUT_PROBLEMS: &str = r#"(() => {
     }
   }
   return out.slice(0, 20);
-})()"#;
+})()"##;
 
 /// What the Streams panel shows for the test's streams and consumers.
 const STREAM_TABLE: &str = r#"(() => {
@@ -401,7 +401,9 @@ const STREAM_TABLE: &str = r#"(() => {
 
 async fn screenshot(cdp: &mut Cdp, width: u32, path: &std::path::Path) {
     let m = cdp.call("Page.getLayoutMetrics", json!({})).await;
-    let height = m["cssContentSize"]["height"].as_f64().expect("content height");
+    let height = m["cssContentSize"]["height"]
+        .as_f64()
+        .expect("content height");
     let shot = cdp
         .call(
             "Page.captureScreenshot",
@@ -447,9 +449,8 @@ async fn status_page_shows_streams_and_consumers_in_tables_that_fit_desktop_and_
     cfg.cluster = Some(route_b);
     cfg.peers = peers;
     let b = common::TestBroker::with(cfg).await;
-    let routes = |s: &sockbus_broker::State| {
-        sockbus_broker::metrics::Metrics::get(&s.metrics().routes)
-    };
+    let routes =
+        |s: &sockbus_broker::State| sockbus_broker::metrics::Metrics::get(&s.metrics().routes);
     let (sa, sb) = (a.broker.state.clone(), b.state.clone());
     http_util::eventually("a route between the two brokers", || {
         routes(&sa) == 1 && routes(&sb) == 1
@@ -539,7 +540,10 @@ async fn status_page_shows_streams_and_consumers_in_tables_that_fit_desktop_and_
             if v[0].as_u64() > seen.as_u64() && text.contains("ORDERS") && text.contains("AUDIT") {
                 break;
             }
-            assert!(Instant::now() < deadline, "page never showed the streams: {v}");
+            assert!(
+                Instant::now() < deadline,
+                "page never showed the streams: {v}"
+            );
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
         let file = format!("status-{tag}.png");
