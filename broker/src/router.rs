@@ -138,6 +138,9 @@ impl Matches {
 /// usual single subscriber inline.
 enum Subs {
     One(Arc<Subscription>),
+    // Boxed: a bare Vec would make every slot 24 bytes for the rare subject
+    // with several subscribers.
+    #[allow(clippy::box_collection)]
     Many(Box<Vec<Arc<Subscription>>>),
 }
 
