@@ -175,6 +175,12 @@ pub struct Options {
     /// A write to a client that takes longer than this closes the connection (default 10s).
     #[arg(long, env = "SOCKBUS_WRITE_TIMEOUT")]
     pub write_timeout: Option<Dur>,
+    /// Send a PING to a connection that sent nothing for this long (default 2m).
+    #[arg(long, env = "SOCKBUS_PING_INTERVAL")]
+    pub ping_interval: Option<Dur>,
+    /// Close a connection that left this many PINGs unanswered when the next one is due (default 2).
+    #[arg(long, env = "SOCKBUS_MAX_PINGS_OUT")]
+    pub max_pings_out: Option<u32>,
     /// How long SIGTERM waits for connections to drain (default 10s).
     #[arg(long, env = "SOCKBUS_DRAIN_TIMEOUT")]
     pub drain_timeout: Option<Dur>,
@@ -216,6 +222,10 @@ pub struct Config {
     pub max_subscriptions: usize,
     pub max_pending: usize,
     pub write_timeout: Duration,
+    /// Keepalive: a connection silent this long gets a PING.
+    pub ping_interval: Duration,
+    /// Keepalive: PINGs left unanswered before the connection is closed as stale.
+    pub max_pings_out: u32,
     pub drain_timeout: Duration,
     pub handshake_timeout: Duration,
     pub log_format: LogFormat,
@@ -246,6 +256,8 @@ impl Default for Config {
             max_subscriptions: DEFAULT_MAX_SUBSCRIPTIONS,
             max_pending: 64 << 20,
             write_timeout: Duration::from_secs(10),
+            ping_interval: Duration::from_secs(120),
+            max_pings_out: 2,
             drain_timeout: Duration::from_secs(10),
             handshake_timeout: Duration::from_secs(5),
             log_format: LogFormat::Text,
@@ -315,6 +327,18 @@ impl Options {
         if max_connections == 0 {
             bail!("--max-connections must be at least 1");
         }
+        let ping_interval = o.ping_interval.map_or(d.ping_interval, |x| x.0);
+        if ping_interval.is_zero() {
+            bail!("--ping-interval must be longer than 0 (e.g. 2m)");
+        }
+        let max_pings_out = o.max_pings_out.unwrap_or(d.max_pings_out);
+        if max_pings_out == 0 {
+            bail!("--max-pings-out must be at least 1");
+        }
+        let write_timeout = o.write_timeout.map_or(d.write_timeout, |x| x.0);
+        if write_timeout.is_zero() {
+            bail!("--write-timeout must be longer than 0 (e.g. 10s)");
+        }
         let (http, http_explicit) = match o.http.as_deref().map(str::trim) {
             None => (Some(parse_addr("http", DEFAULT_HTTP)?), false),
             Some("off" | "none" | "") => (None, true),
@@ -346,7 +370,9 @@ impl Options {
             max_connections,
             max_subscriptions: o.max_subscriptions.unwrap_or(d.max_subscriptions),
             max_pending: max_pending as usize,
-            write_timeout: o.write_timeout.map_or(d.write_timeout, |x| x.0),
+            write_timeout,
+            ping_interval,
+            max_pings_out,
             drain_timeout: o.drain_timeout.map_or(d.drain_timeout, |x| x.0),
             handshake_timeout: d.handshake_timeout,
             log_format: o.log_format.unwrap_or_default(),
@@ -385,6 +411,8 @@ impl Options {
             max_subscriptions: self.max_subscriptions.or(file.max_subscriptions),
             max_pending: self.max_pending.or(file.max_pending),
             write_timeout: self.write_timeout.or(file.write_timeout),
+            ping_interval: self.ping_interval.or(file.ping_interval),
+            max_pings_out: self.max_pings_out.or(file.max_pings_out),
             drain_timeout: self.drain_timeout.or(file.drain_timeout),
             log_format: self.log_format.or(file.log_format),
             busy_poll: self.busy_poll.or(file.busy_poll),
@@ -474,6 +502,50 @@ mod tests {
         };
         assert_eq!(from_file(None), 100);
         assert_eq!(from_file(Some(0)), 0, "0: no limit");
+    }
+
+    #[test]
+    fn keepalive_defaults_to_two_minutes_and_two_pings_and_reads_the_file() {
+        let cfg = Options::default().resolve().unwrap();
+        assert_eq!(cfg.ping_interval, Duration::from_secs(120));
+        assert_eq!(cfg.max_pings_out, 2);
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("b.toml");
+        std::fs::write(&path, "ping-interval = \"30s\"\nmax-pings-out = 5\n").unwrap();
+        let cfg = Options {
+            config: Some(path),
+            ..Default::default()
+        }
+        .resolve()
+        .unwrap();
+        assert_eq!(cfg.ping_interval, Duration::from_secs(30));
+        assert_eq!(cfg.max_pings_out, 5);
+        for (o, flag) in [
+            (
+                Options {
+                    ping_interval: Some(Dur(Duration::ZERO)),
+                    ..Default::default()
+                },
+                "--ping-interval",
+            ),
+            (
+                Options {
+                    max_pings_out: Some(0),
+                    ..Default::default()
+                },
+                "--max-pings-out",
+            ),
+            (
+                Options {
+                    write_timeout: Some(Dur(Duration::ZERO)),
+                    ..Default::default()
+                },
+                "--write-timeout",
+            ),
+        ] {
+            let e = o.resolve().unwrap_err().to_string();
+            assert!(e.contains(flag), "{e}");
+        }
     }
 
     #[test]

@@ -14,7 +14,6 @@ use sockbus_protocol::frame::{
     self, code, encode_err, encode_info, encode_pong, Header, CONNECT_EXPLICIT_ACKS,
     CONNECT_NO_ECHO, CONNECT_NO_RESPONDERS, CONNECT_ROUTE, MAX_FRAME_OVERHEAD,
 };
-use sockbus_protocol::outbox::Outbox;
 use sockbus_protocol::{FrameRef, Kind, ProtocolError, HEADER_LEN, PROTOCOL_VERSION};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
@@ -24,7 +23,7 @@ use tracing::{debug, warn, Instrument};
 
 use crate::deliver::{Ack, Batch, PublishError, Publisher, SubscribeError, Subscriber};
 use crate::outlet::{write_loop, Outlet};
-use crate::read::{FrameReader, Frames};
+use crate::read::{Ended, FrameReader, Frames, Keepalive};
 use crate::router::Subscription;
 use crate::server::State;
 use crate::streams::Stream;
@@ -136,14 +135,13 @@ async fn serve(
     debug!("connected");
     let cfg = &state.config;
     let send_window = effective_window(recv_window, cfg.max_payload);
-    let out = Arc::new(Outlet::new(
-        id,
-        Outbox::new(cfg.max_pending, send_window),
-        CancellationToken::new(),
-        Some(wr),
-    ));
+    let out = Arc::new(
+        state
+            .delivery
+            .outlet(id, send_window, CancellationToken::new(), Some(wr)),
+    );
     let our_window = effective_window(cfg.recv_window, cfg.max_payload);
-    out.outbox.push_control(|b| {
+    out.push_control(|b| {
         let _ = encode_info(b, our_window, cfg.max_payload, &cfg.node_id);
     });
     let writer = tokio::spawn(write_loop(out.clone(), cfg.write_timeout));
@@ -162,7 +160,11 @@ async fn serve(
             explicit_acks: flags & CONNECT_EXPLICIT_ACKS != 0,
         },
     };
-    let res = FrameReader::new(max_body, our_window, 0)
+    let keepalive = Keepalive {
+        interval: cfg.ping_interval,
+        max_out: cfg.max_pings_out,
+    };
+    let res = FrameReader::new(max_body, our_window, 0, keepalive)
         .run(&mut client, &mut rd, &mut buf, &out, &shutdown)
         .await;
     client.batch.finish();
@@ -177,26 +179,35 @@ async fn serve(
         state.delivery.unsubscribe(&s);
     }
     match &res {
-        Ok(()) => debug!("closed by client"),
+        Ok(Ended::Closed) => debug!("closed by client"),
+        Ok(Ended::Stale { unanswered }) => {
+            let why = format!(
+                "stale connection: {unanswered} PINGs unanswered (--ping-interval {:?}, --max-pings-out {})",
+                cfg.ping_interval, cfg.max_pings_out
+            );
+            warn!("closing connection: {why}");
+            state
+                .metrics()
+                .stale_connections
+                .fetch_add(1, Ordering::Relaxed);
+            out.push_control(|b| encode_err(b, code::STALE_CONNECTION, &why));
+        }
         Err(ConnError::Malformed(e)) => {
             warn!("closing connection: malformed frame: {e}");
             state
                 .metrics()
                 .malformed_frames
                 .fetch_add(1, Ordering::Relaxed);
-            out.outbox
-                .push_control(|b| encode_err(b, code::MALFORMED, &format!("malformed frame: {e}")));
+            out.push_control(|b| encode_err(b, code::MALFORMED, &format!("malformed frame: {e}")));
         }
         Err(ConnError::Refused(e)) => {
             warn!("closing connection: {e}");
-            out.outbox
-                .push_control(|b| encode_err(b, code::MALFORMED, e));
+            out.push_control(|b| encode_err(b, code::MALFORMED, e));
         }
         Err(ConnError::Io(e)) => debug!("read error: {e}"),
     }
     if shutdown.is_cancelled() {
-        out.outbox
-            .push_control(|b| encode_err(b, code::SHUTTING_DOWN, "broker is shutting down"));
+        out.push_control(|b| encode_err(b, code::SHUTTING_DOWN, "broker is shutting down"));
     }
     out.outbox.close();
     out.wake();
@@ -415,9 +426,9 @@ impl Frames for Client {
                 }
             }
             FrameRef::Ping(id) => {
-                if let sockbus_protocol::outbox::Push::Queued { was_empty: true } =
-                    self.out.outbox.push_control(|b| encode_pong(b, id))
-                {
+                // Within the connection's budget: a peer that PINGs and
+                // never reads the PONGs is a slow consumer like any other.
+                if let Some(true) = self.out.push_control(|b| encode_pong(b, id)) {
                     self.batch.wake(&self.out);
                 }
             }
@@ -455,6 +466,7 @@ mod tests {
     use crate::router::Router;
     use crate::streams::Streams;
     use sockbus_protocol::frame::encode_pub;
+    use sockbus_protocol::outbox::Outbox;
 
     const MAX_PAYLOAD: u32 = 1024;
 

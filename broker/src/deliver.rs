@@ -18,11 +18,12 @@ use sockbus_protocol::api::subject::is_reserved;
 use sockbus_protocol::frame::{
     self, encode_msg, message_frame_len, MSG_NO_RESPONDERS, PUB_ACK, RMSG_NO_ACK,
 };
-use sockbus_protocol::outbox::Push;
+use sockbus_protocol::outbox::{Outbox, Push};
 use sockbus_protocol::subject::{subject_hash, validate_pattern, validate_subject};
 use sockbus_protocol::SubjectError;
+use tokio::net::tcp::OwnedWriteHalf;
 use tokio::sync::oneshot;
-use tracing::warn;
+use tokio_util::sync::CancellationToken;
 
 use crate::memory::Release;
 use crate::metrics::{LocalCounts, Metrics};
@@ -205,6 +206,27 @@ impl Delivery {
     /// A fresh outlet id (client connections, routes, event streams).
     pub fn next_id(&self) -> u64 {
         self.0.next_id.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// A connection's outlet (client, route, event stream): `id` from
+    /// [`Delivery::next_id`], one budget of `--max-pending` bytes for
+    /// everything queued for it, and its slow-consumer verdicts counted in
+    /// this engine's metrics. `send_window`: the peer's receive window (0:
+    /// no flow control).
+    pub fn outlet(
+        &self,
+        id: u64,
+        send_window: u32,
+        abort: CancellationToken,
+        sock: Option<OwnedWriteHalf>,
+    ) -> Outlet {
+        Outlet::new(
+            id,
+            Outbox::bounded(self.0.max_pending, send_window),
+            abort,
+            sock,
+        )
+        .counted_in(self.0.metrics.clone())
     }
 
     /// A batch for the broker's own messages: nothing it publishes is captured by a stream.
@@ -697,15 +719,7 @@ fn accepted(e: &Engine, out: &Arc<Outlet>, push: Push, wake: &mut Vec<Arc<Outlet
         }
         Push::OverBudget => {
             e.metrics.dropped_messages.fetch_add(1, Ordering::Relaxed);
-            if out.outbox.close() {
-                e.metrics.slow_consumers.fetch_add(1, Ordering::Relaxed);
-                warn!(
-                    conn = out.id,
-                    budget = e.max_pending,
-                    "slow consumer: outbound budget exceeded, closing the connection"
-                );
-                out.abort.cancel();
-            }
+            out.overflow("outbound budget exceeded");
             false
         }
         Push::Closed => {
@@ -755,9 +769,7 @@ fn deliver(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use sockbus_protocol::outbox::Outbox;
     use sockbus_protocol::FrameRef;
-    use tokio_util::sync::CancellationToken;
 
     const MAX_PAYLOAD: u32 = 1024;
 
@@ -766,12 +778,7 @@ mod tests {
     }
 
     fn outlet(d: &Delivery) -> Arc<Outlet> {
-        Arc::new(Outlet::new(
-            d.next_id(),
-            Outbox::new(4096, 1 << 20),
-            CancellationToken::new(),
-            None,
-        ))
+        Arc::new(d.outlet(d.next_id(), 1 << 20, CancellationToken::new(), None))
     }
 
     const NATIVE: Subscriber = Subscriber { api: true };

@@ -15,7 +15,11 @@ pub struct Metrics {
     pub bytes_in: AtomicU64,
     pub msgs_out: AtomicU64,
     pub bytes_out: AtomicU64,
+    /// Connections closed as slow consumers: over their outbound budget, or
+    /// no write progress (socket full or credit withheld) for the write timeout.
     pub slow_consumers: AtomicU64,
+    /// Connections closed by the keepalive: PINGs left unanswered.
+    pub stale_connections: AtomicU64,
     pub malformed_frames: AtomicU64,
     pub payload_too_large: AtomicU64,
     pub invalid_subjects: AtomicU64,

@@ -2,8 +2,15 @@
 //! drains into (if any) and the wake-ups of whoever drains it. A client
 //! connection, a cluster route and an HTTP event stream each own one; the
 //! router and the delivery engine see only this, never the connection.
+//!
+//! One budget per connection (`--max-pending`) counts every byte queued for
+//! it, messages and control frames alike (PONG, ERR, INFO, PING, SUB to a
+//! peer, credit): whatever goes over it makes the connection a slow
+//! consumer ([`Outlet::overflow`]). The write loop closes a connection whose
+//! bytes make no progress for `--write-timeout`, whether the socket is full
+//! or the peer withholds credit.
 
-use std::sync::atomic::AtomicUsize;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -11,8 +18,11 @@ use sockbus_protocol::drain::{self, Kick};
 use sockbus_protocol::outbox::{Outbox, Push};
 use tokio::net::tcp::OwnedWriteHalf;
 use tokio::sync::Notify;
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, info};
+use tracing::{debug, warn};
+
+use crate::metrics::Metrics;
 
 /// Most bytes a producer writes to another connection's socket itself
 /// (see [`Outlet::kick`]); bigger batches go to the writer task so they
@@ -33,6 +43,8 @@ pub(crate) struct Outlet {
     /// None for feeds with no socket (HTTP event streams) and once the
     /// writer task has ended.
     sock: std::sync::Mutex<Option<Arc<OwnedWriteHalf>>>,
+    /// Where slow consumers are counted (None in unit tests).
+    metrics: Option<Arc<Metrics>>,
 }
 
 impl Outlet {
@@ -49,17 +61,59 @@ impl Outlet {
             abort,
             subscriptions: AtomicUsize::new(0),
             sock: std::sync::Mutex::new(sock.map(Arc::new)),
+            metrics: None,
         }
+    }
+
+    /// Counts this outlet's slow-consumer verdicts in `m`.
+    pub fn counted_in(mut self, m: Arc<Metrics>) -> Self {
+        self.metrics = Some(m);
+        self
     }
 
     pub fn wake(&self) {
         self.notify.notify_one();
     }
 
-    /// Queues a control frame (PONG, ERR, INFO, SUB to a peer) and wakes the
-    /// writer when the outbox was empty.
+    /// The connection is a slow consumer (`why`): closes its outbox, counts
+    /// and logs it once, and aborts the connection at once, without an ERR
+    /// (it would queue behind the bytes the peer is not taking). True the
+    /// first time; false when the outbox was already closed.
+    pub fn overflow(&self, why: &str) -> bool {
+        if !self.outbox.close() {
+            return false;
+        }
+        if let Some(m) = &self.metrics {
+            m.slow_consumers.fetch_add(1, Ordering::Relaxed);
+        }
+        warn!(
+            conn = self.id,
+            budget = self.outbox.budget(),
+            "slow consumer: {why}; closing the connection"
+        );
+        self.abort.cancel();
+        true
+    }
+
+    /// Queues a control frame (PONG, ERR, INFO, PING, SUB to a peer) within
+    /// the connection's budget. `Some(was_empty)` when queued (the caller
+    /// gets the writer going when it was empty); None when the connection
+    /// is closing, or was over its budget and is now closed as a slow
+    /// consumer.
+    pub fn push_control(&self, f: impl FnOnce(&mut bytes::BytesMut)) -> Option<bool> {
+        match self.outbox.push_frame(f) {
+            Push::Queued { was_empty } => Some(was_empty),
+            Push::OverBudget => {
+                self.overflow("outbound budget exceeded by control frames");
+                None
+            }
+            Push::Closed => None,
+        }
+    }
+
+    /// [`Outlet::push_control`], waking the writer when the outbox was empty.
     pub fn control(&self, f: impl FnOnce(&mut bytes::BytesMut)) {
-        if let Push::Queued { was_empty: true } = self.outbox.push_control(f) {
+        if let Some(true) = self.push_control(f) {
             self.wake();
         }
     }
@@ -106,21 +160,52 @@ impl Outlet {
 }
 
 /// Drains an outlet into its socket until it is closed and empty, aborted,
-/// or a write fails or makes no progress for `write_timeout`.
+/// or a write fails. Bytes that make no progress for `write_timeout` (the
+/// socket takes nothing, or the peer grants no credit for what is queued)
+/// make the connection a slow consumer.
 pub(crate) async fn write_loop(out: Arc<Outlet>, write_timeout: Duration) {
     let Some(sock) = out.socket() else {
         return;
     };
+    // Since when queued bytes wait for the peer's credit, and the outbox's
+    // progress then (producers may write directly meanwhile). Only frames
+    // taken for writing are progress: CREDIT frames we keep sending to a
+    // peer that talks but grants nothing are not.
+    let mut starved: Option<(Instant, u64)> = None;
     loop {
         let Some(mut t) = out.outbox.claim() else {
             // Nothing to write, or a producer is writing directly (its
-            // release wakes us if it leaves anything, or on close).
+            // release wakes us if it leaves anything, or on close), or
+            // what is queued waits for credit.
             if out.abort.is_cancelled() || (out.outbox.is_closed() && !out.outbox.is_writing()) {
                 break;
             }
+            if out.outbox.queued() == 0 {
+                starved = None;
+                tokio::select! {
+                    _ = out.notify.notified() => {}
+                    _ = out.abort.cancelled() => break,
+                }
+                continue;
+            }
+            let progress = out.outbox.progress();
+            let (since, mark) = match starved {
+                Some((since, mark)) if mark == progress => (since, mark),
+                _ => *starved.insert((Instant::now(), progress)),
+            };
             tokio::select! {
                 _ = out.notify.notified() => {}
                 _ = out.abort.cancelled() => break,
+                _ = tokio::time::sleep_until(since + write_timeout) => {
+                    if out.outbox.progress() == mark && out.outbox.waits_for_credit() {
+                        out.overflow(&format!(
+                            "the peer granted no credit for {write_timeout:?} (--write-timeout)"
+                        ));
+                        break;
+                    }
+                    // Someone wrote meanwhile, or is writing: start over.
+                    starved = None;
+                }
             }
             continue;
         };
@@ -137,10 +222,12 @@ pub(crate) async fn write_loop(out: Arc<Outlet>, write_timeout: Duration) {
                 break;
             }
             Err(_) => {
-                info!(
-                    conn = out.id,
-                    "write timed out after {write_timeout:?}; closing"
-                );
+                let why =
+                    format!("a write made no progress for {write_timeout:?} (--write-timeout)");
+                if !out.overflow(&why) {
+                    // Already closing (a drain): not a verdict on the peer.
+                    debug!(conn = out.id, "{why}; closing");
+                }
                 break;
             }
         }

@@ -3,16 +3,21 @@
 //! each to the connection's [`Frames`], end the batch (one flush for all the
 //! frames of a read), grant the peer credit for what was consumed, then read
 //! more, until the peer closes, the connection is aborted or the broker
-//! shuts down.
+//! shuts down. It also keeps the connection alive, as NATS does: a peer
+//! that sent nothing for a ping interval gets a PING, and one that has left
+//! `max_out` PINGs unanswered when the next is due is stale
+//! ([`Ended::Stale`]). A peer that sends traffic is never PINGed.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::{Buf, BytesMut};
 use sockbus_protocol::flow::RecvWindow;
-use sockbus_protocol::frame::{self, Header};
+use sockbus_protocol::frame::{self, encode_ping, Header};
 use sockbus_protocol::{FrameRef, Kind, ProtocolError, HEADER_LEN};
 use tokio::io::AsyncReadExt;
 use tokio::net::tcp::OwnedReadHalf;
+use tokio::time::{Instant, MissedTickBehavior};
 use tokio_util::sync::CancellationToken;
 
 use crate::outlet::Outlet;
@@ -36,6 +41,25 @@ pub(crate) trait Frames {
     fn end_batch(&mut self) -> Option<Arc<Stream>>;
 }
 
+/// Keepalive settings (`--ping-interval`, `--max-pings-out`).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Keepalive {
+    /// A peer that sent nothing for this long gets a PING.
+    pub interval: Duration,
+    /// PINGs a peer may leave unanswered; when the next one is due with
+    /// this many out, the connection is stale.
+    pub max_out: u32,
+}
+
+/// How a reading loop ended, other than by an error in the peer's frames.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Ended {
+    /// The peer closed, the connection was aborted or the broker shuts down.
+    Closed,
+    /// The peer left this many keepalive PINGs unanswered.
+    Stale { unanswered: u32 },
+}
+
 pub(crate) struct FrameReader {
     max_body: u32,
     recv: RecvWindow,
@@ -43,23 +67,32 @@ pub(crate) struct FrameReader {
     consumed: usize,
     /// Bytes still to discard of an oversized frame.
     skip: usize,
+    keepalive: Keepalive,
+    /// Bytes arrived since the last keepalive tick.
+    heard: bool,
+    /// Keepalive PINGs sent since the last PONG.
+    pings_out: u32,
 }
 
 impl FrameReader {
     /// `window`: the receive window we announced; `consumed`: bytes of it
     /// the handshake already used.
-    pub fn new(max_body: u32, window: u32, consumed: usize) -> Self {
+    pub fn new(max_body: u32, window: u32, consumed: usize, keepalive: Keepalive) -> Self {
         FrameReader {
             max_body,
             recv: RecvWindow::new(window),
             consumed,
             skip: 0,
+            keepalive,
+            heard: false,
+            pings_out: 0,
         }
     }
 
-    /// Reads until the peer closes (`Ok`), a frame handler fails, or
-    /// `abort`/`shutdown` is cancelled (`Ok`). `out` is the connection's
-    /// own outlet, where credit is granted.
+    /// Reads until the peer closes, `abort`/`shutdown` is cancelled
+    /// (`Ended::Closed`), the keepalive gives up on the peer
+    /// (`Ended::Stale`) or a frame handler fails (`Err`). `out` is the
+    /// connection's own outlet, where credit is granted and PINGs queued.
     pub async fn run<F: Frames>(
         &mut self,
         f: &mut F,
@@ -67,11 +100,14 @@ impl FrameReader {
         buf: &mut BytesMut,
         out: &Outlet,
         shutdown: &CancellationToken,
-    ) -> Result<(), F::Error> {
+    ) -> Result<Ended, F::Error> {
         // Made once: registering with a token per read costs two locks each.
         let aborted = out.abort.clone().cancelled_owned();
         let shut_down = shutdown.cancelled();
         tokio::pin!(aborted, shut_down);
+        let every = self.keepalive.interval;
+        let mut tick = tokio::time::interval_at(Instant::now() + every, every);
+        tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
         loop {
             let r = self.decode(f, buf);
             let full = f.end_batch();
@@ -88,18 +124,48 @@ impl FrameReader {
             if buf.capacity() - buf.len() < 4096 {
                 buf.reserve(READ_CHUNK);
             }
+            // Checked here too: a peer that keeps the socket readable (a
+            // flood) would otherwise be read on after its connection was
+            // aborted (a slow-consumer verdict), since the read wins below.
+            if out.abort.is_cancelled() {
+                return Ok(Ended::Closed);
+            }
             tokio::select! {
                 biased;
                 r = rd.read_buf(buf) => {
                     if r? == 0 {
-                        return Ok(());
+                        return Ok(Ended::Closed);
                     }
+                    self.heard = true;
                     sockbus_protocol::busy_poll::touch();
                 }
-                _ = aborted.as_mut() => return Ok(()),
-                _ = shut_down.as_mut() => return Ok(()),
+                _ = aborted.as_mut() => return Ok(Ended::Closed),
+                _ = shut_down.as_mut() => return Ok(Ended::Closed),
+                _ = tick.tick() => {
+                    if let Some(end) = self.keepalive_tick(out) {
+                        return Ok(end);
+                    }
+                }
             }
         }
+    }
+
+    /// A ping interval went by: nothing to do when the peer was heard from
+    /// meanwhile; otherwise it is stale with `max_out` PINGs unanswered, or
+    /// gets one more.
+    fn keepalive_tick(&mut self, out: &Outlet) -> Option<Ended> {
+        if std::mem::take(&mut self.heard) {
+            return None;
+        }
+        if self.pings_out >= self.keepalive.max_out {
+            return Some(Ended::Stale {
+                unanswered: self.pings_out,
+            });
+        }
+        self.pings_out += 1;
+        let id = u64::from(self.pings_out);
+        out.control(|b| encode_ping(b, id));
+        None
     }
 
     /// Handles every whole frame in `buf`.
@@ -128,6 +194,10 @@ impl FrameReader {
                 buf.reserve(len - buf.len());
                 return Ok(());
             }
+            if h.kind == Kind::Pong {
+                // Whatever it answers, the peer is alive and reading.
+                self.pings_out = 0;
+            }
             f.frame(frame::decode_body(&h, &buf[HEADER_LEN..len])?)?;
             // Credit frames are outside the flow-control window.
             if h.kind != Kind::Credit {
@@ -141,7 +211,13 @@ impl FrameReader {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use sockbus_protocol::frame::{encode_ping, encode_pub};
+    use sockbus_protocol::frame::{encode_ping, encode_pong, encode_pub};
+    use sockbus_protocol::outbox::Outbox;
+
+    const KEEPALIVE: Keepalive = Keepalive {
+        interval: Duration::from_secs(1),
+        max_out: 2,
+    };
 
     #[derive(Debug, thiserror::Error)]
     enum TestError {
@@ -198,7 +274,7 @@ mod tests {
     fn frames_split_at_every_byte_arrive_whole_and_an_oversized_one_is_skipped() {
         let all = frames(1000);
         for cut in 0..all.len() {
-            let mut r = FrameReader::new(1000 + 64, 1 << 20, 0);
+            let mut r = FrameReader::new(1000 + 64, 1 << 20, 0, KEEPALIVE);
             let mut seen = Seen::default();
             let mut buf = BytesMut::new();
             // Two reads, split at `cut`.
@@ -221,7 +297,7 @@ mod tests {
 
     #[test]
     fn an_oversized_frame_the_connection_refuses_ends_it() {
-        let mut r = FrameReader::new(1000 + 64, 1 << 20, 0);
+        let mut r = FrameReader::new(1000 + 64, 1 << 20, 0, KEEPALIVE);
         let mut seen = Seen {
             refuse_oversized: true,
             ..Default::default()
@@ -233,8 +309,52 @@ mod tests {
 
     #[test]
     fn garbage_is_a_protocol_error() {
-        let mut r = FrameReader::new(1 << 20, 1 << 20, 0);
+        let mut r = FrameReader::new(1 << 20, 1 << 20, 0, KEEPALIVE);
         let mut buf = BytesMut::from(&b"GET / HTTP/1.1\r\n\r\n"[..]);
         assert!(r.decode(&mut Seen::default(), &mut buf).is_err());
+    }
+
+    /// PINGs the keepalive queued for the peer, by id.
+    fn pings(out: &Outlet) -> Vec<u64> {
+        let t = out.outbox.take();
+        let mut data = &t.data[..];
+        let mut v = Vec::new();
+        while let Ok(Some((f, len))) = frame::decode(data, u32::MAX) {
+            data = &data[len..];
+            if let FrameRef::Ping(id) = f {
+                v.push(id);
+            }
+        }
+        v
+    }
+
+    #[test]
+    fn a_silent_peer_gets_max_out_pings_then_is_stale_and_a_pong_or_traffic_resets_it() {
+        let out = Outlet::new(
+            1,
+            Outbox::bounded(1 << 20, 0),
+            CancellationToken::new(),
+            None,
+        );
+        let mut r = FrameReader::new(1 << 20, 1 << 20, 0, KEEPALIVE);
+        assert_eq!(r.keepalive_tick(&out), None);
+        assert_eq!(r.keepalive_tick(&out), None);
+        assert_eq!(pings(&out).len(), 2);
+        // A PONG answers them all.
+        let mut buf = BytesMut::new();
+        encode_pong(&mut buf, 1);
+        r.decode(&mut Seen::default(), &mut buf).unwrap();
+        assert_eq!(r.keepalive_tick(&out), None);
+        assert_eq!(r.keepalive_tick(&out), None);
+        assert_eq!(pings(&out).len(), 2, "PINGed again once idle again");
+        // Traffic since the last tick: no PING, no verdict.
+        r.heard = true;
+        assert_eq!(r.keepalive_tick(&out), None);
+        assert!(pings(&out).is_empty());
+        assert_eq!(
+            r.keepalive_tick(&out),
+            Some(Ended::Stale { unanswered: 2 }),
+            "two PINGs out when the third is due"
+        );
     }
 }

@@ -357,3 +357,117 @@ async fn a_subscriber_that_never_reads_does_not_slow_a_fast_one_and_is_cut_off_a
     );
     assert!(stalled.closed().await, "the stalled connection was closed");
 }
+
+/// A subscriber that reads everything it is sent but never grants credit:
+/// the broker may send it one window (8 MiB), then its messages wait for
+/// CREDIT. With `talks`, it also publishes every 100 ms, so the broker owes
+/// it credit and keeps writing CREDIT frames to it: that is no progress for
+/// the messages held for it. Either way it is closed after the write
+/// timeout (1 s here), long before its 64 MiB budget fills.
+async fn withhold_credit(talks: bool) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut cfg = common::test_config();
+    cfg.write_timeout = Duration::from_secs(1);
+    cfg.recv_window = 1; // the smallest the broker allows: two frames of max payload
+    let b = TestBroker::with(cfg).await;
+    let (c, mut s) = bystander(&b).await;
+    let mut raw = Raw::connect(b.addr).await;
+    raw.send_frame(Frame::Sub {
+        sid: 1,
+        subject: "nocredit".into(),
+        queue: None,
+    })
+    .await;
+    raw.send_frame(Frame::Ping(1)).await;
+    assert_eq!(raw.next().await, Some(Frame::Pong(1)));
+    let p = sockbus_client::connect(&b.url).await.unwrap();
+    // 12 MiB: more than the window, far less than the 64 MiB budget.
+    let payload = vec![1u8; 64 << 10];
+    for _ in 0..192 {
+        p.publish("nocredit", &payload).await.unwrap();
+    }
+    p.flush().await.unwrap();
+    // Half a MiB per round: the broker grants credit for it every round
+    // or so (a quarter of its smallest window, 2 MiB).
+    let mut chatter = BytesMut::new();
+    for _ in 0..8 {
+        encode_pub(&mut chatter, "nobody.listens", None, &[], &payload).unwrap();
+    }
+    let mut got = 0usize;
+    let mut tmp = vec![0u8; 1 << 20];
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(8);
+    let closed = loop {
+        let read = tokio::time::timeout(Duration::from_millis(100), raw.stream.read(&mut tmp));
+        match tokio::time::timeout_at(deadline, read).await {
+            Err(_) => break false,
+            Ok(Ok(Ok(0))) | Ok(Ok(Err(_))) => break true,
+            Ok(Ok(Ok(n))) => got += n,
+            Ok(Err(_)) => {}
+        }
+        if talks && raw.stream.write_all(&chatter).await.is_err() {
+            break true;
+        }
+    };
+    assert!(
+        closed,
+        "a connection that granted no credit for the write timeout was closed (it received {got} bytes)"
+    );
+    assert!(got <= 9 << 20, "no more than the window was sent: {got}");
+    let slow = sockbus_broker::metrics::Metrics::get(&b.state.metrics().slow_consumers);
+    assert_eq!(slow, 1, "counted as a slow consumer");
+    still_works(&c, &mut s).await;
+}
+
+#[tokio::test]
+async fn a_subscriber_that_withholds_credit_is_closed_after_the_write_timeout() {
+    withhold_credit(false).await;
+}
+
+#[tokio::test]
+async fn a_subscriber_that_withholds_credit_while_it_publishes_is_closed_after_the_write_timeout() {
+    withhold_credit(true).await;
+}
+
+/// A subscriber that stops reading, with a window so large that credit never
+/// holds the broker back: its socket fills, the write makes no progress, and
+/// after the write timeout (1 s here) it is closed and counted as a slow
+/// consumer, long before its 64 MiB budget fills.
+#[tokio::test]
+async fn a_subscriber_that_stops_reading_is_closed_after_the_write_timeout() {
+    use tokio::io::AsyncWriteExt;
+    let mut cfg = common::test_config();
+    cfg.write_timeout = Duration::from_secs(1);
+    let b = TestBroker::with(cfg).await;
+    let (c, mut s) = bystander(&b).await;
+    let mut raw = Raw::connect_only(b.addr).await;
+    let mut hello = BytesMut::new();
+    sockbus_protocol::frame::encode_connect(&mut hello, 0, 1 << 30, "stalled", b"").unwrap();
+    raw.stream.write_all(&hello).await.unwrap();
+    assert!(matches!(raw.next().await, Some(Frame::Info { .. })));
+    raw.send_frame(Frame::Sub {
+        sid: 1,
+        subject: "stalled".into(),
+        queue: None,
+    })
+    .await;
+    raw.send_frame(Frame::Ping(1)).await;
+    assert_eq!(raw.next().await, Some(Frame::Pong(1)));
+    let p = sockbus_client::connect(&b.url).await.unwrap();
+    // 32 MiB: more than the socket buffers hold, half the budget.
+    let payload = vec![1u8; 64 << 10];
+    for _ in 0..512 {
+        p.publish("stalled", &payload).await.unwrap();
+    }
+    p.flush().await.unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let slow = || sockbus_broker::metrics::Metrics::get(&b.state.metrics().slow_consumers);
+    while slow() == 0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "a subscriber whose socket took nothing for 1 s was not cut off"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(raw.closed().await, "the stalled connection was closed");
+    still_works(&c, &mut s).await;
+}

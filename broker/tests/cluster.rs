@@ -511,3 +511,106 @@ async fn a_durable_publish_on_one_node_is_stored_by_the_stream_on_another_and_ac
     // Nothing was stored on A or C: they have no streams.
     assert!(a.state.streams().is_empty() && c.state.streams().is_empty());
 }
+
+/// A peer that dials `b`'s cluster port and sends the route handshake
+/// (CONNECT with the route flag); the test decides what it does next.
+async fn fake_route_peer(b: &TestBroker) -> TcpStream {
+    use tokio::io::AsyncWriteExt;
+    let route = b.state.config().cluster.expect("a cluster port");
+    let mut s = TcpStream::connect(route).await.unwrap();
+    let mut hello = bytes::BytesMut::new();
+    sockbus_protocol::frame::encode_connect(
+        &mut hello,
+        sockbus_protocol::frame::CONNECT_ROUTE,
+        0,
+        "fake",
+        b"",
+    )
+    .unwrap();
+    s.write_all(&hello).await.unwrap();
+    s
+}
+
+async fn wait_metric(b: &TestBroker, what: &str, m: impl Fn(&Metrics) -> u64) {
+    let t = std::time::Instant::now();
+    while m(b.state.metrics()) == 0 {
+        assert!(t.elapsed() < Duration::from_secs(15), "no {what} counted");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Reads what the broker sends until it closes the socket (None if it
+/// does not within 10 s): the frames it sent.
+async fn until_closed(s: &mut TcpStream) -> Option<Vec<sockbus_protocol::Frame>> {
+    use tokio::io::AsyncReadExt;
+    let mut buf = bytes::BytesMut::new();
+    loop {
+        match tokio::time::timeout(Duration::from_secs(10), s.read_buf(&mut buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => break,
+            Ok(Ok(_)) => {}
+            Err(_) => return None,
+        }
+    }
+    let mut frames = Vec::new();
+    let mut at = &buf[..];
+    while let Ok(Some((f, len))) = sockbus_protocol::frame::decode(at, u32::MAX) {
+        frames.push(sockbus_protocol::Frame::from(f));
+        at = &at[len..];
+    }
+    Some(frames)
+}
+
+/// Routes follow the client rules: a peer that completes the route
+/// handshake and then goes silent is PINGed and closed as stale.
+#[tokio::test]
+async fn a_route_peer_that_goes_silent_is_closed_as_stale() {
+    let mut cfg = common::test_config();
+    cfg.cluster = Some(free("127.0.0.1"));
+    cfg.ping_interval = Duration::from_secs(1);
+    cfg.max_pings_out = 2;
+    let b = TestBroker::with(cfg).await;
+    let mut peer = fake_route_peer(&b).await;
+    // Silent: nothing is sent; what arrives is read only to see the close,
+    // after the broker gave up on the PINGs.
+    wait_metric(&b, "stale route", |m| Metrics::get(&m.stale_connections)).await;
+    let frames = until_closed(&mut peer).await.expect("the route was closed");
+    let pings = frames
+        .iter()
+        .filter(|f| matches!(f, sockbus_protocol::Frame::Ping(_)))
+        .count();
+    assert_eq!(pings, 2, "{frames:?}");
+    assert!(
+        matches!(frames.last(), Some(sockbus_protocol::Frame::Err { code, .. })
+            if *code == sockbus_protocol::frame::code::STALE_CONNECTION),
+        "{frames:?}"
+    );
+    assert_eq!(Metrics::get(&b.state.metrics().routes), 0);
+}
+
+/// Routes follow the client rules: a peer that floods PINGs and never reads
+/// the PONGs is cut off at the `--max-pending` budget as a slow consumer.
+#[tokio::test]
+async fn a_route_peer_that_never_reads_is_cut_off_at_the_budget() {
+    use tokio::io::AsyncWriteExt;
+    let mut cfg = common::test_config();
+    cfg.cluster = Some(free("127.0.0.1"));
+    cfg.max_pending = 4 << 20;
+    let b = TestBroker::with(cfg).await;
+    let mut peer = fake_route_peer(&b).await;
+    let mut pings = bytes::BytesMut::new();
+    for i in 0..4096 {
+        sockbus_protocol::frame::encode_ping(&mut pings, i);
+    }
+    let flood = async {
+        // Far more PONGs than the budget holds; the broker closes first.
+        for _ in 0..1024 {
+            if peer.write_all(&pings).await.is_err() {
+                return true;
+            }
+        }
+        false
+    };
+    let cut = tokio::time::timeout(Duration::from_secs(15), flood).await;
+    assert_eq!(cut, Ok(true), "the flooding route was closed");
+    assert_eq!(Metrics::get(&b.state.metrics().slow_consumers), 1);
+}

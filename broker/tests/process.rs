@@ -306,6 +306,84 @@ async fn memory_of_many_subscriptions_is_given_back_when_they_end() {
     subscribe_all(&mut raw, 0..10).await;
 }
 
+/// A raw TCP client that sends CONNECT and then PINGs as fast as the
+/// socket takes them, never reading and never granting credit, until the
+/// broker closes the connection or `stop` is set. Returns the bytes it sent
+/// and whether the broker closed it.
+fn ping_flood(
+    addr: std::net::SocketAddr,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> std::thread::JoinHandle<(usize, bool)> {
+    use std::io::Write;
+    std::thread::spawn(move || {
+        let mut s = std::net::TcpStream::connect(addr).unwrap();
+        let mut b = bytes::BytesMut::new();
+        sockbus_protocol::frame::encode_connect(&mut b, 0, 0, "flood", b"").unwrap();
+        s.write_all(&b).unwrap();
+        let mut pings = bytes::BytesMut::new();
+        for i in 0..4096 {
+            sockbus_protocol::frame::encode_ping(&mut pings, i);
+        }
+        let mut sent = 0;
+        while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+            match s.write(&pings) {
+                Ok(n) => sent += n,
+                Err(_) => return (sent, true),
+            }
+        }
+        (sent, false)
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_ping_flood_that_never_reads_is_cut_off_while_others_are_served() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let http: std::net::SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    // Default budget (64 MiB) and write timeout.
+    let b = Broker::spawn(&["--http", &http.to_string()]).await;
+    let c = sockbus_client::connect(&b.url).await.unwrap();
+    let mut sub = c.subscribe("rt").await.unwrap();
+    c.flush().await.unwrap();
+    let stop = std::sync::Arc::new(AtomicBool::new(false));
+    let flood = ping_flood(b.addr, stop.clone());
+    const LIMIT_KIB: u64 = 128 << 10;
+    // Typically a few seconds; generous for a loaded machine (a debug
+    // broker answers every PING until the budget is full).
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut round_trips = 0u32;
+    // Round trips through the broker while the flood runs; the flood is
+    // stopped early if the broker's memory passes the limit.
+    while !flood.is_finished() {
+        if Instant::now() > deadline || b.status_kib("VmRSS:") > LIMIT_KIB {
+            stop.store(true, Ordering::Relaxed);
+            break;
+        }
+        c.publish("rt", round_trips.to_le_bytes()).await.unwrap();
+        let m = common::recv(&mut sub).await;
+        assert_eq!(m.payload.as_ref(), round_trips.to_le_bytes());
+        round_trips += 1;
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let (sent, closed) = flood.join().unwrap();
+    let peak = b.status_kib("VmHWM:");
+    assert!(
+        peak < LIMIT_KIB,
+        "broker peak RSS {} MiB under a PING flood of {} MiB",
+        peak >> 10,
+        sent >> 20
+    );
+    assert!(closed, "the broker closed the flooding connection");
+    assert_eq!(metric(http, "sockbus_slow_consumers_total"), 1.0);
+    // Others are still served after it.
+    c.publish("rt", b"after").await.unwrap();
+    assert_eq!(common::recv(&mut sub).await.payload.as_ref(), b"after");
+    eprintln!(
+        "flood sent {} MiB; broker peak RSS {} MiB; {round_trips} round trips meanwhile",
+        sent >> 20,
+        peak >> 10
+    );
+}
+
 /// CPU seconds (user + system) the process has used.
 fn cpu_seconds(pid: u32) -> f64 {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();

@@ -66,6 +66,10 @@ pub(crate) struct Inner {
     pub(crate) stalled: AtomicBool,
     /// Wakes the reader task when a subscriber made room while `stalled`.
     pub(crate) room: Notify,
+    /// Keepalive: bytes arrived from the broker since the last ping tick.
+    pub(crate) heard: AtomicBool,
+    /// Keepalive: PINGs sent since the last PONG.
+    pub(crate) pings_out: AtomicU32,
     /// The closing ERR the broker sent on the current connection, if any.
     pub(crate) close_reason: Mutex<Option<(u16, String)>>,
     /// Connections lost so far, and why the last one was (the broker's
@@ -124,6 +128,8 @@ impl Inner {
             closed: Notify::new(),
             stalled: AtomicBool::new(false),
             room: Notify::new(),
+            heard: AtomicBool::new(false),
+            pings_out: AtomicU32::new(0),
             close_reason: Mutex::new(None),
             lost: Mutex::new((0, None)),
             connected: tokio::sync::watch::channel(false).0,

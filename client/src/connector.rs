@@ -9,8 +9,8 @@ use std::sync::Arc;
 use bytes::{Buf, BytesMut};
 use sockbus_protocol::flow::effective_window;
 use sockbus_protocol::frame::{
-    self, code, encode_connect, encode_sub, encode_unsub, CONNECT_EXPLICIT_ACKS, CONNECT_NO_ECHO,
-    CONNECT_NO_RESPONDERS,
+    self, code, encode_connect, encode_ping, encode_sub, encode_unsub, CONNECT_EXPLICIT_ACKS,
+    CONNECT_NO_ECHO, CONNECT_NO_RESPONDERS,
 };
 use sockbus_protocol::{Backoff, FrameRef};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -158,6 +158,9 @@ async fn supervise(inner: Arc<Inner>, first: Conn) {
             }
             inner.connected.send_replace(false);
             inner.fail_pings(|| Error::Disconnected);
+            // Requests waiting for a reply on the lost connection fail now
+            // (with `Disconnected`), not at their timeout.
+            lock(&inner.requests).clear();
             if inner.is_closing() {
                 break;
             }
@@ -213,6 +216,8 @@ async fn serve(inner: &Arc<Inner>, conn: Conn) -> Error {
     let side = Arc::new(ReadSide::new(wr.clone(), rd, buf, recv_window, info_len));
     // A message held up on the last connection went with it.
     inner.stalled.store(false, Ordering::SeqCst);
+    inner.heard.store(false, Ordering::Relaxed);
+    inner.pings_out.store(0, Ordering::Relaxed);
     lock(&inner.close_reason).take();
     *lock(&inner.read) = Some(side.clone());
     // Frames queued while there was no connection.
@@ -225,11 +230,40 @@ async fn serve(inner: &Arc<Inner>, conn: Conn) -> Error {
             Ok(e) => e,
             Err(_) => Error::Disconnected,
         },
+        e = keepalive(inner) => e,
     };
     abort.abort();
     lock(&inner.sock).take();
     lock(&inner.read).take();
     r
+}
+
+/// Keepalive, the broker's rule from this side: after a ping interval
+/// without a byte from the broker, PING it; when `max_pings_out` PINGs are
+/// unanswered as the next one is due, the connection is stale (a broker
+/// that is stopped, or a network that drops everything, never closes the
+/// socket) and ends, so the supervisor reconnects.
+async fn keepalive(inner: &Inner) -> Error {
+    let every = inner.opts.ping_interval;
+    let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        // A full subscription holding up the read side ([`Overflow::Wait`])
+        // leaves the broker's answers unread: that says nothing of the broker.
+        if inner.heard.swap(false, Ordering::Relaxed) || inner.stalled.load(Ordering::SeqCst) {
+            continue;
+        }
+        let out = inner.pings_out.load(Ordering::Relaxed);
+        if out >= inner.opts.max_pings_out {
+            return Error::StaleConnection(out);
+        }
+        inner.pings_out.store(out + 1, Ordering::Relaxed);
+        // Id 0: no flush waits for it.
+        if inner.control(|b| encode_ping(b, 0)).is_err() {
+            return Error::Closed;
+        }
+    }
 }
 
 #[cfg(test)]

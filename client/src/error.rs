@@ -22,6 +22,8 @@ pub enum Error {
     Closed,
     #[error("disconnected from the broker")]
     Disconnected,
+    #[error("stale connection: the broker answered none of {0} PINGs")]
+    StaleConnection(u32),
     #[error("protocol error: {0}")]
     Protocol(ProtocolError),
     #[error(transparent)]

@@ -52,6 +52,8 @@ pub struct ConnectOptions {
     pub(crate) send_buffer: usize,
     pub(crate) recv_window: u32,
     pub(crate) no_echo: bool,
+    pub(crate) ping_interval: Duration,
+    pub(crate) max_pings_out: u32,
 }
 
 impl Default for ConnectOptions {
@@ -70,6 +72,8 @@ impl Default for ConnectOptions {
             send_buffer: 32 << 20,
             recv_window: 8 << 20,
             no_echo: false,
+            ping_interval: Duration::from_secs(120),
+            max_pings_out: 2,
         }
     }
 }
@@ -142,6 +146,21 @@ impl ConnectOptions {
     /// Do not receive this client's own publishes on its subscriptions.
     pub fn no_echo(mut self, yes: bool) -> Self {
         self.no_echo = yes;
+        self
+    }
+
+    /// Keepalive: after this long without anything from the broker the
+    /// client sends it a PING (default 2 minutes). See
+    /// [`max_pings_out`](Self::max_pings_out).
+    pub fn ping_interval(mut self, d: Duration) -> Self {
+        self.ping_interval = d.max(Duration::from_millis(1));
+        self
+    }
+    /// Keepalive: a connection that left this many PINGs unanswered when
+    /// the next one is due is stale: the client drops it and reconnects
+    /// (default 2, so a dead broker is noticed within three intervals).
+    pub fn max_pings_out(mut self, n: u32) -> Self {
+        self.max_pings_out = n.max(1);
         self
     }
 

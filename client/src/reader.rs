@@ -11,7 +11,7 @@ use std::task::{Context, Poll};
 use bytes::{Buf, Bytes, BytesMut};
 use sockbus_protocol::flow::RecvWindow;
 use sockbus_protocol::frame::{self, code, encode_pong};
-use sockbus_protocol::{FrameRef, Kind, HEADER_LEN};
+use sockbus_protocol::{FrameRef, Kind, ProtocolError, HEADER_LEN, MAX_FRAME_OVERHEAD};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, Notify};
@@ -172,6 +172,7 @@ impl ReadSide {
             (Some(n), _) => {
                 // SAFETY: recv initialised the first n spare bytes.
                 unsafe { st.buf.set_len(st.buf.len() + n) };
+                inner.heard.store(true, Ordering::Relaxed);
                 sockbus_protocol::busy_poll::touch();
                 st.handle(inner)?;
                 Ok(Progress::Read)
@@ -305,7 +306,13 @@ fn read_batch(
     consumed: &mut usize,
     stalled: &mut Option<Stalled>,
 ) -> Result<(), Error> {
-    let max_body = u32::MAX;
+    // The broker's frames carry at most its max payload (from INFO) and the
+    // fields around it: anything longer is a broken or lying broker, refused
+    // from the header alone instead of reserving room for it.
+    let max_body = inner
+        .max_payload
+        .load(Ordering::Relaxed)
+        .saturating_add(2 * MAX_FRAME_OVERHEAD);
     let mut subs: Option<MutexGuard<'_, SubMap>> = None;
     while stalled.is_none() {
         let h = match frame::parse_header(buf) {
@@ -314,7 +321,11 @@ fn read_batch(
             Err(e) => return Err(e.into()),
         };
         if h.len > max_body {
-            return Err(Error::Disconnected);
+            return Err(ProtocolError::FrameTooLarge {
+                len: h.len,
+                max: max_body,
+            }
+            .into());
         }
         let len = h.frame_len();
         if buf.len() < len {
@@ -342,6 +353,9 @@ fn read_batch(
 fn handle_control(inner: &Inner, f: FrameRef<'_>) -> Result<(), Error> {
     match f {
         FrameRef::Pong(id) => {
+            // Whatever it answers, the broker is alive (keepalive PINGs
+            // carry id 0, which answers no flush).
+            inner.pings_out.store(0, Ordering::Relaxed);
             let mut pings = lock(&inner.pings);
             while pings.front().is_some_and(|(p, _)| *p <= id) {
                 if let Some((_, tx)) = pings.pop_front() {

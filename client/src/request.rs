@@ -38,7 +38,11 @@ impl Client {
         format!("{}_{n}", self.inner.inbox_prefix)
     }
 
-    /// Sends a request and waits for the first reply, up to the request timeout.
+    /// Sends a request and waits for the first reply, up to the request
+    /// timeout. Fails at once with [`Error::Disconnected`] when the
+    /// connection is lost meanwhile; it is not retried (the request may
+    /// have reached a responder, or, still queued, be sent on the next
+    /// connection).
     pub async fn request(&self, subject: &str, payload: impl AsRef<[u8]>) -> Result<Message> {
         self.request_timeout(subject, payload, self.inner.opts.request_timeout)
             .await
@@ -131,7 +135,10 @@ impl Client {
         match tokio::time::timeout(timeout, reply).await {
             Ok(Ok(m)) if m.is_no_responders() => Err(Error::NoResponders),
             Ok(Ok(m)) => Ok(m),
-            Ok(Err(_)) => Err(Error::Closed),
+            // Its connection was lost (see `connector::supervise`), or the
+            // client closed.
+            Ok(Err(_)) if inner.is_closing() => Err(Error::Closed),
+            Ok(Err(_)) => Err(Error::Disconnected),
             Err(_) => {
                 lock(&inner.requests).remove(&id);
                 Err(Error::Timeout)

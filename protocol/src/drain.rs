@@ -17,7 +17,8 @@ pub enum Kick {
     /// Wrote what the socket took without blocking. `left`: bytes remain
     /// queued, for the writer task.
     Wrote { result: io::Result<()>, left: bool },
-    /// More is queued than a producer writes itself: wake the writer task.
+    /// More is queued than a producer writes itself, or it waits for the
+    /// peer's credit: wake the writer task.
     Wake,
     /// Someone else is writing; their release takes care of the rest.
     Busy,

@@ -15,7 +15,13 @@
 //! The buffer is bounded by a byte budget. A push that would exceed it is
 //! refused and the connection is treated as a slow consumer, so a reader that
 //! stops reading costs the broker at most `budget` bytes and never slows the
-//! producer or other subscribers.
+//! producer or other subscribers. The broker's outboxes
+//! ([`Outbox::bounded`]) count every byte held for the connection against
+//! it: frames queued (messages and control frames alike, through
+//! [`Outbox::push`] and [`Outbox::push_frame`]), the batch being written,
+//! what a partial write left behind and the CREDIT frame owed. The SDK's
+//! ([`Outbox::new`]) count only what is queued: a writer's claim frees room
+//! for publishers at once.
 //!
 //! Flow control (protocol::flow) limits what the writer may take: only whole
 //! frames, and no more than the peer's credit. Credit we owe the peer is kept
@@ -45,10 +51,12 @@ pub enum Push {
 pub enum Direct {
     /// Write this without blocking, then [`Outbox::release`].
     Write(Take),
-    /// Too much is queued for a direct write: wake the writer task.
+    /// Too much is queued for a direct write, or what is queued waits for
+    /// the peer's credit (the writer task keeps the time): wake the writer
+    /// task.
     Wake,
-    /// Someone else writes what is queued, or nothing may be written yet
-    /// (credit will wake the writer): nothing to do.
+    /// Someone else writes what is queued, or there is nothing to write:
+    /// nothing to do.
     Busy,
 }
 
@@ -141,17 +149,38 @@ struct Inner {
     unwritten: Bytes,
     /// Counts resets: a claim taken before one is void after it.
     epoch: u64,
+    /// Bytes of the current claim (see [`Outbox::claim`]), until released.
+    taken: usize,
+    /// Bytes of frames ever claimed for writing (wrapping): moves whenever
+    /// anything is written.
+    claimed: u64,
 }
 
 pub struct Outbox {
     inner: Mutex<Inner>,
     budget: usize,
+    /// The budget counts every byte held, not only the queue ([`Outbox::bounded`]).
+    all_held: bool,
 }
 
 impl Outbox {
     /// `budget`: most bytes held for this connection. `send_window`: the
     /// peer's receive window (0 = no flow control).
+    /// The budget counts the bytes queued and not yet taken by a writer.
     pub fn new(budget: usize, send_window: u32) -> Self {
+        Self::with(budget, send_window, false)
+    }
+
+    /// Like [`Outbox::new`], but the budget counts every byte held for the
+    /// connection until it is in the socket: queued, being written, left
+    /// over by a partial write, and the CREDIT frame owed. The broker's
+    /// outboxes are these, so a peer that reads nothing costs at most
+    /// `budget` bytes however large a window it declared.
+    pub fn bounded(budget: usize, send_window: u32) -> Self {
+        Self::with(budget, send_window, true)
+    }
+
+    fn with(budget: usize, send_window: u32, all_held: bool) -> Self {
         Outbox {
             inner: Mutex::new(Inner {
                 buf: BytesMut::new(),
@@ -161,9 +190,26 @@ impl Outbox {
                 writing: false,
                 unwritten: Bytes::new(),
                 epoch: 0,
+                taken: 0,
+                claimed: 0,
             }),
             budget,
+            all_held,
         }
+    }
+
+    /// Bytes counted against the budget.
+    fn held(&self, g: &Inner) -> usize {
+        if !self.all_held {
+            return g.buf.len();
+        }
+        let credit = if g.grant > 0 { CREDIT_FRAME_LEN } else { 0 };
+        g.buf.len() + g.unwritten.len() + g.taken + credit
+    }
+
+    /// The byte budget given at creation.
+    pub fn budget(&self) -> usize {
+        self.budget
     }
 
     fn lock(&self) -> crate::sync::MutexGuardCompat<'_, Inner> {
@@ -181,7 +227,8 @@ impl Outbox {
             return Push::Closed;
         }
         // One frame larger than the whole budget still goes out alone.
-        if !g.buf.is_empty() && g.buf.len() + len > self.budget {
+        let held = self.held(&g);
+        if held > 0 && held + len > self.budget {
             return Push::OverBudget;
         }
         let was_empty = g.buf.is_empty() && g.grant == 0;
@@ -190,8 +237,31 @@ impl Outbox {
         Push::Queued { was_empty }
     }
 
-    /// Queues a control frame (PONG, ERR) regardless of the budget; these
-    /// are small and bounded by what the peer itself sends.
+    /// Queues one frame of a length not known in advance (a control frame:
+    /// PONG, PING, ERR, INFO, SUB to a peer) within the budget, like
+    /// [`Outbox::push`]: a peer that asks for answers and never reads them
+    /// runs out of budget like one that never reads its messages.
+    pub fn push_frame(&self, encode: impl FnOnce(&mut BytesMut)) -> Push {
+        let mut g = self.lock();
+        if g.closed {
+            return Push::Closed;
+        }
+        let held = self.held(&g);
+        let was_empty = g.buf.is_empty() && g.grant == 0;
+        let at = g.buf.len();
+        encode(&mut g.buf);
+        let len = g.buf.len() - at;
+        if held > 0 && held + len > self.budget {
+            g.buf.truncate(at);
+            return Push::OverBudget;
+        }
+        Push::Queued { was_empty }
+    }
+
+    /// Queues a control frame regardless of the budget. For the SDK, whose
+    /// control frames (SUB, UNSUB, a flush's PING) are the application's own
+    /// and must get through a send buffer full of publishes; the broker
+    /// uses [`Outbox::push_frame`].
     pub fn push_control(&self, encode: impl FnOnce(&mut BytesMut)) -> Push {
         let mut g = self.lock();
         if g.closed {
@@ -202,12 +272,15 @@ impl Outbox {
         Push::Queued { was_empty }
     }
 
-    /// Records credit to grant the peer. Returns true when the writer must be woken.
+    /// Records credit to grant the peer. Returns true when the writer must
+    /// be woken: no grant was pending. Also when frames are queued: they may
+    /// be waiting for the peer's credit, and the CREDIT frame must not wait
+    /// with them (a writer busy with them takes it on its next claim).
     pub fn grant(&self, n: u32) -> bool {
         let mut g = self.lock();
-        let was_empty = g.buf.is_empty() && g.grant == 0;
+        let was_none = g.grant == 0;
         g.grant = g.grant.saturating_add(n);
-        was_empty
+        was_none
     }
 
     /// Applies credit granted by the peer.
@@ -260,7 +333,8 @@ impl Outbox {
         }
         match Self::claim_locked(&mut g) {
             Some(t) => Direct::Write(t),
-            None => Direct::Busy,
+            None if g.buf.is_empty() => Direct::Busy,
+            None => Direct::Wake,
         }
     }
 
@@ -286,6 +360,8 @@ impl Outbox {
             epoch: g.epoch,
         };
         g.writing = true;
+        g.taken = t.len();
+        g.claimed = g.claimed.wrapping_add(n as u64);
         Some(t)
     }
 
@@ -301,6 +377,7 @@ impl Outbox {
             return true;
         }
         g.writing = false;
+        g.taken = 0;
         debug_assert!(g.unwritten.is_empty());
         if !rest.is_empty() {
             g.unwritten = rest.into_bytes();
@@ -319,6 +396,24 @@ impl Outbox {
     /// Bytes queued and not yet taken by the writer.
     pub fn queued(&self) -> usize {
         self.lock().buf.len()
+    }
+
+    /// Bytes of frames claimed for writing so far (wrapping): a writer that
+    /// sees it move knows the connection made progress, whoever wrote.
+    pub fn progress(&self) -> u64 {
+        self.lock().claimed
+    }
+
+    /// True when frames are queued that the peer's credit does not let any
+    /// writer take, and nothing else is waiting to be written: the
+    /// connection waits for a CREDIT frame.
+    pub fn waits_for_credit(&self) -> bool {
+        let g = self.lock();
+        !g.writing
+            && g.unwritten.is_empty()
+            && g.grant == 0
+            && !g.buf.is_empty()
+            && aligned_prefix(&g.buf, g.send.available()) == 0
     }
 
     /// Bytes written but not yet credited by the peer.
@@ -343,6 +438,7 @@ impl Outbox {
         g.closed = false;
         g.writing = false;
         g.unwritten = Bytes::new();
+        g.taken = 0;
         g.epoch += 1;
         let mut b = BytesMut::with_capacity(prefix.len() + g.buf.len());
         b.extend_from_slice(prefix);
@@ -369,5 +465,135 @@ impl Outbox {
 
     pub fn is_closed(&self) -> bool {
         self.lock().closed
+    }
+}
+
+#[cfg(all(test, not(sockbus_loom)))]
+mod tests {
+    use super::*;
+    use crate::frame::{encode_ping, encode_pong, encode_pub};
+
+    const PONG: usize = 20;
+
+    fn pong(ob: &Outbox, id: u64) -> Push {
+        ob.push_frame(|b| encode_pong(b, id))
+    }
+
+    #[test]
+    fn control_frames_count_against_the_budget() {
+        let ob = Outbox::bounded(10 * PONG, 1 << 20);
+        for i in 0..10 {
+            assert!(matches!(pong(&ob, i), Push::Queued { .. }), "pong {i}");
+        }
+        assert_eq!(pong(&ob, 10), Push::OverBudget);
+        assert_eq!(
+            ob.queued(),
+            10 * PONG,
+            "the refused frame left nothing behind"
+        );
+    }
+
+    #[test]
+    fn the_batch_being_written_and_a_partial_write_still_count() {
+        let ob = Outbox::bounded(10 * PONG, 1 << 20);
+        for i in 0..6 {
+            pong(&ob, i);
+        }
+        // A writer takes all six and is stuck writing them.
+        let mut t = ob.claim().expect("something to write");
+        for i in 0..4 {
+            assert!(matches!(pong(&ob, i), Push::Queued { .. }));
+        }
+        assert_eq!(pong(&ob, 4), Push::OverBudget, "6 being written + 4 queued");
+        // The socket took two frames; four are left over, and go out first.
+        let mut wrote = 0;
+        let done = t
+            .write_nonblocking(|_| {
+                if wrote == 0 {
+                    wrote = 2 * PONG;
+                    Ok(2 * PONG)
+                } else {
+                    Err(io::ErrorKind::WouldBlock.into())
+                }
+            })
+            .unwrap();
+        assert!(!done);
+        ob.release(t);
+        assert!(matches!(pong(&ob, 5), Push::Queued { .. }));
+        assert!(matches!(pong(&ob, 6), Push::Queued { .. }));
+        assert_eq!(pong(&ob, 7), Push::OverBudget, "4 left over + 6 queued");
+    }
+
+    #[test]
+    fn the_sdk_outbox_counts_only_the_queue_and_its_control_frames_always_fit() {
+        let ob = Outbox::new(2 * PONG, 0);
+        pong(&ob, 1);
+        pong(&ob, 2);
+        let t = ob.claim().unwrap();
+        assert!(
+            matches!(pong(&ob, 3), Push::Queued { .. }),
+            "the claim freed room"
+        );
+        pong(&ob, 4);
+        assert_eq!(pong(&ob, 5), Push::OverBudget);
+        assert!(matches!(
+            ob.push_control(|b| encode_ping(b, 6)),
+            Push::Queued { .. }
+        ));
+        ob.release(t);
+    }
+
+    #[test]
+    fn a_frame_larger_than_the_budget_goes_out_alone() {
+        let ob = Outbox::bounded(64, 1 << 20);
+        let big = [0u8; 100];
+        let push = |ob: &Outbox| {
+            ob.push(200, |b| {
+                encode_pub(b, "a", None, &[], &big).unwrap();
+            })
+        };
+        assert!(matches!(push(&ob), Push::Queued { .. }));
+        assert_eq!(push(&ob), Push::OverBudget);
+    }
+
+    #[test]
+    fn waiting_for_credit_is_told_apart_from_having_nothing_to_send() {
+        let ob = Outbox::bounded(1 << 20, 2 * PONG as u32);
+        assert!(!ob.waits_for_credit(), "empty");
+        for i in 0..3 {
+            pong(&ob, i);
+        }
+        assert!(!ob.waits_for_credit(), "two frames fit the window");
+        let t = ob.claim().unwrap();
+        assert_eq!(t.data.len(), 2 * PONG);
+        assert!(!ob.waits_for_credit(), "a write is under way");
+        let mut t = t;
+        t.data.clear();
+        ob.release(t);
+        assert!(ob.waits_for_credit(), "one frame queued, no credit left");
+        ob.grant(100);
+        assert!(!ob.waits_for_credit(), "a CREDIT frame of ours can go");
+        if let Some(mut t) = ob.claim() {
+            t.grant = 0;
+            ob.release(t);
+        }
+        assert!(ob.waits_for_credit());
+        ob.on_credit(PONG as u32);
+        assert!(!ob.waits_for_credit(), "credit arrived");
+    }
+
+    #[test]
+    fn credit_owed_wakes_the_writer_even_behind_frames_waiting_for_credit() {
+        let ob = Outbox::bounded(1 << 20, PONG as u32);
+        pong(&ob, 1);
+        pong(&ob, 2);
+        let mut t = ob.claim().unwrap();
+        t.data.clear();
+        ob.release(t);
+        assert!(ob.waits_for_credit());
+        assert!(ob.grant(100), "the CREDIT frame must go out now");
+        assert!(!ob.grant(100), "one wake-up for both grants");
+        let t = ob.claim().expect("the CREDIT frame");
+        assert_eq!((t.grant, t.data.len()), (200, 0));
     }
 }

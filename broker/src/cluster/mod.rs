@@ -38,7 +38,6 @@ use sockbus_protocol::frame::{
     self, encode_connect, encode_err, encode_info, encode_pong, Header, CONNECT_ROUTE, RMSG_NO_ACK,
     RMSG_PLAIN,
 };
-use sockbus_protocol::outbox::Outbox;
 use sockbus_protocol::{Backoff, FrameRef, MAX_FRAME_OVERHEAD};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -49,7 +48,7 @@ use tracing::{debug, info, warn};
 use crate::deliver::Batch;
 use crate::metrics::Metrics;
 use crate::outlet::{write_loop, Outlet};
-use crate::read::{FrameReader, Frames};
+use crate::read::{Ended, FrameReader, Frames, Keepalive};
 use crate::router::Subscription;
 use crate::server::State;
 use crate::streams::Stream;
@@ -312,16 +311,18 @@ async fn run_route(
         info_len,
     } = route;
     let (mut rd, mut wr) = stream.into_split();
-    let link = Arc::new(Outlet::new(
+    // A route has the same budget, write timeout and keepalive as a client
+    // connection: a peer that stops reading is cut off and redialed.
+    let link = Arc::new(state.delivery.outlet(
         state.delivery.next_id(),
-        Outbox::new(state.config.max_pending, send_window),
+        send_window,
         CancellationToken::new(),
         None,
     ));
     let our_window = effective_window(state.config.recv_window, state.config.max_payload);
     if !dialed {
         // The acceptor answers the dialer's CONNECT with INFO, before anything else.
-        link.outbox.push_control(|b| {
+        link.push_control(|b| {
             let _ = encode_info(
                 b,
                 our_window,
@@ -365,11 +366,27 @@ async fn run_route(
         subs: HashMap::new(),
         max_body: state.config.max_payload + MAX_FRAME_OVERHEAD,
     };
-    let r = FrameReader::new(peer.max_body, our_window, info_len)
+    let keepalive = Keepalive {
+        interval: state.config.ping_interval,
+        max_out: state.config.max_pings_out,
+    };
+    let r = FrameReader::new(peer.max_body, our_window, info_len, keepalive)
         .run(&mut peer, &mut rd, &mut buf, &link, shutdown)
         .await;
-    if let Err(e) = &r {
-        debug!(peer = %peer_node, "route read ended: {e}");
+    match &r {
+        Ok(Ended::Closed) => {}
+        Ok(Ended::Stale { unanswered }) => {
+            warn!(peer = %peer_node, "closing a stale cluster route: {unanswered} PINGs unanswered");
+            metrics.stale_connections.fetch_add(1, Ordering::Relaxed);
+            link.control(|b| {
+                encode_err(
+                    b,
+                    frame::code::STALE_CONNECTION,
+                    &format!("stale route: {unanswered} PINGs unanswered"),
+                )
+            });
+        }
+        Err(e) => debug!(peer = %peer_node, "route read ended: {e}"),
     }
     for (_, s) in peer.subs.drain() {
         state.delivery.unsubscribe(&s);
@@ -377,10 +394,16 @@ async fn run_route(
     state.peers.remove_link(link.id);
     metrics.routes.fetch_sub(1, Ordering::Relaxed);
     link.outbox.close();
-    link.abort.cancel();
+    if matches!(r, Ok(Ended::Stale { .. })) {
+        // The writer sends the ERR, then ends the route.
+        link.wake();
+    } else {
+        link.abort.cancel();
+    }
+    // Bounded: the write loop gives up after the write timeout.
     let _ = writer.await;
     link.outbox.clear();
-    r
+    r.map(|_| ())
 }
 
 /// A cluster route's side of the protocol: what the peer's frames mean.
@@ -449,10 +472,7 @@ impl Frames for Peer {
                 self.link.outbox.on_credit(n);
                 self.link.wake();
             }
-            FrameRef::Ping(id) => {
-                self.link.outbox.push_control(|b| encode_pong(b, id));
-                self.link.wake();
-            }
+            FrameRef::Ping(id) => self.link.control(|b| encode_pong(b, id)),
             FrameRef::Pong(_) => {}
             FrameRef::Err { code, text } => {
                 warn!(code, "peer reported an error on the route: {text}")

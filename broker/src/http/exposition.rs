@@ -223,8 +223,15 @@ pub(super) fn render(gw: &Gateway) -> String {
         &mut o,
         "sockbus_slow_consumers_total",
         "counter",
-        "Connections closed for exceeding --max-pending queued bytes.",
+        "Connections closed as slow consumers: over --max-pending queued bytes, or no write progress for --write-timeout.",
         g(&m.slow_consumers),
+    );
+    sample(
+        &mut o,
+        "sockbus_stale_connections_total",
+        "counter",
+        "Connections closed for leaving --max-pings-out keepalive PINGs unanswered.",
+        g(&m.stale_connections),
     );
     sample(&mut o, "sockbus_dropped_messages_total", "counter", "Messages a matching subscriber did not get because its connection was over budget or closing.", g(&m.dropped_messages));
     family(

@@ -2,8 +2,9 @@
 //! one event per message.
 //!
 //! An SSE client subscribes like a native connection: an [`Outlet`] with
-//! its own bounded [`Outbox`] in the router, so the delivery engine encodes
-//! MSG frames into it exactly as for any client, and the same slow-consumer
+//! its own bounded [`Outbox`](sockbus_protocol::outbox::Outbox) in the
+//! router, so the delivery engine encodes MSG frames into it exactly as for
+//! any client, and the same slow-consumer
 //! policy applies (over `--max-pending` queued bytes: dropped and
 //! disconnected).
 //! The response body takes what is queued, decodes the frames and writes
@@ -21,7 +22,6 @@ use hyper::body::Frame;
 use hyper::header::{HeaderValue, CACHE_CONTROL, CONTENT_TYPE};
 use hyper::{Response, StatusCode};
 use sockbus_protocol::frame::{self, iter_headers, FrameRef};
-use sockbus_protocol::outbox::Outbox;
 use tokio_util::sync::CancellationToken;
 use tracing::debug;
 
@@ -94,12 +94,11 @@ pub(super) fn subscribe(
     // The connection's kill token doubles as the subscriber's abort token:
     // a slow-consumer verdict drops the HTTP connection at once, even when
     // hyper is stuck writing to a client that stopped reading.
-    let conn = Arc::new(Outlet::new(
-        state.delivery.next_id(),
-        Outbox::new(state.config.max_pending, 0),
-        ctx.kill.clone(),
-        None,
-    ));
+    let conn = Arc::new(
+        state
+            .delivery
+            .outlet(state.delivery.next_id(), 0, ctx.kill.clone(), None),
+    );
     let sub = match state.delivery.subscribe(
         &Subscriber { api: false },
         &conn,

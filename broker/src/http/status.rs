@@ -217,6 +217,7 @@ pub(super) fn snapshot(gw: &Gateway) -> Value {
             "bytes_in_per_sec": round(per.bytes_in),
             "bytes_out_per_sec": round(per.bytes_out),
             "slow_consumers": g(&m.slow_consumers),
+            "stale_connections": g(&m.stale_connections),
             "dropped": g(&m.dropped_messages),
             "refused": g(&m.payload_too_large) + g(&m.invalid_subjects),
         },

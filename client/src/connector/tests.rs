@@ -209,3 +209,93 @@ async fn a_malformed_frame_ends_the_connection_and_the_subscription() {
         .expect("the client closed the socket")
         .unwrap();
 }
+
+/// Keepalive against a broker that completes the handshake and then goes
+/// silent (as a SIGSTOPped process or a network black hole does: the socket
+/// stays open, nothing comes back): the client notices within a few ping
+/// intervals and reconnects, here to a second connection that answers.
+#[tokio::test]
+async fn a_broker_that_goes_silent_is_noticed_and_the_client_reconnects() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (accepted_tx, mut accepted) = tokio::sync::mpsc::unbounded_channel();
+    let broker = tokio::spawn(async move {
+        let mut held = Vec::new();
+        for n in 0.. {
+            let (mut io, _) = listener.accept().await.unwrap();
+            let mut buf = BytesMut::new();
+            next_frame(&mut io, &mut buf).await.expect("CONNECT");
+            io.write_all(&encode(&[info(1024)])).await.unwrap();
+            let _ = accepted_tx.send(n);
+            if n == 0 {
+                // Silent from here on: never reads, never writes.
+                held.push(io);
+                continue;
+            }
+            // The second one answers PINGs.
+            tokio::spawn(async move {
+                while let Some(f) = next_frame(&mut io, &mut buf).await {
+                    if let Frame::Ping(id) = f {
+                        io.write_all(&encode(&[Frame::Pong(id)])).await.unwrap();
+                    }
+                }
+            });
+        }
+    });
+    let client = ConnectOptions::new()
+        .ping_interval(Duration::from_secs(1))
+        .max_pings_out(2)
+        .connect(&addr.to_string())
+        .await
+        .unwrap();
+    assert_eq!(accepted.recv().await, Some(0));
+    let lost = client.disconnected();
+    let e = tokio::time::timeout(Duration::from_secs(10), lost)
+        .await
+        .expect("the silent broker was noticed within 10 s");
+    assert!(matches!(e, Error::Disconnected), "{e:?}");
+    let second = tokio::time::timeout(Duration::from_secs(10), accepted.recv()).await;
+    assert_eq!(second, Ok(Some(1)), "the client reconnected");
+    client
+        .wait_connected(Duration::from_secs(5))
+        .await
+        .expect("connected again");
+    client.flush().await.expect("the new connection works");
+    broker.abort();
+}
+
+/// A request whose connection is lost fails at once, not at its timeout.
+#[tokio::test]
+async fn a_request_fails_at_once_when_its_connection_is_lost() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let broker = tokio::spawn(async move {
+        let (mut io, _) = listener.accept().await.unwrap();
+        let mut buf = BytesMut::new();
+        next_frame(&mut io, &mut buf).await.expect("CONNECT");
+        io.write_all(&encode(&[info(1024)])).await.unwrap();
+        // The request arrives; the broker goes away before any reply.
+        loop {
+            match next_frame(&mut io, &mut buf).await {
+                Some(Frame::Pub { .. }) => break,
+                Some(_) => {}
+                None => panic!("the client left before its request"),
+            }
+        }
+        drop(io);
+        // Refuse reconnects: nothing listens any more.
+        drop(listener);
+    });
+    let client = ConnectOptions::new()
+        .connect(&addr.to_string())
+        .await
+        .unwrap();
+    let start = std::time::Instant::now();
+    let r = client
+        .request_timeout("svc", "hi", Duration::from_secs(10))
+        .await;
+    let took = start.elapsed();
+    assert!(matches!(r, Err(Error::Disconnected)), "{:?}", r.err());
+    assert!(took < Duration::from_secs(5), "failed after {took:?}");
+    broker.await.unwrap();
+}

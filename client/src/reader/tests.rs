@@ -463,3 +463,25 @@ async fn a_new_info_changes_the_largest_payload_publish_accepts() {
         Err(Error::PayloadTooLarge { size: 17, max: 16 })
     ));
 }
+
+#[tokio::test]
+async fn a_frame_longer_than_the_brokers_limits_ends_the_connection_without_buffering_it() {
+    let client = offline_client(ConnectOptions::default());
+    let inner = &client.inner;
+    let mut st = no_credit();
+    // A MSG header announcing a body of almost 4 GiB (a lying or broken broker).
+    let mut lie = vec![0x53, 0x42, 6, 0];
+    lie.extend_from_slice(&(u32::MAX - 16).to_le_bytes());
+    lie.extend_from_slice(&[0; 4]);
+    let e = feed(&mut st, inner, &lie).expect_err("the connection ends");
+    assert!(
+        matches!(e, Error::Protocol(ProtocolError::FrameTooLarge { .. })),
+        "{e:?}"
+    );
+    assert!(e.to_string().contains("exceeds the limit"), "{e}");
+    assert!(
+        st.buf.capacity() < 1 << 20,
+        "nothing was reserved for it: {} bytes",
+        st.buf.capacity()
+    );
+}
