@@ -169,6 +169,9 @@ pub struct Options {
     /// Most subscriptions one client connection may hold; 0: no limit (default 65536).
     #[arg(long, env = "SOCKBUS_MAX_SUBSCRIPTIONS")]
     pub max_subscriptions: Option<usize>,
+    /// Most durable streams this broker holds; creating one more is refused (default 10000).
+    #[arg(long, env = "SOCKBUS_MAX_STREAMS")]
+    pub max_streams: Option<usize>,
     /// Outbound bytes held per connection before it is closed as a slow consumer (default 64MiB).
     #[arg(long, env = "SOCKBUS_MAX_PENDING")]
     pub max_pending: Option<ByteSize>,
@@ -220,6 +223,8 @@ pub struct Config {
     pub max_connections: usize,
     /// Subscriptions per connection; 0: no limit.
     pub max_subscriptions: usize,
+    /// Most durable streams; streams found on disk beyond it still open.
+    pub max_streams: usize,
     pub max_pending: usize,
     pub write_timeout: Duration,
     /// Keepalive: a connection silent this long gets a PING.
@@ -254,6 +259,7 @@ impl Default for Config {
             max_payload: sockbus_protocol::DEFAULT_MAX_PAYLOAD,
             max_connections: 65536,
             max_subscriptions: DEFAULT_MAX_SUBSCRIPTIONS,
+            max_streams: crate::streams::DEFAULT_MAX_STREAMS,
             max_pending: 64 << 20,
             write_timeout: Duration::from_secs(10),
             ping_interval: Duration::from_secs(120),
@@ -339,6 +345,10 @@ impl Options {
         if write_timeout.is_zero() {
             bail!("--write-timeout must be longer than 0 (e.g. 10s)");
         }
+        let max_streams = o.max_streams.unwrap_or(d.max_streams);
+        if max_streams == 0 {
+            bail!("--max-streams must be at least 1");
+        }
         let (http, http_explicit) = match o.http.as_deref().map(str::trim) {
             None => (Some(parse_addr("http", DEFAULT_HTTP)?), false),
             Some("off" | "none" | "") => (None, true),
@@ -369,6 +379,7 @@ impl Options {
             max_payload: max_payload as u32,
             max_connections,
             max_subscriptions: o.max_subscriptions.unwrap_or(d.max_subscriptions),
+            max_streams,
             max_pending: max_pending as usize,
             write_timeout,
             ping_interval,
@@ -409,6 +420,7 @@ impl Options {
             max_payload: self.max_payload.or(file.max_payload),
             max_connections: self.max_connections.or(file.max_connections),
             max_subscriptions: self.max_subscriptions.or(file.max_subscriptions),
+            max_streams: self.max_streams.or(file.max_streams),
             max_pending: self.max_pending.or(file.max_pending),
             write_timeout: self.write_timeout.or(file.write_timeout),
             ping_interval: self.ping_interval.or(file.ping_interval),
@@ -546,6 +558,26 @@ mod tests {
             let e = o.resolve().unwrap_err().to_string();
             assert!(e.contains(flag), "{e}");
         }
+    }
+
+    #[test]
+    fn max_streams_defaults_to_ten_thousand_reads_the_file_and_refuses_zero() {
+        assert_eq!(Options::default().resolve().unwrap().max_streams, 10_000);
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("b.toml");
+        std::fs::write(&path, "max-streams = 500\n").unwrap();
+        let file = |flag: Option<usize>| {
+            Options {
+                config: Some(path.clone()),
+                max_streams: flag,
+                ..Default::default()
+            }
+            .resolve()
+        };
+        assert_eq!(file(None).unwrap().max_streams, 500);
+        assert_eq!(file(Some(20_000)).unwrap().max_streams, 20_000);
+        let e = format!("{:#}", file(Some(0)).unwrap_err());
+        assert!(e.contains("--max-streams must be at least 1"), "{e}");
     }
 
     #[test]

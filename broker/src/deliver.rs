@@ -332,6 +332,11 @@ impl Delivery {
         Ok(())
     }
 
+    /// The largest payload a message may carry (`--max-payload`).
+    pub fn max_payload(&self) -> usize {
+        self.0.max_payload as usize
+    }
+
     /// Counts a message refused for its size before it was even read (the
     /// native reader skips its bytes) and returns the error to report.
     pub fn too_large(&self, size: usize) -> PublishError {

@@ -41,6 +41,19 @@ enum AccelCommand {
     },
 }
 
+/// Blocking-pool threads beyond one per core: the broker's threads stay
+/// under 2 x cores + 16 (main, workers, the pool, segment verification).
+const BLOCKING_THREADS_OVER_CORES: usize = 6;
+
+/// Raises the soft open-file limit to the hard one: streams keep half of it
+/// for their files (docs/storage.md, "Open files"), connections the rest.
+fn raise_open_file_limit() {
+    match rlimit::increase_nofile_limit(u64::MAX) {
+        Ok(n) => info!("open-file limit (RLIMIT_NOFILE): {n}"),
+        Err(e) => warn!("cannot raise the open-file limit (RLIMIT_NOFILE): {e}"),
+    }
+}
+
 fn main() {
     let cli = Cli::parse();
     if let Err(e) = run(cli) {
@@ -82,6 +95,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     if !config.peers.is_empty() && config.cluster.is_none() {
         bail!("--peers needs --cluster ADDR: peers dial this broker's route port too");
     }
+    raise_open_file_limit();
     // A poller helps only where its thread owns the I/O driver; with more
     // workers another one sleeps in epoll_wait holding it.
     let mut rt = if config.busy_poll.is_some() {
@@ -89,8 +103,13 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     } else {
         tokio::runtime::Builder::new_multi_thread()
     };
+    // Disk work of every stream (writer rounds, fsyncs, consumer reads)
+    // runs on the blocking pool: bounded, so 10,000 streams busy at once
+    // queue for a few threads instead of starting hundreds.
+    let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
     let rt = rt
         .enable_all()
+        .max_blocking_threads(cores + BLOCKING_THREADS_OVER_CORES)
         .build()
         .context("cannot start the async runtime")?;
     rt.block_on(async move {

@@ -21,7 +21,8 @@ use crate::config::Config;
 use crate::deliver::Delivery;
 use crate::metrics::Metrics;
 use crate::router::Router;
-use crate::streams::{StreamInfo, Streams, StreamsMetrics};
+use crate::store::FileCache;
+use crate::streams::{StreamInfo, StreamLimits, Streams, StreamsMetrics};
 
 /// What the broker's front ends share, built once in [`Server::bind`].
 pub struct State {
@@ -99,10 +100,18 @@ impl Server {
             config.max_pending,
             config.max_subscriptions,
         );
-        let streams = Arc::new(Streams::open(
+        let open_files = FileCache::budget();
+        info!(
+            "stream files: at most {open_files} kept open (half the open-file limit), the rest is for connections"
+        );
+        let streams = Arc::new(Streams::open_with(
             &config.data_dir,
             delivery.clone(),
             Some(peers.clone()),
+            StreamLimits {
+                max_streams: config.max_streams,
+                open_files,
+            },
         )?);
         metrics.sources.register(Arc::new(ClusterMetrics {
             metrics: metrics.clone(),

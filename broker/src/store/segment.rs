@@ -11,6 +11,7 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use super::files::{CachedFile, FileCache, Mode};
 use super::record::{self, Decoded};
 
 pub const SEG_MAGIC: &[u8; 8] = b"SBSEG001";
@@ -38,7 +39,9 @@ pub struct BadRange {
 pub struct Segment {
     pub base: u64,
     pub path: PathBuf,
-    pub file: Arc<File>,
+    /// Opened on demand through the broker's file cache: hold what
+    /// `file.open()` returns for one I/O only.
+    pub file: CachedFile,
     /// Bytes readers may read: everything committed.
     pub len: u64,
     pub first_seq: u64,
@@ -96,7 +99,12 @@ pub struct Scan {
 
 impl Segment {
     /// Creates an empty segment file for records from `base` on.
-    pub fn create(dir: &Path, base: u64, sync: bool) -> io::Result<Segment> {
+    pub fn create(
+        dir: &Path,
+        base: u64,
+        sync: bool,
+        files: &Arc<FileCache>,
+    ) -> io::Result<Segment> {
         let path = seg_path(dir, base);
         let file = std::fs::OpenOptions::new()
             .read(true)
@@ -115,10 +123,13 @@ impl Segment {
             let _ = std::fs::remove_file(&path);
             return Err(e);
         }
+        let cached = files.file(path.clone(), Mode::ReadWrite);
+        // The writer's next commit goes here.
+        cached.adopt(file);
         Ok(Segment {
             base,
             path,
-            file: Arc::new(file),
+            file: cached,
             len: SEG_HEADER,
             first_seq: 0,
             last_seq: 0,
@@ -136,21 +147,20 @@ impl Segment {
     /// trusted as is (its CRCs are checked when read or by the background
     /// verification); otherwise the file is scanned, and `truncate` cuts a
     /// torn tail (only ever for the last segment).
+    /// A sealed segment trusted this way is not even opened: its file is
+    /// opened when first read.
     pub fn open(
         path: &Path,
         base: u64,
         sealed: bool,
         truncate: bool,
+        files: &Arc<FileCache>,
     ) -> io::Result<(Segment, Option<Scan>)> {
-        let file = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open(path)?;
-        let file_len = file.metadata()?.len();
+        let file_len = std::fs::metadata(path)?.len();
         let mut seg = Segment {
             base,
             path: path.to_path_buf(),
-            file: Arc::new(file),
+            file: files.file(path.to_path_buf(), Mode::ReadWrite),
             len: file_len,
             first_seq: 0,
             last_seq: 0,
@@ -167,22 +177,30 @@ impl Segment {
                 return Ok((seg, None));
             }
         }
-        let scan = scan_file(&seg.file, base)?;
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(path)?;
+        let scan = scan_file(&file, base)?;
         seg.apply_scan(&scan);
         seg.verified = true;
         if truncate && scan.valid_end < file_len {
             // A torn tail: nothing valid follows, cut it off.
-            seg.file.set_len(scan.valid_end.max(SEG_HEADER))?;
-            seg.file.sync_data()?;
+            file.set_len(scan.valid_end.max(SEG_HEADER))?;
+            file.sync_data()?;
             seg.len = scan.valid_end.max(SEG_HEADER);
         } else {
             seg.len = file_len.max(SEG_HEADER);
         }
-        if truncate && !has_header(&seg.file) {
+        if truncate && !has_header(&file) {
             // Created just before a crash: records appended after a missing
             // header would be unreadable (and cut) at the next open.
-            write_header(&seg.file, base)?;
-            seg.file.sync_data()?;
+            write_header(&file, base)?;
+            file.sync_data()?;
+        }
+        if truncate {
+            // The last segment: the writer appends to it next.
+            seg.file.adopt(file);
         }
         Ok((seg, Some(scan)))
     }
@@ -257,6 +275,7 @@ impl Segment {
     }
 
     pub fn remove_files(&self) {
+        self.file.close();
         let _ = std::fs::remove_file(&self.path);
         let _ = std::fs::remove_file(idx_path(&self.path));
     }

@@ -10,6 +10,8 @@
 //! Request bodies are read strictly (see [`super::strict`]): a field the
 //! broker does not know is refused, naming it.
 
+use std::sync::Arc;
+
 use serde::Serialize;
 use sockbus_protocol::api::subject::{self, Api};
 use sockbus_protocol::api::{ApiError, ConsumerList, Deleted, StreamList, StreamListRequest};
@@ -22,7 +24,7 @@ use crate::deliver::Delivery;
 
 /// What the API needs of the broker: the streams, and a way to answer.
 struct Ctx<'a> {
-    streams: &'a Streams,
+    streams: &'a Arc<Streams>,
     delivery: &'a Delivery,
 }
 
@@ -36,11 +38,48 @@ pub fn error_body(e: &StreamError) -> Vec<u8> {
 
 fn reply_with<T: Serialize>(state: &Ctx<'_>, reply: Option<&str>, r: Result<T, StreamError>) {
     let Some(reply) = reply else { return };
-    let body = match r {
+    let mut body = match r {
         Ok(v) => serde_json::to_vec(&v).expect("serialisable"),
         Err(e) => error_body(&e),
     };
+    // An answer that cannot be delivered would leave the requester waiting
+    // until its timeout: it gets this error instead (STREAM.LIST of many
+    // streams is the one that can grow that large).
+    let max = state.delivery.max_payload();
+    if body.len() > max {
+        body = error_body(&StreamError::AnswerTooLarge {
+            size: body.len(),
+            max,
+            hint: "ask for one stream by name (STREAM.INFO) or by subject (STREAM.LIST with {\"subject\": ...})",
+        });
+    }
     let _ = state.delivery.publish_now(reply, &[], &body);
+}
+
+/// Runs `f` (file-system work with fsyncs: creating, deleting a stream)
+/// on the runtime's blocking pool and answers when it is done, so the
+/// connection's reader and the runtime's workers never wait on the disk.
+/// Without a runtime (some unit tests) it runs here.
+fn on_disk<T, F>(state: &Ctx<'_>, reply: Option<&str>, f: F)
+where
+    T: Serialize + Send + 'static,
+    F: FnOnce(&Streams) -> Result<T, StreamError> + Send + 'static,
+{
+    let streams = state.streams.clone();
+    let delivery = state.delivery.clone();
+    let reply = reply.map(str::to_string);
+    let job = move || {
+        let r = f(&streams);
+        let ctx = Ctx {
+            streams: &streams,
+            delivery: &delivery,
+        };
+        reply_with(&ctx, reply.as_deref(), r);
+    };
+    match tokio::runtime::Handle::try_current() {
+        Ok(rt) => drop(rt.spawn_blocking(job)),
+        Err(_) => job(),
+    }
 }
 
 fn parse<'a, T: serde::Deserialize<'a>>(payload: &'a [u8]) -> Result<T, StreamError> {
@@ -50,7 +89,7 @@ fn parse<'a, T: serde::Deserialize<'a>>(payload: &'a [u8]) -> Result<T, StreamEr
 
 /// Handles a PUB to a `$SB.` subject (never routed to subscribers).
 pub(crate) fn handle(
-    streams: &Streams,
+    streams: &Arc<Streams>,
     delivery: &Delivery,
     subject: &str,
     reply: Option<&str>,
@@ -91,16 +130,20 @@ pub(crate) fn handle(
                         cfg.name
                     )));
                 }
-                streams.create(cfg)
+                Ok(cfg)
             });
-            reply_with(state, reply, r)
+            match r {
+                Ok(cfg) => on_disk(state, reply, move |s| s.create(cfg)),
+                Err(e) => reply_with::<()>(state, reply, Err(e)),
+            }
         }
         Api::StreamInfo { stream: name } => reply_with(state, reply, streams.info(name)),
-        Api::StreamDelete { stream: name } => reply_with(
-            state,
-            reply,
-            streams.delete(name).map(|_| Deleted { deleted: true }),
-        ),
+        Api::StreamDelete { stream: name } => {
+            let name = name.to_string();
+            on_disk(state, reply, move |s| {
+                s.delete(&name).map(|_| Deleted { deleted: true })
+            })
+        }
         Api::StreamList => {
             let r = parse::<StreamListRequest>(payload).and_then(|req| {
                 let streams = match req.subject {
@@ -214,10 +257,15 @@ mod tests {
     use crate::streams::testing::{delivery, Inbox};
 
     /// Sends one API request and returns its answer.
-    fn request(streams: &Streams, d: &Delivery, subject: &str, body: &str) -> serde_json::Value {
+    async fn request(
+        streams: &Arc<Streams>,
+        d: &Delivery,
+        subject: &str,
+        body: &str,
+    ) -> serde_json::Value {
         let inbox = Inbox::new(d, "_INBOX.api.1");
         handle(streams, d, subject, Some(&inbox.subject), body.as_bytes());
-        let got = inbox.take();
+        let got = inbox.next().await;
         assert_eq!(got.len(), 1, "one answer");
         serde_json::from_slice(&got[0].payload).unwrap()
     }
@@ -233,14 +281,15 @@ mod tests {
     async fn a_stream_create_naming_an_unknown_field_is_refused_with_the_field_named() {
         let dir = tempfile::tempdir().unwrap();
         let d = delivery();
-        let streams = Streams::open(dir.path(), d.clone(), None).unwrap();
+        let streams = Arc::new(Streams::open(dir.path(), d.clone(), None).unwrap());
         let create = subject::stream_create("ORDERS");
         let a = request(
             &streams,
             &d,
             &create,
             r#"{"subjects":["orders.>"],"max_msg":10}"#,
-        );
+        )
+        .await;
         assert_eq!(
             refused(&a),
             (
@@ -256,7 +305,8 @@ mod tests {
             &d,
             &create,
             r#"{"subjects":["orders.>"],"max_msgs":10}"#,
-        );
+        )
+        .await;
         assert_eq!(a["config"]["max_msgs"], 10, "{a}");
     }
 
@@ -264,12 +314,12 @@ mod tests {
     async fn a_consumer_create_naming_an_unknown_field_is_refused_with_the_field_named() {
         let dir = tempfile::tempdir().unwrap();
         let d = delivery();
-        let streams = Streams::open(dir.path(), d.clone(), None).unwrap();
+        let streams = Arc::new(Streams::open(dir.path(), d.clone(), None).unwrap());
         streams
             .create(StreamConfig::new("ORDERS", ["orders.>"]))
             .unwrap();
         let create = subject::consumer_create("ORDERS");
-        let a = request(&streams, &d, &create, r#"{"durable":"w","ack_wait":5}"#);
+        let a = request(&streams, &d, &create, r#"{"durable":"w","ack_wait":5}"#).await;
         assert_eq!(
             refused(&a),
             (
@@ -280,7 +330,35 @@ mod tests {
             )
         );
         assert!(streams.get("ORDERS").unwrap().consumer("w").is_none());
-        let a = request(&streams, &d, &create, r#"{"durable":"w","ack_wait_ms":5}"#);
+        let a = request(&streams, &d, &create, r#"{"durable":"w","ack_wait_ms":5}"#).await;
         assert_eq!(a["config"]["ack_wait_ms"], 5, "{a}");
+    }
+
+    #[tokio::test]
+    async fn a_stream_list_larger_than_the_max_payload_is_answered_with_an_error_saying_so() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = crate::deliver::Delivery::new(
+            crate::router::Router::default(),
+            Default::default(),
+            4096,
+            64 << 20,
+        );
+        let streams = Arc::new(Streams::open(dir.path(), d.clone(), None).unwrap());
+        for i in 0..30 {
+            streams
+                .create(StreamConfig::new(format!("S{i}"), [format!("s.{i}")]))
+                .unwrap();
+        }
+        let a = request(&streams, &d, subject::STREAM_LIST, "").await;
+        let (e, status) = refused(&a);
+        assert_eq!(status, 413, "{a}");
+        assert!(
+            e.contains("more than the largest payload, 4096 bytes (--max-payload)")
+                && e.contains("by subject (STREAM.LIST"),
+            "{e}"
+        );
+        // One stream by subject still fits.
+        let a = request(&streams, &d, subject::STREAM_LIST, r#"{"subject":"s.7"}"#).await;
+        assert_eq!(a["streams"][0]["config"]["name"], "S7", "{a}");
     }
 }

@@ -10,7 +10,6 @@
 //! acks (an ack with a reply subject) are answered after an fsync.
 
 use std::collections::BTreeMap;
-use std::fs::File;
 use std::io::Write;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -25,6 +24,7 @@ use tracing::{info, warn};
 
 use super::{strict, write_atomic, Stream, StreamError};
 use crate::deliver::{Delivery, Outgoing};
+use crate::store::files::{CachedFile, Mode};
 use crate::store::{now_ns, Log, ReadPos, StoredMsg};
 
 const OP_LEN: usize = 17;
@@ -46,7 +46,8 @@ struct CState {
     pending: BTreeMap<u64, Pend>,
     pos: Option<ReadPos>,
     redelivered: u64,
-    file: Option<Arc<File>>,
+    /// The op log (durable consumers), opened through the streams' file cache.
+    file: Option<CachedFile>,
     file_len: u64,
 }
 
@@ -114,7 +115,7 @@ impl Consumer {
             return;
         }
         if let Some(f) = &st.file {
-            match (&**f).write_all(ops) {
+            match f.open().and_then(|f| (&*f).write_all(ops)) {
                 Ok(()) => st.file_len += ops.len() as u64,
                 Err(e) => warn!(consumer = %self.name, "cannot record consumer state: {e}"),
             }
@@ -137,8 +138,8 @@ impl Consumer {
             op(&mut b, b'D', *seq, p.deliveries);
         }
         write_atomic(path, &b)?;
-        let f = std::fs::OpenOptions::new().append(true).open(path)?;
-        st.file = Some(Arc::new(f));
+        // A new file took the old one's name: open that one from now on.
+        st.file = Some(self.log.files().file(path.clone(), Mode::Append));
         st.file_len = b.len() as u64;
         Ok(())
     }
@@ -190,7 +191,7 @@ impl Consumer {
         match file {
             Some(f) => {
                 tokio::task::spawn_blocking(move || {
-                    let body: &[u8] = match f.sync_data() {
+                    let body: &[u8] = match f.open().and_then(|f| f.sync_data()) {
                         Ok(()) => br#"{"ok":true}"#,
                         Err(_) => br#"{"error":"cannot store the ack","status":503}"#,
                     };
@@ -390,11 +391,8 @@ pub fn create(s: &Arc<Stream>, mut cfg: ConsumerConfig) -> Result<ConsumerInfo, 
         let mut b = Vec::new();
         op(&mut b, b'N', next_seq, 0);
         write_atomic(&path, &b).map_err(storage)?;
-        let f = std::fs::OpenOptions::new()
-            .append(true)
-            .open(&path)
-            .map_err(storage)?;
-        (Some(path), Some(Arc::new(f)), b.len() as u64)
+        let f = s.log.files().file(path.clone(), Mode::Append);
+        (Some(path), Some(f), b.len() as u64)
     } else {
         (None, None, 0)
     };
@@ -511,7 +509,7 @@ pub(crate) fn load_all(s: &Arc<Stream>) {
             .map(|f| {
                 // A torn last op is cut so new ops follow valid ones.
                 let _ = f.set_len(valid as u64);
-                Arc::new(f)
+                s.log.files().file(log_path.clone(), Mode::Append)
             });
         let pend = pending.len();
         let c = start(
@@ -783,7 +781,7 @@ mod tests {
                 for c in s.consumers.lock().unwrap().values() {
                     c.stop();
                 }
-                s.tx.lock().unwrap().take();
+                s.close_writer();
             }
         }
     }

@@ -8,15 +8,16 @@
 
 pub mod api;
 pub mod consumer;
+mod index;
 mod strict;
 #[cfg(test)]
 mod testing;
 mod writer;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, RwLock};
 use std::time::Duration;
 
 use bytes::BytesMut;
@@ -24,12 +25,13 @@ use sockbus_protocol::api::ConfigError;
 use sockbus_protocol::frame::iter_headers;
 use sockbus_protocol::subject::is_inbox;
 use tokio::sync::{oneshot, Notify};
-use tracing::{error, info, warn};
+use tracing::{debug, error, info, warn};
 
 use crate::deliver::Delivery;
 use crate::router::InterestHook;
-use crate::store::{record, Log};
+use crate::store::{record, FileCache, Log};
 pub use consumer::Consumer;
+use index::PatternIndex;
 /// The API's types are shared with the SDK (sockbus_protocol::api).
 pub use sockbus_protocol::api::{
     ConsumerInfo, Fsync, PubAck, StreamConfig, StreamInfo, StreamState,
@@ -39,7 +41,38 @@ pub use sockbus_protocol::api::{
 pub use sockbus_protocol::api::header::MSG_ID as MSG_ID_HEADER;
 /// Bytes a stream's writer may have queued before publishers are slowed down.
 const QUEUE_LIMIT: usize = 32 << 20;
+/// Bytes all the streams' writers together may have queued before
+/// publishers are slowed down: without it 10,000 streams could hold 32 MiB
+/// each (docs/storage.md, "Many streams").
+pub const TOTAL_QUEUE_LIMIT: usize = 256 << 20;
+
+/// The broker-wide count of bytes queued for stream writers.
+pub(crate) struct QueueBudget {
+    queued: AtomicUsize,
+    limit: usize,
+    /// Signalled after every writer round.
+    space: Notify,
+}
+
+impl QueueBudget {
+    pub(crate) fn new(limit: usize) -> Arc<QueueBudget> {
+        Arc::new(QueueBudget {
+            queued: AtomicUsize::new(0),
+            limit,
+            space: Notify::new(),
+        })
+    }
+
+    /// Bytes a round wrote (or failed): no longer queued.
+    pub(crate) fn release(&self, bytes: usize) {
+        self.queued.fetch_sub(bytes, Ordering::AcqRel);
+        self.space.notify_waiters();
+    }
+}
 const DEFAULT_SEGMENT: u64 = 64 << 20;
+/// Streams a broker holds unless `--max-streams` says otherwise: the scale
+/// CI checks (broker/tests/streams_many.rs).
+pub const DEFAULT_MAX_STREAMS: usize = 10_000;
 
 /// What the store derives from a stream's settings.
 pub(crate) trait StreamConfigExt {
@@ -58,7 +91,9 @@ impl StreamConfigExt for StreamConfig {
     }
 }
 
-/// Could one subject match both patterns?
+/// Could one subject match both patterns? The definition the pattern
+/// index (`index.rs`) is checked against.
+#[cfg(test)]
 pub fn patterns_overlap(a: &str, b: &str) -> bool {
     let mut x = a.split('.');
     let mut y = b.split('.');
@@ -87,6 +122,18 @@ pub enum StreamError {
     Storage { name: String, error: String },
     #[error("stream {0:?} was deleted")]
     Deleted(String),
+    #[error("the answer is {size} bytes, more than the largest payload, {max} bytes (--max-payload); {hint}")]
+    AnswerTooLarge {
+        size: usize,
+        max: usize,
+        hint: &'static str,
+    },
+    #[error("cannot create stream {name:?}: the broker holds {count} streams, its limit is {max} (--max-streams)")]
+    TooMany {
+        name: String,
+        count: usize,
+        max: usize,
+    },
 }
 
 impl From<ConfigError> for StreamError {
@@ -99,9 +146,10 @@ impl StreamError {
     /// HTTP-style status for the gateway and the API replies.
     pub fn status(&self) -> u16 {
         match self {
-            StreamError::BadRequest(_) => 400,
+            StreamError::BadRequest(_) | StreamError::TooMany { .. } => 400,
             StreamError::NotFound(_) | StreamError::ConsumerNotFound(_) => 404,
             StreamError::Exists(_) => 409,
+            StreamError::AnswerTooLarge { .. } => 413,
             StreamError::Storage { .. } | StreamError::Deleted(_) => 503,
         }
     }
@@ -139,6 +187,10 @@ pub struct Stream {
     /// Bytes handed to the writer and not yet written.
     queued: AtomicUsize,
     space: Notify,
+    /// Every stream's queued bytes, in total.
+    pub(crate) budget: Arc<QueueBudget>,
+    /// Wakes the writer task: records were queued, or the stream was deleted.
+    wake: Notify,
     pub(crate) consumers: Mutex<HashMap<String, Arc<Consumer>>>,
     deleted: AtomicBool,
     /// Where acks and consumer deliveries go.
@@ -183,13 +235,17 @@ impl Stream {
         match tx.as_ref() {
             Some(tx) => {
                 self.queued.fetch_add(n, Ordering::AcqRel);
+                self.budget.queued.fetch_add(n, Ordering::AcqRel);
                 if let Err(e) = tx.send(req) {
                     self.queued.fetch_sub(n, Ordering::AcqRel);
+                    self.budget.release(n);
                     fail_all(
                         e.0,
                         &StreamError::Deleted(self.config.name.clone()),
                         &self.delivery,
                     );
+                } else {
+                    self.wake.notify_one();
                 }
             }
             None => {
@@ -203,20 +259,35 @@ impl Stream {
         }
     }
 
-    fn over_limit(&self) -> bool {
-        self.queued.load(Ordering::Acquire) > QUEUE_LIMIT
+    /// Ends the writer once it has answered what is queued (dropping the
+    /// sender; publishes after this are answered "deleted").
+    pub(crate) fn close_writer(&self) {
+        self.tx.lock().unwrap_or_else(|p| p.into_inner()).take();
+        self.wake.notify_one();
     }
 
-    /// Waits until the writer's queue is below its limit.
+    /// Over this stream's queue limit, or the broker-wide one.
+    fn over_limit(&self) -> bool {
+        self.queued.load(Ordering::Acquire) > QUEUE_LIMIT
+            || self.budget.queued.load(Ordering::Acquire) > self.budget.limit
+    }
+
+    /// Waits until the writer's queue is below its limit and all the
+    /// writers' queues together are below theirs.
     pub(crate) async fn wait_space(&self) {
         loop {
-            let n = self.space.notified();
-            tokio::pin!(n);
-            n.as_mut().enable();
+            let mine = self.space.notified();
+            let all = self.budget.space.notified();
+            tokio::pin!(mine, all);
+            mine.as_mut().enable();
+            all.as_mut().enable();
             if !self.over_limit() || self.deleted.load(Ordering::Acquire) {
                 return;
             }
-            n.await;
+            tokio::select! {
+                _ = mine => {}
+                _ = all => {}
+            }
         }
     }
 
@@ -254,38 +325,85 @@ fn fail_all(req: WriteReq, e: &StreamError, delivery: &Delivery) {
     batch.finish();
 }
 
+/// What bounds a broker's streams.
+#[derive(Debug, Clone, Copy)]
+pub struct StreamLimits {
+    /// Most streams; creating one more is refused (`--max-streams`).
+    pub max_streams: usize,
+    /// Most stream files (segments, consumer op logs) kept open at once.
+    pub open_files: usize,
+}
+
+impl Default for StreamLimits {
+    fn default() -> Self {
+        StreamLimits {
+            max_streams: DEFAULT_MAX_STREAMS,
+            open_files: FileCache::budget(),
+        }
+    }
+}
+
 /// Every stream of the broker; lives on [`State`].
 pub struct Streams {
     data_dir: PathBuf,
     map: RwLock<HashMap<String, Arc<Stream>>>,
+    /// Every stream's patterns: capture and overlap checks without a scan.
+    index: RwLock<PatternIndex>,
     generation: AtomicU64,
     count: AtomicUsize,
+    max_streams: usize,
+    /// Open files, shared by every stream.
+    files: Arc<FileCache>,
+    /// Bytes queued for all the writers.
+    budget: Arc<QueueBudget>,
     delivery: Delivery,
     /// Told of every stream's subjects, which are interest like a
     /// subscription's: cluster peers forward publishes on them here.
     interest: Option<Arc<dyn InterestHook>>,
-    /// Serialises create/delete (file-system work).
-    admin: Mutex<()>,
+    /// Serialises the checks of create/delete; holds the names of the
+    /// streams being created (reserved: counted and in the index, their
+    /// files being written without the lock held).
+    admin: Mutex<HashSet<String>>,
+    /// Signalled when a create finishes (its name leaves `admin`).
+    created: Condvar,
 }
 
 impl Streams {
-    /// Opens every stream found under `<data_dir>/streams`, with their
-    /// consumers, and announces their subjects to `interest`. Creates
-    /// nothing until the first stream is added. Must run inside a tokio
-    /// runtime (consumers are tasks).
+    /// [`Streams::open_with`] with the default limits.
+    #[cfg(test)]
     pub fn open(
         data_dir: &Path,
         delivery: Delivery,
         interest: Option<Arc<dyn InterestHook>>,
     ) -> anyhow::Result<Streams> {
+        Self::open_with(data_dir, delivery, interest, StreamLimits::default())
+    }
+
+    /// Opens every stream found under `<data_dir>/streams`, with their
+    /// consumers, and announces their subjects to `interest`. Creates
+    /// nothing until the first stream is added. Must run inside a tokio
+    /// runtime (writers and consumers are tasks). Streams found on disk
+    /// beyond `max_streams` are opened all the same (with a warning): their
+    /// data stays served; only creating more is refused.
+    pub fn open_with(
+        data_dir: &Path,
+        delivery: Delivery,
+        interest: Option<Arc<dyn InterestHook>>,
+        limits: StreamLimits,
+    ) -> anyhow::Result<Streams> {
         let streams = Streams {
             data_dir: data_dir.to_path_buf(),
             map: RwLock::new(HashMap::new()),
+            index: RwLock::new(PatternIndex::default()),
             generation: AtomicU64::new(1),
             count: AtomicUsize::new(0),
+            max_streams: limits.max_streams,
+            files: FileCache::new(limits.open_files),
+            budget: QueueBudget::new(TOTAL_QUEUE_LIMIT),
             delivery,
             interest,
-            admin: Mutex::new(()),
+            admin: Mutex::new(HashSet::new()),
+            created: Condvar::new(),
         };
         let root = data_dir.join("streams");
         let Ok(rd) = std::fs::read_dir(&root) else {
@@ -321,18 +439,30 @@ impl Streams {
                 anyhow::anyhow!("cannot open stream {name:?} in {}: {e}", dir.display())
             })?;
             let st = s.log.lock();
-            info!(stream = %name, messages = st.msgs(), first_seq = st.first_seq(), last_seq = st.last_seq(), segments = st.segs.len(), "stream opened");
+            debug!(stream = %name, messages = st.msgs(), first_seq = st.first_seq(), last_seq = st.last_seq(), segments = st.segs.len(), "stream opened");
             drop(st);
+            streams.index_add(&s.config);
             streams
                 .map
                 .write()
                 .unwrap_or_else(|p| p.into_inner())
                 .insert(name, s);
         }
-        streams.count.store(
-            streams.map.read().unwrap_or_else(|p| p.into_inner()).len(),
-            Ordering::Release,
-        );
+        let n = streams.map.read().unwrap_or_else(|p| p.into_inner()).len();
+        streams.count.store(n, Ordering::Release);
+        if n > 0 {
+            info!(
+                streams = n,
+                open_files = streams.files.capacity(),
+                "streams opened"
+            );
+        }
+        if n > streams.max_streams {
+            warn!(
+                "{n} streams found on disk, more than --max-streams {}: all are opened and served, but no new stream can be created until fewer than {} remain",
+                streams.max_streams, streams.max_streams
+            );
+        }
         for s in streams.list_streams() {
             consumer::load_all(&s);
             streams.announce(&s.config.subjects, true);
@@ -341,7 +471,7 @@ impl Streams {
     }
 
     fn start_stream(&self, cfg: StreamConfig, dir: &Path) -> std::io::Result<Arc<Stream>> {
-        let (log, _report) = Log::open(dir, &cfg.name)?;
+        let (log, _report) = Log::open(dir, &cfg.name, &self.files)?;
         let (tx, rx) = std::sync::mpsc::channel();
         let s = Arc::new(Stream {
             config: cfg,
@@ -350,16 +480,29 @@ impl Streams {
             tx: Mutex::new(Some(tx)),
             queued: AtomicUsize::new(0),
             space: Notify::new(),
+            budget: self.budget.clone(),
+            wake: Notify::new(),
             consumers: Mutex::new(HashMap::new()),
             deleted: AtomicBool::new(false),
             delivery: self.delivery.clone(),
         });
-        writer::spawn(s.clone(), rx)?;
-        let log = s.log.clone();
-        std::thread::Builder::new()
-            .name(format!("verify-{}", s.config.name))
-            .spawn(move || log.verify_sealed())?;
+        writer::spawn(s.clone(), rx);
+        if s.log.needs_verify() {
+            verify_in_background(s.log.clone());
+        }
         Ok(s)
+    }
+
+    fn index_add(&self, cfg: &StreamConfig) {
+        let mut ix = self.index.write().unwrap_or_else(|p| p.into_inner());
+        for p in &cfg.subjects {
+            ix.insert(p, &cfg.name);
+        }
+    }
+
+    /// Files the streams keep open now, and the most they may.
+    pub fn open_files(&self) -> (usize, usize) {
+        (self.files.len(), self.files.capacity())
     }
 
     /// Bumped whenever a stream is added or removed (capture caches check it).
@@ -379,12 +522,13 @@ impl Streams {
         if self.is_empty() || is_inbox(subject) {
             return None;
         }
-        self.map
+        let name = self
+            .index
             .read()
             .unwrap_or_else(|p| p.into_inner())
-            .values()
-            .find(|s| s.captures(subject))
-            .cloned()
+            .capture(subject)?
+            .to_string();
+        self.get(&name).filter(|s| s.captures(subject))
     }
 
     pub fn get(&self, name: &str) -> Option<Arc<Stream>> {
@@ -428,46 +572,113 @@ impl Streams {
             .ok_or_else(|| StreamError::NotFound(name.into()))
     }
 
+    /// The admin lock, once no create of `name` is in progress.
+    fn admin_for(&self, name: &str) -> MutexGuard<'_, HashSet<String>> {
+        let mut pending = self.admin.lock().unwrap_or_else(|p| p.into_inner());
+        while pending.contains(name) {
+            pending = self
+                .created
+                .wait(pending)
+                .unwrap_or_else(|p| p.into_inner());
+        }
+        pending
+    }
+
     /// Creates a stream; creating one that exists with the same configuration is a no-op.
+    ///
+    /// Blocks on the disk (files written and fsynced): call it from a
+    /// blocking thread, not a runtime worker. The checks run under the
+    /// admin lock and reserve the name, subjects and a slot under
+    /// `--max-streams`; the files are written without the lock, so
+    /// concurrent creates share the disk's flushes instead of queueing.
     pub fn create(&self, cfg: StreamConfig) -> Result<StreamInfo, StreamError> {
         cfg.validate()?;
-        let _g = self.admin.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(s) = self.get(&cfg.name) {
-            return if s.config == cfg {
-                Ok(s.info())
-            } else {
-                Err(StreamError::Exists(cfg.name))
-            };
-        }
-        for s in self.list_streams() {
-            for p in &s.config.subjects {
-                if let Some(q) = cfg.subjects.iter().find(|q| patterns_overlap(p, q)) {
-                    return Err(StreamError::BadRequest(format!(
-                        "subject {q:?} overlaps {p:?} of stream {:?}",
-                        s.config.name
-                    )));
+        {
+            let mut pending = self.admin_for(&cfg.name);
+            if let Some(s) = self.get(&cfg.name) {
+                return if s.config == cfg {
+                    Ok(s.info())
+                } else {
+                    Err(StreamError::Exists(cfg.name))
+                };
+            }
+            // Counts the streams being created too.
+            let count = self.count.load(Ordering::Acquire);
+            if count >= self.max_streams {
+                return Err(StreamError::TooMany {
+                    name: cfg.name,
+                    count,
+                    max: self.max_streams,
+                });
+            }
+            {
+                let ix = self.index.read().unwrap_or_else(|p| p.into_inner());
+                for q in &cfg.subjects {
+                    if let Some((p, other)) = ix.overlap(q) {
+                        return Err(StreamError::BadRequest(format!(
+                            "subject {q:?} overlaps {p:?} of stream {other:?}"
+                        )));
+                    }
                 }
             }
+            // Reserved. Until it is in the map, a publish the index sends
+            // to it finds no stream and is not captured, as before.
+            pending.insert(cfg.name.clone());
+            self.index_add(&cfg);
+            self.count.fetch_add(1, Ordering::AcqRel);
         }
-        let storage = |e: std::io::Error| StreamError::Storage {
-            name: cfg.name.clone(),
-            error: e.to_string(),
+        let made = self.create_files(&cfg);
+        let mut pending = self.admin.lock().unwrap_or_else(|p| p.into_inner());
+        pending.remove(&cfg.name);
+        self.created.notify_all();
+        let s = match made {
+            Ok(s) => s,
+            Err(e) => {
+                self.index_remove(&cfg);
+                self.count.fetch_sub(1, Ordering::AcqRel);
+                return Err(StreamError::Storage {
+                    name: cfg.name.clone(),
+                    error: e.to_string(),
+                });
+            }
         };
-        let dir = self.data_dir.join("streams").join(&cfg.name);
-        std::fs::create_dir_all(&dir).map_err(storage)?;
-        let json = serde_json::to_vec_pretty(&cfg).expect("serialisable");
-        write_atomic(&dir.join("stream.json"), &json).map_err(storage)?;
-        let s = self.start_stream(cfg.clone(), &dir).map_err(storage)?;
         info!(stream = %cfg.name, subjects = ?cfg.subjects, fsync = ?cfg.fsync, "stream created");
         let info = s.info();
         self.map
             .write()
             .unwrap_or_else(|p| p.into_inner())
             .insert(cfg.name.clone(), s);
-        self.count.fetch_add(1, Ordering::AcqRel);
         self.generation.fetch_add(1, Ordering::AcqRel);
+        drop(pending);
         self.announce(&info.config.subjects, true);
         Ok(info)
+    }
+
+    /// A new stream's directory, configuration and first segment, all on
+    /// disk (fsynced, with the directories that name them) before it is
+    /// acknowledged, so a power loss cannot make a created stream vanish.
+    fn create_files(&self, cfg: &StreamConfig) -> std::io::Result<Arc<Stream>> {
+        let root = self.data_dir.join("streams");
+        let new_root = !root.exists();
+        let dir = root.join(&cfg.name);
+        std::fs::create_dir_all(&dir)?;
+        let json = serde_json::to_vec_pretty(cfg).expect("serialisable");
+        // Syncs `dir` (which names stream.json) too.
+        write_atomic(&dir.join("stream.json"), &json)?;
+        // The entries naming the stream's directory (and `streams/` itself
+        // when this is the first stream).
+        crate::store::segment::sync_dir(&root)?;
+        if new_root {
+            crate::store::segment::sync_dir(&self.data_dir)?;
+        }
+        self.start_stream(cfg.clone(), &dir)
+    }
+
+    fn index_remove(&self, cfg: &StreamConfig) {
+        let mut ix = self.index.write().unwrap_or_else(|p| p.into_inner());
+        for p in &cfg.subjects {
+            ix.remove(p, &cfg.name);
+        }
     }
 
     /// A stream's subjects are interest like a subscription's, so cluster
@@ -485,13 +696,14 @@ impl Streams {
 
     /// Deletes a stream and its data. Publishes in flight to it fail.
     pub fn delete(&self, name: &str) -> Result<(), StreamError> {
-        let _g = self.admin.lock().unwrap_or_else(|p| p.into_inner());
+        let _g = self.admin_for(name);
         let s = self
             .map
             .write()
             .unwrap_or_else(|p| p.into_inner())
             .remove(name)
             .ok_or_else(|| StreamError::NotFound(name.into()))?;
+        self.index_remove(&s.config);
         self.count.fetch_sub(1, Ordering::AcqRel);
         self.generation.fetch_add(1, Ordering::AcqRel);
         self.announce(&s.config.subjects, false);
@@ -505,20 +717,49 @@ impl Streams {
         {
             c.stop();
         }
-        // Dropping the sender ends the writer once it has answered what is queued.
-        s.tx.lock().unwrap_or_else(|p| p.into_inner()).take();
+        s.close_writer();
         let dir = s.dir.clone();
         let trash = dir.with_extension(format!("deleted-{}", rand::random::<u32>()));
         if let Err(e) = std::fs::rename(&dir, &trash) {
             warn!(stream = name, "cannot remove the stream's directory: {e}");
         } else {
-            std::thread::spawn(move || {
+            let remove = move || {
                 let _ = std::fs::remove_dir_all(&trash);
-            });
+            };
+            // On the runtime's (bounded) blocking pool, not a thread each.
+            match tokio::runtime::Handle::try_current() {
+                Ok(rt) => drop(rt.spawn_blocking(remove)),
+                Err(_) => remove(),
+            }
         }
         info!(stream = name, "stream deleted");
         Ok(())
     }
+}
+
+/// Checks the CRCs of a log's sealed segments in the background: one thread
+/// for the whole broker, one log after the other, so start-up with many
+/// streams starts no thread per stream and keeps the blocking pool free.
+/// Reads check every record's CRC anyway, so if the thread cannot start
+/// only the early warning is lost.
+fn verify_in_background(log: Arc<Log>) {
+    static QUEUE: std::sync::OnceLock<Mutex<std::sync::mpsc::Sender<Arc<Log>>>> =
+        std::sync::OnceLock::new();
+    let q = QUEUE.get_or_init(|| {
+        let (tx, rx) = std::sync::mpsc::channel::<Arc<Log>>();
+        if let Err(e) = std::thread::Builder::new()
+            .name("verify-segments".into())
+            .spawn(move || {
+                for log in rx {
+                    log.verify_sealed();
+                }
+            })
+        {
+            error!("cannot start the background verification of sealed segments: {e}");
+        }
+        Mutex::new(tx)
+    });
+    let _ = q.lock().unwrap_or_else(|p| p.into_inner()).send(log);
 }
 
 pub(crate) fn write_atomic(path: &Path, data: &[u8]) -> std::io::Result<()> {
@@ -695,6 +936,14 @@ impl crate::metrics::Source for StreamsMetrics {
                 );
             }
         }
+        let (open, max) = self.0.open_files();
+        let _ = writeln!(
+            out,
+            "# HELP sockbus_stream_open_files Stream files (segments, consumer op logs) open now.\n\
+             # TYPE sockbus_stream_open_files gauge\nsockbus_stream_open_files {open}\n\
+             # HELP sockbus_stream_open_files_max Most stream files kept open (half the open-file limit).\n\
+             # TYPE sockbus_stream_open_files_max gauge\nsockbus_stream_open_files_max {max}"
+        );
     }
 }
 
@@ -710,6 +959,82 @@ mod tests {
             1 << 20,
             0,
         )
+    }
+
+    fn limits(max_streams: usize) -> StreamLimits {
+        StreamLimits {
+            max_streams,
+            open_files: 1,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_stream_beyond_max_streams_is_refused_naming_the_limit_and_a_restart_with_more_on_disk_opens_them_all(
+    ) {
+        let dir = tempfile::tempdir().unwrap();
+        let streams = Streams::open_with(dir.path(), test_delivery(), None, limits(3)).unwrap();
+        for i in 0..3 {
+            streams
+                .create(StreamConfig::new(format!("S{i}"), [format!("s{i}.>")]))
+                .unwrap();
+        }
+        let e = streams
+            .create(StreamConfig::new("S3", ["s3.>"]))
+            .unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            r#"cannot create stream "S3": the broker holds 3 streams, its limit is 3 (--max-streams)"#
+        );
+        assert_eq!(e.status(), 400);
+        assert!(streams.get("S3").is_none());
+        // Creating one that exists is still answered; a delete makes room.
+        streams.create(StreamConfig::new("S0", ["s0.>"])).unwrap();
+        streams.delete("S0").unwrap();
+        streams.create(StreamConfig::new("S3", ["s3.>"])).unwrap();
+        drop(streams);
+
+        let streams = Streams::open_with(dir.path(), test_delivery(), None, limits(2)).unwrap();
+        assert_eq!(streams.list().len(), 3, "every stream on disk opens");
+        assert!(streams.capture("s3.x").is_some());
+        let e = streams
+            .create(StreamConfig::new("S4", ["s4.>"]))
+            .unwrap_err();
+        assert!(
+            matches!(
+                e,
+                StreamError::TooMany {
+                    count: 3,
+                    max: 2,
+                    ..
+                }
+            ),
+            "{e}"
+        );
+    }
+
+    #[tokio::test]
+    async fn overlapping_patterns_are_refused_among_many_streams() {
+        let dir = tempfile::tempdir().unwrap();
+        let streams = Streams::open_with(dir.path(), test_delivery(), None, limits(1000)).unwrap();
+        for i in 0..500 {
+            streams
+                .create(StreamConfig::new(format!("S{i}"), [format!("m.{i}.*")]))
+                .unwrap();
+        }
+        let e = streams
+            .create(StreamConfig::new("X", ["m.7.x"]))
+            .unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            r#"subject "m.7.x" overlaps "m.7.*" of stream "S7""#
+        );
+        assert!(streams.create(StreamConfig::new("Y", ["m.>"])).is_err());
+        assert_eq!(streams.capture("m.499.a").unwrap().config.name, "S499");
+        assert!(streams.capture("m.500.a").is_none());
+        streams.delete("S7").unwrap();
+        streams.create(StreamConfig::new("X", ["m.7.x"])).unwrap();
+        assert_eq!(streams.capture("m.7.x").unwrap().config.name, "X");
+        assert!(streams.capture("m.7.y").is_none());
     }
 
     #[tokio::test]

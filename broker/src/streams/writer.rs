@@ -1,13 +1,17 @@
-//! A stream's writer: one OS thread that owns the log's [`Appender`].
+//! A stream's writer: a tokio task that owns the log's [`Appender`] and
+//! does its disk work on the runtime's blocking pool, so a broker with
+//! 10,000 streams runs them on a few threads, not 10,000.
 //!
-//! Group commit: it takes everything queued (from every publisher), writes
-//! it with one `pwrite`, `fdatasync`s once (fsync = always) and only then
-//! acks every message of the round. While it waits on the disk the next
-//! round queues up, so many publishers share each fsync.
+//! Group commit: a round takes everything queued (from every publisher),
+//! writes it with one `pwrite`, `fdatasync`s once (fsync = always) and only
+//! then acks every message of the round. While it waits on the disk the
+//! next round queues up, so many publishers share each fsync. An idle
+//! stream costs no thread and no wake-up (unless it has retention limits or
+//! `fsync = interval`, which tick).
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::Ordering;
-use std::sync::mpsc::{Receiver, RecvTimeoutError};
+use std::sync::mpsc::{Receiver, RecvTimeoutError, TryRecvError};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -22,12 +26,61 @@ use crate::store::{now_ns, Appender};
 const ROUND_BYTES: usize = 8 << 20;
 /// Longest a much-smaller-than-usual round waits for the rest of the load.
 const GATHER_WAIT: Duration = Duration::from_micros(300);
+/// Most rounds one turn on the blocking pool writes before it lets other
+/// streams' writers have the thread.
+const ROUNDS_PER_TURN: usize = 8;
 
-pub(super) fn spawn(s: Arc<Stream>, rx: Receiver<WriteReq>) -> std::io::Result<()> {
-    std::thread::Builder::new()
-        .name(format!("stream-{}", s.config.name))
-        .spawn(move || Writer::new(s).run(rx))?;
-    Ok(())
+/// Starts the stream's writer task (needs a tokio runtime).
+pub(super) fn spawn(s: Arc<Stream>, rx: Receiver<WriteReq>) {
+    tokio::spawn(async move {
+        let s2 = s.clone();
+        // Reads the duplicate window back from the log: disk work.
+        match tokio::task::spawn_blocking(move || Writer::new(s2)).await {
+            Ok(w) => drive(w, rx).await,
+            Err(e) => error!(stream = %s.config.name, "the stream's writer failed to start: {e}"),
+        }
+    });
+}
+
+/// The writer's loop: sleeps (no thread) until a publisher queues records
+/// (`Stream::wake`) or periodic work is due, then takes one turn on the
+/// blocking pool. Ends once the stream is deleted and everything queued
+/// is answered.
+pub(super) async fn drive(mut w: Writer, mut rx: Receiver<WriteReq>) {
+    let s = w.s.clone();
+    let cfg = &s.config;
+    let tick = if cfg.fsync == Fsync::Interval {
+        w.interval
+            .clamp(Duration::from_millis(1), Duration::from_secs(1))
+    } else {
+        Duration::from_secs(1)
+    };
+    let ticks = cfg.fsync == Fsync::Interval
+        || cfg.max_age_ms.is_some()
+        || cfg.max_bytes.is_some()
+        || cfg.max_msgs.is_some();
+    loop {
+        if ticks {
+            tokio::select! {
+                _ = s.wake.notified() => {}
+                _ = tokio::time::sleep(tick) => {}
+            }
+        } else {
+            s.wake.notified().await;
+        }
+        let turn = tokio::task::spawn_blocking(move || {
+            let open = w.turn(&rx);
+            (w, rx, open)
+        });
+        match turn.await {
+            Ok((w2, rx2, true)) => (w, rx) = (w2, rx2),
+            Ok((_, _, false)) => return,
+            Err(e) => {
+                error!(stream = %cfg.name, "the stream's writer failed: {e}");
+                return;
+            }
+        }
+    }
 }
 
 /// Msg-Ids seen within the duplicate window, oldest first.
@@ -57,17 +110,19 @@ impl Dedupe {
 /// duplicates), whether it was a duplicate, its Msg-Id and timestamp.
 type Done = (AckTo, Option<u64>, bool, Option<Box<str>>, u64);
 
-struct Writer {
+pub(super) struct Writer {
     s: Arc<Stream>,
     app: Appender,
     dedupe: Dedupe,
     interval: Duration,
     last_sync: Instant,
     last_retention: Instant,
+    /// Messages per round, smoothed.
+    avg_round: f64,
 }
 
 impl Writer {
-    fn new(s: Arc<Stream>) -> Writer {
+    pub(super) fn new(s: Arc<Stream>) -> Writer {
         let cfg = &s.config;
         let app = Appender::new(
             s.log.clone(),
@@ -111,77 +166,92 @@ impl Writer {
             dedupe,
             last_sync: Instant::now(),
             last_retention: Instant::now() - Duration::from_secs(10),
+            avg_round: 1.0,
         }
     }
 
-    fn run(mut self, rx: Receiver<WriteReq>) {
-        let tick = Duration::from_millis(if self.s.config.fsync == Fsync::Interval {
-            (self.interval.as_millis() as u64).clamp(1, 1000)
-        } else {
-            1000
-        });
-        let fsync = self.s.config.fsync == Fsync::Always;
-        // Messages per round, smoothed.
-        let mut avg_round = 1.0f64;
-        loop {
-            let mut round = Vec::new();
-            match rx.recv_timeout(tick) {
-                Ok(r) => {
-                    let mut bytes = r.buf.len();
-                    let mut msgs = r.entries.len();
-                    round.push(r);
-                    let mut waited = None;
-                    while bytes < ROUND_BYTES {
-                        match rx.try_recv() {
-                            Ok(r) => {
-                                bytes += r.buf.len();
-                                msgs += r.entries.len();
-                                round.push(r);
-                            }
-                            Err(_) => {
-                                // Under load a window of publishers tends to split
-                                // into a large and a tiny group, each waiting for
-                                // the other's fsync. A round much smaller than
-                                // usual waits a moment for the rest (never at low
-                                // load, where every round is small).
-                                if !fsync || msgs as f64 * 4.0 >= avg_round || avg_round < 8.0 {
-                                    break;
-                                }
-                                let since = *waited.get_or_insert_with(Instant::now);
-                                let left = GATHER_WAIT.saturating_sub(since.elapsed());
-                                if left.is_zero() {
-                                    break;
-                                }
-                                match rx.recv_timeout(left) {
-                                    Ok(r) => {
-                                        bytes += r.buf.len();
-                                        msgs += r.entries.len();
-                                        round.push(r);
-                                    }
-                                    Err(_) => break,
-                                }
-                            }
-                        }
-                    }
-                    avg_round = avg_round * 0.875 + msgs as f64 * 0.125;
+    /// One turn on the blocking pool: the rounds queued now (a few at
+    /// most), then what is due (interval fsync, retention). False once the
+    /// stream is deleted and everything queued is answered.
+    fn turn(&mut self, rx: &Receiver<WriteReq>) -> bool {
+        let mut open = true;
+        for n in 0.. {
+            if n == ROUNDS_PER_TURN {
+                // More may be queued: come back after the others.
+                self.s.wake.notify_one();
+                break;
+            }
+            match self.gather(rx) {
+                Ok(Some(round)) => self.round(round),
+                Ok(None) => break,
+                Err(()) => {
+                    open = false;
+                    break;
                 }
-                Err(RecvTimeoutError::Timeout) => {}
-                Err(RecvTimeoutError::Disconnected) => break,
-            }
-            if !round.is_empty() {
-                self.round(round);
-            }
-            if self.s.config.fsync == Fsync::Interval && self.last_sync.elapsed() >= self.interval {
-                if let Err(e) = self.app.sync() {
-                    error!(stream = %self.s.config.name, "fsync failed: {e}");
-                }
-                self.last_sync = Instant::now();
-            }
-            if self.last_retention.elapsed() >= Duration::from_secs(1) {
-                self.retention();
             }
         }
-        let _ = self.app.commit(self.s.config.fsync != Fsync::Never);
+        if self.s.config.fsync == Fsync::Interval && self.last_sync.elapsed() >= self.interval {
+            if let Err(e) = self.app.sync() {
+                error!(stream = %self.s.config.name, "fsync failed: {e}");
+            }
+            self.last_sync = Instant::now();
+        }
+        if self.last_retention.elapsed() >= Duration::from_secs(1) {
+            self.retention();
+        }
+        if !open {
+            let _ = self.app.commit(self.s.config.fsync != Fsync::Never);
+        }
+        open
+    }
+
+    /// Everything queued, as one round (None: nothing is); Err once the
+    /// stream is deleted and its queue is empty.
+    fn gather(&mut self, rx: &Receiver<WriteReq>) -> Result<Option<Vec<WriteReq>>, ()> {
+        let fsync = self.s.config.fsync == Fsync::Always;
+        let r = match rx.try_recv() {
+            Ok(r) => r,
+            Err(TryRecvError::Empty) => return Ok(None),
+            Err(TryRecvError::Disconnected) => return Err(()),
+        };
+        let mut bytes = r.buf.len();
+        let mut msgs = r.entries.len();
+        let mut round = vec![r];
+        let mut waited = None;
+        while bytes < ROUND_BYTES {
+            match rx.try_recv() {
+                Ok(r) => {
+                    bytes += r.buf.len();
+                    msgs += r.entries.len();
+                    round.push(r);
+                }
+                Err(_) => {
+                    // Under load a window of publishers tends to split
+                    // into a large and a tiny group, each waiting for
+                    // the other's fsync. A round much smaller than
+                    // usual waits a moment for the rest (never at low
+                    // load, where every round is small).
+                    if !fsync || msgs as f64 * 4.0 >= self.avg_round || self.avg_round < 8.0 {
+                        break;
+                    }
+                    let since = *waited.get_or_insert_with(Instant::now);
+                    let left = GATHER_WAIT.saturating_sub(since.elapsed());
+                    if left.is_zero() {
+                        break;
+                    }
+                    match rx.recv_timeout(left) {
+                        Ok(r) => {
+                            bytes += r.buf.len();
+                            msgs += r.entries.len();
+                            round.push(r);
+                        }
+                        Err(RecvTimeoutError::Timeout | RecvTimeoutError::Disconnected) => break,
+                    }
+                }
+            }
+        }
+        self.avg_round = self.avg_round * 0.875 + msgs as f64 * 0.125;
+        Ok(Some(round))
     }
 
     fn retention(&mut self) {
@@ -252,6 +322,7 @@ impl Writer {
         }
         self.s.queued.fetch_sub(bytes, Ordering::AcqRel);
         self.s.space.notify_waiters();
+        self.s.budget.release(bytes);
         let committed = self.s.log.lock().next_seq;
         let err = failed.unwrap_or_else(|| StreamError::Storage {
             name: name.clone(),
@@ -316,16 +387,31 @@ mod tests {
 
     use super::*;
     use crate::deliver::{Delivery, Publisher};
-    use crate::store::Log;
+    use crate::store::{FileCache, Log};
     use crate::streams::testing::{delivery, Inbox};
-    use crate::streams::{Pending, StreamConfig, Streams};
+    use crate::streams::{Pending, QueueBudget, StreamConfig, Streams};
 
     type AckRx = oneshot::Receiver<Result<PubAck, StreamError>>;
 
     /// A stream whose writer the test runs by hand: what producers queue
     /// waits in the returned receiver until the test hands it to a round.
     fn stream(dir: &Path, cfg: StreamConfig, d: &Delivery) -> (Arc<Stream>, Receiver<WriteReq>) {
-        let (log, _) = Log::open(dir, &cfg.name).unwrap();
+        stream_in(
+            dir,
+            cfg,
+            d,
+            &QueueBudget::new(crate::streams::TOTAL_QUEUE_LIMIT),
+        )
+    }
+
+    /// [`stream`] counting its queued bytes in `budget`.
+    fn stream_in(
+        dir: &Path,
+        cfg: StreamConfig,
+        d: &Delivery,
+        budget: &Arc<QueueBudget>,
+    ) -> (Arc<Stream>, Receiver<WriteReq>) {
+        let (log, _) = Log::open(dir, &cfg.name, &FileCache::new(4)).unwrap();
         let (tx, rx) = channel();
         let s = Arc::new(Stream {
             config: cfg,
@@ -334,6 +420,8 @@ mod tests {
             tx: Mutex::new(Some(tx)),
             queued: AtomicUsize::new(0),
             space: Notify::new(),
+            budget: budget.clone(),
+            wake: Notify::new(),
             consumers: Default::default(),
             deleted: AtomicBool::new(false),
             delivery: d.clone(),
@@ -421,6 +509,86 @@ mod tests {
             0,
             "the queue is empty again"
         );
+    }
+
+    #[tokio::test]
+    async fn publishers_to_an_idle_stream_wait_while_all_streams_together_have_too_much_queued() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = delivery();
+        // A broker-wide limit of 4 KiB, far under one stream's own.
+        let budget = QueueBudget::new(4096);
+        let (a, a_rx) = stream_in(
+            &dir.path().join("a"),
+            StreamConfig::new("A", ["orders.>"]),
+            &d,
+            &budget,
+        );
+        let (b, b_rx) = stream_in(
+            &dir.path().join("b"),
+            StreamConfig::new("B", ["orders.>"]),
+            &d,
+            &budget,
+        );
+        let big = "x".repeat(1000);
+        let msgs: Vec<(&str, Option<&str>)> = (0..8).map(|_| (big.as_str(), None)).collect();
+        let _acks = produce(&a, &msgs);
+        assert!(
+            b.over_limit(),
+            "B has nothing queued but the streams together have 8 KB"
+        );
+        let wait = tokio::spawn({
+            let b = b.clone();
+            async move { b.wait_space().await }
+        });
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(!wait.is_finished(), "B's publishers wait");
+        // A's writer catches up: B's publishers go on.
+        round(&mut Writer::new(a.clone()), &a_rx);
+        tokio::time::timeout(Duration::from_secs(5), wait)
+            .await
+            .expect("woken when A's round freed the space")
+            .unwrap();
+        assert!(!b.over_limit());
+        drop(b_rx);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn concurrent_publishers_share_fsyncs_through_the_writer_task() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = delivery();
+        let (s, rx) = stream(dir.path(), StreamConfig::new("S", ["orders.>"]), &d);
+        let writer = tokio::spawn(drive(Writer::new(s.clone()), rx));
+        // 16 publishers, each waiting for its ack before the next publish.
+        let tasks: Vec<_> = (0..16)
+            .map(|p| {
+                let s = s.clone();
+                tokio::spawn(async move {
+                    let mut seqs = Vec::new();
+                    for i in 0..50 {
+                        let payload = format!("p{p}-{i}");
+                        let ack = produce(&s, &[(payload.as_str(), None)]).pop().unwrap();
+                        seqs.push(ack.await.unwrap().unwrap().seq);
+                    }
+                    seqs
+                })
+            })
+            .collect();
+        let mut all = Vec::new();
+        for t in tasks {
+            let seqs = t.await.unwrap();
+            assert!(seqs.windows(2).all(|w| w[0] < w[1]));
+            all.extend(seqs);
+        }
+        all.sort_unstable();
+        assert_eq!(all, (1..=800).collect::<Vec<u64>>());
+        let fsyncs = s.log.fsyncs.load(Ordering::Relaxed);
+        assert!(
+            fsyncs <= 800 / 4,
+            "{fsyncs} fsyncs for 800 acks from 16 publishers: rounds are not shared"
+        );
+        // Deleting the stream ends the writer task.
+        s.close_writer();
+        writer.await.unwrap();
     }
 
     #[test]
@@ -563,21 +731,20 @@ mod tests {
         );
     }
 
-    #[test]
-    fn publishes_queued_when_the_stream_is_deleted_are_all_answered_before_the_writer_ends() {
+    #[tokio::test]
+    async fn publishes_queued_when_the_stream_is_deleted_are_all_answered_before_the_writer_ends() {
         let dir = tempfile::tempdir().unwrap();
         let d = delivery();
         let (s, rx) = stream(dir.path(), StreamConfig::new("S", ["orders.>"]), &d);
         let w = Writer::new(s.clone());
         let mut queued = produce(&s, &[("1", None), ("2", None), ("3", None)]);
         // What Streams::delete does to the writer's queue.
-        s.tx.lock().unwrap().take();
+        s.close_writer();
         let mut after = produce(&s, &[("4", None)]);
         let e = ack(&mut after[0]).unwrap_err();
         assert!(matches!(e, StreamError::Deleted(_)), "{e:?}");
         // The writer answers what it already had, then ends.
-        let t = std::thread::spawn(move || w.run(rx));
-        t.join().unwrap();
+        drive(w, rx).await;
         let seqs: Vec<u64> = queued.iter_mut().map(|a| ack(a).unwrap().seq).collect();
         assert_eq!(seqs, [1, 2, 3]);
     }
