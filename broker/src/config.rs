@@ -13,6 +13,9 @@ use serde::Deserialize;
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:7420";
 pub const DEFAULT_CLUSTER: &str = "127.0.0.1:7421";
 pub const DEFAULT_HTTP: &str = "127.0.0.1:7480";
+/// About 11 MiB of broker memory per connection at the measured size of a
+/// subscription (docs/operations.md, "Memory").
+pub const DEFAULT_MAX_SUBSCRIPTIONS: usize = 65536;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Deserialize, Default)]
 #[serde(rename_all = "lowercase")]
@@ -166,6 +169,9 @@ pub struct Options {
     /// Most concurrent client connections (default 65536).
     #[arg(long, env = "SOCKBUS_MAX_CONNECTIONS")]
     pub max_connections: Option<usize>,
+    /// Most subscriptions one client connection may hold; 0: no limit (default 65536).
+    #[arg(long, env = "SOCKBUS_MAX_SUBSCRIPTIONS")]
+    pub max_subscriptions: Option<usize>,
     /// Most durable streams this broker holds; creating one more is refused (default 10000).
     #[arg(long, env = "SOCKBUS_MAX_STREAMS")]
     pub max_streams: Option<usize>,
@@ -220,6 +226,8 @@ pub struct Config {
     pub accel_stall_timeout: Duration,
     pub max_payload: u32,
     pub max_connections: usize,
+    /// Subscriptions per connection; 0: no limit.
+    pub max_subscriptions: usize,
     /// Most durable streams; streams found on disk beyond it still open.
     pub max_streams: usize,
     pub max_pending: usize,
@@ -256,6 +264,7 @@ impl Default for Config {
             accel_stall_timeout: Duration::from_secs(5),
             max_payload: sockbus_protocol::DEFAULT_MAX_PAYLOAD,
             max_connections: 65536,
+            max_subscriptions: DEFAULT_MAX_SUBSCRIPTIONS,
             max_streams: crate::streams::DEFAULT_MAX_STREAMS,
             max_pending: 64 << 20,
             write_timeout: Duration::from_secs(10),
@@ -376,6 +385,7 @@ impl Options {
             accel_stall_timeout: o.accel_stall_timeout.map_or(d.accel_stall_timeout, |x| x.0),
             max_payload: max_payload as u32,
             max_connections,
+            max_subscriptions: o.max_subscriptions.unwrap_or(d.max_subscriptions),
             max_streams,
             max_pending: max_pending as usize,
             write_timeout,
@@ -417,6 +427,7 @@ impl Options {
             accel_stall_timeout: self.accel_stall_timeout.or(file.accel_stall_timeout),
             max_payload: self.max_payload.or(file.max_payload),
             max_connections: self.max_connections.or(file.max_connections),
+            max_subscriptions: self.max_subscriptions.or(file.max_subscriptions),
             max_streams: self.max_streams.or(file.max_streams),
             max_pending: self.max_pending.or(file.max_pending),
             write_timeout: self.write_timeout.or(file.write_timeout),
@@ -488,6 +499,29 @@ mod tests {
         .unwrap();
         assert_eq!(cfg.listen.port(), 9999);
         assert_eq!(cfg.max_payload, 4096);
+    }
+
+    #[test]
+    fn the_subscription_limit_is_bounded_by_default_and_comes_from_the_file_or_flag() {
+        assert_eq!(
+            Options::default().resolve().unwrap().max_subscriptions,
+            DEFAULT_MAX_SUBSCRIPTIONS
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("b.toml");
+        std::fs::write(&path, "max-subscriptions = 100\n").unwrap();
+        let from_file = |flag: Option<usize>| {
+            Options {
+                config: Some(path.clone()),
+                max_subscriptions: flag,
+                ..Default::default()
+            }
+            .resolve()
+            .unwrap()
+            .max_subscriptions
+        };
+        assert_eq!(from_file(None), 100);
+        assert_eq!(from_file(Some(0)), 0, "0: no limit");
     }
 
     #[test]

@@ -25,6 +25,7 @@ use tokio::net::tcp::OwnedWriteHalf;
 use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
 
+use crate::memory::Release;
 use crate::metrics::{LocalCounts, Metrics};
 use crate::outlet::Outlet;
 use crate::router::{MatchCache, Matches, QueueGroup, Router, Subscription};
@@ -35,7 +36,20 @@ struct Engine {
     metrics: Arc<Metrics>,
     max_payload: u32,
     max_pending: usize,
+    /// Most subscriptions one outlet may hold (0: no limit).
+    max_subscriptions: usize,
     next_id: AtomicU64,
+    release: Release,
+}
+
+impl Engine {
+    /// Ends a subscription, however it ends; idempotent.
+    fn remove(&self, s: &Arc<Subscription>) {
+        if self.router.remove(s) {
+            s.outlet.subscriptions.fetch_sub(1, Ordering::AcqRel);
+            self.release.freed(1);
+        }
+    }
 }
 
 /// The engine's handle: clone it freely.
@@ -66,6 +80,8 @@ pub(crate) enum SubscribeError {
         "cannot subscribe to {0:?} here: subjects under $SB. are reserved for the broker's API"
     )]
     Reserved(String),
+    #[error("subscription limit reached: a connection may hold at most {max} subscriptions (--max-subscriptions)")]
+    TooMany { max: usize },
 }
 
 /// Who publishes, as far as the checks and the fan-out care.
@@ -153,19 +169,30 @@ impl<'a> Outgoing<'a> {
 }
 
 impl Delivery {
+    /// `max_subscriptions`: most subscriptions one connection (outlet) may
+    /// hold, 0 for no limit.
     pub fn new(
         router: Router,
         metrics: Arc<Metrics>,
         max_payload: u32,
         max_pending: usize,
+        max_subscriptions: usize,
     ) -> Self {
         Delivery(Arc::new(Engine {
             router,
             metrics,
             max_payload,
             max_pending,
+            max_subscriptions,
             next_id: AtomicU64::new(1),
+            release: Release::default(),
         }))
+    }
+
+    /// Gives the memory of removed subscriptions back to the system after
+    /// each large release, until `shutdown` ([`crate::memory`]).
+    pub async fn give_back_memory(self, shutdown: tokio_util::sync::CancellationToken) {
+        self.0.release.run(shutdown).await
     }
 
     pub fn router(&self) -> &Router {
@@ -254,13 +281,22 @@ impl Delivery {
         if !from.api && is_reserved(pattern) {
             return Err(SubscribeError::Reserved(pattern.into()));
         }
+        // One task subscribes for an outlet; others only ever lower the count.
+        let max = self.0.max_subscriptions;
+        let held = outlet.subscriptions.fetch_add(1, Ordering::AcqRel);
+        if max != 0 && held >= max {
+            outlet.subscriptions.fetch_sub(1, Ordering::AcqRel);
+            return Err(SubscribeError::TooMany { max });
+        }
         let sub = Arc::new(Subscription::new(sid, pattern, queue, outlet.clone()));
         self.0.router.insert(sub.clone());
         Ok(sub)
     }
 
     /// Adds a peer broker's interest, held by the route it arrived on. The
-    /// peer checked its own subscribers; `$SB.` interest is theirs to have.
+    /// peer checked its own subscribers, `$SB.` interest is theirs to have,
+    /// and so is `--max-subscriptions`: a peer announces one entry per
+    /// distinct pattern its own (limited) connections and streams hold.
     pub fn subscribe_peer(
         &self,
         link: &Arc<Outlet>,
@@ -270,13 +306,14 @@ impl Delivery {
     ) -> Result<Arc<Subscription>, SubscribeError> {
         self.check_subscription(pattern, queue)?;
         let sub = Arc::new(Subscription::new_peer(sid, pattern, queue, link.clone()));
+        link.subscriptions.fetch_add(1, Ordering::AcqRel);
         self.0.router.insert(sub.clone());
         Ok(sub)
     }
 
     /// Ends a subscription; idempotent.
     pub fn unsubscribe(&self, sub: &Arc<Subscription>) {
-        self.0.router.remove(sub);
+        self.0.remove(sub);
     }
 
     fn check_subscription(&self, pattern: &str, queue: Option<&str>) -> Result<(), SubscribeError> {
@@ -729,7 +766,7 @@ fn deliver(
     counts.msgs_out += 1;
     counts.bytes_out += msg.payload.len() as u64;
     if last {
-        e.router.remove(s);
+        e.remove(s);
     }
     true
 }
@@ -742,7 +779,7 @@ mod tests {
     const MAX_PAYLOAD: u32 = 1024;
 
     fn engine() -> Delivery {
-        Delivery::new(Router::default(), Default::default(), MAX_PAYLOAD, 4096)
+        Delivery::new(Router::default(), Default::default(), MAX_PAYLOAD, 4096, 0)
     }
 
     fn outlet(d: &Delivery) -> Arc<Outlet> {
@@ -942,6 +979,40 @@ mod tests {
             Err(SubscribeError::InvalidQueue(_))
         ));
         assert_eq!(d.router().len(), 0);
+    }
+
+    #[test]
+    fn subscriptions_beyond_the_limit_are_refused_until_one_ends() {
+        let d = Delivery::new(Router::default(), Default::default(), MAX_PAYLOAD, 4096, 2);
+        let (a, b, link, publisher) = (outlet(&d), outlet(&d), outlet(&d), outlet(&d));
+        let first = d.subscribe(&NATIVE, &a, 1, "x", None).unwrap();
+        let once = d.subscribe(&NATIVE, &a, 2, "y", None).unwrap();
+        let e = d.subscribe(&NATIVE, &a, 3, "z", None).err().unwrap();
+        assert!(matches!(e, SubscribeError::TooMany { max: 2 }), "{e:?}");
+        assert!(e.to_string().contains("at most 2 subscriptions"), "{e}");
+        // Per connection: another one has its own allowance.
+        d.subscribe(&NATIVE, &b, 1, "z", None).unwrap();
+        d.subscribe(&NATIVE, &b, 2, "z", None).unwrap();
+        // A peer's interest is bounded by the peer's own limits.
+        for sid in 0..5 {
+            d.subscribe_peer(&link, sid, "p", None).unwrap();
+        }
+
+        // UNSUB frees a place...
+        d.unsubscribe(&first);
+        d.subscribe(&NATIVE, &a, 3, "z", None).unwrap();
+        assert!(d.subscribe(&NATIVE, &a, 4, "z", None).is_err());
+        // ...and so does a subscription that ends after its last message.
+        assert!(!once.set_max(1));
+        let mut batch = d.batch(16);
+        batch
+            .publish(&client(&publisher), "y", None, &[], b"m", Ack::Flags(0))
+            .unwrap();
+        batch.finish();
+        assert_eq!(msgs(&a).len(), 1);
+        d.subscribe(&NATIVE, &a, 4, "z", None).unwrap();
+        assert!(d.subscribe(&NATIVE, &a, 5, "z", None).is_err());
+        assert_eq!(d.router().len(), 2 + 2 + 5);
     }
 
     #[test]

@@ -6,7 +6,8 @@
 //! `conn` speaks the native protocol to one client, `read` is the
 //! frame-reading loop every connection kind shares, `deliver` is the one
 //! delivery path (publish -> match -> fan-out -> capture -> flush),
-//! `router` is the subscription index, `outlet` batches and bounds what goes
+//! `router` is the subscription index, `memory` gives what a mass
+//! unsubscribe freed back to the system, `outlet` batches and bounds what goes
 //! back out, `cluster` runs routes to peer brokers and tells them of local
 //! interest, `streams` and `store` keep durable streams, `http` is the
 //! gateway, `accel` the eBPF fast path, `config` validates settings,
@@ -22,6 +23,7 @@ pub mod config;
 mod conn;
 mod deliver;
 pub mod http;
+mod memory;
 pub mod metrics;
 mod outlet;
 mod read;

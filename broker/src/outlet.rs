@@ -10,7 +10,7 @@
 //! bytes make no progress for `--write-timeout`, whether the socket is full
 //! or the peer withholds credit.
 
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -36,6 +36,9 @@ pub(crate) struct Outlet {
     pub notify: Notify,
     /// Cancelled to abandon the connection at once (slow consumer, write error).
     pub abort: CancellationToken,
+    /// Live subscriptions delivering here; kept by the delivery engine,
+    /// which holds it to `--max-subscriptions`.
+    pub subscriptions: AtomicUsize,
     /// The socket, for writes by whoever holds the outbox's writer role;
     /// None for feeds with no socket (HTTP event streams) and once the
     /// writer task has ended.
@@ -56,6 +59,7 @@ impl Outlet {
             outbox,
             notify: Notify::new(),
             abort,
+            subscriptions: AtomicUsize::new(0),
             sock: std::sync::Mutex::new(sock.map(Arc::new)),
             metrics: None,
         }

@@ -1,47 +1,65 @@
 //! The subscription index: a token trie with NATS matching rules, plus a
 //! per-producer match cache so the hot path (publish) takes no lock.
 //!
-//! Every change to the trie bumps a generation counter. Each producer (the
+//! Every change to the index bumps a generation counter. Each producer (the
 //! delivery engine's `Batch` of a connection, route or HTTP connection) keeps
 //! its own `subject -> matches` cache tagged with the generation it was
 //! computed at; a hit at the current generation costs one atomic load and
-//! one hash lookup. A miss takes the read lock and walks only the trie
-//! branches the subject's tokens lead to, never every subscription.
+//! one hash lookup. A miss takes the read lock, looks the whole subject up
+//! among the literal patterns and walks only the trie branches the
+//! subject's tokens lead to, never every subscription.
+//!
+//! Memory: most subscriptions name one subject, with no wildcard. Those are
+//! not in the trie but in one hash table whose entries are the
+//! subscriptions themselves (one inline, more in a box) and whose key is the
+//! first one's own pattern, so a subscription costs its `Subscription`, one
+//! string and a 16-byte table slot (docs/benchmarks.md, "Memory per
+//! subscription"). Tables and lists shrink as they empty, so what a mass
+//! unsubscribe frees can go back to the operating system.
 
 use std::collections::HashMap;
+use std::hash::{BuildHasher, RandomState};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
 
+use hashbrown::HashTable;
 use sockbus_protocol::subject::{validate_subject, SubjectError, INBOX_PREFIX};
 
 use crate::outlet::Outlet;
 
 /// One subscription of one connection.
 pub(crate) struct Subscription {
-    pub sid: u32,
-    pub pattern: Box<str>,
-    pub queue: Option<Box<str>>,
     /// Where its messages go.
     pub outlet: Arc<Outlet>,
-    /// Interest of a peer broker, held by a cluster route: gets forwarded
-    /// RMSG frames, is never itself announced to other peers.
-    pub peer: bool,
+    /// The pattern, then the queue group's name if any: one allocation.
+    text: Box<str>,
     /// Messages after which the subscription ends (u64::MAX: never).
     max: AtomicU64,
     delivered: AtomicU64,
+    pub sid: u32,
+    /// Where the pattern ends in `text`.
+    split: u32,
+    /// Interest of a peer broker, held by a cluster route: gets forwarded
+    /// RMSG frames, is never itself announced to other peers.
+    pub peer: bool,
     removed: AtomicBool,
 }
 
 impl Subscription {
     pub fn new(sid: u32, pattern: &str, queue: Option<&str>, outlet: Arc<Outlet>) -> Self {
+        // An empty group name is no group, as on the wire.
+        let text: Box<str> = match queue.filter(|q| !q.is_empty()) {
+            None => pattern.into(),
+            Some(q) => [pattern, q].concat().into(),
+        };
         Subscription {
-            sid,
-            pattern: pattern.into(),
-            queue: queue.map(Into::into),
             outlet,
-            peer: false,
+            text,
             max: AtomicU64::new(u64::MAX),
             delivered: AtomicU64::new(0),
+            sid,
+            split: pattern.len() as u32,
+            peer: false,
             removed: AtomicBool::new(false),
         }
     }
@@ -52,6 +70,14 @@ impl Subscription {
             peer: true,
             ..Subscription::new(sid, pattern, queue, outlet)
         }
+    }
+
+    pub fn pattern(&self) -> &str {
+        &self.text[..self.split as usize]
+    }
+
+    pub fn queue(&self) -> Option<&str> {
+        Some(&self.text[self.split as usize..]).filter(|q| !q.is_empty())
     }
 
     /// Ends the subscription once it has delivered `max` messages over its
@@ -108,6 +134,70 @@ impl Matches {
     }
 }
 
+/// The subscriptions to one literal subject, never empty: 16 bytes, the
+/// usual single subscriber inline.
+enum Subs {
+    One(Arc<Subscription>),
+    // Boxed: a bare Vec would make every slot 24 bytes for the rare subject
+    // with several subscribers.
+    #[allow(clippy::box_collection)]
+    Many(Box<Vec<Arc<Subscription>>>),
+}
+
+impl Subs {
+    fn as_slice(&self) -> &[Arc<Subscription>] {
+        match self {
+            Subs::One(s) => std::slice::from_ref(s),
+            Subs::Many(v) => v,
+        }
+    }
+
+    /// The subject they share.
+    fn pattern(&self) -> &str {
+        self.as_slice()[0].pattern()
+    }
+
+    fn push(&mut self, sub: Arc<Subscription>) {
+        match self {
+            Subs::Many(v) => v.push(sub),
+            Subs::One(first) => *self = Subs::Many(Box::new(vec![first.clone(), sub])),
+        }
+    }
+
+    /// Removes `sub`: None when it is not here, else whether none are left.
+    fn remove(&mut self, sub: &Arc<Subscription>) -> Option<bool> {
+        match self {
+            Subs::One(s) => Arc::ptr_eq(s, sub).then_some(true),
+            Subs::Many(v) => {
+                take(v, sub).then_some(())?;
+                if v.len() == 1 {
+                    *self = Subs::One(v.pop().expect("one left"));
+                }
+                Some(false)
+            }
+        }
+    }
+}
+
+/// Removes `sub` from a list; true when found. A list that shrank to a
+/// quarter of its capacity gives the rest back.
+fn take(v: &mut Vec<Arc<Subscription>>, sub: &Arc<Subscription>) -> bool {
+    let Some(i) = v.iter().position(|s| Arc::ptr_eq(s, sub)) else {
+        return false;
+    };
+    v.swap_remove(i);
+    if v.capacity() > 8 && v.len() < v.capacity() / 4 {
+        v.shrink_to(v.len() * 2);
+    }
+    true
+}
+
+/// True when a table of `capacity` holding `len` should give memory back.
+fn sparse(len: usize, capacity: usize) -> bool {
+    capacity > 64 && len < capacity / 4
+}
+
+/// The trie of patterns with a wildcard token.
 #[derive(Default)]
 struct Node {
     literal: HashMap<Box<str>, Node>,
@@ -144,17 +234,9 @@ impl Node {
 
     /// Removes `sub`; returns true when found. Prunes emptied branches.
     fn remove(&mut self, toks: &[&str], sub: &Arc<Subscription>) -> bool {
-        let take = |v: &mut Vec<Arc<Subscription>>| {
-            if let Some(i) = v.iter().position(|s| Arc::ptr_eq(s, sub)) {
-                v.swap_remove(i);
-                true
-            } else {
-                false
-            }
-        };
         match toks.split_first() {
-            None => take(&mut self.here),
-            Some((&">", _)) => take(&mut self.rest),
+            None => take(&mut self.here, sub),
+            Some((&">", _)) => take(&mut self.rest, sub),
             Some((&"*", tail)) => {
                 let Some(n) = self.star.as_mut() else {
                     return false;
@@ -172,6 +254,9 @@ impl Node {
                 let found = n.remove(tail, sub);
                 if n.is_empty() {
                     self.literal.remove(*t);
+                    if sparse(self.literal.len(), self.literal.capacity()) {
+                        self.literal.shrink_to(self.literal.len() * 2);
+                    }
                 }
                 found
             }
@@ -193,6 +278,11 @@ impl Node {
     }
 }
 
+/// Whether a pattern has a wildcard token (`*` or `>` alone).
+fn has_wildcard(toks: &[&str]) -> bool {
+    toks.iter().any(|t| *t == "*" || *t == ">")
+}
+
 pub(crate) struct Router {
     root: RwLock<Trie>,
     generation: AtomicU64,
@@ -201,16 +291,83 @@ pub(crate) struct Router {
     hook: Option<Arc<dyn InterestHook>>,
 }
 
-/// The subscription trie and what the reply-subject shortcut needs to know
-/// of it, changed together under one lock.
+/// The subscription index and what the reply-subject shortcut needs to
+/// know of it, changed together under one lock.
 #[derive(Default)]
 struct Trie {
+    /// Patterns with no wildcard, by their whole subject; an entry's key is
+    /// its first subscription's pattern. Keyed with a random seed, like a
+    /// `HashMap`: subjects come from clients.
+    exact: HashTable<Subs>,
+    hasher: RandomState,
+    /// Patterns with a wildcard.
     node: Node,
     /// Three-token patterns under `_INBOX.` (or a leading `*`) whose last
     /// token is literal: while there are none for a client token, every
     /// `_INBOX.<client>.<n>` matches the same subscriptions whatever `<n>`
     /// is (see [`MatchCache`]).
     inbox_literal: InboxLiteral,
+}
+
+impl Trie {
+    fn insert(&mut self, toks: &[&str], sub: Arc<Subscription>) {
+        if has_wildcard(toks) {
+            return self.node.insert(toks, sub);
+        }
+        let hasher = &self.hasher;
+        let hash = hasher.hash_one(sub.pattern());
+        let entry = self.exact.entry(
+            hash,
+            |e| e.pattern() == sub.pattern(),
+            |e| hasher.hash_one(e.pattern()),
+        );
+        match entry {
+            hashbrown::hash_table::Entry::Occupied(mut e) => e.get_mut().push(sub),
+            hashbrown::hash_table::Entry::Vacant(e) => {
+                e.insert(Subs::One(sub));
+            }
+        }
+    }
+
+    /// Removes `sub`; true when found.
+    fn remove(&mut self, toks: &[&str], sub: &Arc<Subscription>) -> bool {
+        if has_wildcard(toks) {
+            return self.node.remove(toks, sub);
+        }
+        let hash = self.hasher.hash_one(sub.pattern());
+        let Ok(mut e) = self
+            .exact
+            .find_entry(hash, |e| e.pattern() == sub.pattern())
+        else {
+            return false;
+        };
+        match e.get_mut().remove(sub) {
+            None => false,
+            Some(false) => true,
+            Some(true) => {
+                e.remove();
+                if sparse(self.exact.len(), self.exact.capacity()) {
+                    let hasher = &self.hasher;
+                    self.exact
+                        .shrink_to(self.exact.len() * 2, |e| hasher.hash_one(e.pattern()));
+                }
+                true
+            }
+        }
+    }
+
+    /// Every subscription whose pattern matches `subject` (its tokens `toks`).
+    fn collect(&self, subject: &str, toks: &[&str], out: &mut Vec<Arc<Subscription>>) {
+        if !self.exact.is_empty() {
+            let hash = self.hasher.hash_one(subject);
+            if let Some(e) = self.exact.find(hash, |e| e.pattern() == subject) {
+                out.extend(e.as_slice().iter().cloned());
+            }
+        }
+        if !self.node.is_empty() {
+            self.node.collect(toks, out);
+        }
+    }
 }
 
 /// Counts of the patterns that make a reply subject's matches depend on its
@@ -253,6 +410,9 @@ impl InboxLiteral {
                     *n -= 1;
                     if *n == 0 {
                         self.per_client.remove(c);
+                        if sparse(self.per_client.len(), self.per_client.capacity()) {
+                            self.per_client.shrink_to(self.per_client.len() * 2);
+                        }
                     }
                 }
             }
@@ -300,30 +460,29 @@ impl Router {
 
     /// Adds a subscription (its pattern already validated).
     pub fn insert(&self, sub: Arc<Subscription>) {
-        let pattern = sub.pattern.clone();
-        let local = (!sub.peer).then(|| sub.queue.clone());
-        let toks: Vec<&str> = pattern.split('.').collect();
+        let s = sub.clone();
+        let toks: Vec<&str> = s.pattern().split('.').collect();
         let mut root = self.root.write().unwrap_or_else(|p| p.into_inner());
-        root.node.insert(&toks, sub);
+        root.insert(&toks, sub);
         root.inbox_literal.add(&toks);
         self.count.fetch_add(1, Ordering::Relaxed);
         // Bump while holding the lock so no reader caches a stale result
         // under the new generation.
         self.generation.fetch_add(1, Ordering::Release);
         drop(root);
-        if let (Some(queue), Some(hook)) = (local, &self.hook) {
-            hook.added(&pattern, queue.as_deref());
+        if let Some(hook) = self.hook.as_ref().filter(|_| !s.peer) {
+            hook.added(s.pattern(), s.queue());
         }
     }
 
-    /// Removes a subscription; idempotent.
-    pub fn remove(&self, sub: &Arc<Subscription>) {
+    /// Removes a subscription; idempotent. True when this call removed it.
+    pub fn remove(&self, sub: &Arc<Subscription>) -> bool {
         if sub.removed.swap(true, Ordering::AcqRel) {
-            return;
+            return false;
         }
-        let toks: Vec<&str> = sub.pattern.split('.').collect();
+        let toks: Vec<&str> = sub.pattern().split('.').collect();
         let mut root = self.root.write().unwrap_or_else(|p| p.into_inner());
-        let found = root.node.remove(&toks, sub);
+        let found = root.remove(&toks, sub);
         if found {
             self.count.fetch_sub(1, Ordering::Relaxed);
             root.inbox_literal.remove(&toks);
@@ -331,8 +490,9 @@ impl Router {
         self.generation.fetch_add(1, Ordering::Release);
         drop(root);
         if let Some(hook) = self.hook.as_ref().filter(|_| found && !sub.peer) {
-            hook.removed(&sub.pattern, sub.queue.as_deref());
+            hook.removed(sub.pattern(), sub.queue());
         }
+        found
     }
 
     pub fn len(&self) -> usize {
@@ -347,22 +507,22 @@ impl Router {
     /// generation it is valid for.
     pub fn compute(&self, subject: &str) -> (Matches, u64) {
         let root = self.root.read().unwrap_or_else(|p| p.into_inner());
-        self.compute_locked(subject, &root.node)
+        self.compute_locked(subject, &root)
     }
 
-    fn compute_locked(&self, subject: &str, root: &Node) -> (Matches, u64) {
+    fn compute_locked(&self, subject: &str, root: &Trie) -> (Matches, u64) {
         let toks: Vec<&str> = subject.split('.').collect();
         let gen = self.generation.load(Ordering::Acquire);
         let mut all = Vec::new();
-        root.collect(&toks, &mut all);
+        root.collect(subject, &toks, &mut all);
         let mut m = Matches::default();
         for s in all {
-            match &s.queue {
+            match s.queue() {
                 None => m.plain.push(s),
-                Some(q) => match m.groups.iter_mut().find(|g| g.name == *q) {
+                Some(q) => match m.groups.iter_mut().find(|g| &*g.name == q) {
                     Some(g) => g.members.push(s),
                     None => m.groups.push(QueueGroup {
-                        name: q.clone(),
+                        name: q.into(),
                         members: vec![s],
                         // Start each new result at a different member so that
                         // short-lived publishers still spread across the group.
@@ -383,7 +543,7 @@ impl Router {
         if root.inbox_literal.blocks(client) {
             return None;
         }
-        Some(self.compute_locked(subject, &root.node))
+        Some(self.compute_locked(subject, &root))
     }
 }
 
@@ -538,6 +698,91 @@ mod tests {
         // Publish subjects are still validated.
         assert!(c.get(&r, "_INBOX.a.*").is_err());
         assert!(c.get(&r, "_INBOX.a. x").is_err());
+    }
+
+    /// Subjects of one to three tokens `a`/`b`.
+    fn small_subjects() -> Vec<String> {
+        let mut all = Vec::new();
+        let mut last: Vec<String> = vec![String::new()];
+        for _ in 0..3 {
+            last = last
+                .iter()
+                .flat_map(|p| {
+                    ["a", "b"].map(|t| {
+                        if p.is_empty() {
+                            t.to_string()
+                        } else {
+                            format!("{p}.{t}")
+                        }
+                    })
+                })
+                .collect();
+            all.extend(last.iter().cloned());
+        }
+        all
+    }
+
+    proptest::proptest! {
+        /// Literal patterns live in the subject table, wildcard ones in the
+        /// trie: together they match exactly what the subject rules say,
+        /// however subscriptions to the same subjects come and go.
+        #[test]
+        fn a_subject_matches_exactly_the_live_patterns_that_match_it(
+            ops in proptest::collection::vec(
+                (
+                    proptest::bool::ANY,
+                    proptest::collection::vec(
+                        proptest::sample::select(vec!["a", "b", "*", ">"]),
+                        1..4,
+                    ),
+                    0usize..16,
+                ),
+                1..80,
+            ),
+        ) {
+            let r = Router::default();
+            let subjects = small_subjects();
+            let mut live: Vec<Arc<Subscription>> = Vec::new();
+            for (i, (add, mut toks, pick)) in ops.into_iter().enumerate() {
+                if add || live.is_empty() {
+                    // `>` only stands last.
+                    let last = toks.len() - 1;
+                    for t in &mut toks[..last] {
+                        if *t == ">" {
+                            *t = "a";
+                        }
+                    }
+                    live.push(sub(&r, i as u64, &toks.join(".")));
+                } else {
+                    let s = live.swap_remove(pick % live.len());
+                    proptest::prop_assert!(r.remove(&s));
+                    proptest::prop_assert!(!r.remove(&s), "removing twice is a no-op");
+                }
+                proptest::prop_assert_eq!(r.len(), live.len());
+                for subject in &subjects {
+                    let got = sorted(&r.compute(subject).0);
+                    let mut want: Vec<u64> = live
+                        .iter()
+                        .filter(|s| sockbus_protocol::subject::matches(s.pattern(), subject))
+                        .map(|s| s.outlet.id)
+                        .collect();
+                    want.sort_unstable();
+                    proptest::prop_assert_eq!(got, want, "subject {}", subject);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_subscription_keeps_its_pattern_and_queue_group() {
+        let r = Router::default();
+        let s = sub(&r, 1, "orders.eu");
+        assert_eq!((s.pattern(), s.queue()), ("orders.eu", None));
+        let out = s.outlet.clone();
+        let q = Subscription::new(2, "orders.*", Some("workers"), out.clone());
+        assert_eq!((q.pattern(), q.queue()), ("orders.*", Some("workers")));
+        let none = Subscription::new(3, "x", Some(""), out);
+        assert_eq!(none.queue(), None, "an empty group name is no group");
     }
 
     fn sorted(m: &Matches) -> Vec<u64> {

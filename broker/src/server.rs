@@ -87,11 +87,18 @@ impl Server {
         // One pass, each part handed the narrow handles it needs.
         let metrics = Arc::new(Metrics::default());
         let peers = Arc::new(PeerInterest::default());
+        // Without a cluster port there are never peers to tell of interest:
+        // the router keeps no second table of it.
+        let hook = config
+            .cluster
+            .is_some()
+            .then(|| peers.clone() as Arc<dyn crate::router::InterestHook>);
         let delivery = Delivery::new(
-            Router::new(Some(peers.clone())),
+            Router::new(hook),
             metrics.clone(),
             config.max_payload,
             config.max_pending,
+            config.max_subscriptions,
         );
         let open_files = FileCache::budget();
         info!(
@@ -158,6 +165,8 @@ impl Server {
         if let Some(l) = route_listener {
             crate::cluster::start(state.clone(), l, &tracker, shutdown.clone());
         }
+        crate::memory::configure();
+        tracker.spawn(state.delivery.clone().give_back_memory(shutdown.clone()));
         let limit = Arc::new(Semaphore::new(state.config.max_connections));
         loop {
             let (stream, peer) = tokio::select! {

@@ -221,6 +221,76 @@ async fn connection_limit_refuses_extra_clients_with_an_error() {
     assert!(e.to_string().contains("connection limit"), "{e}");
 }
 
+fn sub(sid: u32, subject: &str) -> Frame {
+    Frame::Sub {
+        sid,
+        subject: subject.into(),
+        queue: None,
+    }
+}
+
+fn publish(subject: &str) -> Frame {
+    Frame::Pub {
+        flags: 0,
+        subject: subject.into(),
+        reply: None,
+        headers: vec![],
+        payload: b"m".to_vec(),
+    }
+}
+
+#[tokio::test]
+async fn subscriptions_beyond_the_limit_get_an_error_naming_it_and_the_connection_keeps_working() {
+    let mut cfg = common::test_config();
+    cfg.max_subscriptions = 3;
+    let b = TestBroker::with(cfg).await;
+    let (c, mut s) = bystander(&b).await;
+    let mut raw = Raw::connect(b.addr).await;
+    for sid in 1..=3 {
+        raw.send_frame(sub(sid, &format!("lim.{sid}"))).await;
+    }
+    raw.send_frame(sub(4, "lim.4")).await;
+    let text = expect_err(raw.next().await, code::MAX_SUBSCRIPTIONS);
+    assert!(
+        text.contains("at most 3 subscriptions") && text.contains("--max-subscriptions"),
+        "{text}"
+    );
+
+    // Still usable: its subscriptions deliver, and an UNSUB makes room.
+    raw.send_frame(publish("lim.1")).await;
+    assert!(
+        matches!(raw.next().await, Some(Frame::Msg { sid: 1, .. })),
+        "the first subscriptions still deliver"
+    );
+    raw.send_frame(publish("lim.4")).await;
+    raw.send_frame(Frame::Unsub { sid: 2, max: 0 }).await;
+    raw.send_frame(sub(4, "lim.4")).await;
+    raw.send_frame(publish("lim.4")).await;
+    assert!(
+        matches!(raw.next().await, Some(Frame::Msg { sid: 4, .. })),
+        "the refused subscription got nothing, the one made after the UNSUB does"
+    );
+    raw.send_frame(sub(5, "lim.5")).await;
+    expect_err(raw.next().await, code::MAX_SUBSCRIPTIONS);
+
+    // The SDK's flush reports the refusal too.
+    let sdk = sockbus_client::connect(&b.url).await.unwrap();
+    let mut held = Vec::new();
+    for i in 0..4 {
+        held.push(sdk.subscribe(&format!("sdk.{i}")).await.unwrap());
+    }
+    match sdk.flush().await {
+        Err(Error::Server { code: c, message }) => {
+            assert_eq!(c, code::MAX_SUBSCRIPTIONS);
+            assert!(message.contains("at most 3"), "{message}");
+        }
+        other => panic!("expected the limit's error, got {other:?}"),
+    }
+    sdk.publish("sdk.0", "here").await.unwrap();
+    assert_eq!(recv(&mut held[0]).await.payload.as_ref(), b"here");
+    still_works(&c, &mut s).await;
+}
+
 #[tokio::test]
 async fn a_subscriber_that_never_reads_does_not_slow_a_fast_one_and_is_cut_off_at_its_budget() {
     use std::sync::atomic::{AtomicUsize, Ordering};

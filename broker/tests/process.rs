@@ -6,8 +6,9 @@ mod common;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use bytes::BytesMut;
 use common::Raw;
-use sockbus_protocol::Frame;
+use sockbus_protocol::{frame, Frame};
 
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
@@ -197,6 +198,112 @@ async fn broker_memory_stays_bounded_when_a_subscriber_stops_reading() {
         stalled.closed().await,
         "stalled subscriber was disconnected"
     );
+}
+
+/// Sends SUBs for sids `sids` (subjects `mem.<sid>`, distinct literals) and
+/// waits until the broker has handled them all.
+async fn subscribe_all(raw: &mut Raw, sids: std::ops::Range<u32>) {
+    let mut b = BytesMut::new();
+    for sid in sids {
+        frame::encode_sub(&mut b, sid, &format!("mem.{sid}"), None).unwrap();
+        if b.len() >= 64 * 1024 {
+            raw.send(&b).await;
+            b.clear();
+        }
+    }
+    raw.send(&b).await;
+    handled(raw).await;
+}
+
+async fn unsubscribe_all(raw: &mut Raw, sids: std::ops::Range<u32>) {
+    let mut b = BytesMut::new();
+    for sid in sids {
+        frame::encode_unsub(&mut b, sid, 0);
+        if b.len() >= 64 * 1024 {
+            raw.send(&b).await;
+            b.clear();
+        }
+    }
+    raw.send(&b).await;
+    handled(raw).await;
+}
+
+/// Waits for the PONG to a PING sent after everything else.
+async fn handled(raw: &mut Raw) {
+    raw.send_frame(Frame::Ping(7)).await;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        match raw.next().await {
+            Some(Frame::Pong(7)) => return,
+            Some(Frame::Err { code, text }) => panic!("broker refused: ERR {code} {text}"),
+            _ => assert!(Instant::now() < deadline, "no PONG"),
+        }
+    }
+}
+
+/// Waits up to 5 s for the broker's RSS to come back to `limit` KiB; returns the last reading.
+async fn rss_back_to(b: &Broker, limit: u64) -> u64 {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let rss = b.status_kib("VmRSS:");
+        if rss <= limit || Instant::now() >= deadline {
+            return rss;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test]
+async fn memory_of_many_subscriptions_is_given_back_when_they_end() {
+    const N: u32 = 200_000;
+    let dir = tempfile::tempdir().unwrap();
+    let b = Broker::spawn(&[
+        "--max-subscriptions",
+        "0",
+        "--http",
+        "off",
+        "--data-dir",
+        dir.path().to_str().unwrap(),
+    ])
+    .await;
+    // What stays after the first connection and release (runtime, buffers,
+    // the trimming thread) is part of the base.
+    let mut warm = Raw::connect(b.addr).await;
+    subscribe_all(&mut warm, 0..5_000).await;
+    drop(warm);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let base = b.status_kib("VmRSS:");
+    // Within 10 %, as an operator would judge it; the floor covers a small
+    // base (a few pages of thread stacks and allocator bookkeeping).
+    let limit = base + (base / 10).max(1024);
+
+    // A connection with N subscriptions closes.
+    let mut raw = Raw::connect(b.addr).await;
+    subscribe_all(&mut raw, 0..N).await;
+    let full = b.status_kib("VmRSS:");
+    assert!(
+        full > base + 20 * 1024,
+        "{N} subscriptions should take memory: {full} KiB held vs {base} KiB before"
+    );
+    drop(raw);
+    let after_close = rss_back_to(&b, limit).await;
+    assert!(
+        after_close <= limit,
+        "RSS {after_close} KiB after the connection with {N} subscriptions closed; \
+         {base} KiB before, {full} KiB with them"
+    );
+
+    // N subscriptions come and go by UNSUB on a connection that stays.
+    let mut raw = Raw::connect(b.addr).await;
+    subscribe_all(&mut raw, 0..N).await;
+    unsubscribe_all(&mut raw, 0..N).await;
+    let after_unsub = rss_back_to(&b, limit).await;
+    assert!(
+        after_unsub <= limit,
+        "RSS {after_unsub} KiB after {N} UNSUBs; {base} KiB before"
+    );
+    // That connection is still fine.
+    subscribe_all(&mut raw, 0..10).await;
 }
 
 /// A raw TCP client that sends CONNECT and then PINGs as fast as the

@@ -1,5 +1,5 @@
 use clap::{Parser, Subcommand};
-use sockbus_loadtest::commands::{ceiling, cluster, compare, run};
+use sockbus_loadtest::commands::{ceiling, cluster, compare, run, sub_memory};
 use tracing_subscriber::EnvFilter;
 
 /// Load generator for sockbus and NATS: scenarios, side-by-side comparisons, reports.
@@ -20,6 +20,8 @@ enum Cmd {
     CompareCluster(cluster::ClusterArgs),
     /// A trivial hyper HTTP server answering 204 to every POST: the ceiling for `hey`.
     HyperCeiling(ceiling::CeilingArgs),
+    /// Start sockbus-broker and nats-server, measure the memory N subscriptions take and what is given back.
+    SubMemory(sub_memory::SubMemoryArgs),
 }
 
 fn main() {
@@ -46,6 +48,7 @@ fn main() {
             Cmd::Compare(a) => compare::execute(a).await,
             Cmd::CompareCluster(a) => cluster::execute(a).await,
             Cmd::HyperCeiling(a) => ceiling::execute(a).await,
+            Cmd::SubMemory(a) => sub_memory::execute(a).await,
         }
     });
     // Don't wait for lingering connection tasks of the client libraries.

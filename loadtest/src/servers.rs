@@ -34,6 +34,19 @@ impl ServerProc {
         addr: SocketAddr,
         dir: &Path,
     ) -> anyhow::Result<ServerProc> {
+        Self::start_env(name, bin, args, &[], addr, dir)
+    }
+
+    /// [`ServerProc::start`] with environment variables set for the server
+    /// (a setting an older build ignores, where it would refuse a flag).
+    pub fn start_env(
+        name: &'static str,
+        bin: &Path,
+        args: &[String],
+        env: &[(&str, &str)],
+        addr: SocketAddr,
+        dir: &Path,
+    ) -> anyhow::Result<ServerProc> {
         let log = dir.join(format!("{name}.log"));
         let out = File::create(&log).with_context(|| format!("cannot create {}", log.display()))?;
         let mut cmd = Command::new(bin);
@@ -51,6 +64,7 @@ impl ServerProc {
                 cmd.env_remove(k);
             }
         }
+        cmd.envs(env.iter().copied());
         // SAFETY: the closure runs in the child between fork and exec and
         // only calls prctl, which is async-signal-safe.
         unsafe {

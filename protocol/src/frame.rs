@@ -111,6 +111,9 @@ pub mod code {
     pub const DUPLICATE_ROUTE: u16 = 11;
     /// The peer left `--max-pings-out` keepalive PINGs unanswered; the connection is closed.
     pub const STALE_CONNECTION: u16 = 12;
+    /// A SUB beyond the broker's per-connection subscription limit; the
+    /// connection and its other subscriptions stay usable.
+    pub const MAX_SUBSCRIPTIONS: u16 = 13;
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Error)]

@@ -342,6 +342,7 @@ mod tests {
             Default::default(),
             4096,
             64 << 20,
+            0,
         );
         let streams = Arc::new(Streams::open(dir.path(), d.clone(), None).unwrap());
         for i in 0..30 {

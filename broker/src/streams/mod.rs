@@ -957,6 +957,7 @@ mod tests {
             Default::default(),
             1 << 20,
             1 << 20,
+            0,
         )
     }
 

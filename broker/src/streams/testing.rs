@@ -14,7 +14,7 @@ use crate::outlet::Outlet;
 use crate::router::Router;
 
 pub(crate) fn delivery() -> Delivery {
-    Delivery::new(Router::default(), Default::default(), 1 << 20, 64 << 20)
+    Delivery::new(Router::default(), Default::default(), 1 << 20, 64 << 20, 0)
 }
 
 /// One MSG queued for an inbox.

@@ -4,6 +4,7 @@ pub mod ceiling;
 pub mod cluster;
 pub mod compare;
 pub mod run;
+pub mod sub_memory;
 
 use std::time::Duration;
 
