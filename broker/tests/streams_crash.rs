@@ -207,14 +207,23 @@ async fn kill_9_under_load_twenty_times_loses_no_acked_message_and_consumers_res
     }
     let c = client(port).await;
     let last = c.stream_info("CRASH").await.unwrap().state.last_seq;
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while consumed.lock().unwrap().last().copied().unwrap_or(0) < last {
+    // The backlog depends on how fast the publishers got through the
+    // restarts (one ack round trip per message for the consumer): what must
+    // hold is that the consumer keeps making progress until it has all.
+    let mut seen = 0;
+    let mut deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let now_at = consumed.lock().unwrap().last().copied().unwrap_or(0);
+        if now_at >= last {
+            break;
+        }
+        if now_at > seen {
+            seen = now_at;
+            deadline = Instant::now() + Duration::from_secs(10);
+        }
         if Instant::now() > deadline {
             let info = c.consumer_info("CRASH", "worker").await;
-            panic!(
-                "consumer did not catch up: confirmed {:?} of {last}; {info:?}",
-                consumed.lock().unwrap().last()
-            );
+            panic!("consumer stalled for 10 s at {seen} of {last}; {info:?}");
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }

