@@ -245,6 +245,20 @@ pub struct Config {
     pub busy_poll: Option<Duration>,
 }
 
+impl Config {
+    /// The largest receive window a client may declare: the larger of
+    /// `max_pending` and the default window (so a client that declares 0, or
+    /// the SDK's default, always fits). On the eBPF fast path the kernel holds
+    /// up to this much for a client that stops reading.
+    pub fn max_client_window(&self) -> u32 {
+        let pending = u32::try_from(self.max_pending).unwrap_or(u32::MAX);
+        pending.max(sockbus_protocol::flow::effective_window(
+            0,
+            self.max_payload,
+        ))
+    }
+}
+
 impl Default for Config {
     fn default() -> Self {
         Config {

@@ -103,6 +103,27 @@ pub async fn run(
         return;
     }
     let flags = flags.unwrap_or_default();
+    // On the eBPF fast path the kernel holds whatever the client's declared
+    // window lets the broker send, not the socket buffer: refuse a window
+    // larger than the budget the broker would hold for it anyway (a silent
+    // cap would stall a client that grants credit by its own window).
+    let max_window = state.config.max_client_window();
+    if effective_window(recv_window, state.config.max_payload) > max_window {
+        tracing::info!(%peer, client = %name, recv_window, max_window, "refused a client: receive window too large");
+        write_direct(&mut wr, |b| {
+            encode_err(
+                b,
+                code::FLOW_CONTROL,
+                &format!(
+                    "receive window of {recv_window} bytes is larger than this broker's \
+                     maximum of {max_window} bytes (the larger of --max-pending and the \
+                     default window); declare at most that"
+                ),
+            )
+        })
+        .await;
+        return;
+    }
     if flags & CONNECT_ROUTE != 0 {
         write_direct(&mut wr, |b| {
             encode_err(

@@ -614,6 +614,77 @@ async fn accelerated_subscriber_that_never_reads_bounds_kernel_queue_and_broker_
     );
 }
 
+/// A client on the fast path cannot make the kernel hold more than the
+/// broker's budget for it: a receive window beyond `--max-pending` is refused
+/// at CONNECT (ERR FLOW_CONTROL), and one that declares the largest accepted
+/// window and stops reading has at most that window queued in the kernel.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn accelerated_client_cannot_declare_a_window_beyond_the_budget() {
+    if !privileged("accelerated_client_cannot_declare_a_window_beyond_the_budget") {
+        return;
+    }
+    let (mut child, port, _log) = spawn_broker(&["--accel", "off", "--max-pending", "16MiB"]);
+    let fp = attach(&[port]);
+    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+
+    let mut greedy = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let mut b = BytesMut::new();
+    encode_connect(&mut b, 0, 1 << 30, "greedy", b"").unwrap();
+    greedy.write_all(&b).await.unwrap();
+    let mut buf = BytesMut::new();
+    match read_frame(&mut greedy, &mut buf).await {
+        Frame::Err { code, text } => {
+            assert_eq!(code, sockbus_protocol::code::FLOW_CONTROL, "{text}")
+        }
+        other => panic!("a 1 GiB window was accepted: {other:?}"),
+    }
+
+    let window = 16usize << 20;
+    let mut raw = Raw::connect_with_window(addr, window as u32).await;
+    let mut b = BytesMut::new();
+    encode_sub(&mut b, 1, "flood", None).unwrap();
+    raw.send(&b).await;
+    let p = sockbus_client::connect(&format!("sockbus://{addr}"))
+        .await
+        .unwrap();
+    p.flush().await.unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let before = fp.stats().unwrap();
+    let chunk = vec![7u8; 64 * 1024];
+    const TOTAL: usize = 128 << 20;
+    for _ in 0..TOTAL / chunk.len() {
+        p.publish("flood", &chunk).await.unwrap();
+    }
+    p.flush().await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let sent = delta(fp.stats().unwrap(), before);
+    let mut queued = 0usize;
+    let mut tmp = vec![0u8; 1 << 20];
+    loop {
+        match tokio::time::timeout(Duration::from_millis(500), raw.stream.read(&mut tmp)).await {
+            Ok(Ok(0)) | Ok(Err(_)) | Err(_) => break,
+            Ok(Ok(n)) => queued += n,
+        }
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    eprintln!(
+        "kernel queued {queued} B for a stalled subscriber with a {window} B window; {sent:?}"
+    );
+    assert!(
+        sent.bytes_redirected >= TOTAL as u64,
+        "the traffic took the fast path: {sent:?}"
+    );
+    assert!(
+        queued <= window,
+        "the kernel queued {queued} B, more than the {window} B window"
+    );
+    assert!(
+        queued >= window / 2,
+        "the subscriber's window filled: {queued} B"
+    );
+}
+
 // -------------------------------------------- (c) pods: namespaces over veth
 
 #[test]

@@ -428,10 +428,11 @@ async fn a_subscriber_that_withholds_credit_while_it_publishes_is_closed_after_t
     withhold_credit(true).await;
 }
 
-/// A subscriber that stops reading, with a window so large that credit never
-/// holds the broker back: its socket fills, the write makes no progress, and
-/// after the write timeout (1 s here) it is closed and counted as a slow
-/// consumer, long before its 64 MiB budget fills.
+/// A subscriber that stops reading, with a window so large (the largest the
+/// broker accepts, its 64 MiB budget) that credit does not hold the broker
+/// back before its socket fills: the write makes no progress, and after the
+/// write timeout (1 s here) it is closed and counted as a slow consumer, long
+/// before its budget fills.
 #[tokio::test]
 async fn a_subscriber_that_stops_reading_is_closed_after_the_write_timeout() {
     use tokio::io::AsyncWriteExt;
@@ -453,7 +454,7 @@ async fn a_subscriber_that_stops_reading_is_closed_after_the_write_timeout() {
     let (c, mut s) = bystander(&b).await;
     let mut raw = Raw::connect_only(b.addr).await;
     let mut hello = BytesMut::new();
-    sockbus_protocol::frame::encode_connect(&mut hello, 0, 1 << 30, "stalled", b"").unwrap();
+    sockbus_protocol::frame::encode_connect(&mut hello, 0, 64 << 20, "stalled", b"").unwrap();
     raw.stream.write_all(&hello).await.unwrap();
     assert!(matches!(raw.next().await, Some(Frame::Info { .. })));
     raw.send_frame(Frame::Sub {
@@ -481,5 +482,56 @@ async fn a_subscriber_that_stops_reading_is_closed_after_the_write_timeout() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     assert!(raw.closed().await, "the stalled connection was closed");
+    still_works(&c, &mut s).await;
+}
+
+/// A client may not declare a receive window larger than the broker's
+/// budget for it (`--max-pending`, or the default window if that is larger):
+/// on the eBPF fast path the kernel would hold that much for a client that
+/// stops reading. It gets ERR FLOW_CONTROL naming the maximum and is closed;
+/// the maximum itself is accepted; the SDK's connect error carries the
+/// broker's reason.
+#[tokio::test]
+async fn a_receive_window_beyond_the_budget_is_refused_at_connect() {
+    use tokio::io::AsyncWriteExt;
+    let mut cfg = common::test_config();
+    cfg.max_pending = 16 << 20;
+    let b = TestBroker::with(cfg).await;
+    let max = 16u32 << 20;
+
+    let mut raw = Raw::connect_only(b.addr).await;
+    let mut hello = BytesMut::new();
+    sockbus_protocol::frame::encode_connect(&mut hello, 0, 1 << 30, "greedy", b"").unwrap();
+    raw.stream.write_all(&hello).await.unwrap();
+    match raw.next().await {
+        Some(Frame::Err { code, text }) => {
+            assert_eq!(code, sockbus_protocol::code::FLOW_CONTROL, "{text}");
+            assert!(
+                text.contains(&max.to_string()),
+                "the maximum is named: {text}"
+            );
+        }
+        other => panic!("expected ERR FLOW_CONTROL, got {other:?}"),
+    }
+    assert!(raw.closed().await, "the refused connection was closed");
+
+    // The maximum itself is fine, and so is 0 (the default window).
+    let mut ok = Raw::connect_with_window(b.addr, max).await;
+    ok.send_frame(Frame::Ping(7)).await;
+    assert_eq!(ok.next().await, Some(Frame::Pong(7)));
+    let _ = Raw::connect_with_window(b.addr, 0).await;
+
+    let err = sockbus_client::ConnectOptions::new()
+        .receive_window(max + 1)
+        .connect(&b.url)
+        .await
+        .err()
+        .expect("the SDK gets the refusal");
+    let msg = err.to_string();
+    assert!(
+        msg.contains("receive window") && msg.contains(&max.to_string()),
+        "the SDK's error says why: {msg}"
+    );
+    let (c, mut s) = bystander(&b).await;
     still_works(&c, &mut s).await;
 }

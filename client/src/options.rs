@@ -139,6 +139,9 @@ impl ConnectOptions {
         self
     }
     /// Flow-control window announced to the broker (0: the default, 8 MiB).
+    /// The broker refuses a window larger than its per-connection budget
+    /// (`--max-pending`, 64 MiB by default): connecting then fails with its
+    /// reason.
     pub fn receive_window(mut self, n: u32) -> Self {
         self.recv_window = n;
         self

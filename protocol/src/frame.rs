@@ -103,7 +103,9 @@ pub mod code {
     pub const NOT_CONNECTED: u16 = 7;
     /// The broker is shutting down.
     pub const SHUTTING_DOWN: u16 = 8;
-    /// The peer sent more bytes than the credit it was granted.
+    /// A CONNECT declared a receive window larger than the broker accepts
+    /// (the connection is closed); also reserved for a peer that sends more
+    /// bytes than the credit it was granted.
     pub const FLOW_CONTROL: u16 = 9;
     /// Any other refusal (unknown subscription id, bad queue name, ...); the connection stays usable.
     pub const BAD_REQUEST: u16 = 10;

@@ -84,9 +84,14 @@ impl Raw {
     /// Connects and completes the handshake (declared window 0: the default;
     /// this client never grants credit, so it stalls after that many bytes).
     pub async fn connect(addr: SocketAddr) -> Raw {
+        Raw::connect_with_window(addr, 0).await
+    }
+
+    /// Connects declaring `window` as its receive window.
+    pub async fn connect_with_window(addr: SocketAddr, window: u32) -> Raw {
         let mut r = Raw::connect_only(addr).await;
         let mut b = BytesMut::new();
-        encode_connect(&mut b, 0, 0, "raw", b"").unwrap();
+        encode_connect(&mut b, 0, window, "raw", b"").unwrap();
         r.send(&b).await;
         match r.next().await {
             Some(Frame::Info { .. }) => {}
