@@ -193,6 +193,9 @@ pub struct Stream {
     wake: Notify,
     pub(crate) consumers: Mutex<HashMap<String, Arc<Consumer>>>,
     deleted: AtomicBool,
+    /// The writer task stopped on an internal error (a panic): publishes
+    /// fail at once instead of queuing for nobody.
+    failed: AtomicBool,
     /// Where acks and consumer deliveries go.
     pub(crate) delivery: Delivery,
 }
@@ -250,13 +253,32 @@ impl Stream {
             }
             None => {
                 drop(tx);
-                fail_all(
-                    req,
-                    &StreamError::Deleted(self.config.name.clone()),
-                    &self.delivery,
-                )
+                let e = if self.failed.load(Ordering::Acquire) {
+                    StreamError::Storage {
+                        name: self.config.name.clone(),
+                        error: "the stream's writer stopped on an internal error (see the \
+                                broker's log); restart the broker"
+                            .into(),
+                    }
+                } else {
+                    StreamError::Deleted(self.config.name.clone())
+                };
+                fail_all(req, &e, &self.delivery)
             }
         }
+    }
+
+    /// The writer task is gone (it panicked, or could not start): what it
+    /// had queued is lost with its channel, unacknowledged. Gives the queued
+    /// bytes back to this stream's and the broker-wide budget (or every
+    /// publisher to any stream would wait for them forever), and makes later
+    /// publishes fail at once with a storage error.
+    pub(crate) fn writer_failed(&self) {
+        self.failed.store(true, Ordering::Release);
+        self.tx.lock().unwrap_or_else(|p| p.into_inner()).take();
+        let n = self.queued.swap(0, Ordering::AcqRel);
+        self.budget.release(n);
+        self.space.notify_waiters();
     }
 
     /// Ends the writer once it has answered what is queued (dropping the
@@ -484,6 +506,7 @@ impl Streams {
             wake: Notify::new(),
             consumers: Mutex::new(HashMap::new()),
             deleted: AtomicBool::new(false),
+            failed: AtomicBool::new(false),
             delivery: self.delivery.clone(),
         });
         writer::spawn(s.clone(), rx);

@@ -37,7 +37,10 @@ pub(super) fn spawn(s: Arc<Stream>, rx: Receiver<WriteReq>) {
         // Reads the duplicate window back from the log: disk work.
         match tokio::task::spawn_blocking(move || Writer::new(s2)).await {
             Ok(w) => drive(w, rx).await,
-            Err(e) => error!(stream = %s.config.name, "the stream's writer failed to start: {e}"),
+            Err(e) => {
+                error!(stream = %s.config.name, "the stream's writer failed to start: {e}");
+                s.writer_failed();
+            }
         }
     });
 }
@@ -77,6 +80,7 @@ pub(super) async fn drive(mut w: Writer, mut rx: Receiver<WriteReq>) {
             Ok((_, _, false)) => return,
             Err(e) => {
                 error!(stream = %cfg.name, "the stream's writer failed: {e}");
+                s.writer_failed();
                 return;
             }
         }
@@ -174,6 +178,10 @@ impl Writer {
     /// most), then what is due (interval fsync, retention). False once the
     /// stream is deleted and everything queued is answered.
     fn turn(&mut self, rx: &Receiver<WriteReq>) -> bool {
+        #[cfg(test)]
+        if self.s.config.name == tests::PANICS {
+            panic!("a writer bug, injected by a test");
+        }
         let mut open = true;
         for n in 0.. {
             if n == ROUNDS_PER_TURN {
@@ -424,6 +432,7 @@ mod tests {
             wake: Notify::new(),
             consumers: Default::default(),
             deleted: AtomicBool::new(false),
+            failed: AtomicBool::new(false),
             delivery: d.clone(),
         });
         (s, rx)
@@ -589,6 +598,61 @@ mod tests {
         // Deleting the stream ends the writer task.
         s.close_writer();
         writer.await.unwrap();
+    }
+
+    /// Name of a stream whose writer panics on its first turn.
+    pub(super) const PANICS: &str = "PANICS";
+
+    /// A writer that panics gives its queued bytes back to the broker-wide
+    /// budget (other streams' publishers would otherwise wait forever once
+    /// it had filled) and later publishes to its stream fail at once with a
+    /// storage error instead of queuing for nobody.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_writer_that_panics_releases_the_shared_budget_and_fails_later_publishes() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = delivery();
+        let budget = QueueBudget::new(4096);
+        let (bad, bad_rx) = stream_in(
+            &dir.path().join("bad"),
+            StreamConfig::new(PANICS, ["bad.>"]),
+            &d,
+            &budget,
+        );
+        let (good, good_rx) = stream_in(
+            &dir.path().join("good"),
+            StreamConfig::new("GOOD", ["good.>"]),
+            &d,
+            &budget,
+        );
+        let big = "x".repeat(1000);
+        let msgs: Vec<(&str, Option<&str>)> = (0..8).map(|_| (big.as_str(), None)).collect();
+        let lost = produce(&bad, &msgs);
+        assert!(
+            good.over_limit(),
+            "the panicking stream holds the shared budget"
+        );
+        let writer = tokio::spawn(drive(Writer::new(bad.clone()), bad_rx));
+        bad.wake.notify_one();
+        tokio::time::timeout(Duration::from_secs(5), writer)
+            .await
+            .expect("the writer task ends")
+            .unwrap();
+        assert!(!good.over_limit(), "the budget was given back");
+        for a in lost {
+            // Queued before the panic: lost with the writer, never acked.
+            assert!(
+                !matches!(a.await, Ok(Ok(_))),
+                "a message the writer never stored was acked"
+            );
+        }
+        let mut after = produce(&bad, &[("later", None)]);
+        match ack(&mut after[0]) {
+            Err(StreamError::Storage { error, .. }) => {
+                assert!(error.contains("internal error"), "{error}")
+            }
+            other => panic!("expected a storage error, got {other:?}"),
+        }
+        drop(good_rx);
     }
 
     #[test]
