@@ -576,3 +576,34 @@ async fn the_broker_names_the_stream_a_publish_to_a_subject_would_be_stored_by()
     );
     assert!(c.stream_for_subject("orders.*").await.is_err(), "a pattern");
 }
+
+/// More streams than one answer can hold (a 4 KiB max payload here, as
+/// 10,000 streams are against the default 1 MiB): the SDK's `stream_list`,
+/// and so `sockbus stream ls`, pages through and returns every stream once,
+/// in name order, where the broker used to refuse the whole list (413).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stream_list_pages_through_more_streams_than_one_answer_holds() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = test_config();
+    cfg.data_dir = dir.path().to_path_buf();
+    cfg.max_payload = 4096;
+    cfg.max_pending = 64 << 10;
+    let b = TestBroker::with(cfg).await;
+    let c = client(&b).await;
+    let mut want = Vec::new();
+    for i in 0..60 {
+        let name = format!("S{i:03}");
+        c.stream_add(&StreamConfig::new(&name, [format!("pg.{i}")]))
+            .await
+            .unwrap();
+        want.push(name);
+    }
+    let got: Vec<String> = c
+        .stream_list()
+        .await
+        .expect("the list pages instead of failing")
+        .into_iter()
+        .map(|s| s.config.name)
+        .collect();
+    assert_eq!(got, want);
+}

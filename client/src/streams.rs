@@ -206,6 +206,7 @@ impl Client {
         validate_subject(subject)?;
         let body = serde_json::to_vec(&api::StreamListRequest {
             subject: Some(subject.to_string()),
+            offset: None,
         })
         .expect("serialisable");
         let list: api::StreamList = match self.request(subject::STREAM_LIST, body).await {
@@ -223,11 +224,30 @@ impl Client {
         }))
     }
 
+    /// Every stream, sorted by name. The broker answers in pages that fit
+    /// its largest payload; this asks for pages until it has them all.
     pub async fn stream_list(&self) -> Result<Vec<StreamInfo>> {
-        Ok(self
-            .api::<api::StreamList>(subject::STREAM_LIST, Vec::new())
-            .await?
-            .streams)
+        let mut all: Vec<StreamInfo> = Vec::new();
+        loop {
+            let body = serde_json::to_vec(&api::StreamListRequest {
+                subject: None,
+                offset: (!all.is_empty()).then_some(all.len() as u64),
+            })
+            .expect("serialisable");
+            let page = self
+                .api::<api::StreamList>(subject::STREAM_LIST, body)
+                .await?;
+            let got = page.streams.len();
+            all.extend(page.streams);
+            // A broker without paging sends no total: that was everything.
+            // Streams created or deleted between pages can shift the list;
+            // an empty page ends it either way.
+            match page.total {
+                Some(total) if got > 0 && (all.len() as u64) < total => continue,
+                _ => break,
+            }
+        }
+        Ok(all)
     }
 
     pub async fn stream_delete(&self, name: &str) -> Result<()> {

@@ -14,7 +14,9 @@ use std::sync::Arc;
 
 use serde::Serialize;
 use sockbus_protocol::api::subject::{self, Api};
-use sockbus_protocol::api::{ApiError, ConsumerList, Deleted, StreamList, StreamListRequest};
+use sockbus_protocol::api::{
+    ApiError, ConsumerList, Deleted, StreamInfo, StreamList, StreamListRequest,
+};
 use sockbus_protocol::subject::validate_subject;
 
 use super::consumer::{self, AckKind, ConsumerConfig, PullRequest};
@@ -44,16 +46,47 @@ fn reply_with<T: Serialize>(state: &Ctx<'_>, reply: Option<&str>, r: Result<T, S
     };
     // An answer that cannot be delivered would leave the requester waiting
     // until its timeout: it gets this error instead (STREAM.LIST of many
-    // streams is the one that can grow that large).
+    // streams, which could grow that large, comes in pages instead).
     let max = state.delivery.max_payload();
     if body.len() > max {
         body = error_body(&StreamError::AnswerTooLarge {
             size: body.len(),
             max,
-            hint: "ask for one stream by name (STREAM.INFO) or by subject (STREAM.LIST with {\"subject\": ...})",
+            hint: "raise --max-payload",
         });
     }
     let _ = state.delivery.publish_now(reply, &[], &body);
+}
+
+/// Room left in a page for `{"streams":[],"total":..,"offset":..}` and
+/// the reply's frame.
+const PAGE_SLACK: usize = 256;
+
+/// The page of `all` (sorted by name) starting at `offset`: as many streams
+/// as fit in `max_payload` bytes of JSON, and always at least one, so a
+/// client paging through never stalls (a single stream's info larger than
+/// the payload is answered 413 by [`reply_with`]).
+fn page(all: Vec<StreamInfo>, offset: u64, max_payload: usize) -> StreamList {
+    let total = all.len() as u64;
+    let budget = max_payload.saturating_sub(PAGE_SLACK);
+    let mut used = 0;
+    let mut streams = Vec::new();
+    for info in all
+        .into_iter()
+        .skip(usize::try_from(offset).unwrap_or(usize::MAX))
+    {
+        let len = serde_json::to_vec(&info).map_or(0, |v| v.len()) + 1;
+        if !streams.is_empty() && used + len > budget {
+            break;
+        }
+        used += len;
+        streams.push(info);
+    }
+    StreamList {
+        streams,
+        total: Some(total),
+        offset: Some(offset),
+    }
 }
 
 /// Runs `f` (file-system work with fsyncs: creating, deleting a stream)
@@ -146,16 +179,23 @@ pub(crate) fn handle(
         }
         Api::StreamList => {
             let r = parse::<StreamListRequest>(payload).and_then(|req| {
-                let streams = match req.subject {
-                    None => streams.list(),
+                match req.subject {
+                    None => Ok(page(
+                        streams.list(),
+                        req.offset.unwrap_or(0),
+                        state.delivery.max_payload(),
+                    )),
                     // The stream a publish to this subject would be stored
                     // by, by the rule the publish path itself follows.
                     Some(s) => {
                         validate_subject(&s).map_err(|e| StreamError::BadRequest(e.to_string()))?;
-                        streams.capture(&s).map(|s| s.info()).into_iter().collect()
+                        Ok(StreamList {
+                            streams: streams.capture(&s).map(|s| s.info()).into_iter().collect(),
+                            total: None,
+                            offset: None,
+                        })
                     }
-                };
-                Ok(StreamList { streams })
+                }
             });
             reply_with(state, reply, r)
         }
@@ -335,7 +375,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_stream_list_larger_than_the_max_payload_is_answered_with_an_error_saying_so() {
+    async fn a_stream_list_larger_than_the_max_payload_comes_in_pages_that_cover_every_stream() {
         let dir = tempfile::tempdir().unwrap();
         let d = crate::deliver::Delivery::new(
             crate::router::Router::default(),
@@ -350,13 +390,37 @@ mod tests {
                 .create(StreamConfig::new(format!("S{i}"), [format!("s.{i}")]))
                 .unwrap();
         }
-        let a = request(&streams, &d, subject::STREAM_LIST, "").await;
-        let (e, status) = refused(&a);
-        assert_eq!(status, 413, "{a}");
-        assert!(
-            e.contains("more than the largest payload, 4096 bytes (--max-payload)")
-                && e.contains("by subject (STREAM.LIST"),
-            "{e}"
+        let mut names = Vec::new();
+        let mut pages = 0;
+        loop {
+            let body = format!(r#"{{"offset":{}}}"#, names.len());
+            let a = request(&streams, &d, subject::STREAM_LIST, &body).await;
+            assert_eq!(a["total"], 30, "{a}");
+            assert_eq!(a["offset"], names.len(), "{a}");
+            let page = a["streams"].as_array().expect("a page of streams").clone();
+            assert!(
+                !page.is_empty(),
+                "a page short of the total is never empty: {a}"
+            );
+            assert!(a.to_string().len() <= 4096, "a page fits the max payload");
+            names.extend(
+                page.iter()
+                    .map(|s| s["config"]["name"].as_str().unwrap().to_string()),
+            );
+            pages += 1;
+            if names.len() >= 30 {
+                break;
+            }
+        }
+        assert!(pages > 1, "30 streams do not fit 4 KiB: more than one page");
+        let mut want: Vec<String> = (0..30).map(|i| format!("S{i}")).collect();
+        want.sort();
+        assert_eq!(names, want, "every stream once, in name order");
+        // Past the end: an empty page, still with the total.
+        let a = request(&streams, &d, subject::STREAM_LIST, r#"{"offset":30}"#).await;
+        assert_eq!(
+            (a["streams"].as_array().unwrap().len(), &a["total"]),
+            (0, &30.into())
         );
         // One stream by subject still fits.
         let a = request(&streams, &d, subject::STREAM_LIST, r#"{"subject":"s.7"}"#).await;

@@ -150,20 +150,31 @@ pub struct StreamInfo {
     pub state: StreamState,
 }
 
-/// The answer to `$SB.API.STREAM.LIST`, sorted by name.
+/// The answer to `$SB.API.STREAM.LIST`, sorted by name: one page. The
+/// broker fills a page up to its largest payload; `total` is how many
+/// streams there are and `offset` where this page starts, so a client asks
+/// again from `offset + streams.len()` until it has `total` (a broker older
+/// than paging sends neither and lists everything at once).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct StreamList {
     pub streams: Vec<StreamInfo>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub total: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub offset: Option<u64>,
 }
 
 /// The optional body of `$SB.API.STREAM.LIST`: with `subject`, only the
 /// stream that would store a message published to that subject (none or
-/// one: streams' subjects never overlap). Empty body: every stream.
+/// one: streams' subjects never overlap); with `offset`, the page starting
+/// at that position of the name-sorted list. Empty body: the first page.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct StreamListRequest {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub subject: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub offset: Option<u64>,
 }
 
 #[cfg(test)]
@@ -268,13 +279,36 @@ mod tests {
             },
             r#"{"messages":0,"bytes":100,"first_seq":1,"last_seq":2,"segments":1,"consumers":1,"damaged_records":0}"#,
         );
-        pinned(&StreamList { streams: vec![] }, r#"{"streams":[]}"#);
+        pinned(
+            &StreamList {
+                streams: vec![],
+                total: None,
+                offset: None,
+            },
+            r#"{"streams":[]}"#,
+        );
+        pinned(
+            &StreamList {
+                streams: vec![],
+                total: Some(0),
+                offset: Some(0),
+            },
+            r#"{"streams":[],"total":0,"offset":0}"#,
+        );
         pinned(&StreamListRequest::default(), "{}");
         pinned(
             &StreamListRequest {
                 subject: Some("orders.eu".into()),
+                offset: None,
             },
             r#"{"subject":"orders.eu"}"#,
+        );
+        pinned(
+            &StreamListRequest {
+                subject: None,
+                offset: Some(40),
+            },
+            r#"{"offset":40}"#,
         );
     }
 
