@@ -141,6 +141,15 @@ pub struct Options {
     /// Cluster peers, comma separated (sockbus-route://host:port).
     #[arg(long, env = "SOCKBUS_PEERS", value_delimiter = ',')]
     pub peers: Option<Vec<String>>,
+    /// Shared secret cluster routes authenticate with (every broker of the
+    /// cluster needs the same one); without it any process that reaches
+    /// the cluster port can join.
+    #[arg(long, env = "SOCKBUS_CLUSTER_SECRET", hide_env_values = true)]
+    pub cluster_secret: Option<Secret>,
+    /// Reads the cluster secret from this file (a mounted Kubernetes
+    /// Secret); surrounding whitespace is ignored.
+    #[arg(long, env = "SOCKBUS_CLUSTER_SECRET_FILE")]
+    pub cluster_secret_file: Option<PathBuf>,
     /// This broker's name in the cluster (defaults to the host name).
     #[arg(long, env = "SOCKBUS_NODE_ID")]
     pub node_id: Option<String>,
@@ -215,6 +224,9 @@ pub struct Config {
     pub http_body_timeout: Duration,
     pub cluster: Option<SocketAddr>,
     pub peers: Vec<String>,
+    /// Shared secret of cluster routes (cluster/auth.rs); None: routes are
+    /// not authenticated.
+    pub cluster_secret: Option<Secret>,
     pub node_id: String,
     pub data_dir: PathBuf,
     pub accel: AccelMode,
@@ -245,6 +257,31 @@ pub struct Config {
     pub busy_poll: Option<Duration>,
 }
 
+/// A secret from the command line, environment or config file: never
+/// printed (`Debug` shows `<redacted>`).
+#[derive(Clone, Deserialize)]
+#[serde(transparent)]
+pub struct Secret(pub String);
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("<redacted>")
+    }
+}
+
+impl std::str::FromStr for Secret {
+    type Err = std::convert::Infallible;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Ok(Secret(s.to_string()))
+    }
+}
+
+impl Secret {
+    pub fn as_bytes(&self) -> &[u8] {
+        self.0.as_bytes()
+    }
+}
+
 impl Config {
     /// The largest receive window a client may declare: the larger of
     /// `max_pending` and the default window (so a client that declares 0, or
@@ -270,6 +307,7 @@ impl Default for Config {
             http_body_timeout: Duration::from_secs(30),
             cluster: None,
             peers: Vec::new(),
+            cluster_secret: None,
             node_id: default_node_id(),
             data_dir: PathBuf::from("./sockbus-data"),
             accel: AccelMode::Auto,
@@ -391,6 +429,25 @@ impl Options {
                 .map(|s| parse_addr("cluster", s))
                 .transpose()?,
             peers: o.peers.unwrap_or_default(),
+            cluster_secret: match (o.cluster_secret, &o.cluster_secret_file) {
+                (Some(_), Some(_)) => {
+                    bail!("give --cluster-secret or --cluster-secret-file, not both")
+                }
+                (Some(s), None) if s.0.trim().is_empty() => {
+                    bail!("--cluster-secret is empty: give a secret, or leave the option out")
+                }
+                (Some(s), None) => Some(s),
+                (None, Some(path)) => {
+                    let text = std::fs::read_to_string(path).map_err(|e| {
+                        anyhow::anyhow!("--cluster-secret-file {}: {e}", path.display())
+                    })?;
+                    if text.trim().is_empty() {
+                        bail!("--cluster-secret-file {} is empty", path.display());
+                    }
+                    Some(Secret(text.trim().to_string()))
+                }
+                (None, None) => None,
+            },
             node_id: o.node_id.unwrap_or(d.node_id),
             data_dir: o.data_dir.unwrap_or(d.data_dir),
             accel: o.accel.unwrap_or_default(),
@@ -432,6 +489,8 @@ impl Options {
             http_body_timeout: self.http_body_timeout.or(file.http_body_timeout),
             cluster: self.cluster.or(file.cluster),
             peers: self.peers.or(file.peers),
+            cluster_secret: self.cluster_secret.or(file.cluster_secret),
+            cluster_secret_file: self.cluster_secret_file.or(file.cluster_secret_file),
             node_id: self.node_id.or(file.node_id),
             data_dir: self.data_dir.or(file.data_dir),
             config: self.config,

@@ -35,6 +35,8 @@ pub struct Metrics {
     pub routes: AtomicU64,
     /// Messages received from peers over cluster routes.
     pub route_msgs_in: AtomicU64,
+    /// Route handshakes refused for a wrong or missing cluster secret.
+    pub route_auth_failures: AtomicU64,
 }
 
 /// Per-batch counts, flushed into [`Metrics`] by their owner.

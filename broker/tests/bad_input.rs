@@ -525,8 +525,7 @@ async fn a_receive_window_beyond_the_budget_is_refused_at_connect() {
         .receive_window(max + 1)
         .connect(&b.url)
         .await
-        .err()
-        .expect("the SDK gets the refusal");
+        .expect_err("the SDK gets the refusal");
     let msg = err.to_string();
     assert!(
         msg.contains("receive window") && msg.contains(&max.to_string()),

@@ -39,11 +39,16 @@ impl Node {
     }
 
     async fn start(&self) -> TestBroker {
+        self.start_with_secret(None).await
+    }
+
+    async fn start_with_secret(&self, secret: Option<&str>) -> TestBroker {
         let mut cfg = common::test_config();
         cfg.node_id = self.name.clone();
         cfg.listen = self.client;
         cfg.cluster = Some(self.route);
         cfg.peers = self.peers.clone();
+        cfg.cluster_secret = secret.map(|s| sockbus_broker::config::Secret(s.into()));
         TestBroker::with(cfg).await
     }
 }
@@ -613,4 +618,151 @@ async fn a_route_peer_that_never_reads_is_cut_off_at_the_budget() {
     let cut = tokio::time::timeout(Duration::from_secs(15), flood).await;
     assert_eq!(cut, Ok(true), "the flooding route was closed");
     assert_eq!(Metrics::get(&b.state.metrics().slow_consumers), 1);
+}
+
+/// A route token as docs/protocol.md ("Cluster routes") specifies it, made
+/// here independently of the broker's code.
+fn route_token(secret: &str, node: &str, ms: u64, nonce: &str) -> String {
+    use hmac::Mac;
+    let mut m = hmac::Hmac::<sha2::Sha256>::new_from_slice(secret.as_bytes()).unwrap();
+    m.update(format!("sockbus-route-v1\n{node}\n{ms}\n{nonce}").as_bytes());
+    let tag: String = m
+        .finalize()
+        .into_bytes()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    format!("v1:{ms}:{nonce}:{tag}")
+}
+
+/// Dials `b`'s cluster port with a route CONNECT carrying `token`.
+async fn route_connect(b: &TestBroker, node: &str, token: &str) -> TcpStream {
+    use tokio::io::AsyncWriteExt;
+    let route = b.state.config().cluster.expect("a cluster port");
+    let mut s = TcpStream::connect(route).await.unwrap();
+    let mut hello = bytes::BytesMut::new();
+    sockbus_protocol::frame::encode_connect(
+        &mut hello,
+        sockbus_protocol::frame::CONNECT_ROUTE,
+        0,
+        node,
+        token.as_bytes(),
+    )
+    .unwrap();
+    s.write_all(&hello).await.unwrap();
+    s
+}
+
+/// Brokers sharing `--cluster-secret` form their cluster as before; a broker
+/// with another secret, or none, that dials in is refused, logged and
+/// counted, and no message crosses to or from it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn routes_need_the_cluster_secret_and_a_broker_without_it_is_refused() {
+    let mut nodes = vec![
+        Node::new("a", "127.0.0.2"),
+        Node::new("b", "127.0.0.3"),
+        Node::new("rogue", "127.0.0.4"),
+        Node::new("open", "127.0.0.5"),
+    ];
+    let ab: Vec<String> = nodes[..2]
+        .iter()
+        .map(|n| format!("sockbus-route://{}", n.route))
+        .collect();
+    for n in &mut nodes {
+        n.peers = ab.clone();
+    }
+    let a = nodes[0].start_with_secret(Some("s3cret-1")).await;
+    let b = nodes[1].start_with_secret(Some("s3cret-1")).await;
+    let rogue = nodes[2].start_with_secret(Some("guessed")).await;
+    let open = nodes[3].start().await;
+    wait_routes(&[&a, &b], 1).await;
+    for x in [&a, &b] {
+        wait_metric(x, "refused route", |m| {
+            Metrics::get(&m.route_auth_failures).min(1)
+        })
+        .await;
+    }
+    // Both intruders keep being refused while they redial: still one route each.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(Metrics::get(&a.state.metrics().routes), 1);
+    assert_eq!(Metrics::get(&b.state.metrics().routes), 1);
+    assert_eq!(Metrics::get(&rogue.state.metrics().routes), 0);
+    assert_eq!(Metrics::get(&open.state.metrics().routes), 0);
+    assert!(
+        Metrics::get(&a.state.metrics().route_auth_failures) >= 2,
+        "both intruders counted"
+    );
+
+    // A message crosses between a and b, never to the intruders.
+    let cb = sockbus_client::connect(&b.url).await.unwrap();
+    let mut sb = cb.subscribe("orders.>").await.unwrap();
+    cb.flush().await.unwrap();
+    let cr = sockbus_client::connect(&rogue.url).await.unwrap();
+    let mut sr = cr.subscribe("orders.>").await.unwrap();
+    cr.flush().await.unwrap();
+    wait_subs(&a, 1).await;
+    let ca = sockbus_client::connect(&a.url).await.unwrap();
+    ca.publish("orders.eu", "o1").await.unwrap();
+    ca.flush().await.unwrap();
+    assert_eq!(recv(&mut sb).await.payload.as_ref(), b"o1");
+    nothing(&mut sr).await;
+    // And the rogue's publishes do not reach a's or b's subscribers.
+    cr.publish("orders.eu", "forged").await.unwrap();
+    cr.flush().await.unwrap();
+    nothing(&mut sb).await;
+    drop((open, rogue));
+}
+
+/// A route handshake recorded off the wire cannot be played again, and one
+/// made with the right secret for another node name, or too old, is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_recorded_route_handshake_cannot_be_replayed() {
+    let n = Node::new("a", "127.0.0.2");
+    let a = n.start_with_secret(Some("s3cret-2")).await;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64;
+    let nonce = "0123456789abcdef0123456789abcdef";
+    let good = route_token("s3cret-2", "peer", now, nonce);
+
+    let mut first = route_connect(&a, "peer", &good).await;
+    let mut buf = bytes::BytesMut::new();
+    let info = loop {
+        use tokio::io::AsyncReadExt;
+        if let Ok(Some((f, _))) = sockbus_protocol::frame::decode(&buf, u32::MAX) {
+            break sockbus_protocol::Frame::from(f);
+        }
+        let r = tokio::time::timeout(Duration::from_secs(5), first.read_buf(&mut buf))
+            .await
+            .expect("an answer");
+        assert!(r.unwrap() > 0, "closed");
+    };
+    assert!(
+        matches!(info, sockbus_protocol::Frame::Info { .. }),
+        "the right secret is accepted: {info:?}"
+    );
+    let refused = |frames: Option<Vec<sockbus_protocol::Frame>>| {
+        let frames = frames.expect("closed");
+        assert!(
+            frames.iter().any(|f| matches!(f, sockbus_protocol::Frame::Err { text, .. } if text.contains("cluster secret"))),
+            "{frames:?}"
+        );
+    };
+    // The same bytes again: replayed.
+    refused(until_closed(&mut route_connect(&a, "peer", &good).await).await);
+    // The right secret bound to another name.
+    refused(until_closed(&mut route_connect(&a, "other", &good).await).await);
+    // Two minutes old.
+    let old = route_token(
+        "s3cret-2",
+        "peer",
+        now - 120_000,
+        "fedcba9876543210fedcba9876543210",
+    );
+    refused(until_closed(&mut route_connect(&a, "peer", &old).await).await);
+    // No token at all.
+    refused(until_closed(&mut fake_route_peer(&a).await).await);
+    assert_eq!(Metrics::get(&a.state.metrics().route_auth_failures), 4);
+    drop(first);
 }

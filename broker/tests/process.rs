@@ -106,6 +106,12 @@ fn bad_configuration_exits_with_one_clear_line() {
     let f = dir.path().join("bad.toml");
     std::fs::write(&f, "max-payload = \"12 parsecs\"\n").unwrap();
     assert!(run(&["--config", f.to_str().unwrap()]).contains("invalid config file"));
+    assert!(run(&["--cluster-secret-file", "/nonexistent/secret"])
+        .contains("--cluster-secret-file /nonexistent/secret"));
+    assert!(run(&["--cluster-secret", " "]).contains("--cluster-secret is empty"));
+    let empty = dir.path().join("empty-secret");
+    std::fs::write(&empty, "\n").unwrap();
+    assert!(run(&["--cluster-secret-file", empty.to_str().unwrap()]).contains("is empty"));
 }
 
 #[tokio::test]

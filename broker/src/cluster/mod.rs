@@ -22,6 +22,7 @@
 //! the routes themselves. Messages a peer forwards go into the delivery
 //! engine like any other ([`Batch::forwarded`]).
 
+mod auth;
 mod interest;
 
 pub(crate) use interest::PeerInterest;
@@ -69,6 +70,18 @@ pub(crate) fn start(
     if let Ok(addr) = listener.local_addr() {
         info!(%addr, node = %state.config.node_id, peers = ?state.config.peers, "listening for cluster routes");
     }
+    match &state.config.cluster_secret {
+        Some(_) => info!("cluster routes must present the cluster secret"),
+        None => warn!(
+            "no --cluster-secret: any process that reaches the cluster port can join as a \
+             broker and read and inject messages; set one (or restrict the port)"
+        ),
+    }
+    let verifier = state
+        .config
+        .cluster_secret
+        .as_ref()
+        .map(|s| Arc::new(auth::Verifier::new(s.as_bytes())));
     let t = tracker.clone();
     let (st, sd) = (state.clone(), shutdown.clone());
     tracker.spawn(async move {
@@ -84,7 +97,13 @@ pub(crate) fn start(
                     }
                 },
             };
-            t.spawn(accept_route(st.clone(), stream, peer, sd.clone()));
+            t.spawn(accept_route(
+                st.clone(),
+                stream,
+                peer,
+                verifier.clone(),
+                sd.clone(),
+            ));
         }
     });
     for url in state.config.peers.clone() {
@@ -185,12 +204,18 @@ async fn dial(state: &State, url: &str) -> Result<Route, DialError> {
     stream.set_nodelay(true)?;
     let peer_addr = stream.peer_addr()?;
     let mut out = BytesMut::new();
+    let token = state
+        .config
+        .cluster_secret
+        .as_ref()
+        .map(|s| auth::token(s.as_bytes(), &state.config.node_id))
+        .unwrap_or_default();
     encode_connect(
         &mut out,
         CONNECT_ROUTE,
         state.config.recv_window,
         &state.config.node_id,
-        b"",
+        token.as_bytes(),
     )?;
     stream.write_all(&out).await?;
     let mut buf = BytesMut::with_capacity(64 * 1024);
@@ -235,6 +260,7 @@ async fn accept_route(
     state: Arc<State>,
     stream: TcpStream,
     addr: SocketAddr,
+    verifier: Option<Arc<auth::Verifier>>,
     shutdown: CancellationToken,
 ) {
     let _ = stream.set_nodelay(true);
@@ -249,8 +275,19 @@ async fn accept_route(
                         recv_window,
                         name,
                         version,
-                        ..
+                        token,
                     } if flags & CONNECT_ROUTE != 0 && version == sockbus_protocol::PROTOCOL_VERSION => {
+                        if let Some(v) = &verifier {
+                            if let Err(why) = v.verify(name, token) {
+                                warn!(%addr, claimed_node = %name, "refused a cluster route: {why}");
+                                state.metrics().route_auth_failures.fetch_add(1, Ordering::Relaxed);
+                                return Err(DialError::Refused(
+                                    "cluster route refused: wrong or missing cluster secret \
+                                     (--cluster-secret), or a clock more than 60 s off"
+                                        .into(),
+                                ));
+                            }
+                        }
                         let r = (name.to_string(), recv_window, len);
                         Ok(r)
                     }
@@ -514,9 +551,13 @@ impl crate::metrics::Source for ClusterMetrics {
              sockbus_cluster_routes {}\n\
              # HELP sockbus_cluster_messages_in_total Messages received from peers over cluster routes.\n\
              # TYPE sockbus_cluster_messages_in_total counter\n\
-             sockbus_cluster_messages_in_total {}\n",
+             sockbus_cluster_messages_in_total {}\n\
+             # HELP sockbus_cluster_route_auth_failures_total Route handshakes refused for a wrong or missing cluster secret.\n\
+             # TYPE sockbus_cluster_route_auth_failures_total counter\n\
+             sockbus_cluster_route_auth_failures_total {}\n",
             self.metrics.routes.load(Ordering::Relaxed),
             self.metrics.route_msgs_in.load(Ordering::Relaxed),
+            self.metrics.route_auth_failures.load(Ordering::Relaxed),
         );
     }
 
