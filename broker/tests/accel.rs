@@ -567,25 +567,11 @@ async fn accelerated_subscriber_that_never_reads_bounds_kernel_queue_and_broker_
     tokio::time::sleep(Duration::from_millis(100)).await;
 
     let before = fp.stats().unwrap();
-    let chunk = vec![7u8; 64 * 1024];
     const TOTAL: usize = 256 << 20;
-    for _ in 0..TOTAL / chunk.len() {
-        p.publish("flood", &chunk).await.unwrap();
-    }
-    p.flush().await.unwrap();
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Everything the kernel queued for the stalled reader is readable after.
+    let queued = flood_then_drain(&p, &mut raw, TOTAL).await;
     let peak_kib = rss_peak_kib(child.id());
     let sent = delta(fp.stats().unwrap(), before);
-
-    // Everything the kernel queued for the stalled reader is now readable.
-    let mut queued = 0usize;
-    let mut tmp = vec![0u8; 1 << 20];
-    loop {
-        match tokio::time::timeout(Duration::from_millis(500), raw.stream.read(&mut tmp)).await {
-            Ok(Ok(0)) | Ok(Err(_)) | Err(_) => break,
-            Ok(Ok(n)) => queued += n,
-        }
-    }
     let _ = child.kill();
     let _ = child.wait();
     eprintln!(
@@ -650,22 +636,9 @@ async fn accelerated_client_cannot_declare_a_window_beyond_the_budget() {
     p.flush().await.unwrap();
     tokio::time::sleep(Duration::from_millis(100)).await;
     let before = fp.stats().unwrap();
-    let chunk = vec![7u8; 64 * 1024];
     const TOTAL: usize = 128 << 20;
-    for _ in 0..TOTAL / chunk.len() {
-        p.publish("flood", &chunk).await.unwrap();
-    }
-    p.flush().await.unwrap();
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    let queued = flood_then_drain(&p, &mut raw, TOTAL).await;
     let sent = delta(fp.stats().unwrap(), before);
-    let mut queued = 0usize;
-    let mut tmp = vec![0u8; 1 << 20];
-    loop {
-        match tokio::time::timeout(Duration::from_millis(500), raw.stream.read(&mut tmp)).await {
-            Ok(Ok(0)) | Ok(Err(_)) | Err(_) => break,
-            Ok(Ok(n)) => queued += n,
-        }
-    }
     let _ = child.kill();
     let _ = child.wait();
     eprintln!(
@@ -683,6 +656,27 @@ async fn accelerated_client_cannot_declare_a_window_beyond_the_budget() {
         queued >= window / 2,
         "the subscriber's window filled: {queued} B"
     );
+}
+
+/// Publishes `total` bytes to "flood" in 64 KiB messages, then reads what the
+/// kernel queued for the stalled `raw` subscriber until it goes quiet:
+/// the bytes it held.
+async fn flood_then_drain(p: &sockbus_client::Client, raw: &mut Raw, total: usize) -> usize {
+    let chunk = vec![7u8; 64 * 1024];
+    for _ in 0..total / chunk.len() {
+        p.publish("flood", &chunk).await.unwrap();
+    }
+    p.flush().await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut queued = 0usize;
+    let mut tmp = vec![0u8; 1 << 20];
+    loop {
+        match tokio::time::timeout(Duration::from_millis(500), raw.stream.read(&mut tmp)).await {
+            Ok(Ok(0)) | Ok(Err(_)) | Err(_) => break,
+            Ok(Ok(n)) => queued += n,
+        }
+    }
+    queued
 }
 
 // -------------------------------------------- (c) pods: namespaces over veth
