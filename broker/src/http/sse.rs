@@ -100,7 +100,10 @@ pub(super) fn subscribe(
             .outlet(state.delivery.next_id(), 0, ctx.kill.clone(), None),
     );
     let sub = match state.delivery.subscribe(
-        &Subscriber { api: false },
+        &Subscriber {
+            api: false,
+            perms: None,
+        },
         &conn,
         1,
         &pattern,
