@@ -815,7 +815,10 @@ mod tests {
         Arc::new(d.outlet(d.next_id(), 1 << 20, CancellationToken::new(), None))
     }
 
-    const NATIVE: Subscriber = Subscriber { api: true };
+    const NATIVE: Subscriber = Subscriber {
+        api: true,
+        perms: None,
+    };
 
     fn client(out: &Outlet) -> Publisher {
         Publisher {
@@ -1048,7 +1051,10 @@ mod tests {
     fn only_front_ends_with_the_api_may_subscribe_under_sb() {
         let d = engine();
         let out = outlet(&d);
-        let http = Subscriber { api: false };
+        let http = Subscriber {
+            api: false,
+            perms: None,
+        };
         for p in ["$SB.>", "$SB.API.>", "$SB.*", "$SB.ACK.s.c.1.1"] {
             assert!(
                 matches!(
