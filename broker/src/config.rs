@@ -4,11 +4,14 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::str::FromStr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Context};
 use clap::{Args, ValueEnum};
 use serde::Deserialize;
+
+use crate::auth::Users;
 
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:7420";
 pub const DEFAULT_CLUSTER: &str = "127.0.0.1:7421";
@@ -208,6 +211,13 @@ pub struct Options {
     /// connections on one thread. docs/operations.md, "Busy-polling".
     #[arg(long, env = "SOCKBUS_BUSY_POLL")]
     pub busy_poll: Option<Dur>,
+    /// Serve clients without users on addresses other than loopback
+    /// (default false: with no `[[users]]` every listener must be loopback).
+    #[arg(long, env = "SOCKBUS_ALLOW_ANONYMOUS", num_args = 0..=1, default_missing_value = "true")]
+    pub allow_anonymous: Option<bool>,
+    /// Users, from the TOML file only (`[[users]]` tables; docs/security.md).
+    #[arg(skip)]
+    pub users: Option<Vec<crate::auth::UserConfig>>,
 }
 
 /// The validated configuration the broker runs with.
@@ -255,6 +265,10 @@ pub struct Config {
     pub recv_window: u32,
     /// Busy-poll window; None: sleep when idle (the default).
     pub busy_poll: Option<Duration>,
+    /// Configured users; None: no authentication (loopback only unless
+    /// `allow_anonymous`).
+    pub users: Option<Arc<Users>>,
+    pub allow_anonymous: bool,
 }
 
 /// A secret from the command line, environment or config file: never
@@ -327,6 +341,8 @@ impl Default for Config {
             log_format: LogFormat::Text,
             recv_window: 8 << 20,
             busy_poll: None,
+            users: None,
+            allow_anonymous: false,
         }
     }
 }
@@ -467,7 +483,29 @@ impl Options {
             log_format: o.log_format.unwrap_or_default(),
             recv_window: d.recv_window,
             busy_poll: o.busy_poll.map(|x| x.0).filter(|d| !d.is_zero()),
+            users: match o.users {
+                Some(list) if !list.is_empty() => Some(Arc::new(Users::from_config(list)?)),
+                _ => None,
+            },
+            allow_anonymous: o.allow_anonymous.unwrap_or(false),
         };
+        if cfg.users.is_none() && !cfg.allow_anonymous {
+            let open = [
+                ("listen", Some(cfg.listen)),
+                ("http", cfg.http),
+                ("cluster", cfg.cluster),
+            ]
+            .into_iter()
+            .find_map(|(flag, a)| a.filter(|a| !a.ip().is_loopback()).map(|a| (flag, a)));
+            if let Some((flag, addr)) = open {
+                bail!(
+                    "--{flag} {addr} is not a loopback address and no users are configured: \
+                     anyone who reaches it could publish, subscribe and manage streams. \
+                     Configure [[users]] in the --config file, or pass --allow-anonymous \
+                     (SOCKBUS_ALLOW_ANONYMOUS=true, allow-anonymous = true) to serve without authentication"
+                );
+            }
+        }
         if cfg.busy_poll.is_some_and(|d| d > Duration::from_secs(1)) {
             bail!("--busy-poll is a window after each message, at most 1s (e.g. 200us); 0 turns it off");
         }
@@ -509,6 +547,8 @@ impl Options {
             drain_timeout: self.drain_timeout.or(file.drain_timeout),
             log_format: self.log_format.or(file.log_format),
             busy_poll: self.busy_poll.or(file.busy_poll),
+            allow_anonymous: self.allow_anonymous.or(file.allow_anonymous),
+            users: file.users,
         }
     }
 }
@@ -675,6 +715,7 @@ mod tests {
         assert_eq!(cfg.http, None);
         let cfg = Options {
             http: Some("0.0.0.0:9480".into()),
+            allow_anonymous: Some(true),
             http_body_timeout: Some("250ms".parse().unwrap()),
             ..Default::default()
         }
@@ -715,5 +756,107 @@ mod tests {
         .resolve()
         .unwrap_err();
         assert!(err.to_string().contains("--listen"));
+    }
+
+    fn from_toml(text: &str) -> anyhow::Result<Config> {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("b.toml");
+        std::fs::write(&path, text).unwrap();
+        Options {
+            config: Some(path),
+            ..Default::default()
+        }
+        .resolve()
+    }
+
+    #[test]
+    fn users_come_from_the_file_as_the_issue_shows_them() {
+        let cfg = from_toml(
+            r#"
+listen = "0.0.0.0:7420"
+[[users]]
+name = "orders"
+password = "$argon2id$v=19$m=19456,t=2,p=1$c29tZXNhbHQ$Kx+Hjz1+1Fv0Cx7u9Dq1XiLyqU6e2bHf0cVxQ4SnV1A"
+account = "shop"
+publish = ["orders.>"]
+subscribe = ["orders.>", "_INBOX.>"]
+publish-deny = ["orders.admin.>"]
+subscribe-deny = []
+[[users]]
+name = "ci"
+token = "plain-token"
+"#,
+        )
+        .unwrap();
+        let users = cfg.users.expect("users");
+        let names: Vec<_> = users
+            .iter()
+            .map(|u| (u.name.as_str(), u.account.as_str()))
+            .collect();
+        assert_eq!(
+            names,
+            [("orders", "shop"), ("ci", crate::auth::DEFAULT_ACCOUNT)]
+        );
+        assert_eq!(users.plain_text, ["ci"]);
+        let p = users
+            .iter()
+            .next()
+            .unwrap()
+            .perms
+            .clone()
+            .expect("restricted");
+        assert!(p.publish.allows_subject("orders.new"));
+        assert!(!p.publish.allows_subject("orders.admin.x"));
+        assert!(
+            users.iter().nth(1).unwrap().perms.is_none(),
+            "no lists: everything"
+        );
+    }
+
+    #[test]
+    fn bad_users_fail_at_start_with_the_reason() {
+        for (text, want) in [
+            ("[[users]]\nname = \"a\"\npassword = \"x\"\npublsh = []\n", "unknown field `publsh`"),
+            ("[[users]]\nname = \"a\"\npassword = \"x\"\npublish = [\"a.>.b\"]\n", "bad pattern"),
+            ("[[users]]\nname = \"a\"\npassword = \"x\"\n[[users]]\nname = \"a\"\ntoken = \"y\"\n", "configured twice"),
+        ] {
+            let e = format!("{:#}", from_toml(text).unwrap_err());
+            assert!(e.contains(want), "{e}");
+        }
+    }
+
+    #[test]
+    fn without_users_only_loopback_is_served_unless_anonymous_is_allowed() {
+        for o in [
+            Options {
+                listen: Some("0.0.0.0:7420".into()),
+                ..Default::default()
+            },
+            Options {
+                http: Some("0.0.0.0:7480".into()),
+                ..Default::default()
+            },
+            Options {
+                cluster: Some("0.0.0.0:7421".into()),
+                ..Default::default()
+            },
+        ] {
+            let e = o.clone().resolve().unwrap_err().to_string();
+            assert!(e.contains("--allow-anonymous"), "{e}");
+            let ok = Options {
+                allow_anonymous: Some(true),
+                ..o
+            }
+            .resolve();
+            assert!(ok.is_ok());
+        }
+        assert!(Options {
+            listen: Some("[::1]:7420".into()),
+            ..Default::default()
+        }
+        .resolve()
+        .is_ok());
+        let cfg = from_toml("listen = \"0.0.0.0:7420\"\nallow-anonymous = true\n").unwrap();
+        assert!(cfg.allow_anonymous);
     }
 }

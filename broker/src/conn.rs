@@ -11,16 +11,19 @@ use bytes::{Buf, BytesMut};
 use hashbrown::hash_table::{Entry, HashTable};
 use sockbus_protocol::flow::effective_window;
 use sockbus_protocol::frame::{
-    self, code, encode_err, encode_info, encode_pong, Header, CONNECT_EXPLICIT_ACKS,
-    CONNECT_NO_ECHO, CONNECT_NO_RESPONDERS, CONNECT_ROUTE, MAX_FRAME_OVERHEAD,
+    self, code, encode_err, encode_err_sid, encode_info, encode_pong, Header,
+    CONNECT_EXPLICIT_ACKS, CONNECT_NO_ECHO, CONNECT_NO_RESPONDERS, CONNECT_ROUTE,
+    MAX_FRAME_OVERHEAD,
 };
-use sockbus_protocol::{FrameRef, Kind, ProtocolError, HEADER_LEN, PROTOCOL_VERSION};
+use sockbus_protocol::{Credentials, FrameRef, Kind, ProtocolError, HEADER_LEN, PROTOCOL_VERSION};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn, Instrument};
 
+use crate::auth::check::{PublishCheck, Responses};
+use crate::auth::{AuthError, Permissions, User};
 use crate::deliver::{Ack, Batch, PublishError, Publisher, SubscribeError, Subscriber};
 use crate::outlet::{write_loop, Outlet};
 use crate::read::{Ended, FrameReader, Frames, Keepalive};
@@ -71,7 +74,7 @@ pub async fn run(
         read_connect(&mut rd, &mut buf),
     )
     .await;
-    let (flags, recv_window, name) = match hs {
+    let (flags, recv_window, name, token) = match hs {
         Ok(Ok(c)) => c,
         Ok(Err(e)) => {
             debug!(%peer, "handshake failed: {e}");
@@ -136,10 +139,56 @@ pub async fn run(
         return;
     }
 
-    let span = tracing::info_span!("conn", id, %peer, client = %name);
-    serve(state, rd, wr, buf, id, &name, flags, recv_window, shutdown)
-        .instrument(span)
-        .await
+    let user = match &state.config.users {
+        None => None,
+        Some(users) => {
+            let creds = Credentials::decode(&token);
+            let user_name = match &creds {
+                Ok(Credentials::UserPassword { user, .. }) => Some(user.to_string()),
+                _ => None,
+            };
+            let checked = match creds {
+                Ok(c) => {
+                    tokio::time::timeout(state.config.handshake_timeout, users.authenticate(c))
+                        .await
+                        .unwrap_or(Err(AuthError::TimedOut))
+                }
+                Err(_) => {
+                    users.failures.fetch_add(1, Ordering::Relaxed);
+                    Err(AuthError::Malformed)
+                }
+            };
+            match checked {
+                Ok(u) => Some(u),
+                Err(e) => {
+                    warn!(%peer, client = %name, user = user_name.as_deref().unwrap_or(""), "refused: {e}");
+                    write_direct(&mut wr, |b| {
+                        encode_err(b, code::AUTHORIZATION_VIOLATION, &e.to_string())
+                    })
+                    .await;
+                    return;
+                }
+            }
+        }
+    };
+    let span = match &user {
+        Some(u) => tracing::info_span!("conn", id, %peer, client = %name, user = %u.name),
+        None => tracing::info_span!("conn", id, %peer, client = %name),
+    };
+    serve(
+        state,
+        rd,
+        wr,
+        buf,
+        id,
+        &name,
+        user,
+        flags,
+        recv_window,
+        shutdown,
+    )
+    .instrument(span)
+    .await
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -150,6 +199,7 @@ async fn serve(
     mut buf: BytesMut,
     id: u64,
     name: &str,
+    user: Option<Arc<User>>,
     flags: u8,
     recv_window: u32,
     shutdown: CancellationToken,
@@ -157,11 +207,20 @@ async fn serve(
     debug!("connected");
     let cfg = &state.config;
     let send_window = effective_window(recv_window, cfg.max_payload);
-    let out = Arc::new(
-        state
-            .delivery
-            .outlet(id, send_window, CancellationToken::new(), Some(wr)),
-    );
+    let perms = user.as_ref().and_then(|u| u.perms.clone());
+    // Requests this connection receives may be answered whatever its
+    // publish permissions say (allow_responses).
+    let responses = perms
+        .as_ref()
+        .filter(|p| !p.publish.is_open())
+        .map(|_| Arc::new(Responses::default()));
+    let mut outlet = state
+        .delivery
+        .outlet(id, send_window, CancellationToken::new(), Some(wr));
+    if let Some(r) = &responses {
+        outlet = outlet.with_responses(r.clone());
+    }
+    let out = Arc::new(outlet);
     let our_window = effective_window(cfg.recv_window, cfg.max_payload);
     out.push_control(|b| {
         let _ = encode_info(b, our_window, cfg.max_payload, &cfg.node_id);
@@ -170,8 +229,14 @@ async fn serve(
     crate::accel::guard::watch(id, name, &out);
 
     let max_body = cfg.max_payload + MAX_FRAME_OVERHEAD;
+    let mut batch = state.delivery.ingress(&state.streams, MATCH_CACHE);
+    if let Some(u) = &user {
+        batch.restrict(PublishCheck::new(u, responses));
+    }
     let mut client = Client {
-        batch: state.delivery.ingress(&state.streams, MATCH_CACHE),
+        user,
+        perms,
+        batch,
         max_body,
         out: out.clone(),
         subs: Sids::default(),
@@ -247,7 +312,8 @@ async fn serve(
     out.outbox.clear();
 }
 
-type ConnectInfo = (Result<u8, String>, u32, String);
+/// Flags (or why the version is refused), receive window, client name, credentials field.
+type ConnectInfo = (Result<u8, String>, u32, String, Vec<u8>);
 
 async fn read_connect(
     rd: &mut OwnedReadHalf,
@@ -269,7 +335,7 @@ async fn read_connect(
                     flags,
                     recv_window,
                     name,
-                    ..
+                    token,
                 } = f
                 else {
                     unreachable!("kind checked above")
@@ -279,9 +345,9 @@ async fn read_connect(
                 } else {
                     Err(format!("protocol version {version} is not supported (this broker speaks {PROTOCOL_VERSION})"))
                 };
-                let name = name.to_string();
+                let (name, token) = (name.to_string(), token.to_vec());
                 buf.advance(h.frame_len());
-                return Ok((flags, recv_window, name));
+                return Ok((flags, recv_window, name, token));
             }
         }
         if rd.read_buf(buf).await? == 0 {
@@ -294,6 +360,10 @@ async fn read_connect(
 
 /// A client connection's side of the protocol: what its frames mean.
 struct Client {
+    /// Who authenticated; None when the broker has no users.
+    user: Option<Arc<User>>,
+    /// The user's permissions; None: everything.
+    perms: Option<Arc<Permissions>>,
     batch: Batch,
     /// Longest frame body read into memory.
     max_body: u32,
@@ -356,8 +426,15 @@ impl Client {
         self.out.control(|b| encode_err(b, code, text));
     }
 
+    /// Refuses the SUB with this sid (`ERR_SID`): the client ends that
+    /// subscription.
+    fn sub_error(&self, code: u16, sid: u32, text: &str) {
+        self.out.control(|b| encode_err_sid(b, code, sid, text));
+    }
+
     fn refused(&self, e: &PublishError) {
         let code = match e {
+            PublishError::Denied(_) => code::PERMISSION_DENIED,
             PublishError::PayloadTooLarge { .. } => code::MAX_PAYLOAD,
             PublishError::InvalidSubject(_) | PublishError::InvalidReply(_) => {
                 code::INVALID_SUBJECT
@@ -418,7 +495,10 @@ impl Frames for Client {
                     return Ok(());
                 }
                 match self.batch.delivery().subscribe(
-                    &Subscriber { api: self.me.api },
+                    &Subscriber {
+                        api: self.me.api,
+                        perms: self.perms.as_deref(),
+                    },
                     &self.out,
                     sid,
                     subject,
@@ -430,13 +510,20 @@ impl Frames for Client {
                         self.subs.insert(sub);
                     }
                     Err(e @ SubscribeError::InvalidSubject(_)) => {
-                        self.error(code::INVALID_SUBJECT, &e.to_string())
+                        self.sub_error(code::INVALID_SUBJECT, sid, &e.to_string())
                     }
                     Err(e @ SubscribeError::TooMany { .. }) => {
-                        self.error(code::MAX_SUBSCRIPTIONS, &e.to_string())
+                        self.sub_error(code::MAX_SUBSCRIPTIONS, sid, &e.to_string())
+                    }
+                    Err(e @ SubscribeError::Denied(_)) => {
+                        if let Some(u) = &self.user {
+                            u.denied_subscribe.fetch_add(1, Ordering::Relaxed);
+                            warn!(user = %u.name, pattern = subject, "subscription denied by permissions");
+                        }
+                        self.sub_error(code::PERMISSION_DENIED, sid, &e.to_string())
                     }
                     Err(e @ (SubscribeError::InvalidQueue(_) | SubscribeError::Reserved(_))) => {
-                        self.error(code::BAD_REQUEST, &e.to_string())
+                        self.sub_error(code::BAD_REQUEST, sid, &e.to_string())
                     }
                 }
             }
@@ -510,6 +597,8 @@ mod tests {
             None,
         ));
         let c = Client {
+            user: None,
+            perms: None,
             batch: d.ingress(&streams, 16),
             max_body: MAX_PAYLOAD + MAX_FRAME_OVERHEAD,
             out: out.clone(),

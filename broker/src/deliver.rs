@@ -25,6 +25,8 @@ use tokio::net::tcp::OwnedWriteHalf;
 use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
 
+use crate::auth::check::PublishCheck;
+use crate::auth::Permissions;
 use crate::memory::Release;
 use crate::metrics::{LocalCounts, Metrics};
 use crate::outlet::Outlet;
@@ -67,6 +69,8 @@ pub(crate) enum PublishError {
     PayloadTooLarge { size: usize, max: u32 },
     #[error("subject {0:?} is reserved: subjects under $SB. are the broker's API")]
     Reserved(String),
+    #[error("permission denied: publish to {0}")]
+    Denied(String),
 }
 
 /// Why a subscription was refused.
@@ -82,6 +86,8 @@ pub(crate) enum SubscribeError {
     Reserved(String),
     #[error("subscription limit reached: a connection may hold at most {max} subscriptions (--max-subscriptions)")]
     TooMany { max: usize },
+    #[error("permission denied: subscribe to {0}")]
+    Denied(String),
 }
 
 /// Who publishes, as far as the checks and the fan-out care.
@@ -123,10 +129,12 @@ impl Ack {
 
 /// Who subscribes, as far as the checks care: the mirror of [`Publisher`].
 #[derive(Debug, Clone, Copy)]
-pub(crate) struct Subscriber {
+pub(crate) struct Subscriber<'a> {
     /// May subscribe under `$SB.` (where the broker answers API requests
     /// sent with a `$SB.` reply subject); refused otherwise.
     pub api: bool,
+    /// The user's permissions; None: may subscribe to anything.
+    pub perms: Option<&'a Permissions>,
 }
 
 /// What became of an accepted publish.
@@ -237,6 +245,7 @@ impl Delivery {
             wake: Vec::new(),
             counts: LocalCounts::default(),
             capture: None,
+            perms: None,
         }
     }
 
@@ -276,6 +285,11 @@ impl Delivery {
         queue: Option<&str>,
     ) -> Result<Arc<Subscription>, SubscribeError> {
         self.check_subscription(pattern, queue)?;
+        if let Some(p) = from.perms {
+            if !p.subscribe.allows_pattern(pattern) {
+                return Err(SubscribeError::Denied(pattern.into()));
+            }
+        }
         // Only a pattern whose first token is literally `$SB`: `>` or
         // `*.API.>` may match the API's subjects but are ordinary patterns.
         if !from.api && is_reserved(pattern) {
@@ -366,9 +380,16 @@ pub(crate) struct Batch {
     wake: Vec<Arc<Outlet>>,
     counts: LocalCounts,
     capture: Option<Capture>,
+    /// A restricted user's publish permissions; None: may publish anywhere.
+    perms: Option<PublishCheck>,
 }
 
 impl Batch {
+    /// Checks every publish of this batch against a user's permissions.
+    pub fn restrict(&mut self, check: Option<PublishCheck>) {
+        self.perms = check;
+    }
+
     pub fn delivery(&self) -> &Delivery {
         &self.d
     }
@@ -394,6 +415,11 @@ impl Batch {
             if let Err(err) = validate_subject(r) {
                 e.metrics.invalid_subjects.fetch_add(1, Ordering::Relaxed);
                 return Err(PublishError::InvalidReply(err));
+            }
+        }
+        if let Some(p) = &mut self.perms {
+            if !p.allows(subject) {
+                return Err(PublishError::Denied(subject.into()));
             }
         }
         if is_reserved(subject) {
@@ -763,6 +789,9 @@ fn deliver(
     if !accepted(e, &s.outlet, push, wake) {
         return false;
     }
+    if let (Some(r), Some(reply)) = (&s.outlet.responses, msg.reply) {
+        r.grant(reply);
+    }
     counts.msgs_out += 1;
     counts.bytes_out += msg.payload.len() as u64;
     if last {
@@ -786,7 +815,10 @@ mod tests {
         Arc::new(d.outlet(d.next_id(), 1 << 20, CancellationToken::new(), None))
     }
 
-    const NATIVE: Subscriber = Subscriber { api: true };
+    const NATIVE: Subscriber = Subscriber {
+        api: true,
+        perms: None,
+    };
 
     fn client(out: &Outlet) -> Publisher {
         Publisher {
@@ -1019,7 +1051,10 @@ mod tests {
     fn only_front_ends_with_the_api_may_subscribe_under_sb() {
         let d = engine();
         let out = outlet(&d);
-        let http = Subscriber { api: false };
+        let http = Subscriber {
+            api: false,
+            perms: None,
+        };
         for p in ["$SB.>", "$SB.API.>", "$SB.*", "$SB.ACK.s.c.1.1"] {
             assert!(
                 matches!(

@@ -18,6 +18,7 @@
 //! read-only accessors, [`http::HttpServer`], [`metrics`] and [`accel`].
 
 pub mod accel;
+pub mod auth;
 mod cluster;
 pub mod config;
 mod conn;

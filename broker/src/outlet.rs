@@ -45,6 +45,8 @@ pub(crate) struct Outlet {
     sock: std::sync::Mutex<Option<Arc<OwnedWriteHalf>>>,
     /// Where slow consumers are counted (None in unit tests).
     metrics: Option<Arc<Metrics>>,
+    /// A restricted user's connection: reply subjects it may answer.
+    pub responses: Option<Arc<crate::auth::check::Responses>>,
 }
 
 impl Outlet {
@@ -62,7 +64,15 @@ impl Outlet {
             subscriptions: AtomicUsize::new(0),
             sock: std::sync::Mutex::new(sock.map(Arc::new)),
             metrics: None,
+            responses: None,
         }
+    }
+
+    /// Remembers the reply subjects of requests delivered here, which a
+    /// restricted user may answer (allow_responses).
+    pub fn with_responses(mut self, r: Arc<crate::auth::check::Responses>) -> Self {
+        self.responses = Some(r);
+        self
     }
 
     /// Counts this outlet's slow-consumer verdicts in `m`.

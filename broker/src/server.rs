@@ -84,6 +84,18 @@ impl Server {
             ),
             None => None,
         };
+        match &config.users {
+            Some(users) => {
+                info!(users = users.iter().count(), "clients must authenticate");
+                for name in &users.plain_text {
+                    warn!(user = %name, "password or token of this user is plain text in the config; store an argon2 hash (`sockbus passwd`) instead");
+                }
+            }
+            None if config.allow_anonymous => {
+                warn!("no users configured and --allow-anonymous: anyone who reaches a listener may publish, subscribe and manage streams")
+            }
+            None => {}
+        }
         // One pass, each part handed the narrow handles it needs.
         let metrics = Arc::new(Metrics::default());
         let peers = Arc::new(PeerInterest::default());

@@ -112,6 +112,18 @@ fn bad_configuration_exits_with_one_clear_line() {
     let empty = dir.path().join("empty-secret");
     std::fs::write(&empty, "\n").unwrap();
     assert!(run(&["--cluster-secret-file", empty.to_str().unwrap()]).contains("is empty"));
+    // Secure by default: no users, a non-loopback address, no --allow-anonymous.
+    let e = run(&["--listen", "0.0.0.0:0", "--http", "off"]);
+    assert!(
+        e.contains("not a loopback address") && e.contains("--allow-anonymous"),
+        "{e}"
+    );
+    std::fs::write(
+        &f,
+        "[[users]]\nname = \"a\"\npassword = \"x\"\n[[users]]\nname = \"a\"\ntoken = \"y\"\n",
+    )
+    .unwrap();
+    assert!(run(&["--config", f.to_str().unwrap()]).contains("configured twice"));
 }
 
 #[tokio::test]

@@ -331,10 +331,9 @@ impl Client {
                 r?;
                 let errs = lock(&self.inner.errors);
                 match &errs.1 {
-                    Some((code, message)) if errs.0 != errors_before => Err(Error::Server {
-                        code: *code,
-                        message: message.clone(),
-                    }),
+                    Some((code, message)) if errs.0 != errors_before => {
+                        Err(Error::from_server(*code, message))
+                    }
                     _ => Ok(()),
                 }
             }
@@ -366,6 +365,7 @@ impl Client {
         let (tx, rx) = mpsc::channel(self.inner.opts.sub_capacity);
         let pending = Arc::new(AtomicUsize::new(0));
         let dropped = Arc::new(AtomicU64::new(0));
+        let refused = Arc::new(std::sync::OnceLock::new());
         {
             // Register before the SUB goes out so no message can arrive unrouted.
             let mut subs = lock(&self.inner.subs);
@@ -380,13 +380,21 @@ impl Client {
                     max: None,
                     dropped: dropped.clone(),
                     warned: false,
+                    refused: refused.clone(),
                 },
             );
             self.inner.control(|b| {
                 let _ = encode_sub(b, sid, subject, queue);
             })?;
         }
-        Ok(Subscriber::new(sid, rx, pending, dropped, self.clone()))
+        Ok(Subscriber::new(
+            sid,
+            rx,
+            pending,
+            dropped,
+            refused,
+            self.clone(),
+        ))
     }
 
     /// True while a connection to a broker is up.

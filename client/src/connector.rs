@@ -49,6 +49,8 @@ async fn establish(inner: &Arc<Inner>, start: usize) -> Result<Conn> {
         let url = &inner.urls[(start + i) % inner.urls.len()];
         match tokio::time::timeout(inner.opts.connect_timeout, handshake(inner, url)).await {
             Ok(Ok(c)) => return Ok(c),
+            // The same credentials are wrong on every server.
+            Ok(Err(e @ Error::Authorization(_))) => return Err(e),
             Ok(Err(e)) => last = format!("{url}: {e}"),
             Err(_) => last = format!("{url}: timed out"),
         }
@@ -83,7 +85,7 @@ async fn greet<S: AsyncRead + AsyncWrite + Unpin>(
         flags,
         inner.opts.recv_window,
         &inner.opts.name,
-        &inner.opts.token,
+        &inner.opts.token.0,
     )?;
     stream.write_all(&out).await?;
     let mut buf = BytesMut::with_capacity(64 * 1024);
@@ -120,6 +122,9 @@ async fn greet<S: AsyncRead + AsyncWrite + Unpin>(
                         recv_window: our_window,
                         info_len: len,
                     });
+                }
+                FrameRef::Err { code, text } if code == code::AUTHORIZATION_VIOLATION => {
+                    return Err(Error::Authorization(text.to_string()));
                 }
                 FrameRef::Err { code, text } => {
                     return Err(Error::Server {

@@ -16,6 +16,14 @@ pub enum Error {
     Server { code: u16, message: String },
     #[error("timeout")]
     Timeout,
+    /// The broker refused the credentials (or their absence): ERR
+    /// AUTHORIZATION_VIOLATION. Not retried.
+    #[error("authorization failed")]
+    Authorization(String),
+    /// The user may not publish to or subscribe to `subject` (ERR
+    /// PERMISSION_DENIED); the connection stays up.
+    #[error("permission denied: {op} to {subject}")]
+    PermissionDenied { op: String, subject: String },
     #[error("no responders")]
     NoResponders,
     #[error("connection closed")]
@@ -28,6 +36,30 @@ pub enum Error {
     Protocol(ProtocolError),
     #[error(transparent)]
     Io(#[from] std::io::Error),
+}
+
+impl Error {
+    /// The typed error for an ERR the broker sent.
+    pub(crate) fn from_server(code: u16, message: &str) -> Error {
+        if code == sockbus_protocol::code::PERMISSION_DENIED {
+            let what = message
+                .strip_prefix("permission denied: ")
+                .unwrap_or(message);
+            if let Some((op, subject)) = what.split_once(" to ") {
+                return Error::PermissionDenied {
+                    op: op.to_string(),
+                    subject: subject.to_string(),
+                };
+            }
+        }
+        if code == sockbus_protocol::code::AUTHORIZATION_VIOLATION {
+            return Error::Authorization(message.to_string());
+        }
+        Error::Server {
+            code,
+            message: message.to_string(),
+        }
+    }
 }
 
 impl From<ProtocolError> for Error {

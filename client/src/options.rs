@@ -6,6 +6,7 @@ use std::time::Duration;
 use crate::client::Client;
 use crate::connector;
 use crate::error::{Error, Result};
+use sockbus_protocol::Credentials;
 
 /// What the client does with a message for a subscription whose buffer is
 /// full (its subscriber is slower than the messages come).
@@ -40,7 +41,8 @@ pub enum Overflow {
 #[derive(Debug, Clone)]
 pub struct ConnectOptions {
     pub(crate) name: String,
-    pub(crate) token: Vec<u8>,
+    /// The CONNECT credentials field, encoded (empty: none).
+    pub(crate) token: Secret,
     pub(crate) connect_timeout: Duration,
     pub(crate) request_timeout: Duration,
     pub(crate) flush_timeout: Duration,
@@ -60,7 +62,7 @@ impl Default for ConnectOptions {
     fn default() -> Self {
         ConnectOptions {
             name: String::new(),
-            token: Vec::new(),
+            token: Secret::default(),
             connect_timeout: Duration::from_secs(5),
             request_timeout: Duration::from_secs(5),
             flush_timeout: Duration::from_secs(10),
@@ -87,9 +89,20 @@ impl ConnectOptions {
         self.name = name.into();
         self
     }
-    /// Authentication token (carried in CONNECT; reserved for broker auth).
-    pub fn token(mut self, token: impl Into<Vec<u8>>) -> Self {
-        self.token = token.into();
+    /// Authenticate with a token (a `[[users]]` entry with `token`).
+    pub fn token(mut self, token: impl AsRef<[u8]>) -> Self {
+        self.token = Secret(Credentials::Token(token.as_ref()).encode());
+        self
+    }
+    /// Authenticate as a user with a password.
+    pub fn user_password(mut self, user: &str, password: &str) -> Self {
+        self.token = Secret(
+            Credentials::UserPassword {
+                user,
+                password: password.as_bytes(),
+            }
+            .encode(),
+        );
         self
     }
     pub fn connect_timeout(mut self, d: Duration) -> Self {
@@ -168,8 +181,18 @@ impl ConnectOptions {
     }
 
     /// Connects to the first reachable server of a comma-separated list.
-    pub async fn connect(self, urls: &str) -> Result<Client> {
-        connector::connect(self, parse_urls(urls)?).await
+    ///
+    /// Credentials in a URL (`sockbus://NAME:PASSWORD@host:port`,
+    /// `sockbus://TOKEN@host:port`, percent-encoded) apply when the options
+    /// carry none.
+    pub async fn connect(mut self, urls: &str) -> Result<Client> {
+        let (urls, creds) = parse_urls(urls)?;
+        if self.token.0.is_empty() {
+            if let Some(c) = creds {
+                self.token = c;
+            }
+        }
+        connector::connect(self, urls).await
     }
 }
 
@@ -178,15 +201,89 @@ pub async fn connect(urls: &str) -> Result<Client> {
     ConnectOptions::default().connect(urls).await
 }
 
-fn parse_urls(urls: &str) -> Result<Vec<String>> {
+/// A secret that `Debug` never prints.
+#[derive(Clone, Default)]
+pub(crate) struct Secret(pub(crate) Vec<u8>);
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(if self.0.is_empty() {
+            "none"
+        } else {
+            "<redacted>"
+        })
+    }
+}
+
+fn percent_decode(s: &str) -> Vec<u8> {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        let hex = |c: u8| (c as char).to_digit(16);
+        match (
+            b[i],
+            b.get(i + 1).copied().and_then(hex),
+            b.get(i + 2).copied().and_then(hex),
+        ) {
+            (b'%', Some(h), Some(l)) => {
+                out.push((h * 16 + l) as u8);
+                i += 3;
+            }
+            (c, _, _) => {
+                out.push(c);
+                i += 1;
+            }
+        }
+    }
+    out
+}
+
+/// `NAME:PASSWORD` or `TOKEN`, percent-decoded, as the CONNECT field.
+fn userinfo(u: &str, info: &str) -> Result<Secret> {
+    let enc = match info.split_once(':') {
+        Some((name, password)) => {
+            let name = String::from_utf8(percent_decode(name))
+                .map_err(|_| Error::InvalidUrl(u.to_string()))?;
+            Credentials::UserPassword {
+                user: &name,
+                password: &percent_decode(password),
+            }
+            .encode()
+        }
+        None => Credentials::Token(&percent_decode(info)).encode(),
+    };
+    Ok(Secret(enc))
+}
+
+pub(crate) fn parse_urls(urls: &str) -> Result<(Vec<String>, Option<Secret>)> {
+    let mut creds = None;
     let mut out = Vec::new();
-    for u in urls.split(',').map(str::trim).filter(|u| !u.is_empty()) {
-        let bare = match u.split_once("://") {
+    for raw in urls.split(',').map(str::trim).filter(|u| !u.is_empty()) {
+        // Errors show the URL without its credentials.
+        let shown = match raw.rsplit_once('@') {
+            Some((info, host)) => match info.split_once("://") {
+                Some((scheme, _)) => format!("{scheme}://***@{host}"),
+                None => format!("***@{host}"),
+            },
+            None => raw.to_string(),
+        };
+        let u = shown.as_str();
+        let bare = match raw.split_once("://") {
             Some(("sockbus" | "tcp", rest)) => rest,
             Some(_) => return Err(Error::InvalidUrl(u.to_string())),
-            None => u,
+            None => raw,
         }
         .trim_end_matches('/');
+        let bare = match bare.rsplit_once('@') {
+            Some((info, host)) => {
+                if creds.is_none() && !info.is_empty() {
+                    creds = Some(userinfo(u, info)?);
+                }
+                host
+            }
+            None => bare,
+        };
         if bare.is_empty() || bare.contains('/') {
             return Err(Error::InvalidUrl(u.to_string()));
         }
@@ -203,5 +300,5 @@ fn parse_urls(urls: &str) -> Result<Vec<String>> {
     if out.is_empty() {
         return Err(Error::InvalidUrl(urls.to_string()));
     }
-    Ok(out)
+    Ok((out, creds))
 }

@@ -341,7 +341,7 @@ fn read_batch(
             continue;
         }
         let r = match frame::decode_body(&h, &buf[HEADER_LEN..len]) {
-            Ok(f) => handle_control(inner, f),
+            Ok(f) => handle_control(inner, &h, f),
             Err(e) => return Err(e.into()),
         };
         buf.advance(len);
@@ -350,7 +350,7 @@ fn read_batch(
     Ok(())
 }
 
-fn handle_control(inner: &Inner, f: FrameRef<'_>) -> Result<(), Error> {
+fn handle_control(inner: &Inner, h: &frame::Header, f: FrameRef<'_>) -> Result<(), Error> {
     match f {
         FrameRef::Pong(id) => {
             // Whatever it answers, the broker is alive (keepalive PINGs
@@ -375,6 +375,15 @@ fn handle_control(inner: &Inner, f: FrameRef<'_>) -> Result<(), Error> {
                 let mut e = lock(&inner.errors);
                 e.0 += 1;
                 e.1 = Some((c, text.to_string()));
+            }
+            if let Some(sid) = frame::err_sid(h) {
+                // The broker refused that SUB: its subscriber ends (the
+                // sender goes with the entry) and it is not re-sent.
+                if let Some(e) = lock(&inner.subs).remove(&sid) {
+                    let _ = e.refused.set((c, text.to_string()));
+                }
+                warn!(code = c, sid, "broker refused a subscription: {text}");
+                return Ok(());
             }
             match c {
                 code::MALFORMED

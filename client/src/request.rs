@@ -109,6 +109,7 @@ impl Client {
                         max: None,
                         dropped: Arc::new(AtomicU64::new(0)),
                         warned: false,
+                        refused: Default::default(),
                     },
                 );
                 inner.control(|b| {

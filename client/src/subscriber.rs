@@ -30,7 +30,12 @@ pub(crate) struct SubEntry {
     pub(crate) max: Option<u64>,
     pub(crate) dropped: Arc<AtomicU64>,
     pub(crate) warned: bool,
+    /// Set when the broker refused the SUB (ERR naming its sid): code, text.
+    pub(crate) refused: Refusal,
 }
+
+/// Why the broker refused a subscription, once it has.
+pub(crate) type Refusal = Arc<std::sync::OnceLock<(u16, String)>>;
 
 /// A subscription: a `Stream` of messages. Dropping it unsubscribes.
 pub struct Subscriber {
@@ -38,6 +43,7 @@ pub struct Subscriber {
     rx: mpsc::Receiver<Message>,
     pending: Arc<AtomicUsize>,
     dropped: Arc<AtomicU64>,
+    refused: Refusal,
     client: Client,
     active: bool,
 }
@@ -48,6 +54,7 @@ impl Subscriber {
         rx: mpsc::Receiver<Message>,
         pending: Arc<AtomicUsize>,
         dropped: Arc<AtomicU64>,
+        refused: Refusal,
         client: Client,
     ) -> Subscriber {
         Subscriber {
@@ -55,6 +62,7 @@ impl Subscriber {
             rx,
             pending,
             dropped,
+            refused,
             client,
             active: true,
         }
@@ -73,6 +81,19 @@ impl Subscriber {
             self.client.inner.took();
         }
         Poll::Ready(m)
+    }
+
+    /// Why the broker refused this subscription, once it has: its stream
+    /// then ends (`next()` gives `None`) and it is not re-sent on reconnect.
+    /// [`Error::PermissionDenied`] for a subject the user may not subscribe
+    /// to; [`Error::Server`] with the code otherwise (MAX_SUBSCRIPTIONS, ...).
+    ///
+    /// [`Error::PermissionDenied`]: crate::Error::PermissionDenied
+    /// [`Error::Server`]: crate::Error::Server
+    pub fn refusal(&self) -> Option<crate::Error> {
+        self.refused
+            .get()
+            .map(|(code, text)| crate::Error::from_server(*code, text))
     }
 
     /// Stops the subscription now.

@@ -395,3 +395,156 @@ async fn sub_whose_reader_closes_the_pipe_exits_nonzero_at_once() {
         "{err}"
     );
 }
+
+/// A broker with the user `orders` (publish `orders.>` except
+/// `orders.admin.>`, subscribe `orders.>` and `_INBOX.>`).
+async fn broker_with_users() -> Broker {
+    use sockbus_broker::auth::{UserConfig, Users};
+    let list = |v: &[&str]| Some(v.iter().map(|s| s.to_string()).collect());
+    let users = Users::from_config(vec![UserConfig {
+        name: "orders".into(),
+        password: Some("pw".into()),
+        publish: list(&["orders.>"]),
+        subscribe: list(&["orders.>", "_INBOX.>"]),
+        publish_deny: list(&["orders.admin.>"]),
+        ..Default::default()
+    }])
+    .unwrap();
+    broker_with(Config {
+        users: Some(std::sync::Arc::new(users)),
+        ..Config::default()
+    })
+    .await
+}
+
+#[tokio::test]
+async fn the_cli_says_authorization_failed_and_permission_denied_in_one_line() {
+    let b = broker_with_users().await;
+    let host = b.url.trim_start_matches("sockbus://").to_string();
+    let run = |args: Vec<String>, env: &[(&str, &str)]| {
+        let mut c = cli();
+        c.args(args);
+        for (k, v) in env {
+            c.env(k, v);
+        }
+        output(c)
+    };
+    let s = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+    // Wrong password, in the URL and with the flags: no secret echoed.
+    for (args, env) in [
+        (
+            s(&[
+                "--server",
+                &format!("sockbus://orders:wrong@{host}"),
+                "pub",
+                "orders.x",
+                "1",
+            ]),
+            vec![],
+        ),
+        (
+            s(&[
+                "--server",
+                &b.url,
+                "--user",
+                "orders",
+                "--password",
+                "wrong",
+                "pub",
+                "orders.x",
+                "1",
+            ]),
+            vec![],
+        ),
+        (
+            s(&["--server", &b.url, "pub", "orders.x", "1"]),
+            vec![("SOCKBUS_USER", "orders"), ("SOCKBUS_PASSWORD", "wrong")],
+        ),
+        (s(&["--server", &b.url, "pub", "orders.x", "1"]), vec![]),
+    ] {
+        let o = run(args.clone(), &env).await;
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(1), "{args:?}: {err}");
+        assert_eq!(err.trim(), "sockbus: authorization failed", "{args:?}");
+    }
+    // Right password, denied subject.
+    let o = run(
+        s(&[
+            "--server",
+            &format!("sockbus://orders:pw@{host}"),
+            "pub",
+            "orders.admin.x",
+            "1",
+        ]),
+        &[],
+    )
+    .await;
+    assert_eq!(o.status.code(), Some(1));
+    assert_eq!(
+        String::from_utf8_lossy(&o.stderr).trim(),
+        "sockbus: permission denied: publish to orders.admin.x"
+    );
+    let o = run(
+        s(&[
+            "--server",
+            &b.url,
+            "--user",
+            "orders",
+            "--password",
+            "pw",
+            "sub",
+            "billing.>",
+        ]),
+        &[],
+    )
+    .await;
+    assert_eq!(o.status.code(), Some(1));
+    assert_eq!(
+        String::from_utf8_lossy(&o.stderr).trim(),
+        "sockbus: permission denied: subscribe to billing.>"
+    );
+    let o = run(
+        s(&[
+            "--server",
+            &b.url,
+            "--user",
+            "orders",
+            "--password",
+            "pw",
+            "pub",
+            "orders.new",
+            "1",
+        ]),
+        &[],
+    )
+    .await;
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+}
+
+#[tokio::test]
+async fn passwd_prints_an_argon2id_hash_of_stdin() {
+    let mut c = cli();
+    c.arg("passwd").stdin(Stdio::piped()).stdout(Stdio::piped());
+    let mut child = c.spawn().unwrap();
+    child.stdin.take().unwrap().write_all(b"s3cret\n").unwrap();
+    let o = child.wait_with_output().unwrap();
+    assert!(o.status.success());
+    let hash = String::from_utf8(o.stdout).unwrap();
+    assert!(hash.starts_with("$argon2id$"), "{hash}");
+    let users = sockbus_broker::auth::Users::from_config(vec![sockbus_broker::auth::UserConfig {
+        name: "u".into(),
+        password: Some(hash.trim().into()),
+        ..Default::default()
+    }])
+    .unwrap();
+    let ok = users
+        .authenticate(sockbus_protocol::Credentials::UserPassword {
+            user: "u",
+            password: b"s3cret",
+        })
+        .await;
+    assert!(
+        ok.is_ok(),
+        "the hash verifies the password without its line end"
+    );
+}

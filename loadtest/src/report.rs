@@ -79,7 +79,7 @@ impl RunReport {
             notes.push(format!("--count {c}"));
         }
         RunReport {
-            target: target.url().to_string(),
+            target: crate::driver::redact_url(target.url()),
             driver: target.kind().to_string(),
             scenario: spec.scenario,
             payload_bytes: spec.payload,

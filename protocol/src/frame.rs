@@ -116,6 +116,21 @@ pub mod code {
     /// A SUB beyond the broker's per-connection subscription limit; the
     /// connection and its other subscriptions stay usable.
     pub const MAX_SUBSCRIPTIONS: u16 = 13;
+    /// CONNECT carried no credentials, or wrong ones, while the broker has
+    /// users; the connection is closed.
+    pub const AUTHORIZATION_VIOLATION: u16 = 14;
+    /// The user may not publish to (or subscribe to) that subject; the
+    /// connection and its other subscriptions stay usable.
+    pub const PERMISSION_DENIED: u16 = 15;
+}
+
+/// ERR header flag: the header's hash field carries the sid of the SUB this
+/// error refuses (MAX_SUBSCRIPTIONS, PERMISSION_DENIED, INVALID_SUBJECT, ...).
+pub const ERR_SID: u8 = 0x01;
+
+/// The sid an ERR frame names (flag [`ERR_SID`]), if any.
+pub fn err_sid(h: &Header) -> Option<u32> {
+    (h.kind == Kind::Err && h.flags & ERR_SID != 0).then_some(h.hash)
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Error)]
@@ -136,6 +151,8 @@ pub enum ProtocolError {
     BadHeaders,
     #[error("{0} is longer than 65535 bytes")]
     FieldTooLong(&'static str),
+    #[error("unknown credentials kind {0} in CONNECT")]
+    UnknownCredentials(u8),
 }
 
 /// The fixed-size header at the front of every frame.
@@ -692,6 +709,15 @@ pub fn encode_pong(dst: &mut impl BufMut, id: u64) {
 
 /// Encodes an ERR frame; text longer than 1 KiB is cut at a character boundary.
 pub fn encode_err(dst: &mut impl BufMut, code: u16, text: &str) {
+    encode_err_as(dst, code, None, text)
+}
+
+/// An ERR that refuses the SUB with this sid ([`ERR_SID`]).
+pub fn encode_err_sid(dst: &mut impl BufMut, code: u16, sid: u32, text: &str) {
+    encode_err_as(dst, code, Some(sid), text)
+}
+
+fn encode_err_as(dst: &mut impl BufMut, code: u16, sid: Option<u32>, text: &str) {
     let mut end = text.len().min(1024);
     while !text.is_char_boundary(end) {
         end -= 1;
@@ -699,9 +725,9 @@ pub fn encode_err(dst: &mut impl BufMut, code: u16, text: &str) {
     let text = &text[..end];
     Header {
         kind: Kind::Err,
-        flags: 0,
+        flags: if sid.is_some() { ERR_SID } else { 0 },
         len: 2 + 2 + text.len() as u32,
-        hash: 0,
+        hash: sid.unwrap_or(0),
     }
     .write(dst);
     dst.put_u16_le(code);

@@ -8,6 +8,7 @@
 pub mod api;
 pub mod backoff;
 pub mod busy_poll;
+pub mod credentials;
 #[cfg(feature = "rt")]
 pub mod drain;
 pub mod flow;
@@ -18,6 +19,7 @@ pub mod subject;
 mod sync;
 
 pub use backoff::Backoff;
+pub use credentials::Credentials;
 pub use frame::{
     code, decode, decode_body, parse_header, FrameRef, Header, Kind, ProtocolError, HEADER_LEN,
     MAX_FRAME_OVERHEAD, PROTOCOL_VERSION,

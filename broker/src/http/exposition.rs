@@ -15,7 +15,7 @@ use super::Gateway;
 use crate::metrics::Metrics;
 
 /// Statuses the gateway answers with; anything else is counted as "other".
-const STATUSES: [u16; 10] = [200, 204, 400, 404, 405, 408, 413, 500, 503, 431];
+const STATUSES: [u16; 12] = [200, 204, 400, 401, 403, 404, 405, 408, 413, 500, 503, 431];
 const NROUTES: usize = Route::ALL.len();
 const NSTATUS: usize = STATUSES.len() + 1;
 /// Histogram upper bounds, seconds.
@@ -162,6 +162,34 @@ pub(super) fn render(gw: &Gateway) -> String {
         "sockbus_uptime_seconds {:.3}",
         gw.started.elapsed().as_secs_f64()
     );
+
+    if let Some(users) = &st.config.users {
+        sample(
+            &mut o,
+            "sockbus_auth_failures_total",
+            "counter",
+            "Credentials refused (native CONNECT and HTTP), wrong or missing.",
+            users.failures.load(Relaxed),
+        );
+        for (name, help, get) in [
+            (
+                "sockbus_permission_denied_publish_total",
+                "Publishes refused by the user's permissions, per user.",
+                (|u: &crate::auth::User| u.denied_publish.load(Relaxed))
+                    as fn(&crate::auth::User) -> u64,
+            ),
+            (
+                "sockbus_permission_denied_subscribe_total",
+                "Subscriptions refused by the user's permissions, per user.",
+                |u: &crate::auth::User| u.denied_subscribe.load(Relaxed),
+            ),
+        ] {
+            family(&mut o, name, "counter", help);
+            for u in users.iter() {
+                let _ = writeln!(o, "{name}{{user=\"{}\"}} {}", label(&u.name), get(u));
+            }
+        }
+    }
 
     sample(
         &mut o,

@@ -24,6 +24,7 @@ use tokio::sync::oneshot;
 
 use super::routes::{decode_path, error, json, Body};
 use super::{ConnCtx, Gateway};
+use crate::auth::User;
 use crate::deliver::{Ack, PublishError, Publisher};
 
 /// Request headers with this prefix (any case) are carried as message headers.
@@ -42,6 +43,7 @@ pub(super) async fn publish(
     parts: &Parts,
     raw_subject: &str,
     body: Incoming,
+    user: Option<&User>,
 ) -> Response<Body> {
     let state = &gw.state;
     let subject = match decode_path(raw_subject) {
@@ -50,6 +52,21 @@ pub(super) async fn publish(
     };
     if let Err(e) = validate_subject(&subject) {
         return error(StatusCode::BAD_REQUEST, format!("invalid subject: {e}"));
+    }
+    if let Some(u) = user {
+        if !u
+            .perms
+            .as_ref()
+            .is_none_or(|p| p.publish.allows_subject(&subject))
+        {
+            u.denied_publish
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            tracing::warn!(user = %u.name, subject = %subject, "HTTP publish denied by permissions");
+            return error(
+                StatusCode::FORBIDDEN,
+                format!("permission denied: publish to {subject}"),
+            );
+        }
     }
     let mut reply = None;
     let mut headers = Vec::new();

@@ -14,7 +14,10 @@ use hyper::body::Incoming;
 use hyper::header::{HeaderValue, ALLOW, CACHE_CONTROL, CONTENT_TYPE};
 use hyper::{Method, Request, Response, StatusCode};
 use tokio_util::sync::CancellationToken;
-use tracing::debug;
+use tracing::{debug, warn};
+
+use crate::auth::User;
+use sockbus_protocol::Credentials;
 
 use super::{exposition, publish, sse, status, streams, ConnCtx, Gateway};
 
@@ -141,50 +144,158 @@ pub(super) async fn handle(
             .insert(ALLOW, HeaderValue::from_static(route.allow()));
         r
     } else {
-        match route {
-            Route::Publish => publish::publish(gw, ctx, &parts, rest, body).await,
-            Route::Subscribe => sse::subscribe(gw, ctx, shutdown, rest, parts.uri.query()),
-            Route::Streams => json(StatusCode::OK, &streams::list(&gw.state)),
-            Route::Stream => match decode_path(rest) {
-                Err(e) => error(StatusCode::BAD_REQUEST, e),
-                Ok(name) => match streams::info(&gw.state, &name) {
-                    Some(v) => json(StatusCode::OK, &v),
-                    None => error(StatusCode::NOT_FOUND, format!("no stream named {name:?}")),
+        match authorize(gw, route, &parts.headers).await {
+            Err(r) => r,
+            Ok(user) => match route {
+                Route::Publish => {
+                    publish::publish(gw, ctx, &parts, rest, body, user.as_deref()).await
+                }
+                Route::Subscribe => {
+                    sse::subscribe(gw, ctx, shutdown, rest, parts.uri.query(), user.as_deref())
+                }
+                Route::Streams => json(StatusCode::OK, &streams::list(&gw.state)),
+                Route::Stream => match decode_path(rest) {
+                    Err(e) => error(StatusCode::BAD_REQUEST, e),
+                    Ok(name) => match streams::info(&gw.state, &name) {
+                        Some(v) => json(StatusCode::OK, &v),
+                        None => error(StatusCode::NOT_FOUND, format!("no stream named {name:?}")),
+                    },
                 },
+                Route::Metrics => {
+                    let mut r =
+                        Response::new(Either::Left(Full::new(Bytes::from(exposition::render(gw)))));
+                    r.headers_mut().insert(
+                        CONTENT_TYPE,
+                        HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+                    );
+                    r
+                }
+                Route::Healthz | Route::Readyz => {
+                    let (status, body) = probe(gw, route);
+                    json(status, &body)
+                }
+                Route::Page => {
+                    let mut r = Response::new(Either::Left(Full::new(Bytes::from_static(
+                        STATUS_PAGE.as_bytes(),
+                    ))));
+                    let h = r.headers_mut();
+                    h.insert(
+                        CONTENT_TYPE,
+                        HeaderValue::from_static("text/html; charset=utf-8"),
+                    );
+                    h.insert(CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+                    r
+                }
+                Route::Status => json(StatusCode::OK, &status::snapshot(gw)),
+                Route::Unknown => unreachable!("handled above"),
             },
-            Route::Metrics => {
-                let mut r =
-                    Response::new(Either::Left(Full::new(Bytes::from(exposition::render(gw)))));
-                r.headers_mut().insert(
-                    CONTENT_TYPE,
-                    HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
-                );
-                r
-            }
-            Route::Healthz | Route::Readyz => {
-                let (status, body) = probe(gw, route);
-                json(status, &body)
-            }
-            Route::Page => {
-                let mut r = Response::new(Either::Left(Full::new(Bytes::from_static(
-                    STATUS_PAGE.as_bytes(),
-                ))));
-                let h = r.headers_mut();
-                h.insert(
-                    CONTENT_TYPE,
-                    HeaderValue::from_static("text/html; charset=utf-8"),
-                );
-                h.insert(CACHE_CONTROL, HeaderValue::from_static("no-cache"));
-                r
-            }
-            Route::Status => json(StatusCode::OK, &status::snapshot(gw)),
-            Route::Unknown => unreachable!("handled above"),
         }
     };
     let took = start.elapsed();
     gw.metrics.observe(route, resp.status(), took);
     debug!(conn = ctx.id, method = %parts.method, path, status = resp.status().as_u16(), micros = took.as_micros() as u64, "request");
     resp
+}
+
+/// Who makes the request, when the broker has users: every route but the
+/// probes needs `Authorization: Basic` (user and password) or `Bearer`
+/// (token): 401 without or with wrong credentials. Publish and subscribe
+/// then check the user's permissions (403); the observing routes (`/metrics`,
+/// the status page, `/v1/status`, `/v1/streams`) show every subject and
+/// stream, so they need a user who may subscribe to `>` (403 otherwise).
+async fn authorize(
+    gw: &Gateway,
+    route: Route,
+    headers: &hyper::HeaderMap,
+) -> Result<Option<Arc<User>>, Response<Body>> {
+    let Some(users) = &gw.state.config.users else {
+        return Ok(None);
+    };
+    if matches!(route, Route::Healthz | Route::Readyz) {
+        return Ok(None);
+    }
+    let unauthorized = |why: &str| {
+        let mut r = error(
+            StatusCode::UNAUTHORIZED,
+            format!("authorization failed: {why}"),
+        );
+        r.headers_mut().insert(
+            hyper::header::WWW_AUTHENTICATE,
+            HeaderValue::from_static("Basic realm=\"sockbus\""),
+        );
+        r
+    };
+    let Some(value) = headers
+        .get(hyper::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+    else {
+        users
+            .failures
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        return Err(unauthorized(
+            "no credentials (Authorization: Basic or Bearer)",
+        ));
+    };
+    let basic;
+    let creds = match value.split_once(' ') {
+        Some((scheme, rest)) if scheme.eq_ignore_ascii_case("bearer") => {
+            Credentials::Token(rest.trim().as_bytes())
+        }
+        Some((scheme, rest)) if scheme.eq_ignore_ascii_case("basic") => {
+            use base64::Engine;
+            basic = base64::engine::general_purpose::STANDARD
+                .decode(rest.trim())
+                .ok()
+                .and_then(|b| String::from_utf8(b).ok());
+            match basic.as_deref().and_then(|b| b.split_once(':')) {
+                Some((user, password)) => Credentials::UserPassword {
+                    user,
+                    password: password.as_bytes(),
+                },
+                None => {
+                    users
+                        .failures
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    return Err(unauthorized("malformed Basic credentials"));
+                }
+            }
+        }
+        _ => {
+            users
+                .failures
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            return Err(unauthorized("use Authorization: Basic or Bearer"));
+        }
+    };
+    let user = match users.authenticate(creds).await {
+        Ok(u) => u,
+        Err(e) => {
+            warn!(route = route.label(), "HTTP request refused: {e}");
+            return Err(unauthorized(
+                e.to_string().trim_start_matches("authorization failed: "),
+            ));
+        }
+    };
+    let observer = matches!(
+        route,
+        Route::Metrics | Route::Page | Route::Status | Route::Streams | Route::Stream
+    );
+    if observer
+        && !user
+            .perms
+            .as_ref()
+            .is_none_or(|p| p.subscribe.allows_pattern(">"))
+    {
+        return Err(error(
+            StatusCode::FORBIDDEN,
+            format!(
+                "permission denied: {} shows every subject; user {:?} may not subscribe to >",
+                route.label(),
+                user.name
+            ),
+        ));
+    }
+    Ok(Some(user))
 }
 
 /// The answer of a probe route, `/healthz` or `/readyz`; also given to

@@ -27,6 +27,7 @@ use tracing::debug;
 
 use super::routes::{decode_path, error, Body};
 use super::{ConnCtx, Gateway};
+use crate::auth::User;
 use crate::deliver::{SubscribeError, Subscriber};
 use crate::outlet::Outlet;
 use crate::router::Subscription;
@@ -51,6 +52,7 @@ pub(super) fn subscribe(
     shutdown: &CancellationToken,
     raw_subject: &str,
     query: Option<&str>,
+    user: Option<&User>,
 ) -> Response<Body> {
     let state = &gw.state;
     let pattern = match decode_path(raw_subject) {
@@ -100,7 +102,10 @@ pub(super) fn subscribe(
             .outlet(state.delivery.next_id(), 0, ctx.kill.clone(), None),
     );
     let sub = match state.delivery.subscribe(
-        &Subscriber { api: false },
+        &Subscriber {
+            api: false,
+            perms: user.and_then(|u| u.perms.as_deref()),
+        },
         &conn,
         1,
         &pattern,
@@ -109,6 +114,14 @@ pub(super) fn subscribe(
         Ok(s) => s,
         Err(SubscribeError::InvalidSubject(e)) => {
             return error(StatusCode::BAD_REQUEST, format!("invalid subject: {e}"))
+        }
+        Err(e @ SubscribeError::Denied(_)) => {
+            if let Some(u) = user {
+                u.denied_subscribe
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                tracing::warn!(user = %u.name, pattern = %pattern, "SSE subscription denied by permissions");
+            }
+            return error(StatusCode::FORBIDDEN, e.to_string());
         }
         Err(e) => return error(StatusCode::BAD_REQUEST, e.to_string()),
     };

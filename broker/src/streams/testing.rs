@@ -51,7 +51,10 @@ impl Inbox {
             None,
         ));
         d.subscribe(
-            &crate::deliver::Subscriber { api: true },
+            &crate::deliver::Subscriber {
+                api: true,
+                perms: None,
+            },
             &out,
             1,
             subject,

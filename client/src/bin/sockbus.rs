@@ -14,9 +14,22 @@ struct Cli {
     /// Broker URL(s), comma separated.
     #[arg(long, global = true, env = "SOCKBUS_URL", default_value = sockbus_client::DEFAULT_URL)]
     server: String,
+    /// User name to authenticate as (with --password).
+    #[arg(long, global = true, env = "SOCKBUS_USER")]
+    user: Option<String>,
+    /// Password of --user.
+    #[arg(long, global = true, env = "SOCKBUS_PASSWORD", hide_env_values = true)]
+    password: Option<String>,
+    /// Token to authenticate with, instead of a user and password.
+    #[arg(long, global = true, env = "SOCKBUS_TOKEN", hide_env_values = true)]
+    token: Option<String>,
     #[command(subcommand)]
     cmd: Cmd,
 }
+
+/// Credentials from the flags or environment, applied to every connection.
+static CREDENTIALS: std::sync::OnceLock<(Option<String>, Option<String>, Option<String>)> =
+    std::sync::OnceLock::new();
 
 #[derive(Subcommand)]
 enum Cmd {
@@ -72,6 +85,9 @@ enum Cmd {
         #[arg(long)]
         count: Option<u64>,
     },
+    /// Read a password (or token) on stdin and print its argon2id hash, for
+    /// `password = "..."` / `token = "..."` in the broker's [[users]].
+    Passwd,
     /// Answer each request on SUBJECT with DATA.
     Reply {
         subject: String,
@@ -171,6 +187,18 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             // One line a person understands; a bare `req` outcome as DESIGN.md words it.
+            let typed = e.chain().find_map(|c| c.downcast_ref::<Error>());
+            match typed {
+                Some(Error::Authorization(_)) => eprintln!("sockbus: authorization failed"),
+                Some(e @ Error::PermissionDenied { .. }) => eprintln!("sockbus: {e}"),
+                _ => {}
+            }
+            if matches!(
+                typed,
+                Some(Error::Authorization(_) | Error::PermissionDenied { .. })
+            ) {
+                return ExitCode::FAILURE;
+            }
             match e.downcast_ref::<Error>().filter(|_| e.chain().count() == 1) {
                 Some(Error::NoResponders) => eprintln!("sockbus: no responders"),
                 Some(Error::Timeout) => eprintln!("sockbus: timeout"),
@@ -181,8 +209,51 @@ fn main() -> ExitCode {
     }
 }
 
+/// `server` without the credentials a URL may carry.
+fn redact(server: &str) -> String {
+    server
+        .split(',')
+        .map(|u| match u.rsplit_once('@') {
+            Some((info, host)) => match info.split_once("://") {
+                Some((scheme, _)) => format!("{scheme}://***@{host}"),
+                None => format!("***@{host}"),
+            },
+            None => u.to_string(),
+        })
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
 fn options() -> ConnectOptions {
-    ConnectOptions::new().name("sockbus-cli").max_reconnects(3)
+    let mut o = ConnectOptions::new().name("sockbus-cli").max_reconnects(3);
+    if let Some((user, password, token)) = CREDENTIALS.get() {
+        if let Some(u) = user {
+            o = o.user_password(u, password.as_deref().unwrap_or(""));
+        }
+        if let Some(t) = token {
+            o = o.token(t.as_bytes());
+        }
+    }
+    o
+}
+
+/// `sockbus passwd`: the secret is the first line of stdin, without its line end.
+fn passwd() -> anyhow::Result<()> {
+    use argon2::password_hash::{rand_core::OsRng, PasswordHasher, SaltString};
+    let mut s = String::new();
+    std::io::stdin()
+        .read_to_string(&mut s)
+        .context("cannot read stdin")?;
+    let secret = s.lines().next().unwrap_or("");
+    if secret.is_empty() {
+        bail!("no password on stdin");
+    }
+    let salt = SaltString::generate(&mut OsRng);
+    let hash = argon2::Argon2::default()
+        .hash_password(secret.as_bytes(), &salt)
+        .map_err(|e| anyhow::anyhow!("cannot hash: {e}"))?;
+    println!("{hash}");
+    Ok(())
 }
 
 async fn connect(server: &str) -> anyhow::Result<Client> {
@@ -192,11 +263,16 @@ async fn connect(server: &str) -> anyhow::Result<Client> {
 async fn connect_with(server: &str, opts: ConnectOptions) -> anyhow::Result<Client> {
     opts.connect(server)
         .await
-        .with_context(|| format!("cannot connect to {server}"))
+        .with_context(|| format!("cannot connect to {}", redact(server)))
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
+    if cli.password.is_some() && cli.user.is_none() {
+        bail!("--password needs --user");
+    }
+    let _ = CREDENTIALS.set((cli.user.clone(), cli.password.clone(), cli.token.clone()));
     match cli.cmd {
+        Cmd::Passwd => passwd()?,
         Cmd::Stream { cmd } => stream_cmd(&cli.server, cmd).await?,
         Cmd::Consume {
             stream,
@@ -352,6 +428,9 @@ async fn subscribe(
         if count.is_some_and(|c| n >= c) {
             return Ok(());
         }
+    }
+    if let Some(e) = sub.refusal() {
+        return Err(e.into());
     }
     let why = (&mut lost).now_or_never().unwrap_or(Error::Closed);
     let dropped = sub.dropped();

@@ -13,7 +13,9 @@ use crate::scenario::{self, Length, RunCtx, Scenario, Spec};
 
 #[derive(Args, Debug)]
 pub struct RunArgs {
-    /// Broker to load: sockbus://HOST:PORT or nats://HOST:PORT.
+    /// Broker to load: sockbus://HOST:PORT or nats://HOST:PORT; credentials
+    /// for a broker with users in the URL (sockbus://NAME:PASSWORD@HOST:PORT,
+    /// sockbus://TOKEN@HOST:PORT), never shown in the report.
     #[arg(long)]
     pub target: String,
     #[arg(long, value_enum)]

@@ -61,6 +61,20 @@ pub struct ConnSettings {
 }
 
 /// The URL of server `i` of a comma-separated list (see [`ConnSettings::server`]).
+/// `url` (a comma-separated list) without the credentials a URL may carry.
+pub fn redact_url(url: &str) -> String {
+    url.split(',')
+        .map(|u| match u.rsplit_once('@') {
+            Some((info, host)) => match info.split_once("://") {
+                Some((scheme, _)) => format!("{scheme}://***@{host}"),
+                None => format!("***@{host}"),
+            },
+            None => u.to_string(),
+        })
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
 pub fn pick_server(list: &str, i: usize) -> &str {
     let urls: Vec<&str> = list.split(',').map(str::trim).collect();
     let n = urls.len();

@@ -33,7 +33,7 @@ impl Driver for SockbusDriver {
             .max_reconnects(0)
             .connect(super::pick_server(&self.url, s.server))
             .await
-            .with_context(|| format!("cannot connect to {}", self.url))?;
+            .with_context(|| format!("cannot connect to {}", super::redact_url(&self.url)))?;
         Ok(SockbusConn { client })
     }
 }
