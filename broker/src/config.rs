@@ -199,6 +199,20 @@ pub struct Options {
     /// connections on one thread. docs/operations.md, "Busy-polling".
     #[arg(long, env = "SOCKBUS_BUSY_POLL")]
     pub busy_poll: Option<Dur>,
+    /// PEM certificate chain: TLS on every listener (with `--tls-key`).
+    #[arg(long, env = "SOCKBUS_TLS_CERT")]
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key of `--tls-cert`.
+    #[arg(long, env = "SOCKBUS_TLS_KEY")]
+    pub tls_key: Option<PathBuf>,
+    /// PEM CA certificates: clients (and peers) must present a certificate
+    /// that chains to one of them (mTLS).
+    #[arg(long, env = "SOCKBUS_TLS_CLIENT_CA")]
+    pub tls_client_ca: Option<PathBuf>,
+    /// PEM CA certificates the peers this broker dials must chain to
+    /// (default: `--tls-client-ca`).
+    #[arg(long, env = "SOCKBUS_CLUSTER_TLS_CA")]
+    pub cluster_tls_ca: Option<PathBuf>,
 }
 
 /// The validated configuration the broker runs with.
@@ -243,6 +257,8 @@ pub struct Config {
     pub recv_window: u32,
     /// Busy-poll window; None: sleep when idle (the default).
     pub busy_poll: Option<Duration>,
+    /// TLS on every listener; None: plain TCP.
+    pub tls: Option<crate::tls::TlsFiles>,
 }
 
 impl Default for Config {
@@ -275,6 +291,7 @@ impl Default for Config {
             log_format: LogFormat::Text,
             recv_window: 8 << 20,
             busy_poll: None,
+            tls: None,
         }
     }
 }
@@ -396,6 +413,26 @@ impl Options {
             log_format: o.log_format.unwrap_or_default(),
             recv_window: d.recv_window,
             busy_poll: o.busy_poll.map(|x| x.0).filter(|d| !d.is_zero()),
+            tls: match (o.tls_cert, o.tls_key) {
+                (Some(cert), Some(key)) => Some(crate::tls::TlsFiles {
+                    cert,
+                    key,
+                    client_ca: o.tls_client_ca,
+                    cluster_ca: o.cluster_tls_ca,
+                }),
+                (None, None) => {
+                    if o.tls_client_ca.is_some() || o.cluster_tls_ca.is_some() {
+                        bail!("--tls-client-ca and --cluster-tls-ca need --tls-cert and --tls-key");
+                    }
+                    None
+                }
+                (Some(_), None) => {
+                    bail!("--tls-cert needs --tls-key (the certificate's private key)")
+                }
+                (None, Some(_)) => {
+                    bail!("--tls-key needs --tls-cert (the certificate it goes with)")
+                }
+            },
         };
         if cfg.busy_poll.is_some_and(|d| d > Duration::from_secs(1)) {
             bail!("--busy-poll is a window after each message, at most 1s (e.g. 200us); 0 turns it off");
@@ -436,6 +473,10 @@ impl Options {
             drain_timeout: self.drain_timeout.or(file.drain_timeout),
             log_format: self.log_format.or(file.log_format),
             busy_poll: self.busy_poll.or(file.busy_poll),
+            tls_cert: self.tls_cert.or(file.tls_cert),
+            tls_key: self.tls_key.or(file.tls_key),
+            tls_client_ca: self.tls_client_ca.or(file.tls_client_ca),
+            cluster_tls_ca: self.cluster_tls_ca.or(file.cluster_tls_ca),
         }
     }
 }
