@@ -87,20 +87,7 @@ impl WriteSock {
 /// Writes all of a claimed batch through a TLS session, then flushes it
 /// (the session buffers the records it encrypted).
 pub(crate) async fn write_all_tls(t: &mut Take, w: &mut WriteHalf<TlsTcp>) -> io::Result<()> {
-    std::future::poll_fn(|cx| {
-        let r = t.write_nonblocking(|b| match Pin::new(&mut *w).poll_write_vectored(cx, b) {
-            Poll::Ready(r) => r,
-            Poll::Pending => Err(io::ErrorKind::WouldBlock.into()),
-        });
-        match r {
-            Ok(true) => Poll::Ready(Ok(())),
-            // poll_write_vectored registered the waker.
-            Ok(false) => Poll::Pending,
-            Err(e) => Poll::Ready(Err(e)),
-        }
-    })
-    .await?;
-    w.flush().await
+    sockbus_protocol::drain::write_all_to(t, w).await
 }
 
 macro_rules! delegate {

@@ -576,3 +576,127 @@ fn free() -> SocketAddr {
         .local_addr()
         .unwrap()
 }
+
+fn sdk(ca: &Path) -> sockbus_client::ConnectOptions {
+    sockbus_client::ConnectOptions::new()
+        .tls_ca(ca)
+        .connect_timeout(Duration::from_secs(3))
+        .max_reconnects(0)
+}
+
+async fn sdk_error(opts: sockbus_client::ConnectOptions, url: &str) -> String {
+    match opts.connect(url).await {
+        Ok(_) => panic!("connected to {url}"),
+        Err(e) => {
+            eprintln!("{url}: {e}");
+            e.to_string()
+        }
+    }
+}
+
+#[tokio::test]
+async fn the_sdk_speaks_tls_with_a_client_certificate_and_reconnects_over_tls() {
+    let _serial = SERIAL.lock().await;
+    let dir = tempfile::tempdir().unwrap();
+    let ca = Ca::new("test CA");
+    let b = tls_broker(dir.path(), &ca, true).await;
+    let ca_file = dir.path().join("ca.crt");
+    let me = ca.leaf("client-1");
+    let (c, k) = (
+        write(dir.path(), "me.crt", &me.0),
+        write(dir.path(), "me.key", &me.1),
+    );
+    let url = format!("sockbus+tls://localhost:{}", b.addr.port());
+    let client = sdk(&ca_file)
+        .tls_client_cert(&c, &k)
+        .max_reconnects(100)
+        .connect(&url)
+        .await
+        .unwrap();
+    let mut sub = client.subscribe("sdk.tls").await.unwrap();
+    client.publish("sdk.tls", "one").await.unwrap();
+    assert_eq!(&common::recv(&mut sub).await.payload[..], b"one");
+
+    // Without the client certificate the broker refuses, and says so.
+    let e = sdk_error(sdk(&ca_file), &url).await;
+    assert!(e.contains("client certificate"), "{e}");
+
+    // A new broker on the same port: the client comes back over TLS.
+    let addr = b.addr;
+    let cfg = {
+        let mut c = b.state.config().clone();
+        c.listen = addr;
+        c.data_dir = common::scratch_dir();
+        c
+    };
+    b.stop().await;
+    let b2 = TestBroker::with(cfg).await;
+    client
+        .wait_connected(Duration::from_secs(10))
+        .await
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        client.publish("sdk.tls", "two").await.unwrap();
+        if let Ok(m) = tokio::time::timeout(Duration::from_millis(300), sub.next()).await {
+            assert_eq!(&m.unwrap().payload[..], b"two");
+            break;
+        }
+        assert!(Instant::now() < deadline, "no message after reconnecting");
+    }
+    b2.stop().await;
+}
+
+#[tokio::test]
+async fn sdk_tls_errors_say_what_is_wrong() {
+    let _serial = SERIAL.lock().await;
+    let dir = tempfile::tempdir().unwrap();
+    let ca = Ca::new("test CA");
+    let ca_file = write(dir.path(), "ca.crt", &ca.cert.pem());
+    let b = tls_broker(dir.path(), &ca, false).await;
+    let port = b.addr.port();
+
+    // Another CA.
+    let other = Ca::new("other CA");
+    let other_file = write(dir.path(), "other.crt", &other.cert.pem());
+    let e = sdk_error(sdk(&other_file), &format!("sockbus+tls://localhost:{port}")).await;
+    assert!(e.contains("not signed by a trusted CA"), "{e}");
+
+    // A plain client to the TLS port.
+    let e = sdk_error(sdk(&ca_file), &format!("sockbus://127.0.0.1:{port}")).await;
+    assert!(e.contains("speaks TLS"), "{e}");
+
+    // A TLS client to a plain port.
+    let plain = TestBroker::start().await;
+    let e = sdk_error(
+        sdk(&ca_file),
+        &format!("sockbus+tls://localhost:{}", plain.addr.port()),
+    )
+    .await;
+    assert!(e.contains("does not speak TLS"), "{e}");
+    plain.stop().await;
+    b.stop().await;
+
+    // An expired certificate.
+    let expired = ca.leaf_with("broker-1", |p| {
+        p.not_before = rcgen::date_time_ymd(2020, 1, 1);
+        p.not_after = rcgen::date_time_ymd(2021, 1, 1);
+    });
+    let d2 = tempfile::tempdir().unwrap();
+    let (cert, key) = write_pair(d2.path(), &expired);
+    let mut cfg = test_config();
+    cfg.tls = Some(TlsFiles {
+        cert,
+        key,
+        client_ca: None,
+        cluster_ca: None,
+    });
+    let b = TestBroker::with(cfg).await;
+    let e = sdk_error(
+        sdk(&ca_file),
+        &format!("sockbus+tls://localhost:{}", b.addr.port()),
+    )
+    .await;
+    assert!(e.contains("expired"), "{e}");
+    b.stop().await;
+}

@@ -54,6 +54,7 @@ pub struct ConnectOptions {
     pub(crate) no_echo: bool,
     pub(crate) ping_interval: Duration,
     pub(crate) max_pings_out: u32,
+    pub(crate) tls: crate::tls::TlsOptions,
 }
 
 impl Default for ConnectOptions {
@@ -74,6 +75,7 @@ impl Default for ConnectOptions {
             no_echo: false,
             ping_interval: Duration::from_secs(120),
             max_pings_out: 2,
+            tls: Default::default(),
         }
     }
 }
@@ -164,6 +166,25 @@ impl ConnectOptions {
         self
     }
 
+    /// PEM CA certificates a `sockbus+tls://` broker's certificate must
+    /// chain to (default: the system's roots).
+    pub fn tls_ca(mut self, path: impl Into<std::path::PathBuf>) -> Self {
+        self.tls.ca = Some(path.into());
+        self
+    }
+
+    /// A client certificate and its key (PEM), for brokers that require
+    /// one (`--tls-client-ca`).
+    pub fn tls_client_cert(
+        mut self,
+        cert: impl Into<std::path::PathBuf>,
+        key: impl Into<std::path::PathBuf>,
+    ) -> Self {
+        self.tls.cert = Some(cert.into());
+        self.tls.key = Some(key.into());
+        self
+    }
+
     /// Connects to the first reachable server of a comma-separated list.
     pub async fn connect(self, urls: &str) -> Result<Client> {
         connector::connect(self, parse_urls(urls)?).await
@@ -178,8 +199,13 @@ pub async fn connect(urls: &str) -> Result<Client> {
 fn parse_urls(urls: &str) -> Result<Vec<String>> {
     let mut out = Vec::new();
     for u in urls.split(',').map(str::trim).filter(|u| !u.is_empty()) {
+        let mut tls = false;
         let bare = match u.split_once("://") {
             Some(("sockbus" | "tcp", rest)) => rest,
+            Some(("sockbus+tls", rest)) => {
+                tls = true;
+                rest
+            }
             Some(_) => return Err(Error::InvalidUrl(u.to_string())),
             None => u,
         }
@@ -195,7 +221,11 @@ fn parse_urls(urls: &str) -> Result<Vec<String>> {
         } else {
             format!("{bare}:7420")
         };
-        out.push(hostport);
+        out.push(if tls {
+            format!("{}{hostport}", crate::tls::TLS_SCHEME)
+        } else {
+            hostport
+        });
     }
     if out.is_empty() {
         return Err(Error::InvalidUrl(urls.to_string()));
