@@ -504,6 +504,43 @@ mod tests {
     }
 
     #[test]
+    fn tls_needs_both_the_certificate_and_the_key_and_reads_the_file() {
+        let e = Options {
+            tls_cert: Some("c.pem".into()),
+            ..Default::default()
+        }
+        .resolve()
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("--tls-key"), "{e}");
+        let e = Options {
+            tls_client_ca: Some("ca.pem".into()),
+            ..Default::default()
+        }
+        .resolve()
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("--tls-cert"), "{e}");
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("b.toml");
+        std::fs::write(
+            &path,
+            "tls-cert = \"/etc/sockbus/tls.crt\"\ntls-key = \"/etc/sockbus/tls.key\"\n",
+        )
+        .unwrap();
+        let tls = Options {
+            config: Some(path),
+            ..Default::default()
+        }
+        .resolve()
+        .unwrap()
+        .tls
+        .unwrap();
+        assert_eq!(tls.cert, PathBuf::from("/etc/sockbus/tls.crt"));
+        assert_eq!(tls.client_ca, None);
+    }
+
+    #[test]
     fn busy_poll_is_off_by_default_off_at_zero_and_bounded() {
         let resolve = |v: Option<&str>| {
             Options {
