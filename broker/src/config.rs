@@ -218,6 +218,20 @@ pub struct Options {
     /// Users, from the TOML file only (`[[users]]` tables; docs/security.md).
     #[arg(skip)]
     pub users: Option<Vec<crate::auth::UserConfig>>,
+    /// PEM certificate chain: TLS on every listener (with `--tls-key`).
+    #[arg(long, env = "SOCKBUS_TLS_CERT")]
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key of `--tls-cert`.
+    #[arg(long, env = "SOCKBUS_TLS_KEY")]
+    pub tls_key: Option<PathBuf>,
+    /// PEM CA certificates: clients (and peers) must present a certificate
+    /// that chains to one of them (mTLS).
+    #[arg(long, env = "SOCKBUS_TLS_CLIENT_CA")]
+    pub tls_client_ca: Option<PathBuf>,
+    /// PEM CA certificates the peers this broker dials must chain to
+    /// (default: `--tls-client-ca`).
+    #[arg(long, env = "SOCKBUS_CLUSTER_TLS_CA")]
+    pub cluster_tls_ca: Option<PathBuf>,
 }
 
 /// The validated configuration the broker runs with.
@@ -269,6 +283,8 @@ pub struct Config {
     /// `allow_anonymous`).
     pub users: Option<Arc<Users>>,
     pub allow_anonymous: bool,
+    /// TLS on every listener; None: plain TCP.
+    pub tls: Option<crate::tls::TlsFiles>,
 }
 
 /// A secret from the command line, environment or config file: never
@@ -343,6 +359,7 @@ impl Default for Config {
             busy_poll: None,
             users: None,
             allow_anonymous: false,
+            tls: None,
         }
     }
 }
@@ -488,6 +505,26 @@ impl Options {
                 _ => None,
             },
             allow_anonymous: o.allow_anonymous.unwrap_or(false),
+            tls: match (o.tls_cert, o.tls_key) {
+                (Some(cert), Some(key)) => Some(crate::tls::TlsFiles {
+                    cert,
+                    key,
+                    client_ca: o.tls_client_ca,
+                    cluster_ca: o.cluster_tls_ca,
+                }),
+                (None, None) => {
+                    if o.tls_client_ca.is_some() || o.cluster_tls_ca.is_some() {
+                        bail!("--tls-client-ca and --cluster-tls-ca need --tls-cert and --tls-key");
+                    }
+                    None
+                }
+                (Some(_), None) => {
+                    bail!("--tls-cert needs --tls-key (the certificate's private key)")
+                }
+                (None, Some(_)) => {
+                    bail!("--tls-key needs --tls-cert (the certificate it goes with)")
+                }
+            },
         };
         if cfg.users.is_none() && !cfg.allow_anonymous {
             let open = [
@@ -549,6 +586,10 @@ impl Options {
             busy_poll: self.busy_poll.or(file.busy_poll),
             allow_anonymous: self.allow_anonymous.or(file.allow_anonymous),
             users: file.users,
+            tls_cert: self.tls_cert.or(file.tls_cert),
+            tls_key: self.tls_key.or(file.tls_key),
+            tls_client_ca: self.tls_client_ca.or(file.tls_client_ca),
+            cluster_tls_ca: self.cluster_tls_ca.or(file.cluster_tls_ca),
         }
     }
 }
@@ -573,6 +614,43 @@ mod tests {
             Duration::from_micros(200)
         );
         assert!("soon".parse::<Dur>().is_err());
+    }
+
+    #[test]
+    fn tls_needs_both_the_certificate_and_the_key_and_reads_the_file() {
+        let e = Options {
+            tls_cert: Some("c.pem".into()),
+            ..Default::default()
+        }
+        .resolve()
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("--tls-key"), "{e}");
+        let e = Options {
+            tls_client_ca: Some("ca.pem".into()),
+            ..Default::default()
+        }
+        .resolve()
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("--tls-cert"), "{e}");
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("b.toml");
+        std::fs::write(
+            &path,
+            "tls-cert = \"/etc/sockbus/tls.crt\"\ntls-key = \"/etc/sockbus/tls.key\"\n",
+        )
+        .unwrap();
+        let tls = Options {
+            config: Some(path),
+            ..Default::default()
+        }
+        .resolve()
+        .unwrap()
+        .tls
+        .unwrap();
+        assert_eq!(tls.cert, PathBuf::from("/etc/sockbus/tls.crt"));
+        assert_eq!(tls.client_ca, None);
     }
 
     #[test]

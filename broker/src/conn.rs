@@ -16,8 +16,7 @@ use sockbus_protocol::frame::{
     MAX_FRAME_OVERHEAD,
 };
 use sockbus_protocol::{Credentials, FrameRef, Kind, ProtocolError, HEADER_LEN, PROTOCOL_VERSION};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn, Instrument};
@@ -30,6 +29,7 @@ use crate::read::{Ended, FrameReader, Frames, Keepalive};
 use crate::router::Subscription;
 use crate::server::State;
 use crate::streams::Stream;
+use crate::transport::{ReadSock, Transport, WriteSock};
 
 /// Subjects each client connection remembers the matches of.
 const MATCH_CACHE: usize = 4096;
@@ -45,7 +45,7 @@ enum ConnError {
 }
 
 /// Writes one frame straight to a socket that has no writer task yet.
-async fn write_direct(wr: &mut OwnedWriteHalf, f: impl FnOnce(&mut BytesMut)) {
+async fn write_direct(wr: &mut (impl AsyncWrite + Unpin), f: impl FnOnce(&mut BytesMut)) {
     let mut b = BytesMut::new();
     f(&mut b);
     let _ = wr.write_all(&b).await;
@@ -65,15 +65,28 @@ pub async fn run(
             .with_time(std::time::Duration::from_secs(30))
             .with_interval(std::time::Duration::from_secs(10)),
     );
-    let (mut rd, mut wr) = stream.into_split();
+    // The TLS handshake and CONNECT share one deadline: a peer that sends
+    // nothing, garbage or a trickle is closed when it passes.
+    let deadline = tokio::time::Instant::now() + state.config.handshake_timeout;
+    let mut stream = match &state.tls {
+        None => Transport::Plain(stream),
+        Some(tls) => match tokio::time::timeout_at(deadline, tls.acceptor().accept(stream)).await {
+            Ok(Ok(s)) => Transport::Tls(Box::new(s.into())),
+            Ok(Err(e)) => {
+                debug!(%peer, "TLS handshake failed: {e}");
+                return;
+            }
+            Err(_) => {
+                debug!(%peer, "TLS handshake timed out");
+                return;
+            }
+        },
+    };
     let mut buf = BytesMut::with_capacity(64 * 1024);
 
     // Handshake: the first frame must be CONNECT.
-    let hs = tokio::time::timeout(
-        state.config.handshake_timeout,
-        read_connect(&mut rd, &mut buf),
-    )
-    .await;
+    let hs = tokio::time::timeout_at(deadline, read_connect(&mut stream, &mut buf)).await;
+    let wr = &mut stream;
     let (flags, recv_window, name, token) = match hs {
         Ok(Ok(c)) => c,
         Ok(Err(e)) => {
@@ -82,15 +95,12 @@ pub async fn run(
                 .metrics()
                 .malformed_frames
                 .fetch_add(1, Ordering::Relaxed);
-            write_direct(&mut wr, |b| {
-                encode_err(b, code::NOT_CONNECTED, &e.to_string())
-            })
-            .await;
+            write_direct(wr, |b| encode_err(b, code::NOT_CONNECTED, &e.to_string())).await;
             return;
         }
         Err(_) => {
             debug!(%peer, "handshake timed out");
-            write_direct(&mut wr, |b| {
+            write_direct(wr, |b| {
                 encode_err(
                     b,
                     code::NOT_CONNECTED,
@@ -102,7 +112,7 @@ pub async fn run(
         }
     };
     if let Err(e) = flags {
-        write_direct(&mut wr, |b| encode_err(b, code::UNSUPPORTED_VERSION, &e)).await;
+        write_direct(wr, |b| encode_err(b, code::UNSUPPORTED_VERSION, &e)).await;
         return;
     }
     let flags = flags.unwrap_or_default();
@@ -113,7 +123,7 @@ pub async fn run(
     let max_window = state.config.max_client_window();
     if effective_window(recv_window, state.config.max_payload) > max_window {
         tracing::info!(%peer, client = %name, recv_window, max_window, "refused a client: receive window too large");
-        write_direct(&mut wr, |b| {
+        write_direct(wr, |b| {
             encode_err(
                 b,
                 code::FLOW_CONTROL,
@@ -128,7 +138,7 @@ pub async fn run(
         return;
     }
     if flags & CONNECT_ROUTE != 0 {
-        write_direct(&mut wr, |b| {
+        write_direct(wr, |b| {
             encode_err(
                 b,
                 code::BAD_REQUEST,
@@ -148,11 +158,9 @@ pub async fn run(
                 _ => None,
             };
             let checked = match creds {
-                Ok(c) => {
-                    tokio::time::timeout(state.config.handshake_timeout, users.authenticate(c))
-                        .await
-                        .unwrap_or(Err(AuthError::TimedOut))
-                }
+                Ok(c) => tokio::time::timeout_at(deadline, users.authenticate(c))
+                    .await
+                    .unwrap_or(Err(AuthError::TimedOut)),
                 Err(_) => {
                     users.failures.fetch_add(1, Ordering::Relaxed);
                     Err(AuthError::Malformed)
@@ -162,7 +170,7 @@ pub async fn run(
                 Ok(u) => Some(u),
                 Err(e) => {
                     warn!(%peer, client = %name, user = user_name.as_deref().unwrap_or(""), "refused: {e}");
-                    write_direct(&mut wr, |b| {
+                    write_direct(wr, |b| {
                         encode_err(b, code::AUTHORIZATION_VIOLATION, &e.to_string())
                     })
                     .await;
@@ -171,10 +179,12 @@ pub async fn run(
             }
         }
     };
+    let tls = stream.is_tls();
     let span = match &user {
-        Some(u) => tracing::info_span!("conn", id, %peer, client = %name, user = %u.name),
-        None => tracing::info_span!("conn", id, %peer, client = %name),
+        Some(u) => tracing::info_span!("conn", id, %peer, client = %name, user = %u.name, tls),
+        None => tracing::info_span!("conn", id, %peer, client = %name, tls),
     };
+    let (rd, wr) = stream.split();
     serve(
         state,
         rd,
@@ -194,8 +204,8 @@ pub async fn run(
 #[allow(clippy::too_many_arguments)]
 async fn serve(
     state: Arc<State>,
-    mut rd: OwnedReadHalf,
-    wr: OwnedWriteHalf,
+    mut rd: ReadSock,
+    wr: WriteSock,
     mut buf: BytesMut,
     id: u64,
     name: &str,
@@ -316,7 +326,7 @@ async fn serve(
 type ConnectInfo = (Result<u8, String>, u32, String, Vec<u8>);
 
 async fn read_connect(
-    rd: &mut OwnedReadHalf,
+    rd: &mut (impl AsyncRead + Unpin),
     buf: &mut BytesMut,
 ) -> Result<ConnectInfo, ConnError> {
     loop {

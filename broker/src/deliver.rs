@@ -21,7 +21,6 @@ use sockbus_protocol::frame::{
 use sockbus_protocol::outbox::{Outbox, Push};
 use sockbus_protocol::subject::{subject_hash, validate_pattern, validate_subject};
 use sockbus_protocol::SubjectError;
-use tokio::net::tcp::OwnedWriteHalf;
 use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
 
@@ -226,7 +225,7 @@ impl Delivery {
         id: u64,
         send_window: u32,
         abort: CancellationToken,
-        sock: Option<OwnedWriteHalf>,
+        sock: Option<crate::transport::WriteSock>,
     ) -> Outlet {
         Outlet::new(
             id,

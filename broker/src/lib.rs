@@ -32,7 +32,10 @@ mod router;
 mod server;
 mod store;
 mod streams;
+mod tls;
+mod transport;
 
 pub use config::{Config, Options};
 pub use server::{Server, State};
 pub use streams::{StreamInfo, StreamState};
+pub use tls::TlsFiles;

@@ -16,13 +16,13 @@ use std::time::Duration;
 
 use sockbus_protocol::drain::{self, Kick};
 use sockbus_protocol::outbox::{Outbox, Push};
-use tokio::net::tcp::OwnedWriteHalf;
 use tokio::sync::Notify;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
 use crate::metrics::Metrics;
+use crate::transport::{write_all_tls, WriteSock};
 
 /// Most bytes a producer writes to another connection's socket itself
 /// (see [`Outlet::kick`]); bigger batches go to the writer task so they
@@ -42,7 +42,7 @@ pub(crate) struct Outlet {
     /// The socket, for writes by whoever holds the outbox's writer role;
     /// None for feeds with no socket (HTTP event streams) and once the
     /// writer task has ended.
-    sock: std::sync::Mutex<Option<Arc<OwnedWriteHalf>>>,
+    sock: std::sync::Mutex<Option<Arc<WriteSock>>>,
     /// Where slow consumers are counted (None in unit tests).
     metrics: Option<Arc<Metrics>>,
     /// A restricted user's connection: reply subjects it may answer.
@@ -50,12 +50,7 @@ pub(crate) struct Outlet {
 }
 
 impl Outlet {
-    pub fn new(
-        id: u64,
-        outbox: Outbox,
-        abort: CancellationToken,
-        sock: Option<OwnedWriteHalf>,
-    ) -> Self {
+    pub fn new(id: u64, outbox: Outbox, abort: CancellationToken, sock: Option<WriteSock>) -> Self {
         Outlet {
             id,
             outbox,
@@ -129,11 +124,11 @@ impl Outlet {
     }
 
     /// Gives an outlet created before its socket was ready its socket.
-    pub fn set_socket(&self, wr: OwnedWriteHalf) {
+    pub fn set_socket(&self, wr: WriteSock) {
         *self.sock.lock().unwrap_or_else(|p| p.into_inner()) = Some(Arc::new(wr));
     }
 
-    pub fn socket(&self) -> Option<Arc<OwnedWriteHalf>> {
+    pub fn socket(&self) -> Option<Arc<WriteSock>> {
         self.sock.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
@@ -144,8 +139,9 @@ impl Outlet {
     /// batch, which is most of a message's latency at moderate rates.
     pub fn kick(&self) {
         let sock = self.sock.lock().unwrap_or_else(|p| p.into_inner());
-        let Some(s) = sock.as_ref() else {
-            // No socket: an event stream, or the writer task has ended.
+        let Some(WriteSock::Plain(s)) = sock.as_deref() else {
+            // No socket (an event stream, or the writer task has ended), or
+            // TLS, which only the write loop writes.
             return self.wake();
         };
         match drain::write_now(&self.outbox, s, DIRECT_MAX) {
@@ -176,6 +172,11 @@ impl Outlet {
 pub(crate) async fn write_loop(out: Arc<Outlet>, write_timeout: Duration) {
     let Some(sock) = out.socket() else {
         return;
+    };
+    // Over TLS the write loop holds the session's writing half for its life.
+    let mut tls = match &*sock {
+        WriteSock::Plain(_) => None,
+        WriteSock::Tls(m) => Some(m.lock().await),
     };
     // Since when queued bytes wait for the peer's credit, and the outbox's
     // progress then (producers may write directly meanwhile). Only frames
@@ -220,7 +221,13 @@ pub(crate) async fn write_loop(out: Arc<Outlet>, write_timeout: Duration) {
             continue;
         };
         let r = tokio::select! {
-            r = tokio::time::timeout(write_timeout, drain::write_all(&mut t, &sock)) => Some(r),
+            r = tokio::time::timeout(write_timeout, async {
+                match (&*sock, tls.as_deref_mut()) {
+                    (WriteSock::Plain(w), _) => drain::write_all(&mut t, w).await,
+                    (_, Some(w)) => write_all_tls(&mut t, w).await,
+                    (WriteSock::Tls(_), None) => unreachable!("locked above"),
+                }
+            }) => Some(r),
             _ = out.abort.cancelled() => None,
         };
         out.outbox.release(t);
@@ -244,7 +251,22 @@ pub(crate) async fn write_loop(out: Arc<Outlet>, write_timeout: Duration) {
     }
     out.outbox.close();
     out.abort.cancel();
-    let _ = socket2::SockRef::from(sock.as_ref().as_ref()).shutdown(std::net::Shutdown::Write);
+    match (&*sock, tls.as_deref_mut()) {
+        (WriteSock::Plain(w), _) => {
+            let _ = socket2::SockRef::from(w.as_ref()).shutdown(std::net::Shutdown::Write);
+        }
+        (_, Some(w)) => {
+            // close_notify, then the TCP write side; a peer that reads
+            // nothing does not hold the loop.
+            let _ = tokio::time::timeout(
+                Duration::from_secs(1),
+                tokio::io::AsyncWriteExt::shutdown(w),
+            )
+            .await;
+        }
+        (WriteSock::Tls(_), None) => {}
+    }
+    drop(tls);
     // The socket closes once the read half is gone too, however long other
     // tasks keep this outlet.
     out.sock.lock().unwrap_or_else(|p| p.into_inner()).take();

@@ -16,12 +16,12 @@ use sockbus_protocol::flow::RecvWindow;
 use sockbus_protocol::frame::{self, encode_ping, Header};
 use sockbus_protocol::{FrameRef, Kind, ProtocolError, HEADER_LEN};
 use tokio::io::AsyncReadExt;
-use tokio::net::tcp::OwnedReadHalf;
 use tokio::time::{Instant, MissedTickBehavior};
 use tokio_util::sync::CancellationToken;
 
 use crate::outlet::Outlet;
 use crate::streams::Stream;
+use crate::transport::ReadSock;
 
 /// Room kept free in the read buffer; it grows by this much at a time.
 const READ_CHUNK: usize = 64 * 1024;
@@ -96,7 +96,7 @@ impl FrameReader {
     pub async fn run<F: Frames>(
         &mut self,
         f: &mut F,
-        rd: &mut OwnedReadHalf,
+        rd: &mut ReadSock,
         buf: &mut BytesMut,
         out: &Outlet,
         shutdown: &CancellationToken,

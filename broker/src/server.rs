@@ -23,6 +23,7 @@ use crate::metrics::Metrics;
 use crate::router::Router;
 use crate::store::FileCache;
 use crate::streams::{StreamInfo, StreamLimits, Streams, StreamsMetrics};
+use crate::tls::Tls;
 
 /// What the broker's front ends share, built once in [`Server::bind`].
 pub struct State {
@@ -32,6 +33,8 @@ pub struct State {
     pub(crate) streams: Arc<Streams>,
     /// What cluster peers must hear of local interest.
     pub(crate) peers: Arc<PeerInterest>,
+    /// TLS on every listener, when `--tls-cert` is set.
+    pub(crate) tls: Option<Arc<Tls>>,
 }
 
 impl State {
@@ -96,6 +99,16 @@ impl Server {
             }
             None => {}
         }
+        let tls = match &config.tls {
+            Some(files) => {
+                let tls = Tls::load(files.clone()).context("TLS")?;
+                if config.cluster.is_some() && tls.route_connector().is_none() {
+                    anyhow::bail!("TLS with --cluster needs --cluster-tls-ca or --tls-client-ca: the CA the peers' certificates are verified against");
+                }
+                Some(Arc::new(tls))
+            }
+            None => None,
+        };
         // One pass, each part handed the narrow handles it needs.
         let metrics = Arc::new(Metrics::default());
         let peers = Arc::new(PeerInterest::default());
@@ -139,6 +152,7 @@ impl Server {
             delivery,
             streams,
             peers,
+            tls,
         });
         Ok(Server {
             state,
@@ -172,8 +186,11 @@ impl Server {
             local_addr,
             route_listener,
         } = self;
-        info!(addr = %local_addr, node = %state.config.node_id, max_payload = state.config.max_payload, "listening for clients");
+        info!(addr = %local_addr, node = %state.config.node_id, max_payload = state.config.max_payload, tls = state.tls.is_some(), "listening for clients");
         let tracker = TaskTracker::new();
+        if let Some(tls) = &state.tls {
+            tracker.spawn(tls.clone().watch(shutdown.clone()));
+        }
         if let Some(l) = route_listener {
             crate::cluster::start(state.clone(), l, &tracker, shutdown.clone());
         }
@@ -199,6 +216,12 @@ impl Server {
                     .connections_refused
                     .fetch_add(1, Ordering::Relaxed);
                 warn!(%peer, limit = state.config.max_connections, "connection refused: at the connection limit");
+                if state.tls.is_some() {
+                    // A plain ERR means nothing to a TLS client; a TLS
+                    // session per refusal costs what the limit protects.
+                    drop(stream);
+                    continue;
+                }
                 tracker.spawn(async move {
                     let mut stream = stream;
                     let mut b = BytesMut::new();

@@ -1679,3 +1679,67 @@ async fn a_fast_path_subscriber_that_stops_reading_is_not_a_stall() {
     assert!(!log.contains("send stall"), "{log}");
     assert!(metric(http, "sockbus_accel_bytes_redirected_total") >= 4 << 20);
 }
+
+/// A CA file and a broker certificate and key for localhost, in `dir`.
+fn tls_files(dir: &std::path::Path) -> (PathBuf, sockbus_broker::TlsFiles) {
+    use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair};
+    let ca_key = KeyPair::generate().unwrap();
+    let mut p = CertificateParams::new(Vec::<String>::new()).unwrap();
+    p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    p.distinguished_name
+        .push(DnType::CommonName, "accel test CA");
+    let ca = p.self_signed(&ca_key).unwrap();
+    let key = KeyPair::generate().unwrap();
+    let leaf = CertificateParams::new(vec!["localhost".to_string()])
+        .unwrap()
+        .signed_by(&key, &ca, &ca_key)
+        .unwrap();
+    let w = |name: &str, text: String| {
+        let p = dir.join(name);
+        std::fs::write(&p, text).unwrap();
+        p
+    };
+    (
+        w("ca.crt", ca.pem()),
+        sockbus_broker::TlsFiles {
+            cert: w("tls.crt", leaf.pem()),
+            key: w("tls.key", key.serialize_pem()),
+            client_ca: None,
+            cluster_ca: None,
+        },
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_connections_on_the_fast_path_deliver_every_message_in_order() {
+    if !privileged("tls_connections_on_the_fast_path_deliver_every_message_in_order") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let (ca, files) = tls_files(dir.path());
+    let mut cfg = common::test_config();
+    cfg.tls = Some(files);
+    let b = TestBroker::with(cfg).await;
+    let fp = attach(&[b.addr.port()]);
+    let url = format!("sockbus+tls://localhost:{}", b.addr.port());
+    let opts = || sockbus_client::ConnectOptions::new().tls_ca(&ca);
+    let c = opts().connect(&url).await.unwrap();
+    let mut sub = c.subscribe("orders.created").await.unwrap();
+    c.flush().await.unwrap();
+    let p = opts().connect(&url).await.unwrap();
+    for i in 0..20_000u32 {
+        p.publish("orders.created", i.to_le_bytes()).await.unwrap();
+    }
+    p.flush().await.unwrap();
+    for i in 0..20_000u32 {
+        let m = recv(&mut sub).await;
+        assert_eq!(
+            m.payload.as_ref(),
+            i.to_le_bytes(),
+            "message {i} out of order"
+        );
+    }
+    nothing(&mut sub).await;
+    // TLS records, not frames, crossed the sockmap: more bytes than the payloads.
+    assert_accelerated(&fp, 2 * 20_000 * 4);
+}

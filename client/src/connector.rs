@@ -20,8 +20,16 @@ use tracing::{debug, info, warn};
 use crate::client::{lock, Client, Inner};
 use crate::error::{Error, Result};
 use crate::options::ConnectOptions;
-use crate::reader::{read_loop, ReadSide};
-use crate::writer::write_loop;
+use crate::reader::{read_loop, read_loop_stream, ReadSide, ReadState};
+use crate::writer::{write_loop, write_loop_stream};
+
+/// The connection under the protocol: plain TCP (read and written in
+/// place by the tasks that wait or publish) or TLS (one reader task, one
+/// writer task).
+enum Stream {
+    Plain(TcpStream),
+    Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
+}
 
 /// Connects to the first reachable server of `urls` and starts the
 /// connection's supervisor.
@@ -32,8 +40,8 @@ pub(crate) async fn connect(opts: ConnectOptions, urls: Vec<String>) -> Result<C
     Ok(Client::new(inner))
 }
 
-/// A connection whose handshake is done. `S` is a `TcpStream` except in tests.
-struct Conn<S = TcpStream> {
+/// A connection whose handshake is done. `S` is a [`Stream`] except in tests.
+struct Conn<S = Stream> {
     stream: S,
     buf: BytesMut,
     recv_window: u32,
@@ -59,10 +67,37 @@ async fn establish(inner: &Arc<Inner>, start: usize) -> Result<Conn> {
 }
 
 async fn handshake(inner: &Arc<Inner>, url: &str) -> Result<Conn> {
-    let stream = TcpStream::connect(url).await?;
+    let (addr, tls) = match url.strip_prefix(crate::tls::TLS_SCHEME) {
+        Some(a) => (a, true),
+        None => (url, false),
+    };
+    let stream = TcpStream::connect(addr).await?;
     stream.set_nodelay(true)?;
     let peer = stream.peer_addr()?;
-    greet(inner, stream, peer).await
+    if tls {
+        let s = crate::tls::connect(stream, addr, &inner.opts.tls).await?;
+        let c = greet(inner, s, peer).await.map_err(|e| match e {
+            // The TLS session ended before INFO: the broker refused our
+            // certificate (or the lack of one) after the handshake.
+            Error::Disconnected | Error::Io(_) => Error::Tls(
+                "the broker closed the connection after the handshake (a client certificate it does not accept? --tls-cert/--tls-key)".into(),
+            ),
+            e => e,
+        })?;
+        return Ok(c.with(|s| Stream::Tls(Box::new(s))));
+    }
+    Ok(greet(inner, stream, peer).await?.with(Stream::Plain))
+}
+
+impl<S> Conn<S> {
+    fn with<T>(self, f: impl FnOnce(S) -> T) -> Conn<T> {
+        Conn {
+            stream: f(self.stream),
+            buf: self.buf,
+            recv_window: self.recv_window,
+            info_len: self.info_len,
+        }
+    }
 }
 
 /// CONNECT out, INFO in; then the outbox is reset for this connection, every
@@ -90,7 +125,14 @@ async fn greet<S: AsyncRead + AsyncWrite + Unpin>(
     stream.write_all(&out).await?;
     let mut buf = BytesMut::with_capacity(64 * 1024);
     loop {
-        if let Some((f, len)) = frame::decode(&buf, 64 * 1024)? {
+        let decoded = frame::decode(&buf, 64 * 1024).map_err(|e| match buf.first() {
+            // A TLS record (alert 0x15, handshake 0x16) where a frame should be.
+            Some(0x15 | 0x16) => {
+                Error::Tls("the broker speaks TLS on this port: use sockbus+tls://".into())
+            }
+            _ => e.into(),
+        })?;
+        if let Some((f, len)) = decoded {
             match f {
                 FrameRef::Info {
                     recv_window,
@@ -215,6 +257,12 @@ async fn serve(inner: &Arc<Inner>, conn: Conn) -> Error {
         recv_window,
         info_len,
     } = conn;
+    let stream = match stream {
+        Stream::Plain(s) => s,
+        Stream::Tls(s) => {
+            return serve_tls(inner, *s, ReadState::new(buf, recv_window, info_len)).await
+        }
+    };
     let (rd, wr) = stream.into_split();
     let wr = Arc::new(wr);
     *lock(&inner.sock) = Some(wr.clone());
@@ -240,6 +288,35 @@ async fn serve(inner: &Arc<Inner>, conn: Conn) -> Error {
     abort.abort();
     lock(&inner.sock).take();
     lock(&inner.read).take();
+    r
+}
+
+/// [`serve`] over TLS: nobody writes to the session but the writer task
+/// (`inner.sock` stays empty, so publishers wake it) and nobody reads it
+/// but the reader task (`inner.read` stays empty, so waiting tasks wait
+/// for what it delivers).
+async fn serve_tls(
+    inner: &Arc<Inner>,
+    stream: tokio_rustls::client::TlsStream<TcpStream>,
+    st: ReadState,
+) -> Error {
+    let (mut rd, wr) = tokio::io::split(stream);
+    inner.stalled.store(false, Ordering::SeqCst);
+    inner.heard.store(false, Ordering::Relaxed);
+    inner.pings_out.store(0, Ordering::Relaxed);
+    lock(&inner.close_reason).take();
+    inner.wake.notify_one();
+    let writer = tokio::spawn(write_loop_stream(inner.clone(), wr));
+    let abort = writer.abort_handle();
+    let r = tokio::select! {
+        r = read_loop_stream(inner, &mut rd, st) => r,
+        w = writer => match w {
+            Ok(e) => e,
+            Err(_) => Error::Disconnected,
+        },
+        e = keepalive(inner) => e,
+    };
+    abort.abort();
     r
 }
 

@@ -4,7 +4,7 @@ use thiserror::Error;
 /// Everything the client can fail with.
 #[derive(Debug, Error)]
 pub enum Error {
-    #[error("invalid server URL {0:?} (expected sockbus://host:port)")]
+    #[error("invalid server URL {0:?} (expected sockbus://host:port or sockbus+tls://host:port)")]
     InvalidUrl(String),
     #[error("could not connect to any server ({0})")]
     NoServers(String),
@@ -34,6 +34,10 @@ pub enum Error {
     StaleConnection(u32),
     #[error("protocol error: {0}")]
     Protocol(ProtocolError),
+    /// TLS to the broker failed; the text says why (expired certificate,
+    /// unknown CA, a port that does not speak TLS, ...).
+    #[error("TLS: {0}")]
+    Tls(String),
     #[error(transparent)]
     Io(#[from] std::io::Error),
 }

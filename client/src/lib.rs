@@ -27,6 +27,7 @@ pub mod streams;
 mod subscriber;
 #[cfg(test)]
 mod testing;
+mod tls;
 mod writer;
 
 pub use client::Client;
@@ -34,6 +35,7 @@ pub use error::{Error, Result};
 pub use message::{Headers, Message};
 pub use options::{connect, ConnectOptions, Overflow};
 pub use subscriber::Subscriber;
+pub use tls::TlsOptions;
 
 pub use sockbus_protocol::busy_poll::BusyPoll;
 

@@ -56,6 +56,7 @@ pub struct ConnectOptions {
     pub(crate) no_echo: bool,
     pub(crate) ping_interval: Duration,
     pub(crate) max_pings_out: u32,
+    pub(crate) tls: crate::tls::TlsOptions,
 }
 
 impl Default for ConnectOptions {
@@ -76,6 +77,7 @@ impl Default for ConnectOptions {
             no_echo: false,
             ping_interval: Duration::from_secs(120),
             max_pings_out: 2,
+            tls: Default::default(),
         }
     }
 }
@@ -180,6 +182,25 @@ impl ConnectOptions {
         self
     }
 
+    /// PEM CA certificates a `sockbus+tls://` broker's certificate must
+    /// chain to (default: the system's roots).
+    pub fn tls_ca(mut self, path: impl Into<std::path::PathBuf>) -> Self {
+        self.tls.ca = Some(path.into());
+        self
+    }
+
+    /// A client certificate and its key (PEM), for brokers that require
+    /// one (`--tls-client-ca`).
+    pub fn tls_client_cert(
+        mut self,
+        cert: impl Into<std::path::PathBuf>,
+        key: impl Into<std::path::PathBuf>,
+    ) -> Self {
+        self.tls.cert = Some(cert.into());
+        self.tls.key = Some(key.into());
+        self
+    }
+
     /// Connects to the first reachable server of a comma-separated list.
     ///
     /// Credentials in a URL (`sockbus://NAME:PASSWORD@host:port`,
@@ -269,8 +290,13 @@ pub(crate) fn parse_urls(urls: &str) -> Result<(Vec<String>, Option<Secret>)> {
             None => raw.to_string(),
         };
         let u = shown.as_str();
+        let mut tls = false;
         let bare = match raw.split_once("://") {
             Some(("sockbus" | "tcp", rest)) => rest,
+            Some(("sockbus+tls", rest)) => {
+                tls = true;
+                rest
+            }
             Some(_) => return Err(Error::InvalidUrl(u.to_string())),
             None => raw,
         }
@@ -295,7 +321,11 @@ pub(crate) fn parse_urls(urls: &str) -> Result<(Vec<String>, Option<Secret>)> {
         } else {
             format!("{bare}:7420")
         };
-        out.push(hostport);
+        out.push(if tls {
+            format!("{}{hostport}", crate::tls::TLS_SCHEME)
+        } else {
+            hostport
+        });
     }
     if out.is_empty() {
         return Err(Error::InvalidUrl(urls.to_string()));

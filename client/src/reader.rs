@@ -296,6 +296,51 @@ pub(crate) async fn read_loop(inner: &Arc<Inner>, side: &ReadSide) -> Error {
     }
 }
 
+/// The reading loop of a connection no other task reads (TLS): read,
+/// handle, until the connection fails or the client closes. A message a
+/// full subscription holds up stops the reading until there is room.
+pub(crate) async fn read_loop_stream<R: tokio::io::AsyncRead + Unpin>(
+    inner: &Arc<Inner>,
+    rd: &mut R,
+    mut st: ReadState,
+) -> Error {
+    use tokio::io::AsyncReadExt;
+    let closed = inner.closed.notified();
+    tokio::pin!(closed);
+    closed.as_mut().enable();
+    if inner.is_closing() {
+        return Error::Closed;
+    }
+    loop {
+        let room = inner.room.notified();
+        tokio::pin!(room);
+        room.as_mut().enable();
+        if let Err(e) = st.handle(inner) {
+            return e;
+        }
+        if st.stalled.is_some() {
+            tokio::select! {
+                _ = room.as_mut() => continue,
+                _ = closed.as_mut() => return Error::Closed,
+            }
+        }
+        if st.buf.capacity() - st.buf.len() < 4096 {
+            st.buf.reserve(64 * 1024);
+        }
+        tokio::select! {
+            r = rd.read_buf(&mut st.buf) => match r {
+                Ok(0) => return Error::Disconnected,
+                Ok(_) => {
+                    inner.heard.store(true, Ordering::Relaxed);
+                    sockbus_protocol::busy_poll::touch();
+                }
+                Err(e) => return e.into(),
+            },
+            _ = closed.as_mut() => return Error::Closed,
+        }
+    }
+}
+
 /// Handles every whole frame in `buf`, up to a message a full subscription
 /// holds up ([`Overflow::Wait`], left in `stalled`). Takes the subscription
 /// lock at the first MSG and holds it to the end of the batch: one lock per

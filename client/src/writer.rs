@@ -121,3 +121,31 @@ pub(crate) async fn write_loop(inner: Arc<Inner>, wr: Arc<OwnedWriteHalf>) -> Er
         }
     }
 }
+
+/// [`write_loop`] for a connection only this task writes (TLS: the session
+/// encrypts, so publishers never write it directly).
+pub(crate) async fn write_loop_stream<W: tokio::io::AsyncWrite + Unpin>(
+    inner: Arc<Inner>,
+    mut wr: W,
+) -> Error {
+    loop {
+        let Some(mut t) = inner.outbox.claim() else {
+            if inner.is_closing() && inner.outbox.queued() == 0 && !inner.outbox.is_writing() {
+                let _ = tokio::io::AsyncWriteExt::shutdown(&mut wr).await;
+                return Error::Closed;
+            }
+            inner.wake.notified().await;
+            tokio::task::yield_now().await;
+            continue;
+        };
+        if !t.data.is_empty() {
+            inner.space_freed();
+        }
+        let r = drain::write_all_to(&mut t, &mut wr).await;
+        inner.outbox.release(t);
+        inner.wrote();
+        if let Err(e) = r {
+            return e.into();
+        }
+    }
+}

@@ -7,6 +7,10 @@
 
 use std::io;
 
+use std::pin::Pin;
+use std::task::Poll;
+
+use tokio::io::{AsyncWrite, AsyncWriteExt};
 use tokio::net::tcp::OwnedWriteHalf;
 
 use crate::outbox::{Direct, Outbox, Take};
@@ -45,4 +49,23 @@ pub async fn write_all(t: &mut Take, sock: &OwnedWriteHalf) -> io::Result<()> {
         sock.writable().await?;
     }
     Ok(())
+}
+
+/// Writes all of a claimed batch into any async writer (a TLS session:
+/// it encrypts, so no producer writes to it directly), then flushes it.
+pub async fn write_all_to<W: AsyncWrite + Unpin>(t: &mut Take, w: &mut W) -> io::Result<()> {
+    std::future::poll_fn(|cx| {
+        let r = t.write_nonblocking(|b| match Pin::new(&mut *w).poll_write_vectored(cx, b) {
+            Poll::Ready(r) => r,
+            Poll::Pending => Err(io::ErrorKind::WouldBlock.into()),
+        });
+        match r {
+            Ok(true) => Poll::Ready(Ok(())),
+            // poll_write_vectored registered the waker.
+            Ok(false) => Poll::Pending,
+            Err(e) => Poll::Ready(Err(e)),
+        }
+    })
+    .await?;
+    w.flush().await
 }

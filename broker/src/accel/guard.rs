@@ -151,7 +151,8 @@ fn suspects(
 
 fn confirm_and_close(id: u64, name: &str, out: &Outlet, held: Duration) {
     let Some(s) = out.socket() else { return };
-    let s: &tokio::net::TcpStream = (*s).as_ref();
+    // TLS connections are not checked here yet: --write-timeout decides.
+    let Some(s) = s.tcp() else { return };
     let Some(fp) = super::active_path() else {
         return;
     };

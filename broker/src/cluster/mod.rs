@@ -53,6 +53,7 @@ use crate::read::{Ended, FrameReader, Frames, Keepalive};
 use crate::router::Subscription;
 use crate::server::State;
 use crate::streams::Stream;
+use crate::transport::Transport;
 
 /// Subjects each route remembers the matches of.
 const MATCH_CACHE: usize = 4096;
@@ -132,10 +133,21 @@ enum DialError {
     Refused(String),
     #[error("timed out")]
     Timeout,
+    #[error("TLS: {0}")]
+    Tls(String),
+}
+
+/// The name a peer's certificate must carry: the host of its URL.
+fn server_name(url: &str) -> Result<rustls::pki_types::ServerName<'static>, DialError> {
+    let hp = host_port(url);
+    let host = hp.rsplit_once(':').map_or(hp, |(h, _)| h);
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    rustls::pki_types::ServerName::try_from(host.to_string())
+        .map_err(|e| DialError::Tls(format!("{host:?} is not a host name for TLS: {e}")))
 }
 
 struct Route {
-    stream: TcpStream,
+    stream: Transport,
     buf: BytesMut,
     peer_node: String,
     peer_addr: SocketAddr,
@@ -200,9 +212,22 @@ async fn dial_loop(state: Arc<State>, url: String, shutdown: CancellationToken) 
 }
 
 async fn dial(state: &State, url: &str) -> Result<Route, DialError> {
-    let mut stream = TcpStream::connect(host_port(url)).await?;
-    stream.set_nodelay(true)?;
-    let peer_addr = stream.peer_addr()?;
+    let tcp = TcpStream::connect(host_port(url)).await?;
+    tcp.set_nodelay(true)?;
+    let peer_addr = tcp.peer_addr()?;
+    let mut stream = match &state.tls {
+        None => Transport::Plain(tcp),
+        Some(tls) => {
+            let Some(c) = tls.route_connector() else {
+                return Err(DialError::Tls("no CA to verify peers by".into()));
+            };
+            let s = c
+                .connect(server_name(url)?, tcp)
+                .await
+                .map_err(|e| DialError::Tls(e.to_string()))?;
+            Transport::Tls(Box::new(s.into()))
+        }
+    };
     let mut out = BytesMut::new();
     let token = state
         .config
@@ -264,9 +289,23 @@ async fn accept_route(
     shutdown: CancellationToken,
 ) {
     let _ = stream.set_nodelay(true);
-    let mut stream = stream;
+    let deadline = tokio::time::Instant::now() + state.config.handshake_timeout;
+    let mut stream = match &state.tls {
+        None => Transport::Plain(stream),
+        Some(tls) => match tokio::time::timeout_at(deadline, tls.acceptor().accept(stream)).await {
+            Ok(Ok(s)) => Transport::Tls(Box::new(s.into())),
+            Ok(Err(e)) => {
+                warn!(%addr, "cluster route refused: TLS handshake failed: {e}");
+                return;
+            }
+            Err(_) => {
+                debug!(%addr, "cluster route: TLS handshake timed out");
+                return;
+            }
+        },
+    };
     let mut buf = BytesMut::with_capacity(64 * 1024);
-    let hs = tokio::time::timeout(state.config.handshake_timeout, async {
+    let hs = tokio::time::timeout_at(deadline, async {
         loop {
             if let Some((f, len)) = frame::decode(&buf, 64 * 1024)? {
                 return match f {
@@ -347,7 +386,7 @@ async fn run_route(
         send_window,
         info_len,
     } = route;
-    let (mut rd, mut wr) = stream.into_split();
+    let (mut rd, mut wr) = stream.split();
     // A route has the same budget, write timeout and keepalive as a client
     // connection: a peer that stops reading is cut off and redialed.
     let link = Arc::new(state.delivery.outlet(

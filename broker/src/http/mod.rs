@@ -29,7 +29,7 @@ use anyhow::Context;
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
-use tokio::net::{TcpListener, TcpSocket, TcpStream};
+use tokio::net::{TcpListener, TcpSocket};
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -142,6 +142,11 @@ impl HttpServer {
                 },
             };
             let Ok(permit) = slots.clone().try_acquire_owned() else {
+                if gw.state.tls.is_some() {
+                    // Probes over TLS would cost a handshake each: closed.
+                    gw.metrics.refused();
+                    continue;
+                }
                 debug!(%peer, limit = cfg.http_max_connections, "HTTP connection over the connection limit: probes only");
                 match answering.clone().try_acquire_owned() {
                     Ok(p) => {
@@ -159,7 +164,22 @@ impl HttpServer {
             tracker.spawn(
                 async move {
                     gw.metrics.connection_opened();
-                    serve(&gw, stream, id, sd).await;
+                    let _ = stream.set_nodelay(true);
+                    match &gw.state.tls {
+                        None => serve(&gw, stream, id, sd).await,
+                        Some(tls) => {
+                            // Bounded like the request head that follows it.
+                            let hs = tokio::time::timeout(
+                                gw.state.config.http_header_timeout,
+                                tls.acceptor().accept(stream),
+                            );
+                            match hs.await {
+                                Ok(Ok(s)) => serve(&gw, s, id, sd).await,
+                                Ok(Err(e)) => debug!("TLS handshake failed: {e}"),
+                                Err(_) => debug!("TLS handshake timed out"),
+                            }
+                        }
+                    }
                     gw.metrics.connection_closed();
                     drop(permit);
                 }
@@ -196,8 +216,10 @@ fn listen(addr: SocketAddr) -> std::io::Result<TcpListener> {
 
 /// One HTTP connection, until the client leaves, its SSE stream is cut off
 /// as a slow consumer, or shutdown has drained it.
-async fn serve(gw: &Arc<Gateway>, stream: TcpStream, id: u64, shutdown: CancellationToken) {
-    let _ = stream.set_nodelay(true);
+async fn serve<S>(gw: &Arc<Gateway>, stream: S, id: u64, shutdown: CancellationToken)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
     let ctx = Arc::new(ConnCtx {
         id,
         kill: CancellationToken::new(),

@@ -6,6 +6,8 @@ use std::time::Duration;
 
 use anyhow::{bail, Context};
 use clap::{Parser, Subcommand};
+use std::path::PathBuf;
+
 use sockbus_client::{Client, ConnectOptions, Error, Headers, Overflow};
 
 #[derive(Parser)]
@@ -23,6 +25,16 @@ struct Cli {
     /// Token to authenticate with, instead of a user and password.
     #[arg(long, global = true, env = "SOCKBUS_TOKEN", hide_env_values = true)]
     token: Option<String>,
+    /// PEM CA certificates a sockbus+tls:// broker's certificate must chain
+    /// to (default: the system's CAs).
+    #[arg(long, global = true, env = "SOCKBUS_TLS_CA")]
+    tls_ca: Option<PathBuf>,
+    /// PEM client certificate, for brokers that require one (with --tls-key).
+    #[arg(long, global = true, env = "SOCKBUS_TLS_CERT", requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// PEM private key of --tls-cert.
+    #[arg(long, global = true, env = "SOCKBUS_TLS_KEY", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
     #[command(subcommand)]
     cmd: Cmd,
 }
@@ -30,6 +42,8 @@ struct Cli {
 /// Credentials from the flags or environment, applied to every connection.
 static CREDENTIALS: std::sync::OnceLock<(Option<String>, Option<String>, Option<String>)> =
     std::sync::OnceLock::new();
+/// The TLS settings of this run (global flags), for every connection it makes.
+static TLS: std::sync::OnceLock<sockbus_client::TlsOptions> = std::sync::OnceLock::new();
 
 #[derive(Subcommand)]
 enum Cmd {
@@ -173,6 +187,11 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    let _ = TLS.set(sockbus_client::TlsOptions {
+        ca: cli.tls_ca.clone(),
+        cert: cli.tls_cert.clone(),
+        key: cli.tls_key.clone(),
+    });
     let rt = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -232,6 +251,14 @@ fn options() -> ConnectOptions {
         }
         if let Some(t) = token {
             o = o.token(t.as_bytes());
+        }
+    }
+    if let Some(t) = TLS.get() {
+        if let Some(ca) = &t.ca {
+            o = o.tls_ca(ca);
+        }
+        if let (Some(c), Some(k)) = (&t.cert, &t.key) {
+            o = o.tls_client_cert(c, k);
         }
     }
     o

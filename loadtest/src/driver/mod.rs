@@ -25,9 +25,11 @@ pub enum Target {
 impl Target {
     pub fn parse(url: &str) -> anyhow::Result<Target> {
         match url.split_once("://") {
-            Some(("sockbus", rest)) if !rest.is_empty() => Ok(Target::Sockbus(url.to_string())),
-            Some(("nats", rest)) if !rest.is_empty() => Ok(Target::Nats(url.to_string())),
-            _ => bail!("--target {url:?}: expected sockbus://HOST:PORT or nats://HOST:PORT"),
+            Some(("sockbus" | "sockbus+tls", rest)) if !rest.is_empty() => {
+                Ok(Target::Sockbus(url.to_string()))
+            }
+            Some(("nats" | "tls", rest)) if !rest.is_empty() => Ok(Target::Nats(url.to_string())),
+            _ => bail!("--target {url:?}: expected sockbus://HOST:PORT, nats://HOST:PORT, or over TLS sockbus+tls:// or tls:// (CA from SOCKBUS_TLS_CA)"),
         }
     }
 
@@ -44,6 +46,12 @@ impl Target {
             Target::Nats(_) => "nats",
         }
     }
+}
+
+/// The CA file TLS targets are verified against (`SOCKBUS_TLS_CA`), for
+/// both drivers.
+pub fn tls_ca() -> Option<std::path::PathBuf> {
+    std::env::var_os("SOCKBUS_TLS_CA").map(Into::into)
 }
 
 /// Per-connection settings the scenarios need from both clients.

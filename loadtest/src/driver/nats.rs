@@ -30,7 +30,11 @@ impl Driver for NatsDriver {
     async fn connect(&self, s: ConnSettings) -> anyhow::Result<NatsConn> {
         let drops = Arc::new(AtomicU64::new(0));
         let d = drops.clone();
-        let client = ConnectOptions::new()
+        let mut opts = ConnectOptions::new();
+        if let Some(ca) = super::tls_ca().filter(|_| self.url.starts_with("tls://")) {
+            opts = opts.add_root_certificates(ca).require_tls(true);
+        }
+        let client = opts
             .name(s.name.clone())
             .subscription_capacity(s.sub_capacity)
             .max_reconnects(Some(0))

@@ -25,7 +25,11 @@ impl Driver for SockbusDriver {
     type Conn = SockbusConn;
 
     async fn connect(&self, s: ConnSettings) -> anyhow::Result<SockbusConn> {
-        let client = ConnectOptions::new()
+        let mut opts = ConnectOptions::new();
+        if let Some(ca) = super::tls_ca() {
+            opts = opts.tls_ca(ca);
+        }
+        let client = opts
             .name(s.name.clone())
             .subscription_capacity(s.sub_capacity)
             .subscription_pending_bytes(s.sub_pending_bytes)
