@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Validates the Kubernetes deployment in k8s/ without a cluster (CI runs it):
 #
-#   1. renders both variants with `kubectl kustomize` (k8s/ and k8s/cilium/);
+#   1. renders both variants with `kubectl kustomize` (k8s/ and k8s/cilium/),
+#      and k8s/ with the TLS components (k8s/tls, k8s/tls/cert-manager);
 #   2. validates every built-in object against the Kubernetes 1.28.0 API
 #      schemas with kubernetes-validate --strict (unknown fields fail);
 #      CiliumNetworkPolicy has no bundled schema, so it is validated against
@@ -98,9 +99,22 @@ mkdir -p "$out"
 
 # --- 1. render ---------------------------------------------------------------
 rendered_ok=1
-for variant in base cilium; do
+# The TLS component as a user's overlay composes it (an overlay cannot live
+# inside the base it points at, so it is written here).
+mkdir -p "$out/tls-example"
+cat > "$out/tls-example/kustomization.yaml" <<'EOF'
+apiVersion: kustomize.config.k8s.io/v1beta1
+kind: Kustomization
+resources:
+  - ../../../k8s
+components:
+  - ../../../k8s/tls
+  - ../../../k8s/tls/cert-manager
+EOF
+for variant in base cilium tls; do
     dir=$here
     [ "$variant" = cilium ] && dir=$here/cilium
+    [ "$variant" = tls ] && dir=$out/tls-example
     if "$bin/kubectl" kustomize "$dir" > "$out/$variant.yaml" 2> "$out/$variant.render.log"; then
         n=$(grep -c '^kind:' "$out/$variant.yaml")
         record "render" "${dir#"$root"/}/: $n objects -> target/k8s-validate/$variant.yaml"
@@ -113,12 +127,12 @@ done
 
 if [ "$rendered_ok" = 1 ]; then
     # --- 2. Kubernetes API schemas --------------------------------------------
-    for variant in base cilium; do
+    for variant in base cilium tls; do
         "$bin/python" "$here/tools/check_rendered.py" split "$out/$variant.yaml" \
             "$out/$variant.builtin.yaml" "$out/$variant.crds.yaml" > /dev/null
     done
     say "kubernetes-validate -k $KUBE_VERSION --strict"
-    "$bin/kubernetes-validate" -k "$KUBE_VERSION" --strict "$out/base.builtin.yaml" "$out/cilium.builtin.yaml" \
+    "$bin/kubernetes-validate" -k "$KUBE_VERSION" --strict "$out/base.builtin.yaml" "$out/cilium.builtin.yaml" "$out/tls.builtin.yaml" \
         > "$out/kubernetes-validate.log" 2>&1
     rc=$?
     passed=$(grep -c ' passed for resource ' "$out/kubernetes-validate.log")
@@ -126,7 +140,7 @@ if [ "$rendered_ok" = 1 ]; then
     # to the tool; here it is a failure.
     problems=$(grep -v ' passed for resource ' "$out/kubernetes-validate.log")
     if [ "$rc" = 0 ] && [ -z "$problems" ] && [ "$passed" -gt 0 ]; then
-        record "schema $KUBE_VERSION" "$passed objects valid (strict), both variants"
+        record "schema $KUBE_VERSION" "$passed objects valid (strict), all three variants"
     else
         echo "$problems"
         fail "schema $KUBE_VERSION" "kubernetes-validate: see target/k8s-validate/kubernetes-validate.log"
@@ -136,7 +150,7 @@ if [ "$rendered_ok" = 1 ]; then
 
     # --- 3. consistency ---------------------------------------------------------
     say "consistency checks (k8s/tools/check_rendered.py)"
-    "$bin/python" "$here/tools/check_rendered.py" check "$root" "$out/base.yaml" "$out/cilium.yaml" \
+    "$bin/python" "$here/tools/check_rendered.py" check "$root" "$out/base.yaml" "$out/cilium.yaml" "$out/tls.yaml" \
         > "$out/consistency.log" 2>&1
     rc=$?
     grep -E 'FAIL|Traceback|Error' "$out/consistency.log"

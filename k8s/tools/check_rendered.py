@@ -26,7 +26,7 @@ from pathlib import Path
 import jsonschema
 import yaml
 
-CRD_GROUPS = ("cilium.io",)
+CRD_GROUPS = ("cilium.io", "cert-manager.io")
 
 
 def load(path):
@@ -106,7 +106,7 @@ def labels_match(selector, labels):
     return all(labels.get(k) == v for k, v in (selector.get("matchLabels") or {}).items())
 
 
-def check(root, base_path, cilium_path):
+def check(root, base_path, cilium_path, tls_path=None):
     root = Path(root)
     base, cilium = load(base_path), load(cilium_path)
     c = Checks()
@@ -267,8 +267,43 @@ def check(root, base_path, cilium_path):
     c.check(strip(base) == strip(cilium), "everything else is identical in both variants")
     c.check(not [d for d in base if group(d) in CRD_GROUPS], "the base needs no custom resource definitions")
 
+    if tls_path:
+        check_tls(c, base, load(tls_path), cfg)
+
     print(f"consistency: {c.passed} passed, {c.failed} failed")
     return 1 if c.failed else 0
+
+
+def check_tls(c, base, tls, cfg):
+    """The TLS component (k8s/tls, with tls/cert-manager) on the base."""
+    print("TLS variant (k8s/tls + k8s/tls/cert-manager)")
+    sts = one(tls, "StatefulSet")
+    pod = sts["spec"]["template"]["spec"]
+    broker = pod["containers"][0]
+    env = {e["name"]: e.get("value") for e in broker.get("env", [])}
+    vols = {v["name"]: v for v in pod.get("volumes", [])}
+    mounts = {m["mountPath"]: m["name"] for m in broker.get("volumeMounts", [])}
+    secret_vol = {n for n, v in vols.items() if v.get("secret", {}).get("secretName") == "sockbus-tls"}
+    c.check(len(secret_vol) == 1, "the Secret sockbus-tls is a volume of the broker pod")
+    for var in ("SOCKBUS_TLS_CERT", "SOCKBUS_TLS_KEY", "SOCKBUS_CLUSTER_TLS_CA"):
+        path = env.get(var) or ""
+        d = path.rsplit("/", 1)[0]
+        c.check(mounts.get(d) in secret_vol, f"{var}={path} lies in the mounted sockbus-tls Secret")
+    for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
+        c.check(broker.get(probe, {}).get("httpGet", {}).get("scheme") == "HTTPS",
+                f"{probe} speaks HTTPS (the HTTP port is TLS now)")
+    cert = one(tls, "Certificate")
+    c.check(cert["spec"]["secretName"] == "sockbus-tls", "the Certificate writes the Secret the pod mounts")
+    c.check({"server auth", "client auth"} <= set(cert["spec"].get("usages", [])),
+            "the certificate serves and dials (server auth + client auth: routes)")
+    hosts = {p.split("://", 1)[-1].rsplit(":", 1)[0] for p in cfg.get("peers", [])}
+    names = set(cert["spec"].get("dnsNames", []))
+    c.check(hosts and hosts <= names, "every peer URL host is in the certificate (routes verify it)",
+            f"missing: {sorted(hosts - names)}")
+    svc = {d["metadata"]["name"] for d in find(tls, "Service")}
+    c.check("sockbus" in svc and "sockbus" in names, "the client Service's name is in the certificate")
+    same = lambda docs: [d for d in docs if d["kind"] not in ("StatefulSet", "Certificate")]
+    c.check(same(base) == same(tls), "the component changes nothing but the StatefulSet (and adds the Certificate)")
 
 
 def agent_privileges(rendered):
@@ -285,7 +320,7 @@ if __name__ == "__main__":
         agent_privileges(sys.argv[2])
     elif len(sys.argv) == 5 and sys.argv[1] == "split":
         split(*sys.argv[2:])
-    elif len(sys.argv) == 5 and sys.argv[1] == "check":
+    elif len(sys.argv) in (5, 6) and sys.argv[1] == "check":
         sys.exit(check(*sys.argv[2:]))
     else:
         sys.exit(__doc__)
