@@ -57,9 +57,14 @@ bc=$(ls "$target"/release/deps/sockbus_ebpf-*.bc)
 
 mkdir -p "$(dirname "$out")"
 tmp=$(mktemp "$out.XXXXXX")
+# A failed link must not leave its half-written object next to the real one.
+trap 'rm -f "$tmp"' EXIT
 bpf-linker --target bpfel --cpu v2 \
     --export sockbus_sock_ops --export sockbus_sk_msg \
     --export SOCKBUS_SOCKS --export SOCKBUS_PORTS --export SOCKBUS_STATS \
+    --export SOCKBUS_DIRECT_CONFIG --export SOCKBUS_DIRECT_PUBS --export SOCKBUS_DIRECT_ALLOW \
+    --export SOCKBUS_DIRECT_DONE --export SOCKBUS_DIRECT_ROUTES --export SOCKBUS_DIRECT_GRANT \
+    --export SOCKBUS_DIRECT_SUBS --export SOCKBUS_DIRECT_SUBJECTS \
     -o "$tmp" "$bc"
 mv "$tmp" "$out"
 log "wrote $out ($(wc -c <"$out") bytes, sha256 $(sha256sum "$out" | cut -c1-16))"

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Runs the broker and client test suites with every TCP connection they make
-# on the eBPF fast path, then shows that the fast path carried them.
+# Runs the workspace's test suites (broker, client, protocol, loadtest) with
+# every TCP connection they make on the eBPF fast path, then shows that the
+# fast path carried them.
 #
 #   sockmap-ebpf/suite-accelerated.sh [cargo test args...]   (as root)
 #
@@ -12,8 +13,11 @@ cd "$(dirname "$0")/.."
 export CARGO_TERM_COLOR=never
 target=${CARGO_TARGET_DIR:-target}
 
-cargo build -q -p sockbus-broker --bin sockbus-broker
-cargo test -q -p sockbus-broker -p sockbus-client --no-run
+# --workspace, as the README's `cargo test --workspace`: the same package set
+# resolves the same features, so the builds of that run are reused instead of
+# a second copy of every test binary (a clean CI run filled its disk that way).
+cargo build -q --workspace --bins
+cargo test -q --workspace --no-run
 
 root=$(awk '{for (i = 7; i <= NF; i++) if ($i == "-") { if ($(i+1) == "cgroup2" && $4 == "/") { print $5; exit } break }}' /proc/self/mountinfo)
 if [ -z "$root" ]; then
@@ -41,7 +45,7 @@ done
 status=0
 # Tests whose premise the fast path changes read this (see bad_input.rs).
 export SOCKBUS_SUITE_ACCELERATED=1
-(echo "$BASHPID" >"$cg/cgroup.procs" && exec cargo test --no-fail-fast -p sockbus-broker -p sockbus-client "$@") || status=$?
+(echo "$BASHPID" >"$cg/cgroup.procs" && exec cargo test --no-fail-fast --workspace "$@") || status=$?
 
 metrics=$(curl -sf "http://127.0.0.1:$port/metrics" || true)
 echo "$metrics" | grep -E '^sockbus_accel_(sockets_added|add_failures|redirect_verdicts|bytes_redirected|misses)_total' || true

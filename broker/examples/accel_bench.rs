@@ -23,6 +23,9 @@ use sockbus_broker::accel::{AttachOptions, FastPath};
 #[path = "shared/request_reply.rs"]
 mod request_reply;
 
+#[path = "shared/direct_rtt.rs"]
+mod direct_rtt;
+
 #[derive(Parser, Debug)]
 struct Args {
     /// Rounds; each runs off and on (order alternating between rounds).
@@ -48,6 +51,11 @@ struct Args {
     /// on a one-thread runtime); the raw ping-pong then polls too.
     #[arg(long)]
     busy_poll_us: Option<u64>,
+    /// Instead of the broker runs: request/reply round trips at the kernel
+    /// level through a stand-in relay (plain TCP, fast path) and direct
+    /// (kernel routes both ways), alternated per round.
+    #[arg(long)]
+    direct_kernel: bool,
 }
 
 #[derive(Debug, Clone, Copy, Default)]
@@ -302,6 +310,28 @@ fn main() {
     std::fs::create_dir_all(&cg).expect("create the bench cgroup (run as root)");
     std::fs::write(cg.join("cgroup.procs"), std::process::id().to_string())
         .expect("move into the bench cgroup");
+    if args.direct_kernel {
+        use direct_rtt::Mode;
+        let modes = [Mode::TcpRelay, Mode::FastPathRelay, Mode::Direct];
+        let mut p50 = vec![Vec::new(); 3];
+        println!("{:>5} {:>14} {:>10}", "round", "mode", "rr p50 µs");
+        for r in 0..args.rounds {
+            for k in 0..3 {
+                // Rotate the order between rounds.
+                let i = (k + r) % 3;
+                let v = direct_rtt::run(modes[i], args.requests, args.size, &cg);
+                println!("{:>5} {:>14} {:>10.1}", r + 1, format!("{:?}", modes[i]), v);
+                p50[i].push(v);
+            }
+        }
+        let m: Vec<f64> = p50.into_iter().map(median).collect();
+        println!(
+            "median p50 µs: tcp relay {:.1}, fast path relay {:.1}, direct {:.1}; direct / fast path {:.2}, direct / tcp {:.2}",
+            m[0], m[1], m[2], m[2] / m[1], m[2] / m[0]
+        );
+        let _ = std::fs::remove_dir(&cg);
+        return;
+    }
     let rt = if args.busy_poll_us.is_some() {
         tokio::runtime::Builder::new_current_thread()
     } else {

@@ -141,6 +141,13 @@ pub struct Options {
     /// Cluster route listen address.
     #[arg(long, env = "SOCKBUS_CLUSTER")]
     pub cluster: Option<String>,
+    /// NATS client protocol listen address (4222 by convention; off by default). docs/nats.md.
+    #[arg(long, env = "SOCKBUS_NATS")]
+    pub nats: Option<String>,
+    /// On SIGTERM, NATS clients are told the broker goes away (lame duck
+    /// mode) this long before the drain starts, so they can move (default 2s; 0 skips it).
+    #[arg(long, env = "SOCKBUS_LAME_DUCK_GRACE")]
+    pub lame_duck_grace: Option<Dur>,
     /// Cluster peers, comma separated (sockbus-route://host:port).
     #[arg(long, env = "SOCKBUS_PEERS", value_delimiter = ',')]
     pub peers: Option<Vec<String>>,
@@ -218,6 +225,14 @@ pub struct Options {
     /// Users, from the TOML file only (`[[users]]` tables; docs/security.md).
     #[arg(skip)]
     pub users: Option<Vec<crate::auth::UserConfig>>,
+    /// TOML file of `[[users]]` tables (a mounted Kubernetes Secret), in
+    /// addition to those of `--config`.
+    #[arg(long, env = "SOCKBUS_USERS_FILE")]
+    pub users_file: Option<PathBuf>,
+    /// Per-account limits, from the TOML file only (`[[accounts]]` tables;
+    /// docs/security.md, "Accounts").
+    #[arg(skip)]
+    pub accounts: Option<Vec<AccountConfig>>,
     /// PEM certificate chain: TLS on every listener (with `--tls-key`).
     #[arg(long, env = "SOCKBUS_TLS_CERT")]
     pub tls_cert: Option<PathBuf>,
@@ -247,6 +262,10 @@ pub struct Config {
     pub http_header_timeout: Duration,
     pub http_body_timeout: Duration,
     pub cluster: Option<SocketAddr>,
+    /// NATS client protocol address; None: no NATS front end.
+    pub nats: Option<SocketAddr>,
+    /// How long NATS clients get to move away after SIGTERM (lame duck).
+    pub lame_duck_grace: Duration,
     pub peers: Vec<String>,
     /// Shared secret of cluster routes (cluster/auth.rs); None: routes are
     /// not authenticated.
@@ -282,7 +301,13 @@ pub struct Config {
     /// Configured users; None: no authentication (loopback only unless
     /// `allow_anonymous`).
     pub users: Option<Arc<Users>>,
+    /// `--users-file`: reread on SIGHUP and when it changes (auth/live.rs).
+    pub users_file: Option<PathBuf>,
+    /// The `[[users]]` of `--config`, which a reload keeps beside the file's.
+    pub config_users: Vec<crate::auth::UserConfig>,
     pub allow_anonymous: bool,
+    /// Limits of the accounts that have an `[[accounts]]` table.
+    pub accounts: Vec<AccountLimits>,
     /// TLS on every listener; None: plain TCP.
     pub tls: Option<crate::tls::TlsFiles>,
 }
@@ -336,6 +361,8 @@ impl Default for Config {
             http_header_timeout: Duration::from_secs(10),
             http_body_timeout: Duration::from_secs(30),
             cluster: None,
+            nats: None,
+            lame_duck_grace: Duration::from_secs(2),
             peers: Vec::new(),
             cluster_secret: None,
             node_id: default_node_id(),
@@ -358,6 +385,9 @@ impl Default for Config {
             recv_window: 8 << 20,
             busy_poll: None,
             users: None,
+            users_file: None,
+            config_users: Vec::new(),
+            accounts: Vec::new(),
             allow_anonymous: false,
             tls: None,
         }
@@ -388,6 +418,36 @@ pub fn parse_addr(what: &str, s: &str) -> anyhow::Result<SocketAddr> {
         .with_context(|| format!("--{what} {s:?} is not a host:port address"))?
         .next()
         .with_context(|| format!("--{what} {s:?} resolves to no address"))
+}
+
+/// A `--users-file`: `[[users]]` tables and nothing else.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct UsersFile {
+    #[serde(default)]
+    users: Vec<crate::auth::UserConfig>,
+}
+
+/// Reads the `[[users]]` of a `--users-file`; one that holds none is an
+/// error (a Secret created empty by mistake would otherwise mean "no
+/// authentication").
+pub fn read_users_file(path: &std::path::Path) -> anyhow::Result<Vec<crate::auth::UserConfig>> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("cannot read --users-file {}", path.display()))?;
+    let f: UsersFile = toml::from_str(&text).map_err(|e| {
+        let line = e
+            .span()
+            .map_or(0, |sp| text[..sp.start].lines().count().max(1));
+        anyhow::anyhow!(
+            "invalid --users-file {} (line {line}): {}",
+            path.display(),
+            e.message().trim()
+        )
+    })?;
+    if f.users.is_empty() {
+        bail!("--users-file {} holds no [[users]] table", path.display());
+    }
+    Ok(f.users)
 }
 
 impl Options {
@@ -461,6 +521,12 @@ impl Options {
                 .as_deref()
                 .map(|s| parse_addr("cluster", s))
                 .transpose()?,
+            nats: o
+                .nats
+                .as_deref()
+                .map(|s| parse_addr("nats", s))
+                .transpose()?,
+            lame_duck_grace: o.lame_duck_grace.map_or(d.lame_duck_grace, |x| x.0),
             peers: o.peers.unwrap_or_default(),
             cluster_secret: match (o.cluster_secret, &o.cluster_secret_file) {
                 (Some(_), Some(_)) => {
@@ -500,11 +566,25 @@ impl Options {
             log_format: o.log_format.unwrap_or_default(),
             recv_window: d.recv_window,
             busy_poll: o.busy_poll.map(|x| x.0).filter(|d| !d.is_zero()),
-            users: match o.users {
-                Some(list) if !list.is_empty() => Some(Arc::new(Users::from_config(list)?)),
-                _ => None,
+            config_users: o.users.clone().unwrap_or_default(),
+            users_file: o.users_file.clone(),
+            users: {
+                let mut list = o.users.unwrap_or_default();
+                if let Some(path) = &o.users_file {
+                    list.extend(read_users_file(path)?);
+                }
+                if list.is_empty() {
+                    None
+                } else {
+                    let users = Users::from_config(list).with_context(|| match &o.users_file {
+                        Some(p) => format!("users in --config and --users-file {}", p.display()),
+                        None => "users in --config".into(),
+                    })?;
+                    Some(Arc::new(users))
+                }
             },
             allow_anonymous: o.allow_anonymous.unwrap_or(false),
+            accounts: AccountLimits::from_config(o.accounts.unwrap_or_default())?,
             tls: match (o.tls_cert, o.tls_key) {
                 (Some(cert), Some(key)) => Some(crate::tls::TlsFiles {
                     cert,
@@ -526,11 +606,20 @@ impl Options {
                 }
             },
         };
+        if cfg
+            .users
+            .as_ref()
+            .is_some_and(|u| u.has_certificate_users())
+            && cfg.tls.as_ref().is_none_or(|t| t.client_ca.is_none())
+        {
+            bail!("a [[users]] table names its user by `certificate`, but no client certificates are verified: give --tls-client-ca (with --tls-cert and --tls-key)");
+        }
         if cfg.users.is_none() && !cfg.allow_anonymous {
             let open = [
                 ("listen", Some(cfg.listen)),
                 ("http", cfg.http),
                 ("cluster", cfg.cluster),
+                ("nats", cfg.nats),
             ]
             .into_iter()
             .find_map(|(flag, a)| a.filter(|a| !a.ip().is_loopback()).map(|a| (flag, a)));
@@ -542,6 +631,16 @@ impl Options {
                      (SOCKBUS_ALLOW_ANONYMOUS=true, allow-anonymous = true) to serve without authentication"
                 );
             }
+        }
+        if let Some(n) = cfg.nats.filter(|n| cfg.accel_ports.contains(&n.port())) {
+            // The fast path ignores the receiver's socket buffer; native
+            // connections are bounded by their credit window, NATS has none.
+            bail!(
+                "--accel-ports includes the NATS port {}: the fast path would let a NATS \
+                 subscriber that stops reading queue without bound in the kernel (NATS has no \
+                 credit window); accelerate the native port only",
+                n.port()
+            );
         }
         if cfg.busy_poll.is_some_and(|d| d > Duration::from_secs(1)) {
             bail!("--busy-poll is a window after each message, at most 1s (e.g. 200us); 0 turns it off");
@@ -563,6 +662,8 @@ impl Options {
             http_header_timeout: self.http_header_timeout.or(file.http_header_timeout),
             http_body_timeout: self.http_body_timeout.or(file.http_body_timeout),
             cluster: self.cluster.or(file.cluster),
+            nats: self.nats.or(file.nats),
+            lame_duck_grace: self.lame_duck_grace.or(file.lame_duck_grace),
             peers: self.peers.or(file.peers),
             cluster_secret: self.cluster_secret.or(file.cluster_secret),
             cluster_secret_file: self.cluster_secret_file.or(file.cluster_secret_file),
@@ -586,11 +687,86 @@ impl Options {
             busy_poll: self.busy_poll.or(file.busy_poll),
             allow_anonymous: self.allow_anonymous.or(file.allow_anonymous),
             users: file.users,
+            users_file: self.users_file.or(file.users_file),
+            accounts: file.accounts,
             tls_cert: self.tls_cert.or(file.tls_cert),
             tls_key: self.tls_key.or(file.tls_key),
             tls_client_ca: self.tls_client_ca.or(file.tls_client_ca),
             cluster_tls_ca: self.cluster_tls_ca.or(file.cluster_tls_ca),
         }
+    }
+}
+
+/// One `[[accounts]]` table of the config file, as written: the limits of
+/// the account of that name (absent: unlimited, or the broker-wide limit).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct AccountConfig {
+    pub name: String,
+    pub max_connections: Option<usize>,
+    pub max_subscriptions: Option<usize>,
+    pub max_streams: Option<usize>,
+    pub max_stored_bytes: Option<ByteSize>,
+}
+
+/// An account's validated limits; None: no limit of the account's own.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct AccountLimits {
+    pub name: String,
+    /// Native client connections at once.
+    pub max_connections: Option<usize>,
+    /// Subscriptions of all the account's connections together.
+    pub max_subscriptions: Option<usize>,
+    /// Durable streams.
+    pub max_streams: Option<usize>,
+    /// Bytes stored in all the account's streams together.
+    pub max_stored_bytes: Option<u64>,
+}
+
+/// Is `name` usable as an account name: the default account, or a subject
+/// token of letters, digits, `-` and `_` (it names a directory and travels
+/// as a token on cluster routes).
+pub fn valid_account_name(name: &str) -> bool {
+    name == crate::auth::DEFAULT_ACCOUNT
+        || (!name.is_empty()
+            && name.len() <= 64
+            && name
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_'))
+}
+
+impl AccountLimits {
+    /// Validates the `[[accounts]]` tables: a usable name, no name twice,
+    /// every limit at least 1 (leave it out for none).
+    pub fn from_config(list: Vec<AccountConfig>) -> anyhow::Result<Vec<AccountLimits>> {
+        let mut out: Vec<AccountLimits> = Vec::new();
+        for a in list {
+            let name = a.name;
+            if !valid_account_name(&name) {
+                bail!("[[accounts]]: name {name:?} must be 1 to 64 letters, digits, '-' or '_' (or \"$default\")");
+            }
+            if out.iter().any(|o| o.name == name) {
+                bail!("[[accounts]]: account {name:?} is configured twice");
+            }
+            let at_least_one = |key: &str, v: Option<u64>| -> anyhow::Result<()> {
+                if v == Some(0) {
+                    bail!("[[accounts]] {name:?}: {key} must be at least 1 (leave it out for no limit)");
+                }
+                Ok(())
+            };
+            at_least_one("max-connections", a.max_connections.map(|v| v as u64))?;
+            at_least_one("max-subscriptions", a.max_subscriptions.map(|v| v as u64))?;
+            at_least_one("max-streams", a.max_streams.map(|v| v as u64))?;
+            at_least_one("max-stored-bytes", a.max_stored_bytes.map(|v| v.0))?;
+            out.push(AccountLimits {
+                name,
+                max_connections: a.max_connections,
+                max_subscriptions: a.max_subscriptions,
+                max_streams: a.max_streams,
+                max_stored_bytes: a.max_stored_bytes.map(|b| b.0),
+            });
+        }
+        Ok(out)
     }
 }
 
@@ -892,6 +1068,20 @@ token = "plain-token"
     }
 
     #[test]
+    fn the_nats_port_is_off_by_default_and_set_in_the_file_and_needs_users_off_loopback() {
+        let d = from_toml("").unwrap();
+        assert_eq!(d.nats, None);
+        assert_eq!(d.lame_duck_grace, Duration::from_secs(2));
+        let cfg = from_toml("nats = \"127.0.0.1:4222\"\nlame-duck-grace = \"5s\"\n").unwrap();
+        assert_eq!(cfg.nats, Some("127.0.0.1:4222".parse().unwrap()));
+        assert_eq!(cfg.lame_duck_grace, Duration::from_secs(5));
+        let e = format!("{:#}", from_toml("nats = \"0.0.0.0:4222\"\n").unwrap_err());
+        assert!(e.contains("--nats 0.0.0.0:4222"), "{e}");
+        let e = from_toml("nats = \"127.0.0.1:4222\"\naccel-ports = [7420, 4222]\n").unwrap_err();
+        assert!(e.to_string().contains("NATS port 4222"), "{e}");
+    }
+
+    #[test]
     fn bad_users_fail_at_start_with_the_reason() {
         for (text, want) in [
             ("[[users]]\nname = \"a\"\npassword = \"x\"\npublsh = []\n", "unknown field `publsh`"),
@@ -901,6 +1091,74 @@ token = "plain-token"
             let e = format!("{:#}", from_toml(text).unwrap_err());
             assert!(e.contains(want), "{e}");
         }
+    }
+
+    #[test]
+    fn a_users_file_adds_its_users_and_a_bad_one_fails_at_start_with_its_name() {
+        let dir = tempfile::tempdir().unwrap();
+        let users = dir.path().join("users.toml");
+        std::fs::write(&users, "[[users]]\nname = \"ci\"\ntoken = \"t\"\n").unwrap();
+        let cfg = Options {
+            users_file: Some(users.clone()),
+            listen: Some("0.0.0.0:7420".into()),
+            ..Default::default()
+        }
+        .resolve()
+        .unwrap();
+        let names: Vec<_> = cfg.users.unwrap().iter().map(|u| u.name.clone()).collect();
+        assert_eq!(names, ["ci"]);
+        // Beside the config file's users; a name in both is refused.
+        let conf = dir.path().join("b.toml");
+        let with = |text: &str| {
+            std::fs::write(&conf, text).unwrap();
+            Options {
+                config: Some(conf.clone()),
+                ..Default::default()
+            }
+            .resolve()
+        };
+        let file_key = format!("users-file = {:?}\n", users.display().to_string());
+        let cfg = with(&format!(
+            "{file_key}[[users]]\nname = \"a\"\npassword = \"x\"\n"
+        ))
+        .unwrap();
+        assert_eq!(cfg.users.unwrap().iter().count(), 2);
+        let e = format!(
+            "{:#}",
+            with(&format!(
+                "{file_key}[[users]]\nname = \"ci\"\npassword = \"x\"\n"
+            ))
+            .unwrap_err()
+        );
+        assert!(
+            e.contains("configured twice") && e.contains("--users-file"),
+            "{e}"
+        );
+        for (text, want) in [
+            ("", "holds no [[users]]"),
+            ("listen = \"0.0.0.0:1\"\n", "unknown field `listen`"),
+            ("[[users]]\nname = \"a\"\n", "exactly one of"),
+            ("[[users", "line 1"),
+        ] {
+            std::fs::write(&users, text).unwrap();
+            let e = format!("{:#}", with(&file_key).unwrap_err());
+            assert!(
+                e.contains(want) && e.contains("users.toml"),
+                "{text:?}: {e}"
+            );
+        }
+        std::fs::remove_file(&users).unwrap();
+        let e = format!("{:#}", with(&file_key).unwrap_err());
+        assert!(e.contains("cannot read --users-file"), "{e}");
+    }
+
+    #[test]
+    fn a_certificate_user_needs_verified_client_certificates() {
+        let e = format!(
+            "{:#}",
+            from_toml("[[users]]\nname = \"o\"\ncertificate = \"CN=o\"\n").unwrap_err()
+        );
+        assert!(e.contains("--tls-client-ca"), "{e}");
     }
 
     #[test]

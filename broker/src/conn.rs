@@ -11,16 +11,17 @@ use bytes::{Buf, BytesMut};
 use hashbrown::hash_table::{Entry, HashTable};
 use sockbus_protocol::flow::effective_window;
 use sockbus_protocol::frame::{
-    self, code, encode_err, encode_err_sid, encode_info, encode_pong, Header,
+    self, code, encode_err, encode_err_reply, encode_err_sid, encode_info, encode_pong, Header,
     CONNECT_EXPLICIT_ACKS, CONNECT_NO_ECHO, CONNECT_NO_RESPONDERS, CONNECT_ROUTE,
     MAX_FRAME_OVERHEAD,
 };
 use sockbus_protocol::{Credentials, FrameRef, Kind, ProtocolError, HEADER_LEN, PROTOCOL_VERSION};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn, Instrument};
 
+use crate::account::Account;
 use crate::auth::check::{PublishCheck, Responses};
 use crate::auth::{AuthError, Permissions, User};
 use crate::deliver::{Ack, Batch, PublishError, Publisher, SubscribeError, Subscriber};
@@ -44,12 +45,15 @@ enum ConnError {
     Io(#[from] std::io::Error),
 }
 
-/// Writes one frame straight to a socket that has no writer task yet.
-async fn write_direct(wr: &mut (impl AsyncWrite + Unpin), f: impl FnOnce(&mut BytesMut)) {
+/// Refuses a connection that has no writer task yet: writes one frame
+/// straight to its socket and closes it so the client can read it.
+async fn write_direct(
+    wr: &mut (impl AsyncRead + AsyncWrite + Unpin),
+    f: impl FnOnce(&mut BytesMut),
+) {
     let mut b = BytesMut::new();
     f(&mut b);
-    let _ = wr.write_all(&b).await;
-    let _ = wr.shutdown().await;
+    crate::transport::refuse(wr, &b).await;
 }
 
 pub async fn run(
@@ -68,10 +72,14 @@ pub async fn run(
     // The TLS handshake and CONNECT share one deadline: a peer that sends
     // nothing, garbage or a trickle is closed when it passes.
     let deadline = tokio::time::Instant::now() + state.config.handshake_timeout;
+    let mut cert = None;
     let mut stream = match &state.tls {
         None => Transport::Plain(stream),
         Some(tls) => match tokio::time::timeout_at(deadline, tls.acceptor().accept(stream)).await {
-            Ok(Ok(s)) => Transport::Tls(Box::new(s.into())),
+            Ok(Ok(s)) => {
+                cert = client_cert_names(&state, s.get_ref().1);
+                Transport::Tls(Box::new(s.into()))
+            }
             Ok(Err(e)) => {
                 debug!(%peer, "TLS handshake failed: {e}");
                 return;
@@ -149,7 +157,7 @@ pub async fn run(
         return;
     }
 
-    let user = match &state.config.users {
+    let user = match state.users() {
         None => None,
         Some(users) => {
             let creds = Credentials::decode(&token);
@@ -158,6 +166,10 @@ pub async fn run(
                 _ => None,
             };
             let checked = match creds {
+                // No credentials over mTLS: the certificate names the user.
+                Ok(Credentials::None) if cert.is_some() => {
+                    users.authenticate_cert(cert.as_ref().expect("checked"))
+                }
                 Ok(c) => tokio::time::timeout_at(deadline, users.authenticate(c))
                     .await
                     .unwrap_or(Err(AuthError::TimedOut)),
@@ -179,14 +191,31 @@ pub async fn run(
             }
         }
     };
+    // The account's limit is checked before the connection costs anything more.
+    let account = state.accounts.of(user.as_deref()).clone();
+    let slot = match account.connect() {
+        Ok(slot) => slot,
+        Err(e) => {
+            state
+                .metrics()
+                .connections_refused
+                .fetch_add(1, Ordering::Relaxed);
+            warn!(%peer, client = %name, account = account.name(), "refused: {e}");
+            write_direct(wr, |b| encode_err(b, code::MAX_CONNECTIONS, &e)).await;
+            return;
+        }
+    };
     let tls = stream.is_tls();
     let span = match &user {
-        Some(u) => tracing::info_span!("conn", id, %peer, client = %name, user = %u.name, tls),
+        Some(u) => {
+            tracing::info_span!("conn", id, %peer, client = %name, user = %u.name, account = %u.account, tls)
+        }
         None => tracing::info_span!("conn", id, %peer, client = %name, tls),
     };
     let (rd, wr) = stream.split();
     serve(
         state,
+        &account,
         rd,
         wr,
         buf,
@@ -198,12 +227,14 @@ pub async fn run(
         shutdown,
     )
     .instrument(span)
-    .await
+    .await;
+    drop(slot);
 }
 
 #[allow(clippy::too_many_arguments)]
 async fn serve(
     state: Arc<State>,
+    account: &Account,
     mut rd: ReadSock,
     wr: WriteSock,
     mut buf: BytesMut,
@@ -224,7 +255,7 @@ async fn serve(
         .as_ref()
         .filter(|p| !p.publish.is_open())
         .map(|_| Arc::new(Responses::default()));
-    let mut outlet = state
+    let mut outlet = account
         .delivery
         .outlet(id, send_window, CancellationToken::new(), Some(wr));
     if let Some(r) = &responses {
@@ -239,7 +270,7 @@ async fn serve(
     crate::accel::guard::watch(id, name, &out);
 
     let max_body = cfg.max_payload + MAX_FRAME_OVERHEAD;
-    let mut batch = state.delivery.ingress(&state.streams, MATCH_CACHE);
+    let mut batch = account.delivery.ingress(&account.streams, MATCH_CACHE);
     if let Some(u) = &user {
         batch.restrict(PublishCheck::new(u, responses));
     }
@@ -274,7 +305,7 @@ async fn serve(
         std::mem::take(&mut client.subs).table.into_iter().collect();
     subs.sort_unstable_by_key(|s| Arc::as_ptr(s) as usize);
     for s in subs {
-        state.delivery.unsubscribe(&s);
+        account.delivery.unsubscribe(&s);
     }
     match &res {
         Ok(Ended::Closed) => debug!("closed by client"),
@@ -307,19 +338,21 @@ async fn serve(
     if shutdown.is_cancelled() {
         out.push_control(|b| encode_err(b, code::SHUTTING_DOWN, "broker is shutting down"));
     }
-    out.outbox.close();
-    out.wake();
-    // Let the writer flush what is queued, but never longer than the drain timeout.
-    let abort = out.abort.clone();
-    let mut writer = writer;
-    if tokio::time::timeout(cfg.drain_timeout, &mut writer)
-        .await
-        .is_err()
-    {
-        abort.cancel();
-        let _ = writer.await;
+    crate::outlet::close_and_drain(&out, writer, cfg.drain_timeout).await;
+}
+
+/// The names of the client certificate a TLS handshake verified
+/// (`--tls-client-ca`), when some user is named by a certificate.
+pub(crate) fn client_cert_names(
+    state: &State,
+    conn: &rustls::ServerConnection,
+) -> Option<crate::auth::cert::CertNames> {
+    let users = state.users()?;
+    if !users.has_certificate_users() {
+        return None;
     }
-    out.outbox.clear();
+    let leaf = conn.peer_certificates()?.first()?;
+    Some(crate::auth::cert::CertNames::from_der(leaf))
 }
 
 /// Flags (or why the version is refused), receive window, client name, credentials field.
@@ -442,7 +475,9 @@ impl Client {
         self.out.control(|b| encode_err_sid(b, code, sid, text));
     }
 
-    fn refused(&self, e: &PublishError) {
+    /// Refuses a PUB; one with a reply subject is named by it
+    /// (`ERR_REPLY`), so the request waiting on it fails at once.
+    fn refused(&self, e: &PublishError, reply: Option<&str>) {
         let code = match e {
             PublishError::Denied(_) => code::PERMISSION_DENIED,
             PublishError::PayloadTooLarge { .. } => code::MAX_PAYLOAD,
@@ -451,7 +486,12 @@ impl Client {
             }
             PublishError::Reserved(_) => code::BAD_REQUEST,
         };
-        self.error(code, &e.to_string());
+        match reply {
+            Some(r) => self
+                .out
+                .control(|b| encode_err_reply(b, code, r, &e.to_string())),
+            None => self.error(code, &e.to_string()),
+        }
     }
 }
 
@@ -468,7 +508,7 @@ impl Frames for Client {
         }
         // Refused without reading it into memory; the connection stays usable.
         let e = self.batch.delivery().too_large(h.len as usize);
-        self.refused(&e);
+        self.refused(&e, None);
         Ok(())
     }
 
@@ -489,7 +529,7 @@ impl Frames for Client {
                     payload,
                     Ack::Flags(flags),
                 ) {
-                    self.refused(&e);
+                    self.refused(&e, reply);
                 }
             }
             FrameRef::Sub {
@@ -522,9 +562,10 @@ impl Frames for Client {
                     Err(e @ SubscribeError::InvalidSubject(_)) => {
                         self.sub_error(code::INVALID_SUBJECT, sid, &e.to_string())
                     }
-                    Err(e @ SubscribeError::TooMany { .. }) => {
-                        self.sub_error(code::MAX_SUBSCRIPTIONS, sid, &e.to_string())
-                    }
+                    Err(
+                        e
+                        @ (SubscribeError::TooMany { .. } | SubscribeError::AccountTooMany { .. }),
+                    ) => self.sub_error(code::MAX_SUBSCRIPTIONS, sid, &e.to_string()),
                     Err(e @ SubscribeError::Denied(_)) => {
                         if let Some(u) = &self.user {
                             u.denied_subscribe.fetch_add(1, Ordering::Relaxed);

@@ -18,6 +18,7 @@ use sockbus_protocol::api::subject::is_reserved;
 use sockbus_protocol::frame::{
     self, encode_msg, message_frame_len, MSG_NO_RESPONDERS, PUB_ACK, RMSG_NO_ACK,
 };
+use sockbus_protocol::nats;
 use sockbus_protocol::outbox::{Outbox, Push};
 use sockbus_protocol::subject::{subject_hash, validate_pattern, validate_subject};
 use sockbus_protocol::SubjectError;
@@ -28,12 +29,15 @@ use crate::auth::check::PublishCheck;
 use crate::auth::Permissions;
 use crate::memory::Release;
 use crate::metrics::{LocalCounts, Metrics};
-use crate::outlet::Outlet;
+use crate::outlet::{Codec, Outlet};
 use crate::router::{MatchCache, Matches, QueueGroup, Router, Subscription};
 use crate::streams::{AckTo, CaptureCache, Pending, PubAck, Stream, StreamError, Streams};
 
 struct Engine {
     router: Router,
+    /// The account this engine serves: every subscription in `router` is
+    /// one of its clients' (or a peer's interest in that account).
+    scope: Scope,
     metrics: Arc<Metrics>,
     max_payload: u32,
     max_pending: usize,
@@ -48,7 +52,38 @@ impl Engine {
     fn remove(&self, s: &Arc<Subscription>) {
         if self.router.remove(s) {
             s.outlet.subscriptions.fetch_sub(1, Ordering::AcqRel);
+            if !s.peer {
+                self.scope.subs.fetch_sub(1, Ordering::AcqRel);
+            }
             self.release.freed(1);
+        }
+    }
+}
+
+/// The account a delivery engine serves (docs/security.md, "Accounts"):
+/// accounts isolate because each has an engine, and so a router, of its
+/// own; nothing published in one can match a subscription of another.
+pub(crate) struct Scope {
+    pub name: Arc<str>,
+    /// Subscriptions of the account's clients (peers' interest not counted).
+    pub subs: std::sync::atomic::AtomicUsize,
+    /// Most of them at once (`max-subscriptions` of `[[accounts]]`); 0: no limit.
+    pub max_subs: usize,
+    /// What this account's subjects carry on cluster routes
+    /// (`$SB.ACC.<name>.`); None for the default account, whose subjects
+    /// cross as they are.
+    pub route_prefix: Option<Box<str>>,
+}
+
+impl Scope {
+    pub fn new(name: &str, max_subs: usize) -> Scope {
+        let default = name == crate::auth::DEFAULT_ACCOUNT;
+        Scope {
+            name: name.into(),
+            subs: Default::default(),
+            max_subs,
+            route_prefix: (!default)
+                .then(|| format!("{}{name}.", crate::account::ROUTE_PREFIX).into()),
         }
     }
 }
@@ -85,6 +120,8 @@ pub(crate) enum SubscribeError {
     Reserved(String),
     #[error("subscription limit reached: a connection may hold at most {max} subscriptions (--max-subscriptions)")]
     TooMany { max: usize },
+    #[error("subscription limit reached: account {account:?} may hold at most {max} subscriptions (max-subscriptions of its [[accounts]] table)")]
+    AccountTooMany { account: Arc<str>, max: usize },
     #[error("permission denied: subscribe to {0}")]
     Denied(String),
 }
@@ -113,6 +150,9 @@ pub(crate) enum Ack {
     Flags(u8),
     /// The HTTP gateway, on this channel (never the reply subject).
     Chan(oneshot::Sender<Result<PubAck, StreamError>>),
+    /// A NATS client: every captured publish with a reply subject is acked
+    /// there, in JetStream's shape (crate::jetstream).
+    Nats,
 }
 
 impl Ack {
@@ -122,6 +162,7 @@ impl Ack {
         match self {
             Ack::Flags(f) => f & PUB_ACK != 0 || !from.explicit_acks,
             Ack::Chan(_) => false,
+            Ack::Nats => true,
         }
     }
 }
@@ -176,8 +217,9 @@ impl<'a> Outgoing<'a> {
 }
 
 impl Delivery {
-    /// `max_subscriptions`: most subscriptions one connection (outlet) may
-    /// hold, 0 for no limit.
+    /// The default account's engine. `max_subscriptions`: most
+    /// subscriptions one connection (outlet) may hold, 0 for no limit.
+    #[cfg(test)]
     pub fn new(
         router: Router,
         metrics: Arc<Metrics>,
@@ -185,7 +227,28 @@ impl Delivery {
         max_pending: usize,
         max_subscriptions: usize,
     ) -> Self {
+        Self::scoped(
+            Scope::new(crate::auth::DEFAULT_ACCOUNT, 0),
+            router,
+            metrics,
+            max_payload,
+            max_pending,
+            max_subscriptions,
+        )
+    }
+
+    /// An engine for one account ([`Scope`]); [`Delivery::new`] is the
+    /// default account's.
+    pub fn scoped(
+        scope: Scope,
+        router: Router,
+        metrics: Arc<Metrics>,
+        max_payload: u32,
+        max_pending: usize,
+        max_subscriptions: usize,
+    ) -> Self {
         Delivery(Arc::new(Engine {
+            scope,
             router,
             metrics,
             max_payload,
@@ -204,6 +267,11 @@ impl Delivery {
 
     pub fn router(&self) -> &Router {
         &self.0.router
+    }
+
+    /// The account this engine serves.
+    pub fn scope(&self) -> &Scope {
+        &self.0.scope
     }
 
     pub fn metrics(&self) -> &Metrics {
@@ -294,12 +362,26 @@ impl Delivery {
         if !from.api && is_reserved(pattern) {
             return Err(SubscribeError::Reserved(pattern.into()));
         }
+        // How other accounts' subjects cross cluster routes: never a client's.
+        if pattern.starts_with(crate::account::ROUTE_PREFIX) {
+            return Err(SubscribeError::Reserved(pattern.into()));
+        }
         // One task subscribes for an outlet; others only ever lower the count.
         let max = self.0.max_subscriptions;
         let held = outlet.subscriptions.fetch_add(1, Ordering::AcqRel);
         if max != 0 && held >= max {
             outlet.subscriptions.fetch_sub(1, Ordering::AcqRel);
             return Err(SubscribeError::TooMany { max });
+        }
+        let sc = &self.0.scope;
+        let n = sc.subs.fetch_add(1, Ordering::AcqRel);
+        if sc.max_subs != 0 && n >= sc.max_subs {
+            sc.subs.fetch_sub(1, Ordering::AcqRel);
+            outlet.subscriptions.fetch_sub(1, Ordering::AcqRel);
+            return Err(SubscribeError::AccountTooMany {
+                account: sc.name.clone(),
+                max: sc.max_subs,
+            });
         }
         let sub = Arc::new(Subscription::new(sid, pattern, queue, outlet.clone()));
         self.0.router.insert(sub.clone());
@@ -421,6 +503,13 @@ impl Batch {
                 return Err(PublishError::Denied(subject.into()));
             }
         }
+        if crate::jetstream::is_js(subject) {
+            // JetStream's API and acks, on every front end that stores.
+            if let Some(c) = &self.capture {
+                crate::jetstream::handle(&c.streams, &self.d, subject, reply, headers, payload);
+                return Ok(Published::default());
+            }
+        }
         if is_reserved(subject) {
             return match &self.capture {
                 Some(c) if from.api => {
@@ -452,10 +541,11 @@ impl Batch {
                 Some(s) => {
                     let to = match (ack, reply) {
                         (Ack::Chan(tx), _) => AckTo::Chan(tx),
+                        (Ack::Nats, Some(r)) => AckTo::Js(r.into()),
                         (_, Some(r)) if on_reply => AckTo::Reply(r.into()),
                         _ => AckTo::None,
                     };
-                    let answered = matches!(to, AckTo::Reply(_));
+                    let answered = matches!(to, AckTo::Reply(_) | AckTo::Js(_));
                     c.pending.add(&s, subject, to, headers, payload);
                     (true, answered)
                 }
@@ -511,7 +601,14 @@ impl Batch {
         }
         if plain {
             if let Some(c) = self.capture.as_mut() {
-                if let Some(s) = c.cache.get(&c.streams, subject) {
+                // A replicated stream stores what its node's clients
+                // publish; a copy forwarded to a subscriber here is not
+                // stored again.
+                if let Some(s) = c
+                    .cache
+                    .get(&c.streams, subject)
+                    .filter(|s| s.config.replicas() == 1)
+                {
                     let to = match reply {
                         Some(r) if ack => AckTo::Reply(r.into()),
                         _ => AckTo::None,
@@ -611,6 +708,7 @@ impl Batch {
 /// take it), and at most once over each cluster route, carrying the plain
 /// flag and the queue groups that peer should serve.
 /// Returns how many subscriptions (or routes) took the message.
+#[inline(always)]
 fn fan_out(
     e: &Engine,
     m: &Matches,
@@ -715,13 +813,22 @@ fn forward(
     if msg.no_ack {
         flags |= RMSG_NO_ACK;
     }
-    let len = frame::rmsg_frame_len(msg.subject, msg.reply, &r.queues, msg.headers, msg.payload);
+    // Another account's subject crosses with its account in front.
+    let prefixed;
+    let (subject, hash) = match &e.scope.route_prefix {
+        None => (msg.subject, msg.hash),
+        Some(p) => {
+            prefixed = [&**p, msg.subject].concat();
+            (&*prefixed, subject_hash(prefixed.as_bytes()))
+        }
+    };
+    let len = frame::rmsg_frame_len(subject, msg.reply, &r.queues, msg.headers, msg.payload);
     let push = r.sub.outlet.outbox.push(len, |b| {
         frame::encode_rmsg(
             b,
             flags,
-            msg.subject,
-            msg.hash,
+            subject,
+            hash,
             msg.reply,
             &r.queues,
             msg.headers,
@@ -739,6 +846,7 @@ fn forward(
 
 /// Common handling of a push into an outlet: wake its writer, or treat it
 /// as a slow consumer when it is over budget.
+#[inline(always)]
 fn accepted(e: &Engine, out: &Arc<Outlet>, push: Push, wake: &mut Vec<Arc<Outlet>>) -> bool {
     match push {
         Push::Queued { was_empty } => {
@@ -759,8 +867,19 @@ fn accepted(e: &Engine, out: &Arc<Outlet>, push: Push, wake: &mut Vec<Arc<Outlet
     }
 }
 
+/// A MSG for a NATS subscription whose sid the client named with text.
+#[cold]
+fn nats_named(s: &Subscription, m: nats::Msg<'_>) -> Push {
+    let names = s.outlet.sid_names.read().unwrap_or_else(|e| e.into_inner());
+    let m = nats::Msg {
+        sid_name: names.get(&s.sid).map(|n| &**n),
+        ..m
+    };
+    s.outlet.outbox.push(m.len(), |b| nats::encode_msg(b, &m))
+}
+
 /// Queues one MSG frame for one subscription. False when it could not take it.
-#[inline]
+#[inline(always)]
 fn deliver(
     e: &Engine,
     s: &Arc<Subscription>,
@@ -772,19 +891,39 @@ fn deliver(
         return false;
     }
     let Some(last) = s.claim() else { return false };
-    let len = message_frame_len(true, msg.subject, msg.reply, msg.headers, msg.payload);
-    let push = s.outlet.outbox.push(len, |b| {
-        encode_msg(
-            b,
-            s.sid,
-            msg.flags,
-            msg.subject,
-            msg.hash,
-            msg.reply,
-            msg.headers,
-            msg.payload,
-        )
-    });
+    let push = match s.outlet.codec {
+        Codec::Native => {
+            let len = message_frame_len(true, msg.subject, msg.reply, msg.headers, msg.payload);
+            s.outlet.outbox.push(len, |b| {
+                encode_msg(
+                    b,
+                    s.sid,
+                    msg.flags,
+                    msg.subject,
+                    msg.hash,
+                    msg.reply,
+                    msg.headers,
+                    msg.payload,
+                )
+            })
+        }
+        Codec::Nats => {
+            let m = nats::Msg {
+                subject: msg.subject,
+                sid: s.sid,
+                sid_name: None,
+                reply: msg.reply,
+                headers: msg.headers,
+                payload: msg.payload,
+                no_responders: msg.flags & MSG_NO_RESPONDERS != 0,
+            };
+            if s.sid >= crate::outlet::NAMED_SID {
+                nats_named(s, m)
+            } else {
+                s.outlet.outbox.push(m.len(), |b| nats::encode_msg(b, &m))
+            }
+        }
+    };
     if !accepted(e, &s.outlet, push, wake) {
         return false;
     }
@@ -1069,6 +1208,49 @@ mod tests {
         for p in [">", "*", "*.API.>", "$SB", "x.$SB.>", "$SBX.>"] {
             d.subscribe(&http, &out, 1, p, None).unwrap();
         }
+    }
+
+    #[test]
+    fn no_client_may_subscribe_where_other_accounts_cross_cluster_routes() {
+        let d = engine();
+        let out = outlet(&d);
+        for p in ["$SB.ACC.shop.>", "$SB.ACC.shop.orders.new", "$SB.ACC.>"] {
+            assert!(
+                matches!(
+                    d.subscribe(&NATIVE, &out, 1, p, None),
+                    Err(SubscribeError::Reserved(_))
+                ),
+                "{p}"
+            );
+        }
+        assert_eq!(d.router().len(), 0);
+    }
+
+    #[test]
+    fn an_accounts_subscriptions_are_limited_together_and_freed_as_they_end() {
+        let d = Delivery::scoped(
+            Scope::new("shop", 2),
+            Router::default(),
+            Default::default(),
+            MAX_PAYLOAD,
+            4096,
+            0,
+        );
+        let (a, b, link) = (outlet(&d), outlet(&d), outlet(&d));
+        let first = d.subscribe(&NATIVE, &a, 1, "x", None).unwrap();
+        d.subscribe(&NATIVE, &b, 1, "y", None).unwrap();
+        let e = d.subscribe(&NATIVE, &b, 2, "z", None).err().unwrap();
+        assert!(
+            e.to_string()
+                .contains(r#"account "shop" may hold at most 2"#),
+            "{e}"
+        );
+        assert_eq!(b.subscriptions.load(Ordering::Acquire), 1, "not counted");
+        // Peers' interest is not the account's clients'.
+        d.subscribe_peer(&link, 1, "p", None).unwrap();
+        d.unsubscribe(&first);
+        d.subscribe(&NATIVE, &b, 2, "z", None).unwrap();
+        assert_eq!(d.scope().subs.load(Ordering::Acquire), 2);
     }
 
     #[test]

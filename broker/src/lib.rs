@@ -18,16 +18,20 @@
 //! read-only accessors, [`http::HttpServer`], [`metrics`] and [`accel`].
 
 pub mod accel;
+mod account;
 pub mod auth;
 mod cluster;
 pub mod config;
 mod conn;
 mod deliver;
 pub mod http;
+mod jetstream;
 mod memory;
 pub mod metrics;
+mod nats;
 mod outlet;
 mod read;
+mod replication;
 mod router;
 mod server;
 mod store;
@@ -36,6 +40,14 @@ mod tls;
 mod transport;
 
 pub use config::{Config, Options};
+
+/// Offline check of a stream directory's segments and CRCs
+/// (`sockbus-broker verify-stream`), for operators and the fault harness.
+pub mod offline {
+    pub use crate::store::record::RecordRef;
+    pub use crate::store::segment::BadRange;
+    pub use crate::store::verify::{segment_files, verify_dir, SegmentCheck};
+}
 pub use server::{Server, State};
 pub use streams::{StreamInfo, StreamState};
 pub use tls::TlsFiles;

@@ -47,6 +47,24 @@ pub(crate) struct Outlet {
     metrics: Option<Arc<Metrics>>,
     /// A restricted user's connection: reply subjects it may answer.
     pub responses: Option<Arc<crate::auth::check::Responses>>,
+    /// How messages are framed for this connection.
+    pub codec: Codec,
+    /// NATS subscriptions whose client-chosen id is not a plain decimal
+    /// number: internal sid ([`NAMED_SID`] and up) to the client's text.
+    pub sid_names: std::sync::RwLock<rustc_hash::FxHashMap<u32, Box<str>>>,
+}
+
+/// Internal sids from here up stand for a NATS client's non-numeric sid,
+/// looked up in [`Outlet::sid_names`] when a message is framed.
+pub(crate) const NAMED_SID: u32 = 1 << 31;
+
+/// The wire format an outlet's messages are encoded in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Codec {
+    /// sockbus frames (clients, routes, event streams).
+    Native,
+    /// NATS text protocol: MSG / HMSG (the `--nats` front end).
+    Nats,
 }
 
 impl Outlet {
@@ -60,7 +78,15 @@ impl Outlet {
             sock: std::sync::Mutex::new(sock.map(Arc::new)),
             metrics: None,
             responses: None,
+            codec: Codec::Native,
+            sid_names: Default::default(),
         }
+    }
+
+    /// Frames this outlet's messages in `codec`.
+    pub fn with_codec(mut self, codec: Codec) -> Self {
+        self.codec = codec;
+        self
     }
 
     /// Remembers the reply subjects of requests delivered here, which a
@@ -163,6 +189,23 @@ impl Outlet {
             Kick::Busy => {}
         }
     }
+}
+
+/// Ends a connection's outlet: closes the outbox and lets its writer task
+/// flush what is queued, but never longer than `drain`; then drops what is
+/// left.
+pub(crate) async fn close_and_drain(
+    out: &Outlet,
+    mut writer: tokio::task::JoinHandle<()>,
+    drain: Duration,
+) {
+    out.outbox.close();
+    out.wake();
+    if tokio::time::timeout(drain, &mut writer).await.is_err() {
+        out.abort.cancel();
+        let _ = writer.await;
+    }
+    out.outbox.clear();
 }
 
 /// Drains an outlet into its socket until it is closed and empty, aborted,

@@ -9,20 +9,19 @@ use std::time::Duration;
 use anyhow::Context;
 use bytes::BytesMut;
 use sockbus_protocol::frame::{code, encode_err};
-use tokio::io::AsyncWriteExt;
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
+use crate::account::{AccountMetrics, Accounts};
 use crate::cluster::{ClusterMetrics, PeerInterest};
 use crate::config::Config;
 use crate::deliver::Delivery;
 use crate::metrics::Metrics;
-use crate::router::Router;
 use crate::store::FileCache;
-use crate::streams::{StreamInfo, StreamLimits, Streams, StreamsMetrics};
+use crate::streams::{StreamInfo, Streams, StreamsMetrics};
 use crate::tls::Tls;
 
 /// What the broker's front ends share, built once in [`Server::bind`].
@@ -31,15 +30,30 @@ pub struct State {
     /// The delivery engine: router, counters, every publish and subscription.
     pub(crate) delivery: Delivery,
     pub(crate) streams: Arc<Streams>,
+    /// Every account (`delivery` and `streams` are the default account's).
+    pub(crate) accounts: Arc<Accounts>,
     /// What cluster peers must hear of local interest.
     pub(crate) peers: Arc<PeerInterest>,
     /// TLS on every listener, when `--tls-cert` is set.
     pub(crate) tls: Option<Arc<Tls>>,
+    /// The users table in force (reloaded from `--users-file`); None: no
+    /// authentication.
+    pub(crate) users: Option<Arc<crate::auth::live::LiveUsers>>,
 }
 
 impl State {
     pub fn config(&self) -> &Config {
         &self.config
+    }
+
+    /// The users in force now (the config's, or the last reload's).
+    pub fn users(&self) -> Option<Arc<crate::auth::Users>> {
+        self.users.as_ref().map(|l| l.get())
+    }
+
+    /// The users table and its reload counters.
+    pub fn live_users(&self) -> Option<&Arc<crate::auth::live::LiveUsers>> {
+        self.users.as_ref()
     }
 
     /// The broker's counters (what `/metrics` shows), and where other
@@ -48,12 +62,16 @@ impl State {
         self.delivery.metrics()
     }
 
-    /// Subscriptions in the router, peers' interest included.
+    /// Subscriptions in the routers of every account, peers' interest included.
     pub fn subscriptions(&self) -> usize {
-        self.delivery.router().len()
+        self.accounts
+            .all()
+            .iter()
+            .map(|a| a.delivery.router().len())
+            .sum()
     }
 
-    /// Every durable stream, sorted by name.
+    /// Every durable stream of the default account, sorted by name.
     pub fn streams(&self) -> Vec<StreamInfo> {
         self.streams.list()
     }
@@ -69,6 +87,7 @@ pub struct Server {
     listener: TcpListener,
     local_addr: SocketAddr,
     route_listener: Option<TcpListener>,
+    nats_listener: Option<TcpListener>,
 }
 
 impl Server {
@@ -84,6 +103,14 @@ impl Server {
                 TcpListener::bind(addr)
                     .await
                     .with_context(|| format!("cannot listen for cluster routes on {addr}"))?,
+            ),
+            None => None,
+        };
+        let nats_listener = match config.nats {
+            Some(addr) => Some(
+                TcpListener::bind(addr)
+                    .await
+                    .with_context(|| format!("cannot listen for NATS clients on {addr}"))?,
             ),
             None => None,
         };
@@ -112,32 +139,16 @@ impl Server {
         // One pass, each part handed the narrow handles it needs.
         let metrics = Arc::new(Metrics::default());
         let peers = Arc::new(PeerInterest::default());
-        // Without a cluster port there are never peers to tell of interest:
-        // the router keeps no second table of it.
-        let hook = config
-            .cluster
-            .is_some()
-            .then(|| peers.clone() as Arc<dyn crate::router::InterestHook>);
-        let delivery = Delivery::new(
-            Router::new(hook),
-            metrics.clone(),
-            config.max_payload,
-            config.max_pending,
-            config.max_subscriptions,
-        );
         let open_files = FileCache::budget();
         info!(
             "stream files: at most {open_files} kept open (half the open-file limit), the rest is for connections"
         );
-        let streams = Arc::new(Streams::open_with(
-            &config.data_dir,
-            delivery.clone(),
-            Some(peers.clone()),
-            StreamLimits {
-                max_streams: config.max_streams,
-                open_files,
-            },
-        )?);
+        // Each account its own engine and streams; without a cluster port
+        // there are never peers to tell of interest, and the routers keep no
+        // second table of it.
+        let accounts = Arc::new(Accounts::open(&config, &metrics, &peers, open_files)?);
+        let delivery = accounts.default_account().delivery.clone();
+        let streams = accounts.default_account().streams.clone();
         metrics.sources.register(Arc::new(ClusterMetrics {
             metrics: metrics.clone(),
             peers: peers.clone(),
@@ -147,10 +158,37 @@ impl Server {
         metrics
             .sources
             .register(Arc::new(StreamsMetrics(streams.clone())));
+        let users = config.users.clone().map(|u| {
+            Arc::new(
+                crate::auth::live::LiveUsers::new(
+                    u,
+                    config.config_users.clone(),
+                    config.users_file.clone(),
+                    config.tls.as_ref().is_some_and(|t| t.client_ca.is_some()),
+                )
+                .with_accounts(
+                    accounts
+                        .all()
+                        .iter()
+                        .map(|a| a.name().to_string())
+                        .collect(),
+                ),
+            )
+        });
+        metrics
+            .sources
+            .register(Arc::new(AccountMetrics(accounts.clone())));
+        let mut config = config;
+        // Port 0 picked a port: INFO and the docs name the real one.
+        if let Some(l) = &nats_listener {
+            config.nats = Some(l.local_addr()?);
+        }
         let state = Arc::new(State {
+            users,
             config,
             delivery,
             streams,
+            accounts,
             peers,
             tls,
         });
@@ -159,6 +197,7 @@ impl Server {
             listener,
             local_addr,
             route_listener,
+            nats_listener,
         })
     }
 
@@ -173,6 +212,11 @@ impl Server {
             .and_then(|l| l.local_addr().ok())
     }
 
+    /// Address of the NATS listener, when `--nats` is set.
+    pub fn nats_addr(&self) -> Option<SocketAddr> {
+        self.state.config.nats
+    }
+
     pub fn state(&self) -> Arc<State> {
         self.state.clone()
     }
@@ -185,18 +229,59 @@ impl Server {
             listener,
             local_addr,
             route_listener,
+            nats_listener,
         } = self;
+        // With NATS clients, a shutdown first puts the broker in lame duck
+        // mode: they are told (INFO `ldm`) and get --lame-duck-grace to move
+        // before the drain closes their connections.
+        let lame_duck = CancellationToken::new();
+        let outer = shutdown;
+        let shutdown = CancellationToken::new();
+        {
+            let (outer, inner, ld) = (outer.clone(), shutdown.clone(), lame_duck.clone());
+            let grace = match nats_listener {
+                Some(_) => state.config.lame_duck_grace,
+                None => Duration::ZERO,
+            };
+            tokio::spawn(async move {
+                outer.cancelled().await;
+                if !grace.is_zero() {
+                    info!(
+                        ?grace,
+                        "lame duck mode: telling NATS clients to move before the drain"
+                    );
+                    ld.cancel();
+                    tokio::time::sleep(grace).await;
+                }
+                inner.cancel();
+            });
+        }
         info!(addr = %local_addr, node = %state.config.node_id, max_payload = state.config.max_payload, tls = state.tls.is_some(), "listening for clients");
         let tracker = TaskTracker::new();
         if let Some(tls) = &state.tls {
             tracker.spawn(tls.clone().watch(shutdown.clone()));
         }
+        if let Some(users) = state.users.as_ref().filter(|u| u.reloadable()) {
+            tracker.spawn(users.clone().watch(shutdown.clone()));
+        }
         if let Some(l) = route_listener {
             crate::cluster::start(state.clone(), l, &tracker, shutdown.clone());
         }
         crate::memory::configure();
-        tracker.spawn(state.delivery.clone().give_back_memory(shutdown.clone()));
+        for a in state.accounts.all() {
+            tracker.spawn(a.delivery.clone().give_back_memory(shutdown.clone()));
+        }
         let limit = Arc::new(Semaphore::new(state.config.max_connections));
+        if let Some(l) = nats_listener {
+            crate::nats::start(
+                state.clone(),
+                l,
+                limit.clone(),
+                &tracker,
+                lame_duck.clone(),
+                shutdown.clone(),
+            );
+        }
         loop {
             let (stream, peer) = tokio::select! {
                 _ = shutdown.cancelled() => break,
@@ -230,8 +315,7 @@ impl Server {
                         code::MAX_CONNECTIONS,
                         "broker is at its connection limit",
                     );
-                    let _ = stream.write_all(&b).await;
-                    let _ = stream.shutdown().await;
+                    crate::transport::refuse(&mut stream, &b).await;
                 });
                 continue;
             };

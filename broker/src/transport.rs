@@ -11,8 +11,9 @@
 use std::io;
 use std::pin::Pin;
 use std::task::{Context, Poll};
+use std::time::Duration;
 
-use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf, ReadHalf, WriteHalf};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf, ReadHalf, WriteHalf};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::TcpStream;
 use tokio_rustls::TlsStream;
@@ -21,6 +22,35 @@ use sockbus_protocol::outbox::Take;
 
 /// A TLS session over TCP, server or client side (cluster routes dial).
 pub(crate) type TlsTcp = TlsStream<TcpStream>;
+
+/// How long a refused connection is kept half-open for the client to read
+/// its error, and how much of what it sends meanwhile is read and dropped.
+pub(crate) const REFUSAL_LINGER: Duration = Duration::from_millis(1000);
+const REFUSAL_LINGER_BYTES: usize = 64 * 1024;
+
+/// Sends a refused client its last words (`-ERR ...`, an ERR frame, an HTTP
+/// answer) and closes the connection so that it can read them: the write
+/// side is shut (FIN), then whatever the client still sends (the PING it
+/// sent after CONNECT, a PUB) is read and dropped until it closes, for at
+/// most [`REFUSAL_LINGER`] and [`REFUSAL_LINGER_BYTES`]. Closing a socket
+/// with unread bytes makes the kernel answer with a reset, and a client
+/// that writes after it gets EPIPE or ECONNRESET instead of the error.
+pub(crate) async fn refuse(s: &mut (impl AsyncRead + AsyncWrite + Unpin), last: &[u8]) {
+    let _ = tokio::time::timeout(REFUSAL_LINGER, async {
+        if s.write_all(last).await.is_err() || s.shutdown().await.is_err() {
+            return;
+        }
+        let mut buf = [0u8; 4096];
+        let mut read = 0;
+        while read < REFUSAL_LINGER_BYTES {
+            match s.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => read += n,
+            }
+        }
+    })
+    .await;
+}
 
 /// A whole connection, before it is split into its reading and writing halves.
 pub(crate) enum Transport {

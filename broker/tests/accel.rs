@@ -120,6 +120,10 @@ fn delta(after: Stats, before: Stats) -> Stats {
         redirect_verdicts: after.redirect_verdicts - before.redirect_verdicts,
         bytes_redirected: after.bytes_redirected - before.bytes_redirected,
         misses: after.misses - before.misses,
+        direct_msgs: after.direct_msgs - before.direct_msgs,
+        direct_bytes: after.direct_bytes - before.direct_bytes,
+        direct_fallbacks: after.direct_fallbacks - before.direct_fallbacks,
+        direct_broken: after.direct_broken - before.direct_broken,
     }
 }
 
@@ -1742,4 +1746,618 @@ async fn tls_connections_on_the_fast_path_deliver_every_message_in_order() {
     nothing(&mut sub).await;
     // TLS records, not frames, crossed the sockmap: more bytes than the payloads.
     assert_accelerated(&fp, 2 * 20_000 * 4);
+}
+
+// ---------------------------------------------------------------- direct delivery
+//
+// The kernel side of direct delivery, driven by a broker stand-in: the test
+// holds both ends of every connection, installs routes, grants and the
+// barrier count itself, and plays the broker where a test needs one
+// (forwarding what reaches the broker's end as MSG frames).
+
+mod direct {
+    use super::*;
+    use sockbus_broker::accel::abi::{DirectRoute, SockKey, DIRECT_SUBJECT_MAX};
+    use sockbus_broker::accel::direct::{socket_keys, DirectMaps, DIRECT_FRAME_MAX};
+    use sockbus_protocol::frame::{encode_msg, parse_header, HEADER_LEN};
+    use sockbus_protocol::subject::subject_hash;
+    use std::io::Write;
+    use std::net::{TcpListener, TcpStream};
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+    use std::sync::{Arc, Mutex};
+
+    const WAIT: Duration = Duration::from_secs(20);
+
+    pub(super) struct Node {
+        pub fp: FastPath,
+        pub maps: Arc<Mutex<DirectMaps>>,
+        l: TcpListener,
+    }
+
+    /// One connection: `c` the client's end, `b` the broker's end, `key`
+    /// the client end's key.
+    pub(super) struct Conn {
+        pub c: TcpStream,
+        pub b: TcpStream,
+        pub key: SockKey,
+    }
+
+    pub(super) fn node() -> Node {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let fp = attach(&[l.local_addr().unwrap().port()]);
+        let mut maps = fp.direct().expect("direct maps");
+        maps.set_enabled(true).unwrap();
+        Node {
+            fp,
+            maps: Arc::new(Mutex::new(maps)),
+            l,
+        }
+    }
+
+    impl Node {
+        pub fn conn(&self) -> Conn {
+            let c = TcpStream::connect(self.l.local_addr().unwrap()).unwrap();
+            let (b, _) = self.l.accept().unwrap();
+            for s in [&c, &b] {
+                s.set_read_timeout(Some(WAIT)).unwrap();
+                s.set_write_timeout(Some(WAIT)).unwrap();
+                s.set_nodelay(true).unwrap();
+            }
+            let key = socket_keys(&c).unwrap().0;
+            let fp_keys = socket_keys(&b).unwrap();
+            // sock_ops put both ends in the socket hash and the client's end
+            // in per-frame mode before its first byte.
+            let t = Instant::now();
+            while self.fp.sockets() < 2 || self.maps().publisher(&key).is_none() {
+                assert!(t.elapsed() < WAIT, "sock_ops did not insert {key:?}");
+                std::thread::yield_now();
+            }
+            assert!(
+                self.maps().publisher(&fp_keys.0).is_none(),
+                "broker end is no publisher"
+            );
+            Conn { c, b, key }
+        }
+
+        pub fn maps(&self) -> std::sync::MutexGuard<'_, DirectMaps> {
+            self.maps.lock().unwrap()
+        }
+
+        /// A route for `subject` to `sub`, the publisher allowed and in
+        /// step, the subscriber granted `grant` bytes.
+        pub fn route(&self, subject: &str, publisher: &Conn, sub: &Conn, sid: u32, grant: u64) {
+            let mut m = self.maps();
+            m.add_route(subject, sub.key, sid).unwrap();
+            m.allow(publisher.key).unwrap();
+            m.set_done(publisher.key, 0).unwrap();
+            m.grant(sub.key, grant).unwrap();
+        }
+    }
+
+    pub(super) fn pub_frame(subject: &str, reply: Option<&str>, payload: &[u8]) -> Vec<u8> {
+        let mut b = BytesMut::new();
+        encode_pub(&mut b, subject, reply, &[], payload).unwrap();
+        b.to_vec()
+    }
+
+    pub(super) fn msg_frame(
+        sid: u32,
+        subject: &str,
+        reply: Option<&str>,
+        payload: &[u8],
+    ) -> Vec<u8> {
+        let mut b = BytesMut::new();
+        encode_msg(
+            &mut b,
+            sid,
+            0,
+            subject,
+            subject_hash(subject.as_bytes()),
+            reply,
+            &[],
+            payload,
+        );
+        b.to_vec()
+    }
+
+    /// Reads one whole frame (header and body) from `s`.
+    pub(super) fn read_frame(s: &mut TcpStream) -> Vec<u8> {
+        let mut h = [0u8; HEADER_LEN];
+        s.read_exact(&mut h).expect("read a frame header");
+        let hd = parse_header(&h).expect("a frame header").expect("12 bytes");
+        let mut f = h.to_vec();
+        f.resize(HEADER_LEN + hd.len as usize, 0);
+        s.read_exact(&mut f[HEADER_LEN..])
+            .expect("read a frame body");
+        f
+    }
+
+    /// The next frame at `s` is `want` (a marker proves nothing came before it).
+    fn expect(s: &mut TcpStream, want: &[u8], what: &str) {
+        let got = read_frame(s);
+        assert!(
+            got == want,
+            "{what}: got {} bytes {:?}…, want {} bytes {:?}…",
+            got.len(),
+            &got[..got.len().min(40)],
+            want.len(),
+            &want[..want.len().min(40)]
+        );
+    }
+
+    fn marker(n: u32) -> Vec<u8> {
+        pub_frame("marker", None, &n.to_le_bytes())
+    }
+
+    /// PUB frames on a routed subject from an allowed publisher go straight
+    /// into the subscriber's socket as MSG frames, byte for byte what the
+    /// broker would send, one or many per send; the broker's end sees none.
+    #[test]
+    fn a_pub_on_a_routed_subject_arrives_at_the_subscriber_as_msg_without_the_broker() {
+        if !privileged("direct_end_to_end") {
+            return;
+        }
+        let n = node();
+        let (mut p, mut s) = (n.conn(), n.conn());
+        n.route("svc.echo", &p, &s, 7, 1 << 20);
+        let before = n.fp.stats().unwrap();
+        p.c.write_all(&pub_frame("svc.echo", Some("_INBOX.abc.1"), b"ping"))
+            .unwrap();
+        expect(
+            &mut s.c,
+            &msg_frame(7, "svc.echo", Some("_INBOX.abc.1"), b"ping"),
+            "one frame",
+        );
+        // Eight frames and a frame for the broker in one send.
+        let mut batch = Vec::new();
+        for i in 0..8u32 {
+            batch.extend(pub_frame(
+                "svc.echo",
+                None,
+                &payload(i, 100 + 500 * i as usize),
+            ));
+        }
+        batch.extend(marker(1));
+        p.c.write_all(&batch).unwrap();
+        for i in 0..8u32 {
+            expect(
+                &mut s.c,
+                &msg_frame(7, "svc.echo", None, &payload(i, 100 + 500 * i as usize)),
+                "batch",
+            );
+        }
+        expect(&mut p.b, &marker(1), "the broker sees only the marker");
+        let d = delta(n.fp.stats().unwrap(), before);
+        assert_eq!(d.direct_msgs, 9);
+        let m = n.maps();
+        assert_eq!(m.subject("svc.echo").unwrap().msgs, 9);
+        let st = m.publisher(&p.key).unwrap();
+        assert_eq!(st.direct_msgs, 9);
+        assert_eq!(
+            st.passed,
+            marker(1).len() as u64,
+            "only the marker was handed to the broker"
+        );
+        assert_eq!(m.subscriber(&s.key).unwrap().msgs, 9);
+        drop(m);
+        // The subscriber's end of the broker got nothing either.
+        s.b.set_nonblocking(true).unwrap();
+        let mut one = [0u8; 1];
+        assert!(matches!(s.b.read(&mut one), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock));
+    }
+
+    /// A subject whose 32-bit hash equals the routed subject's goes to the
+    /// broker, intact: the program compares the subject bytes.
+    #[test]
+    fn a_colliding_subject_hash_never_reaches_the_routed_subscriber() {
+        if !privileged("direct_collision") {
+            return;
+        }
+        // A real FNV-1a collision between two subjects.
+        let mut seen = std::collections::HashMap::new();
+        let (a, b) = (0u32..)
+            .find_map(|i| {
+                let s = format!("orders.{i}");
+                seen.insert(subject_hash(s.as_bytes()), s.clone())
+                    .map(|prev| (prev, s))
+            })
+            .unwrap();
+        assert_eq!(subject_hash(a.as_bytes()), subject_hash(b.as_bytes()));
+        let n = node();
+        let (mut p, mut s) = (n.conn(), n.conn());
+        n.route(&a, &p, &s, 3, 1 << 20);
+        let fb = pub_frame(&b, None, b"not for a");
+        p.c.write_all(&fb).unwrap();
+        expect(&mut p.b, &fb, "the colliding subject goes to the broker");
+        // Same length, same hash bucket, different bytes: also a route under
+        // another subject's hash.
+        let mut route = DirectRoute {
+            sub: s.key,
+            sid: 3,
+            subject_len: 8,
+            subject: [0; DIRECT_SUBJECT_MAX],
+        };
+        route.subject[..8].copy_from_slice(b"orders.x");
+        n.maps()
+            .add_route_hashed(subject_hash(b"orders.y"), route)
+            .unwrap();
+        let fy = pub_frame("orders.y", None, b"y");
+        p.c.write_all(&fy).unwrap();
+        expect(&mut p.b, &fy, "same length, other bytes");
+        // The broker has handled both: the barrier opens.
+        n.maps()
+            .set_done(p.key, (fb.len() + fy.len()) as u64)
+            .unwrap();
+        p.c.write_all(&pub_frame(&a, None, b"for a")).unwrap();
+        expect(
+            &mut s.c,
+            &msg_frame(3, &a, None, b"for a"),
+            "the routed subject still goes direct",
+        );
+    }
+
+    /// A header split over two sends loses nothing: the frame and everything
+    /// after it go through the broker, intact and in order, for good.
+    #[test]
+    fn a_header_split_over_two_sends_goes_through_the_broker_intact() {
+        if !privileged("direct_split_header") {
+            return;
+        }
+        let n = node();
+        let (mut p, mut s) = (n.conn(), n.conn());
+        n.route("svc.a", &p, &s, 1, 1 << 20);
+        let before = n.fp.stats().unwrap();
+        let f = pub_frame("svc.a", None, b"split");
+        p.c.write_all(&f[..5]).unwrap();
+        p.c.write_all(&f[5..]).unwrap();
+        let mut all = Vec::new();
+        for i in 0..20u32 {
+            let g = pub_frame("svc.a", None, &payload(i, 64));
+            p.c.write_all(&g).unwrap();
+            all.push(g);
+        }
+        p.c.write_all(&marker(2)).unwrap();
+        expect(&mut p.b, &f, "the split frame");
+        for g in &all {
+            expect(&mut p.b, g, "frames after the split");
+        }
+        expect(&mut p.b, &marker(2), "marker");
+        let d = delta(n.fp.stats().unwrap(), before);
+        assert_eq!(d.direct_msgs, 0);
+        assert_eq!(d.direct_broken, 1);
+        // Nothing reached the subscriber.
+        s.c.set_nonblocking(true).unwrap();
+        let mut one = [0u8; 1];
+        assert!(matches!(s.c.read(&mut one), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock));
+    }
+
+    /// A frame above the bound, and a frame split inside its body over two
+    /// sends, go to the broker whole; the frames after them still go direct.
+    #[test]
+    fn frames_above_the_bound_or_split_in_the_body_go_through_the_broker() {
+        if !privileged("direct_bound") {
+            return;
+        }
+        let n = node();
+        let (mut p, mut s) = (n.conn(), n.conn());
+        n.route("svc.big", &p, &s, 9, 64 << 20);
+        let big = pub_frame("svc.big", None, &payload(1, DIRECT_FRAME_MAX as usize));
+        p.c.write_all(&big).unwrap();
+        expect(&mut p.b, &big, "a frame above the bound");
+        // The broker has handled it: the barrier opens again.
+        n.maps().set_done(p.key, big.len() as u64).unwrap();
+        let small = pub_frame("svc.big", None, b"small");
+        p.c.write_all(&small).unwrap();
+        expect(
+            &mut s.c,
+            &msg_frame(9, "svc.big", None, b"small"),
+            "after the big one",
+        );
+        let split = pub_frame("svc.big", None, &payload(2, 4000));
+        p.c.write_all(&split[..1000]).unwrap();
+        p.c.write_all(&split[1000..]).unwrap();
+        expect(&mut p.b, &split, "split in the body");
+        n.maps()
+            .set_done(p.key, (big.len() + split.len()) as u64)
+            .unwrap();
+        p.c.write_all(&small).unwrap();
+        expect(
+            &mut s.c,
+            &msg_frame(9, "svc.big", None, b"small"),
+            "after the split one",
+        );
+    }
+
+    /// A publisher the broker did not allow never goes direct; revoking
+    /// mid-stream sends the rest to the broker with nothing lost.
+    #[test]
+    fn a_publisher_not_allowed_never_goes_direct() {
+        if !privileged("direct_denied") {
+            return;
+        }
+        let n = node();
+        let (mut p, mut s) = (n.conn(), n.conn());
+        n.route("svc.secret", &p, &s, 4, 1 << 20);
+        n.maps().disallow(&p.key);
+        let f = pub_frame("svc.secret", None, b"denied");
+        p.c.write_all(&f).unwrap();
+        expect(&mut p.b, &f, "denied publisher's frame reaches the broker");
+        n.maps().allow(p.key).unwrap();
+        n.maps().set_done(p.key, f.len() as u64).unwrap();
+        p.c.write_all(&f).unwrap();
+        expect(
+            &mut s.c,
+            &msg_frame(4, "svc.secret", None, b"denied"),
+            "allowed",
+        );
+        n.maps().disallow(&p.key);
+        p.c.write_all(&f).unwrap();
+        expect(&mut p.b, &f, "revoked");
+    }
+
+    /// A subscriber that stops reading gets no more than its grant directly;
+    /// the rest goes to the broker (whose flow control and slow-consumer rule
+    /// apply), in order behind what went direct; nothing is lost.
+    #[test]
+    fn a_subscriber_that_stops_reading_gets_at_most_its_grant_directly() {
+        if !privileged("direct_budget") {
+            return;
+        }
+        let n = node();
+        let (mut p, mut s) = (n.conn(), n.conn());
+        let grant = 64 * 1024u64;
+        n.route("svc.slow", &p, &s, 5, grant);
+        let frames: Vec<Vec<u8>> = (0..500u32)
+            .map(|i| pub_frame("svc.slow", None, &payload(i, 1000)))
+            .collect();
+        for f in &frames {
+            p.c.write_all(f).unwrap();
+        }
+        p.c.write_all(&marker(3)).unwrap();
+        let used = n.maps().subscriber(&s.key).unwrap().used;
+        assert!(used <= grant, "used {used} of a grant of {grant}");
+        let direct = n.maps().subscriber(&s.key).unwrap().msgs as usize;
+        assert!(direct > 0 && direct < frames.len(), "{direct} went direct");
+        for (i, f) in frames.iter().enumerate().skip(direct) {
+            let _ = i;
+            expect(&mut p.b, f, "over the grant");
+        }
+        expect(&mut p.b, &marker(3), "marker");
+        for (i, _) in frames.iter().enumerate().take(direct) {
+            expect(
+                &mut s.c,
+                &msg_frame(5, "svc.slow", None, &payload(i as u32, 1000)),
+                "within the grant",
+            );
+        }
+    }
+
+    /// The subscriber closes with direct frames unread: those are gone (at
+    /// most once, as for core pub/sub), and the publisher's next frames go
+    /// to the broker intact; its sends never fail.
+    #[test]
+    fn a_subscriber_that_closes_with_frames_queued_sends_the_rest_to_the_broker() {
+        if !privileged("direct_close") {
+            return;
+        }
+        let n = node();
+        let (mut p, s) = (n.conn(), n.conn());
+        n.route("svc.gone", &p, &s, 6, 1 << 20);
+        for i in 0..10u32 {
+            p.c.write_all(&pub_frame("svc.gone", None, &payload(i, 100)))
+                .unwrap();
+        }
+        let queued = n.maps().subscriber(&s.key).unwrap().msgs;
+        assert_eq!(queued, 10);
+        let sub_key = s.key;
+        drop(s);
+        let t = Instant::now();
+        while n.fp.contains_key(&sub_key) {
+            assert!(t.elapsed() < WAIT, "closed socket still in the map");
+            std::thread::yield_now();
+        }
+        let f = pub_frame("svc.gone", None, b"after close");
+        p.c.write_all(&f).unwrap();
+        expect(&mut p.b, &f, "after the subscriber closed");
+    }
+
+    /// Two publishers into one subscriber, direct, while the broker writes
+    /// to it too: every frame arrives whole and each sender's in order.
+    ///
+    /// Ignored until the broker half of direct delivery exists: the stand-in
+    /// broker here writes with `write_all`, which under load can split a
+    /// frame over two sends (a partial write when the subscriber's queue is
+    /// full), and a direct frame then lands between the two halves. Failed
+    /// so in a fresh-clone CI run (frame 41 of the stand-in). The broker must
+    /// write each frame below the bound in one send (issue 18, item 3);
+    /// this test is to run with that writer: `cargo test --test accel -- --ignored`.
+    #[test]
+    #[ignore = "the stand-in broker's write_all can split a frame under load; needs the broker half's one-send-per-frame writer"]
+    fn two_senders_and_the_broker_into_one_subscriber_keep_frames_whole() {
+        if !privileged("direct_two_senders") {
+            return;
+        }
+        let n = node();
+        let (p1, p2, mut s) = (n.conn(), n.conn(), n.conn());
+        n.route("svc.one", &p1, &s, 1, 1 << 40);
+        n.route("svc.two", &p2, &s, 2, 1 << 40);
+        const N: u32 = 300;
+        let size = |i: u32| 100 + (i as usize * 7919) % (DIRECT_FRAME_MAX as usize - 200);
+        let mut handles = Vec::new();
+        for (mut c, subj) in [(p1.c, "svc.one"), (p2.c, "svc.two")] {
+            handles.push(std::thread::spawn(move || {
+                for i in 0..N {
+                    c.write_all(&pub_frame(subj, None, &payload(i, size(i))))
+                        .unwrap();
+                }
+                c
+            }));
+        }
+        let mut b = s.b.try_clone().unwrap();
+        handles.push(std::thread::spawn(move || {
+            for i in 0..N {
+                b.write_all(&msg_frame(3, "from.broker", None, &payload(i, size(i))))
+                    .unwrap();
+            }
+            b
+        }));
+        let mut next = [0u32; 3];
+        for _ in 0..3 * N {
+            let f = read_frame(&mut s.c);
+            let sid = u32::from_le_bytes(f[12..16].try_into().unwrap());
+            let subj = ["svc.one", "svc.two", "from.broker"][(sid - 1) as usize];
+            let i = next[(sid - 1) as usize];
+            assert_eq!(
+                f,
+                msg_frame(sid, subj, None, &payload(i, size(i))),
+                "sender {sid} frame {i}"
+            );
+            next[(sid - 1) as usize] += 1;
+        }
+        for h in handles {
+            h.join().unwrap();
+        }
+    }
+
+    /// Routes come and go while a publisher publishes numbered messages and a
+    /// stand-in broker forwards whatever reaches it (reporting to the kernel
+    /// what it has handled): the subscriber gets every message exactly once,
+    /// in order. Without the barrier (`done` always equal to `passed`) the
+    /// same churn inverts messages.
+    #[test]
+    fn route_churn_while_publishing_loses_duplicates_and_reorders_nothing() {
+        if !privileged("direct_churn") {
+            return;
+        }
+        let (inversions, direct, total) = churn(true);
+        assert_eq!(inversions, 0, "{direct} of {total} went direct");
+        assert!(
+            direct > 0 && direct < total,
+            "{direct} of {total} went direct"
+        );
+    }
+
+    #[test]
+    fn without_the_barrier_route_churn_reorders() {
+        if !privileged("direct_churn_no_barrier") {
+            return;
+        }
+        // The same churn with the barrier cheated (the stand-in broker says it
+        // handled everything the kernel passed it, at once): inversions show
+        // that the churn test can see what the barrier prevents.
+        let mut inv = 0;
+        for _ in 0..5 {
+            inv += churn(false).0;
+            if inv > 0 {
+                break;
+            }
+        }
+        assert!(
+            inv > 0,
+            "no inversion without the barrier: the churn test proves nothing"
+        );
+    }
+
+    /// Returns (inversions, messages that went direct, messages).
+    fn churn(barrier: bool) -> (u64, u64, u64) {
+        let n = node();
+        let (p, mut s) = (n.conn(), n.conn());
+        n.route("svc.churn", &p, &s, 8, 1 << 40);
+        const N: u32 = 20_000;
+        let stop = Arc::new(AtomicBool::new(false));
+        // The publisher.
+        let mut pc = p.c;
+        let publisher = std::thread::spawn(move || {
+            for i in 0..N {
+                pc.write_all(&pub_frame("svc.churn", None, &i.to_le_bytes()))
+                    .unwrap();
+            }
+            pc
+        });
+        // The stand-in broker: reads the publisher's frames, writes them to
+        // the subscriber as MSG, then tells the kernel what it handled.
+        let (mut pb, mut sb, pkey) = (p.b, s.b.try_clone().unwrap(), p.key);
+        let maps = n.maps.clone();
+        let handled = Arc::new(AtomicU64::new(0));
+        let h2 = handled.clone();
+        let fp_pub = n.fp.direct().unwrap();
+        let broker = std::thread::spawn(move || {
+            let mut got = 0u32;
+            let mut fp_pub = fp_pub;
+            loop {
+                let f = read_frame(&mut pb);
+                if f == marker(0) {
+                    break;
+                }
+                let body = &f[HEADER_LEN..];
+                let slen = u16::from_le_bytes([body[0], body[1]]) as usize;
+                let payload = &f[f.len() - 4..];
+                let _ = slen;
+                sb.write_all(&msg_frame(8, "svc.churn", None, payload))
+                    .unwrap();
+                let done = h2.fetch_add(f.len() as u64, Ordering::SeqCst) + f.len() as u64;
+                if barrier {
+                    maps.lock().unwrap().set_done(pkey, done).unwrap();
+                }
+                got += 1;
+                let _ = &mut fp_pub;
+            }
+            got
+        });
+        // Without the barrier: keep `done` equal to what the kernel passed.
+        let cheat = (!barrier).then(|| {
+            let maps = n.maps.clone();
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                while !stop.load(Ordering::Relaxed) {
+                    let mut m = maps.lock().unwrap();
+                    if let Some(st) = m.publisher(&pkey) {
+                        m.set_done(pkey, st.passed).unwrap();
+                    }
+                    drop(m);
+                    std::thread::yield_now();
+                }
+            })
+        });
+        // Churn: the route comes and goes.
+        let maps = n.maps.clone();
+        let stop2 = stop.clone();
+        let skey = s.key;
+        let churner = std::thread::spawn(move || {
+            let mut on = true;
+            while !stop2.load(Ordering::Relaxed) {
+                let mut m = maps.lock().unwrap();
+                if on {
+                    m.remove_route("svc.churn");
+                } else {
+                    m.add_route("svc.churn", skey, 8).unwrap();
+                }
+                drop(m);
+                on = !on;
+                std::thread::sleep(Duration::from_micros(200));
+            }
+        });
+        let mut inversions = 0u64;
+        let mut seen = vec![false; N as usize];
+        let mut last: i64 = -1;
+        for _ in 0..N {
+            let f = read_frame(&mut s.c);
+            let i = u32::from_le_bytes(f[f.len() - 4..].try_into().unwrap());
+            assert!(!seen[i as usize], "message {i} twice");
+            seen[i as usize] = true;
+            if (i as i64) < last {
+                inversions += 1;
+            }
+            last = last.max(i as i64);
+        }
+        stop.store(true, Ordering::Relaxed);
+        churner.join().unwrap();
+        if let Some(c) = cheat {
+            c.join().unwrap();
+        }
+        let mut pc = publisher.join().unwrap();
+        pc.write_all(&marker(0)).unwrap();
+        let via_broker = broker.join().unwrap() as u64;
+        (inversions, N as u64 - via_broker, N as u64)
+    }
 }

@@ -119,6 +119,31 @@ async fn wrong_or_missing_credentials_are_refused_and_right_ones_connect() {
 }
 
 #[tokio::test]
+async fn a_refused_client_that_keeps_writing_still_reads_why() {
+    // A client that writes after its CONNECT (a PING, PUBs) must still read
+    // the refusal: the broker keeps reading until the client closes instead
+    // of closing with unread bytes (a reset, then EPIPE on the next write).
+    let b = broker().await;
+    let mut raw = common::Raw::connect_only(b.addr).await;
+    let mut f = bytes::BytesMut::new();
+    let token = sockbus_protocol::Credentials::Token(b"nope").encode();
+    sockbus_protocol::frame::encode_connect(&mut f, 0, 0, "raw", &token).unwrap();
+    raw.send(&f).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    for _ in 0..2 {
+        raw.send_frame(sockbus_protocol::Frame::Ping(1)).await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    match raw.next().await {
+        Some(sockbus_protocol::Frame::Err { code: c, .. }) => {
+            assert_eq!(c, code::AUTHORIZATION_VIOLATION)
+        }
+        other => panic!("expected the refusal, got {other:?}"),
+    }
+    assert!(raw.closed().await);
+}
+
+#[tokio::test]
 async fn a_denied_publish_is_refused_with_its_subject_and_the_connection_stays_usable() {
     let b = broker().await;
     let admin = opts().connect(&url_as(&b, "admin:admin-pw")).await.unwrap();
@@ -273,6 +298,62 @@ async fn a_user_may_answer_a_request_it_received_once_without_a_publish_permissi
 }
 
 #[tokio::test]
+async fn a_request_to_a_subject_the_user_may_not_publish_to_fails_at_once_with_the_typed_error() {
+    let b = broker().await;
+    let admin = opts().connect(&url_as(&b, "admin:admin-pw")).await.unwrap();
+    let mut reqs = admin.subscribe("orders.get").await.unwrap();
+    let mut billing = admin.subscribe("billing.get").await.unwrap();
+    admin.flush().await.unwrap();
+    // A request timeout far longer than the test: only the broker's
+    // refusal can end the denied request.
+    let c = ConnectOptions::new()
+        .max_reconnects(0)
+        .request_timeout(Duration::from_secs(600))
+        .connect(&url_as(&b, "orders:orders-pw"))
+        .await
+        .unwrap();
+    let allowed = {
+        let c = c.clone();
+        tokio::spawn(async move { c.request("orders.get", "?").await })
+    };
+    // The allowed request is pending at the broker's responder first.
+    let m = tokio::time::timeout(Duration::from_secs(60), reqs.next())
+        .await
+        .unwrap()
+        .unwrap();
+    for _ in 0..2 {
+        let r = tokio::time::timeout(Duration::from_secs(60), c.request("billing.get", "?"))
+            .await
+            .expect("the denied request ended by the broker's refusal, not its timeout");
+        match r {
+            Err(Error::PermissionDenied { op, subject }) => {
+                assert_eq!((op.as_str(), subject.as_str()), ("publish", "billing.get"))
+            }
+            other => panic!("expected permission denied, got {other:?}"),
+        }
+    }
+    assert!(
+        tokio::time::timeout(Duration::from_millis(200), billing.next())
+            .await
+            .is_err(),
+        "nothing reached billing"
+    );
+    // The other request, still waiting, is untouched and gets its answer.
+    admin
+        .publish(m.reply().expect("a request"), "answer")
+        .await
+        .unwrap();
+    admin.flush().await.unwrap();
+    let reply = tokio::time::timeout(Duration::from_secs(10), allowed)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(&reply.payload[..], b"answer");
+    c.flush().await.ok();
+}
+
+#[tokio::test]
 async fn stream_management_needs_a_publish_permission_on_its_api_subject() {
     let b = broker().await;
     let c = opts()
@@ -281,11 +362,14 @@ async fn stream_management_needs_a_publish_permission_on_its_api_subject() {
         .unwrap();
     // Listing (how `sockbus pub` finds a stream) is open to every user.
     assert!(c.stream_list().await.unwrap().is_empty());
-    // A denied request gets no answer (the ERR names no request): it times out.
+    // A denied request fails at once (the ERR names its reply subject).
     let r = c
         .stream_add(&StreamConfig::new("ORDERS", ["orders.>"]))
         .await;
-    assert!(matches!(r, Err(Error::Timeout)), "{r:?}");
+    assert!(
+        matches!(&r, Err(Error::PermissionDenied { op, subject }) if op == "publish" && subject.starts_with("$SB.API.")),
+        "{r:?}"
+    );
     assert!(b.state.streams().is_empty(), "no stream was made");
     let user = b
         .state

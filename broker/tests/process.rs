@@ -391,6 +391,12 @@ async fn a_ping_flood_that_never_reads_is_cut_off_while_others_are_served() {
         sent >> 20
     );
     assert!(closed, "the broker closed the flooding connection");
+    // The verdict is counted just after the outbox closes, and the flood's
+    // socket can see the close first: poll (bounded) for the count.
+    let counted = Instant::now() + Duration::from_secs(10);
+    while metric(http, "sockbus_slow_consumers_total") < 1.0 && Instant::now() < counted {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     assert_eq!(metric(http, "sockbus_slow_consumers_total"), 1.0);
     // Others are still served after it.
     c.publish("rt", b"after").await.unwrap();

@@ -96,10 +96,32 @@ async fn invalid_subjects_get_a_clear_error() {
         let e = c.publish(bad, "x").await.unwrap_err();
         assert!(matches!(e, Error::InvalidSubject(_)), "{bad:?}: {e}");
     }
-    for bad in ["a.>.b", "a..b", "a*"] {
+    for bad in ["a.>.b", "a..b", ">.a"] {
         let e = c.subscribe(bad).await.unwrap_err();
         assert!(matches!(e, Error::InvalidSubject(_)), "{bad:?}: {e}");
     }
+}
+
+/// NATS's rule: only a whole `*` or `>` token is a wildcard; `foo*`, `*bar`
+/// and `>-` are literal tokens anyone can publish and subscribe to.
+#[tokio::test]
+async fn tokens_with_wildcard_characters_are_literal_and_deliver_exactly() {
+    let b = TestBroker::start().await;
+    let c = sockbus_client::connect(&b.url).await.unwrap();
+    let mut lit = c.subscribe("orders.eu*").await.unwrap();
+    let mut gt = c.subscribe(">-.x").await.unwrap();
+    let mut star = c.subscribe("*bar.*").await.unwrap();
+    c.flush().await.unwrap();
+    for s in ["orders.eux", "orders.eu*", ">-.x", "*bar.a*", "xbar.a"] {
+        c.publish(s, s.to_string()).await.unwrap();
+    }
+    c.flush().await.unwrap();
+    assert_eq!(recv(&mut lit).await.subject(), "orders.eu*");
+    assert_eq!(recv(&mut gt).await.subject(), ">-.x");
+    assert_eq!(recv(&mut star).await.subject(), "*bar.a*");
+    nothing(&mut lit).await;
+    nothing(&mut gt).await;
+    nothing(&mut star).await;
 }
 
 #[tokio::test]

@@ -56,7 +56,10 @@ pub(crate) struct Inner {
     pub(crate) max_payload: AtomicU32,
     /// Count of ERR frames received and the latest one.
     pub(crate) errors: Mutex<(u64, Option<(u16, String)>)>,
-    pub(crate) requests: Mutex<HashMap<u64, oneshot::Sender<Message>, rustc_hash::FxBuildHasher>>,
+    /// Requests waiting, by id: the reply, or why the broker refused the
+    /// request (an ERR naming its reply subject).
+    pub(crate) requests:
+        Mutex<HashMap<u64, oneshot::Sender<Result<Message>>, rustc_hash::FxBuildHasher>>,
     pub(crate) mux_sid: tokio::sync::OnceCell<u32>,
     pub(crate) inbox_prefix: String,
     pub(crate) next_req: AtomicU64,
@@ -363,7 +366,7 @@ impl Client {
         }
         let sid = self.inner.next_sid.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = mpsc::channel(self.inner.opts.sub_capacity);
-        let pending = Arc::new(AtomicUsize::new(0));
+        let taken = Arc::new(AtomicUsize::new(0));
         let dropped = Arc::new(AtomicU64::new(0));
         let refused = Arc::new(std::sync::OnceLock::new());
         {
@@ -375,7 +378,8 @@ impl Client {
                     subject: subject.to_string(),
                     queue: queue.map(str::to_string),
                     tx,
-                    pending: pending.clone(),
+                    offered: 0,
+                    taken: taken.clone(),
                     received: 0,
                     max: None,
                     dropped: dropped.clone(),
@@ -390,7 +394,7 @@ impl Client {
         Ok(Subscriber::new(
             sid,
             rx,
-            pending,
+            taken,
             dropped,
             refused,
             self.clone(),

@@ -2,6 +2,7 @@
 //! serve it until it fails, then reconnect with backoff, restoring every
 //! subscription on the new connection before anything else is sent.
 
+use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -53,17 +54,27 @@ struct Conn<S = Stream> {
 /// reset for the new connection with every live subscription re-sent first.
 async fn establish(inner: &Arc<Inner>, start: usize) -> Result<Conn> {
     let mut last = String::new();
+    let mut refused = None;
     for i in 0..inner.urls.len() {
         let url = &inner.urls[(start + i) % inner.urls.len()];
         match tokio::time::timeout(inner.opts.connect_timeout, handshake(inner, url)).await {
             Ok(Ok(c)) => return Ok(c),
             // The same credentials are wrong on every server.
             Ok(Err(e @ Error::Authorization(_))) => return Err(e),
+            Ok(Err(e @ Error::Server { .. })) => {
+                last = format!("{url}: {e}");
+                refused = Some(e);
+            }
             Ok(Err(e)) => last = format!("{url}: {e}"),
             Err(_) => last = format!("{url}: timed out"),
         }
     }
-    Err(Error::NoServers(last))
+    // The only broker refused at CONNECT (a connection limit, its own or
+    // the account's): that error, typed, says most.
+    match refused {
+        Some(e) if inner.urls.len() == 1 => Err(e),
+        _ => Err(Error::NoServers(last)),
+    }
 }
 
 async fn handshake(inner: &Arc<Inner>, url: &str) -> Result<Conn> {
@@ -275,7 +286,7 @@ async fn serve(inner: &Arc<Inner>, conn: Conn) -> Error {
     *lock(&inner.read) = Some(side.clone());
     // Frames queued while there was no connection.
     inner.wake.notify_one();
-    let writer = tokio::spawn(write_loop(inner.clone(), wr));
+    let writer = tokio::spawn(with_keepalive(inner.clone(), write_loop(inner.clone(), wr)));
     let abort = writer.abort_handle();
     let r = tokio::select! {
         r = read_loop(inner, &side) => r,
@@ -283,7 +294,6 @@ async fn serve(inner: &Arc<Inner>, conn: Conn) -> Error {
             Ok(e) => e,
             Err(_) => Error::Disconnected,
         },
-        e = keepalive(inner) => e,
     };
     abort.abort();
     lock(&inner.sock).take();
@@ -306,7 +316,10 @@ async fn serve_tls(
     inner.pings_out.store(0, Ordering::Relaxed);
     lock(&inner.close_reason).take();
     inner.wake.notify_one();
-    let writer = tokio::spawn(write_loop_stream(inner.clone(), wr));
+    let writer = tokio::spawn(with_keepalive(
+        inner.clone(),
+        write_loop_stream(inner.clone(), wr),
+    ));
     let abort = writer.abort_handle();
     let r = tokio::select! {
         r = read_loop_stream(inner, &mut rd, st) => r,
@@ -314,10 +327,19 @@ async fn serve_tls(
             Ok(e) => e,
             Err(_) => Error::Disconnected,
         },
-        e = keepalive(inner) => e,
     };
     abort.abort();
     r
+}
+
+/// Runs a connection's writer and its keepalive in one task: the timer is
+/// polled when that task wakes (rarely: most writes are made by the
+/// publishing task itself), not on every wake-up of the reading task.
+async fn with_keepalive(inner: Arc<Inner>, writer: impl Future<Output = Error>) -> Error {
+    tokio::select! {
+        e = writer => e,
+        e = keepalive(&inner) => e,
+    }
 }
 
 /// Keepalive, the broker's rule from this side: after a ping interval

@@ -256,6 +256,9 @@ pub(crate) async fn read_loop(inner: &Arc<Inner>, side: &ReadSide) -> Error {
     if inner.is_closing() {
         return Error::Closed;
     }
+    // Only a subscription that waits for room ([`Overflow::Wait`]) stalls
+    // the read side; registering for room costs two locks per turn.
+    let wait = inner.opts.overflow == Overflow::Wait;
     loop {
         if let Some(e) = lock(&side.failed).take() {
             return e;
@@ -263,7 +266,9 @@ pub(crate) async fn read_loop(inner: &Arc<Inner>, side: &ReadSide) -> Error {
         // Registered before the read, so room made while it runs is seen.
         let room = inner.room.notified();
         tokio::pin!(room);
-        room.as_mut().enable();
+        if wait {
+            room.as_mut().enable();
+        }
         // A waiting task may be reading: it holds the lock for one read and
         // what that completes, never across an await.
         let progress = match side.read_and_handle(inner, &mut lock(&side.state)) {
@@ -289,7 +294,7 @@ pub(crate) async fn read_loop(inner: &Arc<Inner>, side: &ReadSide) -> Error {
                     return e.into();
                 }
             }
-            _ = room.as_mut() => {}
+            _ = room.as_mut(), if wait => {}
             _ = failed.as_mut() => {}
             _ = closed.as_mut() => return Error::Closed,
         }
@@ -382,7 +387,7 @@ fn read_batch(
         }
         if h.kind == Kind::Msg {
             let frame = buf.split_to(len).freeze();
-            *stalled = dispatch_msg(inner, &mut subs, &h, frame)?;
+            dispatch_msg(inner, &mut subs, &h, frame, stalled)?;
             continue;
         }
         let r = match frame::decode_body(&h, &buf[HEADER_LEN..len]) {
@@ -430,6 +435,20 @@ fn handle_control(inner: &Inner, h: &frame::Header, f: FrameRef<'_>) -> Result<(
                 warn!(code = c, sid, "broker refused a subscription: {text}");
                 return Ok(());
             }
+            if let Some(hash) = frame::err_reply(h) {
+                // The broker refused a PUB with a reply subject: the
+                // request waiting on it fails now, with the typed error.
+                let mut requests = lock(&inner.requests);
+                let mut buf = [0u8; 64];
+                let id = requests.keys().copied().find(|&id| {
+                    let r = crate::request::reply_subject(&mut buf, &inner.inbox_prefix, id);
+                    sockbus_protocol::subject::subject_hash(r.as_bytes()) == hash
+                });
+                if let Some(tx) = id.and_then(|id| requests.remove(&id)) {
+                    let _ = tx.send(Err(Error::from_server(c, text)));
+                    return Ok(());
+                }
+            }
             match c {
                 code::MALFORMED
                 | code::SLOW_CONSUMER
@@ -456,12 +475,14 @@ fn handle_control(inner: &Inner, h: &frame::Header, f: FrameRef<'_>) -> Result<(
 
 /// Routes a MSG to its subscription or waiting request. `Some` when a full
 /// subscription holds it up ([`Overflow::Wait`]).
+#[inline(always)]
 fn dispatch_msg<'a>(
     inner: &'a Inner,
     subs: &mut Option<MutexGuard<'a, SubMap>>,
     h: &frame::Header,
     frame: Bytes,
-) -> Result<Option<Stalled>, Error> {
+    stalled: &mut Option<Stalled>,
+) -> Result<(), Error> {
     let f = frame::decode_body(h, &frame[HEADER_LEN..])?;
     let FrameRef::Msg {
         sid,
@@ -491,21 +512,21 @@ fn dispatch_msg<'a>(
             .and_then(|t| t.parse::<u64>().ok())
         {
             if let Some(tx) = lock(&inner.requests).remove(&id) {
-                let _ = tx.send(Message {
+                let _ = tx.send(Ok(Message {
                     frame,
                     subject: subject_span,
                     reply: reply_span,
                     headers: headers_span,
                     payload,
                     status: flags,
-                });
+                }));
             }
         }
-        return Ok(None);
+        return Ok(());
     }
     let subs = subs.get_or_insert_with(|| lock(&inner.subs));
     let Some(e) = subs.get_mut(&sid) else {
-        return Ok(None);
+        return Ok(());
     };
     let size = payload.len();
     e.received += 1;
@@ -524,16 +545,16 @@ fn dispatch_msg<'a>(
             subs.remove(&sid);
         }
         Offer::Full(msg) => {
-            return Ok(Some(Stalled {
+            *stalled = Some(Stalled {
                 sid,
                 msg,
                 size,
                 last,
                 dropped: e.dropped.clone(),
-            }))
+            })
         }
     }
-    Ok(None)
+    Ok(())
 }
 
 /// What became of a message offered to a subscription.
@@ -548,29 +569,25 @@ enum Offer {
 
 /// Queues `msg` for the subscription, or, when its buffer is full, drops it
 /// and counts it or hands it back, as [`Overflow`] says.
+#[inline(always)]
 fn offer(inner: &Inner, e: &mut SubEntry, sid: u32, mut msg: Message, size: usize) -> Offer {
     let wait = inner.opts.overflow == Overflow::Wait;
     for second_look in [false, true] {
-        let pending = e.pending.load(Ordering::Relaxed);
+        // What the subscriber holds; `taken` may lag (a relaxed read), which
+        // only overstates it.
+        let pending = e.offered.wrapping_sub(e.taken.load(Ordering::Relaxed));
         // Waiting, a message larger than the whole allowance still goes to
         // an empty subscription (else it would wait forever).
         let over = pending + size > inner.opts.sub_pending_bytes && !(wait && pending == 0);
         if !over {
-            // Count before sending: the subscriber may take it off at once.
-            e.pending.fetch_add(size, Ordering::Relaxed);
             match e.tx.try_send(msg) {
                 Ok(()) => {
+                    e.offered = e.offered.wrapping_add(size);
                     e.warned = false;
                     return Offer::Taken;
                 }
-                Err(mpsc::error::TrySendError::Full(m)) => {
-                    e.pending.fetch_sub(size, Ordering::Relaxed);
-                    msg = m;
-                }
-                Err(mpsc::error::TrySendError::Closed(_)) => {
-                    e.pending.fetch_sub(size, Ordering::Relaxed);
-                    return Offer::Closed;
-                }
+                Err(mpsc::error::TrySendError::Full(m)) => msg = m,
+                Err(mpsc::error::TrySendError::Closed(_)) => return Offer::Closed,
             }
         }
         if !wait {

@@ -21,7 +21,7 @@ use crate::subscriber::SubEntry;
 
 /// `<prefix>.<id>` written into `buf`: a request's reply subject without an
 /// allocation (the prefix is `_INBOX.` and 16 hex digits).
-fn reply_subject<'a>(buf: &'a mut [u8; 64], prefix: &str, id: u64) -> &'a str {
+pub(crate) fn reply_subject<'a>(buf: &'a mut [u8; 64], prefix: &str, id: u64) -> &'a str {
     use std::io::Write;
     let mut w = &mut buf[..];
     write!(w, "{prefix}.{id}").expect("a reply subject fits in 64 bytes");
@@ -104,7 +104,8 @@ impl Client {
                         subject: pattern.clone(),
                         queue: None,
                         tx,
-                        pending: Arc::new(AtomicUsize::new(0)),
+                        offered: 0,
+                        taken: Arc::new(AtomicUsize::new(0)),
                         received: 0,
                         max: None,
                         dropped: Arc::new(AtomicU64::new(0)),
@@ -134,8 +135,11 @@ impl Client {
         let reply =
             std::future::poll_fn(|cx| poll_reading(inner, cx, |cx| Pin::new(&mut rx).poll(cx)));
         match tokio::time::timeout(timeout, reply).await {
-            Ok(Ok(m)) if m.is_no_responders() => Err(Error::NoResponders),
-            Ok(Ok(m)) => Ok(m),
+            Ok(Ok(Ok(m))) if m.is_no_responders() => Err(Error::NoResponders),
+            Ok(Ok(Ok(m))) => Ok(m),
+            // The broker refused the request (ERR_REPLY): permission
+            // denied, payload too large, ...
+            Ok(Ok(Err(e))) => Err(e),
             // Its connection was lost (see `connector::supervise`), or the
             // client closed.
             Ok(Err(_)) if inner.is_closing() => Err(Error::Closed),

@@ -250,6 +250,22 @@ impl Client {
         Ok(all)
     }
 
+    /// Replaces replica `old` (a node gone for good) of a replicated stream
+    /// by node `new`; send it to the group's leader's node.
+    pub async fn stream_replace_peer(
+        &self,
+        name: &str,
+        old: &str,
+        new: &str,
+    ) -> Result<StreamInfo> {
+        let body = serde_json::to_vec(&api::ReplacePeer {
+            old: old.into(),
+            new: new.into(),
+        })
+        .expect("serialisable");
+        self.api(&subject::stream_replace_peer(name), body).await
+    }
+
     pub async fn stream_delete(&self, name: &str) -> Result<()> {
         self.api::<api::Deleted>(&subject::stream_delete(name), Vec::new())
             .await

@@ -24,7 +24,13 @@ pub(crate) struct SubEntry {
     pub(crate) subject: String,
     pub(crate) queue: Option<String>,
     pub(crate) tx: mpsc::Sender<Message>,
-    pub(crate) pending: Arc<AtomicUsize>,
+    /// Payload bytes queued for the subscriber over its life (the reader's
+    /// count, under the subscription lock) and the bytes it has taken off
+    /// (written only by the [`Subscriber`]): their difference is what it
+    /// holds. Two one-writer counters, not one shared one: no atomic
+    /// read-modify-write per message on either side.
+    pub(crate) offered: usize,
+    pub(crate) taken: Arc<AtomicUsize>,
     /// Messages received over the subscription's life, and the limit.
     pub(crate) received: u64,
     pub(crate) max: Option<u64>,
@@ -41,7 +47,7 @@ pub(crate) type Refusal = Arc<std::sync::OnceLock<(u16, String)>>;
 pub struct Subscriber {
     sid: u32,
     rx: mpsc::Receiver<Message>,
-    pending: Arc<AtomicUsize>,
+    taken: Arc<AtomicUsize>,
     dropped: Arc<AtomicU64>,
     refused: Refusal,
     client: Client,
@@ -52,7 +58,7 @@ impl Subscriber {
     pub(crate) fn new(
         sid: u32,
         rx: mpsc::Receiver<Message>,
-        pending: Arc<AtomicUsize>,
+        taken: Arc<AtomicUsize>,
         dropped: Arc<AtomicU64>,
         refused: Refusal,
         client: Client,
@@ -60,7 +66,7 @@ impl Subscriber {
         Subscriber {
             sid,
             rx,
-            pending,
+            taken,
             dropped,
             refused,
             client,
@@ -77,7 +83,10 @@ impl Subscriber {
         let rx = &mut self.rx;
         let m = std::task::ready!(poll_reading(&self.client.inner, cx, |cx| rx.poll_recv(cx)));
         if let Some(m) = &m {
-            self.pending.fetch_sub(m.payload.len(), Ordering::Relaxed);
+            // The only writer: a load and a store, no locked instruction.
+            let t = self.taken.load(Ordering::Relaxed);
+            self.taken
+                .store(t.wrapping_add(m.payload.len()), Ordering::Relaxed);
             self.client.inner.took();
         }
         Poll::Ready(m)

@@ -503,6 +503,25 @@ async fn the_cli_says_authorization_failed_and_permission_denied_in_one_line() {
         String::from_utf8_lossy(&o.stderr).trim(),
         "sockbus: permission denied: subscribe to billing.>"
     );
+    // A request to a denied subject says so at once, not `timeout`.
+    let o = run(
+        s(&[
+            "--server",
+            &format!("sockbus://orders:pw@{host}"),
+            "req",
+            "billing.get",
+            "?",
+            "--timeout",
+            "10m",
+        ]),
+        &[],
+    )
+    .await;
+    assert_eq!(o.status.code(), Some(1));
+    assert_eq!(
+        String::from_utf8_lossy(&o.stderr).trim(),
+        "sockbus: permission denied: publish to billing.get"
+    );
     let o = run(
         s(&[
             "--server",
@@ -547,4 +566,42 @@ async fn passwd_prints_an_argon2id_hash_of_stdin() {
         ok.is_ok(),
         "the hash verifies the password without its line end"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_account_at_its_connection_limit_is_one_line_naming_the_limit_with_exit_1() {
+    use sockbus_broker::auth::{UserConfig, Users};
+    use sockbus_broker::config::AccountLimits;
+    let users = Users::from_config(vec![UserConfig {
+        name: "s".into(),
+        password: Some("pw".into()),
+        account: Some("shop".into()),
+        ..Default::default()
+    }])
+    .unwrap();
+    let b = broker_with(Config {
+        users: Some(std::sync::Arc::new(users)),
+        accounts: vec![AccountLimits {
+            name: "shop".into(),
+            max_connections: Some(1),
+            ..Default::default()
+        }],
+        ..Config::default()
+    })
+    .await;
+    let url = b.url.replace("sockbus://", "sockbus://s:pw@");
+    // The account's one connection.
+    let _held = sockbus_client::connect(&url).await.unwrap();
+    let mut c = cli();
+    c.args(["--server", &url, "pub", "x", "1"]);
+    let o = output(c).await;
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+    assert!(
+        err.starts_with("sockbus: ")
+            && err.contains(r#"account "shop" is at its connection limit of 1 (max-connections"#),
+        "{err}"
+    );
+    assert!(!err.contains("pw"), "no secret echoed: {err}");
 }

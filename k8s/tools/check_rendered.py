@@ -142,6 +142,14 @@ def check(root, base_path, cilium_path, tls_path=None):
     c.check(port_of(cfg["cluster"]) == ports["route"], "cluster port = containerPort route")
     c.check(port_of(cfg["http"]) == ports["http"], "http port = containerPort http")
     c.check(cfg.get("data-dir") == mounts.get("data"), "data-dir is the volumeClaimTemplate's mount")
+    c.check("users" not in cfg, "no [[users]] in the ConfigMap (password hashes and tokens live in a Secret)")
+    c.check(not cfg.get("allow-anonymous"), "clients authenticate (no allow-anonymous)")
+    users_vol = next((v for v in pod["volumes"] if v.get("secret", {}).get("secretName") == "sockbus-users"), None)
+    users_file = cfg.get("users-file") or ""
+    c.check(
+        users_vol is not None and users_file.rsplit("/", 1)[0] == mounts.get(users_vol["name"]),
+        f"users-file {users_file!r} lies in the mounted Secret sockbus-users",
+    )
     c.check(cfg.get("accel") == "off", "the broker leaves the fast path to the node agent (accel = off)")
     grace = pod.get("terminationGracePeriodSeconds", 30)
     drain = duration_secs(cfg.get("drain-timeout", "10s"))

@@ -18,6 +18,7 @@ pub mod report;
 pub mod scenario;
 pub mod servers;
 pub mod stats;
+pub mod tls;
 
 pub use driver::Target;
 pub use scenario::{run, Length, Outcome, RunCtx, Scenario, Spec};

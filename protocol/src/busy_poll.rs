@@ -181,26 +181,40 @@ mod tests {
             .enable_all()
             .build()
             .unwrap();
+        // Conditions are polled (a loaded machine may not run the poller
+        // for a while); each wait is bounded.
+        async fn until(what: &str, ok: impl Fn(&Stats) -> bool) -> Stats {
+            let deadline = std::time::Instant::now() + Duration::from_secs(20);
+            loop {
+                let s = stats();
+                if ok(&s) {
+                    return s;
+                }
+                assert!(std::time::Instant::now() < deadline, "{what}: {s:?}");
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        }
         rt.block_on(async {
             let p = spawn(Duration::from_millis(20));
             assert_eq!(p.window(), Duration::from_millis(20));
             // Quiet: the poller goes to sleep after its window.
-            tokio::time::sleep(Duration::from_millis(100)).await;
-            let s = stats();
-            assert_eq!((s.pollers, s.sleeping), (1, 1), "{s:?}");
+            let s = until("asleep after the window", |s| {
+                (s.pollers, s.sleeping) == (1, 1)
+            })
+            .await;
             let sleeps = s.sleeps;
             // Asleep it makes no further looks.
             tokio::time::sleep(Duration::from_millis(50)).await;
             assert_eq!(stats().polls, s.polls);
+            assert_eq!(stats().sleeps, sleeps);
+            let before = s.polls;
             // A touch wakes it; it polls for about the window, then sleeps again.
             touch();
-            tokio::time::sleep(Duration::from_millis(1)).await;
-            let awake = stats();
-            assert_eq!(awake.sleeping, 0, "{awake:?}");
-            tokio::time::sleep(Duration::from_millis(100)).await;
-            let s = stats();
-            assert!(s.polls > awake.polls, "{s:?}");
-            assert_eq!((s.sleeping, s.sleeps), (1, sleeps + 1), "{s:?}");
+            let s = until("woken, polling, asleep again", |s| {
+                s.sleeping == 1 && s.sleeps == sleeps + 1
+            })
+            .await;
+            assert!(s.polls > before, "it looked for I/O while awake: {s:?}");
             drop(p);
             tokio::task::yield_now().await;
             assert_eq!(stats().pollers, 0);

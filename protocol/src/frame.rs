@@ -38,6 +38,9 @@ pub const MSG_NO_RESPONDERS: u8 = 0x01;
 pub const CONNECT_EXPLICIT_ACKS: u8 = 0x04;
 /// CONNECT flag: the peer is a broker opening a cluster route, not a client.
 pub const CONNECT_ROUTE: u8 = 0x80;
+/// CONNECT flag (with [`CONNECT_ROUTE`]): the connection carries a
+/// replicated stream's Raft RPCs, not a route.
+pub const CONNECT_RAFT: u8 = 0x40;
 /// PUB flag: answer on the reply subject with the ack of the stream that
 /// stores this message (a durable publish). See [`CONNECT_EXPLICIT_ACKS`].
 pub const PUB_ACK: u8 = 0x01;
@@ -127,6 +130,19 @@ pub mod code {
 /// ERR header flag: the header's hash field carries the sid of the SUB this
 /// error refuses (MAX_SUBSCRIPTIONS, PERMISSION_DENIED, INVALID_SUBJECT, ...).
 pub const ERR_SID: u8 = 0x01;
+
+/// ERR header flag: the refused frame was a PUB with a reply subject (a
+/// request); the header's hash field carries [`subject_hash`] of that reply
+/// subject, so the client fails the request waiting on it at once instead
+/// of at its timeout. Clients that do not know the flag ignore it.
+///
+/// [`subject_hash`]: crate::subject::subject_hash
+pub const ERR_REPLY: u8 = 0x02;
+
+/// The reply subject's hash an ERR frame names (flag [`ERR_REPLY`]), if any.
+pub fn err_reply(h: &Header) -> Option<u32> {
+    (h.kind == Kind::Err && h.flags & ERR_REPLY != 0).then_some(h.hash)
+}
 
 /// The sid an ERR frame names (flag [`ERR_SID`]), if any.
 pub fn err_sid(h: &Header) -> Option<u32> {
@@ -709,15 +725,21 @@ pub fn encode_pong(dst: &mut impl BufMut, id: u64) {
 
 /// Encodes an ERR frame; text longer than 1 KiB is cut at a character boundary.
 pub fn encode_err(dst: &mut impl BufMut, code: u16, text: &str) {
-    encode_err_as(dst, code, None, text)
+    encode_err_as(dst, code, 0, 0, text)
 }
 
 /// An ERR that refuses the SUB with this sid ([`ERR_SID`]).
 pub fn encode_err_sid(dst: &mut impl BufMut, code: u16, sid: u32, text: &str) {
-    encode_err_as(dst, code, Some(sid), text)
+    encode_err_as(dst, code, ERR_SID, sid, text)
 }
 
-fn encode_err_as(dst: &mut impl BufMut, code: u16, sid: Option<u32>, text: &str) {
+/// An ERR that refuses a PUB carrying the reply subject `reply` ([`ERR_REPLY`]).
+pub fn encode_err_reply(dst: &mut impl BufMut, code: u16, reply: &str, text: &str) {
+    let hash = crate::subject::subject_hash(reply.as_bytes());
+    encode_err_as(dst, code, ERR_REPLY, hash, text)
+}
+
+fn encode_err_as(dst: &mut impl BufMut, code: u16, flags: u8, hash: u32, text: &str) {
     let mut end = text.len().min(1024);
     while !text.is_char_boundary(end) {
         end -= 1;
@@ -725,9 +747,9 @@ fn encode_err_as(dst: &mut impl BufMut, code: u16, sid: Option<u32>, text: &str)
     let text = &text[..end];
     Header {
         kind: Kind::Err,
-        flags: if sid.is_some() { ERR_SID } else { 0 },
+        flags,
         len: 2 + 2 + text.len() as u32,
-        hash: sid.unwrap_or(0),
+        hash,
     }
     .write(dst);
     dst.put_u16_le(code);

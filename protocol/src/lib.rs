@@ -13,6 +13,7 @@ pub mod credentials;
 pub mod drain;
 pub mod flow;
 pub mod frame;
+pub mod nats;
 pub mod outbox;
 pub mod owned;
 pub mod subject;

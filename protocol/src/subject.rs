@@ -1,6 +1,8 @@
 //! Subject validation and matching, with the same rules as NATS:
 //! tokens separated by `.`, `*` matches exactly one token, `>` matches one or
-//! more trailing tokens and may only stand last.
+//! more trailing tokens and may only stand last. A token is a wildcard only
+//! when it is exactly `*` or `>`: `foo*`, `*bar` and `>-` are literal tokens,
+//! valid in publish subjects and patterns alike, as nats-server has them.
 
 use thiserror::Error;
 
@@ -31,12 +33,12 @@ pub enum SubjectError {
     EmptyToken(String),
     #[error("subject {0:?} contains whitespace or a control character")]
     BadCharacter(String),
-    #[error("subject {0:?} contains a wildcard; publish subjects must be literal")]
+    #[error(
+        "subject {0:?} contains a wildcard token ('*' or '>'); publish subjects must be literal"
+    )]
     WildcardInPublish(String),
     #[error("subject {0:?}: '>' may only stand as the last token")]
     GreaterNotLast(String),
-    #[error("subject {0:?}: wildcards '*' and '>' must stand alone as a whole token")]
-    PartialWildcard(String),
 }
 
 fn check_common(s: &str) -> Result<(), SubjectError> {
@@ -72,7 +74,8 @@ pub fn validate_subject(s: &str) -> Result<(), SubjectError> {
         if tok.is_empty() {
             return Err(SubjectError::EmptyToken(s.to_string()));
         }
-        if tok.bytes().any(|b| b == b'*' || b == b'>') {
+        // Only a whole `*` or `>` token is a wildcard; `foo*` is literal.
+        if tok == "*" || tok == ">" {
             return Err(SubjectError::WildcardInPublish(s.to_string()));
         }
     }
@@ -87,18 +90,10 @@ pub fn validate_pattern(s: &str) -> Result<(), SubjectError> {
         if tok.is_empty() {
             return Err(SubjectError::EmptyToken(s.to_string()));
         }
-        match tok {
-            "*" => {}
-            ">" => {
-                if toks.peek().is_some() {
-                    return Err(SubjectError::GreaterNotLast(s.to_string()));
-                }
-            }
-            _ => {
-                if tok.bytes().any(|b| b == b'*' || b == b'>') {
-                    return Err(SubjectError::PartialWildcard(s.to_string()));
-                }
-            }
+        // `*`, and any token that is not exactly a wildcard, is fine
+        // anywhere; `foo*` and `>-` are literal tokens.
+        if tok == ">" && toks.peek().is_some() {
+            return Err(SubjectError::GreaterNotLast(s.to_string()));
         }
     }
     Ok(())
@@ -185,8 +180,8 @@ mod tests {
             Err(SubjectError::GreaterNotLast(_))
         ));
         assert!(matches!(
-            validate_pattern("a.b*"),
-            Err(SubjectError::PartialWildcard(_))
+            validate_pattern(">.a"),
+            Err(SubjectError::GreaterNotLast(_))
         ));
         assert!(matches!(
             validate_pattern("a..*"),
@@ -207,5 +202,45 @@ mod tests {
         assert!(matches(">", "anything.at.all"));
         assert!(matches("*", "one"));
         assert!(!matches("*", "one.two"));
+    }
+
+    /// Cases after nats-server's sublist tests (TestSublistValidLiteralSubjects,
+    /// TestSublistValidSubjects, TestSublistMatchLiterals): a token is a
+    /// wildcard only when it is exactly `*` or `>`.
+    #[test]
+    fn partial_wildcards_are_literal_tokens_as_in_nats() {
+        for lit in [
+            "foo*", "*bar", "foo.*bar", "foo.bar*", ">-", "foo.>-", "foo.a>b", "*>", "**", ">>",
+        ] {
+            assert_eq!(validate_subject(lit), Ok(()), "publish {lit}");
+            assert_eq!(validate_pattern(lit), Ok(()), "pattern {lit}");
+            assert!(!is_wildcard(lit), "{lit}");
+        }
+        for wild in ["*", ">", "foo.*", "foo.>", "*.bar", "foo.*.bar"] {
+            assert!(validate_subject(wild).is_err(), "publish {wild}");
+            assert_eq!(validate_pattern(wild), Ok(()), "pattern {wild}");
+        }
+        for bad in [
+            "foo.>.bar",
+            ">.foo",
+            "foo..bar",
+            ".foo",
+            "foo.",
+            "foo bar",
+            "foo\tbar",
+        ] {
+            assert!(validate_pattern(bad).is_err(), "pattern {bad}");
+        }
+        // Literal tokens with wildcard characters match only themselves.
+        assert!(matches("foo.*", "foo.*bar"));
+        assert!(matches("foo.>", "foo.bar*.baz"));
+        assert!(matches("foo.*bar", "foo.*bar"));
+        assert!(!matches("foo.*bar", "foo.xbar"));
+        assert!(!matches("foo.bar*", "foo.bar"));
+        assert!(!matches("foo.bar*", "foo.barbaz"));
+        assert!(matches(">-", ">-"));
+        assert!(!matches(">-", "anything"));
+        assert!(matches("*", ">-"));
+        assert!(matches("foo.*", "foo.>>"));
     }
 }

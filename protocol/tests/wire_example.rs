@@ -32,3 +32,27 @@ fn documented_pub_example_is_what_the_encoder_writes() {
         }
     );
 }
+
+#[test]
+fn an_err_names_a_refused_requests_reply_subject_by_its_hash_and_decodes_as_before() {
+    use sockbus_protocol::frame::{encode_err_reply, err_reply, err_sid, parse_header};
+    use sockbus_protocol::subject::subject_hash;
+    let mut buf = Vec::new();
+    encode_err_reply(
+        &mut buf,
+        15,
+        "_INBOX.ab.7",
+        "permission denied: publish to x",
+    );
+    let h = parse_header(&buf).unwrap().unwrap();
+    assert_eq!(err_reply(&h), Some(subject_hash(b"_INBOX.ab.7")));
+    assert_eq!(err_sid(&h), None);
+    let (f, _) = decode(&buf, u32::MAX).unwrap().unwrap();
+    assert_eq!(
+        f,
+        FrameRef::Err {
+            code: 15,
+            text: "permission denied: publish to x"
+        }
+    );
+}

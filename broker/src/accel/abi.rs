@@ -13,4 +13,15 @@ unsafe impl aya::Pod for SockKey {}
 unsafe impl aya::Pod for Stats {}
 
 const _: () = assert!(std::mem::size_of::<SockKey>() == 48);
-const _: () = assert!(std::mem::size_of::<Stats>() == 40);
+const _: () = assert!(std::mem::size_of::<Stats>() == 72);
+// SAFETY: as above (explicit padding fields, no implicit padding).
+unsafe impl aya::Pod for DirectPub {}
+// SAFETY: as above.
+unsafe impl aya::Pod for DirectRoute {}
+// SAFETY: as above.
+unsafe impl aya::Pod for DirectSub {}
+// SAFETY: as above.
+unsafe impl aya::Pod for DirectCount {}
+
+const _: () = assert!(std::mem::size_of::<DirectPub>() == 40);
+const _: () = assert!(std::mem::size_of::<DirectRoute>() == 184);

@@ -195,6 +195,11 @@ impl FastPath {
         })
     }
 
+    /// Handles on the direct-delivery maps (see [`super::direct`]).
+    pub fn direct(&self) -> io::Result<super::direct::DirectMaps> {
+        super::direct::DirectMaps::open(&self.bpf)
+    }
+
     /// Counters summed over every CPU.
     pub fn stats(&self) -> io::Result<Stats> {
         let per_cpu = self
@@ -230,6 +235,13 @@ impl FastPath {
             .ok_or_else(|| io::Error::other("object has no socket map"))?;
         let socks = SockHash::<_, SockKey>::try_from(map).map_err(io::Error::other)?;
         contains(socks.keys(), keys)
+    }
+
+    /// True when `key` is in the socket hash now.
+    pub fn contains_key(&self, key: &SockKey) -> bool {
+        self.contains(std::slice::from_ref(key))
+            .map(|v| v[0])
+            .unwrap_or(false)
     }
 
     /// Sockets currently in the socket hash (two per accelerated connection).
@@ -306,6 +318,10 @@ fn sum(per_cpu: &PerCpuValues<Stats>) -> Stats {
         s.redirect_verdicts += c.redirect_verdicts;
         s.bytes_redirected += c.bytes_redirected;
         s.misses += c.misses;
+        s.direct_msgs += c.direct_msgs;
+        s.direct_bytes += c.direct_bytes;
+        s.direct_fallbacks += c.direct_fallbacks;
+        s.direct_broken += c.direct_broken;
     }
     s
 }

@@ -16,6 +16,7 @@
 pub mod abi;
 pub mod agent;
 pub mod cgroup;
+pub mod direct;
 pub mod guard;
 mod loader;
 pub mod selftest;
@@ -167,6 +168,10 @@ pub fn render_prometheus(out: &mut String) {
         ("redirect_verdicts_total", "Redirect verdicts: sends that ran the sk_msg program and went socket to socket; each covers the connection's next 64 KiB of sends.", s.stats.redirect_verdicts),
         ("bytes_redirected_total", "Bytes covered by redirect verdicts (64 KiB each): bytes sent socket to socket, ahead by less than 64 KiB per connection.", s.stats.bytes_redirected),
         ("misses_total", "sendmsg calls on an accelerated socket whose peer was not in the map (sent over TCP).", s.stats.misses),
+        ("direct_messages_total", "PUB frames the kernel delivered straight into their subscriber's socket as MSG (direct delivery).", s.stats.direct_msgs),
+        ("direct_bytes_total", "Bytes of the MSG frames delivered directly.", s.stats.direct_bytes),
+        ("direct_fallbacks_total", "Frames of per-frame-mode publishers that went to the broker instead of direct.", s.stats.direct_fallbacks),
+        ("direct_unaligned_total", "Publisher connections that lost frame alignment (a header split over sends) and go through the broker for good.", s.stats.direct_broken),
         ("stalls_total", "Fast-path connections the stall guard closed: their socket took none of a batch of bytes for --accel-stall-timeout.", guard::stalls()),
     ];
     for (name, help, v) in counters {
@@ -301,6 +306,10 @@ impl crate::metrics::Source for MetricsSource {
             "redirect_verdicts": s.stats.redirect_verdicts,
             "bytes_redirected": s.stats.bytes_redirected,
             "misses": s.stats.misses,
+            "direct_messages": s.stats.direct_msgs,
+            "direct_bytes": s.stats.direct_bytes,
+            "direct_fallbacks": s.stats.direct_fallbacks,
+            "direct_unaligned": s.stats.direct_broken,
             "stalls": guard::stalls(),
         })
     }

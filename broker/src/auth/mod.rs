@@ -9,7 +9,9 @@
 //! keyed by a keyed hash of the credentials, so a reconnect storm of good
 //! clients costs one hash each.
 
+pub mod cert;
 pub mod check;
+pub mod live;
 pub mod perm;
 
 use std::collections::HashMap;
@@ -40,6 +42,9 @@ pub struct UserConfig {
     pub name: String,
     pub password: Option<String>,
     pub token: Option<String>,
+    /// Named by a verified client certificate instead (`CN=...`, `DNS=...`,
+    /// `email=...`, `URI=...`; auth/cert.rs).
+    pub certificate: Option<String>,
     pub account: Option<String>,
     pub publish: Option<Vec<String>>,
     pub subscribe: Option<Vec<String>>,
@@ -61,6 +66,8 @@ enum Secret {
     /// An argon2 PHC string, checked to parse at start.
     Hash(String),
     Plain(Vec<u8>),
+    /// None: the user is named by a client certificate.
+    Certificate,
 }
 
 impl Secret {
@@ -86,6 +93,7 @@ impl Secret {
     async fn verify(&self, given: &[u8], gate: &Semaphore) -> bool {
         match self {
             Secret::Plain(p) => constant_time_eq(p, given),
+            Secret::Certificate => false,
             Secret::Hash(h) => {
                 let Ok(_permit) = gate.acquire().await else {
                     return false;
@@ -142,6 +150,10 @@ pub enum AuthError {
     Malformed,
     #[error("authorization failed: not verified within the handshake timeout")]
     TimedOut,
+    #[error("authorization failed: the client certificate ({0}) names no user")]
+    UnknownCertificate(String),
+    #[error("authorization failed: the client certificate names more than one user ({0}): send credentials")]
+    AmbiguousCertificate(String),
 }
 
 /// Every configured user, and the verification gate and cache.
@@ -149,6 +161,8 @@ pub struct Users {
     by_name: HashMap<String, Arc<User>>,
     /// Users with a token, in config order (a token names no user).
     tokens: Vec<Arc<User>>,
+    /// Users named by a client certificate, by that name.
+    certs: HashMap<cert::CertName, Arc<User>>,
     /// Users in config order, for `/metrics`.
     all: Vec<Arc<User>>,
     /// Users whose password or token is plain text (warned about at start).
@@ -179,11 +193,13 @@ fn patterns(user: &str, key: &str, v: Option<Vec<String>>) -> anyhow::Result<Opt
 }
 
 impl Users {
-    /// Validates the `[[users]]` tables: a name, exactly one of password or
-    /// token, valid patterns, no name or plain token twice.
+    /// Validates the `[[users]]` tables: a name, exactly one of password,
+    /// token or certificate, valid patterns, no name, plain token or
+    /// certificate name twice.
     pub fn from_config(list: Vec<UserConfig>) -> anyhow::Result<Users> {
         let mut by_name = HashMap::new();
         let mut tokens = Vec::new();
+        let mut certs = HashMap::new();
         let mut all = Vec::new();
         let mut plain_text = Vec::new();
         for u in list {
@@ -194,16 +210,25 @@ impl Users {
             if by_name.contains_key(&name) {
                 bail!("[[users]]: user {name:?} is configured twice");
             }
-            let (secret, is_token, plain) = match (&u.password, &u.token) {
-                (Some(p), None) => {
+            let mut cert_name = None;
+            let (secret, is_token, plain) = match (&u.password, &u.token, &u.certificate) {
+                (Some(p), None, None) => {
                     let (s, plain) = Secret::parse(&name, "password", p)?;
                     (s, false, plain)
                 }
-                (None, Some(t)) => {
+                (None, Some(t), None) => {
                     let (s, plain) = Secret::parse(&name, "token", t)?;
                     (s, true, plain)
                 }
-                _ => bail!("user {name:?}: give exactly one of password or token"),
+                (None, None, Some(c)) => {
+                    let c = cert::CertName::parse(&name, c)?;
+                    if let Some(o) = certs.get(&c).map(|o: &Arc<User>| &o.name) {
+                        bail!("user {name:?}: certificate {c} already names user {o:?}");
+                    }
+                    cert_name = Some(c);
+                    (Secret::Certificate, false, false)
+                }
+                _ => bail!("user {name:?}: give exactly one of password, token or certificate"),
             };
             if plain {
                 plain_text.push(name.clone());
@@ -227,8 +252,8 @@ impl Users {
                 subscribe: rule(u.subscribe, u.subscribe_deny)?,
             };
             let account = u.account.unwrap_or_else(|| DEFAULT_ACCOUNT.into());
-            if account.is_empty() {
-                bail!("user {name:?}: empty account");
+            if !crate::config::valid_account_name(&account) {
+                bail!("user {name:?}: account {account:?} must be 1 to 64 letters, digits, '-' or '_'");
             }
             let user = Arc::new(User {
                 name: name.clone(),
@@ -241,12 +266,16 @@ impl Users {
             if is_token {
                 tokens.push(user.clone());
             }
+            if let Some(c) = cert_name {
+                certs.insert(c, user.clone());
+            }
             by_name.insert(name, user.clone());
             all.push(user);
         }
         Ok(Users {
             by_name,
             tokens,
+            certs,
             all,
             plain_text,
             gate: Semaphore::new(VERIFY_AT_ONCE),
@@ -255,6 +284,52 @@ impl Users {
             )),
             keys: (RandomState::new(), RandomState::new()),
             failures: AtomicU64::new(0),
+        })
+    }
+
+    /// Keeps the counters of `old` (a reload): refusals, and each user's
+    /// denials under the same name.
+    pub fn carry_counters(&self, old: &Users) {
+        self.failures
+            .fetch_add(old.failures.load(Ordering::Relaxed), Ordering::Relaxed);
+        for u in &self.all {
+            if let Some(o) = old.by_name.get(&u.name) {
+                u.denied_publish
+                    .fetch_add(o.denied_publish.load(Ordering::Relaxed), Ordering::Relaxed);
+                u.denied_subscribe.fetch_add(
+                    o.denied_subscribe.load(Ordering::Relaxed),
+                    Ordering::Relaxed,
+                );
+            }
+        }
+    }
+
+    /// True when some user is named by a client certificate.
+    pub fn has_certificate_users(&self) -> bool {
+        !self.certs.is_empty()
+    }
+
+    /// The user a verified client certificate names (auth/cert.rs): the one
+    /// user whose `certificate` is among its names; refused when none is,
+    /// or when its names point at more than one user.
+    pub fn authenticate_cert(&self, names: &cert::CertNames) -> Result<Arc<User>, AuthError> {
+        let mut found: Option<&Arc<User>> = None;
+        for n in &names.0 {
+            let Some(u) = self.certs.get(n) else { continue };
+            match found {
+                Some(f) if !Arc::ptr_eq(f, u) => {
+                    self.failures.fetch_add(1, Ordering::Relaxed);
+                    return Err(AuthError::AmbiguousCertificate(format!(
+                        "{:?}, {:?}",
+                        f.name, u.name
+                    )));
+                }
+                _ => found = Some(u),
+            }
+        }
+        found.cloned().ok_or_else(|| {
+            self.failures.fetch_add(1, Ordering::Relaxed);
+            AuthError::UnknownCertificate(names.summary())
         })
     }
 
@@ -413,7 +488,7 @@ mod tests {
             name: "a".into(),
             ..Default::default()
         }])
-        .contains("exactly one of password or token"));
+        .contains("exactly one of password, token or certificate"));
         let e = err(vec![UserConfig {
             publish: Some(vec!["a..b".into()]),
             ..pw("a")
@@ -424,5 +499,65 @@ mod tests {
             ..pw("a")
         }]);
         assert!(e.contains("does not parse"), "{e}");
+        let cert = |name: &str, c: &str| UserConfig {
+            name: name.into(),
+            certificate: Some(c.into()),
+            ..Default::default()
+        };
+        let e = err(vec![cert("a", "CN=x"), cert("b", "cn=x")]);
+        assert!(e.contains("already names user \"a\""), "{e}");
+        let e = err(vec![UserConfig {
+            password: Some("x".into()),
+            ..cert("a", "CN=x")
+        }]);
+        assert!(e.contains("exactly one of"), "{e}");
+    }
+
+    #[tokio::test]
+    async fn a_certificate_names_its_user_and_no_other_way_in() {
+        use cert::{CertName, CertNames, Field};
+        let u = users(vec![
+            UserConfig {
+                name: "orders".into(),
+                certificate: Some("CN=orders-svc".into()),
+                ..Default::default()
+            },
+            UserConfig {
+                name: "billing".into(),
+                certificate: Some("DNS=Billing.Shop.svc".into()),
+                ..Default::default()
+            },
+        ])
+        .unwrap();
+        let names = |l: &[(Field, &str)]| {
+            CertNames(
+                l.iter()
+                    .map(|(f, v)| CertName::parse("t", &format!("{f:?}={v}")).unwrap())
+                    .collect(),
+            )
+        };
+        let by = |l: &[(Field, &str)]| u.authenticate_cert(&names(l)).map(|u| u.name.clone());
+        assert_eq!(by(&[(Field::Cn, "orders-svc")]).unwrap(), "orders");
+        assert_eq!(
+            by(&[(Field::Cn, "x"), (Field::Dns, "billing.shop.SVC")]).unwrap(),
+            "billing"
+        );
+        assert!(matches!(
+            by(&[(Field::Dns, "orders-svc")]),
+            Err(AuthError::UnknownCertificate(_))
+        ));
+        assert!(matches!(
+            by(&[(Field::Cn, "orders-svc"), (Field::Dns, "billing.shop.svc")]),
+            Err(AuthError::AmbiguousCertificate(_))
+        ));
+        assert!(
+            u.authenticate(Credentials::UserPassword {
+                user: "orders",
+                password: b""
+            })
+            .await
+            .is_err(),
+            "a certificate user has no password"
+        );
     }
 }

@@ -36,8 +36,8 @@ use std::time::Duration;
 use bytes::{Buf, BytesMut};
 use sockbus_protocol::flow::effective_window;
 use sockbus_protocol::frame::{
-    self, encode_connect, encode_err, encode_info, encode_pong, Header, CONNECT_ROUTE, RMSG_NO_ACK,
-    RMSG_PLAIN,
+    self, encode_connect, encode_err, encode_info, encode_pong, Header, CONNECT_RAFT,
+    CONNECT_ROUTE, RMSG_NO_ACK, RMSG_PLAIN,
 };
 use sockbus_protocol::{Backoff, FrameRef, MAX_FRAME_OVERHEAD};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -46,7 +46,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 
-use crate::deliver::Batch;
+use crate::deliver::{Batch, Delivery};
 use crate::metrics::Metrics;
 use crate::outlet::{write_loop, Outlet};
 use crate::read::{Ended, FrameReader, Frames, Keepalive};
@@ -110,6 +110,7 @@ pub(crate) fn start(
     for url in state.config.peers.clone() {
         tracker.spawn(dial_loop(state.clone(), url, shutdown.clone()));
     }
+    crate::replication::hub().start(state.clone());
 }
 
 /// `sockbus-route://host:port`, `nats-route://…` style or bare `host:port`.
@@ -211,7 +212,20 @@ async fn dial_loop(state: Arc<State>, url: String, shutdown: CancellationToken) 
     }
 }
 
+/// Opens a Raft channel to the peer at `url`: the route handshake with
+/// the [`CONNECT_RAFT`] flag (crate::replication).
+pub(crate) async fn open_raft(state: &State, url: &str) -> std::io::Result<Transport> {
+    match dial_with(state, url, CONNECT_ROUTE | CONNECT_RAFT).await {
+        Ok(r) => Ok(r.stream),
+        Err(e) => Err(std::io::Error::other(e.to_string())),
+    }
+}
+
 async fn dial(state: &State, url: &str) -> Result<Route, DialError> {
+    dial_with(state, url, CONNECT_ROUTE).await
+}
+
+async fn dial_with(state: &State, url: &str, flags: u8) -> Result<Route, DialError> {
     let tcp = TcpStream::connect(host_port(url)).await?;
     tcp.set_nodelay(true)?;
     let peer_addr = tcp.peer_addr()?;
@@ -237,7 +251,7 @@ async fn dial(state: &State, url: &str) -> Result<Route, DialError> {
         .unwrap_or_default();
     encode_connect(
         &mut out,
-        CONNECT_ROUTE,
+        flags,
         state.config.recv_window,
         &state.config.node_id,
         token.as_bytes(),
@@ -257,6 +271,7 @@ async fn dial(state: &State, url: &str) -> Result<Route, DialError> {
                         return Err(DialError::IsSelf);
                     }
                     let peer_node = server_name.to_string();
+                    crate::replication::hub().learn(&peer_node, url);
                     buf.advance(len);
                     Ok(Route {
                         stream,
@@ -327,7 +342,7 @@ async fn accept_route(
                                 ));
                             }
                         }
-                        let r = (name.to_string(), recv_window, len);
+                        let r = (name.to_string(), recv_window, len, flags & CONNECT_RAFT != 0);
                         Ok(r)
                     }
                     _ => Err(DialError::Refused("only brokers (CONNECT with the route flag) may connect to the cluster port".into())),
@@ -340,7 +355,7 @@ async fn accept_route(
     })
     .await
     .unwrap_or(Err(DialError::Timeout));
-    let (peer_node, recv_window, connect_len) = match hs {
+    let (peer_node, recv_window, connect_len, raft) = match hs {
         Ok(x) => x,
         Err(e) => {
             debug!(%addr, "route handshake failed: {e}");
@@ -355,6 +370,23 @@ async fn accept_route(
         let mut b = BytesMut::new();
         encode_err(&mut b, frame::code::BAD_REQUEST, "a route to ourselves");
         let _ = stream.write_all(&b).await;
+        return;
+    }
+    if raft {
+        let mut b = BytesMut::new();
+        let window = effective_window(state.config.recv_window, state.config.max_payload);
+        if encode_info(
+            &mut b,
+            window,
+            state.config.max_payload,
+            &state.config.node_id,
+        )
+        .is_err()
+            || stream.write_all(&b).await.is_err()
+        {
+            return;
+        }
+        crate::replication::serve(state.clone(), stream, buf, peer_node).await;
         return;
     }
     let route = Route {
@@ -438,6 +470,8 @@ async fn run_route(
     let writer = tokio::spawn(write_loop(link.clone(), state.config.write_timeout));
     let mut peer = Peer {
         batch: state.delivery.ingress(&state.streams, MATCH_CACHE),
+        accounts: HashMap::new(),
+        state: state.clone(),
         link: link.clone(),
         subs: HashMap::new(),
         max_body: state.config.max_payload + MAX_FRAME_OVERHEAD,
@@ -464,8 +498,11 @@ async fn run_route(
         }
         Err(e) => debug!(peer = %peer_node, "route read ended: {e}"),
     }
-    for (_, s) in peer.subs.drain() {
-        state.delivery.unsubscribe(&s);
+    for (_, (d, s)) in peer.subs.drain() {
+        d.unsubscribe(&s);
+    }
+    for (_, mut b) in peer.accounts.drain() {
+        b.close();
     }
     state.peers.remove_link(link.id);
     metrics.routes.fetch_sub(1, Ordering::Relaxed);
@@ -484,10 +521,15 @@ async fn run_route(
 
 /// A cluster route's side of the protocol: what the peer's frames mean.
 struct Peer {
+    /// The default account's batch.
     batch: Batch,
+    /// Other accounts' batches, made when the first message for one arrives.
+    accounts: HashMap<String, Batch>,
+    state: Arc<State>,
     link: Arc<Outlet>,
-    /// The peer's interest: route subscriptions held by this link.
-    subs: HashMap<u32, Arc<Subscription>>,
+    /// The peer's interest: route subscriptions held by this link, with the
+    /// engine (account) they are in.
+    subs: HashMap<u32, (Delivery, Arc<Subscription>)>,
     max_body: u32,
 }
 
@@ -517,7 +559,10 @@ impl Frames for Peer {
                     .metrics()
                     .route_msgs_in
                     .fetch_add(1, Ordering::Relaxed);
-                self.batch.forwarded(
+                let Some((batch, subject)) = self.account_batch(subject) else {
+                    return Ok(());
+                };
+                batch.forwarded(
                     subject,
                     reply,
                     headers,
@@ -532,16 +577,19 @@ impl Frames for Peer {
                 subject,
                 queue,
             } => {
-                let d = self.batch.delivery();
-                if let Ok(sub) = d.subscribe_peer(&self.link, sid, subject, queue) {
-                    if let Some(old) = self.subs.insert(sid, sub) {
-                        d.unsubscribe(&old);
+                let Some((batch, pattern)) = self.account_batch(subject) else {
+                    return Ok(());
+                };
+                let d = batch.delivery().clone();
+                if let Ok(sub) = d.subscribe_peer(&self.link, sid, pattern, queue) {
+                    if let Some((od, old)) = self.subs.insert(sid, (d, sub)) {
+                        od.unsubscribe(&old);
                     }
                 }
             }
             FrameRef::Unsub { sid, .. } => {
-                if let Some(s) = self.subs.remove(&sid) {
-                    self.batch.delivery().unsubscribe(&s);
+                if let Some((d, s)) = self.subs.remove(&sid) {
+                    d.unsubscribe(&s);
                 }
             }
             FrameRef::Credit(n) => {
@@ -564,7 +612,37 @@ impl Frames for Peer {
 
     fn end_batch(&mut self) -> Option<Arc<Stream>> {
         self.batch.finish();
-        self.batch.backlogged()
+        let mut behind = self.batch.backlogged();
+        for b in self.accounts.values_mut() {
+            b.finish();
+            behind = behind.or_else(|| b.backlogged());
+        }
+        behind
+    }
+}
+
+impl Peer {
+    /// The batch of the account a subject (or pattern) from the peer
+    /// belongs to, and the subject without its account: `$SB.ACC.<name>.`
+    /// in front names an account other than the default. None for an
+    /// account this broker does not have (configured on the peer only):
+    /// nothing here can want its messages.
+    fn account_batch<'s>(&mut self, subject: &'s str) -> Option<(&mut Batch, &'s str)> {
+        let Some((name, rest)) = crate::account::split_route_subject(subject) else {
+            return Some((&mut self.batch, subject));
+        };
+        if !self.accounts.contains_key(name) {
+            let Some(a) = self.state.accounts.get(name) else {
+                debug!(
+                    account = name,
+                    "a peer sent interest or a message of an account this broker does not have"
+                );
+                return None;
+            };
+            let b = a.delivery.ingress(&a.streams, MATCH_CACHE);
+            self.accounts.insert(name.to_string(), b);
+        }
+        self.accounts.get_mut(name).map(|b| (b, rest))
     }
 }
 
@@ -579,6 +657,12 @@ pub(crate) struct ClusterMetrics {
 impl crate::metrics::Source for ClusterMetrics {
     fn name(&self) -> &'static str {
         "cluster"
+    }
+
+    /// Not ready while a replicated stream here has no leader or this
+    /// replica is behind it (a restarted pod catching up).
+    fn ready(&self) -> Result<(), String> {
+        crate::replication::hub().ready()
     }
 
     fn prometheus(&self, out: &mut String) {

@@ -163,7 +163,26 @@ pub(super) fn render(gw: &Gateway) -> String {
         gw.started.elapsed().as_secs_f64()
     );
 
-    if let Some(users) = &st.config.users {
+    if let Some(live) = st.live_users() {
+        let users = live.get();
+        if live.reloadable() {
+            family(
+                &mut o,
+                "sockbus_users_reloads_total",
+                "counter",
+                "Reloads of --users-file: applied (ok) and refused, the users in force kept (failed).",
+            );
+            let _ = writeln!(
+                o,
+                "sockbus_users_reloads_total{{result=\"ok\"}} {}",
+                live.reloads.load(Relaxed)
+            );
+            let _ = writeln!(
+                o,
+                "sockbus_users_reloads_total{{result=\"failed\"}} {}",
+                live.reload_failures.load(Relaxed)
+            );
+        }
         sample(
             &mut o,
             "sockbus_auth_failures_total",

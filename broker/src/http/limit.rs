@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use hyper::StatusCode;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncReadExt;
 use tokio::net::TcpStream;
 use tokio::sync::OwnedSemaphorePermit;
 
@@ -63,19 +63,13 @@ pub(super) async fn answer(gw: Arc<Gateway>, mut stream: TcpStream, _slot: Owned
             )
         }
     };
-    let _ = tokio::time::timeout(ANSWER_WITHIN.saturating_sub(start.elapsed()), async {
-        let _ = stream.write_all(&resp).await;
-        let _ = stream.shutdown().await;
-        // Read (and discard) the rest of the request until the client
-        // closes: closing with unread bytes would reset the connection and
-        // could destroy the answer before the client reads it.
-        let mut buf = [0u8; 4096];
-        while let Ok(n) = stream.read(&mut buf).await {
-            if n == 0 {
-                break;
-            }
-        }
-    })
+    // The rest of the request is read and dropped until the client closes:
+    // closing with unread bytes would reset the connection and could
+    // destroy the answer before the client reads it.
+    let _ = tokio::time::timeout(
+        ANSWER_WITHIN.saturating_sub(start.elapsed()),
+        crate::transport::refuse(&mut stream, &resp),
+    )
     .await;
 }
 

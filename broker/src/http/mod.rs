@@ -12,6 +12,7 @@
 
 mod exposition;
 mod limit;
+mod monitor;
 mod publish;
 mod rawpath;
 mod routes;
@@ -69,6 +70,9 @@ impl Gateway {
 /// Per-connection state: HTTP/1.1 serves one request at a time per
 /// connection, so this lock is never contended; it exists to be `Sync`.
 struct ConnCtx {
+    /// The names of the verified client certificate, when some user is
+    /// named by one (auth/cert.rs).
+    cert: Option<crate::auth::cert::CertNames>,
     id: u64,
     /// Cancelled to drop the connection at once (its SSE stream fell behind).
     kill: CancellationToken,
@@ -80,6 +84,8 @@ struct ConnCtx {
 /// same subjects allocates nothing and takes no shared lock per request.
 struct ConnLocal {
     batch: Batch,
+    /// The account `batch` publishes in.
+    account: String,
 }
 
 pub struct HttpServer {
@@ -166,7 +172,7 @@ impl HttpServer {
                     gw.metrics.connection_opened();
                     let _ = stream.set_nodelay(true);
                     match &gw.state.tls {
-                        None => serve(&gw, stream, id, sd).await,
+                        None => serve(&gw, stream, id, None, sd).await,
                         Some(tls) => {
                             // Bounded like the request head that follows it.
                             let hs = tokio::time::timeout(
@@ -174,7 +180,11 @@ impl HttpServer {
                                 tls.acceptor().accept(stream),
                             );
                             match hs.await {
-                                Ok(Ok(s)) => serve(&gw, s, id, sd).await,
+                                Ok(Ok(s)) => {
+                                    let cert =
+                                        crate::conn::client_cert_names(&gw.state, s.get_ref().1);
+                                    serve(&gw, s, id, cert, sd).await
+                                }
                                 Ok(Err(e)) => debug!("TLS handshake failed: {e}"),
                                 Err(_) => debug!("TLS handshake timed out"),
                             }
@@ -216,11 +226,17 @@ fn listen(addr: SocketAddr) -> std::io::Result<TcpListener> {
 
 /// One HTTP connection, until the client leaves, its SSE stream is cut off
 /// as a slow consumer, or shutdown has drained it.
-async fn serve<S>(gw: &Arc<Gateway>, stream: S, id: u64, shutdown: CancellationToken)
-where
+async fn serve<S>(
+    gw: &Arc<Gateway>,
+    stream: S,
+    id: u64,
+    cert: Option<crate::auth::cert::CertNames>,
+    shutdown: CancellationToken,
+) where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
     let ctx = Arc::new(ConnCtx {
+        cert,
         id,
         kill: CancellationToken::new(),
         local: Mutex::new(ConnLocal {
@@ -228,6 +244,7 @@ where
                 .state
                 .delivery
                 .ingress(&gw.state.streams, CONN_MATCH_CACHE),
+            account: crate::auth::DEFAULT_ACCOUNT.to_string(),
         }),
     });
     let svc = {

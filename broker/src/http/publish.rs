@@ -154,6 +154,16 @@ pub(super) async fn publish(
     };
     let (published, backlog) = {
         let mut guard = ctx.local.lock().unwrap_or_else(|p| p.into_inner());
+        // Each request authenticates on its own: a connection whose user
+        // changes account gets a batch of the new account's.
+        let account = state.accounts.of(user);
+        if guard.account != account.name() {
+            guard.batch.close();
+            guard.batch = account
+                .delivery
+                .ingress(&account.streams, super::CONN_MATCH_CACHE);
+            guard.account = account.name().to_string();
+        }
         let batch = &mut guard.batch;
         let r = batch.publish(&from, &subject, reply, &headers, &payload, Ack::Chan(tx));
         batch.finish();

@@ -19,7 +19,7 @@ use tracing::{debug, warn};
 use crate::auth::User;
 use sockbus_protocol::Credentials;
 
-use super::{exposition, publish, sse, status, streams, ConnCtx, Gateway};
+use super::{exposition, monitor, publish, sse, status, streams, ConnCtx, Gateway};
 
 /// A response body: a whole buffer, or an SSE stream.
 pub(super) type Body = Either<Full<Bytes>, BoxBody<Bytes, Infallible>>;
@@ -37,11 +37,13 @@ pub(super) enum Route {
     Metrics,
     Healthz,
     Readyz,
+    Varz,
+    Jsz,
     Unknown,
 }
 
 impl Route {
-    pub(super) const ALL: [Route; 10] = [
+    pub(super) const ALL: [Route; 12] = [
         Route::Page,
         Route::Status,
         Route::Publish,
@@ -51,6 +53,8 @@ impl Route {
         Route::Metrics,
         Route::Healthz,
         Route::Readyz,
+        Route::Varz,
+        Route::Jsz,
         Route::Unknown,
     ];
 
@@ -67,6 +71,8 @@ impl Route {
             Route::Metrics => "/metrics",
             Route::Healthz => "/healthz",
             Route::Readyz => "/readyz",
+            Route::Varz => "/varz",
+            Route::Jsz => "/jsz",
             Route::Unknown => "unknown",
         }
     }
@@ -97,6 +103,8 @@ impl Route {
             "/metrics" => Route::Metrics,
             "/healthz" => Route::Healthz,
             "/readyz" => Route::Readyz,
+            "/varz" => Route::Varz,
+            "/jsz" => Route::Jsz,
             _ => Route::Unknown,
         };
         if fixed != Route::Unknown {
@@ -144,7 +152,7 @@ pub(super) async fn handle(
             .insert(ALLOW, HeaderValue::from_static(route.allow()));
         r
     } else {
-        match authorize(gw, route, &parts.headers).await {
+        match authorize(gw, ctx, route, &parts.headers).await {
             Err(r) => r,
             Ok(user) => match route {
                 Route::Publish => {
@@ -153,10 +161,10 @@ pub(super) async fn handle(
                 Route::Subscribe => {
                     sse::subscribe(gw, ctx, shutdown, rest, parts.uri.query(), user.as_deref())
                 }
-                Route::Streams => json(StatusCode::OK, &streams::list(&gw.state)),
+                Route::Streams => json(StatusCode::OK, &streams::list(&gw.state, user.as_deref())),
                 Route::Stream => match decode_path(rest) {
                     Err(e) => error(StatusCode::BAD_REQUEST, e),
-                    Ok(name) => match streams::info(&gw.state, &name) {
+                    Ok(name) => match streams::info(&gw.state, user.as_deref(), &name) {
                         Some(v) => json(StatusCode::OK, &v),
                         None => error(StatusCode::NOT_FOUND, format!("no stream named {name:?}")),
                     },
@@ -187,6 +195,15 @@ pub(super) async fn handle(
                     r
                 }
                 Route::Status => json(StatusCode::OK, &status::snapshot(gw)),
+                Route::Varz => json(StatusCode::OK, &monitor::varz(gw)),
+                Route::Jsz => match monitor::JszQuery::parse(parts.uri.query()) {
+                    Err(e) => error(StatusCode::BAD_REQUEST, e),
+                    Ok(q) => {
+                        let all: Vec<&crate::account::Account> =
+                            gw.state.accounts.all().iter().map(|a| &**a).collect();
+                        json(StatusCode::OK, &monitor::jsz(gw, &all, &q))
+                    }
+                },
                 Route::Unknown => unreachable!("handled above"),
             },
         }
@@ -199,18 +216,21 @@ pub(super) async fn handle(
 
 /// Who makes the request, when the broker has users: every route but the
 /// probes needs `Authorization: Basic` (user and password) or `Bearer`
-/// (token): 401 without or with wrong credentials. Publish and subscribe
+/// (token), or, without the header, a client certificate that names a user
+/// (mTLS): 401 without or with wrong credentials. Publish and subscribe
 /// then check the user's permissions (403); the observing routes (`/metrics`,
-/// the status page, `/v1/status`, `/v1/streams`) show every subject and
-/// stream, so they need a user who may subscribe to `>` (403 otherwise).
+/// the status page, `/v1/status`, `/v1/streams`, `/varz`, `/jsz`) show every
+/// subject and stream, so they need a user who may subscribe to `>` (403 otherwise).
 async fn authorize(
     gw: &Gateway,
+    ctx: &ConnCtx,
     route: Route,
     headers: &hyper::HeaderMap,
 ) -> Result<Option<Arc<User>>, Response<Body>> {
-    let Some(users) = &gw.state.config.users else {
+    let Some(users) = gw.state.users() else {
         return Ok(None);
     };
+    let users = &*users;
     if matches!(route, Route::Healthz | Route::Readyz) {
         return Ok(None);
     }
@@ -225,10 +245,79 @@ async fn authorize(
         );
         r
     };
-    let Some(value) = headers
+    let value = headers
         .get(hyper::header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-    else {
+        .and_then(|v| v.to_str().ok());
+    let cert_user = match (value, &ctx.cert) {
+        // No credentials over mTLS: the certificate names the user.
+        (None, Some(names)) => Some(users.authenticate_cert(names)),
+        _ => None,
+    };
+    let user = match cert_user {
+        Some(Ok(u)) => u,
+        Some(Err(e)) => {
+            warn!(route = route.label(), "HTTP request refused: {e}");
+            return Err(unauthorized(
+                e.to_string().trim_start_matches("authorization failed: "),
+            ));
+        }
+        None => password_user(users, route, value, unauthorized).await?,
+    };
+    let observer = matches!(
+        route,
+        Route::Metrics
+            | Route::Page
+            | Route::Status
+            | Route::Streams
+            | Route::Stream
+            | Route::Varz
+            | Route::Jsz
+    );
+    if observer
+        && !user
+            .perms
+            .as_ref()
+            .is_none_or(|p| p.subscribe.allows_pattern(">"))
+    {
+        return Err(error(
+            StatusCode::FORBIDDEN,
+            format!(
+                "permission denied: {} shows every subject; user {:?} may not subscribe to >",
+                route.label(),
+                user.name
+            ),
+        ));
+    }
+    // `/metrics` and the status page are the whole broker's (every
+    // account's figures, the busiest subjects of all of them, the default
+    // account's streams): the operator's, in the default account. The
+    // stream routes show the user's own account only.
+    let broker_wide = matches!(
+        route,
+        Route::Metrics | Route::Page | Route::Status | Route::Varz | Route::Jsz
+    );
+    if broker_wide && user.account != crate::auth::DEFAULT_ACCOUNT {
+        return Err(error(
+            StatusCode::FORBIDDEN,
+            format!(
+                "permission denied: {} shows every account; user {:?} is in account {:?}, not the default account",
+                route.label(),
+                user.name,
+                user.account
+            ),
+        ));
+    }
+    Ok(Some(user))
+}
+
+/// The user an `Authorization` header names (401 when it names none).
+async fn password_user(
+    users: &crate::auth::Users,
+    route: Route,
+    value: Option<&str>,
+    unauthorized: impl Fn(&str) -> Response<Body>,
+) -> Result<Arc<User>, Response<Body>> {
+    let Some(value) = value else {
         users
             .failures
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -267,35 +356,15 @@ async fn authorize(
             return Err(unauthorized("use Authorization: Basic or Bearer"));
         }
     };
-    let user = match users.authenticate(creds).await {
-        Ok(u) => u,
+    match users.authenticate(creds).await {
+        Ok(u) => Ok(u),
         Err(e) => {
             warn!(route = route.label(), "HTTP request refused: {e}");
-            return Err(unauthorized(
+            Err(unauthorized(
                 e.to_string().trim_start_matches("authorization failed: "),
-            ));
+            ))
         }
-    };
-    let observer = matches!(
-        route,
-        Route::Metrics | Route::Page | Route::Status | Route::Streams | Route::Stream
-    );
-    if observer
-        && !user
-            .perms
-            .as_ref()
-            .is_none_or(|p| p.subscribe.allows_pattern(">"))
-    {
-        return Err(error(
-            StatusCode::FORBIDDEN,
-            format!(
-                "permission denied: {} shows every subject; user {:?} may not subscribe to >",
-                route.label(),
-                user.name
-            ),
-        ));
     }
-    Ok(Some(user))
 }
 
 /// The answer of a probe route, `/healthz` or `/readyz`; also given to

@@ -96,12 +96,14 @@ pub(super) fn subscribe(
     // The connection's kill token doubles as the subscriber's abort token:
     // a slow-consumer verdict drops the HTTP connection at once, even when
     // hyper is stuck writing to a client that stopped reading.
-    let conn = Arc::new(
-        state
-            .delivery
-            .outlet(state.delivery.next_id(), 0, ctx.kill.clone(), None),
-    );
-    let sub = match state.delivery.subscribe(
+    let account = state.accounts.of(user);
+    let conn = Arc::new(account.delivery.outlet(
+        state.delivery.next_id(),
+        0,
+        ctx.kill.clone(),
+        None,
+    ));
+    let sub = match account.delivery.subscribe(
         &Subscriber {
             api: false,
             perms: user.and_then(|u| u.perms.as_deref()),
@@ -138,6 +140,7 @@ pub(super) fn subscribe(
     let feed = Feed {
         guard: Guard {
             gw: gw.clone(),
+            delivery: account.delivery.clone(),
             sub,
         },
         conn,
@@ -164,12 +167,14 @@ pub(super) fn subscribe(
 /// Removes the subscription when the stream ends, however it ends.
 struct Guard {
     gw: Arc<Gateway>,
+    /// The engine of the subscriber's account.
+    delivery: crate::deliver::Delivery,
     sub: Arc<Subscription>,
 }
 
 impl Drop for Guard {
     fn drop(&mut self) {
-        self.gw.state.delivery.unsubscribe(&self.sub);
+        self.delivery.unsubscribe(&self.sub);
         self.sub.outlet.outbox.close();
         self.sub.outlet.outbox.clear();
         self.gw.metrics.sse_closed();

@@ -4,16 +4,20 @@
 
 use serde_json::{json, Value};
 
+use crate::auth::User;
 use crate::server::State;
 
-/// `GET /v1/streams` → `{"streams": [ {..one object per stream..} ]}`.
-pub fn list(state: &State) -> Value {
-    json!({ "streams": state.streams.list() })
+/// `GET /v1/streams` → `{"streams": [ {..one object per stream..} ]}`: the
+/// streams of the user's account.
+pub fn list(state: &State, user: Option<&User>) -> Value {
+    json!({ "streams": state.accounts.of(user).streams.list() })
 }
 
 /// `GET /v1/streams/{name}` → the stream's JSON, or None for 404.
-pub fn info(state: &State, name: &str) -> Option<Value> {
+pub fn info(state: &State, user: Option<&User>, name: &str) -> Option<Value> {
     state
+        .accounts
+        .of(user)
         .streams
         .info(name)
         .ok()

@@ -134,6 +134,7 @@ impl Log {
         bases.sort_unstable();
         let mut report = OpenReport::default();
         let mut segs = VecDeque::new();
+        let mut scanned = Vec::with_capacity(bases.len());
         for (i, &base) in bases.iter().enumerate() {
             let last = i + 1 == bases.len();
             let path = seg_path(dir, base);
@@ -150,7 +151,22 @@ impl Log {
                     report.lost += s.lost;
                 }
             }
+            scanned.push(scan.is_some());
             segs.push_back(seg);
+        }
+        // A segment is sealed when the next one starts, at the sequence after
+        // its last record: a scanned sealed segment that ends earlier was cut
+        // short (truncated) or lost its last records to damage.
+        for i in 0..segs.len().saturating_sub(1) {
+            let (seg, next) = (&segs[i], &segs[i + 1]);
+            if !scanned[i] || seg.msgs == 0 || next.base <= seg.last_seq + 1 {
+                continue;
+            }
+            let (from, to) = (seg.last_seq + 1, next.base - 1);
+            error!(stream = name, segment = %seg.path.display(), lost_from = from, lost_to = to,
+                "sealed segment cut short or its last records damaged (CRC); these sequences are lost, everything else is served");
+            report.damaged_ranges += 1;
+            report.lost += to - from + 1;
         }
         if report.truncated_bytes > 0 {
             warn!(
@@ -215,19 +231,24 @@ impl Log {
             let Some((base, file)) = next else { return };
             let scan = file.open().and_then(|f| scan_file(&f, base));
             let mut st = self.lock();
+            let next_base = st.segs.iter().find(|s| s.base > base).map(|s| s.base);
             let Some(seg) = st.segs.iter_mut().find(|s| s.base == base) else {
                 continue;
             };
             seg.verified = true;
             let lost = match scan {
-                Ok(s) if !s.bad.is_empty() => {
-                    error!(stream = %self.name, segment = %seg.path.display(), ranges = ?s.bad, lost = s.lost,
-                        "damaged records found (CRC mismatch); they are skipped, everything else is served");
-                    seg.bad = s.bad.clone();
-                    seg.msgs = s.msgs;
-                    s.lost
+                Ok(s) => {
+                    if !s.bad.is_empty() {
+                        error!(stream = %self.name, segment = %seg.path.display(), ranges = ?s.bad, lost = s.lost,
+                            "damaged records found (CRC mismatch); they are skipped, everything else is served");
+                        seg.bad = s.bad.clone();
+                    }
+                    let tail = self.tail_lost(seg, &s, next_base);
+                    if !s.bad.is_empty() || tail > 0 {
+                        seg.msgs = s.msgs;
+                    }
+                    s.lost + tail
                 }
-                Ok(_) => 0,
                 Err(e) => {
                     warn!(stream = %self.name, "cannot verify segment {base}: {e}");
                     0
@@ -237,24 +258,45 @@ impl Log {
         }
     }
 
+    /// Sequences lost at the end of a sealed segment (cut short, or its last
+    /// records damaged with no valid record after them): between its last
+    /// valid record and the next segment's base. Logged when there are any.
+    fn tail_lost(&self, seg: &Segment, s: &super::segment::Scan, next_base: Option<u64>) -> u64 {
+        let Some(next) = next_base else { return 0 };
+        let from = if s.msgs > 0 { s.last_seq + 1 } else { seg.base };
+        if next <= from {
+            return 0;
+        }
+        error!(stream = %self.name, segment = %seg.path.display(), lost_from = from, lost_to = next - 1,
+            "sealed segment cut short or its last records damaged (CRC); these sequences are lost, everything else is served");
+        next - from
+    }
+
     /// A reader met a bad record at `off`: scan the segment, remember its
     /// damaged ranges, and return where reading resumes.
     fn on_corrupt(&self, base: u64, file: &File, off: u64) -> (u64, Vec<BadRange>) {
         let scan = scan_file(file, base);
         let mut st = self.lock();
+        let next_base = st.segs.iter().find(|s| s.base > base).map(|s| s.base);
         let Some(seg) = st.segs.iter_mut().find(|s| s.base == base) else {
             return (u64::MAX, Vec::new());
         };
         let mut lost = 0;
         let resume = match scan {
             Ok(s) => {
+                if !seg.verified {
+                    // Not scanned before: damage at its end is news too.
+                    lost += self.tail_lost(seg, &s, next_base);
+                    seg.msgs = s.msgs;
+                    seg.verified = true;
+                }
                 if seg.bad != s.bad {
                     error!(stream = %self.name, segment = %seg.path.display(), ranges = ?s.bad, lost = s.lost,
                         "damaged records found (CRC mismatch); they are skipped, everything else is served");
                     seg.bad = s.bad.clone();
                     seg.msgs = s.msgs;
                     seg.verified = true;
-                    lost = s.lost;
+                    lost += s.lost;
                 }
                 s.bad
                     .iter()
@@ -505,16 +547,28 @@ impl Appender {
         Ok(())
     }
 
+    /// The sequence the next staged record gets.
+    pub fn next_seq(&self) -> u64 {
+        self.next_seq
+    }
+
     /// Assigns the next sequence to an encoded record and stages it, first
     /// committing and rolling the segment when the record would overflow it.
     pub fn stage(&mut self, rec: &mut [u8], fsync: bool) -> io::Result<(u64, u64)> {
+        self.stage_at(rec, fsync, now_ns())
+    }
+
+    /// [`Appender::stage`] with the timestamp given (a replicated stream's
+    /// proposer stamps its records so every replica stores the same), kept
+    /// at or after the last one.
+    pub fn stage_at(&mut self, rec: &mut [u8], fsync: bool, ts: u64) -> io::Result<(u64, u64)> {
         let end = self.off + self.staging.len() as u64;
         if end > SEG_HEADER && end + rec.len() as u64 > self.max_seg {
             self.commit(fsync)?;
             self.roll()?;
         }
         let seq = self.next_seq;
-        let ts = now_ns().max(self.last_ts);
+        let ts = ts.max(self.last_ts);
         record::seal(rec, seq, ts);
         self.staged.push(IndexEntry {
             seq,

@@ -6,6 +6,7 @@ pub mod files;
 pub mod log;
 pub mod record;
 pub mod segment;
+pub mod verify;
 
 pub use files::FileCache;
 pub use log::{now_ns, Appender, Log, ReadPos};

@@ -171,6 +171,15 @@ pub(crate) fn handle(
             }
         }
         Api::StreamInfo { stream: name } => reply_with(state, reply, streams.info(name)),
+        Api::StreamReplacePeer { stream: name } => {
+            let name = name.to_string();
+            match parse::<sockbus_protocol::api::ReplacePeer>(payload) {
+                Ok(req) => on_disk(state, reply, move |s| {
+                    s.replace_peer(&name, &req.old, &req.new)
+                }),
+                Err(e) => reply_with::<()>(state, reply, Err(e)),
+            }
+        }
         Api::StreamDelete { stream: name } => {
             let name = name.to_string();
             on_disk(state, reply, move |s| {
@@ -335,7 +344,7 @@ mod tests {
             (
                 "invalid stream configuration: unknown field `max_msg`, expected one of `name`, \
                  `subjects`, `fsync`, `fsync_interval_ms`, `max_age_ms`, `max_bytes`, `max_msgs`, \
-                 `segment_bytes`, `duplicate_window_ms`",
+                 `segment_bytes`, `duplicate_window_ms`, `replicas`",
                 400
             )
         );

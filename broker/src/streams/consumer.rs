@@ -12,13 +12,13 @@
 use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::{Duration, Instant};
 
 use sockbus_protocol::api::{header, subject, Start};
 use sockbus_protocol::frame::push_header;
-use tokio::sync::{mpsc, Notify};
+use tokio::sync::{mpsc, oneshot, Notify};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
@@ -51,12 +51,29 @@ struct CState {
     file_len: u64,
 }
 
-struct Pull {
-    reply: String,
-    batch: usize,
-    max_bytes: usize,
-    expires: Duration,
-    no_wait: bool,
+/// How a pull's deliveries and statuses are framed for its client.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Flavor {
+    /// `$SB.ACK.` ack subjects, `Sb-Status` statuses with sockbus's texts.
+    Native,
+    /// JetStream's `$JS.ACK.` ack subjects and status texts (crate::jetstream).
+    Js,
+}
+
+/// One pull: a batch to deliver to `reply`.
+pub(crate) struct Pull {
+    pub reply: String,
+    pub batch: usize,
+    pub max_bytes: usize,
+    pub expires: Duration,
+    pub no_wait: bool,
+    pub flavor: Flavor,
+    /// Send an idle-heartbeat status this often while nothing is delivered.
+    pub heartbeat: Option<Duration>,
+    /// A push consumer's round: no 404/408 statuses at its end.
+    pub push: bool,
+    /// Told when the pull has ended (push consumers start the next one).
+    pub done: Option<oneshot::Sender<()>>,
 }
 
 pub struct Consumer {
@@ -72,6 +89,16 @@ pub struct Consumer {
     last_pull: AtomicU64,
     /// Where deliveries and ack answers go.
     delivery: Delivery,
+    /// Messages delivered, counted from the consumer's start in this
+    /// process (JetStream's consumer sequence; not kept across restarts).
+    pub(crate) delivered: AtomicU64,
+    /// Pulls queued or being served.
+    waiting: AtomicUsize,
+    /// The JetStream configuration it was created with through `$JS.API`
+    /// (crate::jetstream), kept beside a durable one as `<name>.nats`.
+    pub(crate) nats: Option<serde_json::Value>,
+    /// When it was created or loaded, ns since the epoch.
+    pub(crate) created: u64,
 }
 
 fn op(buf: &mut Vec<u8>, kind: u8, seq: u64, n: u32) {
@@ -145,14 +172,76 @@ impl Consumer {
     }
 
     pub(crate) fn pull(&self, reply: &str, p: PullRequest) {
-        self.last_pull.store(now_ns(), Ordering::Relaxed);
-        let _ = self.pulls.send(Pull {
+        self.pull_with(Pull {
             reply: reply.to_string(),
             batch: p.batch.max(1),
             max_bytes: p.max_bytes.unwrap_or(usize::MAX).max(1),
             expires: Duration::from_millis(p.expires_ms.unwrap_or(5000)),
             no_wait: p.no_wait,
+            flavor: Flavor::Native,
+            heartbeat: None,
+            push: false,
+            done: None,
         });
+    }
+
+    /// Queues a pull; they are served one after the other.
+    pub(crate) fn pull_with(&self, p: Pull) {
+        self.last_pull.store(now_ns(), Ordering::Relaxed);
+        self.waiting.fetch_add(1, Ordering::AcqRel);
+        if self.pulls.send(p).is_err() {
+            self.waiting.fetch_sub(1, Ordering::AcqRel);
+        }
+    }
+
+    /// Where its deliveries go.
+    pub(crate) fn delivery(&self) -> &Delivery {
+        &self.delivery
+    }
+
+    /// Pulls queued or being served now.
+    pub(crate) fn waiting(&self) -> usize {
+        self.waiting.load(Ordering::Acquire)
+    }
+
+    /// Marks activity (an ephemeral consumer in use is not removed).
+    pub(crate) fn touch(&self) {
+        self.last_pull.store(now_ns(), Ordering::Relaxed);
+    }
+
+    /// Has the consumer been deleted (or its stream)?
+    pub(crate) fn is_stopped(&self) -> bool {
+        self.stop.is_cancelled()
+    }
+
+    /// Waits until the consumer is deleted.
+    pub(crate) async fn stopped(&self) {
+        self.stop.cancelled().await
+    }
+
+    /// Redelivers a pending message no sooner than `delay` from now (a
+    /// JetStream `-NAK {"delay": ns}`).
+    pub(crate) fn nak_after(&self, seq: u64, delay: Duration) {
+        let mut st = self.lock();
+        if let Some(p) = st.pending.get_mut(&seq) {
+            p.deadline = Instant::now() + delay;
+        }
+        drop(st);
+        self.kick.notify_one();
+    }
+
+    /// The pending sequences up to and including `seq` (an ack of `seq` under
+    /// JetStream's `ack_policy: all` acks them all).
+    pub(crate) fn pending_upto(&self, seq: u64) -> Vec<u64> {
+        self.lock().pending.range(..=seq).map(|(s, _)| *s).collect()
+    }
+
+    /// Messages of the stream past the consumer's position (not counting
+    /// its filter): what is left to deliver.
+    pub(crate) fn num_pending(&self) -> u64 {
+        let next = self.lock().next_seq;
+        let last = self.log.lock().last_seq();
+        (last + 1).saturating_sub(next)
     }
 
     pub(crate) fn ack(&self, seq: u64, kind: AckKind, reply: Option<&str>) {
@@ -168,6 +257,7 @@ impl Consumer {
                             seq,
                             0,
                         );
+                        self.kick.notify_one();
                     }
                 }
                 AckKind::Nak => {
@@ -353,8 +443,22 @@ fn parse_start(log: &Log, start: &str) -> Result<u64, StreamError> {
 }
 
 /// Creates a consumer (or returns the existing durable of that name).
-pub fn create(s: &Arc<Stream>, mut cfg: ConsumerConfig) -> Result<ConsumerInfo, StreamError> {
+pub fn create(s: &Arc<Stream>, cfg: ConsumerConfig) -> Result<ConsumerInfo, StreamError> {
+    create_named(s, cfg, None, None).map(|c| c.info())
+}
+
+/// Creates a consumer: an ephemeral one named `name` when given, and with
+/// the JetStream configuration `nats` it was asked for through `$JS.API`.
+pub(crate) fn create_named(
+    s: &Arc<Stream>,
+    mut cfg: ConsumerConfig,
+    name: Option<String>,
+    nats: Option<serde_json::Value>,
+) -> Result<Arc<Consumer>, StreamError> {
     cfg.validate()?;
+    if let Some(n) = &name {
+        sockbus_protocol::api::validate_name("consumer", n)?;
+    }
     let name = match &cfg.durable {
         Some(n) => {
             if let Some(c) = s.consumer(n) {
@@ -365,11 +469,24 @@ pub fn create(s: &Arc<Stream>, mut cfg: ConsumerConfig) -> Result<ConsumerInfo, 
                         "durable consumer {n:?} exists with a different filter or ack policy"
                     )));
                 }
-                return Ok(c.info());
+                return Ok(c);
             }
             n.clone()
         }
-        None => format!("eph-{:016x}", rand::random::<u64>()),
+        None => match name {
+            Some(n) => {
+                if let Some(c) = s.consumer(&n) {
+                    if c.config != cfg {
+                        return Err(StreamError::BadRequest(format!(
+                            "consumer {n:?} exists with a different configuration"
+                        )));
+                    }
+                    return Ok(c);
+                }
+                n
+            }
+            None => format!("eph-{:016x}", rand::random::<u64>()),
+        },
     };
     if cfg.start.is_empty() {
         cfg.start = Start::First.to_string();
@@ -387,6 +504,13 @@ pub fn create(s: &Arc<Stream>, mut cfg: ConsumerConfig) -> Result<ConsumerInfo, 
             &serde_json::to_vec_pretty(&cfg).expect("serialisable"),
         )
         .map_err(storage)?;
+        if let Some(n) = &nats {
+            write_atomic(
+                &dir.join(format!("{name}.nats")),
+                &serde_json::to_vec_pretty(n).expect("serialisable"),
+            )
+            .map_err(storage)?;
+        }
         let path = dir.join(format!("{name}.log"));
         let mut b = Vec::new();
         op(&mut b, b'N', next_seq, 0);
@@ -409,9 +533,10 @@ pub fn create(s: &Arc<Stream>, mut cfg: ConsumerConfig) -> Result<ConsumerInfo, 
             file_len,
         },
         path,
+        nats,
     );
     info!(stream = %s.config.name, consumer = %c.name, durable = c.is_durable(), next_seq, "consumer created");
-    Ok(c.info())
+    Ok(c)
 }
 
 fn start(
@@ -420,6 +545,7 @@ fn start(
     config: ConsumerConfig,
     st: CState,
     path: Option<PathBuf>,
+    nats: Option<serde_json::Value>,
 ) -> Arc<Consumer> {
     let (tx, rx) = mpsc::unbounded_channel();
     let c = Arc::new(Consumer {
@@ -434,12 +560,17 @@ fn start(
         stop: CancellationToken::new(),
         last_pull: AtomicU64::new(now_ns()),
         delivery: s.delivery.clone(),
+        delivered: AtomicU64::new(0),
+        waiting: AtomicUsize::new(0),
+        nats,
+        created: now_ns(),
     });
     s.consumers
         .lock()
         .unwrap_or_else(|p| p.into_inner())
         .insert(name, c.clone());
     tokio::spawn(serve(c.clone(), Arc::downgrade(s), rx));
+    crate::jetstream::started(&c);
     c
 }
 
@@ -512,6 +643,10 @@ pub(crate) fn load_all(s: &Arc<Stream>) {
                 s.log.files().file(log_path.clone(), Mode::Append)
             });
         let pend = pending.len();
+        // Its JetStream configuration, when it was created through `$JS.API`.
+        let nats = std::fs::read(dir.join(format!("{name}.nats")))
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok());
         let c = start(
             s,
             name,
@@ -525,6 +660,7 @@ pub(crate) fn load_all(s: &Arc<Stream>) {
                 file_len: valid as u64,
             },
             Some(log_path),
+            nats,
         );
         info!(stream = %s.config.name, consumer = %c.name, next_seq, pending = pend, "durable consumer loaded");
     }
@@ -541,6 +677,7 @@ pub(crate) fn delete(s: &Arc<Stream>, name: &str) -> Result<(), StreamError> {
     if let Some(p) = &c.path {
         let _ = std::fs::remove_file(p);
         let _ = std::fs::remove_file(p.with_extension("json"));
+        let _ = std::fs::remove_file(p.with_extension("nats"));
     }
     Ok(())
 }
@@ -555,16 +692,34 @@ pub(crate) fn send_status(d: &Delivery, reply: &str, code: u16, text: &str, pend
     let _ = d.publish_now(reply, &h, &[]);
 }
 
+/// A pull's status in its flavor: sockbus's, or JetStream's (the NATS port
+/// writes `Sb-Status` and `Sb-Description` as the status line).
+fn pull_status(c: &Consumer, pull: &Pull, code: u16, text: &str, left: usize, bytes: usize) {
+    match pull.flavor {
+        Flavor::Native => send_status(&c.delivery, &pull.reply, code, text, left),
+        Flavor::Js => crate::jetstream::send_status(&c.delivery, &pull.reply, code, left, bytes),
+    }
+}
+
 async fn serve(c: Arc<Consumer>, stream: Weak<Stream>, mut rx: mpsc::UnboundedReceiver<Pull>) {
     let mut committed = c.log.committed.subscribe();
     let inactive = Duration::from_millis(c.config.inactive_ms.unwrap_or(60_000).max(100));
     loop {
         let pull = tokio::select! {
             p = rx.recv() => match p { Some(p) => p, None => return },
-            _ = c.stop.cancelled() => return,
+            _ = c.stop.cancelled() => {
+                // Pulls still waiting hear that the consumer is gone.
+                rx.close();
+                while let Ok(p) = rx.try_recv() {
+                    if p.flavor == Flavor::Js && !p.push {
+                        pull_status(&c, &p, 409, "", p.batch, p.max_bytes);
+                    }
+                }
+                return;
+            }
             _ = tokio::time::sleep(inactive), if !c.is_durable() => {
                 let idle = now_ns().saturating_sub(c.last_pull.load(Ordering::Relaxed));
-                if idle >= inactive.as_nanos() as u64 {
+                if idle >= inactive.as_nanos() as u64 && c.waiting() == 0 {
                     if let Some(s) = stream.upgrade() {
                         let _ = delete(&s, &c.name);
                     }
@@ -573,20 +728,36 @@ async fn serve(c: Arc<Consumer>, stream: Weak<Stream>, mut rx: mpsc::UnboundedRe
                 continue;
             }
         };
-        serve_pull(&c, pull, &mut committed).await;
+        let mut pull = pull;
+        let done = pull.done.take();
+        serve_pull(&c, &pull, &mut committed).await;
+        c.waiting.fetch_sub(1, Ordering::AcqRel);
+        c.touch();
+        if let Some(d) = done {
+            let _ = d.send(());
+        }
     }
 }
 
 async fn serve_pull(
     c: &Arc<Consumer>,
-    pull: Pull,
+    pull: &Pull,
     committed: &mut tokio::sync::watch::Receiver<u64>,
 ) {
-    let deadline = Instant::now() + pull.expires;
+    let start = Instant::now();
+    // `expires` of 0 with JetStream: the pull waits until it is filled or
+    // its client goes away.
+    let deadline = start
+        .checked_add(pull.expires)
+        .unwrap_or(start + Duration::from_secs(365 * 86_400));
     let mut left = pull.batch;
     let mut bytes_left = pull.max_bytes;
+    let mut quiet_since = start;
     loop {
         if c.stop.is_cancelled() {
+            if pull.flavor == Flavor::Js && !pull.push {
+                pull_status(c, pull, 409, "", left, bytes_left);
+            }
             return;
         }
         committed.borrow_and_update();
@@ -601,22 +772,40 @@ async fn serve_pull(
             Ok(Ok(b)) => b,
             Ok(Err(e)) => {
                 warn!(consumer = %c.name, "cannot read the stream: {e}");
-                send_status(
-                    &c.delivery,
-                    &pull.reply,
-                    503,
-                    &format!("cannot read the stream: {e}"),
-                    left,
-                );
+                if pull.flavor == Flavor::Native {
+                    send_status(
+                        &c.delivery,
+                        &pull.reply,
+                        503,
+                        &format!("cannot read the stream: {e}"),
+                        left,
+                    );
+                }
                 return;
             }
             Err(_) => return,
         };
         if !batch.is_empty() {
+            quiet_since = Instant::now();
             let mut out = c.delivery.batch(4);
             let mut failed = Vec::new();
+            let pending = match pull.flavor {
+                Flavor::Js => c.num_pending(),
+                Flavor::Native => 0,
+            };
             for (msg, deliveries) in &batch {
-                let ack = subject::ack(&c.stream, &c.name, msg.seq, *deliveries);
+                let ack = match pull.flavor {
+                    Flavor::Native => subject::ack(&c.stream, &c.name, msg.seq, *deliveries),
+                    Flavor::Js => crate::jetstream::ack_subject(
+                        &c.stream,
+                        &c.name,
+                        *deliveries,
+                        msg.seq,
+                        c.delivered.load(Ordering::Relaxed) + 1,
+                        msg.ts,
+                        pending,
+                    ),
+                };
                 let m = Outgoing {
                     reply: Some(&ack),
                     ..Outgoing::new(msg.subject(), None, &msg.headers, &msg.payload)
@@ -625,6 +814,7 @@ async fn serve_pull(
                     failed.push(msg.seq);
                     continue;
                 }
+                c.delivered.fetch_add(1, Ordering::Relaxed);
                 left -= 1;
                 bytes_left = bytes_left
                     .saturating_sub(msg.payload.len() + msg.headers.len() + msg.subject().len());
@@ -643,15 +833,32 @@ async fn serve_pull(
             continue;
         }
         if pull.no_wait {
-            send_status(&c.delivery, &pull.reply, 404, "no messages", left);
+            if !pull.push {
+                let text = match pull.flavor {
+                    Flavor::Native => "no messages",
+                    Flavor::Js => "",
+                };
+                pull_status(c, pull, 404, text, left, bytes_left);
+            }
             return;
         }
         let now = Instant::now();
         if now >= deadline {
-            send_status(&c.delivery, &pull.reply, 408, "request expired", left);
+            if !pull.push {
+                pull_status(c, pull, 408, "request expired", left, bytes_left);
+            }
             return;
         }
+        if let Some(hb) = pull.heartbeat {
+            if now >= quiet_since + hb {
+                pull_status(c, pull, 100, "", left, bytes_left);
+                quiet_since = now;
+            }
+        }
         let mut wake_at = deadline.min(now + Duration::from_secs(1));
+        if let Some(hb) = pull.heartbeat {
+            wake_at = wake_at.min(quiet_since + hb);
+        }
         if let Some(d) = c.next_deadline() {
             wake_at = wake_at.min(d.max(now + Duration::from_millis(1)));
         }
@@ -659,7 +866,7 @@ async fn serve_pull(
             _ = committed.changed() => {}
             _ = c.kick.notified() => {}
             _ = tokio::time::sleep_until(wake_at.into()) => {}
-            _ = c.stop.cancelled() => return,
+            _ = c.stop.cancelled() => {}
         }
     }
 }

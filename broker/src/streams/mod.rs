@@ -9,6 +9,7 @@
 pub mod api;
 pub mod consumer;
 mod index;
+mod replicated;
 mod strict;
 #[cfg(test)]
 mod testing;
@@ -134,6 +135,24 @@ pub enum StreamError {
         count: usize,
         max: usize,
     },
+    #[error("cannot create stream {name:?}: account {account:?} holds {count} streams, its limit is {max} (max-streams of its [[accounts]] table)")]
+    AccountTooMany {
+        name: String,
+        account: String,
+        count: usize,
+        max: usize,
+    },
+    /// A `Nats-Expected-*` header of the publish does not hold (its
+    /// JetStream error code and text).
+    #[error("{text}")]
+    Expected { err_code: u32, text: String },
+    #[error("stream {name:?}: cannot store the message: account {account:?} stores {used} bytes, its limit is {max} bytes (max-stored-bytes of its [[accounts]] table)")]
+    AccountFull {
+        name: String,
+        account: String,
+        used: u64,
+        max: u64,
+    },
 }
 
 impl From<ConfigError> for StreamError {
@@ -146,7 +165,11 @@ impl StreamError {
     /// HTTP-style status for the gateway and the API replies.
     pub fn status(&self) -> u16 {
         match self {
-            StreamError::BadRequest(_) | StreamError::TooMany { .. } => 400,
+            StreamError::BadRequest(_)
+            | StreamError::Expected { .. }
+            | StreamError::TooMany { .. }
+            | StreamError::AccountTooMany { .. } => 400,
+            StreamError::AccountFull { .. } => 507,
             StreamError::NotFound(_) | StreamError::ConsumerNotFound(_) => 404,
             StreamError::Exists(_) => 409,
             StreamError::AnswerTooLarge { .. } => 413,
@@ -165,6 +188,19 @@ pub enum AckTo {
     /// Published to this subject (the SDK's request inbox).
     Reply(Box<str>),
     Chan(oneshot::Sender<Result<PubAck, StreamError>>),
+    /// Published to this subject in JetStream's shape (a NATS publisher).
+    Js(Box<str>),
+}
+
+/// What a publish's `Nats-Expected-*` headers require of the stream
+/// before it is stored (checked by the writer, in order with the writes).
+#[derive(Debug, Default)]
+pub(crate) struct Expect {
+    pub stream: Option<Box<str>>,
+    pub last_seq: Option<u64>,
+    pub last_msg_id: Option<Box<str>>,
+    /// (sequence, the publish's subject)
+    pub last_subject_seq: Option<(u64, Box<str>)>,
 }
 
 /// Records queued for a stream's writer by one reader batch.
@@ -177,6 +213,7 @@ pub(crate) struct Entry {
     len: u32,
     ack: AckTo,
     msg_id: Option<Box<str>>,
+    expect: Option<Box<Expect>>,
 }
 
 pub struct Stream {
@@ -198,9 +235,78 @@ pub struct Stream {
     failed: AtomicBool,
     /// Where acks and consumer deliveries go.
     pub(crate) delivery: Delivery,
+    /// The account's stored bytes, when it has a limit on them.
+    pub(crate) quota: Option<Arc<Quota>>,
+    /// This stream's bytes as last added to `quota`.
+    pub(crate) counted: std::sync::atomic::AtomicU64,
+}
+
+/// The bytes an account's streams store together, against its
+/// `max-stored-bytes`. Each writer adds what its stream grew or shrank by
+/// after every turn (writes and retention), so `used` lags a turn at most.
+pub(crate) struct Quota {
+    pub account: String,
+    pub max: u64,
+    pub used: std::sync::atomic::AtomicU64,
+    /// Orders a writer's last update against its stream's deletion.
+    updates: Mutex<()>,
+}
+
+impl Quota {
+    pub(crate) fn new(account: String, max: u64) -> Quota {
+        Quota {
+            account,
+            max,
+            used: Default::default(),
+            updates: Mutex::new(()),
+        }
+    }
+
+    /// Brings `s`'s share up to date with its log (nothing once deleted).
+    pub(crate) fn sync(&self, s: &Stream) {
+        let _g = self.updates.lock().unwrap_or_else(|p| p.into_inner());
+        if s.deleted.load(Ordering::Acquire) {
+            return;
+        }
+        let now = s.log.lock().bytes();
+        let old = s.counted.swap(now, Ordering::AcqRel);
+        if now >= old {
+            self.used.fetch_add(now - old, Ordering::AcqRel);
+        } else {
+            self.used.fetch_sub(old - now, Ordering::AcqRel);
+        }
+    }
+
+    /// Takes `s`'s share out (the stream was deleted).
+    fn forget(&self, s: &Stream) {
+        let _g = self.updates.lock().unwrap_or_else(|p| p.into_inner());
+        let old = s.counted.swap(0, Ordering::AcqRel);
+        self.used.fetch_sub(old, Ordering::AcqRel);
+    }
 }
 
 impl Stream {
+    /// The stream's directory.
+    pub(crate) fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// A replicated stream's members (node names), empty otherwise.
+    pub(crate) fn members(&self) -> Vec<String> {
+        match std::fs::read(self.dir.join("raft").join("members")) {
+            Ok(b) => String::from_utf8_lossy(&b)
+                .lines()
+                .filter(|l| !l.is_empty())
+                .map(String::from)
+                .collect(),
+            Err(_) => Vec::new(),
+        }
+    }
+
+    pub(crate) fn set_members(&self, members: &[String]) -> std::io::Result<()> {
+        crate::replication::write_members(&self.dir, members)
+    }
+
     pub fn info(&self) -> StreamInfo {
         let st = self.log.lock();
         let first_ts = st.first_ts();
@@ -222,6 +328,8 @@ impl Stream {
                     .len(),
                 damaged_records: st.lost,
             },
+            cluster: (self.config.replicas() > 1)
+                .then(|| crate::replication::hub().cluster_info(self)),
         }
     }
 
@@ -337,6 +445,16 @@ impl Stream {
     pub fn consumers_dir(&self) -> PathBuf {
         self.dir.join("consumers")
     }
+
+    /// When the stream was created: its `stream.json`'s time (ns since
+    /// the epoch), 0 if unknown.
+    pub(crate) fn created_ns(&self) -> u64 {
+        std::fs::metadata(self.dir.join("stream.json"))
+            .and_then(|m| m.modified())
+            .ok()
+            .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+            .map_or(0, |d| d.as_nanos() as u64)
+    }
 }
 
 fn fail_all(req: WriteReq, e: &StreamError, delivery: &Delivery) {
@@ -347,13 +465,20 @@ fn fail_all(req: WriteReq, e: &StreamError, delivery: &Delivery) {
     batch.finish();
 }
 
-/// What bounds a broker's streams.
-#[derive(Debug, Clone, Copy)]
+/// What bounds a broker's (or one account's) streams.
+#[derive(Clone)]
 pub struct StreamLimits {
     /// Most streams; creating one more is refused (`--max-streams`).
     pub max_streams: usize,
     /// Most stream files (segments, consumer op logs) kept open at once.
     pub open_files: usize,
+    /// The open files shared with other accounts' streams (`open_files`
+    /// is then theirs); None: a cache of its own.
+    pub files: Option<Arc<FileCache>>,
+    /// The account these streams belong to, when it has an `[[accounts]]`
+    /// table: its `max-streams` (instead of `--max-streams`) and
+    /// `max-stored-bytes` are what the errors name.
+    pub account: Option<(String, Option<usize>, Option<u64>)>,
 }
 
 impl Default for StreamLimits {
@@ -361,6 +486,8 @@ impl Default for StreamLimits {
         StreamLimits {
             max_streams: DEFAULT_MAX_STREAMS,
             open_files: FileCache::budget(),
+            files: None,
+            account: None,
         }
     }
 }
@@ -374,6 +501,10 @@ pub struct Streams {
     generation: AtomicU64,
     count: AtomicUsize,
     max_streams: usize,
+    /// The account's name when `max_streams` is its `max-streams`.
+    account_limit: Option<String>,
+    /// The account's `max-stored-bytes`.
+    quota: Option<Arc<Quota>>,
     /// Open files, shared by every stream.
     files: Arc<FileCache>,
     /// Bytes queued for all the writers.
@@ -413,14 +544,26 @@ impl Streams {
         interest: Option<Arc<dyn InterestHook>>,
         limits: StreamLimits,
     ) -> anyhow::Result<Streams> {
+        let (account_limit, max_streams, quota) = match limits.account {
+            Some((name, max_streams, max_bytes)) => (
+                max_streams.map(|_| name.clone()),
+                max_streams.unwrap_or(limits.max_streams),
+                max_bytes.map(|max| Arc::new(Quota::new(name, max))),
+            ),
+            None => (None, limits.max_streams, None),
+        };
         let streams = Streams {
             data_dir: data_dir.to_path_buf(),
             map: RwLock::new(HashMap::new()),
             index: RwLock::new(PatternIndex::default()),
             generation: AtomicU64::new(1),
             count: AtomicUsize::new(0),
-            max_streams: limits.max_streams,
-            files: FileCache::new(limits.open_files),
+            max_streams,
+            account_limit,
+            quota,
+            files: limits
+                .files
+                .unwrap_or_else(|| FileCache::new(limits.open_files)),
             budget: QueueBudget::new(TOTAL_QUEUE_LIMIT),
             delivery,
             interest,
@@ -487,7 +630,9 @@ impl Streams {
         }
         for s in streams.list_streams() {
             consumer::load_all(&s);
-            streams.announce(&s.config.subjects, true);
+            if s.config.replicas() == 1 {
+                streams.announce(&s.config.subjects, true);
+            }
         }
         Ok(streams)
     }
@@ -508,8 +653,18 @@ impl Streams {
             deleted: AtomicBool::new(false),
             failed: AtomicBool::new(false),
             delivery: self.delivery.clone(),
+            quota: self.quota.clone(),
+            counted: Default::default(),
         });
-        writer::spawn(s.clone(), rx);
+        if let Some(q) = &s.quota {
+            q.sync(&s);
+        }
+        if s.config.replicas() > 1 {
+            replicated::spawn(s.clone(), rx);
+            crate::replication::hub().open_group(&s);
+        } else {
+            writer::spawn(s.clone(), rx);
+        }
         if s.log.needs_verify() {
             verify_in_background(s.log.clone());
         }
@@ -521,6 +676,24 @@ impl Streams {
         for p in &cfg.subjects {
             ix.insert(p, &cfg.name);
         }
+    }
+
+    /// The open-file cache, to share with another account's streams.
+    pub fn files(&self) -> Arc<FileCache> {
+        self.files.clone()
+    }
+
+    /// Streams held now (being created included).
+    pub fn count(&self) -> usize {
+        self.count.load(Ordering::Acquire)
+    }
+
+    /// Bytes stored in all these streams.
+    pub fn stored_bytes(&self) -> u64 {
+        self.list_streams()
+            .iter()
+            .map(|s| s.log.lock().bytes())
+            .sum()
     }
 
     /// Files the streams keep open now, and the most they may.
@@ -562,7 +735,7 @@ impl Streams {
             .cloned()
     }
 
-    fn list_streams(&self) -> Vec<Arc<Stream>> {
+    pub(crate) fn list_streams(&self) -> Vec<Arc<Stream>> {
         let mut v: Vec<_> = self
             .map
             .read()
@@ -616,6 +789,100 @@ impl Streams {
     /// concurrent creates share the disk's flushes instead of queueing.
     pub fn create(&self, cfg: StreamConfig) -> Result<StreamInfo, StreamError> {
         cfg.validate()?;
+        if cfg.replicas() > 1 {
+            return self.create_replicated(cfg);
+        }
+        self.create_with(cfg, None)
+    }
+
+    /// A stream with `replicas` > 1: placed on that many nodes, created on
+    /// every node of the cluster, its group initialised (crate::replication).
+    fn create_replicated(&self, cfg: StreamConfig) -> Result<StreamInfo, StreamError> {
+        let hub = crate::replication::hub();
+        let ours = hub
+            .state()
+            .is_some_and(|st| std::ptr::eq(Arc::as_ptr(&st.streams), self));
+        if !ours {
+            return Err(StreamError::BadRequest(
+                "replicas > 1 needs cluster mode (--cluster, --peers) and the default account"
+                    .into(),
+            ));
+        }
+        if let Some(s) = self.get(&cfg.name) {
+            return if s.config == cfg {
+                Ok(s.info())
+            } else {
+                Err(StreamError::Exists(cfg.name))
+            };
+        }
+        let members = hub
+            .place(cfg.replicas())
+            .map_err(|e| StreamError::BadRequest(e.to_string()))?;
+        let info = self.create_with(cfg.clone(), Some(&members))?;
+        let rt = tokio::runtime::Handle::try_current()
+            .map_err(|_| StreamError::BadRequest("no runtime".into()))?;
+        if let Err(e) = rt.block_on(hub.create_everywhere(&cfg, &members)) {
+            warn!(stream = %cfg.name, "creating the replicated stream failed: {e}");
+            let _ = self.delete(&cfg.name);
+            return Err(StreamError::BadRequest(format!(
+                "creating replicated stream {}: {e}",
+                cfg.name
+            )));
+        }
+        Ok(info)
+    }
+
+    /// Replaces replica `old` of a replicated stream by node `new`; runs
+    /// on the group's leader (the error names it otherwise).
+    pub fn replace_peer(
+        &self,
+        name: &str,
+        old: &str,
+        new: &str,
+    ) -> Result<StreamInfo, StreamError> {
+        let s = self
+            .get(name)
+            .ok_or_else(|| StreamError::NotFound(name.into()))?;
+        if s.config.replicas() == 1 {
+            return Err(StreamError::BadRequest(format!(
+                "stream {name} is not replicated"
+            )));
+        }
+        let rt = tokio::runtime::Handle::try_current()
+            .map_err(|_| StreamError::BadRequest("no runtime".into()))?;
+        rt.block_on(crate::replication::hub().replace_peer(name, old, new))
+            .map_err(|e| {
+                StreamError::BadRequest(format!("replace {old} by {new} in {name}: {e}"))
+            })?;
+        Ok(s.info())
+    }
+
+    /// A peer created a replicated stream: the same here, with its members
+    /// (updated when the stream exists already).
+    pub(crate) fn create_replica(
+        &self,
+        cfg: StreamConfig,
+        members: &[String],
+    ) -> Result<StreamInfo, StreamError> {
+        cfg.validate()?;
+        if let Some(s) = self.get(&cfg.name) {
+            if s.config != cfg {
+                return Err(StreamError::Exists(cfg.name));
+            }
+            s.set_members(members).map_err(|e| StreamError::Storage {
+                name: cfg.name.clone(),
+                error: e.to_string(),
+            })?;
+            return Ok(s.info());
+        }
+        self.create_with(cfg, Some(members))
+    }
+
+    fn create_with(
+        &self,
+        cfg: StreamConfig,
+        members: Option<&[String]>,
+    ) -> Result<StreamInfo, StreamError> {
         {
             let mut pending = self.admin_for(&cfg.name);
             if let Some(s) = self.get(&cfg.name) {
@@ -628,10 +895,18 @@ impl Streams {
             // Counts the streams being created too.
             let count = self.count.load(Ordering::Acquire);
             if count >= self.max_streams {
-                return Err(StreamError::TooMany {
-                    name: cfg.name,
-                    count,
-                    max: self.max_streams,
+                return Err(match &self.account_limit {
+                    Some(account) => StreamError::AccountTooMany {
+                        name: cfg.name,
+                        account: account.clone(),
+                        count,
+                        max: self.max_streams,
+                    },
+                    None => StreamError::TooMany {
+                        name: cfg.name,
+                        count,
+                        max: self.max_streams,
+                    },
                 });
             }
             {
@@ -650,7 +925,7 @@ impl Streams {
             self.index_add(&cfg);
             self.count.fetch_add(1, Ordering::AcqRel);
         }
-        let made = self.create_files(&cfg);
+        let made = self.create_files(&cfg, members);
         let mut pending = self.admin.lock().unwrap_or_else(|p| p.into_inner());
         pending.remove(&cfg.name);
         self.created.notify_all();
@@ -673,26 +948,47 @@ impl Streams {
             .insert(cfg.name.clone(), s);
         self.generation.fetch_add(1, Ordering::AcqRel);
         drop(pending);
-        self.announce(&info.config.subjects, true);
+        if info.config.replicas() == 1 {
+            self.announce(&info.config.subjects, true);
+        }
         Ok(info)
     }
 
     /// A new stream's directory, configuration and first segment, all on
     /// disk (fsynced, with the directories that name them) before it is
     /// acknowledged, so a power loss cannot make a created stream vanish.
-    fn create_files(&self, cfg: &StreamConfig) -> std::io::Result<Arc<Stream>> {
+    fn create_files(
+        &self,
+        cfg: &StreamConfig,
+        members: Option<&[String]>,
+    ) -> std::io::Result<Arc<Stream>> {
         let root = self.data_dir.join("streams");
-        let new_root = !root.exists();
         let dir = root.join(&cfg.name);
+        // The directories about to be made: `streams/` for the first stream,
+        // and for an account's first one `accounts/<name>/` (and
+        // `accounts/`) too.
+        let mut fresh: Vec<&Path> = Vec::new();
+        let mut d = root.as_path();
+        while !d.exists() {
+            fresh.push(d);
+            match d.parent() {
+                Some(p) if !p.as_os_str().is_empty() => d = p,
+                _ => break,
+            }
+        }
         std::fs::create_dir_all(&dir)?;
         let json = serde_json::to_vec_pretty(cfg).expect("serialisable");
         // Syncs `dir` (which names stream.json) too.
         write_atomic(&dir.join("stream.json"), &json)?;
-        // The entries naming the stream's directory (and `streams/` itself
-        // when this is the first stream).
+        if let Some(m) = members {
+            crate::replication::write_members(&dir, m)?;
+        }
+        // The entries naming the stream's directory and each new one above it.
         crate::store::segment::sync_dir(&root)?;
-        if new_root {
-            crate::store::segment::sync_dir(&self.data_dir)?;
+        for made in fresh {
+            if let Some(parent) = made.parent().filter(|p| !p.as_os_str().is_empty()) {
+                crate::store::segment::sync_dir(parent)?;
+            }
         }
         self.start_stream(cfg.clone(), &dir)
     }
@@ -729,8 +1025,15 @@ impl Streams {
         self.index_remove(&s.config);
         self.count.fetch_sub(1, Ordering::AcqRel);
         self.generation.fetch_add(1, Ordering::AcqRel);
-        self.announce(&s.config.subjects, false);
+        if s.config.replicas() == 1 {
+            self.announce(&s.config.subjects, false);
+        } else {
+            crate::replication::hub().close_group(name);
+        }
         s.deleted.store(true, Ordering::Release);
+        if let Some(q) = &s.quota {
+            q.forget(&s);
+        }
         s.space.notify_waiters();
         for (_, c) in s
             .consumers
@@ -867,17 +1170,16 @@ impl Pending {
         let req = &mut self.reqs[i].1;
         let before = req.buf.len();
         record::encode_unsealed(&mut req.buf, subject, headers, payload);
-        let msg_id = if headers.is_empty() {
-            None
+        let (msg_id, expect) = if headers.is_empty() {
+            (None, None)
         } else {
-            iter_headers(headers)
-                .find(|(k, _)| k.eq_ignore_ascii_case(MSG_ID_HEADER))
-                .map(|(_, v)| v.into())
+            read_headers(subject, headers)
         };
         req.entries.push(Entry {
             len: (req.buf.len() - before) as u32,
             ack,
             msg_id,
+            expect,
         });
     }
 
@@ -895,6 +1197,38 @@ impl Pending {
     pub fn take_full(&mut self) -> Option<Arc<Stream>> {
         self.full.take()
     }
+}
+
+/// Is this header the id that makes a publish idempotent (`Msg-Id`, or
+/// JetStream's `Nats-Msg-Id`)?
+pub(crate) fn is_msg_id(name: &str) -> bool {
+    name.eq_ignore_ascii_case(MSG_ID_HEADER) || name.eq_ignore_ascii_case("Nats-Msg-Id")
+}
+
+/// A publish's Msg-Id and `Nats-Expected-*` requirements. A number that
+/// does not parse is a requirement that never holds.
+fn read_headers(subject: &str, headers: &[u8]) -> (Option<Box<str>>, Option<Box<Expect>>) {
+    let mut id = None;
+    let mut x: Option<Box<Expect>> = None;
+    let num = |v: &str| v.trim().parse::<u64>().unwrap_or(u64::MAX);
+    for (k, v) in iter_headers(headers) {
+        if is_msg_id(k) {
+            id = Some(v.into());
+        } else if k.len() > 13 && k[..13].eq_ignore_ascii_case("Nats-Expected") {
+            let e = x.get_or_insert_with(Default::default);
+            let k = &k[13..];
+            if k.eq_ignore_ascii_case("-Stream") {
+                e.stream = Some(v.into());
+            } else if k.eq_ignore_ascii_case("-Last-Sequence") {
+                e.last_seq = Some(num(v));
+            } else if k.eq_ignore_ascii_case("-Last-Msg-Id") {
+                e.last_msg_id = Some(v.into());
+            } else if k.eq_ignore_ascii_case("-Last-Subject-Sequence") {
+                e.last_subject_seq = Some((num(v), subject.into()));
+            }
+        }
+    }
+    (id, x)
 }
 
 /// Name, type, help text and reader of one per-stream metric.
@@ -988,6 +1322,7 @@ mod tests {
         StreamLimits {
             max_streams,
             open_files: 1,
+            ..StreamLimits::default()
         }
     }
 

@@ -18,7 +18,9 @@ use std::time::{Duration, Instant};
 use sockbus_protocol::frame::iter_headers;
 use tracing::{error, warn};
 
-use super::{AckTo, Fsync, PubAck, Stream, StreamConfigExt, StreamError, WriteReq, MSG_ID_HEADER};
+use super::{
+    is_msg_id, AckTo, Expect, Fsync, PubAck, Stream, StreamConfigExt, StreamError, WriteReq,
+};
 use crate::deliver::{Batch, Outgoing};
 use crate::store::{now_ns, Appender};
 
@@ -112,12 +114,24 @@ impl Dedupe {
 
 /// One message of a round: its ack target, its sequence (or the one it
 /// duplicates), whether it was a duplicate, its Msg-Id and timestamp.
-type Done = (AckTo, Option<u64>, bool, Option<Box<str>>, u64);
+/// A refused expectation carries its own error.
+type Done = (
+    AckTo,
+    Option<u64>,
+    bool,
+    Option<Box<str>>,
+    u64,
+    Option<StreamError>,
+);
 
 pub(super) struct Writer {
     s: Arc<Stream>,
     app: Appender,
     dedupe: Dedupe,
+    /// The Msg-Id of the newest message stored with one (JetStream's
+    /// `Nats-Expected-Last-Msg-Id`; after a restart, the newest within
+    /// the duplicate window).
+    last_msg_id: Option<Box<str>>,
     interval: Duration,
     last_sync: Instant,
     last_retention: Instant,
@@ -142,6 +156,7 @@ impl Writer {
         // Rebuild the window from the log, so a publish retried across a
         // restart is still stored once.
         let since = now_ns().saturating_sub(dedupe.window);
+        let mut last_msg_id = None;
         if let Ok(mut from) = s.log.seq_for_time(since) {
             loop {
                 let Ok(b) = s.log.read(from, None, 4096, 32 << 20, None) else {
@@ -154,10 +169,9 @@ impl Writer {
                     if m.headers.is_empty() {
                         continue;
                     }
-                    if let Some((_, v)) = iter_headers(&m.headers)
-                        .find(|(k, _)| k.eq_ignore_ascii_case(MSG_ID_HEADER))
-                    {
+                    if let Some((_, v)) = iter_headers(&m.headers).find(|(k, _)| is_msg_id(k)) {
                         dedupe.insert(v.into(), m.seq, m.ts);
+                        last_msg_id = Some(v.into());
                     }
                 }
                 from = b.next;
@@ -168,6 +182,7 @@ impl Writer {
             s,
             app,
             dedupe,
+            last_msg_id,
             last_sync: Instant::now(),
             last_retention: Instant::now() - Duration::from_secs(10),
             avg_round: 1.0,
@@ -209,6 +224,9 @@ impl Writer {
         }
         if !open {
             let _ = self.app.commit(self.s.config.fsync != Fsync::Never);
+        }
+        if let Some(q) = &self.s.quota {
+            q.sync(&self.s);
         }
         open
     }
@@ -290,7 +308,16 @@ impl Writer {
         // (ack, seq or duplicate-of, msg id, ts)
         let mut done: Vec<Done> = Vec::new();
         let mut local: HashMap<Box<str>, u64> = HashMap::new();
+        // Subjects stored this round by publishes that expect a subject's
+        // last sequence: not yet readable from the log.
+        let mut subjects: HashMap<Box<str>, u64> = HashMap::new();
         let mut failed: Option<StreamError> = None;
+        // The account's `max-stored-bytes`: what is left of it for this round.
+        let mut room = self.s.quota.as_ref().map(|q| {
+            q.sync(&self.s);
+            q.max.saturating_sub(q.used.load(Ordering::Acquire))
+        });
+        let mut over: Vec<AckTo> = Vec::new();
         for mut req in round {
             bytes += req.buf.len();
             let mut off = 0usize;
@@ -298,12 +325,25 @@ impl Writer {
                 let rec = &mut req.buf[off..off + e.len as usize];
                 off += e.len as usize;
                 if failed.is_some() {
-                    done.push((e.ack, None, false, None, 0));
+                    done.push((e.ack, None, false, None, 0, None));
                     continue;
+                }
+                if let Some(r) = &mut room {
+                    if (e.len as u64) > *r {
+                        over.push(e.ack);
+                        continue;
+                    }
+                    *r -= e.len as u64;
                 }
                 if let Some(id) = &e.msg_id {
                     if let Some(&seq) = self.dedupe.map.get(id).or_else(|| local.get(id)) {
-                        done.push((e.ack, Some(seq), true, None, 0));
+                        done.push((e.ack, Some(seq), true, None, 0, None));
+                        continue;
+                    }
+                }
+                if let Some(x) = &e.expect {
+                    if let Err(err) = self.check(x, &subjects) {
+                        done.push((e.ack, None, false, None, 0, Some(err)));
                         continue;
                     }
                 }
@@ -311,12 +351,18 @@ impl Writer {
                     Ok((seq, ts)) => {
                         if let Some(id) = &e.msg_id {
                             local.insert(id.clone(), seq);
+                            self.last_msg_id = Some(id.clone());
                         }
-                        done.push((e.ack, Some(seq), false, e.msg_id, ts));
+                        if let Some((_, subj)) =
+                            e.expect.as_ref().and_then(|x| x.last_subject_seq.as_ref())
+                        {
+                            subjects.insert(subj.clone(), seq);
+                        }
+                        done.push((e.ack, Some(seq), false, e.msg_id, ts, None));
                     }
                     Err(err) => {
                         failed = Some(self.storage_error(err));
-                        done.push((e.ack, None, false, None, 0));
+                        done.push((e.ack, None, false, None, 0, None));
                     }
                 }
             }
@@ -337,7 +383,11 @@ impl Writer {
             error: "write failed".into(),
         });
         let mut batch = self.s.delivery.batch(16);
-        for (ack, seq, dup, id, ts) in done {
+        for (ack, seq, dup, id, ts, refused) in done {
+            if let Some(e) = refused {
+                send_ack(&mut batch, ack, Err(e));
+                continue;
+            }
             let r = match seq {
                 Some(seq) if seq < committed => {
                     if let Some(id) = id {
@@ -353,8 +403,86 @@ impl Writer {
             };
             send_ack(&mut batch, ack, r);
         }
+        if let (Some(q), false) = (&self.s.quota, over.is_empty()) {
+            let full = StreamError::AccountFull {
+                name: name.clone(),
+                account: q.account.clone(),
+                used: q.used.load(Ordering::Acquire),
+                max: q.max,
+            };
+            warn!(stream = %name, account = %q.account, refused = over.len(), "publishes refused: the account's max-stored-bytes is reached");
+            for ack in over {
+                send_ack(&mut batch, ack, Err(full.clone()));
+            }
+        }
         // One write per publishing connection for the whole commit.
         batch.finish();
+    }
+
+    /// Do a publish's `Nats-Expected-*` headers hold now, before it is
+    /// stored? `round` has the subjects stored earlier in this round.
+    fn check(&self, x: &Expect, round: &HashMap<Box<str>, u64>) -> Result<(), StreamError> {
+        let name = &self.s.config.name;
+        if let Some(want) = &x.stream {
+            if **want != **name {
+                return Err(StreamError::Expected {
+                    err_code: 10060,
+                    text: "expected stream does not match".into(),
+                });
+            }
+        }
+        let last = self.app.next_seq() - 1;
+        if let Some(want) = x.last_seq {
+            if want != last {
+                return Err(StreamError::Expected {
+                    err_code: 10071,
+                    text: format!("wrong last sequence: {last}"),
+                });
+            }
+        }
+        if let Some(want) = &x.last_msg_id {
+            let have = self.last_msg_id.as_deref().unwrap_or("");
+            if **want != *have {
+                return Err(StreamError::Expected {
+                    err_code: 10070,
+                    text: format!("wrong last msg ID: {have}"),
+                });
+            }
+        }
+        if let Some((want, subject)) = &x.last_subject_seq {
+            let have = match round.get(subject) {
+                Some(&seq) => seq,
+                None => self.last_for_subject(subject),
+            };
+            if *want != have {
+                return Err(StreamError::Expected {
+                    err_code: 10071,
+                    text: format!("wrong last sequence: {have}"),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// The sequence of the newest stored message on `subject` (0: none):
+    /// a scan of the log from the start, by the filtered read consumers use.
+    fn last_for_subject(&self, subject: &str) -> u64 {
+        let mut last = 0;
+        let mut from = self.s.log.lock().first_seq();
+        let mut pos = None;
+        loop {
+            let Ok(b) = self.s.log.read(from, Some(subject), 4096, 32 << 20, pos) else {
+                return last;
+            };
+            if let Some(m) = b.msgs.last() {
+                last = m.seq;
+            }
+            if b.next == from || b.msgs.is_empty() && b.next >= self.app.next_seq() {
+                return last;
+            }
+            from = b.next;
+            pos = b.pos;
+        }
     }
 
     fn storage_error(&self, e: std::io::Error) -> StreamError {
@@ -378,6 +506,10 @@ pub(super) fn send_ack(batch: &mut Batch, ack: AckTo, r: Result<PubAck, StreamEr
                 Ok(a) => serde_json::to_vec(a).expect("serialisable"),
                 Err(e) => super::api::error_body(e),
             };
+            let _ = batch.internal(&Outgoing::new(&subject, None, &[], &body));
+        }
+        AckTo::Js(subject) => {
+            let body = crate::jetstream::pub_ack_body(&r);
             let _ = batch.internal(&Outgoing::new(&subject, None, &[], &body));
         }
     }
@@ -434,6 +566,8 @@ mod tests {
             deleted: AtomicBool::new(false),
             failed: AtomicBool::new(false),
             delivery: d.clone(),
+            quota: None,
+            counted: Default::default(),
         });
         (s, rx)
     }
@@ -441,7 +575,7 @@ mod tests {
     fn headers(msg_id: Option<&str>) -> Vec<u8> {
         let mut h = Vec::new();
         if let Some(id) = msg_id {
-            push_header(&mut h, MSG_ID_HEADER, id).unwrap();
+            push_header(&mut h, crate::streams::MSG_ID_HEADER, id).unwrap();
         }
         h
     }

@@ -206,9 +206,14 @@ impl Event {
 
 impl Sse {
     pub async fn open(addr: SocketAddr, path: &str) -> Sse {
+        Self::open_with(addr, path, &[]).await
+    }
+
+    /// [`Sse::open`] with request headers (`authorization`).
+    pub async fn open_with(addr: SocketAddr, path: &str, headers: &[(&str, &str)]) -> Sse {
         let mut send = connect(addr).await;
         let resp = send
-            .send_request(build(addr, Method::GET, path, &[], Bytes::new()))
+            .send_request(build(addr, Method::GET, path, headers, Bytes::new()))
             .await
             .expect("SSE response");
         let (parts, body) = resp.into_parts();

@@ -135,13 +135,34 @@ enum StreamCmd {
         /// Keep about this many messages.
         #[arg(long)]
         max_msgs: Option<u64>,
+        /// Copies kept by a cluster: 1, 3 or 5 (one Raft group on that
+        /// many nodes; docs/storage.md, "Replicated streams").
+        #[arg(long, default_value_t = 1)]
+        replicas: u32,
     },
     /// List streams.
     Ls,
-    /// Show a stream's configuration and state.
-    Info { name: String },
+    /// Show a stream's configuration and state (and, when replicated, its
+    /// leader and each replica's lag).
+    Info {
+        name: String,
+        /// Print the API's JSON answer instead.
+        #[arg(long)]
+        json: bool,
+    },
     /// Delete a stream and its data.
     Rm { name: String },
+    /// Replace a replica of a replicated stream that is gone for good by
+    /// another node of the cluster (run against the group's leader).
+    ReplacePeer {
+        name: String,
+        /// The replica to drop (its --node-id).
+        #[arg(long)]
+        old: String,
+        /// The node to take its place (its --node-id).
+        #[arg(long)]
+        new: String,
+    },
 }
 
 fn parse_age(s: &str) -> Result<Duration, String> {
@@ -524,8 +545,10 @@ async fn stream_cmd(server: &str, cmd: StreamCmd) -> anyhow::Result<()> {
             max_age,
             max_bytes,
             max_msgs,
+            replicas,
         } => {
             let mut cfg = StreamConfig::new(&name, subjects);
+            cfg.replicas = (replicas != 1).then_some(replicas);
             cfg.fsync = match fsync.as_str() {
                 "always" => Fsync::Always,
                 "interval" => Fsync::Interval,
@@ -558,8 +581,12 @@ async fn stream_cmd(server: &str, cmd: StreamCmd) -> anyhow::Result<()> {
                 )?;
             }
         }
-        StreamCmd::Info { name } => {
+        StreamCmd::Info { name, json } => {
             let s = client.stream_info(&name).await?;
+            if json {
+                writeln!(out, "{}", serde_json::to_string_pretty(&s)?)?;
+                return Ok(());
+            }
             let c = &s.config;
             let st = &s.state;
             let opt = |v: Option<u64>| v.map_or("-".to_string(), |v| v.to_string());
@@ -594,6 +621,30 @@ async fn stream_cmd(server: &str, cmd: StreamCmd) -> anyhow::Result<()> {
             writeln!(out, "segments:        {}", st.segments)?;
             writeln!(out, "consumers:       {}", st.consumers)?;
             writeln!(out, "damaged records: {}", st.damaged_records)?;
+            writeln!(out, "replicas:        {}", c.replicas())?;
+            if let Some(cl) = &s.cluster {
+                writeln!(
+                    out,
+                    "leader:          {}",
+                    cl.leader.as_deref().unwrap_or("-")
+                )?;
+                writeln!(out, "term:            {}", cl.term)?;
+                writeln!(out, "applied index:   {}", cl.committed)?;
+                for r in &cl.replicas {
+                    writeln!(
+                        out,
+                        "replica {:<12} {}matched {} lag {}",
+                        r.name,
+                        if r.leader { "leader, " } else { "" },
+                        opt(r.matched),
+                        opt(r.lag)
+                    )?;
+                }
+            }
+        }
+        StreamCmd::ReplacePeer { name, old, new } => {
+            client.stream_replace_peer(&name, &old, &new).await?;
+            writeln!(out, "stream {name}: replica {old} replaced by {new}")?;
         }
         StreamCmd::Rm { name } => {
             client.stream_delete(&name).await?;

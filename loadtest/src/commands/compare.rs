@@ -5,6 +5,10 @@
 //!
 //! Alternating within a scenario keeps the two sides close in time, so
 //! noise from other work on a shared machine hits both alike.
+//!
+//! `--protocol nats` drives both sides with the same NATS client
+//! (async-nats): sockbus through its NATS front end (`--nats`), so the two
+//! brokers are compared with one client, not two.
 
 use std::fmt::Write as _;
 use std::path::PathBuf;
@@ -71,8 +75,24 @@ pub struct CompareArgs {
     /// nats-server binary [default: from PATH].
     #[arg(long)]
     pub nats_bin: Option<PathBuf>,
+    /// Both servers over TLS (a certificate for localhost made for the run,
+    /// TLS 1.3 with each side's defaults): sockbus+tls:// and tls://.
+    #[arg(long)]
+    pub tls: bool,
     #[arg(long)]
     pub no_progress: bool,
+    /// How the load reaches sockbus: `native` (the sockbus SDK on its own
+    /// port) or `nats` (async-nats on its NATS port, the client nats-server gets).
+    #[arg(long, value_enum, default_value = "native")]
+    pub protocol: Protocol,
+}
+
+/// The client protocol the sockbus side is driven with.
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Protocol {
+    Native,
+    Nats,
 }
 
 /// One line of the summary: a metric's medians on both sides and their ratio.
@@ -138,6 +158,9 @@ struct Settings {
     fanout: usize,
     latency_rate: u64,
     ack_window: u64,
+    protocol: Protocol,
+    /// Both servers over TLS (`--tls`).
+    tls: bool,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -219,39 +242,64 @@ pub async fn execute(args: CompareArgs) -> anyhow::Result<()> {
 
     let load_start = load_average();
     let dir = ScratchDir::new("sockbus-loadtest-compare")?;
+    let tls = if args.tls {
+        let t = crate::tls::make_certificates(&dir.0)?;
+        crate::driver::set_tls_ca(t.ca.clone());
+        Some(t)
+    } else {
+        None
+    };
     let sock_addr = free_port()?;
-    let sockbus = ServerProc::start(
-        "sockbus-broker",
-        &broker_bin,
-        &[
-            "--listen".into(),
-            sock_addr.to_string(),
-            "--accel".into(),
-            "off".into(),
-            // Streams of the durable scenario (fsync = always, the default).
-            "--data-dir".into(),
-            dir.0.join("sockbus-data").display().to_string(),
-        ],
-        sock_addr,
-        &dir.0,
-    )?;
+    let mut sock_args: Vec<String> = vec![
+        "--listen".into(),
+        sock_addr.to_string(),
+        "--accel".into(),
+        "off".into(),
+        // Streams of the durable scenario (fsync = always, the default).
+        "--data-dir".into(),
+        dir.0.join("sockbus-data").display().to_string(),
+    ];
+    let sock_nats = match args.protocol {
+        Protocol::Native => None,
+        Protocol::Nats => {
+            anyhow::ensure!(
+                !args.tls,
+                "--protocol nats with --tls: not supported yet (run them separately)"
+            );
+            let a = free_port()?;
+            sock_args.extend(["--nats".into(), a.to_string()]);
+            Some(a)
+        }
+    };
     let nats_addr = free_port()?;
-    let nats = ServerProc::start(
-        "nats-server",
-        &nats_bin,
-        &[
-            "-a".into(),
-            "127.0.0.1".into(),
-            "-p".into(),
-            nats_addr.port().to_string(),
-            // JetStream with file storage, for the durable scenario.
-            "-js".into(),
-            "-sd".into(),
-            dir.0.join("nats-data").display().to_string(),
-        ],
-        nats_addr,
-        &dir.0,
-    )?;
+    let mut nats_args: Vec<String> = vec![
+        "-a".into(),
+        "127.0.0.1".into(),
+        "-p".into(),
+        nats_addr.port().to_string(),
+        // JetStream with file storage, for the durable scenario.
+        "-js".into(),
+        "-sd".into(),
+        dir.0.join("nats-data").display().to_string(),
+    ];
+    if let Some(t) = &tls {
+        let (cert, key) = (t.cert.display().to_string(), t.key.display().to_string());
+        sock_args.extend([
+            "--tls-cert".into(),
+            cert.clone(),
+            "--tls-key".into(),
+            key.clone(),
+        ]);
+        nats_args.extend([
+            "--tls".into(),
+            "--tlscert".into(),
+            cert,
+            "--tlskey".into(),
+            key,
+        ]);
+    }
+    let sockbus = ServerProc::start("sockbus-broker", &broker_bin, &sock_args, sock_addr, &dir.0)?;
+    let nats = ServerProc::start("nats-server", &nats_bin, &nats_args, nats_addr, &dir.0)?;
     let versions = (version_of(&broker_bin), version_of(&nats_bin));
     println!(
         "sockbus-broker ({}) pid {} on {}; nats-server ({}) pid {} on {}",
@@ -263,13 +311,36 @@ pub async fn execute(args: CompareArgs) -> anyhow::Result<()> {
         nats_addr
     );
 
-    let sides = [
-        (
-            Target::Sockbus(format!("sockbus://{sock_addr}")),
-            sockbus.pid(),
-        ),
-        (Target::Nats(format!("nats://{nats_addr}")), nats.pid()),
-    ];
+    // Over TLS by the certificate's name, localhost (bound to 127.0.0.1).
+    let sides = match (&tls, sock_nats) {
+        (None, None) => [
+            (
+                Target::Sockbus(format!("sockbus://{sock_addr}")),
+                sockbus.pid(),
+            ),
+            (Target::Nats(format!("nats://{nats_addr}")), nats.pid()),
+        ],
+        (None, Some(a)) => [
+            (Target::Nats(format!("nats://{a}")), sockbus.pid()),
+            (Target::Nats(format!("nats://{nats_addr}")), nats.pid()),
+        ],
+        (Some(_), _) => [
+            (
+                Target::Sockbus(format!("sockbus+tls://localhost:{}", sock_addr.port())),
+                sockbus.pid(),
+            ),
+            (
+                Target::Nats(format!("tls://localhost:{}", nats_addr.port())),
+                nats.pid(),
+            ),
+        ],
+    };
+    if tls.is_some() {
+        println!(
+            "both servers over TLS (certificate for localhost made in {})",
+            dir.0.display()
+        );
+    }
     let runs = tokio::select! {
         r = all_rounds(&args, &sides) => r,
         s = shutdown_signal() => Err(anyhow::anyhow!("{s}: stopped both servers")),
@@ -308,6 +379,8 @@ pub async fn execute(args: CompareArgs) -> anyhow::Result<()> {
         fanout: args.fanout,
         latency_rate: args.rate,
         ack_window: args.ack_window,
+        protocol: args.protocol,
+        tls: args.tls,
     };
     let report = CompareReport {
         date: humantime::format_rfc3339_seconds(SystemTime::now()).to_string(),
@@ -351,6 +424,9 @@ pub async fn execute(args: CompareArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The two sides, in the order of `sides`, as the reports name them.
+const SIDES: [&str; 2] = ["sockbus", "nats"];
+
 /// Each scenario: A B A B ... for the given rounds. Returns (round, report).
 async fn all_rounds(
     args: &CompareArgs,
@@ -362,7 +438,7 @@ async fn all_rounds(
     for &scenario in &args.scenarios {
         let spec = args.spec(scenario);
         for round in 1..=args.rounds {
-            for (target, pid) in sides {
+            for (side, (target, pid)) in sides.iter().enumerate() {
                 n += 1;
                 let ctx = RunCtx {
                     broker_pid: Some(*pid),
@@ -370,18 +446,18 @@ async fn all_rounds(
                     label: format!(
                         "[{n}/{total}] {} round {round} {}",
                         scenario.name(),
-                        target.kind()
+                        SIDES[side]
                     ),
                 };
                 let outcome = scenario::run(target, &spec, &ctx).await.with_context(|| {
-                    format!(
-                        "{} round {round} against {}",
-                        scenario.name(),
-                        target.kind()
-                    )
+                    format!("{} round {round} against {}", scenario.name(), SIDES[side])
                 })?;
-                println!("{}", one_line(round, &outcome.report));
-                out.push((round, outcome.report));
+                let mut report = outcome.report;
+                // Named by broker, not by client: with --protocol nats
+                // both sides use the NATS driver.
+                report.driver = SIDES[side].into();
+                println!("{}", one_line(round, &report));
+                out.push((round, report));
             }
         }
     }
@@ -593,8 +669,14 @@ fn markdown(rep: &CompareReport<'_>) -> String {
     );
     let _ = writeln!(
         md,
-        "- servers: {} (`--accel off`), {}; both on 127.0.0.1, started by `compare`",
-        rep.sockbus_broker, rep.nats_server
+        "- servers: {} (`--accel off`), {}; both on 127.0.0.1, started by `compare`{}",
+        rep.sockbus_broker,
+        rep.nats_server,
+        if s.tls {
+            "; both over TLS (a certificate for localhost made for the run; sockbus: rustls, NATS driver async-nats: rustls; nats-server: Go TLS)"
+        } else {
+            ""
+        }
     );
     let _ = writeln!(
         md,

@@ -48,10 +48,22 @@ impl Target {
     }
 }
 
+/// The CA `compare --tls` made, in place of `SOCKBUS_TLS_CA`.
+static TLS_CA: std::sync::OnceLock<std::path::PathBuf> = std::sync::OnceLock::new();
+
+/// Verifies TLS targets against `ca` from now on, whatever
+/// `SOCKBUS_TLS_CA` says (`compare --tls`).
+pub fn set_tls_ca(ca: std::path::PathBuf) {
+    let _ = TLS_CA.set(ca);
+}
+
 /// The CA file TLS targets are verified against (`SOCKBUS_TLS_CA`), for
 /// both drivers.
 pub fn tls_ca() -> Option<std::path::PathBuf> {
-    std::env::var_os("SOCKBUS_TLS_CA").map(Into::into)
+    TLS_CA
+        .get()
+        .cloned()
+        .or_else(|| std::env::var_os("SOCKBUS_TLS_CA").map(Into::into))
 }
 
 /// Per-connection settings the scenarios need from both clients.

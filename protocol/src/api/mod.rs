@@ -21,7 +21,8 @@ pub use consumer::{
     AckKind, AckPolicy, ConsumerConfig, ConsumerInfo, ConsumerList, PullRequest, Start,
 };
 pub use stream::{
-    Fsync, PubAck, StreamConfig, StreamInfo, StreamList, StreamListRequest, StreamState,
+    Fsync, PeerInfo, PubAck, ReplacePeer, StreamCluster, StreamConfig, StreamInfo, StreamList,
+    StreamListRequest, StreamState,
 };
 
 /// Header names the stream API gives a meaning to.
@@ -71,6 +72,8 @@ pub enum ConfigError {
     Inbox(String),
     #[error("segment_bytes must be at least {}", stream::MIN_SEGMENT_BYTES)]
     SegmentTooSmall,
+    #[error("replicas must be 1, 3 or 5, not {0}")]
+    Replicas(u32),
     #[error("filter subject: {0}")]
     FilterSubject(SubjectError),
 }

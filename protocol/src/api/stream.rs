@@ -65,6 +65,11 @@ pub struct StreamConfig {
     /// How long a `Msg-Id` is remembered for deduplication (default 2 minutes).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub duplicate_window_ms: Option<u64>,
+    /// Copies kept by a cluster: 1 (None: this broker alone), 3 or 5, one
+    /// Raft group replicating the stream on that many nodes
+    /// (docs/storage.md, "Replicated streams").
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replicas: Option<u32>,
 }
 
 impl StreamConfig {
@@ -83,7 +88,13 @@ impl StreamConfig {
             max_msgs: None,
             segment_bytes: None,
             duplicate_window_ms: None,
+            replicas: None,
         }
+    }
+
+    /// Copies of the stream: 1 unless replicated.
+    pub fn replicas(&self) -> u32 {
+        self.replicas.unwrap_or(1).max(1)
     }
 
     /// What the stream's own fields allow; whether its subjects overlap
@@ -106,6 +117,11 @@ impl StreamConfig {
         }
         if self.segment_bytes.is_some_and(|b| b < MIN_SEGMENT_BYTES) {
             return Err(ConfigError::SegmentTooSmall);
+        }
+        if let Some(r) = self.replicas {
+            if ![1, 3, 5].contains(&r) {
+                return Err(ConfigError::Replicas(r));
+            }
         }
         Ok(())
     }
@@ -148,6 +164,47 @@ pub struct StreamState {
 pub struct StreamInfo {
     pub config: StreamConfig,
     pub state: StreamState,
+    /// A replicated stream's Raft group as this node sees it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cluster: Option<StreamCluster>,
+}
+
+/// The body of `$SB.API.STREAM.REPLACE_PEER.<stream>`: the replica `old`
+/// (a node gone for good) is replaced by node `new`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReplacePeer {
+    pub old: String,
+    pub new: String,
+}
+
+/// Where a replicated stream's copies are: its leader and each replica.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct StreamCluster {
+    /// The node (its `--node-id`) leading the group, when one is known.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub leader: Option<String>,
+    /// The Raft term.
+    pub term: u64,
+    /// The last Raft log index this node knows committed.
+    pub committed: u64,
+    pub replicas: Vec<PeerInfo>,
+}
+
+/// One replica of a replicated stream.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct PeerInfo {
+    pub name: String,
+    /// Raft log index the replica has (on the leader: its matched index;
+    /// elsewhere only the node's own).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub matched: Option<u64>,
+    /// Log entries it is behind the leader's last one (known on the leader).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lag: Option<u64>,
+    pub leader: bool,
 }
 
 /// The answer to `$SB.API.STREAM.LIST`, sorted by name: one page. The
@@ -267,6 +324,7 @@ mod tests {
             &StreamInfo {
                 config: orders(),
                 state: state(),
+                cluster: None,
             },
             r#"{"config":{"name":"ORDERS","subjects":["orders.>"],"fsync":"interval","fsync_interval_ms":50,"max_age_ms":86400000,"max_msgs":1000,"duplicate_window_ms":60000},"state":{"messages":2,"bytes":100,"first_seq":1,"last_seq":2,"first_ts":"2024-05-01T12:00:00.000000001Z","last_ts":"2024-05-01T12:00:01Z","segments":1,"consumers":1,"damaged_records":0}}"#,
         );
@@ -321,8 +379,15 @@ mod tests {
         assert_eq!(
             info,
             StreamInfo {
-                config: orders(),
+                config: StreamConfig {
+                    replicas: Some(3),
+                    ..orders()
+                },
                 state: state(),
+                cluster: Some(StreamCluster {
+                    leader: Some("b1".into()),
+                    ..Default::default()
+                }),
             }
         );
     }

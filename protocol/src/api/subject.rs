@@ -43,15 +43,38 @@ pub fn is_reserved(subject: &str) -> bool {
 /// `Display` writes the subject.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Api<'a> {
-    StreamCreate { stream: &'a str },
-    StreamInfo { stream: &'a str },
-    StreamDelete { stream: &'a str },
+    StreamCreate {
+        stream: &'a str,
+    },
+    StreamInfo {
+        stream: &'a str,
+    },
+    StreamDelete {
+        stream: &'a str,
+    },
     StreamList,
-    ConsumerCreate { stream: &'a str },
-    ConsumerInfo { stream: &'a str, consumer: &'a str },
-    ConsumerDelete { stream: &'a str, consumer: &'a str },
-    ConsumerList { stream: &'a str },
-    ConsumerNext { stream: &'a str, consumer: &'a str },
+    /// Replaces one replica of a replicated stream by another node.
+    StreamReplacePeer {
+        stream: &'a str,
+    },
+    ConsumerCreate {
+        stream: &'a str,
+    },
+    ConsumerInfo {
+        stream: &'a str,
+        consumer: &'a str,
+    },
+    ConsumerDelete {
+        stream: &'a str,
+        consumer: &'a str,
+    },
+    ConsumerList {
+        stream: &'a str,
+    },
+    ConsumerNext {
+        stream: &'a str,
+        consumer: &'a str,
+    },
 }
 
 impl<'a> Api<'a> {
@@ -71,6 +94,9 @@ impl<'a> Api<'a> {
             [Some("STREAM"), Some("INFO"), Some(stream), None] => Api::StreamInfo { stream },
             [Some("STREAM"), Some("DELETE"), Some(stream), None] => Api::StreamDelete { stream },
             [Some("STREAM"), Some("LIST"), None, None] => Api::StreamList,
+            [Some("STREAM"), Some("REPLACE_PEER"), Some(stream), None] => {
+                Api::StreamReplacePeer { stream }
+            }
             [Some("CONSUMER"), Some("CREATE"), Some(stream), None] => {
                 Api::ConsumerCreate { stream }
             }
@@ -97,6 +123,7 @@ impl fmt::Display for Api<'_> {
             Api::StreamInfo { stream } => write!(f, "STREAM.INFO.{stream}"),
             Api::StreamDelete { stream } => write!(f, "STREAM.DELETE.{stream}"),
             Api::StreamList => f.write_str("STREAM.LIST"),
+            Api::StreamReplacePeer { stream } => write!(f, "STREAM.REPLACE_PEER.{stream}"),
             Api::ConsumerCreate { stream } => write!(f, "CONSUMER.CREATE.{stream}"),
             Api::ConsumerInfo { stream, consumer } => {
                 write!(f, "CONSUMER.INFO.{stream}.{consumer}")
@@ -120,6 +147,11 @@ pub fn stream_create(stream: &str) -> String {
 /// `$SB.API.STREAM.INFO.<stream>`
 pub fn stream_info(stream: &str) -> String {
     Api::StreamInfo { stream }.to_string()
+}
+
+/// `$SB.API.STREAM.REPLACE_PEER.<stream>`
+pub fn stream_replace_peer(stream: &str) -> String {
+    Api::StreamReplacePeer { stream }.to_string()
 }
 
 /// `$SB.API.STREAM.DELETE.<stream>`

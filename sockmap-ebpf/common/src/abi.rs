@@ -59,6 +59,14 @@ pub struct Stats {
     /// sendmsg calls on an accelerated socket whose peer was not in the map
     /// (it went over plain TCP).
     pub misses: u64,
+    /// PUB frames delivered straight into a subscriber's socket as MSG.
+    pub direct_msgs: u64,
+    /// Bytes of those MSG frames.
+    pub direct_bytes: u64,
+    /// Per-frame verdicts that sent a frame to the broker instead.
+    pub direct_fallbacks: u64,
+    /// Connections that lost frame alignment (a header split over sends).
+    pub direct_broken: u64,
 }
 
 /// How many bytes of a connection's sends one redirect verdict covers
@@ -71,3 +79,84 @@ pub const VERDICT_BYTES: u32 = 64 * 1024;
 
 /// Index of the single [`Stats`] entry in the per-CPU stats array.
 pub const STATS_INDEX: u32 = 0;
+
+// ------------------------------------------------------------------
+// Direct delivery (publisher socket -> subscriber socket, docs/fast-path.md,
+// "Direct delivery"). Every map below is empty unless the loader enables
+// direct delivery in `SOCKBUS_DIRECT_CONFIG`.
+
+pub const MAP_DIRECT_CONFIG: &str = "SOCKBUS_DIRECT_CONFIG";
+pub const MAP_DIRECT_PUBS: &str = "SOCKBUS_DIRECT_PUBS";
+pub const MAP_DIRECT_ALLOW: &str = "SOCKBUS_DIRECT_ALLOW";
+pub const MAP_DIRECT_DONE: &str = "SOCKBUS_DIRECT_DONE";
+pub const MAP_DIRECT_ROUTES: &str = "SOCKBUS_DIRECT_ROUTES";
+pub const MAP_DIRECT_GRANT: &str = "SOCKBUS_DIRECT_GRANT";
+pub const MAP_DIRECT_SUBS: &str = "SOCKBUS_DIRECT_SUBS";
+pub const MAP_DIRECT_SUBJECTS: &str = "SOCKBUS_DIRECT_SUBJECTS";
+
+/// Index of the single `u32` in `SOCKBUS_DIRECT_CONFIG`: nonzero = the
+/// broker may install direct routes, so `sockbus_sock_ops` puts every new
+/// client-side socket of the broker's ports into per-frame mode.
+pub const DIRECT_CONFIG_INDEX: u32 = 0;
+/// Longest subject (and reply subject) a frame may carry to go direct; the
+/// program compares the whole subject byte by byte.
+pub const DIRECT_SUBJECT_MAX: usize = 128;
+/// Largest PUB frame (header included) that may go direct: below this the
+/// kernel keeps a frame of one sendmsg contiguous in the receiver's queue.
+pub const DIRECT_FRAME_MAX: u32 = 64 * 1024;
+/// Capacity of each direct-delivery map.
+pub const DIRECT_MAX_ENTRIES: u32 = 16_384;
+/// `DirectPub::flags` bit set by the kernel: a frame header was split over
+/// two sends (or was not a sockbus header); frame alignment is lost, so the
+/// connection never goes direct again.
+pub const DIRECT_PUB_BROKEN: u32 = 1;
+
+/// Per-publisher state, keyed by the publisher's own socket (client end);
+/// created by `sockbus_sock_ops` when the connection is established, written
+/// only by the kernel afterwards (the broker reads it and deletes it when the
+/// connection ends).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DirectPub {
+    pub flags: u32,
+    pub _pad: u32,
+    /// Bytes of this connection's sends the program handed to the broker
+    /// (every frame that did not go direct), since the connection began.
+    pub passed: u64,
+    pub direct_msgs: u64,
+    pub direct_bytes: u64,
+    /// Frames that were eligible to look up a route but went to the broker
+    /// (no route, subject differs, not allowed, barrier, budget, size).
+    pub fallbacks: u64,
+}
+
+/// A kernel route: subject (by hash, then compared byte by byte) -> the
+/// subscriber's own socket (client end) and its subscription id. Written by
+/// the broker only.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DirectRoute {
+    pub sub: SockKey,
+    pub sid: u32,
+    pub subject_len: u32,
+    pub subject: [u8; DIRECT_SUBJECT_MAX],
+}
+
+/// Per-subscriber counters, keyed by the subscriber's socket; the kernel
+/// creates and updates them, the broker reads and deletes them.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DirectSub {
+    /// MSG bytes delivered directly, ever; may not exceed the broker's grant
+    /// (`SOCKBUS_DIRECT_GRANT`) for this socket.
+    pub used: u64,
+    pub msgs: u64,
+}
+
+/// Per-subject counters (by subject hash), kernel-owned.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DirectCount {
+    pub msgs: u64,
+    pub bytes: u64,
+}

@@ -13,17 +13,20 @@
 //! with volatile loads: the verifier refuses wider or merged context loads.
 #![no_std]
 
-use core::ptr::{addr_of, read_volatile};
+use core::mem::MaybeUninit;
+use core::ptr::{addr_of, read_volatile, write_volatile};
 use core::sync::atomic::{AtomicU64, Ordering};
 
 use aya_ebpf::bindings::{bpf_sock_ops, sk_action, sk_msg_md, BPF_F_INGRESS};
-use aya_ebpf::helpers::{bpf_get_netns_cookie, bpf_msg_apply_bytes};
+use aya_ebpf::helpers::{bpf_get_netns_cookie, bpf_msg_apply_bytes, bpf_msg_pull_data};
 use aya_ebpf::macros::{map, sk_msg, sock_ops};
-use aya_ebpf::maps::{HashMap, PerCpuArray, SockHash};
+use aya_ebpf::maps::{Array, HashMap, LruHashMap, PerCpuArray, SockHash};
 use aya_ebpf::programs::{SkMsgContext, SockOpsContext};
 use aya_ebpf::EbpfContext;
 use sockbus_accel_common::{
-    SockKey, Stats, PORTS_MAX_ENTRIES, SOCKS_MAX_ENTRIES, STATS_INDEX, VERDICT_BYTES,
+    DirectCount, DirectPub, DirectRoute, DirectSub, SockKey, Stats, DIRECT_CONFIG_INDEX,
+    DIRECT_FRAME_MAX, DIRECT_MAX_ENTRIES, DIRECT_PUB_BROKEN, DIRECT_SUBJECT_MAX, PORTS_MAX_ENTRIES,
+    SOCKS_MAX_ENTRIES, STATS_INDEX, VERDICT_BYTES,
 };
 
 #[map(name = "SOCKBUS_SOCKS")]
@@ -36,6 +39,42 @@ static PORTS: HashMap<u32, u32> = HashMap::with_max_entries(PORTS_MAX_ENTRIES, 0
 
 #[map(name = "SOCKBUS_STATS")]
 static STATS: PerCpuArray<Stats> = PerCpuArray::with_max_entries(1, 0);
+
+/// Direct delivery switch (index [`DIRECT_CONFIG_INDEX`]), set by the loader.
+#[map(name = "SOCKBUS_DIRECT_CONFIG")]
+static DIRECT_CONFIG: Array<u32> = Array::with_max_entries(1, 0);
+
+/// Publisher state by the publisher's socket; present = per-frame verdicts.
+#[map(name = "SOCKBUS_DIRECT_PUBS")]
+static DIRECT_PUBS: LruHashMap<SockKey, DirectPub> =
+    LruHashMap::with_max_entries(DIRECT_MAX_ENTRIES, 0);
+
+/// Publisher sockets the broker lets go direct (unrestricted publishers).
+#[map(name = "SOCKBUS_DIRECT_ALLOW")]
+static DIRECT_ALLOW: HashMap<SockKey, u32> = HashMap::with_max_entries(DIRECT_MAX_ENTRIES, 0);
+
+/// Per publisher socket: bytes of its sends the broker has read, handled and
+/// whose messages it has written into the kernel. A frame goes direct only
+/// when this equals `DirectPub::passed` (nothing of this publisher is still
+/// inside the broker): the ordering barrier.
+#[map(name = "SOCKBUS_DIRECT_DONE")]
+static DIRECT_DONE: HashMap<SockKey, u64> = HashMap::with_max_entries(DIRECT_MAX_ENTRIES, 0);
+
+#[map(name = "SOCKBUS_DIRECT_ROUTES")]
+static DIRECT_ROUTES: HashMap<u32, DirectRoute> = HashMap::with_max_entries(DIRECT_MAX_ENTRIES, 0);
+
+/// Per subscriber socket: MSG bytes it may be sent directly, ever (the
+/// broker raises it as the subscriber grants credit).
+#[map(name = "SOCKBUS_DIRECT_GRANT")]
+static DIRECT_GRANT: HashMap<SockKey, u64> = HashMap::with_max_entries(DIRECT_MAX_ENTRIES, 0);
+
+#[map(name = "SOCKBUS_DIRECT_SUBS")]
+static DIRECT_SUBS: LruHashMap<SockKey, DirectSub> =
+    LruHashMap::with_max_entries(DIRECT_MAX_ENTRIES, 0);
+
+#[map(name = "SOCKBUS_DIRECT_SUBJECTS")]
+static DIRECT_SUBJECTS: LruHashMap<u32, DirectCount> =
+    LruHashMap::with_max_entries(DIRECT_MAX_ENTRIES, 0);
 
 const AF_INET: u32 = 2;
 const AF_INET6: u32 = 10;
@@ -152,7 +191,27 @@ pub fn sockbus_sock_ops(ctx: SockOpsContext) -> u32 {
     // BPF_ANY: a reused 4-tuple replaces a stale entry.
     match SOCKS.update(&mut key, unsafe { &mut *ctx.ops }, 0) {
         Ok(()) => stat(|s| &s.sockets_added, 1),
-        Err(_) => stat(|s| &s.add_failures, 1),
+        Err(_) => {
+            return {
+                stat(|s| &s.add_failures, 1);
+                1
+            }
+        }
+    }
+    // Direct delivery: a client's end of a connection to the broker starts
+    // in per-frame mode before its first byte, so the program's verdicts
+    // stay on frame boundaries for the connection's whole life.
+    let direct = DIRECT_CONFIG.get(DIRECT_CONFIG_INDEX).copied().unwrap_or(0);
+    if direct != 0 && unsafe { PORTS.get(key.remote_port).is_some() } {
+        // BPF_ANY: a reused 4-tuple starts afresh.
+        let v = MaybeUninit::<DirectPub>::uninit();
+        let p = v.as_ptr() as *mut u64;
+        // Field by field: a zeroed struct would become a memset call, which
+        // the verifier refuses (it returns a stack pointer).
+        for i in 0..(core::mem::size_of::<DirectPub>() / 8) {
+            unsafe { write_volatile(p.add(i), 0) };
+        }
+        let _ = DIRECT_PUBS.insert(&key, unsafe { &*v.as_ptr() }, 0);
     }
     1
 }
@@ -171,7 +230,7 @@ pub fn sockbus_sk_msg(ctx: SkMsgContext) -> u32 {
             addr_of!((*m).local_port),
         )
     };
-    let Some(key) = key else {
+    let Some(mut key) = key else {
         return sk_action::SK_PASS;
     };
     // The peer's key is ours seen from the other end.
@@ -186,6 +245,19 @@ pub fn sockbus_sk_msg(ctx: SkMsgContext) -> u32 {
         peer.netns = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
     }
     let size = ld(unsafe { addr_of!((*m).size) });
+    // Our own key, as sock_ops inserted it (only direct delivery needs it).
+    if is_loopback(&key.local_ip) {
+        key.netns = if peer.netns != 0 {
+            peer.netns
+        } else {
+            unsafe { bpf_get_netns_cookie(ctx.as_ptr()) }
+        };
+    }
+    if let Some(st) = DIRECT_PUBS.get_ptr_mut(&key) {
+        if unsafe { (*st).flags } & DIRECT_PUB_BROKEN == 0 {
+            return per_frame(&ctx, &key, &mut peer, st, size);
+        }
+    }
     // On a miss the helper answers SK_DROP, which would discard the data:
     // pass it to TCP instead.
     if SOCKS.redirect_msg(&ctx, &mut peer, BPF_F_INGRESS as u64) == sk_action::SK_PASS as i64 {
@@ -201,6 +273,299 @@ pub fn sockbus_sk_msg(ctx: SkMsgContext) -> u32 {
     } else {
         stat(|s| &s.misses, 1);
     }
+    sk_action::SK_PASS
+}
+
+#[inline(always)]
+fn add(p: *mut u64, n: u64) {
+    unsafe { AtomicU64::from_ptr(p) }.fetch_add(n, Ordering::Relaxed);
+}
+
+/// Out of the linear part of the message (no `Option`s: LLVM leaves the
+/// value of a `None` uninitialised in registers it later spills, and the
+/// verifier refuses reading those).
+const OUT: u32 = u32::MAX;
+
+/// Byte `off` of the message, or [`OUT`].
+#[inline(always)]
+fn byte(ctx: &SkMsgContext, off: usize) -> u32 {
+    let (d, e) = (ctx.data(), ctx.data_end());
+    if d + off + 1 > e {
+        return OUT;
+    }
+    unsafe { read_volatile((d + off) as *const u8) as u32 }
+}
+
+/// Little-endian u16 at `off`, or [`OUT`].
+#[inline(always)]
+fn le16(ctx: &SkMsgContext, off: usize) -> u32 {
+    let (d, e) = (ctx.data(), ctx.data_end());
+    if d + off + 2 > e {
+        return OUT;
+    }
+    let p = (d + off) as *const u8;
+    unsafe { read_volatile(p) as u32 | (read_volatile(p.add(1)) as u32) << 8 }
+}
+
+const KIND_PUB: u8 = 3;
+const KIND_MSG: u8 = 6;
+const KIND_MAX: u8 = 32;
+const HEADER: u32 = 12;
+
+/// The frame at the start of `msg` goes to the broker: one verdict for
+/// exactly this frame (`bpf_msg_apply_bytes`, set on every path; a frame
+/// longer than this send keeps the verdict into the next send, so the next
+/// run starts on the next frame's header).
+#[inline(always)]
+fn to_broker(ctx: &SkMsgContext, peer: &mut SockKey, st: *mut DirectPub, frame: u32) -> u32 {
+    add(unsafe { addr_of!((*st).passed) } as *mut u64, frame as u64);
+    unsafe { bpf_msg_apply_bytes(ctx.msg, frame) };
+    stat(|s| &s.direct_fallbacks, 1);
+    if SOCKS.redirect_msg(ctx, peer, BPF_F_INGRESS as u64) == sk_action::SK_PASS as i64 {
+        stat(|s| &s.redirect_verdicts, 1);
+        stat(|s| &s.bytes_redirected, frame as u64);
+    } else {
+        stat(|s| &s.misses, 1);
+    }
+    sk_action::SK_PASS
+}
+
+/// Frame alignment is lost (a header split over two sends, or bytes that are
+/// no sockbus header): the connection goes through the broker for good, with
+/// the plain fast path's verdicts.
+#[inline(always)]
+fn broken(ctx: &SkMsgContext, peer: &mut SockKey, st: *mut DirectPub, size: u32) -> u32 {
+    unsafe { (*st).flags |= DIRECT_PUB_BROKEN };
+    stat(|s| &s.direct_broken, 1);
+    let grant = size.saturating_add(VERDICT_BYTES);
+    unsafe { bpf_msg_apply_bytes(ctx.msg, grant) };
+    if SOCKS.redirect_msg(ctx, peer, BPF_F_INGRESS as u64) == sk_action::SK_PASS as i64 {
+        stat(|s| &s.redirect_verdicts, 1);
+        stat(|s| &s.bytes_redirected, grant as u64);
+    } else {
+        stat(|s| &s.misses, 1);
+    }
+    sk_action::SK_PASS
+}
+
+/// Per-frame verdicts for a publisher in direct mode: `msg` starts with a
+/// frame header. A PUB goes straight into its subscriber's socket as MSG only
+/// when every condition holds; anything else goes to the broker, one frame
+/// per verdict.
+#[inline(always)]
+fn per_frame(
+    ctx: &SkMsgContext,
+    key: &SockKey,
+    peer: &mut SockKey,
+    st: *mut DirectPub,
+    size: u32,
+) -> u32 {
+    if size < HEADER {
+        return broken(ctx, peer, st, size);
+    }
+    if ctx.data() + HEADER as usize > ctx.data_end()
+        && unsafe { bpf_msg_pull_data(ctx.msg, 0, HEADER, 0) } != 0
+    {
+        return broken(ctx, peer, st, size);
+    }
+    let (d, e) = (ctx.data(), ctx.data_end());
+    if d + HEADER as usize > e {
+        return broken(ctx, peer, st, size);
+    }
+    let h = d as *const u8;
+    let b = |i: usize| unsafe { read_volatile(h.add(i)) } as u32;
+    let (m0, m1, kind) = (b(0), b(1), b(2));
+    let len = b(4) | b(5) << 8 | b(6) << 16 | b(7) << 24;
+    let hash = b(8) | b(9) << 8 | b(10) << 16 | b(11) << 24;
+    if m0 != b'S' as u32 || m1 != b'B' as u32 || kind == 0 || kind > KIND_MAX as u32 {
+        return broken(ctx, peer, st, size);
+    }
+    let frame = len.saturating_add(HEADER);
+    if kind != KIND_PUB as u32 {
+        return to_broker(ctx, peer, st, frame);
+    }
+    // From here on a fallback counts for the publisher too.
+    let fallback = |ctx: &SkMsgContext, peer: &mut SockKey| {
+        add(unsafe { addr_of!((*st).fallbacks) } as *mut u64, 1);
+        to_broker(ctx, peer, st, frame)
+    };
+    // Whole in this send, and small enough to stay contiguous.
+    if frame > size || frame > DIRECT_FRAME_MAX {
+        return fallback(ctx, peer);
+    }
+    let Some(route) = DIRECT_ROUTES.get_ptr_mut(hash) else {
+        return fallback(ctx, peer);
+    };
+    // A reference into the map value: copying the route to the stack would
+    // be a memcpy call.
+    let route = unsafe { &mut *route };
+    // Never to the publisher itself (no-echo connections).
+    if route.sub == *key {
+        return fallback(ctx, peer);
+    }
+    // Permissions: only publishers the broker marked unrestricted.
+    if unsafe { DIRECT_ALLOW.get(key) }.is_none() {
+        return fallback(ctx, peer);
+    }
+    // The ordering barrier: nothing this publisher sent earlier is still
+    // inside the broker.
+    let passed = unsafe { read_volatile(addr_of!((*st).passed)) };
+    match unsafe { DIRECT_DONE.get(key) } {
+        Some(done) if *done == passed => {}
+        _ => return fallback(ctx, peer),
+    }
+    // Body: str16 subject, str16 reply, u32 headers length, headers, payload.
+    let slen = route.subject_len as usize;
+    if slen == 0 || slen > DIRECT_SUBJECT_MAX {
+        return fallback(ctx, peer);
+    }
+    let want = (HEADER as usize + 2 + slen + 2 + DIRECT_SUBJECT_MAX + 4).min(frame as usize);
+    if unsafe { bpf_msg_pull_data(ctx.msg, 0, want as u32, 0) } != 0 {
+        return fallback(ctx, peer);
+    }
+    if le16(ctx, 12) as usize != slen {
+        return fallback(ctx, peer);
+    }
+    // The subject bytes, not just the 32-bit hash. `max` is 128 to the
+    // verifier (a constant spilled to the stack) but opaque to LLVM, which
+    // would otherwise drop the index check the verifier needs for the
+    // route's array (it knows `slen <= 128` from above; the verifier does
+    // not keep that relation).
+    let max_slot = DIRECT_SUBJECT_MAX;
+    let max = unsafe { read_volatile(&max_slot) };
+    let mut i = 0usize;
+    while i < slen {
+        if i >= max {
+            return fallback(ctx, peer);
+        }
+        let want_b = unsafe { *route.subject.as_ptr().add(i) } as u32;
+        if byte(ctx, 14 + i) != want_b {
+            return fallback(ctx, peer);
+        }
+        i += 1;
+    }
+    // Offsets after a loop are recomputed from fresh loads: the loop's exit
+    // test pins the length to the iteration count, and offsets derived from
+    // it would give the verifier one state per length (128 x 128 paths).
+    let roff = 14 + (unsafe { read_volatile(addr_of!(route.subject_len)) } as usize & 0xff);
+    let rlen = le16(ctx, roff);
+    if rlen == OUT {
+        return fallback(ctx, peer);
+    }
+    let rlen = rlen as usize;
+    if rlen > DIRECT_SUBJECT_MAX {
+        return fallback(ctx, peer);
+    }
+    let mut prev = b'.' as u32;
+    let mut j = 0usize;
+    while j < DIRECT_SUBJECT_MAX {
+        if j >= rlen {
+            break;
+        }
+        let b = byte(ctx, roff + 2 + j);
+        let dot = b'.' as u32;
+        // OUT (> 0x7f) fails too.
+        if b <= b' ' as u32
+            || b >= 0x7f
+            || b == b'*' as u32
+            || b == b'>' as u32
+            || (b == dot && prev == dot)
+        {
+            return fallback(ctx, peer);
+        }
+        prev = b;
+        j += 1;
+    }
+    if rlen > 0 && prev == b'.' as u32 {
+        return fallback(ctx, peer);
+    }
+    // No headers (the broker checks them).
+    let rlen2 = le16(ctx, roff);
+    if rlen2 == OUT {
+        return fallback(ctx, peer);
+    }
+    let hoff = roff + 2 + (rlen2 as usize & 0xff);
+    if le16(ctx, hoff) != 0 || le16(ctx, hoff + 2) != 0 {
+        return fallback(ctx, peer);
+    }
+    // Flow control: the subscriber's budget.
+    let msg_len = frame as u64 + 4;
+    let Some(grant) = (unsafe { DIRECT_GRANT.get(&route.sub) }) else {
+        return fallback(ctx, peer);
+    };
+    let grant = *grant;
+    let sub = match DIRECT_SUBS.get_ptr_mut(&route.sub) {
+        Some(p) => p,
+        None => {
+            let v = MaybeUninit::<DirectSub>::uninit();
+            let p = v.as_ptr() as *mut u64;
+            unsafe {
+                write_volatile(p, 0);
+                write_volatile(p.add(1), 0);
+            }
+            // BPF_NOEXIST: another CPU may have created it meanwhile.
+            let _ = DIRECT_SUBS.insert(&route.sub, unsafe { &*v.as_ptr() }, 1);
+            match DIRECT_SUBS.get_ptr_mut(&route.sub) {
+                Some(p) => p,
+                None => return fallback(ctx, peer),
+            }
+        }
+    };
+    // Checked, then added once the frame is on its way: two CPUs sending
+    // to one subscriber at once may overshoot the grant by a frame each.
+    let used = unsafe { addr_of!((*sub).used) } as *mut u64;
+    if unsafe { read_volatile(used) }.saturating_add(msg_len) > grant {
+        return fallback(ctx, peer);
+    }
+    let sid = route.sid;
+    if SOCKS.redirect_msg(ctx, &mut route.sub, BPF_F_INGRESS as u64) != sk_action::SK_PASS as i64 {
+        return fallback(ctx, peer);
+    }
+    // PUB -> MSG: 4 bytes for the sid after the header, new kind and length.
+    if ctx.push_data(HEADER, 4, 0).is_err()
+        || unsafe { bpf_msg_pull_data(ctx.msg, 0, HEADER + 4, 0) } != 0
+        || ctx.data() + (HEADER as usize + 4) > ctx.data_end()
+    {
+        // to_broker redirects again, to the broker: the frame is still a
+        // PUB when the push failed.
+        return fallback(ctx, peer);
+    }
+    let d = ctx.data() as *mut u8;
+    let new_len = len + 4;
+    unsafe {
+        *d.add(2) = KIND_MSG;
+        *d.add(3) = 0;
+        *d.add(4) = new_len as u8;
+        *d.add(5) = (new_len >> 8) as u8;
+        *d.add(6) = (new_len >> 16) as u8;
+        *d.add(7) = (new_len >> 24) as u8;
+        *d.add(12) = sid as u8;
+        *d.add(13) = (sid >> 8) as u8;
+        *d.add(14) = (sid >> 16) as u8;
+        *d.add(15) = (sid >> 24) as u8;
+        bpf_msg_apply_bytes(ctx.msg, msg_len as u32);
+    }
+    add(used, msg_len);
+    add(unsafe { addr_of!((*sub).msgs) } as *mut u64, 1);
+    add(unsafe { addr_of!((*st).direct_msgs) } as *mut u64, 1);
+    add(unsafe { addr_of!((*st).direct_bytes) } as *mut u64, msg_len);
+    match DIRECT_SUBJECTS.get_ptr_mut(&hash) {
+        Some(c) => {
+            add(unsafe { addr_of!((*c).msgs) } as *mut u64, 1);
+            add(unsafe { addr_of!((*c).bytes) } as *mut u64, msg_len);
+        }
+        None => {
+            let v = MaybeUninit::<DirectCount>::uninit();
+            let p = v.as_ptr() as *mut u64;
+            unsafe {
+                write_volatile(p, 1);
+                write_volatile(p.add(1), msg_len);
+            }
+            let _ = DIRECT_SUBJECTS.insert(&hash, unsafe { &*v.as_ptr() }, 0);
+        }
+    }
+    stat(|s| &s.direct_msgs, 1);
+    stat(|s| &s.direct_bytes, msg_len);
     sk_action::SK_PASS
 }
 

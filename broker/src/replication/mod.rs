@@ -1,0 +1,837 @@
+//! Replicated streams: one Raft group (openraft) per stream with
+//! `replicas` > 1, on that many of the cluster's nodes.
+//!
+//! Every node of the cluster holds the stream (its config and its capture
+//! of local publishes); the group's members also hold its messages. A
+//! stream's writer (streams/replicated.rs) turns everything queued since
+//! its last round into one Raft entry (group commit), proposes it to the
+//! leader (forwarded over the Raft channel when this node is not the
+//! leader) and acks the publishers once the entry is committed (a quorum
+//! has it in its Raft log, fsynced with `fsync = always`) and applied by
+//! the leader. Every member applies committed entries into the stream's
+//! own log (`sm`), Msg-Id dedupe included, so the window is part of the
+//! replicated state.
+//!
+//! Raft RPCs travel on connections to the peers' cluster port, opened with
+//! the route handshake (TLS and the cluster secret as for routes) and the
+//! [`CONNECT_RAFT`](sockbus_protocol::frame::CONNECT_RAFT) flag (`net`).
+//! The Raft log and vote live next to the stream (`log`).
+
+mod log;
+mod net;
+mod sm;
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::io::Cursor;
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
+
+use openraft::error::{ClientWriteError, RaftError};
+use openraft::{BasicNode, Config, Raft, ServerState, SnapshotPolicy};
+use serde::{Deserialize, Serialize};
+use sockbus_protocol::api::{PeerInfo, StreamCluster, StreamConfig};
+use tracing::{info, warn};
+
+use crate::server::State;
+use crate::streams::Stream;
+
+pub(crate) use net::serve;
+
+/// Node ids are a hash of the broker's `--node-id`; [`BasicNode::addr`] holds the name.
+pub type NodeId = u64;
+
+openraft::declare_raft_types!(
+    /// The stream groups' Raft types.
+    pub TypeConfig:
+        D = Proposal,
+        R = Applied,
+);
+
+/// One Raft entry's payload: an rkyv-encoded [`Op`].
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Proposal(pub Vec<u8>);
+
+/// What an entry does to the stream.
+#[derive(rkyv::Archive, rkyv::Serialize, rkyv::Deserialize, Debug)]
+pub enum Op {
+    /// A writer round: records (encoded by store::record, unsealed) one
+    /// after the other, each one's length and Msg-Id, stamped `ts` by the
+    /// proposer so every replica stores the same timestamps.
+    Publish {
+        ts: u64,
+        recs: Vec<u8>,
+        lens: Vec<u32>,
+        ids: Vec<Option<String>>,
+    },
+}
+
+impl Proposal {
+    pub fn encode(op: &Op) -> Proposal {
+        Proposal(
+            rkyv::to_bytes::<rkyv::rancor::Error>(op)
+                .expect("an Op always serialises")
+                .to_vec(),
+        )
+    }
+
+    pub fn decode(&self) -> Result<Op, String> {
+        let mut aligned = rkyv::util::AlignedVec::<16>::with_capacity(self.0.len());
+        aligned.extend_from_slice(&self.0);
+        rkyv::from_bytes::<Op, rkyv::rancor::Error>(&aligned).map_err(|e| e.to_string())
+    }
+}
+
+/// What applying an entry answered: per message, its sequence and whether
+/// it duplicated an earlier one (Msg-Id); an error refuses the whole entry.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct Applied {
+    pub acks: Vec<(u64, bool)>,
+    pub error: Option<String>,
+}
+
+/// This node's view of a name: the id Raft knows it by.
+pub fn node_id(name: &str) -> NodeId {
+    // FNV-1a, stable across builds and platforms.
+    let mut h: u64 = 0xcbf29ce484222325;
+    for b in name.as_bytes() {
+        h ^= *b as u64;
+        h = h.wrapping_mul(0x100000001b3);
+    }
+    h
+}
+
+/// Timings: a dead leader is replaced within about 1-2 s.
+fn raft_config() -> Arc<Config> {
+    let c = Config {
+        cluster_name: "sockbus".into(),
+        heartbeat_interval: 200,
+        election_timeout_min: 600,
+        election_timeout_max: 1000,
+        snapshot_policy: SnapshotPolicy::Never,
+        max_payload_entries: 64,
+        ..Default::default()
+    };
+    Arc::new(c.validate().expect("a valid Raft config"))
+}
+
+/// One stream's group on this node.
+pub(crate) struct Group {
+    pub raft: Raft<TypeConfig>,
+    pub members: Vec<String>,
+}
+
+/// The leader's last log index and each member's matched index.
+pub(crate) type Progress = (u64, Vec<(String, Option<u64>)>);
+
+impl Group {
+    /// The voters and learners by name, from the group's membership.
+    pub(crate) fn names(&self) -> Vec<String> {
+        let m = self.raft.metrics().borrow().clone();
+        let names: Vec<String> = m
+            .membership_config
+            .membership()
+            .nodes()
+            .map(|(_, n)| n.addr.clone())
+            .collect();
+        if names.is_empty() {
+            self.members.clone()
+        } else {
+            names
+        }
+    }
+
+    fn name_of(&self, id: NodeId) -> Option<String> {
+        self.names().into_iter().find(|n| node_id(n) == id)
+    }
+
+    /// On the leader: its last log index and each member's matched index.
+    pub(crate) fn progress(&self) -> Option<Progress> {
+        let m = self.raft.metrics().borrow().clone();
+        let rep = m.replication.as_ref()?;
+        let last = m.last_log_index.unwrap_or(0);
+        Some((
+            last,
+            self.names()
+                .iter()
+                .map(|n| {
+                    let id = node_id(n);
+                    let matched = if id == m.id {
+                        Some(last)
+                    } else {
+                        rep.get(&id).map(|l| l.map_or(0, |l| l.index))
+                    };
+                    (n.clone(), matched)
+                })
+                .collect(),
+        ))
+    }
+}
+
+/// The leader's progress as a follower last heard it.
+#[derive(Clone)]
+struct Heard {
+    at: std::time::Instant,
+    last: u64,
+    matched: Vec<(String, Option<u64>)>,
+}
+
+/// Entries a replica may be behind and still count as caught up (`/readyz`).
+const READY_LAG: u64 = 64;
+
+/// The broker's replication: its identity, the peers it knows, its groups.
+pub(crate) struct Hub {
+    state: OnceLock<Arc<State>>,
+    /// Peer node name -> cluster URL, learned when a route's handshake answers.
+    peers: Mutex<BTreeMap<String, String>>,
+    groups: Mutex<HashMap<String, Arc<Group>>>,
+    /// Followers: the leader's progress, polled every second.
+    heard: Mutex<HashMap<String, Heard>>,
+    /// Groups whose Raft is being started.
+    starting: Mutex<std::collections::HashSet<String>>,
+    pool: net::Pool,
+}
+
+static HUB: OnceLock<Arc<Hub>> = OnceLock::new();
+
+/// The process's hub (one broker per process uses replication).
+pub(crate) fn hub() -> &'static Arc<Hub> {
+    HUB.get_or_init(|| {
+        Arc::new(Hub {
+            state: OnceLock::new(),
+            peers: Mutex::new(BTreeMap::new()),
+            groups: Mutex::new(HashMap::new()),
+            starting: Mutex::new(Default::default()),
+            heard: Mutex::new(HashMap::new()),
+            pool: net::Pool::default(),
+        })
+    })
+}
+
+/// Why a replicated publish or create failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ReplError {
+    #[error("replicated streams need cluster mode (--cluster and --peers)")]
+    NoCluster,
+    #[error("{0}")]
+    Other(String),
+}
+
+impl Hub {
+    /// Called once the cluster starts: groups of streams already opened start now.
+    pub(crate) fn start(&self, state: Arc<State>) {
+        if self.state.set(state.clone()).is_ok() {
+            tokio::spawn(poll_progress());
+        }
+        for s in state.streams.list_streams() {
+            if s.config.replicas() > 1 {
+                self.open_group(&s);
+            }
+        }
+    }
+
+    pub(crate) fn state(&self) -> Option<&Arc<State>> {
+        self.state.get()
+    }
+
+    fn me(&self) -> Option<String> {
+        self.state.get().map(|s| s.config.node_id.clone())
+    }
+
+    /// A route's handshake named a peer at `url`.
+    pub(crate) fn learn(&self, name: &str, url: &str) {
+        let mut p = self.peers.lock().unwrap_or_else(|p| p.into_inner());
+        if p.get(name).map(String::as_str) != Some(url) {
+            p.insert(name.to_string(), url.to_string());
+        }
+    }
+
+    pub(crate) fn url_of(&self, name: &str) -> Option<String> {
+        self.peers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(name)
+            .cloned()
+    }
+
+    fn known_nodes(&self) -> Vec<String> {
+        self.peers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .keys()
+            .cloned()
+            .collect()
+    }
+
+    pub(crate) fn group(&self, stream: &str) -> Option<Arc<Group>> {
+        self.groups
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(stream)
+            .cloned()
+    }
+
+    /// Picks the members of a new replicated stream: this node and the
+    /// first others by name. Errors when the cluster has too few nodes.
+    pub(crate) fn place(&self, replicas: u32) -> Result<Vec<String>, ReplError> {
+        let me = self.me().ok_or(ReplError::NoCluster)?;
+        let mut members = vec![me.clone()];
+        let others: Vec<String> = self.known_nodes();
+        members.extend(
+            others
+                .iter()
+                .filter(|n| **n != me)
+                .take(replicas as usize - 1)
+                .cloned(),
+        );
+        if members.len() < replicas as usize {
+            return Err(ReplError::Other(format!(
+                "replicas {replicas} needs {replicas} nodes connected; this node sees {} ({})",
+                members.len(),
+                members.join(", ")
+            )));
+        }
+        Ok(members)
+    }
+
+    /// After the stream was created here: creates it on every known peer,
+    /// then initialises its group. `members` from [`Hub::place`].
+    pub(crate) async fn create_everywhere(
+        &self,
+        cfg: &StreamConfig,
+        members: &[String],
+    ) -> Result<(), ReplError> {
+        let me = self.me().ok_or(ReplError::NoCluster)?;
+        let json = serde_json::to_string(cfg).expect("serialisable");
+        for peer in self.known_nodes() {
+            if peer == me {
+                continue;
+            }
+            let r = self
+                .pool
+                .call(
+                    self,
+                    &peer,
+                    net::Rpc::Create {
+                        config: json.clone(),
+                        members: members.to_vec(),
+                    },
+                    Duration::from_secs(10),
+                )
+                .await;
+            match r {
+                Ok(net::Reply::Done(Ok(()))) => {}
+                Ok(net::Reply::Done(Err(e))) if members.contains(&peer) => {
+                    return Err(ReplError::Other(format!("{peer}: {e}")))
+                }
+                Ok(other) if members.contains(&peer) => {
+                    return Err(ReplError::Other(format!("{peer}: {other:?}")))
+                }
+                Err(e) if members.contains(&peer) => {
+                    return Err(ReplError::Other(format!("{peer}: {e}")))
+                }
+                _ => warn!(stream = %cfg.name, %peer, "a non-member did not take the stream"),
+            }
+        }
+        let g = self
+            .group(&cfg.name)
+            .ok_or_else(|| ReplError::Other("the group did not start".into()))?;
+        let nodes: BTreeMap<NodeId, BasicNode> = members
+            .iter()
+            .map(|m| (node_id(m), BasicNode::new(m)))
+            .collect();
+        match g.raft.initialize(nodes).await {
+            Ok(()) => Ok(()),
+            Err(e) => Err(ReplError::Other(format!("initialise: {e}"))),
+        }
+    }
+
+    /// Starts the stream's group on this node when it is a member (members
+    /// are kept in `<stream>/raft/members`).
+    pub(crate) fn open_group(&self, s: &Arc<Stream>) {
+        let Some(me) = self.me() else {
+            // Started by `start` once the cluster runs.
+            return;
+        };
+        let dir = s.dir().join("raft");
+        let members: Vec<String> = match std::fs::read(dir.join("members")) {
+            Ok(b) => String::from_utf8_lossy(&b)
+                .lines()
+                .filter(|l| !l.is_empty())
+                .map(String::from)
+                .collect(),
+            Err(_) => return,
+        };
+        if !members.contains(&me) {
+            return;
+        }
+        if self.group(&s.config.name).is_some()
+            || !self
+                .starting
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(s.config.name.clone())
+        {
+            return;
+        }
+        let store = match log::LogStore::open(&dir, s.config.fsync == crate::streams::Fsync::Always)
+        {
+            Ok(l) => l,
+            Err(e) => {
+                warn!(stream = %s.config.name, "cannot open the Raft log: {e}");
+                self.starting
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .remove(&s.config.name);
+                return;
+            }
+        };
+        let sm = match sm::StateMachine::open(s.clone(), &dir) {
+            Ok(x) => x,
+            Err(e) => {
+                warn!(stream = %s.config.name, "cannot open the stream's state machine: {e}");
+                self.starting
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .remove(&s.config.name);
+                return;
+            }
+        };
+        let name = s.config.name.clone();
+        let net = net::Factory {
+            group: name.clone(),
+        };
+        let id = node_id(&me);
+        tokio::spawn(async move {
+            match Raft::new(id, raft_config(), net, store, sm).await {
+                Ok(raft) => {
+                    info!(stream = %name, members = ?members, "replicated stream's group started");
+                    hub()
+                        .groups
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .insert(name.clone(), Arc::new(Group { raft, members }));
+                }
+                Err(e) => warn!(stream = %name, "the Raft group failed to start: {e}"),
+            }
+            hub()
+                .starting
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(&name);
+        });
+    }
+
+    /// Waits (bounded) for the stream's group to be running here.
+    pub(crate) async fn wait_group(&self, stream: &str, within: Duration) -> Option<Arc<Group>> {
+        let end = tokio::time::Instant::now() + within;
+        loop {
+            if let Some(g) = self.group(stream) {
+                return Some(g);
+            }
+            if tokio::time::Instant::now() >= end {
+                return None;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Stops a deleted stream's group.
+    pub(crate) fn close_group(&self, stream: &str) {
+        let g = self
+            .groups
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(stream);
+        if let Some(g) = g {
+            tokio::spawn(async move {
+                let _ = g.raft.shutdown().await;
+            });
+        }
+    }
+
+    /// Proposes one writer round and waits for it to be committed and
+    /// applied: through the local group when this node leads, else
+    /// forwarded to the leader. Retries while no leader is known or the
+    /// proposal went to a node that is not the leader (nothing was
+    /// appended then); a proposal that may have been appended is never
+    /// retried here (the publisher's retry with its Msg-Id is).
+    pub(crate) async fn propose(
+        &self,
+        s: &Stream,
+        p: Proposal,
+        within: Duration,
+    ) -> Result<Applied, String> {
+        let name = &s.config.name;
+        let end = tokio::time::Instant::now() + within;
+        let members = s.members();
+        let mut hint: Option<String> = None;
+        let mut attempt = 0usize;
+        loop {
+            attempt += 1;
+            if tokio::time::Instant::now() >= end {
+                return Err(format!(
+                    "no leader of replicated stream {name} answered within {within:?}"
+                ));
+            }
+            let local = self.group(name);
+            let me = self.me().unwrap_or_default();
+            let target = match (&local, &hint) {
+                (_, Some(h)) if *h != me => Some(h.clone()),
+                (Some(g), _) => {
+                    let m = g.raft.metrics().borrow().clone();
+                    match (m.state, m.current_leader) {
+                        (ServerState::Leader, _) => None,
+                        (_, Some(l)) => g.name_of(l).or_else(|| Some(String::new())),
+                        (_, None) => Some(String::new()),
+                    }
+                }
+                // Not a member: ask the members in turn.
+                (None, _) => members
+                    .get(attempt % members.len().max(1))
+                    .cloned()
+                    .or_else(|| Some(String::new())),
+            };
+            hint = None;
+            match target {
+                None => {
+                    let g = local.expect("leader has a group");
+                    let left = end.saturating_duration_since(tokio::time::Instant::now());
+                    match tokio::time::timeout(left, g.raft.client_write(p.clone())).await {
+                        Ok(Ok(r)) => return Ok(r.data),
+                        Ok(Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f)))) => {
+                            hint = f.leader_node.map(|n| n.addr);
+                        }
+                        Ok(Err(e)) => return Err(e.to_string()),
+                        Err(_) => return Err("replication timed out".into()),
+                    }
+                }
+                Some(t) if t.is_empty() => {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+                Some(t) => {
+                    let left = end.saturating_duration_since(tokio::time::Instant::now());
+                    let r = self
+                        .pool
+                        .call(
+                            self,
+                            &t,
+                            net::Rpc::Forward {
+                                group: name.clone(),
+                                proposal: p.clone(),
+                            },
+                            left,
+                        )
+                        .await;
+                    match r {
+                        Ok(net::Reply::Forwarded(Ok(a))) => return Ok(a),
+                        Ok(net::Reply::Forwarded(Err(net::ForwardError::NotLeader(l)))) => {
+                            hint = l;
+                            if hint.is_none() {
+                                tokio::time::sleep(Duration::from_millis(50)).await;
+                            }
+                        }
+                        Ok(net::Reply::Forwarded(Err(net::ForwardError::Failed(e)))) => {
+                            return Err(e)
+                        }
+                        Ok(other) => return Err(format!("unexpected answer {other:?}")),
+                        Err(net::CallError::NotSent(_)) => {
+                            tokio::time::sleep(Duration::from_millis(100)).await;
+                        }
+                        Err(e) => return Err(e.to_string()),
+                    }
+                }
+            }
+        }
+    }
+
+    /// `/readyz`: every group here has a leader and this replica is at
+    /// most [`READY_LAG`] entries behind it (as the leader last said).
+    pub(crate) fn ready(&self) -> Result<(), String> {
+        let groups: Vec<(String, Arc<Group>)> = self
+            .groups
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        let me = self.me().unwrap_or_default();
+        let mut behind = Vec::new();
+        for (name, g) in groups {
+            let m = g.raft.metrics().borrow().clone();
+            if m.state == ServerState::Leader {
+                continue;
+            }
+            if m.current_leader.is_none() {
+                behind.push(format!("{name}: no leader"));
+                continue;
+            }
+            let heard = self
+                .heard
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .get(&name)
+                .cloned();
+            match heard {
+                Some(h) if h.at.elapsed() < Duration::from_secs(5) => {
+                    let mine = h.matched.iter().find(|(n, _)| *n == me).and_then(|x| x.1);
+                    match mine {
+                        Some(x) if h.last.saturating_sub(x) <= READY_LAG => {}
+                        x => behind.push(format!(
+                            "{name}: {} of {} entries replicated here",
+                            x.unwrap_or(0),
+                            h.last
+                        )),
+                    }
+                }
+                _ => behind.push(format!("{name}: no word from the leader")),
+            }
+        }
+        if behind.is_empty() {
+            Ok(())
+        } else {
+            Err(format!("replicas catching up: {}", behind.join(", ")))
+        }
+    }
+
+    /// The group as this node sees it, for `stream info`.
+    pub(crate) fn cluster_info(&self, s: &Stream) -> StreamCluster {
+        let members = s.members();
+        let Some(g) = self.group(&s.config.name) else {
+            return StreamCluster {
+                leader: None,
+                term: 0,
+                committed: 0,
+                replicas: members
+                    .into_iter()
+                    .map(|name| PeerInfo {
+                        name,
+                        ..Default::default()
+                    })
+                    .collect(),
+            };
+        };
+        let m = g.raft.metrics().borrow().clone();
+        let name_of = |id: NodeId| g.name_of(id);
+        let leader = m.current_leader.and_then(name_of);
+        let last = m.last_log_index.unwrap_or(0);
+        let replication = m.replication.clone();
+        let me = self.me().unwrap_or_default();
+        if replication.is_none() {
+            let heard = self
+                .heard
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .get(&s.config.name)
+                .cloned();
+            if let Some(h) = heard.filter(|h| h.at.elapsed() < Duration::from_secs(5)) {
+                return StreamCluster {
+                    replicas: h
+                        .matched
+                        .iter()
+                        .map(|(n, x)| PeerInfo {
+                            name: n.clone(),
+                            matched: *x,
+                            lag: x.map(|x| h.last.saturating_sub(x)),
+                            leader: leader.as_deref() == Some(n.as_str()),
+                        })
+                        .collect(),
+                    leader,
+                    term: m.current_term,
+                    committed: m.last_applied.map_or(0, |l| l.index),
+                };
+            }
+        }
+        let replicas = g
+            .names()
+            .iter()
+            .map(|n| {
+                let id = node_id(n);
+                let matched = if *n == me {
+                    Some(last)
+                } else {
+                    replication
+                        .as_ref()
+                        .and_then(|r| r.get(&id))
+                        .map(|l| l.map_or(0, |l| l.index))
+                };
+                PeerInfo {
+                    name: n.clone(),
+                    matched,
+                    lag: if replication.is_some() || *n == me {
+                        matched.map(|x| last.saturating_sub(x))
+                    } else {
+                        None
+                    },
+                    leader: leader.as_deref() == Some(n.as_str()),
+                }
+            })
+            .collect();
+        StreamCluster {
+            leader,
+            term: m.current_term,
+            committed: m.last_applied.map_or(0, |l| l.index),
+            replicas,
+        }
+    }
+
+    /// Sends a member that has no group for `stream` the stream again (at
+    /// most one such call per peer and stream at a time).
+    pub(crate) fn recreate_on(&self, stream: &str, peer: &str) {
+        let key = format!("{stream}\n{peer}");
+        if !self
+            .starting
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(key.clone())
+        {
+            return;
+        }
+        let Some(s) = self.state.get().and_then(|st| st.streams.get(stream)) else {
+            self.starting
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(&key);
+            return;
+        };
+        let json = serde_json::to_string(&s.config).expect("serialisable");
+        let members = s.members();
+        let peer = peer.to_string();
+        tokio::spawn(async move {
+            let h = hub();
+            let r = h
+                .pool
+                .call(
+                    h,
+                    &peer,
+                    net::Rpc::Create {
+                        config: json,
+                        members,
+                    },
+                    Duration::from_secs(10),
+                )
+                .await;
+            match r {
+                Ok(net::Reply::Done(Ok(()))) => {
+                    info!(stream = %s.config.name, %peer, "gave a replica that had lost it the stream again")
+                }
+                other => {
+                    warn!(stream = %s.config.name, %peer, "could not give a replica the stream: {other:?}")
+                }
+            }
+            // Not again for a moment.
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            h.starting
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(&key);
+        });
+    }
+
+    /// Replaces member `old` of a stream's group by `new` (a node gone for
+    /// good by a fresh one): adds `new` as a learner, waits for it to catch
+    /// up, then changes the voters. Run on the leader (forwarded otherwise
+    /// by the caller).
+    pub(crate) async fn replace_peer(
+        &self,
+        stream: &str,
+        old: &str,
+        new: &str,
+    ) -> Result<(), String> {
+        let g = self
+            .group(stream)
+            .ok_or_else(|| format!("this node is not a member of {stream}'s group"))?;
+        let s = self
+            .state
+            .get()
+            .and_then(|st| st.streams.get(stream))
+            .ok_or_else(|| format!("no stream {stream}"))?;
+        let mut members = s.members();
+        let Some(i) = members.iter().position(|m| m == old) else {
+            return Err(format!("{old} is not a replica of {stream}"));
+        };
+        members[i] = new.to_string();
+        // The new node needs the stream (and the members list naming it).
+        let json = serde_json::to_string(&s.config).expect("serialisable");
+        match self
+            .pool
+            .call(
+                self,
+                new,
+                net::Rpc::Create {
+                    config: json,
+                    members: members.clone(),
+                },
+                Duration::from_secs(10),
+            )
+            .await
+        {
+            Ok(net::Reply::Done(Ok(()))) => {}
+            Ok(other) => return Err(format!("{new}: {other:?}")),
+            Err(e) => return Err(format!("{new}: {e}")),
+        }
+        g.raft
+            .add_learner(node_id(new), BasicNode::new(new), true)
+            .await
+            .map_err(|e| e.to_string())?;
+        let voters: BTreeSet<NodeId> = members.iter().map(|m| node_id(m)).collect();
+        g.raft
+            .change_membership(voters, false)
+            .await
+            .map_err(|e| e.to_string())?;
+        s.set_members(&members).map_err(|e| e.to_string())?;
+        Ok(())
+    }
+}
+
+/// The members file of a stream created replicated here or by a peer.
+pub(crate) fn write_members(dir: &std::path::Path, members: &[String]) -> std::io::Result<()> {
+    let raft = dir.join("raft");
+    std::fs::create_dir_all(&raft)?;
+    crate::streams::write_atomic(&raft.join("members"), members.join("\n").as_bytes())
+}
+
+/// Followers ask each group's leader for its progress every second.
+async fn poll_progress() {
+    let h = hub();
+    loop {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let groups: Vec<(String, Arc<Group>)> = h
+            .groups
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        for (name, g) in groups {
+            let m = g.raft.metrics().borrow().clone();
+            if m.state == ServerState::Leader {
+                continue;
+            }
+            let Some(leader) = m.current_leader.and_then(|l| g.name_of(l)) else {
+                continue;
+            };
+            let r = h
+                .pool
+                .call(
+                    h,
+                    &leader,
+                    net::Rpc::Progress {
+                        group: name.clone(),
+                    },
+                    Duration::from_secs(1),
+                )
+                .await;
+            if let Ok(net::Reply::Progress(Some((last, matched)))) = r {
+                h.heard.lock().unwrap_or_else(|p| p.into_inner()).insert(
+                    name,
+                    Heard {
+                        at: std::time::Instant::now(),
+                        last,
+                        matched,
+                    },
+                );
+            }
+        }
+    }
+}

@@ -1,0 +1,604 @@
+//! Replicated streams (R3) across three broker processes in cluster mode on
+//! loopback: publishes through a follower, kill -9 of the leader mid-stream,
+//! restarts, a replica that lost its data dir, garbage on the Raft channel,
+//! a SIGSTOPped follower. Every acked message must be on every node exactly
+//! once, in one order.
+//!
+//! Set SOCKBUS_TEST_LOGS=dir to keep each broker's log there.
+
+use std::collections::{HashMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use sockbus_client::streams::{ConsumerConfig, StreamConfig, StreamInfo};
+use sockbus_client::{Client, ConnectOptions, Headers};
+
+const SECRET: &str = "replication-test-secret";
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+struct Node {
+    name: String,
+    port: u16,
+    cport: u16,
+    dir: PathBuf,
+    child: Option<Child>,
+}
+
+struct Cluster {
+    nodes: Vec<Node>,
+    _tmp: tempfile::TempDir,
+}
+
+impl Node {
+    fn spawn(&mut self, peers: &[String]) {
+        let log = match std::env::var_os("SOCKBUS_TEST_LOGS") {
+            Some(d) => {
+                let f = std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(Path::new(&d).join(format!("{}-{}.log", self.name, self.port)))
+                    .unwrap();
+                Stdio::from(f)
+            }
+            None => Stdio::null(),
+        };
+        let child = Command::new(env!("CARGO_BIN_EXE_sockbus-broker"))
+            .args([
+                "--listen",
+                &format!("127.0.0.1:{}", self.port),
+                "--cluster",
+                &format!("127.0.0.1:{}", self.cport),
+                "--peers",
+                &peers.join(","),
+                "--cluster-secret",
+                SECRET,
+                "--accel",
+                "off",
+                "--node-id",
+                &self.name,
+            ])
+            .arg("--data-dir")
+            .arg(&self.dir)
+            .env(
+                "RUST_LOG",
+                std::env::var("SOCKBUS_TEST_RUST_LOG").unwrap_or("warn".into()),
+            )
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("start the broker");
+        self.child = Some(child);
+    }
+
+    async fn wait_up(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while tokio::net::TcpStream::connect(("127.0.0.1", self.port))
+            .await
+            .is_err()
+        {
+            if let Some(Ok(Some(status))) = self.child.as_mut().map(|c| c.try_wait()) {
+                panic!("broker {} exited at start: {status}", self.name);
+            }
+            assert!(
+                Instant::now() < deadline,
+                "broker {} did not start",
+                self.name
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    fn signal(&self, sig: i32) {
+        if let Some(c) = &self.child {
+            unsafe {
+                libc::kill(c.id() as i32, sig);
+            }
+        }
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        self.signal(libc::SIGCONT);
+        self.kill9();
+    }
+}
+
+impl Cluster {
+    async fn start(n: usize) -> Cluster {
+        let tmp = tempfile::tempdir().unwrap();
+        let mut nodes: Vec<Node> = (0..n)
+            .map(|i| Node {
+                name: format!("n{}", i + 1),
+                port: free_port(),
+                cport: free_port(),
+                dir: tmp.path().join(format!("n{}", i + 1)),
+                child: None,
+            })
+            .collect();
+        let mut c = Cluster {
+            nodes: Vec::new(),
+            _tmp: tmp,
+        };
+        let peers: Vec<String> = nodes
+            .iter()
+            .map(|x| format!("127.0.0.1:{}", x.cport))
+            .collect();
+        for x in &mut nodes {
+            x.spawn(&peers);
+        }
+        for x in &mut nodes {
+            x.wait_up().await;
+        }
+        c.nodes = nodes;
+        c
+    }
+
+    fn peers(&self) -> Vec<String> {
+        self.nodes
+            .iter()
+            .map(|x| format!("127.0.0.1:{}", x.cport))
+            .collect()
+    }
+
+    async fn restart(&mut self, i: usize) {
+        let peers = self.peers();
+        self.nodes[i].spawn(&peers);
+        self.nodes[i].wait_up().await;
+    }
+
+    fn index(&self, name: &str) -> usize {
+        self.nodes.iter().position(|n| n.name == name).unwrap()
+    }
+}
+
+async fn client(port: u16) -> Client {
+    ConnectOptions::new()
+        .request_timeout(Duration::from_secs(5))
+        .max_reconnect_delay(Duration::from_millis(50))
+        .connect(&format!("sockbus://127.0.0.1:{port}"))
+        .await
+        .unwrap()
+}
+
+/// Creates the stream once the cluster's routes are up (placement needs
+/// every node seen).
+async fn add_replicated(c: &Client, cfg: &StreamConfig) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        match c.stream_add(cfg).await {
+            Ok(_) => return,
+            Err(e) => {
+                assert!(Instant::now() < deadline, "stream add kept failing: {e}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+}
+
+/// Polls `port`'s stream info until `f` holds.
+async fn wait_info(
+    port: u16,
+    stream: &str,
+    what: &str,
+    f: impl Fn(&StreamInfo) -> bool,
+) -> StreamInfo {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut last = None;
+    loop {
+        if let Ok(c) = tokio::time::timeout(Duration::from_secs(5), client(port)).await {
+            if let Ok(i) = c.stream_info(stream).await {
+                if f(&i) {
+                    return i;
+                }
+                last = Some(i);
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{what}: not reached on port {port}; last info {last:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+async fn leader(port: u16, stream: &str) -> String {
+    wait_info(port, stream, "a leader", |i| {
+        i.cluster.as_ref().is_some_and(|c| c.leader.is_some())
+    })
+    .await
+    .cluster
+    .unwrap()
+    .leader
+    .unwrap()
+}
+
+/// Everything in the node's copy of the stream, in order.
+async fn read_stream(port: u16, stream: &str) -> Vec<(u64, String)> {
+    let c = client(port).await;
+    let total = c.stream_info(stream).await.unwrap().state.messages as usize;
+    let mut k = c
+        .consumer(stream, ConsumerConfig::ephemeral().no_ack(true).batch(512))
+        .await
+        .unwrap();
+    let mut out = Vec::with_capacity(total);
+    while out.len() < total {
+        let m = k
+            .next_timeout(Duration::from_secs(10))
+            .await
+            .unwrap()
+            .unwrap_or_else(|| panic!("read back stalled at {} of {total}", out.len()));
+        out.push((m.seq, String::from_utf8_lossy(m.payload()).into_owned()));
+    }
+    out
+}
+
+/// Publishes `p{t}-{i}` with Msg-Id until `stop`, retrying each until acked.
+fn publishers(
+    ports: Vec<u16>,
+    stop: Arc<AtomicBool>,
+    acked: Arc<Mutex<HashMap<String, u64>>>,
+    prefix: &'static str,
+) -> Vec<tokio::task::JoinHandle<()>> {
+    ports
+        .into_iter()
+        .enumerate()
+        .map(|(t, port)| {
+            let (stop, acked) = (stop.clone(), acked.clone());
+            tokio::spawn(async move {
+                let c = client(port).await;
+                let mut i = 0u64;
+                while !stop.load(Ordering::Relaxed) {
+                    let payload = format!("{prefix}{t}-{i:06}");
+                    let mut h = Headers::new();
+                    h.insert("Msg-Id", payload.clone());
+                    let deadline = Instant::now() + Duration::from_secs(60);
+                    loop {
+                        match c
+                            .publish_durable_with_headers(&format!("repl.{t}"), &h, &payload)
+                            .await
+                        {
+                            Ok(a) => {
+                                acked.lock().unwrap().insert(payload.clone(), a.seq);
+                                break;
+                            }
+                            Err(e) => {
+                                assert!(
+                                    Instant::now() < deadline,
+                                    "{payload} not acked within 60 s: {e}"
+                                );
+                                tokio::time::sleep(Duration::from_millis(50)).await
+                            }
+                        }
+                    }
+                    i += 1;
+                }
+            })
+        })
+        .collect()
+}
+
+/// Every node holds every acked message exactly once, at the sequence it
+/// was acked with, and all nodes hold the same sequence of messages.
+async fn check_all(cl: &Cluster, stream: &str, acked: &HashMap<String, u64>) {
+    let all: Vec<usize> = (0..cl.nodes.len()).collect();
+    check_on(cl, &all, stream, acked).await
+}
+
+async fn check_on(cl: &Cluster, which: &[usize], stream: &str, acked: &HashMap<String, u64>) {
+    let mut first: Option<Vec<(u64, String)>> = None;
+    for n in which.iter().map(|&i| &cl.nodes[i]) {
+        let want = acked.values().copied().max().unwrap_or(0);
+        let what = format!("{}: caught up to acked seq {want}", n.name);
+        wait_info(n.port, stream, &what, |i| i.state.last_seq >= want).await;
+        let got = read_stream(n.port, stream).await;
+        let mut seen = HashSet::new();
+        for (_, p) in &got {
+            assert!(seen.insert(p.clone()), "{}: {p} stored twice", n.name);
+        }
+        let at: HashMap<&str, u64> = got.iter().map(|(s, p)| (p.as_str(), *s)).collect();
+        for (p, seq) in acked {
+            assert_eq!(
+                at.get(p.as_str()),
+                Some(seq),
+                "{}: acked {p} at {seq}",
+                n.name
+            );
+        }
+        // Each publisher's messages in the order it published them.
+        let mut last: HashMap<&str, &str> = HashMap::new();
+        for (_, p) in &got {
+            let (who, _) = p.split_once('-').unwrap();
+            if let Some(prev) = last.insert(who, p) {
+                assert!(prev < p.as_str(), "{}: {prev} before {p}", n.name);
+            }
+        }
+        match &first {
+            None => first = Some(got),
+            Some(f) => assert_eq!(f, &got, "{} differs from {}", n.name, cl.nodes[0].name),
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn r3_stream_survives_kill_9_of_its_leader_and_a_restart() {
+    let mut cl = Cluster::start(3).await;
+    let c = client(cl.nodes[0].port).await;
+    let mut cfg = StreamConfig::new("R3", ["repl.>"]);
+    cfg.replicas = Some(3);
+    add_replicated(&c, &cfg).await;
+    let leader_name = leader(cl.nodes[0].port, "R3").await;
+    let li = cl.index(&leader_name);
+    let followers: Vec<usize> = (0..3).filter(|&i| i != li).collect();
+    let info = wait_info(cl.nodes[followers[0]].port, "R3", "three replicas", |i| {
+        i.cluster.as_ref().is_some_and(|c| c.replicas.len() == 3)
+    })
+    .await;
+    assert_eq!(info.config.replicas, Some(3));
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let acked: Arc<Mutex<HashMap<String, u64>>> = Default::default();
+    // Publishers on both followers (forwarded to the leader).
+    let ports: Vec<u16> = followers
+        .iter()
+        .flat_map(|&i| [cl.nodes[i].port, cl.nodes[i].port])
+        .collect();
+    let pubs = publishers(ports, stop.clone(), acked.clone(), "p");
+    let until = |n: usize| {
+        let acked = acked.clone();
+        async move {
+            let deadline = Instant::now() + Duration::from_secs(120);
+            while acked.lock().unwrap().len() < n {
+                assert!(Instant::now() < deadline, "publishing stalled");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    };
+    until(300).await;
+    cl.nodes[li].kill9();
+    let killed_at = Instant::now();
+    // A new leader among the followers.
+    let new_leader = wait_info(cl.nodes[followers[0]].port, "R3", "a new leader", |i| {
+        i.cluster
+            .as_ref()
+            .and_then(|c| c.leader.as_deref())
+            .is_some_and(|l| l != leader_name)
+    })
+    .await;
+    let took = killed_at.elapsed();
+    eprintln!(
+        "new leader {:?} after {took:?}",
+        new_leader.cluster.unwrap().leader
+    );
+    let n = acked.lock().unwrap().len();
+    until(n + 300).await;
+    cl.restart(li).await;
+    let n = acked.lock().unwrap().len();
+    until(n + 200).await;
+    stop.store(true, Ordering::Relaxed);
+    for p in pubs {
+        p.await.unwrap();
+    }
+    let acked = acked.lock().unwrap().clone();
+    check_all(&cl, "R3", &acked).await;
+}
+
+/// The route token a broker named `node` sends (cluster/auth.rs).
+fn route_token(node: &str) -> String {
+    use hmac::{Hmac, Mac};
+    let ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64;
+    let nonce: String = (0..16)
+        .map(|_| format!("{:02x}", rand::random::<u8>()))
+        .collect();
+    let mut m = Hmac::<sha2::Sha256>::new_from_slice(SECRET.as_bytes()).unwrap();
+    m.update(format!("sockbus-route-v1\n{node}\n{ms}\n{nonce}").as_bytes());
+    let tag: String = m
+        .finalize()
+        .into_bytes()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    format!("v1:{ms}:{nonce}:{tag}")
+}
+
+/// Opens a Raft channel to `cport` as a broker that knows the secret,
+/// sends `garbage` and reports whether the node closed the connection.
+async fn garbage_on_raft_channel(cport: u16, garbage: &[u8]) -> bool {
+    use sockbus_protocol::frame::{encode_connect, CONNECT_RAFT, CONNECT_ROUTE};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", cport))
+        .await
+        .unwrap();
+    let mut hello = bytes::BytesMut::new();
+    encode_connect(
+        &mut hello,
+        CONNECT_ROUTE | CONNECT_RAFT,
+        1 << 20,
+        "intruder",
+        route_token("intruder").as_bytes(),
+    )
+    .unwrap();
+    s.write_all(&hello).await.unwrap();
+    s.write_all(garbage).await.unwrap();
+    let mut buf = vec![0u8; 4096];
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        match tokio::time::timeout(Duration::from_secs(20), s.read(&mut buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => return true,
+            Ok(Ok(_)) => {}
+            Err(_) => return false,
+        }
+        if Instant::now() > deadline {
+            return false;
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn r3_stream_goes_on_past_a_stopped_follower_garbage_and_a_replica_that_lost_its_data() {
+    let mut cl = Cluster::start(3).await;
+    let c = client(cl.nodes[0].port).await;
+    let mut cfg = StreamConfig::new("R3B", ["repl.>"]);
+    cfg.replicas = Some(3);
+    add_replicated(&c, &cfg).await;
+    let leader_name = leader(cl.nodes[0].port, "R3B").await;
+    let li = cl.index(&leader_name);
+    let followers: Vec<usize> = (0..3).filter(|&i| i != li).collect();
+    let (f1, f2) = (followers[0], followers[1]);
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let acked: Arc<Mutex<HashMap<String, u64>>> = Default::default();
+    let pubs = publishers(
+        vec![cl.nodes[li].port, cl.nodes[f1].port],
+        stop.clone(),
+        acked.clone(),
+        "q",
+    );
+    let until = |n: usize| {
+        let acked = acked.clone();
+        async move {
+            let deadline = Instant::now() + Duration::from_secs(120);
+            while acked.lock().unwrap().len() < n {
+                assert!(Instant::now() < deadline, "publishing stalled");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    };
+    until(100).await;
+
+    // A follower frozen: the other two are a quorum.
+    cl.nodes[f2].signal(libc::SIGSTOP);
+    let n = acked.lock().unwrap().len();
+    until(n + 200).await;
+    cl.nodes[f2].signal(libc::SIGCONT);
+
+    // Garbage from a peer that knows the secret: a frame that does not
+    // decode, and a frame length far over the limit. The node drops the
+    // connection and the group carries on.
+    for garbage in [
+        &[8u8, 0, 0, 0, 1, 2, 3, 4, 5, 6, 7, 8][..],
+        &[0xff, 0xff, 0xff, 0xff, 0][..],
+    ] {
+        assert!(
+            garbage_on_raft_channel(cl.nodes[li].cport, garbage).await,
+            "the leader kept a Raft connection sending garbage"
+        );
+    }
+    let n = acked.lock().unwrap().len();
+    until(n + 100).await;
+
+    // A replica loses its disk: restarted with an empty data dir, it gets
+    // the stream again and catches up from the leader's log.
+    cl.nodes[f2].kill9();
+    std::fs::remove_dir_all(&cl.nodes[f2].dir).unwrap();
+    let n = acked.lock().unwrap().len();
+    until(n + 100).await;
+    cl.restart(f2).await;
+    let n = acked.lock().unwrap().len();
+    until(n + 100).await;
+    stop.store(true, Ordering::Relaxed);
+    for p in pubs {
+        p.await.unwrap();
+    }
+    let acked = acked.lock().unwrap().clone();
+    check_all(&cl, "R3B", &acked).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_gone_for_good_is_replaced_by_another_node() {
+    let mut cl = Cluster::start(4).await;
+    let c = client(cl.nodes[0].port).await;
+    // Placed on the creating node n1 and two others it has routes to.
+    let mut cfg = StreamConfig::new("R3C", ["repl.>"]);
+    cfg.replicas = Some(3);
+    add_replicated(&c, &cfg).await;
+    // n1 created it and initialised the group; wait for its leader.
+    let leader_name = leader(cl.nodes[0].port, "R3C").await;
+    let stop = Arc::new(AtomicBool::new(false));
+    let acked: Arc<Mutex<HashMap<String, u64>>> = Default::default();
+    let pubs = publishers(vec![cl.nodes[0].port], stop.clone(), acked.clone(), "r");
+    let until = |n: usize| {
+        let acked = acked.clone();
+        async move {
+            let deadline = Instant::now() + Duration::from_secs(120);
+            while acked.lock().unwrap().len() < n {
+                assert!(Instant::now() < deadline, "publishing stalled");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    };
+    until(100).await;
+    // A replica that is not the leader goes for good; the node that holds
+    // no replica takes its place.
+    let info = wait_info(cl.nodes[0].port, "R3C", "three replicas", |i| {
+        i.cluster.as_ref().is_some_and(|c| c.replicas.len() == 3)
+    })
+    .await;
+    let members: Vec<String> = info
+        .cluster
+        .unwrap()
+        .replicas
+        .into_iter()
+        .map(|r| r.name)
+        .collect();
+    let gone_name = members
+        .iter()
+        .find(|m| **m != leader_name && **m != "n1")
+        .unwrap()
+        .clone();
+    let spare = cl
+        .nodes
+        .iter()
+        .map(|n| n.name.clone())
+        .find(|n| !members.contains(n))
+        .unwrap();
+    let gone = cl.index(&gone_name);
+    cl.nodes[gone].kill9();
+    std::fs::remove_dir_all(&cl.nodes[gone].dir).unwrap();
+    let n = acked.lock().unwrap().len();
+    until(n + 100).await;
+    let li = cl.index(&leader(cl.nodes[0].port, "R3C").await);
+    let admin = client(cl.nodes[li].port).await;
+    let info = admin
+        .stream_replace_peer("R3C", &gone_name, &spare)
+        .await
+        .unwrap();
+    let names: Vec<String> = info
+        .cluster
+        .unwrap()
+        .replicas
+        .into_iter()
+        .map(|r| r.name)
+        .collect();
+    assert!(names.contains(&spare), "{names:?}");
+    assert!(!names.contains(&gone_name), "{names:?}");
+    let n = acked.lock().unwrap().len();
+    until(n + 100).await;
+    stop.store(true, Ordering::Relaxed);
+    for p in pubs {
+        p.await.unwrap();
+    }
+    let acked = acked.lock().unwrap().clone();
+    let live: Vec<usize> = (0..4).filter(|&i| i != gone).collect();
+    check_on(&cl, &live, "R3C", &acked).await;
+}
