@@ -13,7 +13,9 @@
 //! create, whose interfaces carry only their traffic.
 
 mod common;
+mod ports;
 
+use ports::free_port;
 use std::collections::HashSet;
 use std::io::{BufRead, BufReader, Read};
 use std::net::SocketAddr;
@@ -1507,14 +1509,6 @@ fn a_failed_self_test_stops_accel_on_and_the_agent() {
 }
 
 // ------------------------------------------------------------ stall guard
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
 
 fn metric(http: u16, name: &str) -> u64 {
     use std::io::Write;

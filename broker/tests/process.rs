@@ -2,21 +2,15 @@
 //! SIGTERM draining, and memory that stays bounded under a stalled reader.
 
 mod common;
+mod ports;
 
+use ports::free_port;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
 use common::Raw;
 use sockbus_protocol::{frame, Frame};
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
 
 struct Broker {
     child: Child,

@@ -6,6 +6,9 @@
 //!
 //! Set SOCKBUS_TEST_LOGS=dir to keep each broker's log there.
 
+mod ports;
+
+use ports::free_port;
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -17,14 +20,6 @@ use sockbus_client::streams::{ConsumerConfig, StreamConfig, StreamInfo};
 use sockbus_client::{Client, ConnectOptions, Headers};
 
 const SECRET: &str = "replication-test-secret";
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
 
 struct Node {
     name: String,
@@ -95,6 +90,13 @@ impl Node {
                 self.name
             );
             tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        // Something answered on the port: it must be this broker, still running.
+        if let Some(Ok(Some(status))) = self.child.as_mut().map(|c| c.try_wait()) {
+            panic!(
+                "broker {} exited at start ({status}) while port {} answered",
+                self.name, self.port
+            );
         }
     }
 

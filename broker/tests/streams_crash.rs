@@ -2,7 +2,9 @@
 //! under load, a torn tail, a flipped byte, a full disk.
 
 mod common;
+mod ports;
 
+use ports::free_port;
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -13,14 +15,6 @@ use std::time::{Duration, Instant};
 use rand::Rng;
 use sockbus_client::streams::{ConsumerConfig, StreamConfig};
 use sockbus_client::{Client, ConnectOptions, Headers};
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
 
 struct Proc {
     child: Child,

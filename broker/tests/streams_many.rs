@@ -14,6 +14,9 @@
 //! throughout. `SOCKBUS_TEST_STREAMS=10000` runs the full 10,000 (what it
 //! measured is in docs/benchmarks.md, "Many streams").
 
+mod ports;
+
+use ports::free_port;
 use std::collections::HashMap;
 use std::os::unix::process::CommandExt;
 use std::path::Path;
@@ -36,14 +39,6 @@ fn streams_wanted() -> usize {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(2_000)
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 fn name(i: usize) -> String {
