@@ -11,7 +11,7 @@
         subset. Prints one line per check; exits 1 if any fails.
 
     check_rendered.py agent-privileges BASE.yaml
-        Prints the node agent's uid and added capabilities (`0 bpf,net_admin`)
+        Prints the node agent's uid and added capabilities (`0 bpf,net_admin,perfmon`)
         for validate.sh's agent step.
 
 Runs in the validation venv (PyYAML and jsonschema come with checkov).
@@ -199,7 +199,7 @@ def check(root, base_path, cilium_path, tls_path=None):
     sc = agent["securityContext"]
     caps = sc.get("capabilities", {})
     c.check(caps.get("drop") == ["ALL"], "drops ALL capabilities")
-    c.check(sorted(caps.get("add", [])) == ["BPF", "NET_ADMIN"], f"adds exactly BPF and NET_ADMIN (has {caps.get('add')})")
+    c.check(sorted(caps.get("add", [])) == ["BPF", "NET_ADMIN", "PERFMON"], f"adds exactly BPF, NET_ADMIN and PERFMON (has {caps.get('add')})")
     c.check(sc.get("privileged") is False and sc.get("allowPrivilegeEscalation") is False, "not privileged, no escalation")
     dspec = ds["spec"]["template"]["spec"]
     c.check(not any(dspec.get(k) for k in ("hostNetwork", "hostPID", "hostIPC")), "no host network, PID or IPC namespace")
@@ -316,7 +316,7 @@ def check_tls(c, base, tls, cfg):
 
 def agent_privileges(rendered):
     """Prints the node agent's uid and added capabilities, as setpriv wants
-    them: `0 bpf,net_admin`."""
+    them: `0 bpf,net_admin,perfmon`."""
     ds = one(load(rendered), "DaemonSet")
     sc = ds["spec"]["template"]["spec"]["containers"][0]["securityContext"]
     caps = ",".join(c.lower() for c in sc.get("capabilities", {}).get("add", []))

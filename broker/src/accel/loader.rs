@@ -34,7 +34,7 @@ pub enum AttachError {
     NoPorts,
     #[error("at most {max} ports can be accelerated, got {got}")]
     TooManyPorts { got: usize, max: u32 },
-    #[error("not permitted to load BPF programs (needs root, or CAP_BPF and CAP_NET_ADMIN): {0}")]
+    #[error("not permitted to load BPF programs (needs root, or CAP_BPF, CAP_NET_ADMIN and CAP_PERFMON): {0}")]
     Permission(String),
     #[error("the kernel refused the BPF programs: {0}")]
     Kernel(String),
