@@ -340,15 +340,28 @@ async fn create_stream(url: &str, replicas: usize) -> Result<()> {
     if replicas != 1 {
         cfg["replicas"] = replicas.into();
     }
-    let m = c
-        .request(
-            &sockbus_protocol::api::subject::stream_create(STREAM),
-            serde_json::to_vec(&cfg)?,
-        )
-        .await?;
-    let v: serde_json::Value = serde_json::from_slice(&m.payload)?;
-    if v.get("error").is_some() || v.get("config").is_none() {
-        bail!("stream create refused: {v}");
+    // A replicated stream is placed on nodes this one has routes to: right
+    // after start-up the routes may not be up yet, so that refusal is
+    // retried for a while; any other is final.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let m = c
+            .request(
+                &sockbus_protocol::api::subject::stream_create(STREAM),
+                serde_json::to_vec(&cfg)?,
+            )
+            .await?;
+        let v: serde_json::Value = serde_json::from_slice(&m.payload)?;
+        if v.get("error").is_none() && v.get("config").is_some() {
+            break;
+        }
+        let waiting = v["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("nodes connected"));
+        if !waiting || tokio::time::Instant::now() >= deadline {
+            bail!("stream create refused: {v}");
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
     }
     let _ = c.close().await;
     Ok(())
