@@ -25,6 +25,8 @@ struct Node {
     name: String,
     port: u16,
     cport: u16,
+    /// The NATS front end's port.
+    nport: u16,
     dir: PathBuf,
     child: Option<Child>,
 }
@@ -57,6 +59,8 @@ impl Node {
                 &peers.join(","),
                 "--cluster-secret",
                 SECRET,
+                "--nats",
+                &format!("127.0.0.1:{}", self.nport),
                 "--accel",
                 "off",
                 "--node-id",
@@ -131,6 +135,7 @@ impl Cluster {
                 name: format!("n{}", i + 1),
                 port: free_port(),
                 cport: free_port(),
+                nport: free_port(),
                 dir: tmp.path().join(format!("n{}", i + 1)),
                 child: None,
             })
@@ -603,4 +608,121 @@ async fn a_replica_gone_for_good_is_replaced_by_another_node() {
     let acked = acked.lock().unwrap().clone();
     let live: Vec<usize> = (0..4).filter(|&i| i != gone).collect();
     check_on(&cl, &live, "R3C", &acked).await;
+}
+
+/// JetStream clients (async-nats) create a stream with `num_replicas: 3`
+/// through one node's NATS port; it is sockbus's R3 stream: publishes
+/// through another node get PubAcks in order, its info there names a
+/// leader and the other replicas, and a pull consumer on the third node
+/// reads every message from that node's copy.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jetstream_num_replicas_3_is_a_replicated_stream_on_every_node() {
+    use async_nats::jetstream::{self, consumer, stream};
+    let cl = Cluster::start(3).await;
+    let js = |i: usize| {
+        let port = cl.nodes[i].nport;
+        async move {
+            let nc = async_nats::ConnectOptions::new()
+                .request_timeout(Some(Duration::from_secs(20)))
+                .connect(format!("nats://127.0.0.1:{port}"))
+                .await
+                .unwrap();
+            let mut c = jetstream::new(nc);
+            c.set_timeout(Duration::from_secs(20));
+            c
+        }
+    };
+    let (js1, js2, js3) = (js(0).await, js(1).await, js(2).await);
+    let cfg = stream::Config {
+        name: "JR3".into(),
+        subjects: vec!["jr3.>".into()],
+        num_replicas: 3,
+        ..Default::default()
+    };
+    // Placement needs every node seen over the routes.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        match js1.create_stream(cfg.clone()).await {
+            Ok(_) => break,
+            Err(e) => {
+                assert!(Instant::now() < deadline, "create kept failing: {e}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+    // Through another node: three copies, a leader, the two others listed.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let info = loop {
+        let mut s = js2.get_stream("JR3").await.unwrap();
+        let info = s.info().await.unwrap().clone();
+        if info.cluster.as_ref().is_some_and(|c| c.leader.is_some()) {
+            break info;
+        }
+        assert!(Instant::now() < deadline, "no leader: {:?}", info.cluster);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(info.config.num_replicas, 3);
+    let c = info.cluster.unwrap();
+    let leader = c.leader.unwrap();
+    let mut others: Vec<String> = c.replicas.iter().map(|p| p.name.clone()).collect();
+    others.sort();
+    let mut want: Vec<String> = cl
+        .nodes
+        .iter()
+        .map(|n| n.name.clone())
+        .filter(|n| *n != leader)
+        .collect();
+    want.sort();
+    assert_eq!(others, want, "the replicas besides the leader {leader}");
+
+    for i in 1..=100u64 {
+        let ack = js2
+            .publish(format!("jr3.{i}"), format!("m{i}").into())
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+        assert_eq!((ack.stream.as_str(), ack.sequence), ("JR3", i));
+    }
+    wait_info(cl.nodes[2].port, "JR3", "node 3 has all 100", |i| {
+        i.state.last_seq >= 100
+    })
+    .await;
+    let c3: consumer::PullConsumer = js3
+        .get_stream("JR3")
+        .await
+        .unwrap()
+        .create_consumer(consumer::pull::Config::default())
+        .await
+        .unwrap();
+    let mut got = Vec::new();
+    while got.len() < 100 {
+        let mut batch = c3
+            .fetch()
+            .max_messages(100)
+            .expires(Duration::from_secs(5))
+            .messages()
+            .await
+            .unwrap();
+        let mut n = 0;
+        while let Some(m) = futures_util::StreamExt::next(&mut batch).await {
+            let m = m.unwrap();
+            got.push(String::from_utf8_lossy(&m.payload).into_owned());
+            m.ack().await.unwrap();
+            n += 1;
+        }
+        assert!(n > 0, "fetch on node 3 stalled at {}", got.len());
+    }
+    let want: Vec<String> = (1..=100).map(|i| format!("m{i}")).collect();
+    assert_eq!(got, want);
+
+    // Two copies: sockbus keeps an odd number, and says so.
+    let two = stream::Config {
+        name: "JR2".into(),
+        subjects: vec!["jr2.>".into()],
+        num_replicas: 2,
+        ..Default::default()
+    };
+    let e = js1.create_stream(two).await.unwrap_err().to_string();
+    assert!(e.contains("num_replicas must be 1, 3 or 5"), "{e}");
 }

@@ -135,11 +135,13 @@ pub(super) fn stream_from_js(name: &str, v: &Value) -> Result<StreamConfig, JsEr
             })
         }
     };
-    if int(&o, "num_replicas")?.unwrap_or(1) > 1 {
-        return Err(JsError::unsupported(
-            "num_replicas above 1 (a sockbus stream lives on one node)",
-        ));
-    }
+    // A replicated stream (Raft, one group per stream) in cluster mode;
+    // sockbus keeps an odd number of copies.
+    let replicas = match int(&o, "num_replicas")? {
+        None | Some(0) | Some(1) => None,
+        Some(n @ (3 | 5)) => Some(n as u32),
+        Some(_) => return Err(invalid("num_replicas", "1, 3 or 5")),
+    };
     if positive(&o, "max_msgs_per_subject")?.is_some() {
         return Err(JsError::unsupported("max_msgs_per_subject"));
     }
@@ -163,6 +165,7 @@ pub(super) fn stream_from_js(name: &str, v: &Value) -> Result<StreamConfig, JsEr
     cfg.max_bytes = positive(&o, "max_bytes")?;
     cfg.max_age_ms = positive(&o, "max_age")?.map(|ns| ns.div_ceil(MS));
     cfg.duplicate_window_ms = positive(&o, "duplicate_window")?.map(|ns| ns.div_ceil(MS));
+    cfg.replicas = replicas;
     // `storage: memory` keeps nothing in memory here: the stream is on
     // disk without fsyncs, which loses nothing on a broker crash.
     cfg.fsync = if memory { Fsync::Never } else { Fsync::Always };
@@ -210,7 +213,7 @@ pub(super) fn stream_to_js(cfg: &StreamConfig) -> Value {
         "max_msg_size": -1,
         "discard": "old",
         "storage": "file",
-        "num_replicas": 1,
+        "num_replicas": cfg.replicas(),
         "duplicate_window": cfg.duplicate_window().as_nanos() as u64,
         "sealed": false,
         "deny_delete": false,
@@ -230,7 +233,7 @@ fn now_rfc3339() -> String {
 pub(super) fn stream_info(s: &Stream) -> Value {
     let info = s.info();
     let st = &info.state;
-    json!({
+    let mut v = json!({
         "config": stream_to_js(&s.config),
         "created": rfc3339(s.created_ns()),
         "state": {
@@ -243,7 +246,34 @@ pub(super) fn stream_info(s: &Stream) -> Value {
             "consumer_count": st.consumers,
         },
         "ts": now_rfc3339(),
-    })
+    });
+    if let Some(c) = &info.cluster {
+        v["cluster"] = cluster_to_js(c);
+    }
+    v
+}
+
+/// JetStream's `cluster` block of a stream's info: the leader, and the
+/// other replicas with whether they are current (no lag known to the
+/// leader). Only replicated streams have one.
+fn cluster_to_js(c: &sockbus_protocol::api::StreamCluster) -> Value {
+    let replicas: Vec<Value> = c
+        .replicas
+        .iter()
+        .filter(|p| Some(&p.name) != c.leader.as_ref())
+        .map(|p| {
+            let mut r = json!({"name": p.name, "current": p.lag == Some(0), "active": 0});
+            if let Some(lag) = p.lag {
+                r["lag"] = json!(lag);
+            }
+            r
+        })
+        .collect();
+    let mut v = json!({"name": "sockbus", "replicas": replicas});
+    if let Some(l) = &c.leader {
+        v["leader"] = json!(l);
+    }
+    v
 }
 
 /// A consumer asked for through `$JS.API`: sockbus's configuration, its
