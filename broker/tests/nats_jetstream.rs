@@ -1103,3 +1103,84 @@ async fn a_durable_push_consumer_delivers_again_after_a_broker_restart_from_wher
         .unwrap();
     assert_eq!(&m.payload[..], b"m3", "acked messages are not pushed again");
 }
+
+/// `STREAM.MSG.GET` (what `nats stream get` and async-nats's
+/// `get_raw_message` use): a message by sequence with its headers, the
+/// newest on a subject, the next on a subject from a sequence, and
+/// JetStream's errors for a missing message and a request without a key.
+#[tokio::test]
+async fn stored_messages_are_read_back_by_sequence_and_by_subject() {
+    let (_b, nc) = start(nats_config()).await;
+    let js = js(&nc);
+    js.create_stream(orders()).await.unwrap();
+    let mut h = async_nats::HeaderMap::new();
+    h.insert("X-Kind", "first one");
+    js.publish_with_headers("orders.a", h, "1".into())
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    for (s, p) in [("orders.b", "2"), ("orders.a", "3"), ("orders.b", "4")] {
+        js.publish(s, p.into()).await.unwrap().await.unwrap();
+    }
+    let st = js.get_stream("ORDERS").await.unwrap();
+
+    let m = st.get_raw_message(1).await.unwrap();
+    assert_eq!((m.subject.as_str(), m.sequence), ("orders.a", 1));
+    assert_eq!(&m.payload[..], b"1");
+    assert_eq!(
+        m.headers.get("X-Kind").map(|v| v.as_str()),
+        Some("first one")
+    );
+    let m = st.get_raw_message(2).await.unwrap();
+    assert_eq!(
+        (m.subject.as_str(), &m.payload[..]),
+        ("orders.b", &b"2"[..])
+    );
+    assert!(m.headers.is_empty());
+
+    let m = st
+        .get_last_raw_message_by_subject("orders.a")
+        .await
+        .unwrap();
+    assert_eq!((m.sequence, &m.payload[..]), (3, &b"3"[..]));
+    let m = st
+        .get_last_raw_message_by_subject("orders.*")
+        .await
+        .unwrap();
+    assert_eq!(m.sequence, 4);
+
+    let e = st.get_raw_message(99).await.unwrap_err().to_string();
+    assert!(e.contains("no message found"), "{e}");
+    let e = st
+        .get_last_raw_message_by_subject("orders.none")
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("no message found"), "{e}");
+
+    // The next message on a subject from a sequence on, in the raw API.
+    let a = api(
+        &nc,
+        "$JS.API.STREAM.MSG.GET.ORDERS",
+        r#"{"seq": 2, "next_by_subj": "orders.a"}"#,
+    )
+    .await;
+    assert_eq!(a["message"]["seq"], 3, "{a}");
+    assert_eq!(
+        a["type"],
+        "io.nats.jetstream.api.v1.stream_msg_get_response"
+    );
+    let a = api(&nc, "$JS.API.STREAM.MSG.GET.ORDERS", "{}").await;
+    assert_eq!(a["error"]["err_code"], 10003, "{a}");
+    for garbage in [
+        r#"{"seq": "one"}"#,
+        r#"{"last_by_subj": "orders..a"}"#,
+        "[1]",
+    ] {
+        let a = api(&nc, "$JS.API.STREAM.MSG.GET.ORDERS", garbage).await;
+        assert_eq!(a["error"]["err_code"], 10025, "{garbage}: {a}");
+    }
+    let a = api(&nc, "$JS.API.STREAM.MSG.GET.NOPE", r#"{"seq": 1}"#).await;
+    assert_eq!(a["error"]["err_code"], 10059, "{a}");
+}

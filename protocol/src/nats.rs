@@ -400,28 +400,43 @@ pub fn encode_msg(dst: &mut impl BufMut, m: &Msg<'_>) {
     if m.no_responders {
         dst.put_slice(NO_RESPONDERS);
     } else if h > 0 {
-        dst.put_slice(HEADER_VERSION);
-        let mut skip = 0;
-        if let Some((code, d, n)) = status_of(m.headers) {
-            dst.put_u8(b' ');
-            dst.put_slice(code.as_bytes());
-            if !d.is_empty() {
-                dst.put_u8(b' ');
-                dst.put_slice(d.as_bytes());
-            }
-            skip = n;
-        }
-        dst.put_slice(b"\r\n");
-        for (k, v) in iter_headers(m.headers).skip(skip) {
-            dst.put_slice(k.as_bytes());
-            dst.put_slice(b": ");
-            dst.put_slice(v.as_bytes());
-            dst.put_slice(b"\r\n");
-        }
-        dst.put_slice(b"\r\n");
+        put_headers(dst, m.headers);
     }
     dst.put_slice(m.payload);
     dst.put_slice(b"\r\n");
+}
+
+/// The `NATS/1.0` text of a non-empty sockbus header block.
+fn put_headers(dst: &mut impl BufMut, block: &[u8]) {
+    dst.put_slice(HEADER_VERSION);
+    let mut skip = 0;
+    if let Some((code, d, n)) = status_of(block) {
+        dst.put_u8(b' ');
+        dst.put_slice(code.as_bytes());
+        if !d.is_empty() {
+            dst.put_u8(b' ');
+            dst.put_slice(d.as_bytes());
+        }
+        skip = n;
+    }
+    dst.put_slice(b"\r\n");
+    for (k, v) in iter_headers(block).skip(skip) {
+        dst.put_slice(k.as_bytes());
+        dst.put_slice(b": ");
+        dst.put_slice(v.as_bytes());
+        dst.put_slice(b"\r\n");
+    }
+    dst.put_slice(b"\r\n");
+}
+
+/// A sockbus header block as NATS header text (`NATS/1.0\r\nK: V\r\n\r\n`),
+/// what JetStream's `STREAM.MSG.GET` answers carry; empty for no headers.
+pub fn headers_text(block: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(headers_len(block));
+    if !block.is_empty() {
+        put_headers(&mut out, block);
+    }
+    out
 }
 
 /// `-ERR 'text'`.
@@ -455,6 +470,15 @@ mod tests {
             }
             p => panic!("{p:?}"),
         }
+    }
+
+    #[test]
+    fn header_text_comes_back_as_the_client_wrote_it() {
+        let text = b"NATS/1.0\r\nNats-Msg-Id: a-1\r\nX-Two: b c\r\n\r\n";
+        let block = headers_to_block(text).unwrap();
+        assert_eq!(headers_text(&block), text);
+        assert_eq!(headers_text(&block).len(), headers_len(&block));
+        assert!(headers_text(&[]).is_empty());
     }
 
     #[test]

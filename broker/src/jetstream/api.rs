@@ -10,7 +10,7 @@ use sockbus_protocol::api::AckKind;
 
 use super::config::{
     consumer_from_js, consumer_info, consumer_js_config, object, stream_from_js, stream_info,
-    DEFAULT_MAX_WAITING,
+    stream_msg_get, DEFAULT_MAX_WAITING,
 };
 use super::{parse_ack, send_status, status, Ctx, JsError};
 use crate::deliver::Delivery;
@@ -172,6 +172,13 @@ pub(crate) fn handle(
             "consumer_list",
             consumer_names(streams, stream_name, payload, true),
         ),
+        ["STREAM", "MSG", "GET", name] => {
+            let (name, payload) = (name.to_string(), payload.to_vec());
+            on_disk(ctx, reply, "stream_msg_get", move |streams| {
+                let req = body(&payload)?;
+                stream_msg_get(&*stream(streams, &name)?, &req)
+            })
+        }
         ["CONSUMER", "MSG", "NEXT", stream_name, name] => {
             if let Some(reply) = reply {
                 next(ctx, stream_name, name, reply, payload);

@@ -253,6 +253,83 @@ pub(super) fn stream_info(s: &Stream) -> Value {
     v
 }
 
+/// `STREAM.MSG.GET`: one stored message, by `seq`, as the newest on a
+/// subject (`last_by_subj`), or as the first on a subject from `seq` on
+/// (`next_by_subj`). Reads the stream's log (a subject lookup scans it
+/// from the start: meant for occasional reads, like nats-server without
+/// its per-subject index). 404 / 10037 when there is no such message.
+pub(super) fn stream_msg_get(s: &Stream, req: &Value) -> Result<Value, JsError> {
+    let o = object(req, "the request")?;
+    let seq = positive(&o, "seq")?;
+    let last_by = string(&o, "last_by_subj")?.filter(|x| !x.is_empty());
+    let next_by = string(&o, "next_by_subj")?.filter(|x| !x.is_empty());
+    for subj in [last_by, next_by].into_iter().flatten() {
+        if sockbus_protocol::validate_pattern(subj).is_err() {
+            return Err(invalid("the subject", "a valid subject"));
+        }
+    }
+    let not_found = || JsError::new(404, 10037, "no message found");
+    let io = |e: std::io::Error| JsError::new(500, 10077, format!("reading the stream: {e}"));
+    let first = s.log.lock().first_seq();
+    let msg = match (seq, last_by, next_by) {
+        (Some(seq), None, None) => {
+            let b = s.log.read(seq, None, 1, 1, None).map_err(io)?;
+            b.msgs.into_iter().next().filter(|m| m.seq == seq)
+        }
+        (seq, None, Some(subj)) => {
+            let mut from = seq.unwrap_or(first).max(first);
+            let mut pos = None;
+            loop {
+                let b = s.log.read(from, Some(subj), 1, 1, pos).map_err(io)?;
+                if let Some(m) = b.msgs.into_iter().next() {
+                    break Some(m);
+                }
+                if b.next <= from {
+                    break None;
+                }
+                (from, pos) = (b.next, b.pos);
+            }
+        }
+        (None, Some(subj), None) => {
+            let (mut from, mut pos, mut last) = (first, None, None);
+            loop {
+                let b = s
+                    .log
+                    .read(from, Some(subj), 4096, 32 << 20, pos)
+                    .map_err(io)?;
+                let end = b.next <= from;
+                if let Some(m) = b.msgs.into_iter().last() {
+                    last = Some(m);
+                }
+                if end {
+                    break last;
+                }
+                (from, pos) = (b.next, b.pos);
+            }
+        }
+        _ => {
+            return Err(JsError::new(
+                400,
+                10003,
+                "bad request: give seq, last_by_subj, or next_by_subj with an optional seq",
+            ))
+        }
+    }
+    .ok_or_else(not_found)?;
+    use base64::Engine as _;
+    let b64 = base64::engine::general_purpose::STANDARD;
+    let mut m = json!({
+        "subject": msg.subject(),
+        "seq": msg.seq,
+        "data": b64.encode(&msg.payload),
+        "time": rfc3339(msg.ts),
+    });
+    if !msg.headers.is_empty() {
+        m["hdrs"] = json!(b64.encode(sockbus_protocol::nats::headers_text(&msg.headers)));
+    }
+    Ok(json!({ "message": m }))
+}
+
 /// JetStream's `cluster` block of a stream's info: the leader, and the
 /// other replicas with whether they are current (no lag known to the
 /// leader). Only replicated streams have one.
