@@ -379,3 +379,34 @@ async fn compare_over_tls_runs_both_servers_over_tls() {
         );
     }
 }
+
+/// `--replicas` is checked before anything runs, and a replicated stream
+/// asked of a broker outside a cluster fails with the broker's reason.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn durable_replicas_are_checked_and_need_a_cluster() {
+    let broker = start_broker().await;
+    let target = format!("sockbus://{}", broker.addr);
+    let run = |replicas: &'static str| {
+        let target = target.clone();
+        tokio::task::spawn_blocking(move || {
+            Command::new(env!("CARGO_BIN_EXE_sockbus-loadtest"))
+                .args(["run", "--target", &target, "--scenario", "durable"])
+                .args(["--count", "100", "--warmup", "0ms", "--replicas", replicas])
+                .args(["--no-progress"])
+                .output()
+                .expect("run the binary")
+        })
+    };
+    let out = run("2").await.unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("--replicas must be 1, 3 or 5"),
+        "{err}"
+    );
+    let out = run("3").await.unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("cluster mode"),
+        "{err}"
+    );
+}

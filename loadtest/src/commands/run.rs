@@ -34,6 +34,11 @@ pub struct RunArgs {
     /// requests per requester, default 1; durable: storage acks outstanding, default 256].
     #[arg(long)]
     pub window: Option<u64>,
+    /// durable: copies of the stream, 1, 3 or 5 (3 and 5 need a cluster
+    /// target: sockbus brokers with --cluster/--peers, or nats-servers with
+    /// JetStream in a cluster).
+    #[arg(long, default_value_t = 1)]
+    pub replicas: u32,
     /// Publishers (requesters for reqrep), one connection each.
     #[arg(long, default_value_t = 1)]
     pub publishers: usize,
@@ -76,6 +81,7 @@ impl RunArgs {
         spec.warmup = self.warmup;
         spec.window = self.window.unwrap_or(spec.scenario.default_window());
         spec.publishers = self.publishers;
+        spec.replicas = self.replicas;
         spec.subscribers = self
             .subscribers
             .unwrap_or(spec.scenario.default_subscribers());

@@ -158,16 +158,19 @@ pub trait Conn: Clone + Send + Sync + 'static {
 }
 
 /// Durable streams: publish with a storage acknowledgement, read back.
-/// NATS implements it with JetStream; sockbus will once its streams exist.
+/// NATS implements it with JetStream, sockbus with its streams.
 pub trait Durable: Conn {
     /// Resolves once the broker has stored the message.
     type Ack: Future<Output = anyhow::Result<()>> + Send + 'static;
 
-    /// Creates a file-backed stream named `name` capturing `subject`.
+    /// Creates a file-backed stream named `name` capturing `subject`, kept
+    /// in `replicas` copies (1: one server; 3 or 5: a cluster's replicated
+    /// stream).
     fn create_stream(
         &self,
         name: &str,
         subject: &str,
+        replicas: u32,
     ) -> impl Future<Output = anyhow::Result<()>> + Send;
 
     /// Publishes to a stream's subject; returns once sent, with the ack to await.

@@ -145,12 +145,13 @@ impl Conn for NatsConn {
 impl Durable for NatsConn {
     type Ack = std::pin::Pin<Box<dyn std::future::Future<Output = anyhow::Result<()>> + Send>>;
 
-    async fn create_stream(&self, name: &str, subject: &str) -> anyhow::Result<()> {
+    async fn create_stream(&self, name: &str, subject: &str, replicas: u32) -> anyhow::Result<()> {
         let js = async_nats::jetstream::new(self.client.clone());
         js.create_stream(async_nats::jetstream::stream::Config {
             name: name.to_string(),
             subjects: vec![subject.to_string()],
             storage: async_nats::jetstream::stream::StorageType::File,
+            num_replicas: replicas as usize,
             ..Default::default()
         })
         .await

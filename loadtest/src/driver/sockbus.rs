@@ -111,9 +111,11 @@ impl Conn for SockbusConn {
 impl super::Durable for SockbusConn {
     type Ack = std::pin::Pin<Box<dyn std::future::Future<Output = anyhow::Result<()>> + Send>>;
 
-    async fn create_stream(&self, name: &str, subject: &str) -> anyhow::Result<()> {
-        // fsync = always, the default: every ack means the data is on disk.
-        let cfg = sockbus_client::streams::StreamConfig::new(name, [subject]);
+    async fn create_stream(&self, name: &str, subject: &str, replicas: u32) -> anyhow::Result<()> {
+        // fsync = always, the default: every ack means the data is on disk
+        // (with replicas: on a quorum's disks).
+        let mut cfg = sockbus_client::streams::StreamConfig::new(name, [subject]);
+        cfg.replicas = (replicas > 1).then_some(replicas);
         self.client
             .stream_add(&cfg)
             .await

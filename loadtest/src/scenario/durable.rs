@@ -30,7 +30,7 @@ where
         N.fetch_add(1, Ordering::Relaxed)
     );
     let conn = driver.connect(conn_settings("durable", 0, spec)).await?;
-    conn.create_stream(&name, &subject).await?;
+    conn.create_stream(&name, &subject, spec.replicas).await?;
     let r = measure(&conn, &name, &subject, spec, ctx).await;
     // Leave no stream behind, also when the run failed.
     let cleanup = conn.delete_stream(&name).await;

@@ -113,6 +113,8 @@ pub struct Spec {
     /// Cluster runs: the target is a comma-separated list of servers;
     /// publishers use the first, subscribers the others in turn.
     pub spread: bool,
+    /// durable: copies of the stream (1; 3 or 5 on a cluster target).
+    pub replicas: u32,
 }
 
 impl Spec {
@@ -128,6 +130,7 @@ impl Spec {
             rate: 10_000,
             request_timeout: Duration::from_secs(5),
             spread: false,
+            replicas: 1,
         }
     }
 
@@ -140,6 +143,9 @@ impl Spec {
         }
         if self.window == 0 {
             bail!("--window must be at least 1");
+        }
+        if ![1, 3, 5].contains(&self.replicas) {
+            bail!("--replicas must be 1, 3 or 5");
         }
         if matches!(self.length, Length::Count(0)) {
             bail!("--count must be at least 1");
