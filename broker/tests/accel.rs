@@ -2223,12 +2223,22 @@ mod direct {
         if !privileged("direct_churn") {
             return;
         }
-        let (inversions, direct, total) = churn(true);
-        assert_eq!(inversions, 0, "{direct} of {total} went direct");
-        assert!(
-            direct > 0 && direct < total,
-            "{direct} of {total} went direct"
-        );
+        // Every run must be free of inversions. Whether a run mixes both
+        // paths depends on timing (after a route comes back, frames go
+        // direct only once the stand-in broker has caught up with the
+        // publisher, which on a loaded machine may not happen within a
+        // run: seen in CI, "0 of 20000 went direct"), so up to five runs
+        // are made until one does.
+        let mut runs = Vec::new();
+        for _ in 0..5 {
+            let (inversions, direct, total) = churn(true);
+            assert_eq!(inversions, 0, "{direct} of {total} went direct");
+            runs.push((direct, total));
+            if direct > 0 && direct < total {
+                return;
+            }
+        }
+        panic!("no run had messages both direct and through the broker (direct, total): {runs:?}");
     }
 
     #[test]
