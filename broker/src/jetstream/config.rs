@@ -290,23 +290,7 @@ pub(super) fn stream_msg_get(s: &Stream, req: &Value) -> Result<Value, JsError> 
                 (from, pos) = (b.next, b.pos);
             }
         }
-        (None, Some(subj), None) => {
-            let (mut from, mut pos, mut last) = (first, None, None);
-            loop {
-                let b = s
-                    .log
-                    .read(from, Some(subj), 4096, 32 << 20, pos)
-                    .map_err(io)?;
-                let end = b.next <= from;
-                if let Some(m) = b.msgs.into_iter().last() {
-                    last = Some(m);
-                }
-                if end {
-                    break last;
-                }
-                (from, pos) = (b.next, b.pos);
-            }
-        }
+        (None, Some(subj), None) => s.log.last_matching(subj).map_err(io)?,
         _ => {
             return Err(JsError::new(
                 400,

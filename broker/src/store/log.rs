@@ -448,6 +448,25 @@ impl Log {
         Ok(out)
     }
 
+    /// The newest stored message whose subject matches `filter` (a subject
+    /// or a pattern), by a filtered scan from the first sequence: its cost
+    /// grows with the stream, for occasional lookups (`Nats-Expected-Last-
+    /// Subject-Sequence`, JetStream's `last_by_subj`).
+    pub fn last_matching(&self, filter: &str) -> io::Result<Option<StoredMsg>> {
+        let (mut from, mut pos, mut last) = (self.lock().first_seq(), None, None);
+        loop {
+            let b = self.read(from, Some(filter), 4096, 32 << 20, pos)?;
+            let end = b.next <= from;
+            if let Some(m) = b.msgs.into_iter().last() {
+                last = Some(m);
+            }
+            if end {
+                return Ok(last);
+            }
+            (from, pos) = (b.next, b.pos);
+        }
+    }
+
     /// The first sequence whose timestamp is at or after `ts` (the next
     /// sequence to be written when there is none).
     pub fn seq_for_time(&self, ts: u64) -> io::Result<u64> {
@@ -820,6 +839,33 @@ mod tests {
                     .ends_with(".seg")
             })
             .count()
+    }
+
+    #[test]
+    fn the_newest_record_on_a_subject_is_found_across_segments() {
+        let dir = tempfile::tempdir().unwrap();
+        let (log, _) = Log::open(dir.path(), "s", &files()).unwrap();
+        let mut app = Appender::new(log.clone(), SEG, false, false);
+        // Thirty records over several segments: a.N on odd, b.N on even
+        // sequences, and one c.1 at 7.
+        for i in 1..=30u64 {
+            let subject = match i {
+                7 => "c.1".to_string(),
+                i if i % 2 == 1 => format!("a.{i}"),
+                i => format!("b.{i}"),
+            };
+            let mut b = BytesMut::new();
+            record::encode_unsealed(&mut b, &subject, b"", format!("{i:<100}").as_bytes());
+            app.stage(&mut b, false).unwrap();
+        }
+        app.commit(false).unwrap();
+        assert!(log.lock().segs.len() > 2, "spans segments");
+        let last = |f: &str| log.last_matching(f).unwrap().map(|m| m.seq);
+        assert_eq!(last("a.*"), Some(29));
+        assert_eq!(last("b.*"), Some(30));
+        assert_eq!(last("c.1"), Some(7));
+        assert_eq!(last(">"), Some(30));
+        assert_eq!(last("a.2"), None);
     }
 
     #[test]

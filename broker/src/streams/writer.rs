@@ -464,24 +464,12 @@ impl Writer {
         Ok(())
     }
 
-    /// The sequence of the newest stored message on `subject` (0: none):
-    /// a scan of the log from the start, by the filtered read consumers use.
+    /// The sequence of the newest stored message on `subject` (0: none,
+    /// or the log could not be read).
     fn last_for_subject(&self, subject: &str) -> u64 {
-        let mut last = 0;
-        let mut from = self.s.log.lock().first_seq();
-        let mut pos = None;
-        loop {
-            let Ok(b) = self.s.log.read(from, Some(subject), 4096, 32 << 20, pos) else {
-                return last;
-            };
-            if let Some(m) = b.msgs.last() {
-                last = m.seq;
-            }
-            if b.next == from || b.msgs.is_empty() && b.next >= self.app.next_seq() {
-                return last;
-            }
-            from = b.next;
-            pos = b.pos;
+        match self.s.log.last_matching(subject) {
+            Ok(m) => m.map_or(0, |m| m.seq),
+            Err(_) => 0,
         }
     }
 
