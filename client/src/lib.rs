@@ -21,6 +21,7 @@ mod connector;
 mod error;
 mod message;
 mod options;
+mod queue;
 mod reader;
 mod request;
 pub mod streams;
