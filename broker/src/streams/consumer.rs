@@ -924,6 +924,29 @@ async fn serve(c: Arc<Consumer>, stream: Weak<Stream>, mut rx: mpsc::UnboundedRe
     }
 }
 
+/// What is left of a replicated consumer's pull, to whichever node leads
+/// now (a push consumer's loop pulls again by itself).
+fn resend(c: &Arc<Consumer>, pull: &Pull, left: usize, bytes_left: usize, deadline: Instant) {
+    if pull.push {
+        return;
+    }
+    repl::dispatch_pull(
+        c.clone(),
+        Pull {
+            reply: pull.reply.clone(),
+            batch: left,
+            max_bytes: bytes_left,
+            expires: deadline.saturating_duration_since(Instant::now()),
+            no_wait: pull.no_wait,
+            flavor: pull.flavor,
+            heartbeat: pull.heartbeat,
+            push: false,
+            done: None,
+            origin: pull.origin.clone(),
+        },
+    );
+}
+
 async fn serve_pull(
     c: &Arc<Consumer>,
     pull: &Pull,
@@ -945,35 +968,10 @@ async fn serve_pull(
             }
             return;
         }
-        if c.repl.is_some() {
-            // Served by the leader only, and what the client acked is
-            // committed before anything more is delivered.
-            let flushed = if repl::is_live(c) {
-                repl::flush_all(c).await
-            } else {
-                Err(String::new())
-            };
-            if flushed.is_err() {
-                if !pull.push {
-                    // To whichever node leads now.
-                    repl::dispatch_pull(
-                        c.clone(),
-                        Pull {
-                            reply: pull.reply.clone(),
-                            batch: left,
-                            max_bytes: bytes_left,
-                            expires: deadline.saturating_duration_since(Instant::now()),
-                            no_wait: pull.no_wait,
-                            flavor: pull.flavor,
-                            heartbeat: pull.heartbeat,
-                            push: false,
-                            done: None,
-                            origin: pull.origin.clone(),
-                        },
-                    );
-                }
-                return;
-            }
+        // A replicated consumer is served by the stream's leader only.
+        if c.repl.is_some() && !repl::is_live(c) {
+            resend(c, pull, left, bytes_left, deadline);
+            return;
         }
         committed.borrow_and_update();
         let (inbox, _) = c.delivery.router().compute(&pull.reply);
@@ -1006,6 +1004,16 @@ async fn serve_pull(
             }
             Err(_) => return,
         };
+        // A replicated consumer's deliveries (and the acks that came
+        // before them) are committed before any of them is sent: a leader
+        // that takes over knows every message that reached a client, so it
+        // delivers none of them again before its ack wait (by when the
+        // client's ack has reached it).
+        if c.repl.is_some() && repl::flush_all(c).await.is_err() {
+            // The batch was never sent; the state is the group's again.
+            resend(c, pull, left, bytes_left, deadline);
+            return;
+        }
         if !batch.is_empty() {
             quiet_since = Instant::now();
             let pending = match pull.flavor {

@@ -20,9 +20,11 @@
 //! delivered, unacked ones are delivered again `ack_wait` after the
 //! takeover (the client that had them may still be working on them).
 //!
+//! A round of deliveries is committed before it is sent, with every ack
+//! that arrived before it: a leader that takes over knows each message a
+//! client may hold, and delivers none of them again before its ack wait.
 //! An ack with a reply subject is answered once the entry holding it is
-//! committed. One without is proposed at once, and in any case before the
-//! consumer delivers anything more (the serving loop flushes first).
+//! committed; one without is proposed at once.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -357,9 +359,16 @@ fn go_live(c: &Consumer, term: u64) {
 /// This node no longer serves the consumer: the live state follows the
 /// committed one again, unproposed ops are dropped.
 pub(super) fn stop_live(c: &Consumer) {
+    reset(c, false)
+}
+
+/// The live state from the committed one, unproposed ops dropped: when
+/// this node served the consumer, or (`always`) after a failed flush,
+/// whose ops may come from a round that raced with losing the lead.
+fn reset(c: &Consumer, always: bool) {
     let r = repl(c);
     let mut com = r.committed();
-    if com.live_term == 0 {
+    if com.live_term == 0 && !always {
         return;
     }
     let mut st = c.lock();
@@ -383,7 +392,9 @@ pub(super) fn stop_live(c: &Consumer) {
     o.ops.clear();
     o.epoch += 1;
     o.flushed = o.queued;
-    info!(stream = %c.stream, consumer = %c.name, term = com.live_term, "no longer serving the replicated consumer here");
+    if com.live_term != 0 {
+        info!(stream = %c.stream, consumer = %c.name, term = com.live_term, "no longer serving the replicated consumer here");
+    }
     com.live_term = 0;
 }
 
@@ -393,6 +404,9 @@ pub(super) fn stop_live(c: &Consumer) {
 pub(super) async fn flush(c: &Consumer, epoch: u64, upto: u64) -> Result<(), String> {
     let r = repl(c);
     let _f = r.flushing.lock().await;
+    if r.committed().live_term == 0 {
+        return Err("this node no longer serves the consumer".into());
+    }
     let (ops, end) = {
         let mut o = r.outbox();
         if o.epoch != epoch {
@@ -430,14 +444,19 @@ pub(super) async fn flush(c: &Consumer, epoch: u64, upto: u64) -> Result<(), Str
     // What was in flight may or may not commit: start again from what
     // the group has (unconfirmed acks may then be delivered again).
     warn!(stream = %c.stream, consumer = %c.name, "consumer state not replicated: {err}");
-    stop_live(c);
+    reset(c, true);
     Err(err)
 }
 
-/// Flushes everything queued so far (before the serving loop delivers more).
+/// Commits everything queued so far (the serving loop, before it sends a
+/// round); on failure the live state is the committed one again.
 pub(super) async fn flush_all(c: &Consumer) -> Result<(), String> {
     let (e, u) = repl(c).mark();
-    flush(c, e, u).await
+    let r = flush(c, e, u).await;
+    if r.is_err() {
+        reset(c, true);
+    }
+    r
 }
 
 /// A pull for a replicated consumer: served here when this node leads,
