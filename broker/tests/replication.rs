@@ -869,3 +869,128 @@ async fn a_durable_consumer_resumes_on_another_node_after_kill_9_of_the_leader_w
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
+
+/// The same through the NATS port with a JetStream client (async-nats): a
+/// durable pull consumer of an R3 stream created through a follower, 30
+/// fetched and the first 20 acked with `double_ack` (confirmed), kill -9 of
+/// the leader; through the other follower the consumer goes on at 21 with
+/// no acked message again, 21..=30 as second deliveries, and none skipped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_jetstream_durable_consumer_of_an_r3_stream_resumes_through_another_node_after_kill_9_of_the_leader(
+) {
+    use async_nats::jetstream::{self, consumer, stream};
+    use futures_util::StreamExt;
+    let mut cl = Cluster::start(3).await;
+    let c = client(cl.nodes[0].port).await;
+    let mut cfg = StreamConfig::new("JC", ["jc.>"]);
+    cfg.replicas = Some(3);
+    add_replicated(&c, &cfg).await;
+    let li = cl.index(&leader(cl.nodes[0].port, "JC").await);
+    let followers: Vec<usize> = (0..3).filter(|&i| i != li).collect();
+    let nports: Vec<u16> = cl.nodes.iter().map(|n| n.nport).collect();
+    let js = |i: usize| {
+        let port = nports[i];
+        async move {
+            let nc = async_nats::ConnectOptions::new()
+                .request_timeout(Some(Duration::from_secs(20)))
+                .connect(format!("nats://127.0.0.1:{port}"))
+                .await
+                .unwrap();
+            let mut c = jetstream::new(nc);
+            c.set_timeout(Duration::from_secs(20));
+            c
+        }
+    };
+    let js1 = js(followers[0]).await;
+    for i in 1..=50u64 {
+        let ack = js1
+            .publish(format!("jc.{i}"), format!("m{i}").into())
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+        assert_eq!(ack.sequence, i);
+    }
+    let config = consumer::pull::Config {
+        durable_name: Some("jd".into()),
+        ack_policy: consumer::AckPolicy::Explicit,
+        ack_wait: Duration::from_secs(2),
+        ..Default::default()
+    };
+    let s1: stream::Stream = js1.get_stream("JC").await.unwrap();
+    let k1: consumer::PullConsumer = s1.create_consumer(config.clone()).await.unwrap();
+    let mut got = Vec::new();
+    while got.len() < 30 {
+        let mut batch = k1
+            .fetch()
+            .max_messages(30 - got.len())
+            .expires(Duration::from_secs(5))
+            .messages()
+            .await
+            .unwrap();
+        let before = got.len();
+        while let Some(m) = batch.next().await {
+            let m = m.unwrap();
+            let seq = m.info().unwrap().stream_sequence;
+            if seq <= 20 {
+                m.double_ack().await.unwrap();
+            }
+            got.push(seq);
+        }
+        assert!(
+            got.len() > before,
+            "fetch through a follower stalled at {got:?}"
+        );
+    }
+    assert_eq!(got, (1..=30).collect::<Vec<_>>());
+    // Wait until the other follower has applied the acks and deliveries.
+    let oc = client(cl.nodes[followers[1]].port).await;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let i = oc.consumer_info("JC", "jd").await.unwrap();
+        if i.ack_floor == 20 && i.num_ack_pending == 10 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "not replicated: {i:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    cl.nodes[li].kill9();
+    let js2 = js(followers[1]).await;
+    let k2: consumer::PullConsumer = js2
+        .get_stream("JC")
+        .await
+        .unwrap()
+        .get_consumer("jd")
+        .await
+        .unwrap();
+    let mut seen: HashMap<u64, i64> = HashMap::new();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while (21..=50).any(|s| !seen.contains_key(&s)) {
+        assert!(
+            Instant::now() < deadline,
+            "after the failover got only {seen:?}"
+        );
+        let mut batch = k2
+            .fetch()
+            .max_messages(50)
+            .expires(Duration::from_secs(3))
+            .messages()
+            .await
+            .unwrap();
+        while let Some(m) = batch.next().await {
+            let m = m.unwrap();
+            let info = m.info().unwrap();
+            let (seq, delivered) = (info.stream_sequence, info.delivered);
+            assert!(seq > 20, "acked seq {seq} delivered again");
+            assert_eq!(m.payload, format!("m{seq}").as_bytes());
+            seen.entry(seq).or_insert(delivered);
+            m.double_ack().await.unwrap();
+        }
+    }
+    for seq in 21..=30 {
+        assert!(seen[&seq] >= 2, "seq {seq} was delivered before: {seen:?}");
+    }
+    let i = oc.consumer_info("JC", "jd").await.unwrap();
+    assert_eq!((i.ack_floor, i.num_ack_pending), (50, 0), "{i:?}");
+}
