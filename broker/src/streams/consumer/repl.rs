@@ -467,14 +467,9 @@ pub(super) fn dispatch_pull(c: Arc<Consumer>, p: Pull) {
 
 async fn pull_task(c: Arc<Consumer>, p: Pull) {
     let end = tokio::time::Instant::now() + FIND_LEADER;
-    let mut hint: Option<String> = None;
     loop {
         let left = end.saturating_duration_since(tokio::time::Instant::now());
-        let role = match hint.take() {
-            Some(l) => Role::Leader(l),
-            None => find_role(&c, left).await,
-        };
-        match role {
+        match find_role(&c, left).await {
             Role::Live => {
                 c.queue_pull(p);
                 return;
@@ -498,8 +493,9 @@ async fn pull_task(c: Arc<Consumer>, p: Pull) {
                     .await;
                 match r {
                     Ok(_) => return,
-                    Err(crate::replication::ForwardFailed::NotLeader(h)) => {
-                        hint = h;
+                    // Leadership moved meanwhile: look again (forward_consumer
+                    // goes to whichever leader this node's group knows).
+                    Err(crate::replication::ForwardFailed::NotLeader(_)) => {
                         tokio::time::sleep(Duration::from_millis(50)).await;
                     }
                     Err(crate::replication::ForwardFailed::Other(e)) => {
