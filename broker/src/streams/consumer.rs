@@ -17,8 +17,6 @@ use std::io::Write;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
-
-pub(crate) mod repl;
 use std::time::{Duration, Instant};
 
 use sockbus_protocol::api::{header, subject, Start};
@@ -31,6 +29,8 @@ use super::{strict, write_atomic, Stream, StreamError};
 use crate::deliver::{Delivery, Outgoing};
 use crate::store::files::{CachedFile, Mode};
 use crate::store::{now_ns, Log, ReadPos, StoredMsg};
+
+pub(crate) mod repl;
 
 const OP_LEN: usize = 17;
 const COMPACT_AT: u64 = 1 << 20;

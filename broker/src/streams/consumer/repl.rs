@@ -404,7 +404,9 @@ fn reset(c: &Consumer, always: bool) {
 pub(super) async fn flush(c: &Consumer, epoch: u64, upto: u64) -> Result<(), String> {
     let r = repl(c);
     let _f = r.flushing.lock().await;
-    if r.committed().live_term == 0 {
+    // Ops of a term this node no longer leads never reach the log, not
+    // even if it leads again now (they were never sent or confirmed).
+    if !is_live(c) {
         return Err("this node no longer serves the consumer".into());
     }
     let (ops, end) = {
