@@ -1271,6 +1271,61 @@ mod tests {
         tokio::time::sleep(Duration::from_millis(ms)).await;
     }
 
+    /// A replicated stream's state machine may apply consumer ops again
+    /// after a crash (its `applied` file lags the op log it appended to,
+    /// which may also have been compacted meanwhile): the state must come
+    /// out as if each op had been applied once.
+    #[test]
+    fn replaying_a_suffix_of_consumer_ops_again_leaves_the_state_applying_it_once_would() {
+        let ops: &[(u8, u64, u32)] = &[
+            (b'D', 1, 1),
+            (b'D', 2, 1),
+            (b'A', 1, 0),
+            (b'D', 3, 1),
+            (b'D', 2, 2),
+            (b'T', 2, 0),
+            (b'N', 6, 0),
+            (b'A', 3, 0),
+            (b'D', 6, 1),
+            (b'D', 7, 1),
+            (b'D', 6, 2),
+            (b'A', 7, 0),
+        ];
+        let run = |from: (u64, BTreeMap<u64, u32>), seq: &[(u8, u64, u32)]| {
+            let (mut next, mut pending) = from;
+            for &(k, s, n) in seq {
+                replay(&mut next, &mut pending, k, s, n);
+            }
+            (next, pending)
+        };
+        let start = || (1u64, BTreeMap::new());
+        let once = run(start(), ops);
+        assert_eq!(once, (8, BTreeMap::from([(6, 2)])));
+        for applied in 0..=ops.len() {
+            for written in applied..=ops.len() {
+                // Written up to `written`, applied again from `applied`.
+                let twice: Vec<_> = ops[..written]
+                    .iter()
+                    .chain(&ops[applied..])
+                    .copied()
+                    .collect();
+                assert_eq!(run(start(), &twice), once, "{applied}..{written}");
+                // The same with the op log compacted at `written`.
+                let (n, p) = run(start(), &ops[..written]);
+                let mut compacted = start();
+                for rec in state_ops(n, p.into_iter()).chunks(OP_LEN) {
+                    let (k, s, d) = read_op(rec).expect("a whole op");
+                    replay(&mut compacted.0, &mut compacted.1, k, s, d);
+                }
+                assert_eq!(
+                    run(compacted, &ops[applied..]),
+                    once,
+                    "compacted {applied}..{written}"
+                );
+            }
+        }
+    }
+
     #[tokio::test]
     async fn an_unacked_message_is_delivered_again_after_ack_wait_with_its_delivery_count_raised() {
         let dir = tempfile::tempdir().unwrap();
