@@ -2,7 +2,8 @@
 //! loopback: publishes through a follower, kill -9 of the leader mid-stream,
 //! restarts, a replica that lost its data dir, garbage on the Raft channel,
 //! a SIGSTOPped follower. Every acked message must be on every node exactly
-//! once, in one order.
+//! once, in one order. A durable consumer resumes through another node
+//! after kill -9 of the leader with no acked message again and none skipped.
 //!
 //! Set SOCKBUS_TEST_LOGS=dir to keep each broker's log there.
 
@@ -725,4 +726,271 @@ async fn jetstream_num_replicas_3_is_a_replicated_stream_on_every_node() {
     };
     let e = js1.create_stream(two).await.unwrap_err().to_string();
     assert!(e.contains("num_replicas must be 1, 3 or 5"), "{e}");
+}
+
+/// Everything a durable consumer gets until it has every seq in `want` at
+/// least once (seq, deliveries, payload), acking nothing.
+async fn consume_until(
+    k: &mut sockbus_client::streams::PullConsumer,
+    want: &HashSet<u64>,
+) -> Vec<(u64, u32, String)> {
+    let mut got = Vec::new();
+    let mut have = HashSet::new();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !want.is_subset(&have) {
+        assert!(
+            Instant::now() < deadline,
+            "consuming stalled: still missing {:?}",
+            want.difference(&have).collect::<Vec<_>>()
+        );
+        if let Some(m) = k.next_timeout(Duration::from_secs(2)).await.unwrap() {
+            have.insert(m.seq);
+            got.push((
+                m.seq,
+                m.deliveries,
+                String::from_utf8_lossy(m.payload()).into_owned(),
+            ));
+        }
+    }
+    got
+}
+
+/// Issue 17 item 5: a durable consumer's state is in the stream's Raft
+/// log. 200 messages; through a follower the consumer gets 120 and acks
+/// (confirmed) the first 100; the leader is killed with -9; through
+/// another node the same consumer gets 101..=200, each of them, none of
+/// the acked ones, and the 20 delivered but unacked ones again (a second
+/// delivery, after ack_wait).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_durable_consumer_resumes_on_another_node_after_kill_9_of_the_leader_with_no_acked_message_again_and_none_skipped(
+) {
+    let mut cl = Cluster::start(3).await;
+    let c = client(cl.nodes[0].port).await;
+    let mut cfg = StreamConfig::new("RC", ["rc.>"]);
+    cfg.replicas = Some(3);
+    add_replicated(&c, &cfg).await;
+    let leader_name = leader(cl.nodes[0].port, "RC").await;
+    let li = cl.index(&leader_name);
+    let followers: Vec<usize> = (0..3).filter(|&i| i != li).collect();
+    let (f, other) = (followers[0], followers[1]);
+    let pc = client(cl.nodes[f].port).await;
+    for i in 1..=200u64 {
+        let a = pc
+            .publish_durable(&format!("rc.{i}"), format!("m{i:03}"))
+            .await
+            .unwrap();
+        assert_eq!(a.seq, i);
+    }
+
+    // Served by the leader, reached through a follower.
+    let ack_wait = Duration::from_secs(2);
+    let durable = || ConsumerConfig::durable("d").ack_wait(ack_wait).batch(16);
+    let kc = client(cl.nodes[f].port).await;
+    let mut k = kc.consumer("RC", durable()).await.unwrap();
+    let mut delivered = Vec::new();
+    while delivered.len() < 120 {
+        let m = k
+            .next_timeout(Duration::from_secs(10))
+            .await
+            .unwrap()
+            .unwrap_or_else(|| panic!("no message within 10 s after {delivered:?}"));
+        assert_eq!(m.deliveries, 1);
+        assert_eq!(
+            String::from_utf8_lossy(m.payload()),
+            format!("m{:03}", m.seq)
+        );
+        if m.seq <= 100 {
+            m.ack_sync().await.unwrap();
+        }
+        delivered.push(m.seq);
+    }
+    assert_eq!(delivered, (1..=120).collect::<Vec<_>>());
+    // The other follower (whose state machine applied the consumer's
+    // entries) has the acks and the unacked deliveries.
+    let oc = client(cl.nodes[other].port).await;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let i = oc.consumer_info("RC", "d").await.unwrap();
+        if i.ack_floor == 100 && i.num_ack_pending >= 20 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "not replicated: {i:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    drop(k);
+    let _ = kc.close().await;
+
+    cl.nodes[li].kill9();
+    // Through the follower that never served this client.
+    let k2c = client(cl.nodes[other].port).await;
+    let mut k2 = k2c.consumer("RC", durable()).await.unwrap();
+    let want: HashSet<u64> = (101..=200).collect();
+    let got = consume_until(&mut k2, &want).await;
+    let again: Vec<&(u64, u32, String)> = got.iter().filter(|(s, _, _)| *s <= 100).collect();
+    assert!(
+        again.is_empty(),
+        "acked messages delivered again: {again:?}"
+    );
+    for (seq, n, payload) in &got {
+        assert_eq!(*payload, format!("m{seq:03}"));
+        if (101..=120).contains(seq) {
+            assert!(
+                *n >= 2,
+                "seq {seq} was delivered before the failover: {got:?}"
+            );
+        }
+    }
+    // Acked through the new leader: nothing left, ack floor at the end.
+    drop(k2);
+    let mut k3 = k2c.consumer("RC", durable()).await.unwrap();
+    let mut acked = HashSet::new();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while acked.len() < 100 {
+        assert!(Instant::now() < deadline, "acked {} of 100", acked.len());
+        if let Some(m) = k3.next_timeout(Duration::from_secs(3)).await.unwrap() {
+            assert!(m.seq > 100, "acked seq {} delivered again", m.seq);
+            m.ack_sync().await.unwrap();
+            acked.insert(m.seq);
+        }
+    }
+    let i = k2c.consumer_info("RC", "d").await.unwrap();
+    assert_eq!((i.ack_floor, i.num_ack_pending), (200, 0), "{i:?}");
+    // The killed node comes back and catches up with the consumer too.
+    cl.restart(li).await;
+    let back = client(cl.nodes[li].port).await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Ok(i) = back.consumer_info("RC", "d").await {
+            if i.ack_floor == 200 && i.num_ack_pending == 0 {
+                break;
+            }
+        }
+        assert!(Instant::now() < deadline, "restarted node behind");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// The same through the NATS port with a JetStream client (async-nats): a
+/// durable pull consumer of an R3 stream created through a follower, 30
+/// fetched and the first 20 acked with `double_ack` (confirmed), kill -9 of
+/// the leader; through the other follower the consumer goes on at 21 with
+/// no acked message again, 21..=30 as second deliveries, and none skipped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_jetstream_durable_consumer_of_an_r3_stream_resumes_through_another_node_after_kill_9_of_the_leader(
+) {
+    use async_nats::jetstream::{self, consumer, stream};
+    use futures_util::StreamExt;
+    let mut cl = Cluster::start(3).await;
+    let c = client(cl.nodes[0].port).await;
+    let mut cfg = StreamConfig::new("JC", ["jc.>"]);
+    cfg.replicas = Some(3);
+    add_replicated(&c, &cfg).await;
+    let li = cl.index(&leader(cl.nodes[0].port, "JC").await);
+    let followers: Vec<usize> = (0..3).filter(|&i| i != li).collect();
+    let nports: Vec<u16> = cl.nodes.iter().map(|n| n.nport).collect();
+    let js = |i: usize| {
+        let port = nports[i];
+        async move {
+            let nc = async_nats::ConnectOptions::new()
+                .request_timeout(Some(Duration::from_secs(20)))
+                .connect(format!("nats://127.0.0.1:{port}"))
+                .await
+                .unwrap();
+            let mut c = jetstream::new(nc);
+            c.set_timeout(Duration::from_secs(20));
+            c
+        }
+    };
+    let js1 = js(followers[0]).await;
+    for i in 1..=50u64 {
+        let ack = js1
+            .publish(format!("jc.{i}"), format!("m{i}").into())
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+        assert_eq!(ack.sequence, i);
+    }
+    let config = consumer::pull::Config {
+        durable_name: Some("jd".into()),
+        ack_policy: consumer::AckPolicy::Explicit,
+        ack_wait: Duration::from_secs(2),
+        ..Default::default()
+    };
+    let s1: stream::Stream = js1.get_stream("JC").await.unwrap();
+    let k1: consumer::PullConsumer = s1.create_consumer(config.clone()).await.unwrap();
+    let mut got = Vec::new();
+    while got.len() < 30 {
+        let mut batch = k1
+            .fetch()
+            .max_messages(30 - got.len())
+            .expires(Duration::from_secs(5))
+            .messages()
+            .await
+            .unwrap();
+        let before = got.len();
+        while let Some(m) = batch.next().await {
+            let m = m.unwrap();
+            let seq = m.info().unwrap().stream_sequence;
+            if seq <= 20 {
+                m.double_ack().await.unwrap();
+            }
+            got.push(seq);
+        }
+        assert!(
+            got.len() > before,
+            "fetch through a follower stalled at {got:?}"
+        );
+    }
+    assert_eq!(got, (1..=30).collect::<Vec<_>>());
+    // Wait until the other follower has applied the acks and deliveries.
+    let oc = client(cl.nodes[followers[1]].port).await;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let i = oc.consumer_info("JC", "jd").await.unwrap();
+        if i.ack_floor == 20 && i.num_ack_pending == 10 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "not replicated: {i:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    cl.nodes[li].kill9();
+    let js2 = js(followers[1]).await;
+    let k2: consumer::PullConsumer = js2
+        .get_stream("JC")
+        .await
+        .unwrap()
+        .get_consumer("jd")
+        .await
+        .unwrap();
+    let mut seen: HashMap<u64, i64> = HashMap::new();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while (21..=50).any(|s| !seen.contains_key(&s)) {
+        assert!(
+            Instant::now() < deadline,
+            "after the failover got only {seen:?}"
+        );
+        let mut batch = k2
+            .fetch()
+            .max_messages(50)
+            .expires(Duration::from_secs(3))
+            .messages()
+            .await
+            .unwrap();
+        while let Some(m) = batch.next().await {
+            let m = m.unwrap();
+            let info = m.info().unwrap();
+            let (seq, delivered) = (info.stream_sequence, info.delivered);
+            assert!(seq > 20, "acked seq {seq} delivered again");
+            assert_eq!(m.payload, format!("m{seq}").as_bytes());
+            seen.entry(seq).or_insert(delivered);
+            m.double_ack().await.unwrap();
+        }
+    }
+    for seq in 21..=30 {
+        assert!(seen[&seq] >= 2, "seq {seq} was delivered before: {seen:?}");
+    }
+    let i = oc.consumer_info("JC", "jd").await.unwrap();
+    assert_eq!((i.ack_floor, i.num_ack_pending), (50, 0), "{i:?}");
 }

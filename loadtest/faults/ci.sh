@@ -1,7 +1,6 @@
 #!/usr/bin/env bash
 # The short form of the fault harness that .ci/run runs: 3 nodes, R1 (with
-# FAULTS_REPLICAS=3, R3: no acked message is lost, but consumers that fail
-# over get acked messages again until consumer state replicates; see
+# FAULTS_REPLICAS=3, R3: replicated messages and consumer state; see
 # docs/reliability.md), 75 s of faults that R1 survives (kill -9, pauses, partitions, leader
 # isolation, a link down, restart of all nodes). Corruption is left out
 # here: with one copy it loses acked messages by design (docs/reliability.md).

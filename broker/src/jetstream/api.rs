@@ -153,6 +153,26 @@ pub(crate) fn handle(
             "consumer_info",
             find_consumer(streams, stream_name, name).map(|c| consumer_info(&c)),
         ),
+        ["CONSUMER", "DELETE", stream_name, name]
+            if stream(streams, stream_name)
+                .ok()
+                .and_then(|s| s.consumer(name))
+                .is_some_and(|c| c.repl.is_some()) =>
+        {
+            // Through the stream's group: gone on every replica.
+            let s = stream(streams, stream_name);
+            let (name, d, reply) = (name.to_string(), delivery.clone(), reply.map(String::from));
+            tokio::spawn(async move {
+                let r = match s {
+                    Ok(s) => consumer::repl::delete(s, name)
+                        .await
+                        .map(|()| json!({"success": true}))
+                        .map_err(JsError::from),
+                    Err(e) => Err(e),
+                };
+                answer(&d, reply.as_deref(), "consumer_delete", r);
+            });
+        }
         ["CONSUMER", "DELETE", stream_name, name] => {
             let r = stream(streams, stream_name).and_then(|s| {
                 consumer::delete(&s, name).map_err(JsError::from)?;
@@ -355,7 +375,7 @@ fn consumer_create(
         let s = stream(ctx.streams, stream_name)?;
         let existing = want.name.as_deref().and_then(|n| s.consumer(n));
         match (existing, action) {
-            (Some(c), _) if consumer_js_config(&c) == want.js => return Ok(consumer_info(&c)),
+            (Some(c), _) if consumer_js_config(&c) == want.js => return Ok(Ok(consumer_info(&c))),
             (Some(_), "create") => {
                 return Err(JsError::new(400, 10148, "consumer already exists"));
             }
@@ -375,10 +395,27 @@ fn consumer_create(
         } else {
             None
         };
+        if s.config.replicas() > 1 && want.cfg.durable.is_some() {
+            // Its state lives in the stream's Raft log: created through it.
+            return Ok(Err((s, want.cfg, want.js)));
+        }
         let c = consumer::create_named(&s, want.cfg, ephemeral_name, Some(want.js))?;
-        Ok(consumer_info(&c))
+        Ok(Ok(consumer_info(&c)))
     })();
-    answer(ctx.delivery, reply, "consumer_create", r)
+    match r {
+        Ok(Ok(v)) => answer(ctx.delivery, reply, "consumer_create", Ok(v)),
+        Ok(Err((s, cfg, js))) => {
+            let (d, reply) = (ctx.delivery.clone(), reply.map(String::from));
+            tokio::spawn(async move {
+                let r = consumer::repl::create(s, cfg, Some(js))
+                    .await
+                    .map(|c| consumer_info(&c))
+                    .map_err(JsError::from);
+                answer(&d, reply.as_deref(), "consumer_create", r);
+            });
+        }
+        Err(e) => answer(ctx.delivery, reply, "consumer_create", Err(e)),
+    }
 }
 
 /// `CONSUMER.MSG.NEXT`: a number (the batch) or
@@ -432,6 +469,7 @@ fn read_pull(reply: &str, payload: &[u8]) -> Option<Pull> {
         heartbeat: None,
         push: false,
         done: None,
+        origin: None,
     };
     if text.is_empty() {
         return Some(pull);

@@ -42,6 +42,7 @@ pub(super) fn spawn(c: Arc<Consumer>, subject: String, heartbeat: Option<Duratio
                 heartbeat,
                 push: true,
                 done: Some(tx),
+                origin: None,
             });
             tokio::select! {
                 _ = rx => {}

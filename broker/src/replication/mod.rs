@@ -63,6 +63,33 @@ pub enum Op {
         lens: Vec<u32>,
         ids: Vec<Option<String>>,
     },
+    /// Durable consumers' state changes, in the order the stream's leader
+    /// made them (streams::consumer::repl): applied by every replica, so
+    /// the one that leads next serves the consumer where it was.
+    Consumers { changes: Vec<ConsumerChange> },
+}
+
+/// One change to a replicated stream's durable consumers.
+#[derive(rkyv::Archive, rkyv::Serialize, rkyv::Deserialize, Debug)]
+pub enum ConsumerChange {
+    /// A new durable consumer: its ConsumerConfig and (created through
+    /// `$JS.API`) its JetStream configuration, as JSON. Every replica
+    /// computes its start from its own copy of the stream, which is the
+    /// same at this entry on every replica.
+    Create {
+        name: String,
+        config: String,
+        nats: Option<String>,
+    },
+    Delete {
+        name: String,
+    },
+    /// Ops in the consumer op log's 17-byte encoding (`N`, `D`, `A`, `T`;
+    /// docs/storage.md), one batch of the leader's deliveries and acks.
+    Ops {
+        name: String,
+        ops: Vec<u8>,
+    },
 }
 
 impl Proposal {
@@ -87,6 +114,30 @@ impl Proposal {
 pub struct Applied {
     pub acks: Vec<(u64, bool)>,
     pub error: Option<String>,
+}
+
+/// A replicated consumer's pull or acks, forwarded to the stream's leader
+/// (streams::consumer::repl).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub(crate) enum ConsumerCall {
+    Pull {
+        consumer: String,
+        pull: crate::streams::consumer::repl::WirePull,
+    },
+    Acks {
+        consumer: String,
+        acks: Vec<crate::streams::consumer::repl::WireAck>,
+    },
+}
+
+/// Why a forwarded consumer call did not get its answer.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum ForwardFailed {
+    /// Not (or no longer) the leader; the leader's name when known.
+    #[error("not the stream's leader")]
+    NotLeader(Option<String>),
+    #[error("{0}")]
+    Other(String),
 }
 
 /// This node's view of a name: the id Raft knows it by.
@@ -140,7 +191,7 @@ impl Group {
         }
     }
 
-    fn name_of(&self, id: NodeId) -> Option<String> {
+    pub(crate) fn name_of(&self, id: NodeId) -> Option<String> {
         self.names().into_iter().find(|n| node_id(n) == id)
     }
 
@@ -233,7 +284,7 @@ impl Hub {
         self.state.get()
     }
 
-    fn me(&self) -> Option<String> {
+    pub(crate) fn me(&self) -> Option<String> {
         self.state.get().map(|s| s.config.node_id.clone())
     }
 
@@ -541,6 +592,70 @@ impl Hub {
                         Err(e) => return Err(e.to_string()),
                     }
                 }
+            }
+        }
+    }
+
+    /// Sends a replicated consumer's pull or acks to the stream's leader
+    /// as this node knows it; per ack, whether it is stored.
+    pub(crate) async fn forward_consumer(
+        &self,
+        stream: &str,
+        call: ConsumerCall,
+        within: Duration,
+    ) -> Result<Vec<Result<(), String>>, ForwardFailed> {
+        let g = self
+            .group(stream)
+            .ok_or_else(|| ForwardFailed::Other("this node is not a replica".into()))?;
+        let m = g.raft.metrics().borrow().clone();
+        let leader = m
+            .current_leader
+            .filter(|l| *l != m.id)
+            .and_then(|l| g.name_of(l))
+            .ok_or(ForwardFailed::NotLeader(None))?;
+        let rpc = net::Rpc::Consumer {
+            group: stream.to_string(),
+            call,
+        };
+        match self.pool.call(self, &leader, rpc, within).await {
+            Ok(net::Reply::Consumer(Ok(v))) => Ok(v),
+            Ok(net::Reply::Consumer(Err(net::ForwardError::NotLeader(l)))) => {
+                Err(ForwardFailed::NotLeader(l))
+            }
+            Ok(net::Reply::Consumer(Err(net::ForwardError::Failed(e)))) => {
+                Err(ForwardFailed::Other(e))
+            }
+            Ok(other) => Err(ForwardFailed::Other(format!(
+                "unexpected answer from {leader}: {other:?}"
+            ))),
+            Err(e) => Err(ForwardFailed::Other(format!("{leader}: {e}"))),
+        }
+    }
+
+    /// Hands a forwarded pull's messages to the node whose client asked;
+    /// how many (in order) it delivered.
+    pub(crate) async fn deliver_to(
+        &self,
+        node: &str,
+        stream: &str,
+        inbox: &str,
+        msgs: Vec<crate::streams::consumer::repl::WireMsg>,
+        within: Duration,
+    ) -> usize {
+        let rpc = net::Rpc::Deliver {
+            group: stream.to_string(),
+            inbox: inbox.to_string(),
+            msgs,
+        };
+        match self.pool.call(self, node, rpc, within).await {
+            Ok(net::Reply::Delivered(n)) => usize::try_from(n).unwrap_or(0),
+            Ok(other) => {
+                warn!(%node, "unexpected answer to a delivery: {other:?}");
+                0
+            }
+            Err(e) => {
+                warn!(%node, "cannot hand a consumer's messages over: {e}");
+                0
             }
         }
     }

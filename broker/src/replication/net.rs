@@ -55,6 +55,18 @@ pub(crate) enum Rpc {
     /// The leader's view of its replicas (for `stream info` and readiness
     /// on the other nodes).
     Progress { group: String },
+    /// A replicated consumer's pull or acks, for the leader to serve.
+    Consumer {
+        group: String,
+        call: super::ConsumerCall,
+    },
+    /// Messages of a forwarded pull, for this node to deliver to its
+    /// client's inbox (a route would match them by their own subjects).
+    Deliver {
+        group: String,
+        inbox: String,
+        msgs: Vec<crate::streams::consumer::repl::WireMsg>,
+    },
     /// Create a replicated stream here (its config as JSON) with these members.
     Create {
         config: String,
@@ -80,6 +92,10 @@ pub(crate) enum Reply {
     Progress(Option<super::Progress>),
     /// The group is not running on the peer (yet).
     NoGroup,
+    /// How many messages of a `Deliver`, in order, reached the client.
+    Delivered(u64),
+    /// A consumer call's answer: per ack, stored or why not.
+    Consumer(Result<Vec<Result<(), String>>, ForwardError>),
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -266,7 +282,46 @@ async fn answer(rpc: Rpc) -> Reply {
         },
         Rpc::Progress { group } => Reply::Progress(h.group(&group).and_then(|g| g.progress())),
         Rpc::Create { config, members } => Reply::Done(create_here(&config, &members).await),
+        Rpc::Consumer { group, call } => Reply::Consumer(consumer_call(&group, call).await),
+        Rpc::Deliver { group, inbox, msgs } => {
+            let d = h.state().and_then(|st| st.streams.get(&group));
+            Reply::Delivered(match d {
+                Some(s) => crate::streams::consumer::repl::deliver_here(&s.delivery, &inbox, &msgs),
+                None => 0,
+            })
+        }
     }
+}
+
+/// The leader's side of a replicated consumer's forwarded pull or acks.
+async fn consumer_call(
+    group: &str,
+    call: super::ConsumerCall,
+) -> Result<Vec<Result<(), String>>, ForwardError> {
+    use crate::streams::consumer::repl;
+    let h = hub();
+    let name = match &call {
+        super::ConsumerCall::Pull { consumer, .. } | super::ConsumerCall::Acks { consumer, .. } => {
+            consumer
+        }
+    };
+    let c = h
+        .state()
+        .and_then(|st| st.streams.get(group))
+        .and_then(|s| s.consumer(name))
+        .ok_or_else(|| {
+            ForwardError::Failed(format!("no consumer {name} of stream {group} here"))
+        })?;
+    let r = match call {
+        super::ConsumerCall::Pull { pull, .. } => repl::serve_forwarded_pull(c, pull)
+            .await
+            .map(|()| Vec::new()),
+        super::ConsumerCall::Acks { acks, .. } => repl::serve_forwarded_acks(c, acks).await,
+    };
+    r.map_err(|e| match e {
+        super::ForwardFailed::NotLeader(l) => ForwardError::NotLeader(l),
+        super::ForwardFailed::Other(e) => ForwardError::Failed(e),
+    })
 }
 
 /// A peer created a replicated stream: create it here too (or update the

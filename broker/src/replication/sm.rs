@@ -11,6 +11,13 @@
 //! Raft log's start): records whose sequence the log already holds are
 //! skipped, so none is stored twice. (This relies on the Raft log being
 //! kept whole: no compaction yet.)
+//!
+//! Durable consumers' changes (`Op::Consumers`) are applied here too, to
+//! each consumer's committed state and op log (streams::consumer::repl);
+//! the op logs are fsynced (with `fsync = always`) before `applied` moves.
+//! Applying them again after a crash is harmless: the ops set, remove or
+//! raise, so replaying a suffix twice leaves the state replaying it once
+//! would.
 
 use std::collections::{HashMap, VecDeque};
 use std::io::{self, Cursor};
@@ -26,6 +33,7 @@ use serde::{Deserialize, Serialize};
 use sockbus_protocol::frame::iter_headers;
 
 use super::{Applied, NodeId, Op, TypeConfig};
+use crate::store::files::CachedFile;
 use crate::store::Appender;
 use crate::streams::{Fsync, Stream, StreamConfigExt, MSG_ID_HEADER};
 
@@ -45,6 +53,8 @@ pub(crate) struct StateMachine {
     window: u64,
     ids: HashMap<Box<str>, u64>,
     order: VecDeque<(u64, Box<str>)>,
+    /// Consumer op logs written since the last save.
+    touched: Vec<CachedFile>,
 }
 
 fn io_err(e: impl std::fmt::Display) -> io::Error {
@@ -91,6 +101,7 @@ impl StateMachine {
             path,
             ids: HashMap::new(),
             order: VecDeque::new(),
+            touched: Vec::new(),
             s,
         };
         sm.rebuild_dedupe();
@@ -183,6 +194,13 @@ impl StateMachine {
 
     fn save(&mut self) -> io::Result<()> {
         self.app.commit(self.fsync)?;
+        // Consumer op logs written by these entries: on disk before
+        // `applied` says so, as the stream's log.
+        for f in std::mem::take(&mut self.touched) {
+            if self.fsync {
+                f.open().and_then(|f| f.sync_data())?;
+            }
+        }
         // Not fsynced: the stream's log is (above), so this file never
         // claims more than is on disk; an older one only means entries are
         // applied again (and skipped).
@@ -235,6 +253,27 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                             return Err(StorageIOError::write_state_machine(&err).into());
                         }
                     },
+                    Ok(Op::Consumers { changes }) => {
+                        let mut error = None;
+                        for ch in changes {
+                            match crate::streams::consumer::apply_change(&self.s, ch) {
+                                Ok(Some(f)) => self.touched.push(f),
+                                Ok(None) => {}
+                                // Refused the same way on every replica
+                                // (a bad start, say): the proposer hears it.
+                                Err(crate::streams::consumer::ApplyError::Refused(e)) => {
+                                    error = Some(e)
+                                }
+                                Err(crate::streams::consumer::ApplyError::Io(err)) => {
+                                    return Err(StorageIOError::write_state_machine(&err).into());
+                                }
+                            }
+                        }
+                        out.push(Applied {
+                            acks: Vec::new(),
+                            error,
+                        });
+                    }
                     Err(err) => out.push(Applied {
                         acks: Vec::new(),
                         error: Some(format!("undecodable entry: {err}")),

@@ -115,6 +115,29 @@ where
     }
 }
 
+/// Answers once `f` is done (a replicated consumer's create or delete,
+/// which waits for its stream's group).
+fn later<T, F>(state: &Ctx<'_>, reply: Option<&str>, f: F)
+where
+    T: Serialize + Send + 'static,
+    F: std::future::Future<Output = Result<T, StreamError>> + Send + 'static,
+{
+    let streams = state.streams.clone();
+    let delivery = state.delivery.clone();
+    let reply = reply.map(str::to_string);
+    let Ok(rt) = tokio::runtime::Handle::try_current() else {
+        return;
+    };
+    rt.spawn(async move {
+        let r = f.await;
+        let ctx = Ctx {
+            streams: &streams,
+            delivery: &delivery,
+        };
+        reply_with(&ctx, reply.as_deref(), r);
+    });
+}
+
 fn parse<'a, T: serde::Deserialize<'a>>(payload: &'a [u8]) -> Result<T, StreamError> {
     strict::from_slice(if payload.is_empty() { b"{}" } else { payload })
         .map_err(|e| StreamError::BadRequest(format!("invalid request body: {e}")))
@@ -213,9 +236,18 @@ pub(crate) fn handle(
                 let s = streams
                     .get(stream)
                     .ok_or_else(|| StreamError::NotFound(stream.to_string()))?;
-                consumer::create(&s, cfg)
+                Ok((s, cfg))
             });
-            reply_with(state, reply, r)
+            match r {
+                // Its state lives in the stream's Raft log.
+                Ok((s, cfg)) if s.config.replicas() > 1 && cfg.durable.is_some() => {
+                    later(state, reply, async move {
+                        consumer::repl::create(s, cfg, None).await.map(|c| c.info())
+                    })
+                }
+                Ok((s, cfg)) => reply_with(state, reply, consumer::create(&s, cfg)),
+                Err(e) => reply_with::<()>(state, reply, Err(e)),
+            }
         }
         Api::ConsumerInfo {
             stream,
@@ -235,12 +267,25 @@ pub(crate) fn handle(
             stream,
             consumer: name,
         } => {
-            let r = streams
+            let s = streams
                 .get(stream)
-                .ok_or_else(|| StreamError::NotFound(stream.to_string()))
-                .and_then(|s| consumer::delete(&s, name))
-                .map(|_| Deleted { deleted: true });
-            reply_with(state, reply, r)
+                .ok_or_else(|| StreamError::NotFound(stream.to_string()));
+            match s {
+                Ok(s) if s.consumer(name).is_some_and(|c| c.repl.is_some()) => {
+                    let name = name.to_string();
+                    later(state, reply, async move {
+                        consumer::repl::delete(s, name)
+                            .await
+                            .map(|_| Deleted { deleted: true })
+                    })
+                }
+                s => {
+                    let r = s
+                        .and_then(|s| consumer::delete(&s, name))
+                        .map(|_| Deleted { deleted: true });
+                    reply_with(state, reply, r)
+                }
+            }
         }
         Api::ConsumerList { stream } => {
             let r = streams

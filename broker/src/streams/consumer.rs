@@ -8,6 +8,9 @@
 //! `A` acked, `T` terminated, each 17 bytes with a CRC32C. Replaying it gives
 //! the position and the pending set; a torn last op is ignored. Confirmed
 //! acks (an ack with a reply subject) are answered after an fsync.
+//!
+//! A durable consumer of a replicated stream keeps that state in the
+//! stream's Raft log instead and is served by the stream's leader (`repl`).
 
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -26,6 +29,8 @@ use super::{strict, write_atomic, Stream, StreamError};
 use crate::deliver::{Delivery, Outgoing};
 use crate::store::files::{CachedFile, Mode};
 use crate::store::{now_ns, Log, ReadPos, StoredMsg};
+
+pub(crate) mod repl;
 
 const OP_LEN: usize = 17;
 const COMPACT_AT: u64 = 1 << 20;
@@ -74,6 +79,9 @@ pub(crate) struct Pull {
     pub push: bool,
     /// Told when the pull has ended (push consumers start the next one).
     pub done: Option<oneshot::Sender<()>>,
+    /// A replicated consumer's pull forwarded by another node: the node
+    /// whose client asked, which delivers what this one sends it (`repl`).
+    pub origin: Option<String>,
 }
 
 pub struct Consumer {
@@ -99,6 +107,47 @@ pub struct Consumer {
     pub(crate) nats: Option<serde_json::Value>,
     /// When it was created or loaded, ns since the epoch.
     pub(crate) created: u64,
+    /// Itself, for the tasks a replicated consumer's pulls and acks start.
+    me: Weak<Consumer>,
+    /// A durable consumer of a replicated stream: its replicated state.
+    pub(crate) repl: Option<repl::Repl>,
+}
+
+/// One op of an op log: (kind, seq, n), or `None` when torn or damaged.
+fn read_op(rec: &[u8]) -> Option<(u8, u64, u32)> {
+    if rec.len() < OP_LEN
+        || crc32c::crc32c(&rec[..13]) != u32::from_le_bytes(rec[13..17].try_into().ok()?)
+    {
+        return None;
+    }
+    let seq = u64::from_le_bytes(rec[1..9].try_into().ok()?);
+    let n = u32::from_le_bytes(rec[9..13].try_into().ok()?);
+    matches!(rec[0], b'N' | b'D' | b'A' | b'T').then_some((rec[0], seq, n))
+}
+
+/// One op onto a position and its pending set (seq -> deliveries): the
+/// same at start-up and in a replicated stream's state machine.
+fn replay(next_seq: &mut u64, pending: &mut BTreeMap<u64, u32>, kind: u8, seq: u64, n: u32) {
+    match kind {
+        b'N' => *next_seq = (*next_seq).max(seq),
+        b'D' => {
+            pending.insert(seq, n);
+            *next_seq = (*next_seq).max(seq + 1);
+        }
+        _ => {
+            pending.remove(&seq);
+        }
+    }
+}
+
+/// A state as the ops that rebuild it: `N` and one `D` per pending message.
+fn state_ops(next_seq: u64, pending: impl Iterator<Item = (u64, u32)>) -> Vec<u8> {
+    let mut b = Vec::new();
+    op(&mut b, b'N', next_seq, 0);
+    for (seq, n) in pending {
+        op(&mut b, b'D', seq, n);
+    }
+    b
 }
 
 fn op(buf: &mut Vec<u8>, kind: u8, seq: u64, n: u32) {
@@ -141,6 +190,11 @@ impl Consumer {
         if ops.is_empty() {
             return;
         }
+        if let Some(r) = &self.repl {
+            // Stored by the group's state machine once committed.
+            r.queue(ops);
+            return;
+        }
         if let Some(f) = &st.file {
             match f.open().and_then(|f| (&*f).write_all(ops)) {
                 Ok(()) => st.file_len += ops.len() as u64,
@@ -159,11 +213,10 @@ impl Consumer {
         let Some(path) = &self.path else {
             return Ok(());
         };
-        let mut b = Vec::with_capacity((st.pending.len() + 1) * OP_LEN);
-        op(&mut b, b'N', st.next_seq, 0);
-        for (seq, p) in &st.pending {
-            op(&mut b, b'D', *seq, p.deliveries);
-        }
+        let b = state_ops(
+            st.next_seq,
+            st.pending.iter().map(|(s, p)| (*s, p.deliveries)),
+        );
         write_atomic(path, &b)?;
         // A new file took the old one's name: open that one from now on.
         st.file = Some(self.log.files().file(path.clone(), Mode::Append));
@@ -182,11 +235,24 @@ impl Consumer {
             heartbeat: None,
             push: false,
             done: None,
+            origin: None,
         });
     }
 
-    /// Queues a pull; they are served one after the other.
+    /// Queues a pull; they are served one after the other (a replicated
+    /// consumer's by the stream's leader).
     pub(crate) fn pull_with(&self, p: Pull) {
+        if self.repl.is_some() {
+            self.last_pull.store(now_ns(), Ordering::Relaxed);
+            if let Some(me) = self.me.upgrade() {
+                repl::dispatch_pull(me, p);
+            }
+            return;
+        }
+        self.queue_pull(p);
+    }
+
+    fn queue_pull(&self, p: Pull) {
         self.last_pull.store(now_ns(), Ordering::Relaxed);
         self.waiting.fetch_add(1, Ordering::AcqRel);
         if self.pulls.send(p).is_err() {
@@ -222,6 +288,16 @@ impl Consumer {
     /// Redelivers a pending message no sooner than `delay` from now (a
     /// JetStream `-NAK {"delay": ns}`).
     pub(crate) fn nak_after(&self, seq: u64, delay: Duration) {
+        if self.repl.is_some() {
+            if let Some(me) = self.me.upgrade() {
+                repl::dispatch_ack(me, seq, AckKind::Nak, Some(delay), None);
+            }
+            return;
+        }
+        self.nak_after_local(seq, delay);
+    }
+
+    fn nak_after_local(&self, seq: u64, delay: Duration) {
         let mut st = self.lock();
         if let Some(p) = st.pending.get_mut(&seq) {
             p.deadline = Instant::now() + delay;
@@ -245,7 +321,36 @@ impl Consumer {
     }
 
     pub(crate) fn ack(&self, seq: u64, kind: AckKind, reply: Option<&str>) {
-        let file = {
+        if self.repl.is_some() {
+            if let Some(me) = self.me.upgrade() {
+                repl::dispatch_ack(me, seq, kind, None, reply.map(str::to_string));
+            }
+            return;
+        }
+        let file = self.ack_state(seq, kind);
+        let Some(reply) = reply else { return };
+        let reply = reply.to_string();
+        let delivery = self.delivery.clone();
+        match file {
+            Some(f) => {
+                tokio::task::spawn_blocking(move || {
+                    let body: &[u8] = match f.open().and_then(|f| f.sync_data()) {
+                        Ok(()) => br#"{"ok":true}"#,
+                        Err(_) => br#"{"error":"cannot store the ack","status":503}"#,
+                    };
+                    let _ = delivery.publish_now(&reply, &[], body);
+                });
+            }
+            None => {
+                let _ = delivery.publish_now(&reply, &[], br#"{"ok":true}"#);
+            }
+        }
+    }
+
+    /// An ack's change to the state (and its op); the op log to fsync for
+    /// a confirmation.
+    fn ack_state(&self, seq: u64, kind: AckKind) -> Option<CachedFile> {
+        {
             let mut st = self.lock();
             let mut ops = Vec::new();
             match kind {
@@ -274,23 +379,6 @@ impl Consumer {
             }
             self.write_ops(&mut st, &ops);
             st.file.clone()
-        };
-        let Some(reply) = reply else { return };
-        let reply = reply.to_string();
-        let delivery = self.delivery.clone();
-        match file {
-            Some(f) => {
-                tokio::task::spawn_blocking(move || {
-                    let body: &[u8] = match f.open().and_then(|f| f.sync_data()) {
-                        Ok(()) => br#"{"ok":true}"#,
-                        Err(_) => br#"{"error":"cannot store the ack","status":503}"#,
-                    };
-                    let _ = delivery.publish_now(&reply, &[], body);
-                });
-            }
-            None => {
-                let _ = delivery.publish_now(&reply, &[], br#"{"ok":true}"#);
-            }
         }
     }
 
@@ -462,14 +550,14 @@ pub(crate) fn create_named(
     let name = match &cfg.durable {
         Some(n) => {
             if let Some(c) = s.consumer(n) {
-                if c.config.filter_subject != cfg.filter_subject
-                    || c.config.ack_policy != cfg.ack_policy
-                {
-                    return Err(StreamError::BadRequest(format!(
-                        "durable consumer {n:?} exists with a different filter or ack policy"
-                    )));
-                }
+                same_durable(&c, &cfg)?;
                 return Ok(c);
+            }
+            if s.config.replicas() > 1 {
+                // Made by the group (repl::create), never here alone.
+                return Err(StreamError::BadRequest(format!(
+                    "durable consumer {n:?} of a replicated stream is created through its group"
+                )));
             }
             n.clone()
         }
@@ -497,26 +585,9 @@ pub(crate) fn create_named(
         error: e.to_string(),
     };
     let (path, file, file_len) = if cfg.durable.is_some() {
-        let dir = s.consumers_dir();
-        std::fs::create_dir_all(&dir).map_err(storage)?;
-        write_atomic(
-            &dir.join(format!("{name}.json")),
-            &serde_json::to_vec_pretty(&cfg).expect("serialisable"),
-        )
-        .map_err(storage)?;
-        if let Some(n) = &nats {
-            write_atomic(
-                &dir.join(format!("{name}.nats")),
-                &serde_json::to_vec_pretty(n).expect("serialisable"),
-            )
-            .map_err(storage)?;
-        }
-        let path = dir.join(format!("{name}.log"));
-        let mut b = Vec::new();
-        op(&mut b, b'N', next_seq, 0);
-        write_atomic(&path, &b).map_err(storage)?;
-        let f = s.log.files().file(path.clone(), Mode::Append);
-        (Some(path), Some(f), b.len() as u64)
+        let (path, f, len) =
+            durable_files(s, &name, &cfg, nats.as_ref(), next_seq).map_err(storage)?;
+        (Some(path), Some(f), len)
     } else {
         (None, None, 0)
     };
@@ -534,9 +605,114 @@ pub(crate) fn create_named(
         },
         path,
         nats,
+        None,
     );
     info!(stream = %s.config.name, consumer = %c.name, durable = c.is_durable(), next_seq, "consumer created");
     Ok(c)
+}
+
+/// An existing durable asked for again: the same filter and ack policy, or refused.
+fn same_durable(c: &Consumer, cfg: &ConsumerConfig) -> Result<(), StreamError> {
+    if c.config.filter_subject != cfg.filter_subject || c.config.ack_policy != cfg.ack_policy {
+        return Err(StreamError::BadRequest(format!(
+            "durable consumer {:?} exists with a different filter or ack policy",
+            c.name
+        )));
+    }
+    Ok(())
+}
+
+/// A new durable consumer's files: its config, its JetStream config, an
+/// op log holding its start. The op log's path, file and length.
+fn durable_files(
+    s: &Stream,
+    name: &str,
+    cfg: &ConsumerConfig,
+    nats: Option<&serde_json::Value>,
+    next_seq: u64,
+) -> std::io::Result<(PathBuf, CachedFile, u64)> {
+    let dir = s.consumers_dir();
+    std::fs::create_dir_all(&dir)?;
+    write_atomic(
+        &dir.join(format!("{name}.json")),
+        &serde_json::to_vec_pretty(cfg).expect("serialisable"),
+    )?;
+    if let Some(n) = nats {
+        write_atomic(
+            &dir.join(format!("{name}.nats")),
+            &serde_json::to_vec_pretty(n).expect("serialisable"),
+        )?;
+    }
+    let path = dir.join(format!("{name}.log"));
+    let b = state_ops(next_seq, std::iter::empty());
+    write_atomic(&path, &b)?;
+    let f = s.log.files().file(path.clone(), Mode::Append);
+    Ok((path, f, b.len() as u64))
+}
+
+/// Why a replicated stream's state machine could not apply a consumer change.
+#[derive(Debug)]
+pub(crate) enum ApplyError {
+    /// Refused, the same way on every replica (the proposer hears why).
+    Refused(String),
+    /// The disk failed here.
+    Io(std::io::Error),
+}
+
+/// A replicated stream's state machine applies one committed change to its
+/// durable consumers; the op log written, to fsync before `applied` moves.
+pub(crate) fn apply_change(
+    s: &Arc<Stream>,
+    ch: crate::replication::ConsumerChange,
+) -> Result<Option<CachedFile>, ApplyError> {
+    use crate::replication::ConsumerChange;
+    match ch {
+        ConsumerChange::Create { name, config, nats } => {
+            // Applied again after a crash, or created twice at once.
+            if s.consumer(&name).is_some() {
+                return Ok(None);
+            }
+            let cfg: ConsumerConfig = serde_json::from_str(&config)
+                .map_err(|e| ApplyError::Refused(format!("consumer configuration: {e}")))?;
+            let nats: Option<serde_json::Value> = nats.and_then(|n| serde_json::from_str(&n).ok());
+            // Every replica's copy is the same at this entry, so is the start.
+            let next_seq =
+                parse_start(&s.log, &cfg.start).map_err(|e| ApplyError::Refused(e.to_string()))?;
+            let (path, file, len) =
+                durable_files(s, &name, &cfg, nats.as_ref(), next_seq).map_err(ApplyError::Io)?;
+            let c = start(
+                s,
+                name,
+                cfg,
+                CState {
+                    next_seq,
+                    pending: BTreeMap::new(),
+                    pos: None,
+                    redelivered: 0,
+                    file: None,
+                    file_len: 0,
+                },
+                Some(path.clone()),
+                nats,
+                Some(repl::Repl::new(next_seq, BTreeMap::new(), path, file, len)),
+            );
+            info!(stream = %s.config.name, consumer = %c.name, next_seq, "replicated durable consumer created");
+            Ok(None)
+        }
+        ConsumerChange::Delete { name } => {
+            match delete(s, &name) {
+                Ok(()) | Err(StreamError::ConsumerNotFound(_)) => {}
+                Err(e) => return Err(ApplyError::Refused(e.to_string())),
+            }
+            Ok(None)
+        }
+        ConsumerChange::Ops { name, ops } => match s.consumer(&name) {
+            // Deleted by a later entry that was applied before a crash.
+            None => Ok(None),
+            Some(c) if c.repl.is_none() => Ok(None),
+            Some(c) => repl::apply_ops(&c, &ops).map(Some).map_err(ApplyError::Io),
+        },
+    }
 }
 
 fn start(
@@ -546,9 +722,10 @@ fn start(
     st: CState,
     path: Option<PathBuf>,
     nats: Option<serde_json::Value>,
+    repl: Option<repl::Repl>,
 ) -> Arc<Consumer> {
     let (tx, rx) = mpsc::unbounded_channel();
-    let c = Arc::new(Consumer {
+    let c = Arc::new_cyclic(|me| Consumer {
         name: name.clone(),
         stream: s.config.name.clone(),
         config,
@@ -564,6 +741,8 @@ fn start(
         waiting: AtomicUsize::new(0),
         nats,
         created: now_ns(),
+        me: me.clone(),
+        repl,
     });
     s.consumers
         .lock()
@@ -605,32 +784,11 @@ pub(crate) fn load_all(s: &Arc<Stream>) {
         let now = Instant::now();
         let mut valid = 0;
         for rec in bytes.chunks(OP_LEN) {
-            if rec.len() < OP_LEN
-                || crc32c::crc32c(&rec[..13])
-                    != u32::from_le_bytes(rec[13..17].try_into().expect("4 bytes"))
-            {
+            let Some((kind, seq, n)) = read_op(rec) else {
                 break;
-            }
+            };
             valid += OP_LEN;
-            let seq = u64::from_le_bytes(rec[1..9].try_into().expect("8 bytes"));
-            let n = u32::from_le_bytes(rec[9..13].try_into().expect("4 bytes"));
-            match rec[0] {
-                b'N' => next_seq = next_seq.max(seq),
-                b'D' => {
-                    pending.insert(
-                        seq,
-                        Pend {
-                            deliveries: n,
-                            deadline: now,
-                        },
-                    );
-                    next_seq = next_seq.max(seq + 1);
-                }
-                b'A' | b'T' => {
-                    pending.remove(&seq);
-                }
-                _ => break,
-            }
+            replay(&mut next_seq, &mut pending, kind, seq, n);
         }
         let file = std::fs::OpenOptions::new()
             .append(true)
@@ -647,13 +805,39 @@ pub(crate) fn load_all(s: &Arc<Stream>) {
         let nats = std::fs::read(dir.join(format!("{name}.nats")))
             .ok()
             .and_then(|b| serde_json::from_slice(&b).ok());
+        // A replicated stream's: the op log holds what the group committed
+        // and applied here; the state machine writes it from now on.
+        let (file, repl) = match file {
+            Some(f) if s.config.replicas() > 1 => (
+                None,
+                Some(repl::Repl::new(
+                    next_seq,
+                    pending.clone(),
+                    log_path.clone(),
+                    f,
+                    valid as u64,
+                )),
+            ),
+            f => (f, None),
+        };
         let c = start(
             s,
             name,
             cfg,
             CState {
                 next_seq,
-                pending,
+                pending: pending
+                    .into_iter()
+                    .map(|(seq, deliveries)| {
+                        (
+                            seq,
+                            Pend {
+                                deliveries,
+                                deadline: now,
+                            },
+                        )
+                    })
+                    .collect(),
                 pos: None,
                 redelivered: 0,
                 file,
@@ -661,6 +845,7 @@ pub(crate) fn load_all(s: &Arc<Stream>) {
             },
             Some(log_path),
             nats,
+            repl,
         );
         info!(stream = %s.config.name, consumer = %c.name, next_seq, pending = pend, "durable consumer loaded");
     }
@@ -739,6 +924,29 @@ async fn serve(c: Arc<Consumer>, stream: Weak<Stream>, mut rx: mpsc::UnboundedRe
     }
 }
 
+/// What is left of a replicated consumer's pull, to whichever node leads
+/// now (a push consumer's loop pulls again by itself).
+fn resend(c: &Arc<Consumer>, pull: &Pull, left: usize, bytes_left: usize, deadline: Instant) {
+    if pull.push {
+        return;
+    }
+    repl::dispatch_pull(
+        c.clone(),
+        Pull {
+            reply: pull.reply.clone(),
+            batch: left,
+            max_bytes: bytes_left,
+            expires: deadline.saturating_duration_since(Instant::now()),
+            no_wait: pull.no_wait,
+            flavor: pull.flavor,
+            heartbeat: pull.heartbeat,
+            push: false,
+            done: None,
+            origin: pull.origin.clone(),
+        },
+    );
+}
+
 async fn serve_pull(
     c: &Arc<Consumer>,
     pull: &Pull,
@@ -760,9 +968,20 @@ async fn serve_pull(
             }
             return;
         }
+        // A replicated consumer is served by the stream's leader only.
+        if c.repl.is_some() && !repl::is_live(c) {
+            resend(c, pull, left, bytes_left, deadline);
+            return;
+        }
         committed.borrow_and_update();
         let (inbox, _) = c.delivery.router().compute(&pull.reply);
         if inbox.is_empty() {
+            // A pull forwarded from another node may be here before that
+            // node's interest in its inbox.
+            if c.repl.is_some() && start.elapsed() < repl::INBOX_GRACE {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                continue;
+            }
             // The client is gone; its pull with it.
             return;
         }
@@ -785,42 +1004,67 @@ async fn serve_pull(
             }
             Err(_) => return,
         };
+        // A replicated consumer's deliveries (and the acks that came
+        // before them) are committed before any of them is sent: a leader
+        // that takes over knows every message that reached a client, so it
+        // delivers none of them again before its ack wait (by when the
+        // client's ack has reached it).
+        if c.repl.is_some() && repl::flush_all(c).await.is_err() {
+            // The batch was never sent; the state is the group's again.
+            resend(c, pull, left, bytes_left, deadline);
+            return;
+        }
         if !batch.is_empty() {
             quiet_since = Instant::now();
-            let mut out = c.delivery.batch(4);
-            let mut failed = Vec::new();
             let pending = match pull.flavor {
                 Flavor::Js => c.num_pending(),
                 Flavor::Native => 0,
             };
-            for (msg, deliveries) in &batch {
-                let ack = match pull.flavor {
+            let first = c.delivered.load(Ordering::Relaxed) + 1;
+            let acks: Vec<String> = batch
+                .iter()
+                .enumerate()
+                .map(|(i, (msg, deliveries))| match pull.flavor {
                     Flavor::Native => subject::ack(&c.stream, &c.name, msg.seq, *deliveries),
                     Flavor::Js => crate::jetstream::ack_subject(
                         &c.stream,
                         &c.name,
                         *deliveries,
                         msg.seq,
-                        c.delivered.load(Ordering::Relaxed) + 1,
+                        first + i as u64,
                         msg.ts,
                         pending,
                     ),
-                };
-                let m = Outgoing {
-                    reply: Some(&ack),
-                    ..Outgoing::new(msg.subject(), None, &msg.headers, &msg.payload)
-                };
-                if !failed.is_empty() || out.redeliver(&inbox, &m) == 0 {
-                    failed.push(msg.seq);
-                    continue;
+                })
+                .collect();
+            // How many, in order, reached the client.
+            let sent = match &pull.origin {
+                None => {
+                    let mut out = c.delivery.batch(4);
+                    let mut n = 0;
+                    for ((msg, _), ack) in batch.iter().zip(&acks) {
+                        let m = Outgoing {
+                            reply: Some(ack),
+                            ..Outgoing::new(msg.subject(), None, &msg.headers, &msg.payload)
+                        };
+                        if out.redeliver(&inbox, &m) == 0 {
+                            break;
+                        }
+                        n += 1;
+                    }
+                    out.finish();
+                    n
                 }
+                Some(node) => repl::deliver_remote(c, node, &pull.reply, &batch, &acks).await,
+            };
+            for (msg, _) in &batch[..sent] {
                 c.delivered.fetch_add(1, Ordering::Relaxed);
                 left -= 1;
                 bytes_left = bytes_left
                     .saturating_sub(msg.payload.len() + msg.headers.len() + msg.subject().len());
             }
-            out.finish();
-            if !failed.is_empty() {
+            if sent < batch.len() {
+                let failed: Vec<u64> = batch[sent..].iter().map(|(m, _)| m.seq).collect();
                 c.undeliver(&failed);
                 return;
             }
@@ -1025,6 +1269,61 @@ mod tests {
 
     async fn sleep_ms(ms: u64) {
         tokio::time::sleep(Duration::from_millis(ms)).await;
+    }
+
+    /// A replicated stream's state machine may apply consumer ops again
+    /// after a crash (its `applied` file lags the op log it appended to,
+    /// which may also have been compacted meanwhile): the state must come
+    /// out as if each op had been applied once.
+    #[test]
+    fn replaying_a_suffix_of_consumer_ops_again_leaves_the_state_applying_it_once_would() {
+        let ops: &[(u8, u64, u32)] = &[
+            (b'D', 1, 1),
+            (b'D', 2, 1),
+            (b'A', 1, 0),
+            (b'D', 3, 1),
+            (b'D', 2, 2),
+            (b'T', 2, 0),
+            (b'N', 6, 0),
+            (b'A', 3, 0),
+            (b'D', 6, 1),
+            (b'D', 7, 1),
+            (b'D', 6, 2),
+            (b'A', 7, 0),
+        ];
+        let run = |from: (u64, BTreeMap<u64, u32>), seq: &[(u8, u64, u32)]| {
+            let (mut next, mut pending) = from;
+            for &(k, s, n) in seq {
+                replay(&mut next, &mut pending, k, s, n);
+            }
+            (next, pending)
+        };
+        let start = || (1u64, BTreeMap::new());
+        let once = run(start(), ops);
+        assert_eq!(once, (8, BTreeMap::from([(6, 2)])));
+        for applied in 0..=ops.len() {
+            for written in applied..=ops.len() {
+                // Written up to `written`, applied again from `applied`.
+                let twice: Vec<_> = ops[..written]
+                    .iter()
+                    .chain(&ops[applied..])
+                    .copied()
+                    .collect();
+                assert_eq!(run(start(), &twice), once, "{applied}..{written}");
+                // The same with the op log compacted at `written`.
+                let (n, p) = run(start(), &ops[..written]);
+                let mut compacted = start();
+                for rec in state_ops(n, p.into_iter()).chunks(OP_LEN) {
+                    let (k, s, d) = read_op(rec).expect("a whole op");
+                    replay(&mut compacted.0, &mut compacted.1, k, s, d);
+                }
+                assert_eq!(
+                    run(compacted, &ops[applied..]),
+                    once,
+                    "compacted {applied}..{written}"
+                );
+            }
+        }
     }
 
     #[tokio::test]
