@@ -607,7 +607,7 @@ impl Batch {
                 if let Some(s) = c
                     .cache
                     .get(&c.streams, subject)
-                    .filter(|s| s.config.replicas() == 1)
+                    .filter(|s| s.config().replicas() == 1)
                 {
                     let to = match reply {
                         Some(r) if ack => AckTo::Reply(r.into()),

@@ -323,7 +323,7 @@ async fn a_durable_consumer_resumes_after_a_broker_restart_and_pending_acks_come
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn retention_removes_whole_old_segments_by_count_bytes_and_age() {
+async fn retention_keeps_exactly_max_msgs_at_most_max_bytes_and_drops_expired_segments() {
     let dir = tempfile::tempdir().unwrap();
     let b = broker_in(dir.path()).await;
     let c = client(&b).await;
@@ -348,15 +348,16 @@ async fn retention_removes_whole_old_segments_by_count_bytes_and_age() {
     }
     tokio::time::sleep(Duration::from_millis(2500)).await;
     let m = c.stream_info("M").await.unwrap().state;
-    // At least the newest 50 are kept, at most one segment (15 msgs) more.
-    assert!(m.messages >= 50 && m.messages <= 65, "{m:?}");
-    assert_eq!(m.last_seq, 300);
-    assert_eq!(m.first_seq, 300 - m.messages + 1);
+    // Exactly the newest 50 are kept (whole segments, then a cut into one).
+    assert_eq!((m.messages, m.first_seq, m.last_seq), (50, 251, 300), "{m:?}");
     let y = c.stream_info("Y").await.unwrap().state;
+    // At most the limit, short of it by less than one record and the
+    // segments' 16-byte headers.
     assert!(
-        y.bytes >= 100 * 1024 && y.bytes <= 100 * 1024 + 13 * 1024 + 2000,
+        y.bytes <= 100 * 1024 && y.bytes > 100 * 1024 - 1100 - 16 * 10,
         "{y:?}"
     );
+    assert_eq!(y.first_seq, 300 - y.messages + 1);
     let g = c.stream_info("G").await.unwrap().state;
     assert_eq!((g.messages, g.last_seq), (0, 20), "{g:?}");
     // The sequence goes on after everything expired.

@@ -274,7 +274,7 @@ pub(crate) fn num_pending(s: &Stream, next_seq: u64, filter: Option<&str>) -> u6
     if from > last {
         return 0;
     }
-    let filter = filter.filter(|f| !s.config.subjects.iter().all(|p| covers(f, p)));
+    let filter = filter.filter(|f| !s.config().subjects.iter().all(|p| covers(f, p)));
     let Some(f) = filter else {
         return last - from + 1;
     };

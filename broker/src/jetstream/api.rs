@@ -15,7 +15,7 @@ use super::config::{
 use super::{parse_ack, send_status, status, Ctx, JsError};
 use crate::deliver::Delivery;
 use crate::streams::consumer::{self, Consumer, Flavor, Pull};
-use crate::streams::{Stream, Streams};
+use crate::streams::{Fsync, Stream, StreamConfig, Streams};
 
 const API_PREFIX: &str = "$JS.API.";
 /// Most names in one `STREAM.NAMES`/`CONSUMER.NAMES` page, and infos in
@@ -240,28 +240,50 @@ fn stream_create(ctx: &Ctx<'_>, reply: Option<&str>, name: &str, payload: &[u8],
     } else {
         "stream_create"
     };
-    let cfg = match body(payload).and_then(|v| stream_from_js(name, &v)) {
+    let (v, cfg) = match body(payload).and_then(|v| stream_from_js(name, &v).map(|c| (v, c))) {
         Ok(c) => c,
         Err(e) => return answer(ctx.delivery, reply, kind, Err(e)),
     };
     on_disk(ctx, reply, kind, move |streams| {
-        if update {
-            let s = streams
-                .get(&cfg.name)
-                .ok_or_else(JsError::stream_not_found)?;
-            if s.config != cfg {
-                return Err(JsError::new(
-                    400,
-                    10052,
-                    "not supported by sockbus: changing a stream's configuration (delete and \
-                     create it again)",
-                ));
-            }
-        }
         let name = cfg.name.clone();
-        streams.create(cfg)?;
+        if update {
+            let old = stream(streams, &name)?.config();
+            streams.update(update_config(&old, &v, cfg)?)?;
+        } else {
+            streams.create(cfg)?;
+        }
         Ok(stream_info(&*stream(streams, &name)?))
     });
+}
+
+/// What a `STREAM.UPDATE` asks of the stream configured `old`: `cfg` read
+/// from the request `v`, with what JetStream's configuration does not say
+/// (segment size, fsync interval, and the fsync mode unless the request's
+/// metadata names one) kept from `old`. A change of storage type is
+/// refused in nats-server's words.
+fn update_config(
+    old: &StreamConfig,
+    v: &Value,
+    mut cfg: StreamConfig,
+) -> Result<StreamConfig, JsError> {
+    let memory = v.get("storage").and_then(Value::as_str) == Some("memory");
+    let explicit = v
+        .get("metadata")
+        .and_then(|m| m.get("sockbus.fsync"))
+        .is_some();
+    if !explicit {
+        if memory != (old.fsync == Fsync::Never) {
+            return Err(JsError::new(
+                500,
+                10052,
+                "stream configuration update can not change storage type",
+            ));
+        }
+        cfg.fsync = old.fsync;
+    }
+    cfg.fsync_interval_ms = old.fsync_interval_ms;
+    cfg.segment_bytes = old.segment_bytes;
+    Ok(cfg)
 }
 
 /// STREAM.NAMES and STREAM.LIST: one page from `offset`, optionally only
@@ -274,7 +296,7 @@ fn stream_names(streams: &Streams, payload: &[u8], infos: bool) -> Result<Value,
                 streams.list().into_iter().map(|i| i.config.name).collect();
             names.retain(|n| {
                 streams.get(n).is_some_and(|st| {
-                    st.config.subjects.iter().any(|p| {
+                    st.config().subjects.iter().any(|p| {
                         p == s || sockbus_protocol::matches(p, s) || sockbus_protocol::matches(s, p)
                     })
                 })
@@ -296,7 +318,7 @@ fn stream_names(streams: &Streams, payload: &[u8], infos: bool) -> Result<Value,
                "streams": page.map(|s| stream_info(s)).collect::<Vec<_>>(), "missing": []})
     } else {
         json!({"total": total, "offset": from, "limit": limit,
-               "streams": page.map(|s| s.config.name.clone()).collect::<Vec<_>>()})
+               "streams": page.map(|s| s.name.clone()).collect::<Vec<_>>()})
     })
 }
 

@@ -142,6 +142,7 @@ pub(super) fn stream_from_js(name: &str, v: &Value) -> Result<StreamConfig, JsEr
         Some(n @ (3 | 5)) => Some(n as u32),
         Some(_) => return Err(invalid("num_replicas", "1, 3 or 5")),
     };
+    let description = string(&o, "description")?.map(str::to_string);
     if positive(&o, "max_msgs_per_subject")?.is_some() {
         return Err(JsError::unsupported("max_msgs_per_subject"));
     }
@@ -166,6 +167,8 @@ pub(super) fn stream_from_js(name: &str, v: &Value) -> Result<StreamConfig, JsEr
     cfg.max_age_ms = positive(&o, "max_age")?.map(|ns| ns.div_ceil(MS));
     cfg.duplicate_window_ms = positive(&o, "duplicate_window")?.map(|ns| ns.div_ceil(MS));
     cfg.replicas = replicas;
+    cfg.max_msg_size = positive(&o, "max_msg_size")?;
+    cfg.description = description;
     // `storage: memory` keeps nothing in memory here: the stream is on
     // disk without fsyncs, which loses nothing on a broker crash.
     cfg.fsync = if memory { Fsync::Never } else { Fsync::Always };
@@ -201,7 +204,7 @@ fn limit(v: Option<u64>) -> i64 {
 
 /// A sockbus stream's configuration in JetStream's words.
 pub(super) fn stream_to_js(cfg: &StreamConfig) -> Value {
-    json!({
+    let mut v = json!({
         "name": cfg.name,
         "subjects": cfg.subjects,
         "retention": "limits",
@@ -210,9 +213,10 @@ pub(super) fn stream_to_js(cfg: &StreamConfig) -> Value {
         "max_bytes": limit(cfg.max_bytes),
         "max_age": cfg.max_age_ms.unwrap_or(0).saturating_mul(MS),
         "max_msgs_per_subject": -1,
-        "max_msg_size": -1,
+        "max_msg_size": limit(cfg.max_msg_size),
         "discard": "old",
-        "storage": "file",
+        // `fsync = never` is what `storage: memory` asked for.
+        "storage": if cfg.fsync == Fsync::Never { "memory" } else { "file" },
         "num_replicas": cfg.replicas(),
         "duplicate_window": cfg.duplicate_window().as_nanos() as u64,
         "sealed": false,
@@ -222,7 +226,11 @@ pub(super) fn stream_to_js(cfg: &StreamConfig) -> Value {
         "allow_direct": false,
         "mirror_direct": false,
         "metadata": {"sockbus.fsync": fsync_name(cfg.fsync)},
-    })
+    });
+    if let Some(d) = &cfg.description {
+        v["description"] = json!(d);
+    }
+    v
 }
 
 fn now_rfc3339() -> String {
@@ -234,7 +242,7 @@ pub(super) fn stream_info(s: &Stream) -> Value {
     let info = s.info();
     let st = &info.state;
     let mut v = json!({
-        "config": stream_to_js(&s.config),
+        "config": stream_to_js(&s.config()),
         "created": rfc3339(s.created_ns()),
         "state": {
             "messages": st.messages,

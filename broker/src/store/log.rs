@@ -37,6 +37,8 @@ const PREALLOC_MIN: u64 = 4 << 10;
 const STAGING_KEEP: usize = 64 << 10;
 /// Most bytes a filtered read looks at before returning what it has.
 const SCAN_LIMIT: u64 = 16 << 20;
+/// The file keeping a log's floor (see [`LogState::floor`]), in its directory.
+pub const FLOOR_FILE: &str = "floor";
 
 pub fn now_ns() -> u64 {
     SystemTime::now()
@@ -52,29 +54,68 @@ pub struct LogState {
     pub last_ts: u64,
     /// Records found damaged (skipped) since the broker started.
     pub lost: u64,
+    /// Sequences below this are removed even where their segment is still
+    /// on disk: a purge, or a `max_msgs`/`max_bytes` limit cutting into a
+    /// segment. Kept in the `floor` file (see [`Log::open`]).
+    pub floor: u64,
+    /// Where `floor` falls inside a segment, when it does.
+    floor_at: Option<FloorAt>,
+}
+
+/// The floor's place inside a segment: its record's offset and time, and
+/// how many of the segment's messages are below it.
+#[derive(Debug, Clone, Copy)]
+struct FloorAt {
+    base: u64,
+    off: u64,
+    ts: u64,
+    below: u64,
 }
 
 impl LogState {
+    /// Messages of `s` at or above the floor.
+    fn seg_msgs(&self, s: &Segment) -> u64 {
+        if s.msgs == 0 || s.last_seq < self.floor {
+            return 0;
+        }
+        match self.floor_at {
+            Some(f) if f.base == s.base => s.msgs.saturating_sub(f.below),
+            _ => s.msgs,
+        }
+    }
+    /// Bytes of `s` at or above the floor (its header included).
+    fn seg_bytes(&self, s: &Segment) -> u64 {
+        if s.msgs > 0 && s.last_seq < self.floor {
+            return 0;
+        }
+        match self.floor_at {
+            Some(f) if f.base == s.base => s.len.saturating_sub(f.off - SEG_HEADER),
+            _ => s.len,
+        }
+    }
     pub fn first_seq(&self) -> u64 {
         self.segs
             .iter()
-            .find(|s| s.msgs > 0)
-            .map_or(self.next_seq, |s| s.first_seq)
+            .find(|s| self.seg_msgs(s) > 0)
+            .map_or(self.next_seq, |s| s.first_seq.max(self.floor))
     }
     pub fn last_seq(&self) -> u64 {
         self.next_seq - 1
     }
     pub fn msgs(&self) -> u64 {
-        self.segs.iter().map(|s| s.msgs).sum()
+        self.segs.iter().map(|s| self.seg_msgs(s)).sum()
     }
     pub fn bytes(&self) -> u64 {
-        self.segs.iter().map(|s| s.len).sum()
+        self.segs.iter().map(|s| self.seg_bytes(s)).sum()
     }
     pub fn first_ts(&self) -> u64 {
         self.segs
             .iter()
-            .find(|s| s.msgs > 0)
-            .map_or(0, |s| s.first_ts)
+            .find(|s| self.seg_msgs(s) > 0)
+            .map_or(0, |s| match self.floor_at {
+                Some(f) if f.base == s.base => f.ts,
+                _ => s.first_ts,
+            })
     }
 }
 
@@ -196,11 +237,100 @@ impl Log {
                 next_seq,
                 last_ts,
                 lost: report.lost,
+                floor: 1,
+                floor_at: None,
             }),
             committed: tokio::sync::watch::channel(next_seq - 1).0,
             fsyncs: AtomicU64::new(0),
         });
+        // A floor saved by a purge or a retention cut: what it removed
+        // stays removed. A file that does not parse is ignored (the floor
+        // only ever hides messages; retention cuts again where it must).
+        if let Ok(text) = std::fs::read_to_string(dir.join(FLOOR_FILE)) {
+            match text.trim().parse::<u64>() {
+                Ok(floor) if floor > 1 => {
+                    let floor = floor.min(next_seq);
+                    let at = log.locate(floor)?;
+                    let mut st = log.lock();
+                    st.floor = floor;
+                    st.floor_at = at;
+                }
+                Ok(_) => {}
+                Err(e) => warn!(stream = name, "ignoring an unreadable floor file: {e}"),
+            }
+        }
         Ok((log, report))
+    }
+
+    /// Where sequence `seq` starts inside its segment, or None when it is
+    /// a segment's first message or past every stored one (the floor
+    /// needs no place then).
+    fn locate(&self, seq: u64) -> io::Result<Option<FloorAt>> {
+        let (base, first) = {
+            let st = self.lock();
+            match st
+                .segs
+                .iter()
+                .find(|s| s.msgs > 0 && s.first_seq < seq && seq <= s.last_seq)
+            {
+                Some(s) => (s.base, s.first_seq),
+                None => return Ok(None),
+            }
+        };
+        let b = self.read(seq, None, 1, 1, None)?;
+        let (Some(m), Some(pos)) = (b.msgs.first(), b.pos) else {
+            return Ok(None);
+        };
+        if pos.seg_base != base {
+            return Ok(None);
+        }
+        let len =
+            (record::RECORD_HEADER + m.subject().len() + m.headers.len() + m.payload.len()) as u64;
+        Ok(Some(FloorAt {
+            base,
+            off: pos.off.saturating_sub(len).max(SEG_HEADER),
+            ts: m.ts,
+            below: m.seq - first,
+        }))
+    }
+
+    /// The first sequence from which on the log holds at most `keep`
+    /// bytes of records (a `max_bytes` cut): reads forward from the first
+    /// message adding up record sizes.
+    fn seq_keeping_bytes(&self, excess: u64) -> io::Result<u64> {
+        let (mut from, mut pos) = (self.lock().first_seq(), None);
+        let mut cut = 0u64;
+        loop {
+            let b = self.read(from, None, 4096, 8 << 20, pos)?;
+            if b.msgs.is_empty() {
+                return Ok(b.next);
+            }
+            for m in &b.msgs {
+                cut +=
+                    (record::RECORD_HEADER + m.subject().len() + m.headers.len() + m.payload.len())
+                        as u64;
+                if cut >= excess {
+                    return Ok(m.seq + 1);
+                }
+            }
+            (from, pos) = (b.next, b.pos);
+        }
+    }
+
+    /// Writes the floor file (temporary name, rename; fsynced with the
+    /// directory when `sync`).
+    fn save_floor(&self, floor: u64, sync: bool) -> io::Result<()> {
+        let path = self.dir.join(FLOOR_FILE);
+        let tmp = path.with_extension("tmp");
+        std::fs::write(&tmp, format!("{floor}\n"))?;
+        if sync {
+            File::open(&tmp)?.sync_all()?;
+        }
+        std::fs::rename(&tmp, &path)?;
+        if sync {
+            sync_dir(&self.dir)?;
+        }
+        Ok(())
     }
 
     pub fn lock(&self) -> MutexGuard<'_, LogState> {
@@ -566,6 +696,12 @@ impl Appender {
         Ok(())
     }
 
+    /// Size at which later segments are sealed (a stream's `max_bytes`
+    /// changed); the active one keeps growing to the new size.
+    pub fn set_max_seg(&mut self, max_seg: u64) {
+        self.max_seg = max_seg.max(SEG_HEADER + 1);
+    }
+
     /// The sequence the next staged record gets.
     pub fn next_seq(&self) -> u64 {
         self.next_seq
@@ -718,9 +854,11 @@ impl Appender {
         Ok(())
     }
 
-    /// Removes whole segments from the front: those older than `max_age`,
-    /// and those without which the stream still holds at least `max_msgs`
-    /// messages and `max_bytes` bytes. Returns the messages removed.
+    /// Removes messages from the front: whole segments older than
+    /// `max_age`, then as many of the oldest messages as it takes for the
+    /// stream to hold at most `max_msgs` messages and `max_bytes` bytes
+    /// (whole segments where it can, else by raising the floor inside
+    /// one). Returns the messages removed.
     pub fn retention(
         &mut self,
         max_age: Option<Duration>,
@@ -745,10 +883,10 @@ impl Appender {
                 };
                 if st.segs.len() > 1 {
                     let (msgs, bytes) = (st.msgs(), st.bytes());
-                    if front.msgs == 0
+                    if st.seg_msgs(front) == 0
                         || expired(front)
-                        || max_msgs.is_some_and(|m| msgs - front.msgs >= m)
-                        || max_bytes.is_some_and(|b| bytes - front.len >= b)
+                        || max_msgs.is_some_and(|m| msgs - st.seg_msgs(front) >= m)
+                        || max_bytes.is_some_and(|b| bytes - st.seg_bytes(front) >= b)
                     {
                         Act::Drop
                     } else {
@@ -761,11 +899,11 @@ impl Appender {
                 }
             };
             match act {
-                Act::Done => return Ok(removed),
+                Act::Done => break,
                 Act::Roll => self.roll()?,
                 Act::Drop => {
                     let seg = self.log.lock().segs.pop_front().expect("checked");
-                    removed += seg.msgs;
+                    removed += self.log.lock().seg_msgs(&seg);
                     seg.remove_files();
                     if self.sync_meta {
                         let _ = sync_dir(&self.log.dir);
@@ -773,6 +911,72 @@ impl Appender {
                 }
             }
         }
+        if !self.staging.is_empty() {
+            return Ok(removed);
+        }
+        let (msgs, bytes) = {
+            let st = self.log.lock();
+            (st.msgs(), st.bytes())
+        };
+        if let Some(m) = max_msgs.filter(|m| msgs > *m) {
+            removed += self.set_floor(self.next_seq.saturating_sub(m))?;
+        }
+        let bytes = if max_msgs.is_some() {
+            self.log.lock().bytes()
+        } else {
+            bytes
+        };
+        if let Some(b) = max_bytes.filter(|b| bytes > *b) {
+            let seq = self.log.seq_keeping_bytes(bytes - b)?;
+            removed += self.set_floor(seq)?;
+        }
+        Ok(removed)
+    }
+
+    /// Removes every message below `seq` (at most the next sequence: all
+    /// of them): the floor is raised and saved, the segments wholly below
+    /// it are deleted. Returns the messages removed.
+    pub fn set_floor(&mut self, seq: u64) -> io::Result<u64> {
+        let seq = seq.min(self.next_seq);
+        let (before, cur, active_msgs) = {
+            let st = self.log.lock();
+            let active = st.segs.back().map_or(0, |s| s.msgs);
+            (st.msgs(), st.floor, active)
+        };
+        if seq <= cur {
+            return Ok(0);
+        }
+        if seq == self.next_seq && active_msgs > 0 && self.staging.is_empty() {
+            // Everything goes: seal the active segment so it is deleted
+            // whole; the next message starts a new one.
+            self.roll()?;
+        }
+        let at = self.log.locate(seq)?;
+        self.log.save_floor(seq, self.sync_meta)?;
+        {
+            let mut st = self.log.lock();
+            st.floor = seq;
+            st.floor_at = at;
+        }
+        loop {
+            let gone = {
+                let mut st = self.log.lock();
+                let drop =
+                    st.segs.len() > 1 && st.segs.front().is_some_and(|f| st.seg_msgs(f) == 0);
+                if drop {
+                    st.segs.pop_front()
+                } else {
+                    None
+                }
+            };
+            let Some(seg) = gone else { break };
+            seg.remove_files();
+        }
+        if self.sync_meta {
+            let _ = sync_dir(&self.log.dir);
+        }
+        let after = self.log.lock().msgs();
+        Ok(before.saturating_sub(after))
     }
 }
 
@@ -997,39 +1201,64 @@ mod tests {
     }
 
     #[test]
-    fn retention_by_count_drops_whole_old_segments_and_keeps_at_least_the_limit() {
+    fn retention_by_count_keeps_exactly_the_limit_dropping_whole_segments_and_cutting_into_one() {
         let dir = tempfile::tempdir().unwrap();
         let (log, mut app) = fifty(dir.path());
-        // Dropping a fifth segment would leave 15 < 20: four go, 22 stay.
-        assert_eq!(app.retention(None, None, Some(20)).unwrap(), 28);
+        // Four whole segments go (28 messages), then the floor cuts two
+        // more out of the fifth: 20 stay.
+        assert_eq!(app.retention(None, None, Some(20)).unwrap(), 30);
         let st = log.lock();
-        assert_eq!((st.first_seq(), st.msgs()), (29, 22));
+        assert_eq!((st.first_seq(), st.msgs()), (31, 20));
+        assert_eq!(st.bytes(), 3 * 947 + 149 - 2 * 133);
         drop(st);
         assert_eq!(seg_files(dir.path()), 4, "their files are gone");
         assert_eq!(
             read_all(&log, 1),
-            expected(29..=50),
-            "a read from 1 starts at 29"
+            expected(31..=50),
+            "a read from 1 starts at 31"
         );
         assert_eq!(app.retention(None, None, Some(20)).unwrap(), 0);
         drop((app, log));
         let (log, _) = Log::open(dir.path(), "s", &files()).unwrap();
-        assert_eq!(read_all(&log, 1), expected(29..=50));
+        assert_eq!(read_all(&log, 1), expected(31..=50), "the floor was kept");
+        assert_eq!(log.lock().msgs(), 20);
     }
 
     #[test]
-    fn retention_by_bytes_drops_whole_old_segments_and_keeps_at_least_the_limit() {
+    fn a_floor_to_the_next_sequence_empties_the_log_which_then_goes_on_from_there() {
+        let dir = tempfile::tempdir().unwrap();
+        let (log, mut app) = fifty(dir.path());
+        assert_eq!(app.set_floor(u64::MAX).unwrap(), 50);
+        let st = log.lock();
+        assert_eq!((st.first_seq(), st.msgs(), st.last_seq()), (51, 0, 50));
+        drop(st);
+        assert_eq!(seg_files(dir.path()), 1, "only the new active segment");
+        assert!(read_all(&log, 1).is_empty());
+        append(&mut app, 51..53);
+        assert_eq!(read_all(&log, 1), expected(51..=52));
+        assert_eq!(app.set_floor(52).unwrap(), 1);
+        drop((app, log));
+        let (log, _) = Log::open(dir.path(), "s", &files()).unwrap();
+        let st = log.lock();
+        assert_eq!((st.first_seq(), st.msgs(), st.next_seq), (52, 1, 53));
+        drop(st);
+        assert_eq!(read_all(&log, 1), expected(52..=52));
+    }
+
+    #[test]
+    fn retention_by_bytes_drops_the_oldest_records_until_the_log_fits_the_limit() {
         let dir = tempfile::tempdir().unwrap();
         let (log, mut app) = fifty(dir.path());
         let total = log.lock().bytes();
         assert_eq!(total, 7 * 947 + 149);
-        // 6778 bytes; after three segments go, 3937 are left (>= 3000) and
-        // dropping a fourth would leave 2990.
-        assert_eq!(app.retention(None, Some(3000), None).unwrap(), 21);
+        // 6778 bytes; after three segments go, 3937 are left; the 937
+        // over the limit take eight more records (the fourth segment and
+        // one of the fifth): 2857 stay.
+        assert_eq!(app.retention(None, Some(3000), None).unwrap(), 29);
         let st = log.lock();
-        assert_eq!((st.first_seq(), st.msgs(), st.bytes()), (22, 29, 3937));
+        assert_eq!((st.first_seq(), st.msgs(), st.bytes()), (30, 21, 2857));
         drop(st);
-        assert_eq!(read_all(&log, 1), expected(22..=50));
+        assert_eq!(read_all(&log, 1), expected(30..=50));
     }
 
     #[test]

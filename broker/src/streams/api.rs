@@ -344,7 +344,7 @@ mod tests {
             (
                 "invalid stream configuration: unknown field `max_msg`, expected one of `name`, \
                  `subjects`, `fsync`, `fsync_interval_ms`, `max_age_ms`, `max_bytes`, `max_msgs`, \
-                 `segment_bytes`, `duplicate_window_ms`, `replicas`",
+                 `segment_bytes`, `duplicate_window_ms`, `replicas`, `max_msg_size`, `description`",
                 400
             )
         );

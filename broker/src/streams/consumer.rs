@@ -240,8 +240,13 @@ impl Consumer {
     /// its filter): what is left to deliver.
     pub(crate) fn num_pending(&self) -> u64 {
         let next = self.lock().next_seq;
-        let last = self.log.lock().last_seq();
-        (last + 1).saturating_sub(next)
+        let (first, last) = {
+            let st = self.log.lock();
+            (st.first_seq(), st.last_seq())
+        };
+        // A position below the first message (a purge, retention) reads
+        // on from the first.
+        (last + 1).saturating_sub(next.max(first))
     }
 
     pub(crate) fn ack(&self, seq: u64, kind: AckKind, reply: Option<&str>) {
@@ -493,7 +498,7 @@ pub(crate) fn create_named(
     }
     let next_seq = parse_start(&s.log, &cfg.start)?;
     let storage = |e: std::io::Error| StreamError::Storage {
-        name: s.config.name.clone(),
+        name: s.name.clone(),
         error: e.to_string(),
     };
     let (path, file, file_len) = if cfg.durable.is_some() {
@@ -535,7 +540,7 @@ pub(crate) fn create_named(
         path,
         nats,
     );
-    info!(stream = %s.config.name, consumer = %c.name, durable = c.is_durable(), next_seq, "consumer created");
+    info!(stream = %s.name, consumer = %c.name, durable = c.is_durable(), next_seq, "consumer created");
     Ok(c)
 }
 
@@ -550,7 +555,7 @@ fn start(
     let (tx, rx) = mpsc::unbounded_channel();
     let c = Arc::new(Consumer {
         name: name.clone(),
-        stream: s.config.name.clone(),
+        stream: s.name.clone(),
         config,
         log: s.log.clone(),
         path,
@@ -662,7 +667,7 @@ pub(crate) fn load_all(s: &Arc<Stream>) {
             Some(log_path),
             nats,
         );
-        info!(stream = %s.config.name, consumer = %c.name, next_seq, pending = pend, "durable consumer loaded");
+        info!(stream = %s.name, consumer = %c.name, next_seq, pending = pend, "durable consumer loaded");
     }
 }
 

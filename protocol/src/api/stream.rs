@@ -70,6 +70,13 @@ pub struct StreamConfig {
     /// (docs/storage.md, "Replicated streams").
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub replicas: Option<u32>,
+    /// Largest message (headers and payload) the stream stores; a larger
+    /// publish is refused (JetStream's `max_msg_size`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_msg_size: Option<u64>,
+    /// Free text for people (JetStream's `description`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub description: Option<String>,
 }
 
 impl StreamConfig {
@@ -89,6 +96,8 @@ impl StreamConfig {
             segment_bytes: None,
             duplicate_window_ms: None,
             replicas: None,
+            max_msg_size: None,
+            description: None,
         }
     }
 
