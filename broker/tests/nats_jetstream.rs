@@ -658,12 +658,12 @@ async fn bad_requests_get_jetstream_errors_and_pull_statuses() {
     let a = api(&nc, "$JS.API.CONSUMER.INFO.ORDERS.nope", "").await;
     assert_eq!(a["error"]["err_code"], 10014, "{a}");
     // An unsupported API request is named.
-    let a = api(&nc, "$JS.API.STREAM.PURGE.ORDERS", "").await;
+    let a = api(&nc, "$JS.API.DIRECT.GET.ORDERS", "").await;
     assert!(
         a["error"]["description"]
             .as_str()
             .unwrap()
-            .contains("STREAM.PURGE"),
+            .contains("DIRECT.GET"),
         "{a}"
     );
 
@@ -1543,4 +1543,125 @@ async fn publishes_racing_updates_are_all_acked_in_order_and_only_the_limit_drop
     let got = fetch_n(&c, 100).await;
     let want: Vec<String> = (N - 99..=N).map(|i| format!("m{i}")).collect();
     assert_eq!(payloads(&got), want);
+}
+
+#[tokio::test]
+async fn a_purge_empties_the_stream_and_a_consumer_goes_on_with_new_messages() {
+    let (_b, nc) = start(nats_config()).await;
+    let js = js(&nc);
+    let mut s = js.create_stream(orders()).await.unwrap();
+    publish_n(&js, "orders.eu", 1, 5).await;
+    let c: consumer::PullConsumer = s.create_consumer(durable("d")).await.unwrap();
+    let got = fetch_n(&c, 2).await;
+    got[0].double_ack().await.unwrap();
+    // m2 stays delivered and unacked.
+    let r = s.purge().await.unwrap();
+    assert!(r.success);
+    assert_eq!(r.purged, 5);
+    let st = s.info().await.unwrap().state.clone();
+    assert_eq!(
+        (st.messages, st.bytes, st.first_sequence, st.last_sequence),
+        (0, 0, 6, 5),
+        "{st:?}"
+    );
+    let mut c = c;
+    let i = c.info().await.unwrap().clone();
+    assert_eq!((i.num_ack_pending, i.num_pending), (0, 0), "{i:?}");
+    publish_n(&js, "orders.eu", 6, 7).await;
+    let got = fetch_n(&c, 2).await;
+    assert_eq!(payloads(&got), ["m6", "m7"]);
+    assert_eq!(seqs(&got), [(6, 1), (7, 1)]);
+    // The raw answer is nats-server's.
+    let a = api(&nc, "$JS.API.STREAM.PURGE.ORDERS", "").await;
+    assert_eq!(a["type"], "io.nats.jetstream.api.v1.stream_purge_response");
+    assert_eq!(
+        (&a["success"], &a["purged"]),
+        (&serde_json::json!(true), &serde_json::json!(2)),
+        "{a}"
+    );
+}
+
+#[tokio::test]
+async fn a_purge_with_a_filter_removes_only_that_subject_and_it_stays_removed_after_a_restart() {
+    let cfg = nats_config();
+    let dir = cfg.data_dir.clone();
+    let (b, nc) = start(cfg).await;
+    let addr = b.state.config().nats.unwrap();
+    let js = js(&nc);
+    let mut s = js.create_stream(orders()).await.unwrap();
+    for i in 1..=10u64 {
+        let subject = if i % 2 == 0 { "orders.us" } else { "orders.eu" };
+        js.publish(subject, format!("m{i}").into())
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+    }
+    let r = s.purge().filter("orders.us").await.unwrap();
+    assert_eq!(r.purged, 5);
+    let st = s.info().await.unwrap().state.clone();
+    assert_eq!(
+        (st.messages, st.first_sequence, st.last_sequence),
+        (5, 1, 10)
+    );
+    let c: consumer::PullConsumer = s.create_consumer(durable("all")).await.unwrap();
+    let got = fetch_n(&c, 5).await;
+    assert_eq!(payloads(&got), ["m1", "m3", "m5", "m7", "m9"]);
+    let a = api(&nc, "$JS.API.STREAM.MSG.GET.ORDERS", r#"{"seq":2}"#).await;
+    assert_eq!(a["error"]["err_code"], 10037, "{a}");
+    // keep: all but the newest N of that subject.
+    let r = s.purge().filter("orders.eu").keep(2).await.unwrap();
+    assert_eq!(r.purged, 3);
+    drop(nc);
+    b.stop().await;
+    let b = TestBroker::with(Config {
+        nats: Some(addr),
+        data_dir: dir,
+        ..nats_config()
+    })
+    .await;
+    let nc = connect(&b).await;
+    let js = self::js(&nc);
+    let mut s = js.get_stream("ORDERS").await.unwrap();
+    let st = s.info().await.unwrap().state.clone();
+    assert_eq!(
+        (st.messages, st.first_sequence, st.last_sequence),
+        (2, 7, 10),
+        "the first messages all gone, the floor moved: {st:?}"
+    );
+    let c: consumer::PullConsumer = s.create_consumer(durable("again")).await.unwrap();
+    assert_eq!(payloads(&fetch_n(&c, 2).await), ["m7", "m9"]);
+    let ack = js
+        .publish("orders.us", "m11".into())
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    assert_eq!(ack.sequence, 11);
+}
+
+#[tokio::test]
+async fn a_purge_up_to_a_sequence_or_keeping_the_newest_removes_the_oldest() {
+    let (_b, nc) = start(nats_config()).await;
+    let js = js(&nc);
+    let mut s = js.create_stream(orders()).await.unwrap();
+    publish_n(&js, "orders.eu", 1, 10).await;
+    assert_eq!(s.purge().sequence(4).await.unwrap().purged, 3);
+    let st = s.info().await.unwrap().state.clone();
+    assert_eq!((st.messages, st.first_sequence), (7, 4));
+    assert_eq!(s.purge().keep(2).await.unwrap().purged, 5);
+    let st = s.info().await.unwrap().state.clone();
+    assert_eq!((st.messages, st.first_sequence), (2, 9));
+    // A filter that takes the whole stream is a purge of it all.
+    assert_eq!(s.purge().filter(">").await.unwrap().purged, 2);
+    let a = api(&nc, "$JS.API.STREAM.PURGE.ORDERS", r#"{"seq":3,"keep":1}"#).await;
+    assert_eq!(a["error"]["err_code"], 10003, "{a}");
+    let a = api(&nc, "$JS.API.STREAM.PURGE.ORDERS", r#"{"filter":"a..b"}"#).await;
+    assert_eq!(a["error"]["err_code"], 10003, "{a}");
+    let a = api(&nc, "$JS.API.STREAM.PURGE.ORDERS", "{not json").await;
+    assert_eq!(a["error"]["err_code"], 10025, "{a}");
+    let a = api(&nc, "$JS.API.STREAM.PURGE.ORDERS", r#"{"seq":"x"}"#).await;
+    assert_eq!(a["error"]["err_code"], 10025, "{a}");
+    let a = api(&nc, "$JS.API.STREAM.PURGE.NOPE", "").await;
+    assert_eq!(a["error"]["err_code"], 10059, "{a}");
 }

@@ -349,7 +349,11 @@ async fn retention_keeps_exactly_max_msgs_at_most_max_bytes_and_drops_expired_se
     tokio::time::sleep(Duration::from_millis(2500)).await;
     let m = c.stream_info("M").await.unwrap().state;
     // Exactly the newest 50 are kept (whole segments, then a cut into one).
-    assert_eq!((m.messages, m.first_seq, m.last_seq), (50, 251, 300), "{m:?}");
+    assert_eq!(
+        (m.messages, m.first_seq, m.last_seq),
+        (50, 251, 300),
+        "{m:?}"
+    );
     let y = c.stream_info("Y").await.unwrap().state;
     // At most the limit, short of it by less than one record and the
     // segments' 16-byte headers.

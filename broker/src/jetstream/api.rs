@@ -9,13 +9,13 @@ use serde_json::{json, Value};
 use sockbus_protocol::api::AckKind;
 
 use super::config::{
-    consumer_from_js, consumer_info, consumer_js_config, object, stream_from_js, stream_info,
-    stream_msg_get, DEFAULT_MAX_WAITING,
+    consumer_from_js, consumer_info, consumer_js_config, object, purge_from_js, stream_from_js,
+    stream_info, stream_msg_get, DEFAULT_MAX_WAITING,
 };
 use super::{parse_ack, send_status, status, Ctx, JsError};
 use crate::deliver::Delivery;
 use crate::streams::consumer::{self, Consumer, Flavor, Pull};
-use crate::streams::{Fsync, Stream, StreamConfig, Streams};
+use crate::streams::{Fsync, Stream, StreamConfig, StreamError, Streams};
 
 const API_PREFIX: &str = "$JS.API.";
 /// Most names in one `STREAM.NAMES`/`CONSUMER.NAMES` page, and infos in
@@ -172,6 +172,16 @@ pub(crate) fn handle(
             "consumer_list",
             consumer_names(streams, stream_name, payload, true),
         ),
+        ["STREAM", "PURGE", name] => {
+            let (name, payload) = (name.to_string(), payload.to_vec());
+            on_disk(ctx, reply, "stream_purge", move |streams| {
+                let req = purge_from_js(&body(&payload)?)?;
+                let n = stream(streams, &name)?
+                    .purge(req)
+                    .map_err(|e| failed(e, 10110))?;
+                Ok(json!({"success": true, "purged": n}))
+            })
+        }
         ["STREAM", "MSG", "GET", name] => {
             let (name, payload) = (name.to_string(), payload.to_vec());
             on_disk(ctx, reply, "stream_msg_get", move |streams| {
@@ -195,6 +205,15 @@ pub(crate) fn handle(
                 ))),
             )
         }
+    }
+}
+
+/// A purge's or delete's error: a failing disk is nats-server's
+/// `err_code` for the operation (10110 purge, 10057 delete).
+fn failed(e: StreamError, err_code: u32) -> JsError {
+    match e {
+        StreamError::Storage { .. } => JsError::new(500, err_code, e.to_string()),
+        e => JsError::from(e),
     }
 }
 

@@ -9,7 +9,7 @@ use sockbus_protocol::api::{AckPolicy, ConsumerConfig, Fsync, StreamConfig};
 
 use super::JsError;
 use crate::streams::consumer::Consumer;
-use crate::streams::{rfc3339, Stream};
+use crate::streams::{rfc3339, PurgeRequest, Stream};
 
 /// JetStream's default `max_ack_pending`.
 const DEFAULT_MAX_ACK_PENDING: i64 = 1000;
@@ -188,6 +188,30 @@ pub(super) fn stream_from_js(name: &str, v: &Value) -> Result<StreamConfig, JsEr
         }
     }
     Ok(cfg)
+}
+
+/// A `STREAM.PURGE` request: `{"filter","seq","keep"}`, all optional
+/// (`seq` and `keep` not both; 0 is unset).
+pub(super) fn purge_from_js(v: &Value) -> Result<PurgeRequest, JsError> {
+    let o = object(v, "the purge request")?;
+    let req = PurgeRequest {
+        filter: string(&o, "filter")?.map(str::to_string),
+        seq: positive(&o, "seq")?,
+        keep: positive(&o, "keep")?,
+    };
+    if let Some(f) = &req.filter {
+        if sockbus_protocol::validate_pattern(f).is_err() {
+            return Err(JsError::bad_request(format!(
+                "bad request: filter {f:?} is not a valid subject"
+            )));
+        }
+    }
+    if req.seq.is_some() && req.keep.is_some() {
+        return Err(JsError::bad_request(
+            "bad request: a purge takes seq or keep, not both",
+        ));
+    }
+    Ok(req)
 }
 
 fn fsync_name(f: Fsync) -> &'static str {

@@ -249,6 +249,28 @@ impl Consumer {
         (last + 1).saturating_sub(next.max(first))
     }
 
+    /// The stream's messages below `first` are gone (a purge): pending
+    /// acks of them are dropped (as terminated) and a position before it
+    /// moves to it, so the consumer goes on with what is left.
+    pub(crate) fn forget_below(&self, first: u64) {
+        let mut st = self.lock();
+        let gone: Vec<u64> = st.pending.range(..first).map(|(s, _)| *s).collect();
+        let mut ops = Vec::new();
+        for seq in gone {
+            st.pending.remove(&seq);
+            op(&mut ops, b'T', seq, 0);
+        }
+        if st.next_seq < first {
+            st.next_seq = first;
+            st.pos = None;
+            op(&mut ops, b'N', first, 0);
+        }
+        if !ops.is_empty() {
+            self.write_ops(&mut st, &ops);
+            self.kick.notify_one();
+        }
+    }
+
     pub(crate) fn ack(&self, seq: u64, kind: AckKind, reply: Option<&str>) {
         let file = {
             let mut st = self.lock();

@@ -110,6 +110,21 @@ pub fn patterns_overlap(a: &str, b: &str) -> bool {
     }
 }
 
+/// True when every subject `pattern` matches, `filter` matches too.
+pub(crate) fn covers(filter: &str, pattern: &str) -> bool {
+    let mut f = filter.split('.');
+    let mut p = pattern.split('.');
+    loop {
+        match (f.next(), p.next()) {
+            (Some(">"), Some(_)) => return true,
+            (None, None) => return true,
+            (Some("*"), Some(t)) if t != ">" => {}
+            (Some(a), Some(b)) if a == b && a != ">" => {}
+            _ => return false,
+        }
+    }
+}
+
 /// Why a stream operation failed. The text is what users see.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum StreamError {
@@ -213,6 +228,25 @@ pub(crate) struct Expect {
     pub last_subject_seq: Option<(u64, Box<str>)>,
 }
 
+/// What a purge removes (JetStream's `STREAM.PURGE` request): every
+/// message, or only those matching `filter`, and of those only the ones
+/// below sequence `seq`, or all but the newest `keep`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PurgeRequest {
+    pub filter: Option<String>,
+    pub seq: Option<u64>,
+    pub keep: Option<u64>,
+}
+
+/// Work for a stream's writer besides publishes: it owns the log's
+/// appender, so purges and deletes are its to do, between rounds.
+pub(crate) enum AdminOp {
+    Purge(PurgeRequest, std::sync::mpsc::Sender<std::io::Result<u64>>),
+}
+
+/// How long a purge or delete waits for the stream's writer.
+const ADMIN_WAIT: Duration = Duration::from_secs(30);
+
 /// Records queued for a stream's writer by one reader batch.
 pub(crate) struct WriteReq {
     buf: BytesMut,
@@ -238,6 +272,8 @@ pub struct Stream {
     reconfig: AtomicU64,
     applied: Mutex<u64>,
     applied_cv: Condvar,
+    /// Purges and deletes waiting for the writer (it owns the appender).
+    admin_ops: Mutex<Vec<AdminOp>>,
     pub log: Arc<Log>,
     dir: PathBuf,
     tx: Mutex<Option<std::sync::mpsc::Sender<WriteReq>>>,
@@ -331,6 +367,7 @@ impl Stream {
             reconfig: AtomicU64::new(0),
             applied: Mutex::new(0),
             applied_cv: Condvar::new(),
+            admin_ops: Mutex::new(Vec::new()),
             log,
             dir,
             tx: Mutex::new(Some(tx)),
@@ -377,6 +414,81 @@ impl Stream {
                 .0;
         }
         true
+    }
+
+    /// The purges and deletes queued for the writer.
+    pub(crate) fn take_admin_ops(&self) -> Vec<AdminOp> {
+        std::mem::take(&mut *self.admin_ops.lock().unwrap_or_else(|p| p.into_inner()))
+    }
+
+    /// Hands `op` to the writer and waits for its answer on `rx`.
+    fn admin<T>(
+        &self,
+        op: AdminOp,
+        rx: std::sync::mpsc::Receiver<std::io::Result<T>>,
+    ) -> Result<T, StreamError> {
+        if self.config().replicas() > 1 {
+            return Err(StreamError::Unsupported(format!(
+                "purging or deleting messages of a replicated stream ({})",
+                self.name
+            )));
+        }
+        self.admin_ops
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(op);
+        self.wake.notify_one();
+        match rx.recv_timeout(ADMIN_WAIT) {
+            Ok(Ok(v)) => Ok(v),
+            Ok(Err(e)) => Err(StreamError::Storage {
+                name: self.name.clone(),
+                error: e.to_string(),
+            }),
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => Err(StreamError::Storage {
+                name: self.name.clone(),
+                error: "the stream's writer did not answer within 30 s".into(),
+            }),
+            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
+                Err(if self.failed.load(Ordering::Acquire) {
+                    StreamError::Storage {
+                        name: self.name.clone(),
+                        error: "the stream's writer stopped on an internal error".into(),
+                    }
+                } else {
+                    StreamError::Deleted(self.name.clone())
+                })
+            }
+        }
+    }
+
+    /// Removes messages (see [`PurgeRequest`]); returns how many. Consumers
+    /// positioned before the new first message go on from it, and forget
+    /// pending acks of messages now gone. Blocks: call from a blocking thread.
+    pub fn purge(&self, req: PurgeRequest) -> Result<u64, StreamError> {
+        if let Some(f) = &req.filter {
+            sockbus_protocol::validate_pattern(f)
+                .map_err(|e| StreamError::BadRequest(format!("filter: {e}")))?;
+        }
+        if req.seq.is_some() && req.keep.is_some() {
+            return Err(StreamError::BadRequest(
+                "a purge takes seq or keep, not both".into(),
+            ));
+        }
+        let (tx, rx) = std::sync::mpsc::channel();
+        let n = self.admin(AdminOp::Purge(req, tx), rx)?;
+        let first = self.log.lock().first_seq();
+        let consumers: Vec<Arc<Consumer>> = self
+            .consumers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .cloned()
+            .collect();
+        for c in consumers {
+            c.forget_below(first);
+        }
+        info!(stream = %self.name, purged = n, "stream purged");
+        Ok(n)
     }
 
     /// The configuration update the writer has yet to apply, if any.

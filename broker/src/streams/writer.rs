@@ -19,8 +19,8 @@ use sockbus_protocol::frame::iter_headers;
 use tracing::{error, warn};
 
 use super::{
-    is_msg_id, AckTo, Expect, Fsync, PubAck, Stream, StreamConfig, StreamConfigExt, StreamError,
-    WriteReq,
+    is_msg_id, AckTo, AdminOp, Expect, Fsync, PubAck, PurgeRequest, Stream, StreamConfig,
+    StreamConfigExt, StreamError, WriteReq,
 };
 use crate::deliver::{Batch, Outgoing};
 use crate::store::{now_ns, Appender};
@@ -306,6 +306,44 @@ impl Writer {
             self.applied = want;
             self.s.reconfigured(want);
         }
+        for op in self.s.take_admin_ops() {
+            match op {
+                AdminOp::Purge(req, done) => {
+                    let r = self.purge(&req);
+                    let _ = done.send(r);
+                }
+            }
+        }
+    }
+
+    /// A purge (see [`PurgeRequest`]). A filter that covers every subject
+    /// of the stream is no filter: the floor is raised, segments go whole.
+    /// Otherwise the matching messages are deleted one by one.
+    fn purge(&mut self, req: &PurgeRequest) -> std::io::Result<u64> {
+        let all = req
+            .filter
+            .as_deref()
+            .is_none_or(|f| self.cfg.subjects.iter().all(|p| super::covers(f, p)));
+        let n = if all {
+            match (req.seq, req.keep) {
+                (Some(seq), _) => self.app.set_floor(seq)?,
+                (None, Some(keep)) => self.app.keep_newest(keep)?,
+                (None, None) => self.app.set_floor(u64::MAX)?,
+            }
+        } else {
+            let f = req.filter.as_deref().unwrap_or(">");
+            let before = req.seq.unwrap_or(u64::MAX).min(self.app.next_seq());
+            let mut msgs = self.s.log.matching(f, before)?;
+            if let Some(keep) = req.keep {
+                let n = msgs.len().saturating_sub(keep as usize);
+                msgs.truncate(n);
+            }
+            self.app.delete(&msgs)?
+        };
+        if let Some(q) = &self.s.quota {
+            q.sync(&self.s);
+        }
+        Ok(n)
     }
 
     fn retention(&mut self) {
