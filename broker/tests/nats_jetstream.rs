@@ -1665,3 +1665,80 @@ async fn a_purge_up_to_a_sequence_or_keeping_the_newest_removes_the_oldest() {
     let a = api(&nc, "$JS.API.STREAM.PURGE.NOPE", "").await;
     assert_eq!(a["error"]["err_code"], 10059, "{a}");
 }
+
+#[tokio::test]
+async fn a_deleted_message_is_gone_for_readers_and_counts_and_stays_gone_after_a_restart() {
+    let cfg = nats_config();
+    let dir = cfg.data_dir.clone();
+    let (b, nc) = start(cfg).await;
+    let addr = b.state.config().nats.unwrap();
+    let js = js(&nc);
+    let mut s = js.create_stream(orders()).await.unwrap();
+    publish_n(&js, "orders.eu", 1, 5).await;
+    assert!(s.delete_message(3).await.unwrap());
+    let st = s.info().await.unwrap().state.clone();
+    assert_eq!(
+        (st.messages, st.first_sequence, st.last_sequence),
+        (4, 1, 5)
+    );
+    let a = api(&nc, "$JS.API.STREAM.MSG.GET.ORDERS", r#"{"seq":3}"#).await;
+    assert_eq!(a["error"]["err_code"], 10037, "{a}");
+    // Again: nats-server's "sequence not found".
+    let a = api(&nc, "$JS.API.STREAM.MSG.DELETE.ORDERS", r#"{"seq":3}"#).await;
+    assert_eq!(
+        (&a["error"]["err_code"], &a["error"]["description"]),
+        (
+            &serde_json::json!(10043),
+            &serde_json::json!("sequence 3 not found")
+        ),
+        "{a}"
+    );
+    let a = api(
+        &nc,
+        "$JS.API.STREAM.MSG.DELETE.ORDERS",
+        r#"{"seq":1,"no_erase":true}"#,
+    )
+    .await;
+    assert_eq!(
+        a["type"],
+        "io.nats.jetstream.api.v1.stream_msg_delete_response"
+    );
+    assert_eq!(a["success"], true, "{a}");
+    let st = s.info().await.unwrap().state.clone();
+    assert_eq!(
+        (st.messages, st.first_sequence),
+        (3, 2),
+        "the first moved on"
+    );
+    for (body, code) in [
+        ("{}", 10003),
+        (r#"{"seq":0}"#, 10003),
+        ("{not json", 10025),
+        (r#"{"seq":99}"#, 10043),
+    ] {
+        let a = api(&nc, "$JS.API.STREAM.MSG.DELETE.ORDERS", body).await;
+        assert_eq!(a["error"]["err_code"], code, "{body}: {a}");
+    }
+    let a = api(&nc, "$JS.API.STREAM.MSG.DELETE.NOPE", r#"{"seq":1}"#).await;
+    assert_eq!(a["error"]["err_code"], 10059, "{a}");
+    let c: consumer::PullConsumer = s.create_consumer(durable("d")).await.unwrap();
+    assert_eq!(payloads(&fetch_n(&c, 3).await), ["m2", "m4", "m5"]);
+    drop(nc);
+    b.stop().await;
+    let b = TestBroker::with(Config {
+        nats: Some(addr),
+        data_dir: dir,
+        ..nats_config()
+    })
+    .await;
+    let nc = connect(&b).await;
+    let js = self::js(&nc);
+    let mut s = js.get_stream("ORDERS").await.unwrap();
+    let st = s.info().await.unwrap().state.clone();
+    assert_eq!(
+        (st.messages, st.first_sequence, st.last_sequence),
+        (3, 2, 5)
+    );
+    let c: consumer::PullConsumer = s.create_consumer(durable("e")).await.unwrap();
+    assert_eq!(payloads(&fetch_n(&c, 3).await), ["m2", "m4", "m5"]);
+}

@@ -9,8 +9,8 @@ use serde_json::{json, Value};
 use sockbus_protocol::api::AckKind;
 
 use super::config::{
-    consumer_from_js, consumer_info, consumer_js_config, object, purge_from_js, stream_from_js,
-    stream_info, stream_msg_get, DEFAULT_MAX_WAITING,
+    consumer_from_js, consumer_info, consumer_js_config, msg_delete_from_js, object, purge_from_js,
+    stream_from_js, stream_info, stream_msg_get, DEFAULT_MAX_WAITING,
 };
 use super::{parse_ack, send_status, status, Ctx, JsError};
 use crate::deliver::Delivery;
@@ -180,6 +180,24 @@ pub(crate) fn handle(
                     .purge(req)
                     .map_err(|e| failed(e, 10110))?;
                 Ok(json!({"success": true, "purged": n}))
+            })
+        }
+        ["STREAM", "MSG", "DELETE", name] => {
+            let (name, payload) = (name.to_string(), payload.to_vec());
+            on_disk(ctx, reply, "stream_msg_delete", move |streams| {
+                let seq = msg_delete_from_js(&body(&payload)?)?;
+                if stream(streams, &name)?
+                    .delete_msg(seq)
+                    .map_err(|e| failed(e, 10057))?
+                {
+                    Ok(json!({"success": true}))
+                } else {
+                    Err(JsError::new(
+                        400,
+                        10043,
+                        format!("sequence {seq} not found"),
+                    ))
+                }
             })
         }
         ["STREAM", "MSG", "GET", name] => {

@@ -214,6 +214,14 @@ pub(super) fn purge_from_js(v: &Value) -> Result<PurgeRequest, JsError> {
     Ok(req)
 }
 
+/// A `STREAM.MSG.DELETE` request: `{"seq": N}` and optionally `no_erase`
+/// (accepted; see docs/nats.md: sockbus never overwrites the record).
+pub(super) fn msg_delete_from_js(v: &Value) -> Result<u64, JsError> {
+    let o = object(v, "the delete request")?;
+    let _ = boolean(&o, "no_erase")?;
+    positive(&o, "seq")?.ok_or_else(|| JsError::bad_request("bad request: seq is required"))
+}
+
 fn fsync_name(f: Fsync) -> &'static str {
     match f {
         Fsync::Always => "always",

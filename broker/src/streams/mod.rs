@@ -242,6 +242,8 @@ pub struct PurgeRequest {
 /// appender, so purges and deletes are its to do, between rounds.
 pub(crate) enum AdminOp {
     Purge(PurgeRequest, std::sync::mpsc::Sender<std::io::Result<u64>>),
+    /// Delete one message; answered whether it was there.
+    Delete(u64, std::sync::mpsc::Sender<std::io::Result<bool>>),
 }
 
 /// How long a purge or delete waits for the stream's writer.
@@ -489,6 +491,13 @@ impl Stream {
         }
         info!(stream = %self.name, purged = n, "stream purged");
         Ok(n)
+    }
+
+    /// Deletes message `seq`; false if the stream does not hold it. Blocks:
+    /// call from a blocking thread.
+    pub fn delete_msg(&self, seq: u64) -> Result<bool, StreamError> {
+        let (tx, rx) = std::sync::mpsc::channel();
+        self.admin(AdminOp::Delete(seq, tx), rx)
     }
 
     /// The configuration update the writer has yet to apply, if any.

@@ -312,6 +312,10 @@ impl Writer {
                     let r = self.purge(&req);
                     let _ = done.send(r);
                 }
+                AdminOp::Delete(seq, done) => {
+                    let r = self.delete(seq);
+                    let _ = done.send(r);
+                }
             }
         }
     }
@@ -344,6 +348,19 @@ impl Writer {
             q.sync(&self.s);
         }
         Ok(n)
+    }
+
+    /// Deletes message `seq`: false if the stream does not hold it.
+    fn delete(&mut self, seq: u64) -> std::io::Result<bool> {
+        let b = self.s.log.read(seq, None, 1, 1, None)?;
+        let Some(m) = b.msgs.first().filter(|m| m.seq == seq) else {
+            return Ok(false);
+        };
+        let n = self.app.delete(&[(seq, m.stored_len())])?;
+        if let Some(q) = &self.s.quota {
+            q.sync(&self.s);
+        }
+        Ok(n == 1)
     }
 
     fn retention(&mut self) {
