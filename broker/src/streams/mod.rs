@@ -35,7 +35,7 @@ pub use consumer::Consumer;
 use index::PatternIndex;
 /// The API's types are shared with the SDK (sockbus_protocol::api).
 pub use sockbus_protocol::api::{
-    ConsumerInfo, Fsync, PubAck, StreamConfig, StreamInfo, StreamState,
+    ConsumerInfo, Fsync, PubAck, PurgeRequest, StreamConfig, StreamInfo, StreamState,
 };
 
 /// Header whose value makes a publish idempotent within the stream's duplicate window.
@@ -226,16 +226,6 @@ pub(crate) struct Expect {
     pub last_msg_id: Option<Box<str>>,
     /// (sequence, the publish's subject)
     pub last_subject_seq: Option<(u64, Box<str>)>,
-}
-
-/// What a purge removes (JetStream's `STREAM.PURGE` request): every
-/// message, or only those matching `filter`, and of those only the ones
-/// below sequence `seq`, or all but the newest `keep`.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct PurgeRequest {
-    pub filter: Option<String>,
-    pub seq: Option<u64>,
-    pub keep: Option<u64>,
 }
 
 /// Work for a stream's writer besides publishes: it owns the log's

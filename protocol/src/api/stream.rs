@@ -141,6 +141,25 @@ impl StreamConfig {
     }
 }
 
+/// What a purge removes: every message, or only those matching `filter`,
+/// and of those only the ones below sequence `seq`, or all but the newest
+/// `keep` (not both). `{}` purges everything.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PurgeRequest {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub filter: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub seq: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub keep: Option<u64>,
+}
+
+/// The answer to a purge: how many messages it removed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Purged {
+    pub purged: u64,
+}
+
 /// What a stored publish is answered with.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PubAck {
