@@ -1742,3 +1742,39 @@ async fn a_deleted_message_is_gone_for_readers_and_counts_and_stays_gone_after_a
     let c: consumer::PullConsumer = s.create_consumer(durable("e")).await.unwrap();
     assert_eq!(payloads(&fetch_n(&c, 3).await), ["m2", "m4", "m5"]);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_purge_racing_publishes_removes_only_what_it_counts_and_every_later_ack_is_kept() {
+    let (_b, nc) = start(nats_config()).await;
+    let js = js(&nc);
+    let mut s = js.create_stream(orders()).await.unwrap();
+    const N: u64 = 300;
+    let publisher = {
+        let js = js.clone();
+        tokio::spawn(async move {
+            for i in 1..=N {
+                let ack = js
+                    .publish("orders.eu", format!("m{i}").into())
+                    .await
+                    .unwrap()
+                    .await
+                    .unwrap();
+                assert_eq!(ack.sequence, i);
+            }
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(30)).await;
+    let purged = s.purge().await.unwrap().purged;
+    publisher.await.unwrap();
+    let st = s.info().await.unwrap().state.clone();
+    assert_eq!(st.last_sequence, N);
+    assert_eq!(
+        (st.messages, st.first_sequence),
+        (N - purged, purged + 1),
+        "exactly the {purged} oldest went: {st:?}"
+    );
+    let c: consumer::PullConsumer = s.create_consumer(durable("rest")).await.unwrap();
+    let got = fetch_n(&c, (N - purged) as usize).await;
+    let want: Vec<String> = (purged + 1..=N).map(|i| format!("m{i}")).collect();
+    assert_eq!(payloads(&got), want);
+}

@@ -147,7 +147,9 @@ pub(super) struct Writer {
 
 impl Writer {
     pub(super) fn new(s: Arc<Stream>) -> Writer {
-        let applied = s.reconfig_wanted();
+        // Updates made before this writer ran are applied (again) on its
+        // first turn, which also answers whoever waits for them.
+        let applied = 0;
         let cfg = s.config();
         let app = Appender::new(
             s.log.clone(),
