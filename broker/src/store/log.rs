@@ -1585,6 +1585,25 @@ mod tests {
     }
 
     #[test]
+    fn segments_a_saved_floor_passed_are_removed_by_the_next_retention_even_without_limits() {
+        let dir = tempfile::tempdir().unwrap();
+        let (log, app) = fifty(dir.path());
+        drop((app, log));
+        // A crash after the floor was saved, before the segments went.
+        std::fs::write(dir.path().join(FLOOR_FILE), "20\n").unwrap();
+        let (log, _) = Log::open(dir.path(), "s", &files()).unwrap();
+        let st = log.lock();
+        assert_eq!((st.first_seq(), st.msgs()), (20, 31));
+        drop(st);
+        assert_eq!(read_all(&log, 1), expected(20..=50));
+        assert_eq!(seg_files(dir.path()), 8);
+        let mut app = Appender::new(log.clone(), SEG, false, false);
+        assert_eq!(app.retention(None, None, None).unwrap(), 0);
+        assert_eq!(seg_files(dir.path()), 6, "[1-7] and [8-14] are gone");
+        assert_eq!(read_all(&log, 1), expected(20..=50));
+    }
+
+    #[test]
     fn a_floor_to_the_next_sequence_empties_the_log_which_then_goes_on_from_there() {
         let dir = tempfile::tempdir().unwrap();
         let (log, mut app) = fifty(dir.path());

@@ -151,7 +151,7 @@ impl Writer {
         // first turn, which also answers whoever waits for them.
         let applied = 0;
         let cfg = s.config();
-        let app = Appender::new(
+        let mut app = Appender::new(
             s.log.clone(),
             cfg.segment_bytes(),
             cfg.fsync != Fsync::Never,
@@ -185,6 +185,15 @@ impl Writer {
                 }
                 from = b.next;
             }
+        }
+        // Segments that hold nothing any more (a crash between saving a
+        // purge's floor and unlinking them) go now, whatever the limits.
+        if let Err(e) = app.retention(
+            cfg.max_age_ms.map(Duration::from_millis),
+            cfg.max_bytes,
+            cfg.max_msgs,
+        ) {
+            warn!(stream = %s.name, "retention at start failed: {e}");
         }
         Writer {
             interval: Duration::from_millis(cfg.fsync_interval_ms.unwrap_or(100).max(1)),
