@@ -223,7 +223,7 @@ impl Hub {
             tokio::spawn(poll_progress());
         }
         for s in state.streams.list_streams() {
-            if s.config().replicas() > 1 {
+            if s.replicas > 1 {
                 self.open_group(&s);
             }
         }

@@ -255,6 +255,9 @@ pub(crate) struct Entry {
 pub struct Stream {
     /// The stream's name: fixed, unlike the rest of its configuration.
     pub name: String,
+    /// Its copies (1 unless replicated): fixed too, and read on the
+    /// publish path without the configuration's lock.
+    pub replicas: u32,
     /// Its configuration, replaced whole by [`Streams::update`]; readers
     /// take a snapshot ([`Stream::config`]).
     config: RwLock<Arc<StreamConfig>>,
@@ -355,6 +358,7 @@ impl Stream {
     ) -> Stream {
         Stream {
             name: cfg.name.clone(),
+            replicas: cfg.replicas(),
             config: RwLock::new(Arc::new(cfg)),
             reconfig: AtomicU64::new(0),
             applied: Mutex::new(0),
@@ -419,7 +423,7 @@ impl Stream {
         op: AdminOp,
         rx: std::sync::mpsc::Receiver<std::io::Result<T>>,
     ) -> Result<T, StreamError> {
-        if self.config().replicas() > 1 {
+        if self.replicas > 1 {
             return Err(StreamError::Unsupported(format!(
                 "purging or deleting messages of a replicated stream ({})",
                 self.name
@@ -537,8 +541,7 @@ impl Stream {
                     .len(),
                 damaged_records: st.lost,
             },
-            cluster: (self.config().replicas() > 1)
-                .then(|| crate::replication::hub().cluster_info(self)),
+            cluster: (self.replicas > 1).then(|| crate::replication::hub().cluster_info(self)),
         }
     }
 
@@ -839,7 +842,7 @@ impl Streams {
         }
         for s in streams.list_streams() {
             consumer::load_all(&s);
-            if s.config().replicas() == 1 {
+            if s.replicas == 1 {
                 streams.announce(&s.config().subjects, true);
             }
         }
@@ -861,7 +864,7 @@ impl Streams {
         if let Some(q) = &s.quota {
             q.sync(&s);
         }
-        if s.config().replicas() > 1 {
+        if s.replicas > 1 {
             replicated::spawn(s.clone(), rx);
             crate::replication::hub().open_group(&s);
         } else {
@@ -1051,7 +1054,7 @@ impl Streams {
         let s = self
             .get(name)
             .ok_or_else(|| StreamError::NotFound(name.into()))?;
-        if s.config().replicas() == 1 {
+        if s.replicas == 1 {
             return Err(StreamError::BadRequest(format!(
                 "stream {name} is not replicated"
             )));
@@ -1330,7 +1333,7 @@ impl Streams {
         self.index_remove(&s.config());
         self.count.fetch_sub(1, Ordering::AcqRel);
         self.generation.fetch_add(1, Ordering::AcqRel);
-        if s.config().replicas() == 1 {
+        if s.replicas == 1 {
             self.announce(&s.config().subjects, false);
         } else {
             crate::replication::hub().close_group(name);
