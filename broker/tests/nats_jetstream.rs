@@ -1288,6 +1288,19 @@ async fn an_update_lowering_max_msgs_drops_the_oldest_at_once_and_consumers_go_o
     tokio::time::sleep(Duration::from_millis(1500)).await;
     let st = s.info().await.unwrap().state.clone();
     assert_eq!((st.messages, st.first_sequence), (4, 9));
+    // A byte limit is exact too: the oldest go until the rest fits.
+    let a = update(
+        &nc,
+        "ORDERS",
+        serde_json::json!({"name": "ORDERS", "subjects": ["orders.>"], "max_msgs": 4,
+                           "max_bytes": 150}),
+    )
+    .await;
+    let bytes = a["state"]["bytes"].as_u64().unwrap();
+    assert!(bytes > 0 && bytes <= 150, "{a}");
+    assert_eq!(a["state"]["last_seq"], 12, "{a}");
+    let kept = a["state"]["messages"].clone();
+    assert!(kept.as_u64().unwrap() < 4, "{a}");
     // Raising it again keeps what is there.
     let a = update(
         &nc,
@@ -1297,7 +1310,7 @@ async fn an_update_lowering_max_msgs_drops_the_oldest_at_once_and_consumers_go_o
     .await;
     assert_eq!(
         (&a["config"]["max_msgs"], &a["state"]["messages"]),
-        (&serde_json::json!(-1), &serde_json::json!(4)),
+        (&serde_json::json!(-1), &kept),
         "{a}"
     );
 }
@@ -1681,6 +1694,7 @@ async fn a_deleted_message_is_gone_for_readers_and_counts_and_stays_gone_after_a
         (st.messages, st.first_sequence, st.last_sequence),
         (4, 1, 5)
     );
+    assert_eq!(st.deleted_count, Some(1), "num_deleted");
     let a = api(&nc, "$JS.API.STREAM.MSG.GET.ORDERS", r#"{"seq":3}"#).await;
     assert_eq!(a["error"]["err_code"], 10037, "{a}");
     // Again: nats-server's "sequence not found".

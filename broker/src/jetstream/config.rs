@@ -287,6 +287,10 @@ pub(super) fn stream_info(s: &Stream) -> Value {
         },
         "ts": now_rfc3339(),
     });
+    let deleted = s.log.lock().deleted();
+    if deleted > 0 {
+        v["state"]["num_deleted"] = json!(deleted);
+    }
     if let Some(c) = &info.cluster {
         v["cluster"] = cluster_to_js(c);
     }

@@ -159,6 +159,11 @@ impl LogState {
         }
         true
     }
+    /// Messages deleted one by one that the stream still counts in its
+    /// sequence range (JetStream's `num_deleted`).
+    pub fn deleted(&self) -> u64 {
+        self.dels.len() as u64
+    }
     pub fn first_seq(&self) -> u64 {
         // Deleting the first message raises the floor past it, so the
         // first message at or above the floor is never a deleted one.
