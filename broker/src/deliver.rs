@@ -604,11 +604,7 @@ impl Batch {
                 // A replicated stream stores what its node's clients
                 // publish; a copy forwarded to a subscriber here is not
                 // stored again.
-                if let Some(s) = c
-                    .cache
-                    .get(&c.streams, subject)
-                    .filter(|s| s.config.replicas() == 1)
-                {
+                if let Some(s) = c.cache.get(&c.streams, subject).filter(|s| s.replicas == 1) {
                     let to = match reply {
                         Some(r) if ack => AckTo::Reply(r.into()),
                         _ => AckTo::None,

@@ -42,6 +42,18 @@ impl Node {
         self.start_with_secret(None).await
     }
 
+    /// Started with a NATS port too (for JetStream's API).
+    async fn start_with_nats(&self) -> TestBroker {
+        let mut cfg = common::test_config();
+        cfg.node_id = self.name.clone();
+        cfg.listen = self.client;
+        cfg.cluster = Some(self.route);
+        cfg.peers = self.peers.clone();
+        cfg.nats = Some(free("127.0.0.1"));
+        cfg.lame_duck_grace = Duration::ZERO;
+        TestBroker::with(cfg).await
+    }
+
     async fn start_with_secret(&self, secret: Option<&str>) -> TestBroker {
         let mut cfg = common::test_config();
         cfg.node_id = self.name.clone();
@@ -515,6 +527,61 @@ async fn a_durable_publish_on_one_node_is_stored_by_the_stream_on_another_and_ac
     assert_eq!(info.state.messages, 20, "stored once each, on B");
     // Nothing was stored on A or C: they have no streams.
     assert!(a.state.streams().is_empty() && c.state.streams().is_empty());
+}
+
+/// Publishes durably on `c` until the stream answers (true) or, with
+/// `stored` false, until nothing does any more; interest takes a moment to
+/// cross the routes.
+async fn until_durable(c: &sockbus_client::Client, subject: &str, stored: bool) -> Option<u64> {
+    let t = std::time::Instant::now();
+    loop {
+        match c.publish_durable(subject, "x").await {
+            Ok(a) if stored => return Some(a.seq),
+            Err(_) if !stored => return None,
+            _ => {}
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(15),
+            "a durable publish to {subject} still {}",
+            if stored { "fails" } else { "is stored" }
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test]
+async fn a_stream_update_moves_the_interest_other_nodes_forward_publishes_on() {
+    let nodes = mesh();
+    let (a, b) = (nodes[0].start().await, nodes[1].start_with_nats().await);
+    wait_routes(&[&a, &b], 1).await;
+    let nc = async_nats::connect(format!("nats://{}", b.state.config().nats.unwrap()))
+        .await
+        .unwrap();
+    let js = async_nats::jetstream::new(nc);
+    let orders = async_nats::jetstream::stream::Config {
+        name: "ORDERS".into(),
+        subjects: vec!["orders.>".into()],
+        ..Default::default()
+    };
+    js.create_stream(orders.clone()).await.unwrap();
+    let ca = sockbus_client::connect(&a.url).await.unwrap();
+    assert_eq!(until_durable(&ca, "orders.eu", true).await, Some(1));
+    // B's stream takes `returns.*` too, and then only it.
+    js.update_stream(async_nats::jetstream::stream::Config {
+        subjects: vec!["orders.>".into(), "returns.*".into()],
+        ..orders.clone()
+    })
+    .await
+    .unwrap();
+    assert_eq!(until_durable(&ca, "returns.r", true).await, Some(2));
+    js.update_stream(async_nats::jetstream::stream::Config {
+        subjects: vec!["returns.*".into()],
+        ..orders
+    })
+    .await
+    .unwrap();
+    assert_eq!(until_durable(&ca, "orders.eu", false).await, None);
+    assert_eq!(until_durable(&ca, "returns.r", true).await, Some(3));
 }
 
 /// A peer that dials `b`'s cluster port and sends the route handshake

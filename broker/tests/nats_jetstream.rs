@@ -191,16 +191,8 @@ async fn streams_made_through_jetstream_are_sockbus_streams_and_the_other_way_ro
         .await
         .unwrap_err();
     assert!(e.to_string().contains("10058"), "{e}");
-    // An update that changes nothing is answered; a change is refused by name.
+    // An update that changes nothing is answered (updates: below).
     js.update_stream(orders()).await.unwrap();
-    let e = js
-        .update_stream(stream::Config {
-            max_messages: 10,
-            ..orders()
-        })
-        .await
-        .unwrap_err();
-    assert!(e.to_string().contains("not supported by sockbus"), "{e}");
     // Overlapping subjects: 10065.
     let e = js
         .create_stream(stream::Config {
@@ -666,12 +658,12 @@ async fn bad_requests_get_jetstream_errors_and_pull_statuses() {
     let a = api(&nc, "$JS.API.CONSUMER.INFO.ORDERS.nope", "").await;
     assert_eq!(a["error"]["err_code"], 10014, "{a}");
     // An unsupported API request is named.
-    let a = api(&nc, "$JS.API.STREAM.PURGE.ORDERS", "").await;
+    let a = api(&nc, "$JS.API.DIRECT.GET.ORDERS", "").await;
     assert!(
         a["error"]["description"]
             .as_str()
             .unwrap()
-            .contains("STREAM.PURGE"),
+            .contains("DIRECT.GET"),
         "{a}"
     );
 
@@ -1183,4 +1175,620 @@ async fn stored_messages_are_read_back_by_sequence_and_by_subject() {
     }
     let a = api(&nc, "$JS.API.STREAM.MSG.GET.NOPE", r#"{"seq": 1}"#).await;
     assert_eq!(a["error"]["err_code"], 10059, "{a}");
+}
+
+/// `STREAM.UPDATE` through a raw request: the answer's JSON.
+async fn update(nc: &async_nats::Client, name: &str, cfg: serde_json::Value) -> serde_json::Value {
+    api(
+        nc,
+        &format!("$JS.API.STREAM.UPDATE.{name}"),
+        &cfg.to_string(),
+    )
+    .await
+}
+
+#[tokio::test]
+async fn an_update_adds_a_subject_whose_publishes_are_then_captured_and_acked_and_removes_one() {
+    let (b, nc) = start(nats_config()).await;
+    let js = js(&nc);
+    js.create_stream(orders()).await.unwrap();
+    publish_n(&js, "orders.eu", 1, 2).await;
+    let info = js
+        .update_stream(stream::Config {
+            subjects: vec!["orders.>".into(), "returns.*".into()],
+            description: Some("orders and returns".into()),
+            ..orders()
+        })
+        .await
+        .unwrap();
+    assert_eq!(info.config.subjects, ["orders.>", "returns.*"]);
+    assert_eq!(
+        info.config.description.as_deref(),
+        Some("orders and returns")
+    );
+    let ack = js
+        .publish("returns.r1", "back".into())
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    assert_eq!((ack.stream.as_str(), ack.sequence), ("ORDERS", 3));
+    // The sockbus SDK's durable publish is captured too.
+    let sb = sockbus_client::connect(&b.url).await.unwrap();
+    let a = sb.publish_durable("returns.r2", b"x").await.unwrap();
+    assert_eq!((a.stream.as_str(), a.seq), ("ORDERS", 4));
+    assert_eq!(
+        sb.stream_info("ORDERS").await.unwrap().config.subjects,
+        ["orders.>", "returns.*"]
+    );
+    // Without `orders.>` a publish there is no longer stored: the request
+    // finds no responder.
+    js.update_stream(stream::Config {
+        subjects: vec!["returns.*".into()],
+        ..orders()
+    })
+    .await
+    .unwrap();
+    let r = js.publish("orders.eu", "lost".into()).await.unwrap().await;
+    assert!(r.is_err(), "{r:?}");
+    let mut s = js.get_stream("ORDERS").await.unwrap();
+    let st = s.info().await.unwrap().state.clone();
+    assert_eq!((st.messages, st.last_sequence), (4, 4));
+    // Another stream may now take `orders.>`.
+    js.create_stream(stream::Config {
+        name: "NEW".into(),
+        subjects: vec!["orders.>".into()],
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let ack = js
+        .publish("orders.eu", "new".into())
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    assert_eq!((ack.stream.as_str(), ack.sequence), ("NEW", 1));
+}
+
+#[tokio::test]
+async fn an_update_lowering_max_msgs_drops_the_oldest_at_once_and_consumers_go_on_from_the_first() {
+    let (_b, nc) = start(nats_config()).await;
+    let js = js(&nc);
+    let s = js.create_stream(orders()).await.unwrap();
+    publish_n(&js, "orders.eu", 1, 10).await;
+    let c: consumer::PullConsumer = s.create_consumer(durable("d")).await.unwrap();
+    let a = update(
+        &nc,
+        "ORDERS",
+        serde_json::json!({"name": "ORDERS", "subjects": ["orders.>"], "max_msgs": 4}),
+    )
+    .await;
+    assert_eq!(a["type"], "io.nats.jetstream.api.v1.stream_update_response");
+    assert_eq!(a["config"]["max_msgs"], 4, "{a}");
+    assert_eq!(
+        (
+            &a["state"]["messages"],
+            &a["state"]["first_seq"],
+            &a["state"]["last_seq"]
+        ),
+        (
+            &serde_json::json!(4),
+            &serde_json::json!(7),
+            &serde_json::json!(10)
+        ),
+        "the answer shows the limit applied: {a}"
+    );
+    let mut s = js.get_stream("ORDERS").await.unwrap();
+    assert_eq!(s.info().await.unwrap().state.messages, 4);
+    let got = fetch_n(&c, 4).await;
+    assert_eq!(payloads(&got), ["m7", "m8", "m9", "m10"]);
+    // New messages push the oldest out, keeping exactly four.
+    publish_n(&js, "orders.eu", 11, 12).await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let st = s.info().await.unwrap().state.clone();
+    assert_eq!((st.messages, st.first_sequence), (4, 9));
+    // A byte limit is exact too: the oldest go until the rest fits.
+    let a = update(
+        &nc,
+        "ORDERS",
+        serde_json::json!({"name": "ORDERS", "subjects": ["orders.>"], "max_msgs": 4,
+                           "max_bytes": 150}),
+    )
+    .await;
+    let bytes = a["state"]["bytes"].as_u64().unwrap();
+    assert!(bytes > 0 && bytes <= 150, "{a}");
+    assert_eq!(a["state"]["last_seq"], 12, "{a}");
+    let kept = a["state"]["messages"].clone();
+    assert!(kept.as_u64().unwrap() < 4, "{a}");
+    // Raising it again keeps what is there.
+    let a = update(
+        &nc,
+        "ORDERS",
+        serde_json::json!({"name": "ORDERS", "subjects": ["orders.>"], "max_msgs": -1}),
+    )
+    .await;
+    assert_eq!(
+        (&a["config"]["max_msgs"], &a["state"]["messages"]),
+        (&serde_json::json!(-1), &kept),
+        "{a}"
+    );
+}
+
+#[tokio::test]
+async fn an_update_survives_a_broker_restart() {
+    let cfg = nats_config();
+    let dir = cfg.data_dir.clone();
+    let (b, nc) = start(cfg).await;
+    let addr = b.state.config().nats.unwrap();
+    let js = js(&nc);
+    js.create_stream(orders()).await.unwrap();
+    publish_n(&js, "orders.eu", 1, 6).await;
+    js.update_stream(stream::Config {
+        subjects: vec!["orders.>".into(), "returns.*".into()],
+        max_messages: 3,
+        duplicate_window: Duration::from_secs(30),
+        description: Some("kept".into()),
+        ..orders()
+    })
+    .await
+    .unwrap();
+    drop(nc);
+    b.stop().await;
+    let b = TestBroker::with(Config {
+        nats: Some(addr),
+        data_dir: dir,
+        ..nats_config()
+    })
+    .await;
+    let nc = connect(&b).await;
+    let js = self::js(&nc);
+    let mut s = js.get_stream("ORDERS").await.unwrap();
+    let info = s.info().await.unwrap().clone();
+    assert_eq!(info.config.subjects, ["orders.>", "returns.*"]);
+    assert_eq!(info.config.max_messages, 3);
+    assert_eq!(info.config.duplicate_window, Duration::from_secs(30));
+    assert_eq!(info.config.description.as_deref(), Some("kept"));
+    assert_eq!(
+        (
+            info.state.messages,
+            info.state.first_sequence,
+            info.state.last_sequence
+        ),
+        (3, 4, 6),
+        "what the limit dropped stays dropped"
+    );
+    let ack = js
+        .publish("returns.r", "x".into())
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    assert_eq!((ack.stream.as_str(), ack.sequence), ("ORDERS", 7));
+}
+
+#[tokio::test]
+async fn updates_that_change_what_cannot_change_or_make_no_sense_get_nats_servers_errors() {
+    let (_b, nc) = start(nats_config()).await;
+    let js = js(&nc);
+    js.create_stream(orders()).await.unwrap();
+    js.create_stream(stream::Config {
+        name: "OTHER".into(),
+        subjects: vec!["other.>".into()],
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let base = || serde_json::json!({"name": "ORDERS", "subjects": ["orders.>"]});
+    let with = |k: &str, v: serde_json::Value| {
+        let mut c = base();
+        c[k] = v;
+        c
+    };
+    let e = js
+        .update_stream(stream::Config {
+            storage: stream::StorageType::Memory,
+            ..orders()
+        })
+        .await
+        .unwrap_err();
+    assert!(e.to_string().contains("10052"), "{e}");
+    let a = update(&nc, "ORDERS", with("storage", "memory".into())).await;
+    assert_eq!(
+        (
+            &a["error"]["code"],
+            &a["error"]["err_code"],
+            &a["error"]["description"]
+        ),
+        (
+            &serde_json::json!(500),
+            &serde_json::json!(10052),
+            &serde_json::json!("stream configuration update can not change storage type")
+        ),
+        "{a}"
+    );
+    let a = update(&nc, "ORDERS", with("num_replicas", 3.into())).await;
+    assert_eq!(
+        (&a["error"]["err_code"], &a["error"]["description"]),
+        (
+            &serde_json::json!(10061),
+            &serde_json::json!("Replicas configuration can not be updated")
+        ),
+        "{a}"
+    );
+    let a = update(&nc, "ORDERS", with("name", "OTHER".into())).await;
+    assert_eq!(a["error"]["err_code"], 10056, "{a}");
+    let a = update(&nc, "ORDERS", with("retention", "workqueue".into())).await;
+    assert_eq!(a["error"]["err_code"], 10052, "{a}");
+    let a = update(&nc, "ORDERS", with("discard", "new".into())).await;
+    assert_eq!(a["error"]["err_code"], 10052, "{a}");
+    let a = update(&nc, "ORDERS", with("max_msgs", "ten".into())).await;
+    assert_eq!(a["error"]["err_code"], 10025, "{a}");
+    let a = update(
+        &nc,
+        "ORDERS",
+        with("subjects", serde_json::json!(["orders.>", "other.x"])),
+    )
+    .await;
+    assert_eq!(a["error"]["err_code"], 10065, "{a}");
+    let a = update(&nc, "ORDERS", with("subjects", serde_json::json!(["a..b"]))).await;
+    assert_eq!(a["error"]["code"], 400, "{a}");
+    let a = api(&nc, "$JS.API.STREAM.UPDATE.ORDERS", "{not json").await;
+    assert_eq!(a["error"]["err_code"], 10025, "{a}");
+    let a = api(&nc, "$JS.API.STREAM.UPDATE.ORDERS", "[1,2]").await;
+    assert_eq!(a["error"]["err_code"], 10025, "{a}");
+    let a = update(&nc, "NOPE", serde_json::json!({"name": "NOPE"})).await;
+    assert_eq!(
+        (&a["error"]["code"], &a["error"]["err_code"]),
+        (&serde_json::json!(404), &serde_json::json!(10059)),
+        "{a}"
+    );
+    // Nothing changed: the stream still captures what it did.
+    let mut s = js.get_stream("ORDERS").await.unwrap();
+    let info = s.info().await.unwrap().clone();
+    assert_eq!(info.config.subjects, ["orders.>"]);
+    assert_eq!(info.config.storage, stream::StorageType::File);
+    let ack = js
+        .publish("orders.eu", "x".into())
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    assert_eq!(ack.stream, "ORDERS");
+    let ack = js
+        .publish("other.x", "x".into())
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    assert_eq!(ack.stream, "OTHER");
+}
+
+#[tokio::test]
+async fn an_update_setting_max_msg_size_refuses_larger_publishes_with_10054() {
+    let (_b, nc) = start(nats_config()).await;
+    let js = js(&nc);
+    js.create_stream(orders()).await.unwrap();
+    let info = js
+        .update_stream(stream::Config {
+            max_message_size: 8,
+            ..orders()
+        })
+        .await
+        .unwrap();
+    assert_eq!(info.config.max_message_size, 8);
+    js.publish("orders.eu", "12345678".into())
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    let e = js
+        .publish("orders.eu", "123456789".into())
+        .await
+        .unwrap()
+        .await
+        .unwrap_err();
+    assert!(
+        e.to_string().contains("10054") || e.to_string().contains("maximum"),
+        "{e}"
+    );
+    let mut s = js.get_stream("ORDERS").await.unwrap();
+    assert_eq!(s.info().await.unwrap().state.messages, 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn publishes_racing_updates_are_all_acked_in_order_and_only_the_limit_drops_any() {
+    let (_b, nc) = start(nats_config()).await;
+    let js = js(&nc);
+    js.create_stream(orders()).await.unwrap();
+    const N: u64 = 300;
+    let publisher = {
+        let js = js.clone();
+        tokio::spawn(async move {
+            let mut seqs = Vec::new();
+            for i in 1..=N {
+                let ack = js
+                    .publish("orders.eu", format!("m{i}").into())
+                    .await
+                    .unwrap()
+                    .await
+                    .unwrap();
+                seqs.push(ack.sequence);
+            }
+            seqs
+        })
+    };
+    // Updates while it publishes: subjects, limits, the window.
+    for round in 0..10u64 {
+        let mut subjects = vec!["orders.>".to_string()];
+        if round % 2 == 0 {
+            subjects.push(format!("extra{round}.*"));
+        }
+        js.update_stream(stream::Config {
+            subjects,
+            max_messages: if round == 9 {
+                100
+            } else {
+                10_000 + round as i64
+            },
+            duplicate_window: Duration::from_secs(60 + round),
+            ..orders()
+        })
+        .await
+        .unwrap();
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let seqs = publisher.await.unwrap();
+    assert_eq!(
+        seqs,
+        (1..=N).collect::<Vec<_>>(),
+        "every publish acked once, in order"
+    );
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let mut s = js.get_stream("ORDERS").await.unwrap();
+    let st = s.info().await.unwrap().state.clone();
+    assert_eq!(
+        (st.messages, st.first_sequence, st.last_sequence),
+        (100, N - 99, N),
+        "the newest 100 acked messages are kept"
+    );
+    let c: consumer::PullConsumer = s.create_consumer(durable("all")).await.unwrap();
+    let got = fetch_n(&c, 100).await;
+    let want: Vec<String> = (N - 99..=N).map(|i| format!("m{i}")).collect();
+    assert_eq!(payloads(&got), want);
+}
+
+#[tokio::test]
+async fn a_purge_empties_the_stream_and_a_consumer_goes_on_with_new_messages() {
+    let (_b, nc) = start(nats_config()).await;
+    let js = js(&nc);
+    let mut s = js.create_stream(orders()).await.unwrap();
+    publish_n(&js, "orders.eu", 1, 5).await;
+    let c: consumer::PullConsumer = s.create_consumer(durable("d")).await.unwrap();
+    let got = fetch_n(&c, 2).await;
+    got[0].double_ack().await.unwrap();
+    // m2 stays delivered and unacked.
+    let r = s.purge().await.unwrap();
+    assert!(r.success);
+    assert_eq!(r.purged, 5);
+    let st = s.info().await.unwrap().state.clone();
+    assert_eq!(
+        (st.messages, st.bytes, st.first_sequence, st.last_sequence),
+        (0, 0, 6, 5),
+        "{st:?}"
+    );
+    let mut c = c;
+    let i = c.info().await.unwrap().clone();
+    assert_eq!((i.num_ack_pending, i.num_pending), (0, 0), "{i:?}");
+    publish_n(&js, "orders.eu", 6, 7).await;
+    let got = fetch_n(&c, 2).await;
+    assert_eq!(payloads(&got), ["m6", "m7"]);
+    assert_eq!(seqs(&got), [(6, 1), (7, 1)]);
+    // The raw answer is nats-server's.
+    let a = api(&nc, "$JS.API.STREAM.PURGE.ORDERS", "").await;
+    assert_eq!(a["type"], "io.nats.jetstream.api.v1.stream_purge_response");
+    assert_eq!(
+        (&a["success"], &a["purged"]),
+        (&serde_json::json!(true), &serde_json::json!(2)),
+        "{a}"
+    );
+}
+
+#[tokio::test]
+async fn a_purge_with_a_filter_removes_only_that_subject_and_it_stays_removed_after_a_restart() {
+    let cfg = nats_config();
+    let dir = cfg.data_dir.clone();
+    let (b, nc) = start(cfg).await;
+    let addr = b.state.config().nats.unwrap();
+    let js = js(&nc);
+    let mut s = js.create_stream(orders()).await.unwrap();
+    for i in 1..=10u64 {
+        let subject = if i % 2 == 0 { "orders.us" } else { "orders.eu" };
+        js.publish(subject, format!("m{i}").into())
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+    }
+    let r = s.purge().filter("orders.us").await.unwrap();
+    assert_eq!(r.purged, 5);
+    let st = s.info().await.unwrap().state.clone();
+    assert_eq!(
+        (st.messages, st.first_sequence, st.last_sequence),
+        (5, 1, 10)
+    );
+    let c: consumer::PullConsumer = s.create_consumer(durable("all")).await.unwrap();
+    let got = fetch_n(&c, 5).await;
+    assert_eq!(payloads(&got), ["m1", "m3", "m5", "m7", "m9"]);
+    let a = api(&nc, "$JS.API.STREAM.MSG.GET.ORDERS", r#"{"seq":2}"#).await;
+    assert_eq!(a["error"]["err_code"], 10037, "{a}");
+    // keep: all but the newest N of that subject.
+    let r = s.purge().filter("orders.eu").keep(2).await.unwrap();
+    assert_eq!(r.purged, 3);
+    drop(nc);
+    b.stop().await;
+    let b = TestBroker::with(Config {
+        nats: Some(addr),
+        data_dir: dir,
+        ..nats_config()
+    })
+    .await;
+    let nc = connect(&b).await;
+    let js = self::js(&nc);
+    let mut s = js.get_stream("ORDERS").await.unwrap();
+    let st = s.info().await.unwrap().state.clone();
+    assert_eq!(
+        (st.messages, st.first_sequence, st.last_sequence),
+        (2, 7, 10),
+        "the first messages all gone, the floor moved: {st:?}"
+    );
+    let c: consumer::PullConsumer = s.create_consumer(durable("again")).await.unwrap();
+    assert_eq!(payloads(&fetch_n(&c, 2).await), ["m7", "m9"]);
+    let ack = js
+        .publish("orders.us", "m11".into())
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    assert_eq!(ack.sequence, 11);
+}
+
+#[tokio::test]
+async fn a_purge_up_to_a_sequence_or_keeping_the_newest_removes_the_oldest() {
+    let (_b, nc) = start(nats_config()).await;
+    let js = js(&nc);
+    let mut s = js.create_stream(orders()).await.unwrap();
+    publish_n(&js, "orders.eu", 1, 10).await;
+    assert_eq!(s.purge().sequence(4).await.unwrap().purged, 3);
+    let st = s.info().await.unwrap().state.clone();
+    assert_eq!((st.messages, st.first_sequence), (7, 4));
+    assert_eq!(s.purge().keep(2).await.unwrap().purged, 5);
+    let st = s.info().await.unwrap().state.clone();
+    assert_eq!((st.messages, st.first_sequence), (2, 9));
+    // A filter that takes the whole stream is a purge of it all.
+    assert_eq!(s.purge().filter(">").await.unwrap().purged, 2);
+    let a = api(&nc, "$JS.API.STREAM.PURGE.ORDERS", r#"{"seq":3,"keep":1}"#).await;
+    assert_eq!(a["error"]["err_code"], 10003, "{a}");
+    let a = api(&nc, "$JS.API.STREAM.PURGE.ORDERS", r#"{"filter":"a..b"}"#).await;
+    assert_eq!(a["error"]["err_code"], 10003, "{a}");
+    let a = api(&nc, "$JS.API.STREAM.PURGE.ORDERS", "{not json").await;
+    assert_eq!(a["error"]["err_code"], 10025, "{a}");
+    let a = api(&nc, "$JS.API.STREAM.PURGE.ORDERS", r#"{"seq":"x"}"#).await;
+    assert_eq!(a["error"]["err_code"], 10025, "{a}");
+    let a = api(&nc, "$JS.API.STREAM.PURGE.NOPE", "").await;
+    assert_eq!(a["error"]["err_code"], 10059, "{a}");
+}
+
+#[tokio::test]
+async fn a_deleted_message_is_gone_for_readers_and_counts_and_stays_gone_after_a_restart() {
+    let cfg = nats_config();
+    let dir = cfg.data_dir.clone();
+    let (b, nc) = start(cfg).await;
+    let addr = b.state.config().nats.unwrap();
+    let js = js(&nc);
+    let mut s = js.create_stream(orders()).await.unwrap();
+    publish_n(&js, "orders.eu", 1, 5).await;
+    assert!(s.delete_message(3).await.unwrap());
+    let st = s.info().await.unwrap().state.clone();
+    assert_eq!(
+        (st.messages, st.first_sequence, st.last_sequence),
+        (4, 1, 5)
+    );
+    assert_eq!(st.deleted_count, Some(1), "num_deleted");
+    let a = api(&nc, "$JS.API.STREAM.MSG.GET.ORDERS", r#"{"seq":3}"#).await;
+    assert_eq!(a["error"]["err_code"], 10037, "{a}");
+    // Again: nats-server's "sequence not found".
+    let a = api(&nc, "$JS.API.STREAM.MSG.DELETE.ORDERS", r#"{"seq":3}"#).await;
+    assert_eq!(
+        (&a["error"]["err_code"], &a["error"]["description"]),
+        (
+            &serde_json::json!(10043),
+            &serde_json::json!("sequence 3 not found")
+        ),
+        "{a}"
+    );
+    let a = api(
+        &nc,
+        "$JS.API.STREAM.MSG.DELETE.ORDERS",
+        r#"{"seq":1,"no_erase":true}"#,
+    )
+    .await;
+    assert_eq!(
+        a["type"],
+        "io.nats.jetstream.api.v1.stream_msg_delete_response"
+    );
+    assert_eq!(a["success"], true, "{a}");
+    let st = s.info().await.unwrap().state.clone();
+    assert_eq!(
+        (st.messages, st.first_sequence),
+        (3, 2),
+        "the first moved on"
+    );
+    for (body, code) in [
+        ("{}", 10003),
+        (r#"{"seq":0}"#, 10003),
+        ("{not json", 10025),
+        (r#"{"seq":99}"#, 10043),
+    ] {
+        let a = api(&nc, "$JS.API.STREAM.MSG.DELETE.ORDERS", body).await;
+        assert_eq!(a["error"]["err_code"], code, "{body}: {a}");
+    }
+    let a = api(&nc, "$JS.API.STREAM.MSG.DELETE.NOPE", r#"{"seq":1}"#).await;
+    assert_eq!(a["error"]["err_code"], 10059, "{a}");
+    let c: consumer::PullConsumer = s.create_consumer(durable("d")).await.unwrap();
+    assert_eq!(payloads(&fetch_n(&c, 3).await), ["m2", "m4", "m5"]);
+    drop(nc);
+    b.stop().await;
+    let b = TestBroker::with(Config {
+        nats: Some(addr),
+        data_dir: dir,
+        ..nats_config()
+    })
+    .await;
+    let nc = connect(&b).await;
+    let js = self::js(&nc);
+    let mut s = js.get_stream("ORDERS").await.unwrap();
+    let st = s.info().await.unwrap().state.clone();
+    assert_eq!(
+        (st.messages, st.first_sequence, st.last_sequence),
+        (3, 2, 5)
+    );
+    let c: consumer::PullConsumer = s.create_consumer(durable("e")).await.unwrap();
+    assert_eq!(payloads(&fetch_n(&c, 3).await), ["m2", "m4", "m5"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_purge_racing_publishes_removes_only_what_it_counts_and_every_later_ack_is_kept() {
+    let (_b, nc) = start(nats_config()).await;
+    let js = js(&nc);
+    let mut s = js.create_stream(orders()).await.unwrap();
+    const N: u64 = 300;
+    let publisher = {
+        let js = js.clone();
+        tokio::spawn(async move {
+            for i in 1..=N {
+                let ack = js
+                    .publish("orders.eu", format!("m{i}").into())
+                    .await
+                    .unwrap()
+                    .await
+                    .unwrap();
+                assert_eq!(ack.sequence, i);
+            }
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(30)).await;
+    let purged = s.purge().await.unwrap().purged;
+    publisher.await.unwrap();
+    let st = s.info().await.unwrap().state.clone();
+    assert_eq!(st.last_sequence, N);
+    assert_eq!(
+        (st.messages, st.first_sequence),
+        (N - purged, purged + 1),
+        "exactly the {purged} oldest went: {st:?}"
+    );
+    let c: consumer::PullConsumer = s.create_consumer(durable("rest")).await.unwrap();
+    let got = fetch_n(&c, (N - purged) as usize).await;
+    let want: Vec<String> = (purged + 1..=N).map(|i| format!("m{i}")).collect();
+    assert_eq!(payloads(&got), want);
 }

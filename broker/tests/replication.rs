@@ -726,6 +726,28 @@ async fn jetstream_num_replicas_3_is_a_replicated_stream_on_every_node() {
     };
     let e = js1.create_stream(two).await.unwrap_err().to_string();
     assert!(e.contains("num_replicas must be 1, 3 or 5"), "{e}");
+
+    // A replicated stream's configuration and messages are the group's:
+    // this version refuses changing them on one node (docs/storage.md).
+    let e = js2
+        .update_stream(stream::Config {
+            max_messages: 10,
+            ..cfg.clone()
+        })
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("10052") && e.contains("replicated stream"),
+        "{e}"
+    );
+    let mut s2 = js2.get_stream("JR3").await.unwrap();
+    let e = s2.purge().await.unwrap_err().to_string();
+    assert!(e.contains("replicated stream"), "{e}");
+    let e = s2.delete_message(1).await.unwrap_err().to_string();
+    assert!(e.contains("replicated stream"), "{e}");
+    let info = s2.info().await.unwrap().clone();
+    assert_eq!((info.config.max_messages, info.state.messages), (-1, 100));
 }
 
 /// Everything a durable consumer gets until it has every seq in `want` at

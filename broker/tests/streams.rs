@@ -323,7 +323,7 @@ async fn a_durable_consumer_resumes_after_a_broker_restart_and_pending_acks_come
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn retention_removes_whole_old_segments_by_count_bytes_and_age() {
+async fn retention_keeps_exactly_max_msgs_at_most_max_bytes_and_drops_expired_segments() {
     let dir = tempfile::tempdir().unwrap();
     let b = broker_in(dir.path()).await;
     let c = client(&b).await;
@@ -348,15 +348,20 @@ async fn retention_removes_whole_old_segments_by_count_bytes_and_age() {
     }
     tokio::time::sleep(Duration::from_millis(2500)).await;
     let m = c.stream_info("M").await.unwrap().state;
-    // At least the newest 50 are kept, at most one segment (15 msgs) more.
-    assert!(m.messages >= 50 && m.messages <= 65, "{m:?}");
-    assert_eq!(m.last_seq, 300);
-    assert_eq!(m.first_seq, 300 - m.messages + 1);
+    // Exactly the newest 50 are kept (whole segments, then a cut into one).
+    assert_eq!(
+        (m.messages, m.first_seq, m.last_seq),
+        (50, 251, 300),
+        "{m:?}"
+    );
     let y = c.stream_info("Y").await.unwrap().state;
+    // At most the limit, short of it by less than one record and the
+    // segments' 16-byte headers.
     assert!(
-        y.bytes >= 100 * 1024 && y.bytes <= 100 * 1024 + 13 * 1024 + 2000,
+        y.bytes <= 100 * 1024 && y.bytes > 100 * 1024 - 1100 - 16 * 10,
         "{y:?}"
     );
+    assert_eq!(y.first_seq, 300 - y.messages + 1);
     let g = c.stream_info("G").await.unwrap().state;
     assert_eq!((g.messages, g.last_seq), (0, 20), "{g:?}");
     // The sequence goes on after everything expired.
@@ -606,4 +611,58 @@ async fn stream_list_pages_through_more_streams_than_one_answer_holds() {
         .map(|s| s.config.name)
         .collect();
     assert_eq!(got, want);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_sdk_updates_a_stream_in_place_and_purges_it_whole_or_by_subject() {
+    let dir = tempfile::tempdir().unwrap();
+    let b = broker_in(dir.path()).await;
+    let c = client(&b).await;
+    c.stream_add(&StreamConfig::new("U", ["u.>"]))
+        .await
+        .unwrap();
+    for i in 1..=6 {
+        let subject = if i % 2 == 0 { "u.even" } else { "u.odd" };
+        c.publish_durable(subject, format!("m{i}")).await.unwrap();
+    }
+    let mut cfg = StreamConfig::new("U", ["u.>", "v.*"]);
+    cfg.max_msgs = Some(4);
+    cfg.description = Some("updated".into());
+    let info = c.stream_update(&cfg).await.unwrap();
+    assert_eq!(info.config, cfg);
+    assert_eq!((info.state.messages, info.state.first_seq), (4, 3));
+    // Raising the limit again keeps what is left.
+    cfg.max_msgs = None;
+    assert_eq!(c.stream_update(&cfg).await.unwrap().state.messages, 4);
+    assert_eq!(c.publish_durable("v.x", "m7").await.unwrap().seq, 7);
+    // What cannot change, and a stream that is not there.
+    let mut bad = cfg.clone();
+    bad.fsync = sockbus_client::streams::Fsync::Never;
+    let e = c.stream_update(&bad).await.unwrap_err().to_string();
+    assert!(e.contains("can not change fsync"), "{e}");
+    let e = c
+        .stream_update(&StreamConfig::new("NOPE", ["n"]))
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("not found"), "{e}");
+    // Purges: by subject, then everything; the sequence goes on.
+    let by_subject = sockbus_client::streams::PurgeRequest {
+        filter: Some("u.even".into()),
+        ..Default::default()
+    };
+    assert_eq!(c.stream_purge("U", &by_subject).await.unwrap(), 2);
+    let info = c.stream_info("U").await.unwrap();
+    assert_eq!((info.state.messages, info.state.first_seq), (3, 3));
+    assert_eq!(c.stream_purge("U", &Default::default()).await.unwrap(), 3);
+    let info = c.stream_info("U").await.unwrap();
+    assert_eq!(
+        (
+            info.state.messages,
+            info.state.first_seq,
+            info.state.last_seq
+        ),
+        (0, 8, 7)
+    );
+    assert_eq!(c.publish_durable("u.odd", "m8").await.unwrap().seq, 8);
 }

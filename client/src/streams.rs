@@ -31,7 +31,7 @@ use crate::subscriber::Subscriber;
 pub use crate::client::MSG_ID_HEADER;
 
 pub use sockbus_protocol::api::{
-    ConsumerInfo, Fsync, PubAck, Start, StreamConfig, StreamInfo, StreamState,
+    ConsumerInfo, Fsync, PubAck, PurgeRequest, Start, StreamConfig, StreamInfo, StreamState,
 };
 
 /// A consumer's settings; start from [`ConsumerConfig::durable`] or [`ConsumerConfig::ephemeral`].
@@ -191,6 +191,23 @@ impl Client {
     pub async fn stream_add(&self, cfg: &StreamConfig) -> Result<StreamInfo> {
         let body = serde_json::to_vec(cfg).expect("serialisable");
         self.api(&subject::stream_create(&cfg.name), body).await
+    }
+
+    /// Changes an existing stream's configuration (its subjects, limits,
+    /// duplicate window, ...; not its name, `fsync` or `replicas`) and
+    /// returns its info with the new limits applied (docs/storage.md,
+    /// "Changing a stream").
+    pub async fn stream_update(&self, cfg: &StreamConfig) -> Result<StreamInfo> {
+        let body = serde_json::to_vec(cfg).expect("serialisable");
+        self.api(&subject::stream_update(&cfg.name), body).await
+    }
+
+    /// Removes messages from a stream (`PurgeRequest::default()`: all of
+    /// them); returns how many.
+    pub async fn stream_purge(&self, name: &str, req: &PurgeRequest) -> Result<u64> {
+        let body = serde_json::to_vec(req).expect("serialisable");
+        let r: api::Purged = self.api(&subject::stream_purge(name), body).await?;
+        Ok(r.purged)
     }
 
     pub async fn stream_info(&self, name: &str) -> Result<StreamInfo> {

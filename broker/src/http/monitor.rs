@@ -274,7 +274,12 @@ pub(crate) fn num_pending(s: &Stream, next_seq: u64, filter: Option<&str>) -> u6
     if from > last {
         return 0;
     }
-    let filter = filter.filter(|f| !s.config.subjects.iter().all(|p| covers(f, p)));
+    let filter = filter.filter(|f| {
+        !s.config()
+            .subjects
+            .iter()
+            .all(|p| crate::streams::covers(f, p))
+    });
     let Some(f) = filter else {
         return last - from + 1;
     };
@@ -292,21 +297,6 @@ pub(crate) fn num_pending(s: &Stream, next_seq: u64, filter: Option<&str>) -> u6
         pos = b.pos;
     }
     n
-}
-
-/// True when every subject `pattern` matches, `filter` matches too.
-fn covers(filter: &str, pattern: &str) -> bool {
-    let mut f = filter.split('.');
-    let mut p = pattern.split('.');
-    loop {
-        match (f.next(), p.next()) {
-            (Some(">"), Some(_)) => return true,
-            (None, None) => return true,
-            (Some("*"), Some(t)) if t != ">" => {}
-            (Some(a), Some(b)) if a == b && a != ">" => {}
-            _ => return false,
-        }
-    }
 }
 
 fn nats_account_name(name: &str) -> &str {
@@ -355,6 +345,7 @@ fn process_usage() -> (u64, f64) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::streams::covers;
 
     #[test]
     fn a_filter_covers_the_patterns_it_matches_every_subject_of() {

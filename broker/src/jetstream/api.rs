@@ -9,13 +9,13 @@ use serde_json::{json, Value};
 use sockbus_protocol::api::AckKind;
 
 use super::config::{
-    consumer_from_js, consumer_info, consumer_js_config, object, stream_from_js, stream_info,
-    stream_msg_get, DEFAULT_MAX_WAITING,
+    consumer_from_js, consumer_info, consumer_js_config, msg_delete_from_js, object, purge_from_js,
+    stream_from_js, stream_info, stream_msg_get, DEFAULT_MAX_WAITING,
 };
 use super::{parse_ack, send_status, status, Ctx, JsError};
 use crate::deliver::Delivery;
 use crate::streams::consumer::{self, Consumer, Flavor, Pull};
-use crate::streams::{Stream, Streams};
+use crate::streams::{Fsync, Stream, StreamConfig, StreamError, Streams};
 
 const API_PREFIX: &str = "$JS.API.";
 /// Most names in one `STREAM.NAMES`/`CONSUMER.NAMES` page, and infos in
@@ -192,6 +192,34 @@ pub(crate) fn handle(
             "consumer_list",
             consumer_names(streams, stream_name, payload, true),
         ),
+        ["STREAM", "PURGE", name] => {
+            let (name, payload) = (name.to_string(), payload.to_vec());
+            on_disk(ctx, reply, "stream_purge", move |streams| {
+                let req = purge_from_js(&body(&payload)?)?;
+                let n = stream(streams, &name)?
+                    .purge(req)
+                    .map_err(|e| failed(e, 10110))?;
+                Ok(json!({"success": true, "purged": n}))
+            })
+        }
+        ["STREAM", "MSG", "DELETE", name] => {
+            let (name, payload) = (name.to_string(), payload.to_vec());
+            on_disk(ctx, reply, "stream_msg_delete", move |streams| {
+                let seq = msg_delete_from_js(&body(&payload)?)?;
+                if stream(streams, &name)?
+                    .delete_msg(seq)
+                    .map_err(|e| failed(e, 10057))?
+                {
+                    Ok(json!({"success": true}))
+                } else {
+                    Err(JsError::new(
+                        400,
+                        10043,
+                        format!("sequence {seq} not found"),
+                    ))
+                }
+            })
+        }
         ["STREAM", "MSG", "GET", name] => {
             let (name, payload) = (name.to_string(), payload.to_vec());
             on_disk(ctx, reply, "stream_msg_get", move |streams| {
@@ -215,6 +243,15 @@ pub(crate) fn handle(
                 ))),
             )
         }
+    }
+}
+
+/// A purge's or delete's error: a failing disk is nats-server's
+/// `err_code` for the operation (10110 purge, 10057 delete).
+fn failed(e: StreamError, err_code: u32) -> JsError {
+    match e {
+        StreamError::Storage { .. } => JsError::new(500, err_code, e.to_string()),
+        e => JsError::from(e),
     }
 }
 
@@ -260,28 +297,50 @@ fn stream_create(ctx: &Ctx<'_>, reply: Option<&str>, name: &str, payload: &[u8],
     } else {
         "stream_create"
     };
-    let cfg = match body(payload).and_then(|v| stream_from_js(name, &v)) {
+    let (v, cfg) = match body(payload).and_then(|v| stream_from_js(name, &v).map(|c| (v, c))) {
         Ok(c) => c,
         Err(e) => return answer(ctx.delivery, reply, kind, Err(e)),
     };
     on_disk(ctx, reply, kind, move |streams| {
-        if update {
-            let s = streams
-                .get(&cfg.name)
-                .ok_or_else(JsError::stream_not_found)?;
-            if s.config != cfg {
-                return Err(JsError::new(
-                    400,
-                    10052,
-                    "not supported by sockbus: changing a stream's configuration (delete and \
-                     create it again)",
-                ));
-            }
-        }
         let name = cfg.name.clone();
-        streams.create(cfg)?;
+        if update {
+            let old = stream(streams, &name)?.config();
+            streams.update(update_config(&old, &v, cfg)?)?;
+        } else {
+            streams.create(cfg)?;
+        }
         Ok(stream_info(&*stream(streams, &name)?))
     });
+}
+
+/// What a `STREAM.UPDATE` asks of the stream configured `old`: `cfg` read
+/// from the request `v`, with what JetStream's configuration does not say
+/// (segment size, fsync interval, and the fsync mode unless the request's
+/// metadata names one) kept from `old`. A change of storage type is
+/// refused in nats-server's words.
+fn update_config(
+    old: &StreamConfig,
+    v: &Value,
+    mut cfg: StreamConfig,
+) -> Result<StreamConfig, JsError> {
+    let memory = v.get("storage").and_then(Value::as_str) == Some("memory");
+    let explicit = v
+        .get("metadata")
+        .and_then(|m| m.get("sockbus.fsync"))
+        .is_some();
+    if !explicit {
+        if memory != (old.fsync == Fsync::Never) {
+            return Err(JsError::new(
+                500,
+                10052,
+                "stream configuration update can not change storage type",
+            ));
+        }
+        cfg.fsync = old.fsync;
+    }
+    cfg.fsync_interval_ms = old.fsync_interval_ms;
+    cfg.segment_bytes = old.segment_bytes;
+    Ok(cfg)
 }
 
 /// STREAM.NAMES and STREAM.LIST: one page from `offset`, optionally only
@@ -294,7 +353,7 @@ fn stream_names(streams: &Streams, payload: &[u8], infos: bool) -> Result<Value,
                 streams.list().into_iter().map(|i| i.config.name).collect();
             names.retain(|n| {
                 streams.get(n).is_some_and(|st| {
-                    st.config.subjects.iter().any(|p| {
+                    st.config().subjects.iter().any(|p| {
                         p == s || sockbus_protocol::matches(p, s) || sockbus_protocol::matches(s, p)
                     })
                 })
@@ -316,7 +375,7 @@ fn stream_names(streams: &Streams, payload: &[u8], infos: bool) -> Result<Value,
                "streams": page.map(|s| stream_info(s)).collect::<Vec<_>>(), "missing": []})
     } else {
         json!({"total": total, "offset": from, "limit": limit,
-               "streams": page.map(|s| s.config.name.clone()).collect::<Vec<_>>()})
+               "streams": page.map(|s| s.name.clone()).collect::<Vec<_>>()})
     })
 }
 
@@ -395,7 +454,7 @@ fn consumer_create(
         } else {
             None
         };
-        if s.config.replicas() > 1 && want.cfg.durable.is_some() {
+        if s.replicas > 1 && want.cfg.durable.is_some() {
             // Its state lives in the stream's Raft log: created through it.
             return Ok(Err((s, want.cfg, want.js)));
         }

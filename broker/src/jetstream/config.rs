@@ -9,7 +9,7 @@ use sockbus_protocol::api::{AckPolicy, ConsumerConfig, Fsync, StreamConfig};
 
 use super::JsError;
 use crate::streams::consumer::Consumer;
-use crate::streams::{rfc3339, Stream};
+use crate::streams::{rfc3339, PurgeRequest, Stream};
 
 /// JetStream's default `max_ack_pending`.
 const DEFAULT_MAX_ACK_PENDING: i64 = 1000;
@@ -142,6 +142,7 @@ pub(super) fn stream_from_js(name: &str, v: &Value) -> Result<StreamConfig, JsEr
         Some(n @ (3 | 5)) => Some(n as u32),
         Some(_) => return Err(invalid("num_replicas", "1, 3 or 5")),
     };
+    let description = string(&o, "description")?.map(str::to_string);
     if positive(&o, "max_msgs_per_subject")?.is_some() {
         return Err(JsError::unsupported("max_msgs_per_subject"));
     }
@@ -166,6 +167,8 @@ pub(super) fn stream_from_js(name: &str, v: &Value) -> Result<StreamConfig, JsEr
     cfg.max_age_ms = positive(&o, "max_age")?.map(|ns| ns.div_ceil(MS));
     cfg.duplicate_window_ms = positive(&o, "duplicate_window")?.map(|ns| ns.div_ceil(MS));
     cfg.replicas = replicas;
+    cfg.max_msg_size = positive(&o, "max_msg_size")?;
+    cfg.description = description;
     // `storage: memory` keeps nothing in memory here: the stream is on
     // disk without fsyncs, which loses nothing on a broker crash.
     cfg.fsync = if memory { Fsync::Never } else { Fsync::Always };
@@ -187,6 +190,38 @@ pub(super) fn stream_from_js(name: &str, v: &Value) -> Result<StreamConfig, JsEr
     Ok(cfg)
 }
 
+/// A `STREAM.PURGE` request: `{"filter","seq","keep"}`, all optional
+/// (`seq` and `keep` not both; 0 is unset).
+pub(super) fn purge_from_js(v: &Value) -> Result<PurgeRequest, JsError> {
+    let o = object(v, "the purge request")?;
+    let req = PurgeRequest {
+        filter: string(&o, "filter")?.map(str::to_string),
+        seq: positive(&o, "seq")?,
+        keep: positive(&o, "keep")?,
+    };
+    if let Some(f) = &req.filter {
+        if sockbus_protocol::validate_pattern(f).is_err() {
+            return Err(JsError::bad_request(format!(
+                "bad request: filter {f:?} is not a valid subject"
+            )));
+        }
+    }
+    if req.seq.is_some() && req.keep.is_some() {
+        return Err(JsError::bad_request(
+            "bad request: a purge takes seq or keep, not both",
+        ));
+    }
+    Ok(req)
+}
+
+/// A `STREAM.MSG.DELETE` request: `{"seq": N}` and optionally `no_erase`
+/// (accepted; see docs/nats.md: sockbus never overwrites the record).
+pub(super) fn msg_delete_from_js(v: &Value) -> Result<u64, JsError> {
+    let o = object(v, "the delete request")?;
+    let _ = boolean(&o, "no_erase")?;
+    positive(&o, "seq")?.ok_or_else(|| JsError::bad_request("bad request: seq is required"))
+}
+
 fn fsync_name(f: Fsync) -> &'static str {
     match f {
         Fsync::Always => "always",
@@ -201,7 +236,7 @@ fn limit(v: Option<u64>) -> i64 {
 
 /// A sockbus stream's configuration in JetStream's words.
 pub(super) fn stream_to_js(cfg: &StreamConfig) -> Value {
-    json!({
+    let mut v = json!({
         "name": cfg.name,
         "subjects": cfg.subjects,
         "retention": "limits",
@@ -210,9 +245,10 @@ pub(super) fn stream_to_js(cfg: &StreamConfig) -> Value {
         "max_bytes": limit(cfg.max_bytes),
         "max_age": cfg.max_age_ms.unwrap_or(0).saturating_mul(MS),
         "max_msgs_per_subject": -1,
-        "max_msg_size": -1,
+        "max_msg_size": limit(cfg.max_msg_size),
         "discard": "old",
-        "storage": "file",
+        // `fsync = never` is what `storage: memory` asked for.
+        "storage": if cfg.fsync == Fsync::Never { "memory" } else { "file" },
         "num_replicas": cfg.replicas(),
         "duplicate_window": cfg.duplicate_window().as_nanos() as u64,
         "sealed": false,
@@ -222,7 +258,11 @@ pub(super) fn stream_to_js(cfg: &StreamConfig) -> Value {
         "allow_direct": false,
         "mirror_direct": false,
         "metadata": {"sockbus.fsync": fsync_name(cfg.fsync)},
-    })
+    });
+    if let Some(d) = &cfg.description {
+        v["description"] = json!(d);
+    }
+    v
 }
 
 fn now_rfc3339() -> String {
@@ -234,7 +274,7 @@ pub(super) fn stream_info(s: &Stream) -> Value {
     let info = s.info();
     let st = &info.state;
     let mut v = json!({
-        "config": stream_to_js(&s.config),
+        "config": stream_to_js(&s.config()),
         "created": rfc3339(s.created_ns()),
         "state": {
             "messages": st.messages,
@@ -247,6 +287,10 @@ pub(super) fn stream_info(s: &Stream) -> Value {
         },
         "ts": now_rfc3339(),
     });
+    let deleted = s.log.lock().deleted();
+    if deleted > 0 {
+        v["state"]["num_deleted"] = json!(deleted);
+    }
     if let Some(c) = &info.cluster {
         v["cluster"] = cluster_to_js(c);
     }

@@ -109,6 +109,12 @@ impl From<StreamError> for JsError {
                 10065,
                 format!("subjects overlap with an existing stream: {t}"),
             ),
+            StreamError::Unchangeable("replicas") => {
+                JsError::new(400, 10061, "Replicas configuration can not be updated")
+            }
+            // nats-server's words and code for an update it refuses.
+            StreamError::Unchangeable(_) => JsError::new(500, 10052, text),
+            StreamError::Unsupported(t) => JsError::unsupported(t),
             StreamError::BadRequest(t) => JsError::bad_request(t),
         }
     }

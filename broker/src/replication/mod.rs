@@ -274,7 +274,7 @@ impl Hub {
             tokio::spawn(poll_progress());
         }
         for s in state.streams.list_streams() {
-            if s.config.replicas() > 1 {
+            if s.replicas > 1 {
                 self.open_group(&s);
             }
         }
@@ -415,39 +415,39 @@ impl Hub {
         if !members.contains(&me) {
             return;
         }
-        if self.group(&s.config.name).is_some()
+        if self.group(&s.name).is_some()
             || !self
                 .starting
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
-                .insert(s.config.name.clone())
+                .insert(s.name.clone())
         {
             return;
         }
-        let store = match log::LogStore::open(&dir, s.config.fsync == crate::streams::Fsync::Always)
-        {
-            Ok(l) => l,
-            Err(e) => {
-                warn!(stream = %s.config.name, "cannot open the Raft log: {e}");
-                self.starting
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .remove(&s.config.name);
-                return;
-            }
-        };
+        let store =
+            match log::LogStore::open(&dir, s.config().fsync == crate::streams::Fsync::Always) {
+                Ok(l) => l,
+                Err(e) => {
+                    warn!(stream = %s.name, "cannot open the Raft log: {e}");
+                    self.starting
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .remove(&s.name);
+                    return;
+                }
+            };
         let sm = match sm::StateMachine::open(s.clone(), &dir) {
             Ok(x) => x,
             Err(e) => {
-                warn!(stream = %s.config.name, "cannot open the stream's state machine: {e}");
+                warn!(stream = %s.name, "cannot open the stream's state machine: {e}");
                 self.starting
                     .lock()
                     .unwrap_or_else(|p| p.into_inner())
-                    .remove(&s.config.name);
+                    .remove(&s.name);
                 return;
             }
         };
-        let name = s.config.name.clone();
+        let name = s.name.clone();
         let net = net::Factory {
             group: name.clone(),
         };
@@ -512,7 +512,7 @@ impl Hub {
         p: Proposal,
         within: Duration,
     ) -> Result<Applied, String> {
-        let name = &s.config.name;
+        let name = &s.name;
         let end = tokio::time::Instant::now() + within;
         let members = s.members();
         let mut hint: Option<String> = None;
@@ -712,7 +712,7 @@ impl Hub {
     /// The group as this node sees it, for `stream info`.
     pub(crate) fn cluster_info(&self, s: &Stream) -> StreamCluster {
         let members = s.members();
-        let Some(g) = self.group(&s.config.name) else {
+        let Some(g) = self.group(&s.name) else {
             return StreamCluster {
                 leader: None,
                 term: 0,
@@ -737,7 +737,7 @@ impl Hub {
                 .heard
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
-                .get(&s.config.name)
+                .get(&s.name)
                 .cloned();
             if let Some(h) = heard.filter(|h| h.at.elapsed() < Duration::from_secs(5)) {
                 return StreamCluster {
@@ -809,7 +809,7 @@ impl Hub {
                 .remove(&key);
             return;
         };
-        let json = serde_json::to_string(&s.config).expect("serialisable");
+        let json = serde_json::to_string(&*s.config()).expect("serialisable");
         let members = s.members();
         let peer = peer.to_string();
         tokio::spawn(async move {
@@ -828,10 +828,10 @@ impl Hub {
                 .await;
             match r {
                 Ok(net::Reply::Done(Ok(()))) => {
-                    info!(stream = %s.config.name, %peer, "gave a replica that had lost it the stream again")
+                    info!(stream = %s.name, %peer, "gave a replica that had lost it the stream again")
                 }
                 other => {
-                    warn!(stream = %s.config.name, %peer, "could not give a replica the stream: {other:?}")
+                    warn!(stream = %s.name, %peer, "could not give a replica the stream: {other:?}")
                 }
             }
             // Not again for a moment.
@@ -867,7 +867,7 @@ impl Hub {
         };
         members[i] = new.to_string();
         // The new node needs the stream (and the members list naming it).
-        let json = serde_json::to_string(&s.config).expect("serialisable");
+        let json = serde_json::to_string(&*s.config()).expect("serialisable");
         match self
             .pool
             .call(

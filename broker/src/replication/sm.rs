@@ -86,7 +86,7 @@ impl StateMachine {
             },
             Err(e) => return Err(e),
         };
-        let cfg = &s.config;
+        let cfg = s.config();
         let app = Appender::new(
             s.log.clone(),
             cfg.segment_bytes(),

@@ -6,7 +6,7 @@
 //! look things up or publish a commit, never during I/O. Readers see a record
 //! only once it is committed (for `fsync = always`: once it is on disk).
 
-use std::collections::VecDeque;
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::fs::File;
 use std::io;
 use std::os::unix::fs::FileExt;
@@ -37,6 +37,20 @@ const PREALLOC_MIN: u64 = 4 << 10;
 const STAGING_KEEP: usize = 64 << 10;
 /// Most bytes a filtered read looks at before returning what it has.
 const SCAN_LIMIT: u64 = 16 << 20;
+/// The file keeping a log's floor (see [`LogState::floor`]), in its directory.
+pub const FLOOR_FILE: &str = "floor";
+/// The file listing messages deleted one by one: 16-byte entries, u64
+/// sequence, u32 record bytes, u32 CRC32C of the first 12.
+pub const DELETED_FILE: &str = "deleted";
+const DEL_ENTRY: usize = 16;
+
+fn del_entry(buf: &mut Vec<u8>, seq: u64, len: u32) {
+    let at = buf.len();
+    buf.extend_from_slice(&seq.to_le_bytes());
+    buf.extend_from_slice(&len.to_le_bytes());
+    let crc = crc32c::crc32c(&buf[at..]);
+    buf.extend_from_slice(&crc.to_le_bytes());
+}
 
 pub fn now_ns() -> u64 {
     SystemTime::now()
@@ -52,29 +66,129 @@ pub struct LogState {
     pub last_ts: u64,
     /// Records found damaged (skipped) since the broker started.
     pub lost: u64,
+    /// Sequences below this are removed even where their segment is still
+    /// on disk: a purge, or a `max_msgs`/`max_bytes` limit cutting into a
+    /// segment. Kept in the `floor` file (see [`Log::open`]).
+    pub floor: u64,
+    /// Where `floor` falls inside a segment, when it does.
+    floor_at: Option<FloorAt>,
+    /// Messages at or above the floor deleted one by one (a filtered
+    /// purge, a message delete): sequence -> record bytes. Shared with
+    /// readers, who skip them; copied when changed (deletes are rare).
+    dels: Arc<BTreeMap<u64, u32>>,
+    /// Per segment (by base): how many of `dels` it holds, and their bytes.
+    del_seg: HashMap<u64, (u64, u64)>,
+}
+
+/// The floor's place inside a segment: the message it starts at, its
+/// record's offset and time, and how many of the segment's messages are
+/// below it.
+#[derive(Debug, Clone, Copy)]
+struct FloorAt {
+    base: u64,
+    seq: u64,
+    off: u64,
+    ts: u64,
+    below: u64,
+}
+
+/// Where a new floor falls.
+enum Place {
+    /// At a segment's first message, or past every message: nothing to note.
+    Boundary,
+    /// Inside a segment.
+    At(FloorAt),
+    /// Inside a segment with no message left from there on: the floor
+    /// belongs at this next sequence instead.
+    Past(u64),
 }
 
 impl LogState {
+    /// Messages of `s` at or above the floor, not deleted.
+    fn seg_msgs(&self, s: &Segment) -> u64 {
+        if s.msgs == 0 || s.last_seq < self.floor {
+            return 0;
+        }
+        let n = match self.floor_at {
+            Some(f) if f.base == s.base => s.msgs.saturating_sub(f.below),
+            _ => s.msgs,
+        };
+        n.saturating_sub(self.del_seg.get(&s.base).map_or(0, |d| d.0))
+    }
+    /// Bytes of `s` at or above the floor, not deleted (its header included).
+    fn seg_bytes(&self, s: &Segment) -> u64 {
+        // An empty segment (its 16-byte header alone) holds nothing: an
+        // empty stream reports 0 bytes, as nats-server's does.
+        if self.seg_msgs(s) == 0 {
+            return 0;
+        }
+        let n = match self.floor_at {
+            Some(f) if f.base == s.base => s.len.saturating_sub(f.off - SEG_HEADER),
+            _ => s.len,
+        };
+        n.saturating_sub(self.del_seg.get(&s.base).map_or(0, |d| d.1))
+    }
+    /// The base of the segment that holds `seq`, if one may.
+    fn seg_of(&self, seq: u64) -> Option<u64> {
+        let i = self
+            .segs
+            .partition_point(|s| s.base <= seq)
+            .checked_sub(1)?;
+        Some(self.segs[i].base)
+    }
+    /// Forgets deletes below the floor (the floor removes them now) and
+    /// those of a segment that is gone. True if any were.
+    fn prune_dels(&mut self) -> bool {
+        let floor = self.floor;
+        let first_base = self.segs.front().map_or(0, |s| s.base);
+        let low = floor.max(first_base);
+        if self.dels.range(..low).next().is_none() {
+            return false;
+        }
+        let dels = Arc::make_mut(&mut self.dels);
+        let keep = dels.split_off(&low);
+        *dels = keep;
+        self.del_seg.clear();
+        let counts: Vec<(u64, u32)> = self.dels.iter().map(|(k, v)| (*k, *v)).collect();
+        for (seq, len) in counts {
+            if let Some(b) = self.seg_of(seq) {
+                let e = self.del_seg.entry(b).or_default();
+                e.0 += 1;
+                e.1 += len as u64;
+            }
+        }
+        true
+    }
+    /// Messages deleted one by one that the stream still counts in its
+    /// sequence range (JetStream's `num_deleted`).
+    pub fn deleted(&self) -> u64 {
+        self.dels.len() as u64
+    }
     pub fn first_seq(&self) -> u64 {
+        // Deleting the first message raises the floor past it, so the
+        // first message at or above the floor is never a deleted one.
         self.segs
             .iter()
-            .find(|s| s.msgs > 0)
-            .map_or(self.next_seq, |s| s.first_seq)
+            .find(|s| self.seg_msgs(s) > 0)
+            .map_or(self.next_seq, |s| s.first_seq.max(self.floor))
     }
     pub fn last_seq(&self) -> u64 {
         self.next_seq - 1
     }
     pub fn msgs(&self) -> u64 {
-        self.segs.iter().map(|s| s.msgs).sum()
+        self.segs.iter().map(|s| self.seg_msgs(s)).sum()
     }
     pub fn bytes(&self) -> u64 {
-        self.segs.iter().map(|s| s.len).sum()
+        self.segs.iter().map(|s| self.seg_bytes(s)).sum()
     }
     pub fn first_ts(&self) -> u64 {
         self.segs
             .iter()
-            .find(|s| s.msgs > 0)
-            .map_or(0, |s| s.first_ts)
+            .find(|s| self.seg_msgs(s) > 0)
+            .map_or(0, |s| match self.floor_at {
+                Some(f) if f.base == s.base => f.ts,
+                _ => s.first_ts,
+            })
     }
 }
 
@@ -196,11 +310,232 @@ impl Log {
                 next_seq,
                 last_ts,
                 lost: report.lost,
+                floor: 1,
+                floor_at: None,
+                dels: Arc::new(BTreeMap::new()),
+                del_seg: HashMap::new(),
             }),
             committed: tokio::sync::watch::channel(next_seq - 1).0,
             fsyncs: AtomicU64::new(0),
         });
+        // A floor saved by a purge or a retention cut: what it removed
+        // stays removed. A file that does not parse is ignored (the floor
+        // only ever hides messages; retention cuts again where it must).
+        if let Ok(text) = std::fs::read_to_string(dir.join(FLOOR_FILE)) {
+            match text.trim().parse::<u64>() {
+                Ok(floor) if floor > 1 => {
+                    log.raise_floor(floor.min(next_seq))?;
+                }
+                Ok(_) => {}
+                Err(e) => warn!(stream = name, "ignoring an unreadable floor file: {e}"),
+            }
+        }
+        // Messages deleted one by one: entries up to the first torn or
+        // damaged one (a crash while appending loses at most that delete).
+        if let Ok(bytes) = std::fs::read(dir.join(DELETED_FILE)) {
+            let mut st = log.lock();
+            let mut dels = BTreeMap::new();
+            for e in bytes.chunks_exact(DEL_ENTRY) {
+                if crc32c::crc32c(&e[..12]) != u32::from_le_bytes([e[12], e[13], e[14], e[15]]) {
+                    warn!(stream = name, "the deleted-messages file ends in a damaged entry; the entries before it count");
+                    break;
+                }
+                let mut seq = [0u8; 8];
+                seq.copy_from_slice(&e[..8]);
+                let seq = u64::from_le_bytes(seq);
+                let len = u32::from_le_bytes([e[8], e[9], e[10], e[11]]);
+                if seq >= st.floor && seq < st.next_seq {
+                    dels.insert(seq, len);
+                }
+            }
+            for (seq, len) in &dels {
+                if let Some(b) = st.seg_of(*seq) {
+                    let e = st.del_seg.entry(b).or_default();
+                    e.0 += 1;
+                    e.1 += *len as u64;
+                }
+            }
+            st.dels = Arc::new(dels);
+            let first = st.first_seq();
+            if st.dels.contains_key(&first) {
+                drop(st);
+                log.raise_floor(first)?;
+            }
+        }
         Ok((log, report))
+    }
+
+    /// Where a floor at `seq` falls (see [`Place`]).
+    fn locate(&self, seq: u64) -> io::Result<Place> {
+        let (base, first, last) = {
+            let st = self.lock();
+            match st
+                .segs
+                .iter()
+                .find(|s| s.msgs > 0 && s.first_seq < seq && seq <= s.last_seq)
+            {
+                Some(s) => (s.base, s.first_seq, s.last_seq),
+                None => return Ok(Place::Boundary),
+            }
+        };
+        let b = self.read(seq, None, 1, 1, None)?;
+        let (Some(m), Some(pos)) = (b.msgs.first(), b.pos) else {
+            return Ok(Place::Past(last + 1));
+        };
+        if pos.seg_base != base || m.seq > last {
+            // Nothing left of this segment from `seq` on (deleted, or
+            // lost to damage): the floor moves to the next one.
+            return Ok(Place::Past(last + 1));
+        }
+        let len =
+            (record::RECORD_HEADER + m.subject().len() + m.headers.len() + m.payload.len()) as u64;
+        Ok(Place::At(FloorAt {
+            base,
+            seq: m.seq,
+            off: pos.off.saturating_sub(len).max(SEG_HEADER),
+            ts: m.ts,
+            below: m.seq - first,
+        }))
+    }
+
+    /// Puts the floor at `seq` or, where deletes leave nothing there, at
+    /// the next message still held; forgets the deletes it passes. Returns
+    /// the floor set. Does not save it.
+    fn raise_floor(&self, mut seq: u64) -> io::Result<u64> {
+        let at = loop {
+            match self.locate(seq)? {
+                Place::Boundary => break None,
+                Place::At(a) => {
+                    seq = a.seq;
+                    break Some(a);
+                }
+                Place::Past(next) => seq = next,
+            }
+        };
+        let mut st = self.lock();
+        // Deleted messages right at the floor: past them too (so the
+        // first message at or above the floor is never a deleted one).
+        if at.is_none() {
+            while st.dels.contains_key(&seq) {
+                seq += 1;
+            }
+            if seq < st.next_seq
+                && st
+                    .segs
+                    .iter()
+                    .any(|s| s.msgs > 0 && s.first_seq < seq && seq <= s.last_seq)
+            {
+                drop(st);
+                return self.raise_floor(seq);
+            }
+        }
+        seq = seq.min(st.next_seq);
+        if seq > st.floor {
+            st.floor = seq;
+            st.floor_at = at;
+        }
+        st.prune_dels();
+        Ok(st.floor)
+    }
+
+    /// Rewrites the deleted-messages file with the deletes still held.
+    fn save_dels(&self, sync: bool) -> io::Result<()> {
+        let dels = self.lock().dels.clone();
+        let mut buf = Vec::with_capacity(dels.len() * DEL_ENTRY);
+        for (seq, len) in dels.iter() {
+            del_entry(&mut buf, *seq, *len);
+        }
+        let path = self.dir.join(DELETED_FILE);
+        let tmp = path.with_extension("tmp");
+        std::fs::write(&tmp, &buf)?;
+        if sync {
+            File::open(&tmp)?.sync_all()?;
+        }
+        std::fs::rename(&tmp, &path)?;
+        if sync {
+            sync_dir(&self.dir)?;
+        }
+        Ok(())
+    }
+
+    /// The sequence after the `n`-th message held from the first on (a
+    /// cut that keeps all but the oldest `n`).
+    fn seq_after(&self, n: u64) -> io::Result<u64> {
+        let (mut from, mut pos) = (self.lock().first_seq(), None);
+        let mut seen = 0u64;
+        loop {
+            let b = self.read(from, None, 4096, 8 << 20, pos)?;
+            if b.msgs.is_empty() {
+                return Ok(b.next);
+            }
+            for m in &b.msgs {
+                seen += 1;
+                if seen >= n {
+                    return Ok(m.seq + 1);
+                }
+            }
+            (from, pos) = (b.next, b.pos);
+        }
+    }
+
+    /// The messages matching `filter` from the first message up to (not
+    /// including) `before`: sequence and record bytes of each.
+    pub fn matching(&self, filter: &str, before: u64) -> io::Result<Vec<(u64, u32)>> {
+        let (mut from, mut pos) = (self.lock().first_seq(), None);
+        let mut out = Vec::new();
+        while from < before {
+            let b = self.read(from, Some(filter), 4096, 32 << 20, pos)?;
+            for m in &b.msgs {
+                if m.seq >= before {
+                    return Ok(out);
+                }
+                out.push((m.seq, m.stored_len()));
+            }
+            if b.next <= from {
+                break;
+            }
+            (from, pos) = (b.next, b.pos);
+        }
+        Ok(out)
+    }
+
+    /// The first sequence from which on the log holds at most `keep`
+    /// bytes of records (a `max_bytes` cut): reads forward from the first
+    /// message adding up record sizes.
+    fn seq_keeping_bytes(&self, excess: u64) -> io::Result<u64> {
+        let (mut from, mut pos) = (self.lock().first_seq(), None);
+        let mut cut = 0u64;
+        loop {
+            let b = self.read(from, None, 4096, 8 << 20, pos)?;
+            if b.msgs.is_empty() {
+                return Ok(b.next);
+            }
+            for m in &b.msgs {
+                cut +=
+                    (record::RECORD_HEADER + m.subject().len() + m.headers.len() + m.payload.len())
+                        as u64;
+                if cut >= excess {
+                    return Ok(m.seq + 1);
+                }
+            }
+            (from, pos) = (b.next, b.pos);
+        }
+    }
+
+    /// Writes the floor file (temporary name, rename; fsynced with the
+    /// directory when `sync`).
+    fn save_floor(&self, floor: u64, sync: bool) -> io::Result<()> {
+        let path = self.dir.join(FLOOR_FILE);
+        let tmp = path.with_extension("tmp");
+        std::fs::write(&tmp, format!("{floor}\n"))?;
+        if sync {
+            File::open(&tmp)?.sync_all()?;
+        }
+        std::fs::rename(&tmp, &path)?;
+        if sync {
+            sync_dir(&self.dir)?;
+        }
+        Ok(())
     }
 
     pub fn lock(&self) -> MutexGuard<'_, LogState> {
@@ -333,7 +668,7 @@ impl Log {
         let mut pos = hint.filter(|h| h.seq == from);
         let mut want = READ_CHUNK;
         'segments: loop {
-            let (file, base, start, end, mut bad, is_last, seg_last) = {
+            let (file, base, start, end, mut bad, is_last, seg_last, dels) = {
                 let st = self.lock();
                 let first = st.first_seq();
                 if from < first {
@@ -369,6 +704,7 @@ impl Log {
                     seg.bad.clone(),
                     is_last,
                     seg.last_seq,
+                    (!st.dels.is_empty()).then(|| st.dels.clone()),
                 )
             };
             let mut off = start;
@@ -397,6 +733,9 @@ impl Log {
                                 continue;
                             }
                             from = r.seq + 1;
+                            if dels.as_ref().is_some_and(|d| d.contains_key(&r.seq)) {
+                                continue;
+                            }
                             if filter.is_none_or(|f| sockbus_protocol::matches(f, r.subject)) {
                                 bytes += r.payload.len() + r.headers.len() + r.subject.len();
                                 out.msgs.push(StoredMsg::from_ref(&chunk, &r));
@@ -566,6 +905,12 @@ impl Appender {
         Ok(())
     }
 
+    /// Size at which later segments are sealed (a stream's `max_bytes`
+    /// changed); the active one keeps growing to the new size.
+    pub fn set_max_seg(&mut self, max_seg: u64) {
+        self.max_seg = max_seg.max(SEG_HEADER + 1);
+    }
+
     /// The sequence the next staged record gets.
     pub fn next_seq(&self) -> u64 {
         self.next_seq
@@ -718,9 +1063,11 @@ impl Appender {
         Ok(())
     }
 
-    /// Removes whole segments from the front: those older than `max_age`,
-    /// and those without which the stream still holds at least `max_msgs`
-    /// messages and `max_bytes` bytes. Returns the messages removed.
+    /// Removes messages from the front: whole segments older than
+    /// `max_age`, then as many of the oldest messages as it takes for the
+    /// stream to hold at most `max_msgs` messages and `max_bytes` bytes
+    /// (whole segments where it can, else by raising the floor inside
+    /// one). Returns the messages removed.
     pub fn retention(
         &mut self,
         max_age: Option<Duration>,
@@ -745,10 +1092,10 @@ impl Appender {
                 };
                 if st.segs.len() > 1 {
                     let (msgs, bytes) = (st.msgs(), st.bytes());
-                    if front.msgs == 0
+                    if st.seg_msgs(front) == 0
                         || expired(front)
-                        || max_msgs.is_some_and(|m| msgs - front.msgs >= m)
-                        || max_bytes.is_some_and(|b| bytes - front.len >= b)
+                        || max_msgs.is_some_and(|m| msgs - st.seg_msgs(front) >= m)
+                        || max_bytes.is_some_and(|b| bytes - st.seg_bytes(front) >= b)
                     {
                         Act::Drop
                     } else {
@@ -761,18 +1108,180 @@ impl Appender {
                 }
             };
             match act {
-                Act::Done => return Ok(removed),
+                Act::Done => break,
                 Act::Roll => self.roll()?,
                 Act::Drop => {
                     let seg = self.log.lock().segs.pop_front().expect("checked");
-                    removed += seg.msgs;
+                    removed += self.log.lock().seg_msgs(&seg);
                     seg.remove_files();
                     if self.sync_meta {
                         let _ = sync_dir(&self.log.dir);
                     }
+                    if self.log.lock().prune_dels() {
+                        self.log.save_dels(self.sync_meta)?;
+                    }
                 }
             }
         }
+        if !self.staging.is_empty() {
+            return Ok(removed);
+        }
+        let (msgs, bytes) = {
+            let st = self.log.lock();
+            (st.msgs(), st.bytes())
+        };
+        if let Some(m) = max_msgs.filter(|m| msgs > *m) {
+            removed += self.keep_newest(m)?;
+        }
+        let bytes = if max_msgs.is_some() {
+            self.log.lock().bytes()
+        } else {
+            bytes
+        };
+        if let Some(b) = max_bytes.filter(|b| bytes > *b) {
+            let seq = self.log.seq_keeping_bytes(bytes - b)?;
+            removed += self.set_floor(seq)?;
+        }
+        Ok(removed)
+    }
+
+    /// Removes every message below `seq` (at most the next sequence: all
+    /// of them): the floor is raised and saved, the segments wholly below
+    /// it are deleted. Returns the messages removed.
+    pub fn set_floor(&mut self, seq: u64) -> io::Result<u64> {
+        let seq = seq.min(self.next_seq);
+        let (before, cur, active_msgs) = {
+            let st = self.log.lock();
+            let active = st.segs.back().map_or(0, |s| s.msgs);
+            (st.msgs(), st.floor, active)
+        };
+        if seq <= cur {
+            return Ok(0);
+        }
+        if seq == self.next_seq && active_msgs > 0 && self.staging.is_empty() {
+            // Everything goes: seal the active segment so it is deleted
+            // whole; the next message starts a new one.
+            self.roll()?;
+        }
+        let had_dels = !self.log.lock().dels.is_empty();
+        let floor = self.log.raise_floor(seq)?;
+        self.log.save_floor(floor, self.sync_meta)?;
+        self.drop_below_floor()?;
+        if had_dels {
+            self.log.save_dels(self.sync_meta)?;
+        }
+        let after = self.log.lock().msgs();
+        Ok(before.saturating_sub(after))
+    }
+
+    /// Deletes segments (never the active one) that hold no message any
+    /// more, and forgets the deletes they held.
+    fn drop_below_floor(&mut self) -> io::Result<()> {
+        let mut dropped = false;
+        loop {
+            let gone = {
+                let mut st = self.log.lock();
+                let drop =
+                    st.segs.len() > 1 && st.segs.front().is_some_and(|f| st.seg_msgs(f) == 0);
+                if drop {
+                    st.segs.pop_front()
+                } else {
+                    None
+                }
+            };
+            let Some(seg) = gone else { break };
+            seg.remove_files();
+            dropped = true;
+        }
+        if dropped {
+            if self.sync_meta {
+                let _ = sync_dir(&self.log.dir);
+            }
+            if self.log.lock().prune_dels() {
+                self.log.save_dels(self.sync_meta)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Keeps only the newest `keep` messages (a purge's `keep`, a stream's
+    /// `max_msgs`). Returns the messages removed.
+    pub fn keep_newest(&mut self, keep: u64) -> io::Result<u64> {
+        let (msgs, dels) = {
+            let st = self.log.lock();
+            (st.msgs(), !st.dels.is_empty())
+        };
+        if msgs <= keep {
+            return Ok(0);
+        }
+        let cut = if dels {
+            // Deleted messages leave gaps: count the ones held.
+            self.log.seq_after(msgs - keep)?
+        } else {
+            self.next_seq.saturating_sub(keep)
+        };
+        self.set_floor(cut)
+    }
+
+    /// Deletes these messages (sequence, record bytes) one by one, those
+    /// still held: listed in the deleted-messages file (appended, fsynced
+    /// unless `fsync = never`) before readers stop seeing them. Their
+    /// bytes stay in their segments until retention or a purge removes
+    /// those. Returns how many were deleted.
+    pub fn delete(&mut self, msgs: &[(u64, u32)]) -> io::Result<u64> {
+        let fresh: Vec<(u64, u32)> = {
+            let st = self.log.lock();
+            let first = st.first_seq();
+            msgs.iter()
+                .copied()
+                .filter(|(seq, _)| {
+                    *seq >= first && *seq < st.next_seq && !st.dels.contains_key(seq)
+                })
+                .collect()
+        };
+        if fresh.is_empty() {
+            return Ok(0);
+        }
+        let mut buf = Vec::with_capacity(fresh.len() * DEL_ENTRY);
+        for (seq, len) in &fresh {
+            del_entry(&mut buf, *seq, *len);
+        }
+        let path = self.log.dir.join(DELETED_FILE);
+        let new = !path.exists();
+        {
+            use std::io::Write;
+            let mut f = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&path)?;
+            f.write_all(&buf)?;
+            if self.sync_meta {
+                f.sync_data()?;
+                if new {
+                    sync_dir(&self.log.dir)?;
+                }
+            }
+        }
+        let first = {
+            let mut st = self.log.lock();
+            for (seq, len) in &fresh {
+                Arc::make_mut(&mut st.dels).insert(*seq, *len);
+                if let Some(b) = st.seg_of(*seq) {
+                    let e = st.del_seg.entry(b).or_default();
+                    e.0 += 1;
+                    e.1 += *len as u64;
+                }
+            }
+            st.first_seq()
+        };
+        if self.log.lock().dels.contains_key(&first) {
+            // The first message went: the floor moves to the next one held.
+            let floor = self.log.raise_floor(first)?;
+            self.log.save_floor(floor, self.sync_meta)?;
+            self.drop_below_floor()?;
+            self.log.save_dels(self.sync_meta)?;
+        }
+        Ok(fresh.len() as u64)
     }
 }
 
@@ -997,39 +1506,143 @@ mod tests {
     }
 
     #[test]
-    fn retention_by_count_drops_whole_old_segments_and_keeps_at_least_the_limit() {
+    fn retention_by_count_keeps_exactly_the_limit_dropping_whole_segments_and_cutting_into_one() {
         let dir = tempfile::tempdir().unwrap();
         let (log, mut app) = fifty(dir.path());
-        // Dropping a fifth segment would leave 15 < 20: four go, 22 stay.
-        assert_eq!(app.retention(None, None, Some(20)).unwrap(), 28);
+        // Four whole segments go (28 messages), then the floor cuts two
+        // more out of the fifth: 20 stay.
+        assert_eq!(app.retention(None, None, Some(20)).unwrap(), 30);
         let st = log.lock();
-        assert_eq!((st.first_seq(), st.msgs()), (29, 22));
+        assert_eq!((st.first_seq(), st.msgs()), (31, 20));
+        assert_eq!(st.bytes(), 3 * 947 + 149 - 2 * 133);
         drop(st);
         assert_eq!(seg_files(dir.path()), 4, "their files are gone");
         assert_eq!(
             read_all(&log, 1),
-            expected(29..=50),
-            "a read from 1 starts at 29"
+            expected(31..=50),
+            "a read from 1 starts at 31"
         );
         assert_eq!(app.retention(None, None, Some(20)).unwrap(), 0);
         drop((app, log));
         let (log, _) = Log::open(dir.path(), "s", &files()).unwrap();
-        assert_eq!(read_all(&log, 1), expected(29..=50));
+        assert_eq!(read_all(&log, 1), expected(31..=50), "the floor was kept");
+        assert_eq!(log.lock().msgs(), 20);
+    }
+
+    /// (sequence, record bytes) of these messages, as a purge finds them.
+    fn recs(log: &Log, seqs: &[u64]) -> Vec<(u64, u32)> {
+        seqs.iter()
+            .map(|&q| {
+                let m = log.read(q, None, 1, 1, None).unwrap().msgs.remove(0);
+                assert_eq!(m.seq, q);
+                (q, m.stored_len())
+            })
+            .collect()
     }
 
     #[test]
-    fn retention_by_bytes_drops_whole_old_segments_and_keeps_at_least_the_limit() {
+    fn deleted_messages_are_skipped_uncounted_and_stay_deleted_after_a_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let (log, mut app) = fifty(dir.path());
+        let before = log.lock().bytes();
+        // 8..=14 is a whole segment; 20 one message; 99 is not there.
+        let mut gone: Vec<u64> = (8..=14).collect();
+        gone.push(20);
+        let mut del = recs(&log, &gone);
+        del.push((99, 133));
+        assert_eq!(app.delete(&del).unwrap(), 8);
+        assert_eq!(app.delete(&recs(&log, &[21])).unwrap(), 1);
+        let want: Vec<(u64, String)> = expected(1..=50)
+            .into_iter()
+            .filter(|(q, _)| !(8..=14).contains(q) && *q != 20 && *q != 21)
+            .collect();
+        assert_eq!(read_all(&log, 1), want);
+        let st = log.lock();
+        assert_eq!((st.first_seq(), st.msgs()), (1, 41));
+        assert_eq!(
+            st.bytes(),
+            before - 9 * 133 - 16,
+            "the emptied segment's header too"
+        );
+        drop(st);
+        // Deleting the first messages moves the first sequence past them.
+        assert_eq!(app.delete(&recs(&log, &[1, 2])).unwrap(), 2);
+        assert_eq!(log.lock().first_seq(), 3);
+        drop((app, log));
+        let (log, mut app) = {
+            let (log, _) = Log::open(dir.path(), "s", &files()).unwrap();
+            let app = Appender::new(log.clone(), SEG, false, false);
+            (log, app)
+        };
+        assert_eq!(read_all(&log, 1), want[2..].to_vec());
+        let st = log.lock();
+        assert_eq!((st.first_seq(), st.msgs()), (3, 39));
+        drop(st);
+        // Retention removes the front segment and the emptied one, then
+        // cuts four more (15..=18, counting only what is held).
+        assert_eq!(app.retention(None, None, Some(30)).unwrap(), 9);
+        let st = log.lock();
+        assert_eq!((st.first_seq(), st.msgs()), (19, 30));
+        assert_eq!(st.dels.keys().copied().collect::<Vec<_>>(), [20, 21]);
+        drop(st);
+        assert_eq!(app.set_floor(22).unwrap(), 1);
+        assert!(log.lock().dels.is_empty(), "the floor passed them");
+    }
+
+    #[test]
+    fn segments_a_saved_floor_passed_are_removed_by_the_next_retention_even_without_limits() {
+        let dir = tempfile::tempdir().unwrap();
+        let (log, app) = fifty(dir.path());
+        drop((app, log));
+        // A crash after the floor was saved, before the segments went.
+        std::fs::write(dir.path().join(FLOOR_FILE), "20\n").unwrap();
+        let (log, _) = Log::open(dir.path(), "s", &files()).unwrap();
+        let st = log.lock();
+        assert_eq!((st.first_seq(), st.msgs()), (20, 31));
+        drop(st);
+        assert_eq!(read_all(&log, 1), expected(20..=50));
+        assert_eq!(seg_files(dir.path()), 8);
+        let mut app = Appender::new(log.clone(), SEG, false, false);
+        assert_eq!(app.retention(None, None, None).unwrap(), 0);
+        assert_eq!(seg_files(dir.path()), 6, "[1-7] and [8-14] are gone");
+        assert_eq!(read_all(&log, 1), expected(20..=50));
+    }
+
+    #[test]
+    fn a_floor_to_the_next_sequence_empties_the_log_which_then_goes_on_from_there() {
+        let dir = tempfile::tempdir().unwrap();
+        let (log, mut app) = fifty(dir.path());
+        assert_eq!(app.set_floor(u64::MAX).unwrap(), 50);
+        let st = log.lock();
+        assert_eq!((st.first_seq(), st.msgs(), st.last_seq()), (51, 0, 50));
+        drop(st);
+        assert_eq!(seg_files(dir.path()), 1, "only the new active segment");
+        assert!(read_all(&log, 1).is_empty());
+        append(&mut app, 51..53);
+        assert_eq!(read_all(&log, 1), expected(51..=52));
+        assert_eq!(app.set_floor(52).unwrap(), 1);
+        drop((app, log));
+        let (log, _) = Log::open(dir.path(), "s", &files()).unwrap();
+        let st = log.lock();
+        assert_eq!((st.first_seq(), st.msgs(), st.next_seq), (52, 1, 53));
+        drop(st);
+        assert_eq!(read_all(&log, 1), expected(52..=52));
+    }
+
+    #[test]
+    fn retention_by_bytes_drops_the_oldest_records_until_the_log_fits_the_limit() {
         let dir = tempfile::tempdir().unwrap();
         let (log, mut app) = fifty(dir.path());
         let total = log.lock().bytes();
         assert_eq!(total, 7 * 947 + 149);
-        // 6778 bytes; after three segments go, 3937 are left (>= 3000) and
-        // dropping a fourth would leave 2990.
-        assert_eq!(app.retention(None, Some(3000), None).unwrap(), 21);
+        // 6778 bytes; after three segments go, 3937 are left; the 937
+        // over the limit take eight more records (the fourth segment and
+        // one of the fifth): 2857 stay.
+        assert_eq!(app.retention(None, Some(3000), None).unwrap(), 29);
         let st = log.lock();
-        assert_eq!((st.first_seq(), st.msgs(), st.bytes()), (22, 29, 3937));
+        assert_eq!((st.first_seq(), st.msgs(), st.bytes()), (30, 21, 2857));
         drop(st);
-        assert_eq!(read_all(&log, 1), expected(22..=50));
+        assert_eq!(read_all(&log, 1), expected(30..=50));
     }
 
     #[test]

@@ -131,6 +131,11 @@ impl StoredMsg {
         }
     }
 
+    /// The bytes its record takes on disk.
+    pub fn stored_len(&self) -> u32 {
+        (RECORD_HEADER + self.subject.len() + self.headers.len() + self.payload.len()) as u32
+    }
+
     pub fn subject(&self) -> &str {
         // Checked as UTF-8 when the record was decoded.
         std::str::from_utf8(&self.subject).unwrap_or("")

@@ -15,13 +15,13 @@ use std::sync::Arc;
 use serde::Serialize;
 use sockbus_protocol::api::subject::{self, Api};
 use sockbus_protocol::api::{
-    ApiError, ConsumerList, Deleted, StreamInfo, StreamList, StreamListRequest,
+    ApiError, ConsumerList, Deleted, Purged, StreamInfo, StreamList, StreamListRequest,
 };
 use sockbus_protocol::subject::validate_subject;
 
 use super::consumer::{self, AckKind, ConsumerConfig, PullRequest};
 use super::{strict, Streams};
-use super::{StreamConfig, StreamError};
+use super::{PurgeRequest, StreamConfig, StreamError};
 use crate::deliver::Delivery;
 
 /// What the API needs of the broker: the streams, and a way to answer.
@@ -143,6 +143,25 @@ fn parse<'a, T: serde::Deserialize<'a>>(payload: &'a [u8]) -> Result<T, StreamEr
         .map_err(|e| StreamError::BadRequest(format!("invalid request body: {e}")))
 }
 
+/// A stream configuration in a create or update request, read strictly;
+/// its name is the subject's (and must match one in the body).
+fn stream_config(name: &str, payload: &[u8]) -> Result<StreamConfig, StreamError> {
+    let mut v = parse::<serde_json::Value>(payload)?;
+    if let Some(o) = v.as_object_mut() {
+        o.entry("name")
+            .or_insert_with(|| serde_json::Value::String(name.to_string()));
+    }
+    let cfg: StreamConfig = strict::from_value(v)
+        .map_err(|e| StreamError::BadRequest(format!("invalid stream configuration: {e}")))?;
+    if cfg.name != name {
+        return Err(StreamError::BadRequest(format!(
+            "stream name {:?} in the body does not match {name:?} in the subject",
+            cfg.name
+        )));
+    }
+    Ok(cfg)
+}
+
 /// Handles a PUB to a `$SB.` subject (never routed to subscribers).
 pub(crate) fn handle(
     streams: &Arc<Streams>,
@@ -171,25 +190,23 @@ pub(crate) fn handle(
     };
     let streams = &state.streams;
     match request {
-        Api::StreamCreate { stream: name } => {
-            let r = parse::<serde_json::Value>(payload).and_then(|mut v| {
-                if let Some(o) = v.as_object_mut() {
-                    o.entry("name")
-                        .or_insert_with(|| serde_json::Value::String(name.to_string()));
-                }
-                let cfg: StreamConfig = strict::from_value(v).map_err(|e| {
-                    StreamError::BadRequest(format!("invalid stream configuration: {e}"))
-                })?;
-                if cfg.name != name {
-                    return Err(StreamError::BadRequest(format!(
-                        "stream name {:?} in the body does not match {name:?} in the subject",
-                        cfg.name
-                    )));
-                }
-                Ok(cfg)
-            });
-            match r {
-                Ok(cfg) => on_disk(state, reply, move |s| s.create(cfg)),
+        Api::StreamCreate { stream: name } => match stream_config(name, payload) {
+            Ok(cfg) => on_disk(state, reply, move |s| s.create(cfg)),
+            Err(e) => reply_with::<()>(state, reply, Err(e)),
+        },
+        Api::StreamUpdate { stream: name } => match stream_config(name, payload) {
+            Ok(cfg) => on_disk(state, reply, move |s| s.update(cfg)),
+            Err(e) => reply_with::<()>(state, reply, Err(e)),
+        },
+        Api::StreamPurge { stream: name } => {
+            let name = name.to_string();
+            match parse::<PurgeRequest>(payload) {
+                Ok(req) => on_disk(state, reply, move |s| {
+                    let st = s
+                        .get(&name)
+                        .ok_or_else(|| StreamError::NotFound(name.clone()))?;
+                    st.purge(req).map(|purged| Purged { purged })
+                }),
                 Err(e) => reply_with::<()>(state, reply, Err(e)),
             }
         }
@@ -240,7 +257,7 @@ pub(crate) fn handle(
             });
             match r {
                 // Its state lives in the stream's Raft log.
-                Ok((s, cfg)) if s.config.replicas() > 1 && cfg.durable.is_some() => {
+                Ok((s, cfg)) if s.replicas > 1 && cfg.durable.is_some() => {
                     later(state, reply, async move {
                         consumer::repl::create(s, cfg, None).await.map(|c| c.info())
                     })
@@ -389,7 +406,7 @@ mod tests {
             (
                 "invalid stream configuration: unknown field `max_msg`, expected one of `name`, \
                  `subjects`, `fsync`, `fsync_interval_ms`, `max_age_ms`, `max_bytes`, `max_msgs`, \
-                 `segment_bytes`, `duplicate_window_ms`, `replicas`",
+                 `segment_bytes`, `duplicate_window_ms`, `replicas`, `max_msg_size`, `description`",
                 400
             )
         );

@@ -316,8 +316,35 @@ impl Consumer {
     /// its filter): what is left to deliver.
     pub(crate) fn num_pending(&self) -> u64 {
         let next = self.lock().next_seq;
-        let last = self.log.lock().last_seq();
-        (last + 1).saturating_sub(next)
+        let (first, last) = {
+            let st = self.log.lock();
+            (st.first_seq(), st.last_seq())
+        };
+        // A position below the first message (a purge, retention) reads
+        // on from the first.
+        (last + 1).saturating_sub(next.max(first))
+    }
+
+    /// The stream's messages below `first` are gone (a purge): pending
+    /// acks of them are dropped (as terminated) and a position before it
+    /// moves to it, so the consumer goes on with what is left.
+    pub(crate) fn forget_below(&self, first: u64) {
+        let mut st = self.lock();
+        let gone: Vec<u64> = st.pending.range(..first).map(|(s, _)| *s).collect();
+        let mut ops = Vec::new();
+        for seq in gone {
+            st.pending.remove(&seq);
+            op(&mut ops, b'T', seq, 0);
+        }
+        if st.next_seq < first {
+            st.next_seq = first;
+            st.pos = None;
+            op(&mut ops, b'N', first, 0);
+        }
+        if !ops.is_empty() {
+            self.write_ops(&mut st, &ops);
+            self.kick.notify_one();
+        }
     }
 
     pub(crate) fn ack(&self, seq: u64, kind: AckKind, reply: Option<&str>) {
@@ -553,7 +580,7 @@ pub(crate) fn create_named(
                 same_durable(&c, &cfg)?;
                 return Ok(c);
             }
-            if s.config.replicas() > 1 {
+            if s.replicas > 1 {
                 // Made by the group (repl::create), never here alone.
                 return Err(StreamError::BadRequest(format!(
                     "durable consumer {n:?} of a replicated stream is created through its group"
@@ -581,7 +608,7 @@ pub(crate) fn create_named(
     }
     let next_seq = parse_start(&s.log, &cfg.start)?;
     let storage = |e: std::io::Error| StreamError::Storage {
-        name: s.config.name.clone(),
+        name: s.name.clone(),
         error: e.to_string(),
     };
     let (path, file, file_len) = if cfg.durable.is_some() {
@@ -607,7 +634,7 @@ pub(crate) fn create_named(
         nats,
         None,
     );
-    info!(stream = %s.config.name, consumer = %c.name, durable = c.is_durable(), next_seq, "consumer created");
+    info!(stream = %s.name, consumer = %c.name, durable = c.is_durable(), next_seq, "consumer created");
     Ok(c)
 }
 
@@ -696,7 +723,7 @@ pub(crate) fn apply_change(
                 nats,
                 Some(repl::Repl::new(next_seq, BTreeMap::new(), path, file, len)),
             );
-            info!(stream = %s.config.name, consumer = %c.name, next_seq, "replicated durable consumer created");
+            info!(stream = %s.name, consumer = %c.name, next_seq, "replicated durable consumer created");
             Ok(None)
         }
         ConsumerChange::Delete { name } => {
@@ -727,7 +754,7 @@ fn start(
     let (tx, rx) = mpsc::unbounded_channel();
     let c = Arc::new_cyclic(|me| Consumer {
         name: name.clone(),
-        stream: s.config.name.clone(),
+        stream: s.name.clone(),
         config,
         log: s.log.clone(),
         path,
@@ -808,7 +835,7 @@ pub(crate) fn load_all(s: &Arc<Stream>) {
         // A replicated stream's: the op log holds what the group committed
         // and applied here; the state machine writes it from now on.
         let (file, repl) = match file {
-            Some(f) if s.config.replicas() > 1 => (
+            Some(f) if s.replicas > 1 => (
                 None,
                 Some(repl::Repl::new(
                     next_seq,
@@ -847,7 +874,7 @@ pub(crate) fn load_all(s: &Arc<Stream>) {
             nats,
             repl,
         );
-        info!(stream = %s.config.name, consumer = %c.name, next_seq, pending = pend, "durable consumer loaded");
+        info!(stream = %s.name, consumer = %c.name, next_seq, pending = pend, "durable consumer loaded");
     }
 }
 

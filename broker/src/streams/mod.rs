@@ -35,7 +35,7 @@ pub use consumer::Consumer;
 use index::PatternIndex;
 /// The API's types are shared with the SDK (sockbus_protocol::api).
 pub use sockbus_protocol::api::{
-    ConsumerInfo, Fsync, PubAck, StreamConfig, StreamInfo, StreamState,
+    ConsumerInfo, Fsync, PubAck, PurgeRequest, StreamConfig, StreamInfo, StreamState,
 };
 
 /// Header whose value makes a publish idempotent within the stream's duplicate window.
@@ -71,6 +71,8 @@ impl QueueBudget {
     }
 }
 const DEFAULT_SEGMENT: u64 = 64 << 20;
+/// How long an update waits for the stream's writer to apply it.
+const RECONFIG_WAIT: Duration = Duration::from_secs(10);
 /// Streams a broker holds unless `--max-streams` says otherwise: the scale
 /// CI checks (broker/tests/streams_many.rs).
 pub const DEFAULT_MAX_STREAMS: usize = 10_000;
@@ -108,6 +110,21 @@ pub fn patterns_overlap(a: &str, b: &str) -> bool {
     }
 }
 
+/// True when every subject `pattern` matches, `filter` matches too.
+pub(crate) fn covers(filter: &str, pattern: &str) -> bool {
+    let mut f = filter.split('.');
+    let mut p = pattern.split('.');
+    loop {
+        match (f.next(), p.next()) {
+            (Some(">"), Some(_)) => return true,
+            (None, None) => return true,
+            (Some("*"), Some(t)) if t != ">" => {}
+            (Some(a), Some(b)) if a == b && a != ">" => {}
+            _ => return false,
+        }
+    }
+}
+
 /// Why a stream operation failed. The text is what users see.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum StreamError {
@@ -123,6 +140,12 @@ pub enum StreamError {
     Storage { name: String, error: String },
     #[error("stream {0:?} was deleted")]
     Deleted(String),
+    /// An update that changes what cannot change (`fsync`, `replicas`).
+    #[error("stream configuration update can not change {0}")]
+    Unchangeable(&'static str),
+    /// Something sockbus does not do, named.
+    #[error("not supported by sockbus: {0}")]
+    Unsupported(String),
     #[error("the answer is {size} bytes, more than the largest payload, {max} bytes (--max-payload); {hint}")]
     AnswerTooLarge {
         size: usize,
@@ -166,6 +189,8 @@ impl StreamError {
     pub fn status(&self) -> u16 {
         match self {
             StreamError::BadRequest(_)
+            | StreamError::Unchangeable(_)
+            | StreamError::Unsupported(_)
             | StreamError::Expected { .. }
             | StreamError::TooMany { .. }
             | StreamError::AccountTooMany { .. } => 400,
@@ -203,6 +228,17 @@ pub(crate) struct Expect {
     pub last_subject_seq: Option<(u64, Box<str>)>,
 }
 
+/// Work for a stream's writer besides publishes: it owns the log's
+/// appender, so purges and deletes are its to do, between rounds.
+pub(crate) enum AdminOp {
+    Purge(PurgeRequest, std::sync::mpsc::Sender<std::io::Result<u64>>),
+    /// Delete one message; answered whether it was there.
+    Delete(u64, std::sync::mpsc::Sender<std::io::Result<bool>>),
+}
+
+/// How long a purge or delete waits for the stream's writer.
+const ADMIN_WAIT: Duration = Duration::from_secs(30);
+
 /// Records queued for a stream's writer by one reader batch.
 pub(crate) struct WriteReq {
     buf: BytesMut,
@@ -217,7 +253,22 @@ pub(crate) struct Entry {
 }
 
 pub struct Stream {
-    pub config: StreamConfig,
+    /// The stream's name: fixed, unlike the rest of its configuration.
+    pub name: String,
+    /// Its copies (1 unless replicated): fixed too, and read on the
+    /// publish path without the configuration's lock.
+    pub replicas: u32,
+    /// Its configuration, replaced whole by [`Streams::update`]; readers
+    /// take a snapshot ([`Stream::config`]).
+    config: RwLock<Arc<StreamConfig>>,
+    /// Configuration updates asked for (bumped by [`Streams::update`]) and
+    /// the last one the writer has applied, retention included, so an
+    /// update is answered once its new limits hold.
+    reconfig: AtomicU64,
+    applied: Mutex<u64>,
+    applied_cv: Condvar,
+    /// Purges and deletes waiting for the writer (it owns the appender).
+    admin_ops: Mutex<Vec<AdminOp>>,
     pub log: Arc<Log>,
     dir: PathBuf,
     tx: Mutex<Option<std::sync::mpsc::Sender<WriteReq>>>,
@@ -286,6 +337,168 @@ impl Quota {
 }
 
 impl Stream {
+    /// A snapshot of the stream's configuration (an update replaces it).
+    pub fn config(&self) -> Arc<StreamConfig> {
+        self.config
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// A stream record around `cfg`, its writer not started.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn new(
+        cfg: StreamConfig,
+        log: Arc<Log>,
+        dir: PathBuf,
+        tx: std::sync::mpsc::Sender<WriteReq>,
+        budget: Arc<QueueBudget>,
+        delivery: Delivery,
+        quota: Option<Arc<Quota>>,
+    ) -> Stream {
+        Stream {
+            name: cfg.name.clone(),
+            replicas: cfg.replicas(),
+            config: RwLock::new(Arc::new(cfg)),
+            reconfig: AtomicU64::new(0),
+            applied: Mutex::new(0),
+            applied_cv: Condvar::new(),
+            admin_ops: Mutex::new(Vec::new()),
+            log,
+            dir,
+            tx: Mutex::new(Some(tx)),
+            queued: AtomicUsize::new(0),
+            space: Notify::new(),
+            budget,
+            wake: Notify::new(),
+            consumers: Mutex::new(HashMap::new()),
+            deleted: AtomicBool::new(false),
+            failed: AtomicBool::new(false),
+            delivery,
+            quota,
+            counted: Default::default(),
+        }
+    }
+
+    /// The writer has applied configuration update `gen` (and the
+    /// retention it asks for): wakes the update waiting for it.
+    pub(crate) fn reconfigured(&self, gen: u64) {
+        let mut a = self.applied.lock().unwrap_or_else(|p| p.into_inner());
+        if gen > *a {
+            *a = gen;
+            self.applied_cv.notify_all();
+        }
+    }
+
+    /// Waits until the writer has applied configuration update `gen`
+    /// (false: not within `limit`, or the stream is gone).
+    fn wait_applied(&self, gen: u64, limit: Duration) -> bool {
+        let deadline = std::time::Instant::now() + limit;
+        let mut a = self.applied.lock().unwrap_or_else(|p| p.into_inner());
+        while *a < gen {
+            let now = std::time::Instant::now();
+            if now >= deadline
+                || self.deleted.load(Ordering::Acquire)
+                || self.failed.load(Ordering::Acquire)
+            {
+                return false;
+            }
+            a = self
+                .applied_cv
+                .wait_timeout(a, (deadline - now).min(Duration::from_millis(100)))
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
+        true
+    }
+
+    /// The purges and deletes queued for the writer.
+    pub(crate) fn take_admin_ops(&self) -> Vec<AdminOp> {
+        std::mem::take(&mut *self.admin_ops.lock().unwrap_or_else(|p| p.into_inner()))
+    }
+
+    /// Hands `op` to the writer and waits for its answer on `rx`.
+    fn admin<T>(
+        &self,
+        op: AdminOp,
+        rx: std::sync::mpsc::Receiver<std::io::Result<T>>,
+    ) -> Result<T, StreamError> {
+        if self.replicas > 1 {
+            return Err(StreamError::Unsupported(format!(
+                "purging or deleting messages of a replicated stream ({})",
+                self.name
+            )));
+        }
+        self.admin_ops
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(op);
+        self.wake.notify_one();
+        match rx.recv_timeout(ADMIN_WAIT) {
+            Ok(Ok(v)) => Ok(v),
+            Ok(Err(e)) => Err(StreamError::Storage {
+                name: self.name.clone(),
+                error: e.to_string(),
+            }),
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => Err(StreamError::Storage {
+                name: self.name.clone(),
+                error: "the stream's writer did not answer within 30 s".into(),
+            }),
+            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
+                Err(if self.failed.load(Ordering::Acquire) {
+                    StreamError::Storage {
+                        name: self.name.clone(),
+                        error: "the stream's writer stopped on an internal error".into(),
+                    }
+                } else {
+                    StreamError::Deleted(self.name.clone())
+                })
+            }
+        }
+    }
+
+    /// Removes messages (see [`PurgeRequest`]); returns how many. Consumers
+    /// positioned before the new first message go on from it, and forget
+    /// pending acks of messages now gone. Blocks: call from a blocking thread.
+    pub fn purge(&self, req: PurgeRequest) -> Result<u64, StreamError> {
+        if let Some(f) = &req.filter {
+            sockbus_protocol::validate_pattern(f)
+                .map_err(|e| StreamError::BadRequest(format!("filter: {e}")))?;
+        }
+        if req.seq.is_some() && req.keep.is_some() {
+            return Err(StreamError::BadRequest(
+                "a purge takes seq or keep, not both".into(),
+            ));
+        }
+        let (tx, rx) = std::sync::mpsc::channel();
+        let n = self.admin(AdminOp::Purge(req, tx), rx)?;
+        let first = self.log.lock().first_seq();
+        let consumers: Vec<Arc<Consumer>> = self
+            .consumers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .cloned()
+            .collect();
+        for c in consumers {
+            c.forget_below(first);
+        }
+        info!(stream = %self.name, purged = n, "stream purged");
+        Ok(n)
+    }
+
+    /// Deletes message `seq`; false if the stream does not hold it. Blocks:
+    /// call from a blocking thread.
+    pub fn delete_msg(&self, seq: u64) -> Result<bool, StreamError> {
+        let (tx, rx) = std::sync::mpsc::channel();
+        self.admin(AdminOp::Delete(seq, tx), rx)
+    }
+
+    /// The configuration update the writer has yet to apply, if any.
+    pub(crate) fn reconfig_wanted(&self) -> u64 {
+        self.reconfig.load(Ordering::Acquire)
+    }
+
     /// The stream's directory.
     pub(crate) fn dir(&self) -> &Path {
         &self.dir
@@ -312,7 +525,7 @@ impl Stream {
         let first_ts = st.first_ts();
         let msgs = st.msgs();
         StreamInfo {
-            config: self.config.clone(),
+            config: (*self.config()).clone(),
             state: StreamState {
                 messages: msgs,
                 bytes: st.bytes(),
@@ -328,13 +541,12 @@ impl Stream {
                     .len(),
                 damaged_records: st.lost,
             },
-            cluster: (self.config.replicas() > 1)
-                .then(|| crate::replication::hub().cluster_info(self)),
+            cluster: (self.replicas > 1).then(|| crate::replication::hub().cluster_info(self)),
         }
     }
 
     fn captures(&self, subject: &str) -> bool {
-        self.config
+        self.config()
             .subjects
             .iter()
             .any(|p| sockbus_protocol::matches(p, subject))
@@ -352,7 +564,7 @@ impl Stream {
                     self.budget.release(n);
                     fail_all(
                         e.0,
-                        &StreamError::Deleted(self.config.name.clone()),
+                        &StreamError::Deleted(self.name.clone()),
                         &self.delivery,
                     );
                 } else {
@@ -363,13 +575,13 @@ impl Stream {
                 drop(tx);
                 let e = if self.failed.load(Ordering::Acquire) {
                     StreamError::Storage {
-                        name: self.config.name.clone(),
+                        name: self.name.clone(),
                         error: "the stream's writer stopped on an internal error (see the \
                                 broker's log); restart the broker"
                             .into(),
                     }
                 } else {
-                    StreamError::Deleted(self.config.name.clone())
+                    StreamError::Deleted(self.name.clone())
                 };
                 fail_all(req, &e, &self.delivery)
             }
@@ -606,7 +818,7 @@ impl Streams {
             let st = s.log.lock();
             debug!(stream = %name, messages = st.msgs(), first_seq = st.first_seq(), last_seq = st.last_seq(), segments = st.segs.len(), "stream opened");
             drop(st);
-            streams.index_add(&s.config);
+            streams.index_add(&s.config());
             streams
                 .map
                 .write()
@@ -630,8 +842,8 @@ impl Streams {
         }
         for s in streams.list_streams() {
             consumer::load_all(&s);
-            if s.config.replicas() == 1 {
-                streams.announce(&s.config.subjects, true);
+            if s.replicas == 1 {
+                streams.announce(&s.config().subjects, true);
             }
         }
         Ok(streams)
@@ -640,26 +852,19 @@ impl Streams {
     fn start_stream(&self, cfg: StreamConfig, dir: &Path) -> std::io::Result<Arc<Stream>> {
         let (log, _report) = Log::open(dir, &cfg.name, &self.files)?;
         let (tx, rx) = std::sync::mpsc::channel();
-        let s = Arc::new(Stream {
-            config: cfg,
+        let s = Arc::new(Stream::new(
+            cfg,
             log,
-            dir: dir.to_path_buf(),
-            tx: Mutex::new(Some(tx)),
-            queued: AtomicUsize::new(0),
-            space: Notify::new(),
-            budget: self.budget.clone(),
-            wake: Notify::new(),
-            consumers: Mutex::new(HashMap::new()),
-            deleted: AtomicBool::new(false),
-            failed: AtomicBool::new(false),
-            delivery: self.delivery.clone(),
-            quota: self.quota.clone(),
-            counted: Default::default(),
-        });
+            dir.to_path_buf(),
+            tx,
+            self.budget.clone(),
+            self.delivery.clone(),
+            self.quota.clone(),
+        ));
         if let Some(q) = &s.quota {
             q.sync(&s);
         }
-        if s.config.replicas() > 1 {
+        if s.replicas > 1 {
             replicated::spawn(s.clone(), rx);
             crate::replication::hub().open_group(&s);
         } else {
@@ -743,7 +948,7 @@ impl Streams {
             .values()
             .cloned()
             .collect();
-        v.sort_by(|a, b| a.config.name.cmp(&b.config.name));
+        v.sort_by(|a, b| a.name.cmp(&b.name));
         v
     }
 
@@ -798,6 +1003,12 @@ impl Streams {
     /// A stream with `replicas` > 1: placed on that many nodes, created on
     /// every node of the cluster, its group initialised (crate::replication).
     fn create_replicated(&self, cfg: StreamConfig) -> Result<StreamInfo, StreamError> {
+        if cfg.max_msg_size.is_some() {
+            // A replica's state machine stores what the group agreed on.
+            return Err(StreamError::Unsupported(
+                "max_msg_size on a replicated stream".into(),
+            ));
+        }
         let hub = crate::replication::hub();
         let ours = hub
             .state()
@@ -809,7 +1020,7 @@ impl Streams {
             ));
         }
         if let Some(s) = self.get(&cfg.name) {
-            return if s.config == cfg {
+            return if *s.config() == cfg {
                 Ok(s.info())
             } else {
                 Err(StreamError::Exists(cfg.name))
@@ -843,7 +1054,7 @@ impl Streams {
         let s = self
             .get(name)
             .ok_or_else(|| StreamError::NotFound(name.into()))?;
-        if s.config.replicas() == 1 {
+        if s.replicas == 1 {
             return Err(StreamError::BadRequest(format!(
                 "stream {name} is not replicated"
             )));
@@ -866,7 +1077,7 @@ impl Streams {
     ) -> Result<StreamInfo, StreamError> {
         cfg.validate()?;
         if let Some(s) = self.get(&cfg.name) {
-            if s.config != cfg {
+            if *s.config() != cfg {
                 return Err(StreamError::Exists(cfg.name));
             }
             s.set_members(members).map_err(|e| StreamError::Storage {
@@ -886,7 +1097,7 @@ impl Streams {
         {
             let mut pending = self.admin_for(&cfg.name);
             if let Some(s) = self.get(&cfg.name) {
-                return if s.config == cfg {
+                return if *s.config() == cfg {
                     Ok(s.info())
                 } else {
                     Err(StreamError::Exists(cfg.name))
@@ -1013,6 +1224,103 @@ impl Streams {
         }
     }
 
+    /// Changes a stream's configuration: its subjects (capture and the
+    /// interest announced to cluster peers follow at once), limits,
+    /// duplicate window, largest message, segment size, fsync interval,
+    /// description. Its name, `fsync` and `replicas` are fixed, and a
+    /// replicated stream's configuration is fixed altogether (every
+    /// replica would have to apply the change through the group's log).
+    ///
+    /// The new configuration is on disk (`stream.json`) before anything
+    /// uses it; the stream's writer then applies it, retention included,
+    /// before this returns, so a lower `max_msgs` has dropped the oldest
+    /// messages by then. Blocks on the disk: call it from a blocking thread.
+    pub fn update(&self, cfg: StreamConfig) -> Result<StreamInfo, StreamError> {
+        cfg.validate()?;
+        let name = cfg.name.clone();
+        let (s, gen) = {
+            let _admin = self.admin_for(&name);
+            let s = self
+                .get(&name)
+                .ok_or_else(|| StreamError::NotFound(name.clone()))?;
+            let old = s.config();
+            if *old == cfg {
+                return Ok(s.info());
+            }
+            if old.replicas() != cfg.replicas() {
+                return Err(StreamError::Unchangeable("replicas"));
+            }
+            if old.replicas() > 1 {
+                return Err(StreamError::Unsupported(format!(
+                    "changing the configuration of a replicated stream ({name} has {} replicas)",
+                    old.replicas()
+                )));
+            }
+            if old.fsync != cfg.fsync {
+                return Err(StreamError::Unchangeable("fsync"));
+            }
+            {
+                // The stream's own patterns are out of the index while the
+                // new ones are checked against everyone else's.
+                let mut ix = self.index.write().unwrap_or_else(|p| p.into_inner());
+                for p in &old.subjects {
+                    ix.remove(p, &name);
+                }
+                let clash = cfg.subjects.iter().find_map(|q| {
+                    ix.overlap(q)
+                        .map(|(p, other)| (q.clone(), p.to_string(), other.to_string()))
+                });
+                for p in &old.subjects {
+                    ix.insert(p, &name);
+                }
+                if let Some((q, p, other)) = clash {
+                    return Err(StreamError::BadRequest(format!(
+                        "subject {q:?} overlaps {p:?} of stream {other:?}"
+                    )));
+                }
+            }
+            let json = serde_json::to_vec_pretty(&cfg).expect("serialisable");
+            write_atomic(&s.dir.join("stream.json"), &json).map_err(|e| StreamError::Storage {
+                name: name.clone(),
+                error: format!("cannot save the new configuration: {e}"),
+            })?;
+            {
+                let mut ix = self.index.write().unwrap_or_else(|p| p.into_inner());
+                for p in &old.subjects {
+                    ix.remove(p, &name);
+                }
+                for p in &cfg.subjects {
+                    ix.insert(p, &name);
+                }
+            }
+            let gone: Vec<String> = old
+                .subjects
+                .iter()
+                .filter(|p| !cfg.subjects.contains(p))
+                .cloned()
+                .collect();
+            let new: Vec<String> = cfg
+                .subjects
+                .iter()
+                .filter(|p| !old.subjects.contains(p))
+                .cloned()
+                .collect();
+            info!(stream = %name, subjects = ?cfg.subjects, max_msgs = ?cfg.max_msgs, max_bytes = ?cfg.max_bytes, max_age_ms = ?cfg.max_age_ms, "stream updated");
+            *s.config.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(cfg);
+            // Capture caches hold subject -> stream answers: start them over.
+            self.generation.fetch_add(1, Ordering::AcqRel);
+            self.announce(&new, true);
+            self.announce(&gone, false);
+            let gen = s.reconfig.fetch_add(1, Ordering::AcqRel) + 1;
+            (s, gen)
+        };
+        s.wake.notify_one();
+        if !s.wait_applied(gen, RECONFIG_WAIT) {
+            warn!(stream = %name, "the stream's writer has not applied the new configuration yet; it will when it next runs");
+        }
+        Ok(s.info())
+    }
+
     /// Deletes a stream and its data. Publishes in flight to it fail.
     pub fn delete(&self, name: &str) -> Result<(), StreamError> {
         let _g = self.admin_for(name);
@@ -1022,11 +1330,11 @@ impl Streams {
             .unwrap_or_else(|p| p.into_inner())
             .remove(name)
             .ok_or_else(|| StreamError::NotFound(name.into()))?;
-        self.index_remove(&s.config);
+        self.index_remove(&s.config());
         self.count.fetch_sub(1, Ordering::AcqRel);
         self.generation.fetch_add(1, Ordering::AcqRel);
-        if s.config.replicas() == 1 {
-            self.announce(&s.config.subjects, false);
+        if s.replicas == 1 {
+            self.announce(&s.config().subjects, false);
         } else {
             crate::replication::hub().close_group(name);
         }
@@ -1387,11 +1695,11 @@ mod tests {
             r#"subject "m.7.x" overlaps "m.7.*" of stream "S7""#
         );
         assert!(streams.create(StreamConfig::new("Y", ["m.>"])).is_err());
-        assert_eq!(streams.capture("m.499.a").unwrap().config.name, "S499");
+        assert_eq!(streams.capture("m.499.a").unwrap().name, "S499");
         assert!(streams.capture("m.500.a").is_none());
         streams.delete("S7").unwrap();
         streams.create(StreamConfig::new("X", ["m.7.x"])).unwrap();
-        assert_eq!(streams.capture("m.7.x").unwrap().config.name, "X");
+        assert_eq!(streams.capture("m.7.x").unwrap().name, "X");
         assert!(streams.capture("m.7.y").is_none());
     }
 
@@ -1413,10 +1721,66 @@ mod tests {
             assert!(c.get(&streams, &inbox).is_none(), "{inbox}");
             assert!(streams.capture(&inbox).is_none(), "{inbox}");
         }
-        assert_eq!(c.get(&streams, "orders.eu").unwrap().config.name, "all");
-        assert_eq!(c.get(&streams, "_INBOX").unwrap().config.name, "all");
+        assert_eq!(c.get(&streams, "orders.eu").unwrap().name, "all");
+        assert_eq!(c.get(&streams, "_INBOX").unwrap().name, "all");
         // Only the repeating subjects took cache entries.
         assert_eq!(c.map.len(), 2);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_update_moves_capture_to_the_new_subjects_keeps_the_name_fsync_and_replicas_and_is_saved(
+    ) {
+        let dir = tempfile::tempdir().unwrap();
+        let streams = Arc::new(Streams::open(dir.path(), test_delivery(), None).unwrap());
+        streams.create(StreamConfig::new("A", ["a.>"])).unwrap();
+        streams.create(StreamConfig::new("B", ["b.>"])).unwrap();
+        let s2 = streams.clone();
+        let upd = move |cfg: StreamConfig| {
+            let s2 = s2.clone();
+            async move {
+                tokio::task::spawn_blocking(move || s2.update(cfg))
+                    .await
+                    .unwrap()
+            }
+        };
+        let info = upd(StreamConfig {
+            max_msgs: Some(5),
+            ..StreamConfig::new("A", ["a.>", "c.*"])
+        })
+        .await
+        .unwrap();
+        assert_eq!(info.config.max_msgs, Some(5));
+        assert_eq!(streams.capture("c.x").unwrap().name, "A");
+        assert_eq!(streams.capture("a.x").unwrap().name, "A");
+        let e = upd(StreamConfig::new("A", ["b.x"])).await.unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            r#"subject "b.x" overlaps "b.>" of stream "B""#
+        );
+        let e = upd(StreamConfig {
+            fsync: Fsync::Never,
+            ..StreamConfig::new("A", ["a.>"])
+        })
+        .await
+        .unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "stream configuration update can not change fsync"
+        );
+        let e = upd(StreamConfig::new("Z", ["z"])).await.unwrap_err();
+        assert!(matches!(e, StreamError::NotFound(_)), "{e}");
+        // Refused updates changed nothing.
+        assert_eq!(streams.capture("c.x").unwrap().name, "A");
+        upd(StreamConfig::new("A", ["c.*"])).await.unwrap();
+        assert!(streams.capture("a.x").is_none(), "a.> is free again");
+        streams.create(StreamConfig::new("A2", ["a.>"])).unwrap();
+        drop(streams);
+        let streams = Streams::open(dir.path(), test_delivery(), None).unwrap();
+        assert_eq!(
+            *streams.get("A").unwrap().config(),
+            StreamConfig::new("A", ["c.*"])
+        );
+        assert_eq!(streams.capture("a.x").unwrap().name, "A2");
     }
 
     #[test]

@@ -76,7 +76,7 @@ async fn round(s: &Arc<Stream>, reqs: Vec<WriteReq>, bytes: usize) {
     s.queued.fetch_sub(bytes, Ordering::AcqRel);
     s.space.notify_waiters();
     s.budget.release(bytes);
-    let name = &s.config.name;
+    let name = &s.name;
     let mut batch = s.delivery.batch(16);
     match r {
         Ok(applied) if applied.error.is_none() && applied.acks.len() == acks.len() => {

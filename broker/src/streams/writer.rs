@@ -19,7 +19,8 @@ use sockbus_protocol::frame::iter_headers;
 use tracing::{error, warn};
 
 use super::{
-    is_msg_id, AckTo, Expect, Fsync, PubAck, Stream, StreamConfigExt, StreamError, WriteReq,
+    is_msg_id, AckTo, AdminOp, Expect, Fsync, PubAck, PurgeRequest, Stream, StreamConfig,
+    StreamConfigExt, StreamError, WriteReq,
 };
 use crate::deliver::{Batch, Outgoing};
 use crate::store::{now_ns, Appender};
@@ -40,7 +41,7 @@ pub(super) fn spawn(s: Arc<Stream>, rx: Receiver<WriteReq>) {
         match tokio::task::spawn_blocking(move || Writer::new(s2)).await {
             Ok(w) => drive(w, rx).await,
             Err(e) => {
-                error!(stream = %s.config.name, "the stream's writer failed to start: {e}");
+                error!(stream = %s.name, "the stream's writer failed to start: {e}");
                 s.writer_failed();
             }
         }
@@ -53,18 +54,19 @@ pub(super) fn spawn(s: Arc<Stream>, rx: Receiver<WriteReq>) {
 /// is answered.
 pub(super) async fn drive(mut w: Writer, mut rx: Receiver<WriteReq>) {
     let s = w.s.clone();
-    let cfg = &s.config;
-    let tick = if cfg.fsync == Fsync::Interval {
-        w.interval
-            .clamp(Duration::from_millis(1), Duration::from_secs(1))
-    } else {
-        Duration::from_secs(1)
-    };
-    let ticks = cfg.fsync == Fsync::Interval
-        || cfg.max_age_ms.is_some()
-        || cfg.max_bytes.is_some()
-        || cfg.max_msgs.is_some();
     loop {
+        // Read each time round: an update may have changed the limits.
+        let cfg = w.cfg.clone();
+        let tick = if cfg.fsync == Fsync::Interval {
+            w.interval
+                .clamp(Duration::from_millis(1), Duration::from_secs(1))
+        } else {
+            Duration::from_secs(1)
+        };
+        let ticks = cfg.fsync == Fsync::Interval
+            || cfg.max_age_ms.is_some()
+            || cfg.max_bytes.is_some()
+            || cfg.max_msgs.is_some();
         if ticks {
             tokio::select! {
                 _ = s.wake.notified() => {}
@@ -81,7 +83,7 @@ pub(super) async fn drive(mut w: Writer, mut rx: Receiver<WriteReq>) {
             Ok((w2, rx2, true)) => (w, rx) = (w2, rx2),
             Ok((_, _, false)) => return,
             Err(e) => {
-                error!(stream = %cfg.name, "the stream's writer failed: {e}");
+                error!(stream = %s.name, "the stream's writer failed: {e}");
                 s.writer_failed();
                 return;
             }
@@ -126,6 +128,10 @@ type Done = (
 
 pub(super) struct Writer {
     s: Arc<Stream>,
+    /// The configuration the writer works to (see [`Writer::reconfigure`]).
+    cfg: Arc<StreamConfig>,
+    /// The stream's configuration update this writer last applied.
+    applied: u64,
     app: Appender,
     dedupe: Dedupe,
     /// The Msg-Id of the newest message stored with one (JetStream's
@@ -141,8 +147,11 @@ pub(super) struct Writer {
 
 impl Writer {
     pub(super) fn new(s: Arc<Stream>) -> Writer {
-        let cfg = &s.config;
-        let app = Appender::new(
+        // Updates made before this writer ran are applied (again) on its
+        // first turn, which also answers whoever waits for them.
+        let applied = 0;
+        let cfg = s.config();
+        let mut app = Appender::new(
             s.log.clone(),
             cfg.segment_bytes(),
             cfg.fsync != Fsync::Never,
@@ -177,8 +186,19 @@ impl Writer {
                 from = b.next;
             }
         }
+        // Segments that hold nothing any more (a crash between saving a
+        // purge's floor and unlinking them) go now, whatever the limits.
+        if let Err(e) = app.retention(
+            cfg.max_age_ms.map(Duration::from_millis),
+            cfg.max_bytes,
+            cfg.max_msgs,
+        ) {
+            warn!(stream = %s.name, "retention at start failed: {e}");
+        }
         Writer {
             interval: Duration::from_millis(cfg.fsync_interval_ms.unwrap_or(100).max(1)),
+            cfg,
+            applied,
             s,
             app,
             dedupe,
@@ -194,9 +214,10 @@ impl Writer {
     /// stream is deleted and everything queued is answered.
     fn turn(&mut self, rx: &Receiver<WriteReq>) -> bool {
         #[cfg(test)]
-        if self.s.config.name == tests::PANICS {
+        if self.s.name == tests::PANICS {
             panic!("a writer bug, injected by a test");
         }
+        self.admin();
         let mut open = true;
         for n in 0.. {
             if n == ROUNDS_PER_TURN {
@@ -213,9 +234,9 @@ impl Writer {
                 }
             }
         }
-        if self.s.config.fsync == Fsync::Interval && self.last_sync.elapsed() >= self.interval {
+        if self.cfg.fsync == Fsync::Interval && self.last_sync.elapsed() >= self.interval {
             if let Err(e) = self.app.sync() {
-                error!(stream = %self.s.config.name, "fsync failed: {e}");
+                error!(stream = %self.s.name, "fsync failed: {e}");
             }
             self.last_sync = Instant::now();
         }
@@ -223,7 +244,7 @@ impl Writer {
             self.retention();
         }
         if !open {
-            let _ = self.app.commit(self.s.config.fsync != Fsync::Never);
+            let _ = self.app.commit(self.cfg.fsync != Fsync::Never);
         }
         if let Some(q) = &self.s.quota {
             q.sync(&self.s);
@@ -234,7 +255,7 @@ impl Writer {
     /// Everything queued, as one round (None: nothing is); Err once the
     /// stream is deleted and its queue is empty.
     fn gather(&mut self, rx: &Receiver<WriteReq>) -> Result<Option<Vec<WriteReq>>, ()> {
-        let fsync = self.s.config.fsync == Fsync::Always;
+        let fsync = self.cfg.fsync == Fsync::Always;
         let r = match rx.try_recv() {
             Ok(r) => r,
             Err(TryRecvError::Empty) => return Ok(None),
@@ -280,9 +301,82 @@ impl Writer {
         Ok(Some(round))
     }
 
+    /// Applies a configuration update when there is one: the new limits
+    /// (at once, so a lower `max_msgs` drops the oldest messages before
+    /// the update is answered), duplicate window, segment size and fsync
+    /// interval. Then the stream's waiting purges.
+    fn admin(&mut self) {
+        let want = self.s.reconfig_wanted();
+        if want != self.applied {
+            let cfg = self.s.config();
+            self.dedupe.window = cfg.duplicate_window().as_nanos() as u64;
+            self.app.set_max_seg(cfg.segment_bytes());
+            self.interval = Duration::from_millis(cfg.fsync_interval_ms.unwrap_or(100).max(1));
+            self.cfg = cfg;
+            self.retention();
+            self.applied = want;
+            self.s.reconfigured(want);
+        }
+        for op in self.s.take_admin_ops() {
+            match op {
+                AdminOp::Purge(req, done) => {
+                    let r = self.purge(&req);
+                    let _ = done.send(r);
+                }
+                AdminOp::Delete(seq, done) => {
+                    let r = self.delete(seq);
+                    let _ = done.send(r);
+                }
+            }
+        }
+    }
+
+    /// A purge (see [`PurgeRequest`]). A filter that covers every subject
+    /// of the stream is no filter: the floor is raised, segments go whole.
+    /// Otherwise the matching messages are deleted one by one.
+    fn purge(&mut self, req: &PurgeRequest) -> std::io::Result<u64> {
+        let all = req
+            .filter
+            .as_deref()
+            .is_none_or(|f| self.cfg.subjects.iter().all(|p| super::covers(f, p)));
+        let n = if all {
+            match (req.seq, req.keep) {
+                (Some(seq), _) => self.app.set_floor(seq)?,
+                (None, Some(keep)) => self.app.keep_newest(keep)?,
+                (None, None) => self.app.set_floor(u64::MAX)?,
+            }
+        } else {
+            let f = req.filter.as_deref().unwrap_or(">");
+            let before = req.seq.unwrap_or(u64::MAX).min(self.app.next_seq());
+            let mut msgs = self.s.log.matching(f, before)?;
+            if let Some(keep) = req.keep {
+                let n = msgs.len().saturating_sub(keep as usize);
+                msgs.truncate(n);
+            }
+            self.app.delete(&msgs)?
+        };
+        if let Some(q) = &self.s.quota {
+            q.sync(&self.s);
+        }
+        Ok(n)
+    }
+
+    /// Deletes message `seq`: false if the stream does not hold it.
+    fn delete(&mut self, seq: u64) -> std::io::Result<bool> {
+        let b = self.s.log.read(seq, None, 1, 1, None)?;
+        let Some(m) = b.msgs.first().filter(|m| m.seq == seq) else {
+            return Ok(false);
+        };
+        let n = self.app.delete(&[(seq, m.stored_len())])?;
+        if let Some(q) = &self.s.quota {
+            q.sync(&self.s);
+        }
+        Ok(n == 1)
+    }
+
     fn retention(&mut self) {
         self.last_retention = Instant::now();
-        let c = &self.s.config;
+        let c = self.cfg.clone();
         if c.max_age_ms.is_none() && c.max_bytes.is_none() && c.max_msgs.is_none() {
             return;
         }
@@ -300,8 +394,8 @@ impl Writer {
     }
 
     fn round(&mut self, round: Vec<WriteReq>) {
-        let fsync = self.s.config.fsync == Fsync::Always;
-        let name = &self.s.config.name;
+        let fsync = self.cfg.fsync == Fsync::Always;
+        let name = &self.s.name;
         let now = now_ns();
         self.dedupe.expire(now);
         let mut bytes = 0;
@@ -327,6 +421,12 @@ impl Writer {
                 if failed.is_some() {
                     done.push((e.ack, None, false, None, 0, None));
                     continue;
+                }
+                if let Some(max) = self.cfg.max_msg_size {
+                    if msg_size(rec) > max {
+                        done.push((e.ack, None, false, None, 0, Some(too_large())));
+                        continue;
+                    }
                 }
                 if let Some(r) = &mut room {
                     if (e.len as u64) > *r {
@@ -422,7 +522,7 @@ impl Writer {
     /// Do a publish's `Nats-Expected-*` headers hold now, before it is
     /// stored? `round` has the subjects stored earlier in this round.
     fn check(&self, x: &Expect, round: &HashMap<Box<str>, u64>) -> Result<(), StreamError> {
-        let name = &self.s.config.name;
+        let name = &self.s.name;
         if let Some(want) = &x.stream {
             if **want != **name {
                 return Err(StreamError::Expected {
@@ -474,11 +574,29 @@ impl Writer {
     }
 
     fn storage_error(&self, e: std::io::Error) -> StreamError {
-        error!(stream = %self.s.config.name, "cannot store messages: {e}");
+        error!(stream = %self.s.name, "cannot store messages: {e}");
         StreamError::Storage {
-            name: self.s.config.name.clone(),
+            name: self.s.name.clone(),
             error: e.to_string(),
         }
+    }
+}
+
+/// A record's message size as JetStream counts it against `max_msg_size`:
+/// headers and payload.
+fn msg_size(rec: &[u8]) -> u64 {
+    let subject = rec
+        .get(24..26)
+        .map_or(0, |b| u16::from_le_bytes([b[0], b[1]]) as usize);
+    rec.len()
+        .saturating_sub(crate::store::record::RECORD_HEADER + subject) as u64
+}
+
+/// A publish over the stream's `max_msg_size` (JetStream's error).
+fn too_large() -> StreamError {
+    StreamError::Expected {
+        err_code: 10054,
+        text: "message size exceeds maximum allowed".into(),
     }
 }
 
@@ -506,12 +624,10 @@ pub(super) fn send_ack(batch: &mut Batch, ack: AckTo, r: Result<PubAck, StreamEr
 #[cfg(test)]
 mod tests {
     use std::path::Path;
-    use std::sync::atomic::{AtomicBool, AtomicUsize};
     use std::sync::mpsc::{channel, Receiver};
-    use std::sync::Mutex;
 
     use sockbus_protocol::frame::push_header;
-    use tokio::sync::{oneshot, Notify};
+    use tokio::sync::oneshot;
 
     use super::*;
     use crate::deliver::{Delivery, Publisher};
@@ -541,22 +657,15 @@ mod tests {
     ) -> (Arc<Stream>, Receiver<WriteReq>) {
         let (log, _) = Log::open(dir, &cfg.name, &FileCache::new(4)).unwrap();
         let (tx, rx) = channel();
-        let s = Arc::new(Stream {
-            config: cfg,
+        let s = Arc::new(Stream::new(
+            cfg,
             log,
-            dir: dir.to_path_buf(),
-            tx: Mutex::new(Some(tx)),
-            queued: AtomicUsize::new(0),
-            space: Notify::new(),
-            budget: budget.clone(),
-            wake: Notify::new(),
-            consumers: Default::default(),
-            deleted: AtomicBool::new(false),
-            failed: AtomicBool::new(false),
-            delivery: d.clone(),
-            quota: None,
-            counted: Default::default(),
-        });
+            dir.to_path_buf(),
+            tx,
+            budget.clone(),
+            d.clone(),
+            None,
+        ));
         (s, rx)
     }
 

@@ -21,8 +21,8 @@ pub use consumer::{
     AckKind, AckPolicy, ConsumerConfig, ConsumerInfo, ConsumerList, PullRequest, Start,
 };
 pub use stream::{
-    Fsync, PeerInfo, PubAck, ReplacePeer, StreamCluster, StreamConfig, StreamInfo, StreamList,
-    StreamListRequest, StreamState,
+    Fsync, PeerInfo, PubAck, PurgeRequest, Purged, ReplacePeer, StreamCluster, StreamConfig,
+    StreamInfo, StreamList, StreamListRequest, StreamState,
 };
 
 /// Header names the stream API gives a meaning to.

@@ -70,6 +70,13 @@ pub struct StreamConfig {
     /// (docs/storage.md, "Replicated streams").
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub replicas: Option<u32>,
+    /// Largest message (headers and payload) the stream stores; a larger
+    /// publish is refused (JetStream's `max_msg_size`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_msg_size: Option<u64>,
+    /// Free text for people (JetStream's `description`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub description: Option<String>,
 }
 
 impl StreamConfig {
@@ -89,6 +96,8 @@ impl StreamConfig {
             segment_bytes: None,
             duplicate_window_ms: None,
             replicas: None,
+            max_msg_size: None,
+            description: None,
         }
     }
 
@@ -130,6 +139,25 @@ impl StreamConfig {
     pub fn duplicate_window(&self) -> Duration {
         Duration::from_millis(self.duplicate_window_ms.unwrap_or(120_000))
     }
+}
+
+/// What a purge removes: every message, or only those matching `filter`,
+/// and of those only the ones below sequence `seq`, or all but the newest
+/// `keep` (not both). `{}` purges everything.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PurgeRequest {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub filter: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub seq: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub keep: Option<u64>,
+}
+
+/// The answer to a purge: how many messages it removed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Purged {
+    pub purged: u64,
 }
 
 /// What a stored publish is answered with.

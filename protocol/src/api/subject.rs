@@ -6,6 +6,8 @@
 //! |---|---|---|
 //! | `$SB.API.STREAM.CREATE.<stream>` | StreamConfig | StreamInfo |
 //! | `$SB.API.STREAM.INFO.<stream>` | - | StreamInfo |
+//! | `$SB.API.STREAM.UPDATE.<stream>` | StreamConfig | StreamInfo |
+//! | `$SB.API.STREAM.PURGE.<stream>` | PurgeRequest | Purged |
 //! | `$SB.API.STREAM.DELETE.<stream>` | - | Deleted |
 //! | `$SB.API.STREAM.LIST` | - | StreamList |
 //! | `$SB.API.CONSUMER.CREATE.<stream>` | ConsumerConfig | ConsumerInfo |
@@ -52,6 +54,14 @@ pub enum Api<'a> {
     StreamDelete {
         stream: &'a str,
     },
+    /// Changes an existing stream's configuration.
+    StreamUpdate {
+        stream: &'a str,
+    },
+    /// Removes messages from a stream.
+    StreamPurge {
+        stream: &'a str,
+    },
     StreamList,
     /// Replaces one replica of a replicated stream by another node.
     StreamReplacePeer {
@@ -93,6 +103,8 @@ impl<'a> Api<'a> {
             [Some("STREAM"), Some("CREATE"), Some(stream), None] => Api::StreamCreate { stream },
             [Some("STREAM"), Some("INFO"), Some(stream), None] => Api::StreamInfo { stream },
             [Some("STREAM"), Some("DELETE"), Some(stream), None] => Api::StreamDelete { stream },
+            [Some("STREAM"), Some("UPDATE"), Some(stream), None] => Api::StreamUpdate { stream },
+            [Some("STREAM"), Some("PURGE"), Some(stream), None] => Api::StreamPurge { stream },
             [Some("STREAM"), Some("LIST"), None, None] => Api::StreamList,
             [Some("STREAM"), Some("REPLACE_PEER"), Some(stream), None] => {
                 Api::StreamReplacePeer { stream }
@@ -122,6 +134,8 @@ impl fmt::Display for Api<'_> {
             Api::StreamCreate { stream } => write!(f, "STREAM.CREATE.{stream}"),
             Api::StreamInfo { stream } => write!(f, "STREAM.INFO.{stream}"),
             Api::StreamDelete { stream } => write!(f, "STREAM.DELETE.{stream}"),
+            Api::StreamUpdate { stream } => write!(f, "STREAM.UPDATE.{stream}"),
+            Api::StreamPurge { stream } => write!(f, "STREAM.PURGE.{stream}"),
             Api::StreamList => f.write_str("STREAM.LIST"),
             Api::StreamReplacePeer { stream } => write!(f, "STREAM.REPLACE_PEER.{stream}"),
             Api::ConsumerCreate { stream } => write!(f, "CONSUMER.CREATE.{stream}"),
@@ -157,6 +171,16 @@ pub fn stream_replace_peer(stream: &str) -> String {
 /// `$SB.API.STREAM.DELETE.<stream>`
 pub fn stream_delete(stream: &str) -> String {
     Api::StreamDelete { stream }.to_string()
+}
+
+/// `$SB.API.STREAM.UPDATE.<stream>`
+pub fn stream_update(stream: &str) -> String {
+    Api::StreamUpdate { stream }.to_string()
+}
+
+/// `$SB.API.STREAM.PURGE.<stream>`
+pub fn stream_purge(stream: &str) -> String {
+    Api::StreamPurge { stream }.to_string()
 }
 
 /// `$SB.API.CONSUMER.CREATE.<stream>`
@@ -247,6 +271,8 @@ mod tests {
         assert_eq!(stream_create("ORDERS"), "$SB.API.STREAM.CREATE.ORDERS");
         assert_eq!(stream_info("ORDERS"), "$SB.API.STREAM.INFO.ORDERS");
         assert_eq!(stream_delete("ORDERS"), "$SB.API.STREAM.DELETE.ORDERS");
+        assert_eq!(stream_update("ORDERS"), "$SB.API.STREAM.UPDATE.ORDERS");
+        assert_eq!(stream_purge("ORDERS"), "$SB.API.STREAM.PURGE.ORDERS");
         assert_eq!(Api::StreamList.to_string(), STREAM_LIST);
         assert_eq!(STREAM_LIST, "$SB.API.STREAM.LIST");
         assert_eq!(consumer_create("ORDERS"), "$SB.API.CONSUMER.CREATE.ORDERS");
@@ -279,6 +305,8 @@ mod tests {
             Api::StreamCreate { stream },
             Api::StreamInfo { stream },
             Api::StreamDelete { stream },
+            Api::StreamUpdate { stream },
+            Api::StreamPurge { stream },
             Api::StreamList,
             Api::ConsumerCreate { stream },
             Api::ConsumerInfo { stream, consumer },
@@ -298,7 +326,7 @@ mod tests {
             "$SB.API.STREAM",
             "$SB.API.STREAM.LIST.x",
             "$SB.API.STREAM.CREATE",
-            "$SB.API.STREAM.PURGE.A",
+            "$SB.API.STREAM.SEAL.A",
             "$SB.API.CONSUMER.INFO.A",
             "$SB.API.CONSUMER.NEXT.A.b.c",
             "$SB.API.stream.info.A",

@@ -785,11 +785,11 @@ pub(crate) async fn create(
         super::same_durable(&c, &cfg)?;
         return Ok(c);
     }
-    if hub().group(&s.config.name).is_none() {
+    if hub().group(&s.name).is_none() {
         return Err(not_a_replica(&s));
     }
     let storage = |e: String| StreamError::Storage {
-        name: s.config.name.clone(),
+        name: s.name.clone(),
         error: e,
     };
     let p = Proposal::encode(&Op::Consumers {
@@ -828,7 +828,7 @@ async fn wait_applied(s: &Stream, name: &str) -> Option<Arc<Consumer>> {
 fn not_a_replica(s: &Stream) -> StreamError {
     StreamError::BadRequest(format!(
         "this node holds no copy of replicated stream {}: use one of its replicas ({})",
-        s.config.name,
+        s.name,
         s.members().join(", ")
     ))
 }
@@ -845,7 +845,7 @@ pub(crate) async fn delete(s: Arc<Stream>, name: String) -> Result<(), StreamErr
         .propose(&s, p, FIND_LEADER)
         .await
         .map_err(|e| StreamError::Storage {
-            name: s.config.name.clone(),
+            name: s.name.clone(),
             error: format!("the consumer was not deleted: {e}"),
         })?;
     Ok(())
