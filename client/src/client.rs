@@ -17,7 +17,7 @@ use sockbus_protocol::outbox::{Outbox, Push};
 use sockbus_protocol::subject::{validate_pattern, validate_subject};
 use sockbus_protocol::MAX_FRAME_OVERHEAD;
 use tokio::net::tcp::OwnedWriteHalf;
-use tokio::sync::{oneshot, Notify};
+use tokio::sync::{mpsc, oneshot, Notify};
 
 use crate::error::{Error, Result};
 use crate::message::{Headers, Message};
@@ -365,7 +365,7 @@ impl Client {
             return Err(Error::Closed);
         }
         let sid = self.inner.next_sid.fetch_add(1, Ordering::Relaxed);
-        let (tx, rx) = crate::queue::channel(self.inner.opts.sub_capacity);
+        let (tx, rx) = mpsc::channel(self.inner.opts.sub_capacity);
         let taken = Arc::new(AtomicUsize::new(0));
         let dropped = Arc::new(AtomicU64::new(0));
         let refused = Arc::new(std::sync::OnceLock::new());

@@ -21,7 +21,6 @@ mod connector;
 mod error;
 mod message;
 mod options;
-mod queue;
 mod reader;
 mod request;
 pub mod streams;

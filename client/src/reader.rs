@@ -14,7 +14,7 @@ use sockbus_protocol::frame::{self, code, encode_pong};
 use sockbus_protocol::{FrameRef, Kind, ProtocolError, HEADER_LEN, MAX_FRAME_OVERHEAD};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::TcpStream;
-use tokio::sync::Notify;
+use tokio::sync::{mpsc, Notify};
 use tracing::warn;
 
 use crate::client::{lock, Inner};
@@ -586,8 +586,8 @@ fn offer(inner: &Inner, e: &mut SubEntry, sid: u32, mut msg: Message, size: usiz
                     e.warned = false;
                     return Offer::Taken;
                 }
-                Err(crate::queue::TrySendError::Full(m)) => msg = m,
-                Err(crate::queue::TrySendError::Closed) => return Offer::Closed,
+                Err(mpsc::error::TrySendError::Full(m)) => msg = m,
+                Err(mpsc::error::TrySendError::Closed(_)) => return Offer::Closed,
             }
         }
         if !wait {

@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use sockbus_protocol::frame::encode_sub;
 use sockbus_protocol::subject::validate_subject;
-use tokio::sync::oneshot;
+use tokio::sync::{mpsc, oneshot};
 
 use crate::client::{lock, Client};
 use crate::error::{Error, Result};
@@ -95,7 +95,7 @@ impl Client {
             .mux_sid
             .get_or_try_init(|| async {
                 let sid = inner.next_sid.fetch_add(1, Ordering::Relaxed);
-                let (tx, _rx) = crate::queue::channel(1);
+                let (tx, _rx) = mpsc::channel(1);
                 let pattern = format!("{}.*", inner.inbox_prefix);
                 let mut subs = lock(&inner.subs);
                 subs.insert(

@@ -9,11 +9,11 @@ use std::task::{Context, Poll};
 
 use futures_core::Stream;
 use sockbus_protocol::frame::encode_unsub;
+use tokio::sync::mpsc;
 
 use crate::client::{lock, Client};
 use crate::error::Result;
 use crate::message::Message;
-use crate::queue;
 use crate::reader::poll_reading;
 
 /// Subscriptions by id; ids are small integers, so a fast non-keyed hash suffices.
@@ -23,7 +23,7 @@ pub(crate) type SubMap = HashMap<u32, SubEntry, rustc_hash::FxBuildHasher>;
 pub(crate) struct SubEntry {
     pub(crate) subject: String,
     pub(crate) queue: Option<String>,
-    pub(crate) tx: queue::Sender,
+    pub(crate) tx: mpsc::Sender<Message>,
     /// Payload bytes queued for the subscriber over its life (the reader's
     /// count, under the subscription lock) and the bytes it has taken off
     /// (written only by the [`Subscriber`]): their difference is what it
@@ -46,7 +46,7 @@ pub(crate) type Refusal = Arc<std::sync::OnceLock<(u16, String)>>;
 /// A subscription: a `Stream` of messages. Dropping it unsubscribes.
 pub struct Subscriber {
     sid: u32,
-    rx: queue::Receiver,
+    rx: mpsc::Receiver<Message>,
     taken: Arc<AtomicUsize>,
     dropped: Arc<AtomicU64>,
     refused: Refusal,
@@ -57,7 +57,7 @@ pub struct Subscriber {
 impl Subscriber {
     pub(crate) fn new(
         sid: u32,
-        rx: queue::Receiver,
+        rx: mpsc::Receiver<Message>,
         taken: Arc<AtomicUsize>,
         dropped: Arc<AtomicU64>,
         refused: Refusal,
