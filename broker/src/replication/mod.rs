@@ -20,9 +20,9 @@
 mod log;
 mod net;
 mod sm;
+mod snap;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::io::Cursor;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
@@ -45,6 +45,7 @@ openraft::declare_raft_types!(
     pub TypeConfig:
         D = Proposal,
         R = Applied,
+        SnapshotData = tokio::fs::File,
 );
 
 /// One Raft entry's payload: an rkyv-encoded [`Op`].
@@ -151,14 +152,40 @@ pub fn node_id(name: &str) -> NodeId {
     h
 }
 
-/// Timings: a dead leader is replaced within about 1-2 s.
+/// Raft entries between snapshots (the Raft log is purged up to each).
+const SNAPSHOT_EVERY: u64 = 4096;
+
+/// `SOCKBUS_RAFT_SNAPSHOT_EVERY` overrides [`SNAPSHOT_EVERY`] (tests and
+/// tuning); at least 16.
+fn snapshot_every() -> u64 {
+    std::env::var("SOCKBUS_RAFT_SNAPSHOT_EVERY")
+        .ok()
+        .and_then(|v| v.parse::<u64>().ok())
+        .map_or(SNAPSHOT_EVERY, |n| n.max(16))
+}
+
+/// Timings: a dead leader is replaced within about 1-2 s. A snapshot every
+/// `snapshot_every()` applied entries, and the Raft log purged up to a
+/// quarter of that before it: the Raft log holds at most about 1.25 times
+/// that many entries (plus those not yet applied). A replica behind the
+/// purged part catches up through a snapshot (sm.rs, snap.rs).
 fn raft_config() -> Arc<Config> {
+    let every = snapshot_every();
     let c = Config {
         cluster_name: "sockbus".into(),
         heartbeat_interval: 200,
         election_timeout_min: 600,
         election_timeout_max: 1000,
-        snapshot_policy: SnapshotPolicy::Never,
+        snapshot_policy: SnapshotPolicy::LogsSinceLast(every),
+        max_in_snapshot_log_to_keep: every / 4,
+        purge_batch_size: (every / 4).max(1),
+        // Also the threshold past which a follower is sent a snapshot.
+        replication_lag_threshold: every * 2,
+        // One chunk per Raft frame (net::MAX_FRAME is 64 MiB).
+        snapshot_max_chunk_size: 1 << 20,
+        // Per chunk; the last one waits for the whole install (the stream
+        // written out on the receiver), so generous.
+        install_snapshot_timeout: 60_000,
         max_payload_entries: 64,
         ..Default::default()
     };
