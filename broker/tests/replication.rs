@@ -1250,3 +1250,72 @@ async fn kc_info(c: &Client, stream: &str) -> Option<(u64, u64, u64)> {
     let i = c.consumer_info(stream, "d").await.ok()?;
     Some((i.next_seq, i.ack_floor, i.num_ack_pending as u64))
 }
+/// Attack: kill -9 of a replica while it installs a snapshot (its stream
+/// half replaced). It comes back consistent: the install is redone from
+/// the kept file, and it holds every acked message once, in order.
+///
+/// Ignored: known failing. The redo at start-up works (round 0 and 1 kill
+/// inside an install, the replica comes back with every message up to the
+/// snapshot), but after the second redo the replica stayed at the
+/// snapshot's index: the leader's next snapshot chunk to it got no answer
+/// within 60 s. Not diagnosed yet (docs/storage.md, "Limits").
+#[ignore = "known failing: replica stalls after a second redone install, see doc comment"]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_while_a_replica_installs_a_snapshot_leaves_it_consistent_after_restart() {
+    let mut cl = Cluster::start_with(3, Some(SNAP_EVERY)).await;
+    let c = client(cl.nodes[0].port).await;
+    let mut cfg = StreamConfig::new("RK", ["rk.>"]);
+    cfg.replicas = Some(3);
+    add_replicated(&c, &cfg).await;
+    let leader_name = leader(cl.nodes[0].port, "RK").await;
+    let li = cl.index(&leader_name);
+    let f = (0..3).find(|&i| i != li).unwrap();
+    let pc = client(cl.nodes[li].port).await;
+    let mut acked: HashMap<String, u64> = HashMap::new();
+    // Big records, so the install takes long enough to be caught in it.
+    let pad = "x".repeat(32 << 10);
+    let mut next = 1u64;
+    let mut publish = |count: u64| {
+        let (pc, pad) = (pc.clone(), pad.clone());
+        let from = next;
+        next += count;
+        async move {
+            let mut got = Vec::new();
+            for i in from..from + count {
+                let p = format!("k0-{i:06}-{pad}");
+                let a = pc.publish_durable(&format!("rk.{i}"), &p).await.unwrap();
+                got.push((p, a.seq));
+            }
+            got
+        }
+    };
+    acked.extend(publish(50).await);
+    let mut caught = 0;
+    for round in 0..3 {
+        cl.nodes[f].kill9();
+        acked.extend(publish(600).await);
+        let raft = raft_dir(&cl.nodes[f], "RK");
+        cl.restart(f).await;
+        // Killed as soon as the install starts (the received file moved in place).
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let mut hit = false;
+        while Instant::now() < deadline {
+            if raft.join("snapshot.install").exists() {
+                cl.nodes[f].kill9();
+                hit = raft.join("snapshot.install").exists();
+                break;
+            }
+            std::thread::sleep(Duration::from_micros(200));
+        }
+        eprintln!("round {round}: killed mid-install: {hit}");
+        if hit {
+            caught += 1;
+        }
+        if cl.nodes[f].child.is_none() {
+            cl.restart(f).await;
+        }
+        check_on(&cl, &[f], "RK", &acked).await;
+    }
+    check_all(&cl, "RK", &acked).await;
+    eprintln!("{caught} of 3 kills landed inside an install");
+}

@@ -196,12 +196,90 @@ fn raft_config() -> Arc<Config> {
 pub(crate) struct Group {
     pub raft: Raft<TypeConfig>,
     pub members: Vec<String>,
+    /// A snapshot being received here (see [`Group::receiving_snapshot`]).
+    snap_rx: Mutex<SnapRx>,
 }
+
+#[derive(Default)]
+struct SnapRx {
+    /// Elections are off because of it.
+    on: bool,
+    /// Chunk RPCs being handled (the last one waits for the install).
+    inflight: usize,
+    last: Option<std::time::Instant>,
+}
+
+/// One snapshot chunk being handled: [`Group::receiving_snapshot`] on
+/// creation and on drop.
+pub(crate) struct SnapshotChunk(Arc<Group>);
+
+impl SnapshotChunk {
+    pub(crate) fn new(g: &Arc<Group>) -> SnapshotChunk {
+        g.receiving_snapshot(true);
+        SnapshotChunk(g.clone())
+    }
+}
+
+impl Drop for SnapshotChunk {
+    fn drop(&mut self) {
+        self.0.receiving_snapshot(false);
+    }
+}
+
+/// Elections come back this long after the last snapshot chunk.
+const SNAPSHOT_QUIET: Duration = Duration::from_secs(2);
 
 /// The leader's last log index and each member's matched index.
 pub(crate) type Progress = (u64, Vec<(String, Option<u64>)>);
 
 impl Group {
+    fn new(raft: Raft<TypeConfig>, members: Vec<String>) -> Group {
+        Group {
+            raft,
+            members,
+            snap_rx: Mutex::new(SnapRx::default()),
+        }
+    }
+
+    /// A snapshot chunk from the leader is being handled (`start`) or was
+    /// (`!start`). openraft 0.9 renews a follower's leader lease only on
+    /// AppendEntries, and the leader sends it none while it streams it a
+    /// snapshot: a transfer (or install) longer than the election timeout
+    /// would make this replica, whose log is behind (it cannot win), call
+    /// elections that depose the leader and restart the transfer, over and
+    /// over. So elections stay off here while chunks keep coming and the
+    /// install runs, and come back [`SNAPSHOT_QUIET`] after the last one. It
+    /// still votes: the up-to-date replicas elect a leader if this one dies.
+    pub(crate) fn receiving_snapshot(self: &Arc<Self>, start: bool) {
+        let mut rx = self.snap_rx.lock().unwrap_or_else(|p| p.into_inner());
+        if start {
+            rx.inflight += 1;
+        } else {
+            rx.inflight = rx.inflight.saturating_sub(1);
+        }
+        rx.last = Some(std::time::Instant::now());
+        if rx.on {
+            return;
+        }
+        rx.on = true;
+        drop(rx);
+        self.raft.runtime_config().elect(false);
+        let g = self.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(Duration::from_millis(250)).await;
+                let mut rx = g.snap_rx.lock().unwrap_or_else(|p| p.into_inner());
+                let quiet = rx.last.is_none_or(|l| l.elapsed() >= SNAPSHOT_QUIET);
+                if rx.inflight == 0 && quiet {
+                    rx.on = false;
+                    drop(rx);
+                    g.raft.runtime_config().elect(true);
+                    return;
+                }
+            }
+        });
+    }
+
     /// The voters and learners by name, from the group's membership.
     pub(crate) fn names(&self) -> Vec<String> {
         let m = self.raft.metrics().borrow().clone();
@@ -487,7 +565,7 @@ impl Hub {
                         .groups
                         .lock()
                         .unwrap_or_else(|p| p.into_inner())
-                        .insert(name.clone(), Arc::new(Group { raft, members }));
+                        .insert(name.clone(), Arc::new(Group::new(raft, members)));
                 }
                 Err(e) => warn!(stream = %name, "the Raft group failed to start: {e}"),
             }
