@@ -30,6 +30,8 @@ struct Node {
     nport: u16,
     dir: PathBuf,
     child: Option<Child>,
+    /// `SOCKBUS_RAFT_SNAPSHOT_EVERY` for this broker, when set.
+    snap_every: Option<u64>,
 }
 
 struct Cluster {
@@ -72,6 +74,10 @@ impl Node {
             .env(
                 "RUST_LOG",
                 std::env::var("SOCKBUS_TEST_RUST_LOG").unwrap_or("warn".into()),
+            )
+            .envs(
+                self.snap_every
+                    .map(|n| ("SOCKBUS_RAFT_SNAPSHOT_EVERY", n.to_string())),
             )
             .stdout(Stdio::null())
             .stderr(log)
@@ -130,6 +136,11 @@ impl Drop for Node {
 
 impl Cluster {
     async fn start(n: usize) -> Cluster {
+        Cluster::start_with(n, None).await
+    }
+
+    /// `snap_every`: a snapshot (and Raft log purge) every that many entries.
+    async fn start_with(n: usize, snap_every: Option<u64>) -> Cluster {
         let tmp = tempfile::tempdir().unwrap();
         let mut nodes: Vec<Node> = (0..n)
             .map(|i| Node {
@@ -139,6 +150,7 @@ impl Cluster {
                 nport: free_port(),
                 dir: tmp.path().join(format!("n{}", i + 1)),
                 child: None,
+                snap_every,
             })
             .collect();
         let mut c = Cluster {
@@ -1015,4 +1027,317 @@ async fn a_jetstream_durable_consumer_of_an_r3_stream_resumes_through_another_no
     }
     let i = oc.consumer_info("JC", "jd").await.unwrap();
     assert_eq!((i.ack_floor, i.num_ack_pending), (50, 0), "{i:?}");
+}
+
+/// The `raft/` directory of `stream` under a node's data dir.
+fn raft_dir(node: &Node, stream: &str) -> PathBuf {
+    fn find(dir: &Path, stream: &str) -> Option<PathBuf> {
+        for e in std::fs::read_dir(dir).ok()?.filter_map(|e| e.ok()) {
+            let p = e.path();
+            if !p.is_dir() {
+                continue;
+            }
+            if p.file_name().is_some_and(|n| n == stream) && p.join("raft").is_dir() {
+                return Some(p.join("raft"));
+            }
+            if let Some(x) = find(&p, stream) {
+                return Some(x);
+            }
+        }
+        None
+    }
+    find(&node.dir, stream).unwrap_or_else(|| panic!("{}: no raft dir for {stream}", node.name))
+}
+
+/// Whole entries in a node's Raft log file (`[len u32][crc u32][body]`).
+fn raft_log_entries(node: &Node, stream: &str) -> (usize, u64) {
+    let b = std::fs::read(raft_dir(node, stream).join("log")).unwrap_or_default();
+    let (mut at, mut n) = (0usize, 0usize);
+    while at + 8 <= b.len() {
+        let len = u32::from_le_bytes(b[at..at + 4].try_into().unwrap()) as usize;
+        if at + 8 + len > b.len() {
+            break;
+        }
+        at += 8 + len;
+        n += 1;
+    }
+    (n, b.len() as u64)
+}
+
+/// Entries between snapshots in the compaction tests.
+const SNAP_EVERY: u64 = 32;
+/// At most this many entries in a Raft log with SNAP_EVERY: the entries
+/// since the last snapshot, the quarter kept before it, a purge batch,
+/// and slack for what is appended but not yet applied.
+const LOG_BOUND: usize = 128;
+
+/// Issue 17 item 1, compaction: with a snapshot every 32 entries, 1,500
+/// acked publishes (far more entries than that) leave every replica's Raft
+/// log under LOG_BOUND entries, every message readable on every replica,
+/// and a replica killed with -9 and restarted comes back with all of them
+/// and takes new ones.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn r3_raft_log_stays_bounded_under_steady_publishing_and_a_restarted_replica_keeps_every_message(
+) {
+    let mut cl = Cluster::start_with(3, Some(SNAP_EVERY)).await;
+    let c = client(cl.nodes[0].port).await;
+    let mut cfg = StreamConfig::new("RB", ["repl.>"]);
+    cfg.replicas = Some(3);
+    add_replicated(&c, &cfg).await;
+    let leader_name = leader(cl.nodes[0].port, "RB").await;
+    let li = cl.index(&leader_name);
+    let f = (0..3).find(|&i| i != li).unwrap();
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let acked: Arc<Mutex<HashMap<String, u64>>> = Default::default();
+    let pubs = publishers(
+        vec![cl.nodes[li].port, cl.nodes[f].port],
+        stop.clone(),
+        acked.clone(),
+        "b",
+    );
+    let until = |n: usize| {
+        let acked = acked.clone();
+        async move {
+            let deadline = Instant::now() + Duration::from_secs(180);
+            while acked.lock().unwrap().len() < n {
+                assert!(Instant::now() < deadline, "publishing stalled");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    };
+    let mut most = 0usize;
+    for step in 1..=15 {
+        until(step * 100).await;
+        for n in &cl.nodes {
+            let (entries, _) = raft_log_entries(n, "RB");
+            most = most.max(entries);
+            assert!(
+                entries <= LOG_BOUND,
+                "{}: {entries} entries in the Raft log after {} acked",
+                n.name,
+                step * 100
+            );
+        }
+    }
+    // A replica restarted (kill -9) with a purged Raft log.
+    cl.nodes[f].kill9();
+    let n = acked.lock().unwrap().len();
+    until(n + 100).await;
+    cl.restart(f).await;
+    let n = acked.lock().unwrap().len();
+    until(n + 200).await;
+    stop.store(true, Ordering::Relaxed);
+    for p in pubs {
+        p.await.unwrap();
+    }
+    let acked = acked.lock().unwrap().clone();
+    check_all(&cl, "RB", &acked).await;
+    for n in &cl.nodes {
+        let (entries, bytes) = raft_log_entries(n, "RB");
+        eprintln!(
+            "{}: {entries} entries, {bytes} bytes in the Raft log",
+            n.name
+        );
+        assert!(entries <= LOG_BOUND, "{}: {entries} entries", n.name);
+        assert!(
+            raft_dir(n, "RB").join("purged").exists(),
+            "{}: never purged",
+            n.name
+        );
+    }
+    eprintln!(
+        "{} acked, at most {most} Raft log entries on a replica",
+        acked.len()
+    );
+}
+
+/// Issue 17 item 1, snapshots: a replica killed with -9 while the others
+/// go on and purge their Raft logs past its position catches up through a
+/// snapshot when it comes back: every acked message in order, and the
+/// durable consumer's state (acks, deliveries), which a failover to it
+/// then serves with no acked message again and none skipped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_behind_the_purged_raft_log_catches_up_through_a_snapshot_with_the_consumer_state(
+) {
+    let mut cl = Cluster::start_with(3, Some(SNAP_EVERY)).await;
+    let c = client(cl.nodes[0].port).await;
+    let mut cfg = StreamConfig::new("RS", ["rs.>"]);
+    cfg.replicas = Some(3);
+    add_replicated(&c, &cfg).await;
+    let leader_name = leader(cl.nodes[0].port, "RS").await;
+    let li = cl.index(&leader_name);
+    let followers: Vec<usize> = (0..3).filter(|&i| i != li).collect();
+    let (f, other) = (followers[0], followers[1]);
+    let pc = client(cl.nodes[li].port).await;
+    let mut acked: HashMap<String, u64> = HashMap::new();
+    let publish = |from: u64, to: u64| {
+        let pc = pc.clone();
+        let mut got = Vec::new();
+        async move {
+            for i in from..=to {
+                let p = format!("s0-{i:06}");
+                let a = pc.publish_durable(&format!("rs.{i}"), &p).await.unwrap();
+                assert_eq!(a.seq, i);
+                got.push((p, a.seq));
+            }
+            got
+        }
+    };
+    acked.extend(publish(1, 100).await);
+
+    let ack_wait = Duration::from_secs(2);
+    let durable = || ConsumerConfig::durable("d").ack_wait(ack_wait).batch(16);
+    let kc = client(cl.nodes[li].port).await;
+    let mut k = kc.consumer("RS", durable()).await.unwrap();
+    let mut n = 0;
+    while n < 60 {
+        let m = k
+            .next_timeout(Duration::from_secs(10))
+            .await
+            .unwrap()
+            .expect("a message within 10 s");
+        if m.seq <= 50 {
+            m.ack_sync().await.unwrap();
+        }
+        n += 1;
+    }
+    drop(k);
+    let _ = kc.close().await;
+    // The consumer's state as the group committed it (the leader's batches
+    // delivered a few past the 60 taken here): the other follower has it.
+    let oc = client(cl.nodes[other].port).await;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let want_state = loop {
+        let a = kc_info(&c, "RS").await;
+        let b = kc_info(&oc, "RS").await;
+        if let Some(st) = a.filter(|st| st.1 == 50 && Some(*st) == b) {
+            break st;
+        }
+        assert!(Instant::now() < deadline, "consumer state: {a:?} vs {b:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+
+    // The follower goes; the other two go on far past it and compact.
+    cl.nodes[f].kill9();
+    acked.extend(publish(101, 1100).await);
+    let purged = raft_dir(&cl.nodes[li], "RS").join("purged");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !purged.exists() {
+        assert!(Instant::now() < deadline, "the leader never purged");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let (entries, _) = raft_log_entries(&cl.nodes[li], "RS");
+    assert!(entries <= LOG_BOUND, "leader: {entries} entries");
+
+    cl.restart(f).await;
+    check_on(&cl, &[f], "RS", &acked).await;
+    assert!(
+        raft_dir(&cl.nodes[f], "RS").join("snapshot.data").exists(),
+        "{} caught up without a snapshot",
+        cl.nodes[f].name
+    );
+    let fc = client(cl.nodes[f].port).await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let got = kc_info(&fc, "RS").await;
+        if got == Some(want_state) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "consumer state on the replica: {got:?}, committed {want_state:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    // The leader goes: the snapshotted replica and the other lead on, and
+    // the consumer resumes with none of 1..=50 again.
+    cl.nodes[li].kill9();
+    let mut k2 = fc.consumer("RS", durable().batch(128)).await.unwrap();
+    let want: HashSet<u64> = (51..=1100).collect();
+    let got = consume_until(&mut k2, &want).await;
+    let again: Vec<&(u64, u32, String)> = got.iter().filter(|(s, _, _)| *s <= 50).collect();
+    assert!(
+        again.is_empty(),
+        "acked messages delivered again: {again:?}"
+    );
+    for (seq, _, payload) in &got {
+        assert_eq!(*payload, format!("s0-{seq:06}"));
+    }
+}
+
+/// Consumer `d`'s (next_seq, ack_floor, num_ack_pending) through `c`.
+async fn kc_info(c: &Client, stream: &str) -> Option<(u64, u64, u64)> {
+    let i = c.consumer_info(stream, "d").await.ok()?;
+    Some((i.next_seq, i.ack_floor, i.num_ack_pending as u64))
+}
+/// Attack: kill -9 of a replica while it installs a snapshot (its stream
+/// half replaced). It comes back consistent: the install is redone from
+/// the kept file, and it holds every acked message once, in order.
+///
+/// Ignored: known failing. The redo at start-up works (round 0 and 1 kill
+/// inside an install, the replica comes back with every message up to the
+/// snapshot), but after the second redo the replica stayed at the
+/// snapshot's index: the leader's next snapshot chunk to it got no answer
+/// within 60 s. Not diagnosed yet (docs/storage.md, "Limits").
+#[ignore = "known failing: replica stalls after a second redone install, see doc comment"]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_while_a_replica_installs_a_snapshot_leaves_it_consistent_after_restart() {
+    let mut cl = Cluster::start_with(3, Some(SNAP_EVERY)).await;
+    let c = client(cl.nodes[0].port).await;
+    let mut cfg = StreamConfig::new("RK", ["rk.>"]);
+    cfg.replicas = Some(3);
+    add_replicated(&c, &cfg).await;
+    let leader_name = leader(cl.nodes[0].port, "RK").await;
+    let li = cl.index(&leader_name);
+    let f = (0..3).find(|&i| i != li).unwrap();
+    let pc = client(cl.nodes[li].port).await;
+    let mut acked: HashMap<String, u64> = HashMap::new();
+    // Big records, so the install takes long enough to be caught in it.
+    let pad = "x".repeat(32 << 10);
+    let mut next = 1u64;
+    let mut publish = |count: u64| {
+        let (pc, pad) = (pc.clone(), pad.clone());
+        let from = next;
+        next += count;
+        async move {
+            let mut got = Vec::new();
+            for i in from..from + count {
+                let p = format!("k0-{i:06}-{pad}");
+                let a = pc.publish_durable(&format!("rk.{i}"), &p).await.unwrap();
+                got.push((p, a.seq));
+            }
+            got
+        }
+    };
+    acked.extend(publish(50).await);
+    let mut caught = 0;
+    for round in 0..3 {
+        cl.nodes[f].kill9();
+        acked.extend(publish(600).await);
+        let raft = raft_dir(&cl.nodes[f], "RK");
+        cl.restart(f).await;
+        // Killed as soon as the install starts (the received file moved in place).
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let mut hit = false;
+        while Instant::now() < deadline {
+            if raft.join("snapshot.install").exists() {
+                cl.nodes[f].kill9();
+                hit = raft.join("snapshot.install").exists();
+                break;
+            }
+            std::thread::sleep(Duration::from_micros(200));
+        }
+        eprintln!("round {round}: killed mid-install: {hit}");
+        if hit {
+            caught += 1;
+        }
+        if cl.nodes[f].child.is_none() {
+            cl.restart(f).await;
+        }
+        check_on(&cl, &[f], "RK", &acked).await;
+    }
+    check_all(&cl, "RK", &acked).await;
+    eprintln!("{caught} of 3 kills landed inside an install");
 }

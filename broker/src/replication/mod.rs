@@ -20,9 +20,9 @@
 mod log;
 mod net;
 mod sm;
+mod snap;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::io::Cursor;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
@@ -45,6 +45,7 @@ openraft::declare_raft_types!(
     pub TypeConfig:
         D = Proposal,
         R = Applied,
+        SnapshotData = tokio::fs::File,
 );
 
 /// One Raft entry's payload: an rkyv-encoded [`Op`].
@@ -151,14 +152,40 @@ pub fn node_id(name: &str) -> NodeId {
     h
 }
 
-/// Timings: a dead leader is replaced within about 1-2 s.
+/// Raft entries between snapshots (the Raft log is purged up to each).
+const SNAPSHOT_EVERY: u64 = 4096;
+
+/// `SOCKBUS_RAFT_SNAPSHOT_EVERY` overrides [`SNAPSHOT_EVERY`] (tests and
+/// tuning); at least 16.
+fn snapshot_every() -> u64 {
+    std::env::var("SOCKBUS_RAFT_SNAPSHOT_EVERY")
+        .ok()
+        .and_then(|v| v.parse::<u64>().ok())
+        .map_or(SNAPSHOT_EVERY, |n| n.max(16))
+}
+
+/// Timings: a dead leader is replaced within about 1-2 s. A snapshot every
+/// `snapshot_every()` applied entries, and the Raft log purged up to a
+/// quarter of that before it: the Raft log holds at most about 1.25 times
+/// that many entries (plus those not yet applied). A replica behind the
+/// purged part catches up through a snapshot (sm.rs, snap.rs).
 fn raft_config() -> Arc<Config> {
+    let every = snapshot_every();
     let c = Config {
         cluster_name: "sockbus".into(),
         heartbeat_interval: 200,
         election_timeout_min: 600,
         election_timeout_max: 1000,
-        snapshot_policy: SnapshotPolicy::Never,
+        snapshot_policy: SnapshotPolicy::LogsSinceLast(every),
+        max_in_snapshot_log_to_keep: every / 4,
+        purge_batch_size: (every / 4).max(1),
+        // Also the threshold past which a follower is sent a snapshot.
+        replication_lag_threshold: every * 2,
+        // One chunk per Raft frame (net::MAX_FRAME is 64 MiB).
+        snapshot_max_chunk_size: 1 << 20,
+        // Per chunk; the last one waits for the whole install (the stream
+        // written out on the receiver), so generous.
+        install_snapshot_timeout: 60_000,
         max_payload_entries: 64,
         ..Default::default()
     };
@@ -169,12 +196,90 @@ fn raft_config() -> Arc<Config> {
 pub(crate) struct Group {
     pub raft: Raft<TypeConfig>,
     pub members: Vec<String>,
+    /// A snapshot being received here (see [`Group::receiving_snapshot`]).
+    snap_rx: Mutex<SnapRx>,
 }
+
+#[derive(Default)]
+struct SnapRx {
+    /// Elections are off because of it.
+    on: bool,
+    /// Chunk RPCs being handled (the last one waits for the install).
+    inflight: usize,
+    last: Option<std::time::Instant>,
+}
+
+/// One snapshot chunk being handled: [`Group::receiving_snapshot`] on
+/// creation and on drop.
+pub(crate) struct SnapshotChunk(Arc<Group>);
+
+impl SnapshotChunk {
+    pub(crate) fn new(g: &Arc<Group>) -> SnapshotChunk {
+        g.receiving_snapshot(true);
+        SnapshotChunk(g.clone())
+    }
+}
+
+impl Drop for SnapshotChunk {
+    fn drop(&mut self) {
+        self.0.receiving_snapshot(false);
+    }
+}
+
+/// Elections come back this long after the last snapshot chunk.
+const SNAPSHOT_QUIET: Duration = Duration::from_secs(2);
 
 /// The leader's last log index and each member's matched index.
 pub(crate) type Progress = (u64, Vec<(String, Option<u64>)>);
 
 impl Group {
+    fn new(raft: Raft<TypeConfig>, members: Vec<String>) -> Group {
+        Group {
+            raft,
+            members,
+            snap_rx: Mutex::new(SnapRx::default()),
+        }
+    }
+
+    /// A snapshot chunk from the leader is being handled (`start`) or was
+    /// (`!start`). openraft 0.9 renews a follower's leader lease only on
+    /// AppendEntries, and the leader sends it none while it streams it a
+    /// snapshot: a transfer (or install) longer than the election timeout
+    /// would make this replica, whose log is behind (it cannot win), call
+    /// elections that depose the leader and restart the transfer, over and
+    /// over. So elections stay off here while chunks keep coming and the
+    /// install runs, and come back [`SNAPSHOT_QUIET`] after the last one. It
+    /// still votes: the up-to-date replicas elect a leader if this one dies.
+    pub(crate) fn receiving_snapshot(self: &Arc<Self>, start: bool) {
+        let mut rx = self.snap_rx.lock().unwrap_or_else(|p| p.into_inner());
+        if start {
+            rx.inflight += 1;
+        } else {
+            rx.inflight = rx.inflight.saturating_sub(1);
+        }
+        rx.last = Some(std::time::Instant::now());
+        if rx.on {
+            return;
+        }
+        rx.on = true;
+        drop(rx);
+        self.raft.runtime_config().elect(false);
+        let g = self.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(Duration::from_millis(250)).await;
+                let mut rx = g.snap_rx.lock().unwrap_or_else(|p| p.into_inner());
+                let quiet = rx.last.is_none_or(|l| l.elapsed() >= SNAPSHOT_QUIET);
+                if rx.inflight == 0 && quiet {
+                    rx.on = false;
+                    drop(rx);
+                    g.raft.runtime_config().elect(true);
+                    return;
+                }
+            }
+        });
+    }
+
     /// The voters and learners by name, from the group's membership.
     pub(crate) fn names(&self) -> Vec<String> {
         let m = self.raft.metrics().borrow().clone();
@@ -460,7 +565,7 @@ impl Hub {
                         .groups
                         .lock()
                         .unwrap_or_else(|p| p.into_inner())
-                        .insert(name.clone(), Arc::new(Group { raft, members }));
+                        .insert(name.clone(), Arc::new(Group::new(raft, members)));
                 }
                 Err(e) => warn!(stream = %name, "the Raft group failed to start: {e}"),
             }

@@ -262,7 +262,11 @@ async fn answer(rpc: Rpc) -> Reply {
             None => Reply::NoGroup,
         },
         Rpc::Snapshot { group, req } => match h.group(&group) {
-            Some(g) => Reply::Snapshot(g.raft.install_snapshot(req).await),
+            Some(g) => {
+                // Counted done on drop too (this future cancelled).
+                let _rx = super::SnapshotChunk::new(&g);
+                Reply::Snapshot(g.raft.install_snapshot(req).await)
+            }
             None => Reply::NoGroup,
         },
         Rpc::Forward { group, proposal } => match h.group(&group) {

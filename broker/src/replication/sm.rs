@@ -9,8 +9,16 @@
 //! it never claims more than the log holds. A crash that loses it, or the
 //! last write of it, re-applies entries from the last `applied` (or the
 //! Raft log's start): records whose sequence the log already holds are
-//! skipped, so none is stored twice. (This relies on the Raft log being
-//! kept whole: no compaction yet.)
+//! skipped, so none is stored twice.
+//!
+//! Snapshots (docs/storage.md "Snapshots and log compaction"): the stream's
+//! own files already hold every applied entry, so building a snapshot only
+//! records where it stands (`raft/snapshot.meta`, fsynced) and openraft may
+//! then purge the Raft log up to there. The `SBSNAP01` file a lagging
+//! replica is sent (`snap`) is written only when a replica needs it,
+//! from the state machine's current state. A replica installs one in
+//! `raft/snapshot.install` until it is done: a crash midway installs it
+//! again at the next start.
 //!
 //! Durable consumers' changes (`Op::Consumers`) are applied here too, to
 //! each consumer's committed state and op log (streams::consumer::repl);
@@ -20,24 +28,25 @@
 //! would.
 
 use std::collections::{HashMap, VecDeque};
-use std::io::{self, Cursor};
+use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use openraft::storage::{RaftStateMachine, Snapshot};
 use openraft::{
-    AnyError, BasicNode, Entry, EntryPayload, LogId, OptionalSend, RaftSnapshotBuilder,
-    SnapshotMeta, StorageError, StorageIOError, StoredMembership,
+    BasicNode, Entry, EntryPayload, LogId, OptionalSend, RaftSnapshotBuilder, SnapshotMeta,
+    StorageError, StorageIOError, StoredMembership,
 };
 use serde::{Deserialize, Serialize};
 use sockbus_protocol::frame::iter_headers;
 
+use super::snap;
 use super::{Applied, NodeId, Op, TypeConfig};
 use crate::store::files::CachedFile;
 use crate::store::Appender;
-use crate::streams::{Fsync, Stream, StreamConfigExt, MSG_ID_HEADER};
+use crate::streams::{write_atomic, Fsync, Stream, StreamConfigExt, MSG_ID_HEADER};
 
-#[derive(Serialize, Deserialize, Default)]
+#[derive(Serialize, Deserialize, Default, Clone)]
 struct AppliedFile {
     last: Option<LogId<NodeId>>,
     membership: StoredMembership<NodeId, BasicNode>,
@@ -55,6 +64,59 @@ pub(crate) struct StateMachine {
     order: VecDeque<(u64, Box<str>)>,
     /// Consumer op logs written since the last save.
     touched: Vec<CachedFile>,
+    dir: PathBuf,
+    /// The meta of `raft/snapshot.data`, the last snapshot file written or installed.
+    data: Option<SnapshotMeta<NodeId, BasicNode>>,
+    /// `get_current_snapshot` was called before (the first call is
+    /// openraft's start-up, which reads only the meta).
+    asked: bool,
+}
+
+/// `raft/snapshot.meta`: the last snapshot built (what the Raft log may be
+/// purged up to) and the stream's next sequence there.
+#[derive(Serialize, Deserialize, Clone)]
+struct BuiltFile {
+    meta: SnapshotMeta<NodeId, BasicNode>,
+    next_seq: u64,
+}
+
+fn read_built(dir: &Path) -> io::Result<Option<BuiltFile>> {
+    match std::fs::read(dir.join("snapshot.meta")) {
+        Ok(b) => bincode::deserialize(&b).map(Some).map_err(io_err),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+/// `write_atomic` with a temporary file of its own: the snapshot builder
+/// (its own task) and an install (the state machine's) may write
+/// `snapshot.meta` at once, and must not share a temporary file.
+fn write_meta(dir: &Path, tmp: &str, built: &BuiltFile) -> io::Result<()> {
+    let b = bincode::serialize(built).map_err(io_err)?;
+    let t = dir.join(tmp);
+    std::fs::write(&t, &b)?;
+    std::fs::File::open(&t)?.sync_all()?;
+    std::fs::rename(&t, dir.join("snapshot.meta"))?;
+    crate::store::segment::sync_dir(dir)
+}
+
+/// Runs a long piece of disk work (a whole stream copied) on this task
+/// without stalling the others queued on the same runtime thread (the
+/// group's Raft core among them: its heartbeats must go on). A
+/// current-thread runtime (`--busy-poll`) cannot hand its thread over: there
+/// it runs inline.
+fn blocking<T>(f: impl FnOnce() -> T) -> T {
+    match tokio::runtime::Handle::try_current().map(|h| h.runtime_flavor()) {
+        Ok(tokio::runtime::RuntimeFlavor::MultiThread) => tokio::task::block_in_place(f),
+        _ => f(),
+    }
+}
+
+fn snapshot_id(last: &Option<LogId<NodeId>>) -> String {
+    match last {
+        Some(l) => format!("{}-{}", l.leader_id, l.index),
+        None => "none".into(),
+    }
 }
 
 fn io_err(e: impl std::fmt::Display) -> io::Error {
@@ -93,7 +155,26 @@ impl StateMachine {
             cfg.fsync != Fsync::Never,
             cfg.fsync == Fsync::Always,
         );
+        // `applied` is written without fsync; the snapshot meta is, and the
+        // Raft log may be purged up to it: never claim less than it.
+        let mut applied = applied;
+        if let Some(b) = read_built(dir)? {
+            if b.meta.last_log_id > applied.last {
+                applied = AppliedFile {
+                    last: b.meta.last_log_id,
+                    membership: b.meta.last_membership.clone(),
+                    next_seq: b.next_seq,
+                };
+            }
+        }
+        let data = match snap::Reader::open(&dir.join("snapshot.data")) {
+            Ok((h, _)) => Some(h.meta),
+            Err(_) => None,
+        };
         let mut sm = StateMachine {
+            dir: dir.to_path_buf(),
+            data,
+            asked: false,
             fsync: cfg.fsync == Fsync::Always,
             window: cfg.duplicate_window().as_nanos() as u64,
             app,
@@ -104,8 +185,153 @@ impl StateMachine {
             touched: Vec::new(),
             s,
         };
+        let pending = dir.join("snapshot.install");
+        if pending.exists() {
+            // A crash while installing a snapshot: install it again whole.
+            tracing::warn!(stream = %sm.s.name, "a snapshot install was cut short: installing it again");
+            sm.install_file(&pending)?;
+            return Ok(sm);
+        }
         sm.rebuild_dedupe();
         Ok(sm)
+    }
+
+    /// Writes `raft/snapshot.data` from the current state (on the state
+    /// machine's task, so nothing is applied meanwhile).
+    fn write_snapshot(&mut self) -> io::Result<SnapshotMeta<NodeId, BasicNode>> {
+        let meta = SnapshotMeta {
+            last_log_id: self.applied.last,
+            last_membership: self.applied.membership.clone(),
+            snapshot_id: snapshot_id(&self.applied.last),
+        };
+        let mut consumers = Vec::new();
+        if let Ok(rd) = std::fs::read_dir(self.s.consumers_dir()) {
+            for e in rd.filter_map(|e| e.ok()) {
+                let Ok(name) = e.file_name().into_string() else {
+                    continue;
+                };
+                if name.ends_with(".tmp") {
+                    continue;
+                }
+                consumers.push((name, std::fs::read(e.path())?));
+            }
+        }
+        let window = self
+            .order
+            .iter()
+            .map(|(ts, id)| (*ts, id.to_string(), self.ids.get(id).copied().unwrap_or(0)))
+            .collect();
+        let first_seq = self.s.log.lock().first_seq();
+        let header = snap::Header {
+            meta: meta.clone(),
+            next_seq: self.applied.next_seq,
+            first_seq,
+            window,
+            consumers,
+        };
+        let tmp = self.dir.join("snapshot.partial");
+        let n = snap::write(&tmp, &header, &self.s.log)?;
+        std::fs::rename(&tmp, self.dir.join("snapshot.data"))?;
+        tracing::info!(stream = %self.s.name, records = n, last = ?meta.last_log_id, "snapshot file written for a replica that needs it");
+        self.data = Some(meta.clone());
+        Ok(meta)
+    }
+
+    /// Replaces the stream's messages, dedupe window and durable consumers
+    /// by a snapshot's. Redone whole after a crash (the file stays in
+    /// `snapshot.install` until this returns).
+    fn install_file(&mut self, path: &Path) -> io::Result<()> {
+        let (h, mut r) = snap::Reader::open(path)?;
+        // Consumers first: none may read the log while it is replaced.
+        let names: Vec<String> = self
+            .s
+            .consumers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .keys()
+            .cloned()
+            .collect();
+        for n in names {
+            let _ = crate::streams::consumer::delete(&self.s, &n);
+        }
+        let cdir = self.s.consumers_dir();
+        if let Ok(rd) = std::fs::read_dir(&cdir) {
+            for e in rd.filter_map(|e| e.ok()) {
+                std::fs::remove_file(e.path())?;
+            }
+        }
+        let cfg = self.s.config();
+        self.s.log.reset(h.first_seq, cfg.fsync != Fsync::Never)?;
+        self.app = Appender::new(
+            self.s.log.clone(),
+            cfg.segment_bytes(),
+            cfg.fsync != Fsync::Never,
+            cfg.fsync == Fsync::Always,
+        );
+        let mut staged = 0usize;
+        while let Some((seq, ts, rec)) = r.next()? {
+            if seq < self.app.next_seq() {
+                return Err(io_err(format!(
+                    "snapshot record {seq} out of order (expected {})",
+                    self.app.next_seq()
+                )));
+            }
+            // The leader's stream lost these to damage: so does this copy.
+            self.app.skip_to(seq, false)?;
+            staged += rec.len();
+            self.app.stage_at(rec, false, ts)?;
+            if staged >= 4 << 20 {
+                self.app.commit(false)?;
+                staged = 0;
+            }
+        }
+        self.app.skip_to(h.next_seq, false)?;
+        // The whole stream on disk before `applied` says so.
+        self.app.commit(false)?;
+        self.app.sync()?;
+        if !h.consumers.is_empty() {
+            std::fs::create_dir_all(&cdir)?;
+            for (name, bytes) in &h.consumers {
+                if name.contains('/') || name.starts_with('.') {
+                    return Err(io_err(format!("snapshot consumer file name {name:?}")));
+                }
+                write_atomic(&cdir.join(name), bytes)?;
+            }
+            crate::streams::consumer::load_all(&self.s);
+        }
+        self.ids.clear();
+        self.order.clear();
+        for (ts, id, seq) in h.window {
+            let id: Box<str> = id.into();
+            self.ids.insert(id.clone(), seq);
+            self.order.push_back((ts, id));
+        }
+        let names: Vec<String> = h
+            .meta
+            .last_membership
+            .membership()
+            .nodes()
+            .map(|(_, n)| n.addr.clone())
+            .collect();
+        if !names.is_empty() && names != self.s.members() {
+            self.s.set_members(&names)?;
+        }
+        self.applied = AppliedFile {
+            last: h.meta.last_log_id,
+            membership: h.meta.last_membership.clone(),
+            next_seq: h.next_seq,
+        };
+        let built = BuiltFile {
+            meta: h.meta.clone(),
+            next_seq: h.next_seq,
+        };
+        write_meta(&self.dir, "meta-install.tmp", &built)?;
+        let b = bincode::serialize(&self.applied).map_err(io_err)?;
+        write_atomic(&self.path, &b)?;
+        std::fs::rename(path, self.dir.join("snapshot.data"))?;
+        crate::store::segment::sync_dir(&self.dir)?;
+        self.data = Some(h.meta);
+        Ok(())
     }
 
     /// The window's Msg-Ids back from the log (as the local writer does),
@@ -212,7 +438,7 @@ impl StateMachine {
 }
 
 impl RaftStateMachine<TypeConfig> for StateMachine {
-    type SnapshotBuilder = NoSnapshot;
+    type SnapshotBuilder = Builder;
 
     async fn applied_state(
         &mut self,
@@ -287,43 +513,135 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
     }
 
     async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
-        NoSnapshot
+        // Taken on the state machine's task: a consistent point, durable
+        // in the stream's files once `apply` returned.
+        Builder {
+            dir: self.dir.clone(),
+            built: BuiltFile {
+                meta: SnapshotMeta {
+                    last_log_id: self.applied.last,
+                    last_membership: self.applied.membership.clone(),
+                    snapshot_id: snapshot_id(&self.applied.last),
+                },
+                next_seq: self.applied.next_seq,
+            },
+        }
     }
 
     async fn begin_receiving_snapshot(
         &mut self,
-    ) -> Result<Box<Cursor<Vec<u8>>>, StorageError<NodeId>> {
-        Ok(Box::new(Cursor::new(Vec::new())))
+    ) -> Result<Box<tokio::fs::File>, StorageError<NodeId>> {
+        // Chunks go straight to disk: a snapshot larger than memory is fine.
+        let f = tokio::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(self.dir.join("snapshot.recv"))
+            .await
+            .map_err(|e| StorageIOError::write_snapshot(None, &e))?;
+        Ok(Box::new(f))
     }
 
     async fn install_snapshot(
         &mut self,
-        _meta: &SnapshotMeta<NodeId, BasicNode>,
-        _snapshot: Box<Cursor<Vec<u8>>>,
+        meta: &SnapshotMeta<NodeId, BasicNode>,
+        snapshot: Box<tokio::fs::File>,
     ) -> Result<(), StorageError<NodeId>> {
-        Err(StorageIOError::write_snapshot(
-            None,
-            AnyError::error("snapshots of replicated streams are not supported yet"),
-        )
-        .into())
+        let err = |e: &io::Error| StorageIOError::write_snapshot(Some(meta.signature()), e);
+        let mut f = *snapshot;
+        use tokio::io::AsyncWriteExt;
+        f.flush().await.map_err(|e| err(&e))?;
+        f.sync_all().await.map_err(|e| err(&e))?;
+        drop(f);
+        let pending = self.dir.join("snapshot.install");
+        std::fs::rename(self.dir.join("snapshot.recv"), &pending).map_err(|e| err(&e))?;
+        crate::store::segment::sync_dir(&self.dir).map_err(|e| err(&e))?;
+        // The header must be the snapshot openraft announced.
+        match snap::Reader::open(&pending) {
+            Ok((h, _)) if h.meta.last_log_id == meta.last_log_id => {}
+            Ok(_) => {
+                let _ = std::fs::remove_file(&pending);
+                return Err(
+                    err(&io_err("the snapshot file's header names another snapshot")).into(),
+                );
+            }
+            Err(e) => {
+                let _ = std::fs::remove_file(&pending);
+                return Err(err(&e).into());
+            }
+        }
+        blocking(|| self.install_file(&pending)).map_err(|e| err(&e))?;
+        tracing::info!(stream = %self.s.name, last = ?meta.last_log_id, next_seq = self.applied.next_seq, "snapshot installed");
+        Ok(())
     }
 
     async fn get_current_snapshot(
         &mut self,
     ) -> Result<Option<Snapshot<TypeConfig>>, StorageError<NodeId>> {
-        Ok(None)
+        let first = !self.asked;
+        self.asked = true;
+        let built = read_built(&self.dir).map_err(|e| StorageIOError::read_snapshot(None, &e))?;
+        let Some(built) = built else {
+            return Ok(None);
+        };
+        let open = |p: PathBuf| async move {
+            tokio::fs::File::open(p)
+                .await
+                .map_err(|e| StorageIOError::read_snapshot(None, &e))
+        };
+        // A snapshot file at or past the last one built serves as is.
+        if let Some(m) = self.data.clone() {
+            if m.last_log_id >= built.meta.last_log_id {
+                let f = open(self.dir.join("snapshot.data")).await?;
+                return Ok(Some(Snapshot {
+                    meta: m,
+                    snapshot: Box::new(f),
+                }));
+            }
+        }
+        if first {
+            // openraft's start-up reads only the meta: no need to copy the
+            // stream now (the data handle is the meta file, never sent).
+            let f = open(self.dir.join("snapshot.meta")).await?;
+            return Ok(Some(Snapshot {
+                meta: built.meta,
+                snapshot: Box::new(f),
+            }));
+        }
+        // A replica needs it: written now, from the current state (at or
+        // past the last one built, which openraft accepts).
+        let meta = blocking(|| self.write_snapshot())
+            .map_err(|e| StorageIOError::read_snapshot(None, &e))?;
+        let f = open(self.dir.join("snapshot.data")).await?;
+        Ok(Some(Snapshot {
+            meta,
+            snapshot: Box::new(f),
+        }))
     }
 }
 
-/// Snapshots are not built (the Raft log is kept whole): see docs/storage.md.
-pub(crate) struct NoSnapshot;
+/// Builds a snapshot: records the point it stands at (`snapshot.meta`,
+/// fsynced), after which the Raft log may be purged up to there. The
+/// stream's files are the data; the `SBSNAP01` file is written only when a
+/// replica needs one.
+pub(crate) struct Builder {
+    dir: PathBuf,
+    built: BuiltFile,
+}
 
-impl RaftSnapshotBuilder<TypeConfig> for NoSnapshot {
+impl RaftSnapshotBuilder<TypeConfig> for Builder {
     async fn build_snapshot(&mut self) -> Result<Snapshot<TypeConfig>, StorageError<NodeId>> {
-        Err(StorageIOError::read_snapshot(
-            None,
-            AnyError::error("snapshots of replicated streams are not built yet"),
-        )
-        .into())
+        let path = self.dir.join("snapshot.meta");
+        write_meta(&self.dir, "meta-build.tmp", &self.built)
+            .map_err(|e| StorageIOError::write_snapshot(None, &e))?;
+        // openraft keeps only the meta of a built snapshot.
+        let f = tokio::fs::File::open(&path)
+            .await
+            .map_err(|e| StorageIOError::read_snapshot(None, &e))?;
+        Ok(Snapshot {
+            meta: self.built.meta.clone(),
+            snapshot: Box::new(f),
+        })
     }
 }

@@ -538,6 +538,59 @@ impl Log {
         Ok(())
     }
 
+    /// Empties the log: every segment removed, one new empty segment for
+    /// records from `base` on. A replicated stream's replica installing a
+    /// snapshot does this before writing the snapshot's records; its only
+    /// writer (an [`Appender`]) must be made again afterwards. The new
+    /// segment is created before the old ones go, so a failure leaves the
+    /// log as it was (and a crash midway is redone by the installer).
+    pub fn reset(&self, base: u64, sync: bool) -> io::Result<()> {
+        let base = base.max(1);
+        let mut st = self.lock();
+        let path = seg_path(&self.dir, base);
+        // An old segment at the same base is the file about to be replaced.
+        for seg in st.segs.iter().filter(|s| s.path == path) {
+            seg.file.close();
+        }
+        let fresh = Segment::create(&self.dir, base, sync, &self.files)?;
+        for seg in st.segs.drain(..) {
+            if seg.path != path {
+                seg.remove_files();
+            }
+        }
+        // Leftovers of an earlier reset cut short by a crash.
+        for e in std::fs::read_dir(&self.dir)?.filter_map(|e| e.ok()) {
+            let p = e.path();
+            let old = e
+                .file_name()
+                .to_str()
+                .and_then(|n| n.strip_suffix(".seg"))
+                .and_then(|b| b.parse::<u64>().ok())
+                .is_some_and(|b| b != base);
+            if old {
+                let _ = std::fs::remove_file(&p);
+                let _ = std::fs::remove_file(crate::store::segment::idx_path(&p));
+            }
+        }
+        if sync {
+            sync_dir(&self.dir)?;
+        }
+        st.segs.push_back(fresh);
+        st.next_seq = base;
+        st.last_ts = 0;
+        st.lost = 0;
+        // Nothing below `base` is left to hide, and no deletes to skip.
+        st.floor = 0;
+        st.floor_at = None;
+        st.dels = Default::default();
+        st.del_seg.clear();
+        let _ = std::fs::remove_file(self.dir.join(FLOOR_FILE));
+        let _ = std::fs::remove_file(self.dir.join(DELETED_FILE));
+        drop(st);
+        self.committed.send_replace(base - 1);
+        Ok(())
+    }
+
     pub fn lock(&self) -> MutexGuard<'_, LogState> {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -943,6 +996,20 @@ impl Appender {
         self.next_seq += 1;
         self.last_ts = ts;
         Ok((seq, ts))
+    }
+
+    /// Moves the next sequence forward to `seq` (records the source lost to
+    /// damage are not there to copy): what is staged is committed and a
+    /// new segment starts at `seq`, as a log that lost those records reads.
+    pub fn skip_to(&mut self, seq: u64, fsync: bool) -> io::Result<()> {
+        if seq <= self.next_seq {
+            return Ok(());
+        }
+        self.commit(fsync)?;
+        self.next_seq = seq;
+        self.roll()?;
+        self.log.lock().next_seq = seq;
+        Ok(())
     }
 
     /// Writes what is staged (one `pwrite`), optionally `fdatasync`s, then
@@ -1405,6 +1472,30 @@ mod tests {
         let mut app = Appender::new(log.clone(), SEG, false, false);
         assert_eq!(append(&mut app, 51..53), [51, 52]);
         assert_eq!(read_all(&log, 48), expected(48..=52));
+    }
+
+    #[test]
+    fn a_reset_log_starts_empty_at_the_given_sequence_and_keeps_a_skip_after_a_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let (log, _) = Log::open(dir.path(), "s", &files()).unwrap();
+        let mut app = Appender::new(log.clone(), SEG, false, false);
+        append(&mut app, 1..31);
+        // A replica installing a snapshot whose records start at 41.
+        log.reset(41, false).unwrap();
+        assert!(read_all(&log, 1).is_empty());
+        let mut app = Appender::new(log.clone(), SEG, false, false);
+        assert_eq!(append(&mut app, 41..46), [41, 42, 43, 44, 45]);
+        // 46..=49 lost to damage at the source: the copy skips them too.
+        app.skip_to(50, false).unwrap();
+        assert_eq!(append(&mut app, 50..52), [50, 51]);
+        let mut want = expected(41..=45);
+        want.extend(expected(50..=51));
+        assert_eq!(read_all(&log, 1), want);
+        drop((app, log));
+        let (log, _) = Log::open(dir.path(), "s", &files()).unwrap();
+        assert_eq!(read_all(&log, 1), want, "after a reopen");
+        let st = log.lock();
+        assert_eq!((st.first_seq(), st.next_seq), (41, 52));
     }
 
     #[test]
