@@ -1331,6 +1331,110 @@ fn self_test_passes_on_this_kernel() {
     assert_eq!(fp.sockets(), 0, "the test pair left the map when it closed");
 }
 
+#[test]
+fn direct_self_test_check_passes_on_this_kernel() {
+    if !privileged("direct_self_test_check_passes_on_this_kernel") {
+        return;
+    }
+    let fp = attach(&[17_474]);
+    let before = fp.stats().unwrap();
+    let took = sockbus_broker::accel::selftest::run_direct(&fp).expect("direct check");
+    let s = delta(fp.stats().unwrap(), before);
+    eprintln!("direct check passed in {took:?}; {s:?}");
+    assert_eq!(s.direct_msgs, 1, "{s:?}");
+    assert_eq!(
+        fp.sockets(),
+        0,
+        "the test's sockets left the map when they closed"
+    );
+}
+
+/// The JSON `/v1/status` of the broker whose HTTP port is `http`.
+fn status_json(http: u16) -> serde_json::Value {
+    use std::io::Write;
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", http)).expect("HTTP");
+    write!(s, "GET /v1/status HTTP/1.0\r\nHost: x\r\n\r\n").unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    let body = out.split_once("\r\n\r\n").map_or("", |(_, b)| b);
+    serde_json::from_str(body).unwrap_or_else(|e| panic!("status is no JSON ({e}):\n{out}"))
+}
+
+/// `--accel-direct` is on by default with the fast path and says so in the
+/// one start-up line, /metrics and /v1/status; `off` turns it off; a failed
+/// direct self-test check turns it off by itself, naming the check, while
+/// the rest of the fast path stays on.
+#[test]
+fn accel_direct_is_on_by_default_off_on_request_and_off_when_its_check_fails() {
+    let test = "accel_direct_is_on_by_default_off_on_request_and_off_when_its_check_fails";
+    if !privileged(test) || !hooks_built(test) {
+        return;
+    }
+    let cg = test_cgroup().unwrap().to_string_lossy().into_owned();
+    for (extra, env, on, says) in [
+        (
+            None,
+            None,
+            true,
+            "direct delivery on: self-test check direct passed",
+        ),
+        (
+            Some("off"),
+            None,
+            false,
+            "direct delivery off: disabled by --accel-direct off",
+        ),
+        (
+            None,
+            Some("direct"),
+            false,
+            "direct delivery off: self-test failed: check direct: failed on purpose",
+        ),
+    ] {
+        let http = free_port();
+        let http_arg = format!("127.0.0.1:{http}");
+        let mut args = vec!["--accel", "on", "--accel-cgroup", &cg, "--http", &http_arg];
+        if let Some(v) = extra {
+            args.extend(["--accel-direct", v]);
+        }
+        let env: Vec<(&str, &str)> = env
+            .map(|h| ("SOCKBUS_ACCEL_SELFTEST_FAIL", h))
+            .into_iter()
+            .collect();
+        let (child, _port, rx, mut log) = spawn_broker_env(&args, &env);
+        let _child = KillOnDrop(child);
+        log.push_str(&drain_log(&rx, Duration::from_millis(200)));
+        let lines: Vec<&str> = log.lines().filter(|l| l.contains("fast path:")).collect();
+        assert_eq!(lines.len(), 1, "one line about the fast path:\n{log}");
+        assert!(
+            lines[0].contains("fast path: on: ") && lines[0].contains(says),
+            "{says}:\n{log}"
+        );
+        assert_eq!(metric(http, "sockbus_accel_direct_active"), u64::from(on));
+        assert_eq!(metric(http, "sockbus_accel_active"), 1);
+        let st = status_json(http);
+        let fp = find_key(&st, "fast_path").unwrap_or_else(|| panic!("no fast_path: {st}"));
+        assert_eq!(fp["direct"], serde_json::json!(on), "{fp}");
+        assert!(
+            fp["direct_reason"]
+                .as_str()
+                .is_some_and(|r| says.rsplit(": ").next().is_some_and(|w| r.contains(w))),
+            "{fp}"
+        );
+    }
+}
+
+/// The first object under `key`, however deep.
+fn find_key<'a>(v: &'a serde_json::Value, key: &str) -> Option<&'a serde_json::Value> {
+    match v {
+        serde_json::Value::Object(m) => m
+            .get(key)
+            .or_else(|| m.values().find_map(|x| find_key(x, key))),
+        serde_json::Value::Array(a) => a.iter().find_map(|x| find_key(x, key)),
+        _ => None,
+    }
+}
+
 /// Whether the broker binary has the test hooks (`SOCKBUS_ACCEL_SELFTEST_FAIL`,
 /// `SOCKBUS_ACCEL_STALL_INJECT`): only builds with debug assertions do, and
 /// the test binary is built with the same profile as the broker's.
