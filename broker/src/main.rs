@@ -195,6 +195,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             .metrics()
             .sources
             .register(std::sync::Arc::new(sockbus_broker::accel::MetricsSource));
+        server.bind_direct_routes();
         if let Some(p) = &_busy_poll {
             server
                 .state()

@@ -947,6 +947,7 @@ impl Streams {
             .unwrap_or_else(|p| p.into_inner())
             .insert(cfg.name.clone(), s);
         self.generation.fetch_add(1, Ordering::AcqRel);
+        crate::accel::routes::streams_changed(&self.delivery, &info.config.subjects);
         drop(pending);
         if info.config.replicas() == 1 {
             self.announce(&info.config.subjects, true);
@@ -1025,6 +1026,7 @@ impl Streams {
         self.index_remove(&s.config);
         self.count.fetch_sub(1, Ordering::AcqRel);
         self.generation.fetch_add(1, Ordering::AcqRel);
+        crate::accel::routes::streams_changed(&self.delivery, &s.config.subjects);
         if s.config.replicas() == 1 {
             self.announce(&s.config.subjects, false);
         } else {
