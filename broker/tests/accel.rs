@@ -2523,7 +2523,12 @@ mod broker_direct {
             "direct delivery is on:\n{log}"
         );
         // Keep reading its log so the pipe never fills.
-        std::thread::spawn(move || while rx.recv().is_ok() {});
+        // (shown with --nocapture: the broker's side of a failure).
+        std::thread::spawn(move || {
+            while let Ok(l) = rx.recv() {
+                eprintln!("broker: {l}");
+            }
+        });
         Direct {
             _child: KillOnDrop(child),
             port,
@@ -2782,6 +2787,76 @@ mod broker_direct {
             assert_eq!(recv(&mut sr).await.payload.as_ref(), i.to_le_bytes());
         }
         let _ = sent;
+    }
+
+    /// Directly delivered bytes count against the subscriber's window: a
+    /// subscriber that stops reading gets at most half its window directly
+    /// (the other half stays for the broker's writes), the rest goes through the
+    /// broker, whose slow-consumer rule closes it; the publisher never
+    /// blocks for good and the broker's memory stays bounded.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_subscriber_that_stops_reading_gets_its_window_directly_then_the_slow_consumer_rule()
+    {
+        if !privileged("direct_slow_subscriber") {
+            return;
+        }
+        let b = start(&[
+            "--max-payload",
+            "64KiB",
+            "--max-pending",
+            "1MiB",
+            "--write-timeout",
+            "1s",
+        ]);
+        const WINDOW: u32 = 256 * 1024;
+        let addr: SocketAddr = ([127, 0, 0, 1], b.port).into();
+        let mut s = common::Raw::connect_with_window(addr, WINDOW).await;
+        let mut f = BytesMut::new();
+        encode_sub(&mut f, 1, "slow.x", None).unwrap();
+        frame::encode_ping(&mut f, 1);
+        s.send(&f).await;
+        loop {
+            match s.next().await {
+                Some(Frame::Pong(1)) => break,
+                // Credit for what the subscriber sent.
+                Some(Frame::Credit(_)) => {}
+                other => panic!("expected PONG, got {other:?}"),
+            }
+        }
+        let p = b.client().await;
+        let direct_bytes = || metric(b.http, "sockbus_accel_direct_bytes_total");
+        let (msgs0, bytes0) = (b.direct(), direct_bytes());
+        // 20 MB at a subscriber that reads nothing.
+        let t = Instant::now();
+        let publish = async {
+            for i in 0..20_000u32 {
+                p.publish("slow.x", payload(i, 1000)).await.unwrap();
+            }
+            p.flush().await.unwrap();
+        };
+        tokio::time::timeout(Duration::from_secs(30), publish)
+            .await
+            .expect("the publisher never blocks for good");
+        let (msgs, bytes) = (b.direct() - msgs0, direct_bytes() - bytes0);
+        eprintln!(
+            "published in {:?}: {msgs} messages, {bytes} bytes direct",
+            t.elapsed()
+        );
+        assert!(msgs > 0, "nothing went direct");
+        // Half the window, and a frame that two CPUs may overshoot it by.
+        assert!(
+            bytes <= u64::from(WINDOW) / 2 + 2 * 1100,
+            "{bytes} bytes direct for a window of {WINDOW}"
+        );
+        let t = Instant::now();
+        while metric(b.http, "sockbus_slow_consumers_total") == 0 {
+            assert!(
+                t.elapsed() < Duration::from_secs(10),
+                "the broker never applied its slow-consumer rule"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert!(s.closed().await, "the slow subscriber was closed");
     }
 
     const WAIT_REMOTE: Duration = Duration::from_secs(15);

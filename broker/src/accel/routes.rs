@@ -80,6 +80,8 @@ struct Conn {
     granted: u64,
     /// Routes to this subscriber.
     routes: usize,
+    /// Its receive window (what the broker's send window allows at start).
+    window: u64,
 }
 
 fn state() -> MutexGuard<'static, Option<State>> {
@@ -201,6 +203,7 @@ pub(crate) fn register(
             credited: 0,
             granted: 0,
             routes: 0,
+            window: outlet.outbox.available() as u64,
         },
     );
     Some(Registered {
@@ -398,7 +401,11 @@ impl State {
         if base - used >= GRANT_LOW {
             return;
         }
-        let extra = (out.outbox.available() as u64).min(GRANT_CHUNK);
+        // Only out of the window's free half: the other half stays for
+        // what the broker itself writes (PONGs, messages of other subjects),
+        // also when the subscriber stops reading.
+        let free = (out.outbox.available() as u64).saturating_sub(c.window / 2);
+        let extra = free.min(GRANT_CHUNK);
         if extra == 0 && base == c.granted {
             return;
         }
