@@ -65,6 +65,8 @@ struct State {
     /// Literal subjects with subscriptions, and how many: the subjects a
     /// route could be for, looked at again when a wildcard comes or goes.
     literal: HashMap<Box<str>, usize>,
+    /// The last pump pass had routes to serve.
+    pumped: bool,
 }
 
 struct Conn {
@@ -104,6 +106,7 @@ pub(crate) fn install(fp: &Arc<FastPath>) {
                 conns: HashMap::new(),
                 routes: HashMap::new(),
                 literal: HashMap::new(),
+                pumped: false,
             });
             ACTIVE.store(true, Ordering::Release);
         }
@@ -436,6 +439,13 @@ impl State {
     /// Credits publishers for their PUB bytes that went direct, tops up
     /// routed subscribers' grants.
     fn pump(&mut self) {
+        // Without routes nothing goes direct: one more pass after the last
+        // one went (for what went direct until then), then none.
+        let busy = !self.routes.is_empty();
+        if !busy && !self.pumped {
+            return;
+        }
+        self.pumped = busy;
         let ids: Vec<u64> = self.conns.keys().copied().collect();
         for id in ids {
             let Some(c) = self.conns.get_mut(&id) else {
