@@ -10,6 +10,14 @@
 //! (one requester, one replier, sequential), pub/sub 1→1 throughput
 //! (128-byte messages) and CPU per message (broker + clients, user + system,
 //! from /proc), then prints medians and on/off ratios. Needs root.
+//!
+//! `--direct` compares direct delivery instead (docs/fast-path.md, "Direct
+//! delivery"): per round, rotating the order, a broker with `--accel off`
+//! (plain TCP), `--accel on --accel-direct off` (the fast path) and
+//! `--accel on --accel-direct on`, each attaching for itself; request/reply
+//! round trips with the requester's own literal reply subject (so the reply
+//! can go direct too), 1→1 pub/sub msgs/s, and how many messages the kernel
+//! delivered directly (the broker's /metrics).
 
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
@@ -56,6 +64,10 @@ struct Args {
     /// (kernel routes both ways), alternated per round.
     #[arg(long)]
     direct_kernel: bool,
+    /// Plain TCP vs fast path vs direct delivery, through brokers that
+    /// attach the fast path themselves (see the module documentation).
+    #[arg(long)]
+    direct: bool,
 }
 
 #[derive(Debug, Clone, Copy, Default)]
@@ -91,6 +103,12 @@ fn cpu_s(broker: u32) -> f64 {
 }
 
 fn spawn_broker(busy_poll_us: Option<u64>) -> (Child, u16) {
+    spawn_broker_with(busy_poll_us, &["--accel", "off"])
+}
+
+/// The broker next to this program with `extra` arguments (which name the
+/// fast path's mode).
+fn spawn_broker_with(busy_poll_us: Option<u64>, extra: &[&str]) -> (Child, u16) {
     let exe = std::env::current_exe().expect("current exe");
     let bin = exe
         .parent()
@@ -98,14 +116,8 @@ fn spawn_broker(busy_poll_us: Option<u64>) -> (Child, u16) {
         .map(|d| d.join("sockbus-broker"))
         .expect("target dir");
     let mut child = Command::new(&bin)
-        .args([
-            "--listen",
-            "127.0.0.1:0",
-            "--accel",
-            "off",
-            "--node-id",
-            "bench",
-        ])
+        .args(["--listen", "127.0.0.1:0", "--node-id", "bench"])
+        .args(extra)
         .args(busy_poll_us.map(|us| format!("--busy-poll={us}us")))
         .env("RUST_LOG", "info")
         .stdout(Stdio::null())
@@ -296,6 +308,204 @@ async fn measure(args: &Args, accel: bool, cgroup: &std::path::Path) -> Sample {
     s
 }
 
+/// A broker mode of `--direct`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum DirectMode {
+    Tcp,
+    FastPath,
+    Direct,
+}
+
+impl DirectMode {
+    fn args(self) -> &'static [&'static str] {
+        match self {
+            DirectMode::Tcp => &["--accel", "off"],
+            DirectMode::FastPath => &["--accel", "on", "--accel-direct", "off"],
+            DirectMode::Direct => &["--accel", "on", "--accel-direct", "on"],
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Default)]
+struct DirectSample {
+    rr_p50_us: f64,
+    rr_p99_us: f64,
+    msgs_per_s: f64,
+    cpu_ns_per_msg: f64,
+    direct_msgs: u64,
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
+/// `sockbus_accel_direct_messages_total` of the broker whose HTTP port is `http`.
+fn direct_messages(http: u16) -> u64 {
+    use std::io::{Read, Write};
+    let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", http)) else {
+        return 0;
+    };
+    let _ = write!(s, "GET /metrics HTTP/1.0\r\nHost: x\r\n\r\n");
+    let mut out = String::new();
+    let _ = s.read_to_string(&mut out);
+    out.lines()
+        .find_map(|l| {
+            l.strip_prefix("sockbus_accel_direct_messages_total ")?
+                .parse()
+                .ok()
+        })
+        .unwrap_or(0)
+}
+
+async fn measure_direct(args: &Args, mode: DirectMode, cgroup: &std::path::Path) -> DirectSample {
+    let http = free_port();
+    let cg = cgroup.to_string_lossy().into_owned();
+    let http_arg = format!("127.0.0.1:{http}");
+    let mut extra: Vec<&str> = mode.args().to_vec();
+    extra.extend(["--accel-cgroup", &cg, "--http", &http_arg]);
+    let (mut broker, port) = spawn_broker_with(args.busy_poll_us, &extra);
+    let url = format!("sockbus://127.0.0.1:{port}");
+    let mut s = DirectSample::default();
+    let direct0 = direct_messages(http);
+
+    // Request/reply, the reply to the requester's own literal subject.
+    {
+        let svc = sockbus_client::connect(&url).await.unwrap();
+        let mut reqs = svc.subscribe("bench.rr").await.unwrap();
+        svc.flush().await.unwrap();
+        let replier = tokio::spawn(async move {
+            while let Some(m) = reqs.next().await {
+                if let Some(r) = m.reply() {
+                    let _ = svc.publish(r, &m.payload).await;
+                }
+            }
+        });
+        let c = sockbus_client::connect(&url).await.unwrap();
+        let mut replies = c.subscribe("bench.reply").await.unwrap();
+        c.flush().await.unwrap();
+        let (n, size) = (args.requests, args.size);
+        let mut lat = tokio::spawn(async move {
+            let body = vec![0u8; size];
+            let mut lat = Vec::with_capacity(n);
+            for i in 0..n + 1000 {
+                let t = Instant::now();
+                c.publish_with_reply("bench.rr", "bench.reply", &body)
+                    .await
+                    .unwrap();
+                replies.next().await.unwrap();
+                // The first 1,000 warm up.
+                if i >= 1000 {
+                    lat.push(t.elapsed());
+                }
+            }
+            lat
+        })
+        .await
+        .unwrap();
+        replier.abort();
+        lat.sort_unstable();
+        s.rr_p50_us = percentile(&lat, 0.50);
+        s.rr_p99_us = percentile(&lat, 0.99);
+    }
+
+    // Pub/sub 1 -> 1.
+    {
+        let sc = sockbus_client::connect(&url).await.unwrap();
+        let mut sub = sc.subscribe("bench.ps").await.unwrap();
+        sc.flush().await.unwrap();
+        let n = args.messages;
+        let got = Arc::new(AtomicU64::new(0));
+        let more = Arc::new(tokio::sync::Notify::new());
+        let (g, m) = (got.clone(), more.clone());
+        let reader = tokio::spawn(async move {
+            let mut c = 0;
+            while c < n {
+                sub.next().await.unwrap();
+                c += 1;
+                if c % 1024 == 0 || c == n {
+                    g.store(c, Ordering::Relaxed);
+                    m.notify_one();
+                }
+            }
+        });
+        let p = sockbus_client::connect(&url).await.unwrap();
+        p.flush().await.unwrap();
+        let payload = vec![0u8; args.size];
+        let lead = args.lead.min((16 << 20) / args.size.max(1) as u64).max(1);
+        let cpu0 = cpu_s(broker.id());
+        let t = Instant::now();
+        for i in 0..n {
+            while i >= got.load(Ordering::Relaxed) + lead {
+                more.notified().await;
+            }
+            p.publish("bench.ps", &payload).await.unwrap();
+        }
+        reader.await.unwrap();
+        s.msgs_per_s = n as f64 / t.elapsed().as_secs_f64();
+        s.cpu_ns_per_msg = (cpu_s(broker.id()) - cpu0) * 1e9 / n as f64;
+    }
+    s.direct_msgs = direct_messages(http).saturating_sub(direct0);
+    let _ = broker.kill();
+    let _ = broker.wait();
+    s
+}
+
+fn run_direct(args: &Args, cg: &std::path::Path, rt: &tokio::runtime::Runtime) {
+    let modes = [DirectMode::Tcp, DirectMode::FastPath, DirectMode::Direct];
+    let mut all: Vec<Vec<DirectSample>> = vec![Vec::new(); 3];
+    println!(
+        "{:>5} {:>9} {:>10} {:>10} {:>12} {:>12} {:>12}",
+        "round", "mode", "rr p50 µs", "rr p99 µs", "msgs/s", "cpu ns/msg", "direct msgs"
+    );
+    for r in 0..args.rounds {
+        for k in 0..3 {
+            // Rotate the order between rounds.
+            let i = (k + r) % 3;
+            let s = rt.block_on(measure_direct(args, modes[i], cg));
+            println!(
+                "{:>5} {:>9} {:>10.1} {:>10.1} {:>12.0} {:>12.0} {:>12}",
+                r + 1,
+                format!("{:?}", modes[i]),
+                s.rr_p50_us,
+                s.rr_p99_us,
+                s.msgs_per_s,
+                s.cpu_ns_per_msg,
+                s.direct_msgs
+            );
+            all[i].push(s);
+        }
+    }
+    let m = |i: usize, f: fn(&DirectSample) -> f64| median(all[i].iter().map(f).collect());
+    let (p50, mps) = (
+        [0, 1, 2].map(|i| m(i, |s| s.rr_p50_us)),
+        [0, 1, 2].map(|i| m(i, |s| s.msgs_per_s)),
+    );
+    let cpu = [0, 1, 2].map(|i| m(i, |s| s.cpu_ns_per_msg));
+    println!(
+        "\nmedians of {} rounds, {} B payloads: tcp / fast path / direct\n\
+         req/rep p50 µs      {:>10.1} {:>10.1} {:>10.1}   direct/fast {:.2} (goal ≤ 0.5), direct/tcp {:.2} (goal ≤ 0.35)\n\
+         pub/sub 1→1 msgs/s  {:>10.0} {:>10.0} {:>10.0}   direct/fast {:.2} (goal ≥ 1.5)\n\
+         broker+client CPU ns/msg {:>5.0} {:>10.0} {:>10.0}",
+        args.rounds,
+        args.size,
+        p50[0],
+        p50[1],
+        p50[2],
+        p50[2] / p50[1],
+        p50[2] / p50[0],
+        mps[0],
+        mps[1],
+        mps[2],
+        mps[2] / mps[1],
+        cpu[0],
+        cpu[1],
+        cpu[2],
+    );
+}
+
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
     v[v.len() / 2]
@@ -342,6 +552,13 @@ fn main() {
     .enable_all()
     .build()
     .unwrap();
+    if args.direct {
+        run_direct(&args, &cg, &rt);
+        drop(rt);
+        let _ = std::fs::write(root.join("cgroup.procs"), std::process::id().to_string());
+        let _ = std::fs::remove_dir(&cg);
+        return;
+    }
     let mut off = Vec::new();
     let mut on = Vec::new();
     println!(

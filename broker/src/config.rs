@@ -29,6 +29,15 @@ pub enum AccelMode {
     Off,
 }
 
+/// `--accel-direct`: whether same-node messages may skip the broker
+/// process (docs/fast-path.md, "Direct delivery").
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OnOff {
+    On,
+    Off,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Deserialize, Default)]
 #[serde(rename_all = "lowercase")]
 pub enum LogFormat {
@@ -182,6 +191,9 @@ pub struct Options {
     /// A fast-path connection whose socket takes none of a batch of bytes for this long is closed as a send stall (default 5s; 0 turns the guard off).
     #[arg(long, env = "SOCKBUS_ACCEL_STALL_TIMEOUT")]
     pub accel_stall_timeout: Option<Dur>,
+    /// Direct delivery on the fast path: a same-node PUB to a subject with one plain subscriber goes straight into its socket (default on when the fast path is on).
+    #[arg(long, env = "SOCKBUS_ACCEL_DIRECT", value_enum)]
+    pub accel_direct: Option<OnOff>,
     /// Largest payload accepted (default 1MiB).
     #[arg(long, env = "SOCKBUS_MAX_PAYLOAD")]
     pub max_payload: Option<ByteSize>,
@@ -279,6 +291,8 @@ pub struct Config {
     pub accel_cgroup: Option<PathBuf>,
     /// The stall guard's timeout; zero: no guard.
     pub accel_stall_timeout: Duration,
+    /// Direct delivery wanted (it still needs the fast path and its self-test).
+    pub accel_direct: bool,
     pub max_payload: u32,
     pub max_connections: usize,
     /// Subscriptions per connection; 0: no limit.
@@ -371,6 +385,7 @@ impl Default for Config {
             accel_ports: Vec::new(),
             accel_cgroup: None,
             accel_stall_timeout: Duration::from_secs(5),
+            accel_direct: true,
             max_payload: sockbus_protocol::DEFAULT_MAX_PAYLOAD,
             max_connections: 65536,
             max_subscriptions: DEFAULT_MAX_SUBSCRIPTIONS,
@@ -553,6 +568,7 @@ impl Options {
             accel_ports: o.accel_ports.unwrap_or_default(),
             accel_cgroup: o.accel_cgroup,
             accel_stall_timeout: o.accel_stall_timeout.map_or(d.accel_stall_timeout, |x| x.0),
+            accel_direct: o.accel_direct.map_or(d.accel_direct, |x| x == OnOff::On),
             max_payload: max_payload as u32,
             max_connections,
             max_subscriptions: o.max_subscriptions.unwrap_or(d.max_subscriptions),
@@ -674,6 +690,7 @@ impl Options {
             accel_ports: self.accel_ports.or(file.accel_ports),
             accel_cgroup: self.accel_cgroup.or(file.accel_cgroup),
             accel_stall_timeout: self.accel_stall_timeout.or(file.accel_stall_timeout),
+            accel_direct: self.accel_direct.or(file.accel_direct),
             max_payload: self.max_payload.or(file.max_payload),
             max_connections: self.max_connections.or(file.max_connections),
             max_subscriptions: self.max_subscriptions.or(file.max_subscriptions),

@@ -72,6 +72,12 @@ pub async fn run(
     // The TLS handshake and CONNECT share one deadline: a peer that sends
     // nothing, garbage or a trickle is closed when it passes.
     let deadline = tokio::time::Instant::now() + state.config.handshake_timeout;
+    // Direct delivery reads and writes plain frames in the kernel: never TLS.
+    let direct_key = state
+        .tls
+        .is_none()
+        .then(|| crate::accel::routes::client_key(&stream))
+        .flatten();
     let mut cert = None;
     let mut stream = match &state.tls {
         None => Transport::Plain(stream),
@@ -95,7 +101,7 @@ pub async fn run(
     // Handshake: the first frame must be CONNECT.
     let hs = tokio::time::timeout_at(deadline, read_connect(&mut stream, &mut buf)).await;
     let wr = &mut stream;
-    let (flags, recv_window, name, token) = match hs {
+    let (flags, recv_window, name, token, connect_len) = match hs {
         Ok(Ok(c)) => c,
         Ok(Err(e)) => {
             debug!(%peer, "handshake failed: {e}");
@@ -224,6 +230,7 @@ pub async fn run(
         user,
         flags,
         recv_window,
+        direct_key.map(|k| (k, connect_len)),
         shutdown,
     )
     .instrument(span)
@@ -243,6 +250,7 @@ async fn serve(
     user: Option<Arc<User>>,
     flags: u8,
     recv_window: u32,
+    direct: Option<(crate::accel::abi::SockKey, u64)>,
     shutdown: CancellationToken,
 ) {
     debug!("connected");
@@ -274,10 +282,23 @@ async fn serve(
     if let Some(u) = &user {
         batch.restrict(PublishCheck::new(u, responses));
     }
+    // Direct delivery: only the default account's subjects have routes, and
+    // the kernel's allow map is per publisher, so only a publisher that may
+    // publish anywhere is allowed (docs/fast-path.md, "Direct delivery").
+    let default_account = account.name() == crate::auth::DEFAULT_ACCOUNT;
+    let handshake = direct.map_or(0, |(_, n)| n);
+    let direct = direct.and_then(|(key, _)| {
+        let open = perms.as_ref().is_none_or(|p| p.publish.is_open());
+        crate::accel::routes::register(id, key, &out, default_account && open, default_account)
+    });
+    if direct.as_ref().is_some_and(|d| d.publisher) {
+        batch.track_flushes();
+    }
     let mut client = Client {
         user,
         perms,
         batch,
+        direct,
         max_body,
         out: out.clone(),
         subs: Sids::default(),
@@ -294,9 +315,12 @@ async fn serve(
         max_out: cfg.max_pings_out,
     };
     let res = FrameReader::new(max_body, our_window, 0, keepalive)
+        .handled_before(handshake)
         .run(&mut client, &mut rd, &mut buf, &out, &shutdown)
         .await;
     client.batch.finish();
+    // Off the route manager first: no route may outlive the connection.
+    drop(client.direct.take());
     // The table goes with them: its memory is part of what gets given back.
     // In the order they were allocated, not the table's (hash) order: each
     // subscription is then next to the last one in memory, and a million
@@ -355,8 +379,9 @@ pub(crate) fn client_cert_names(
     Some(crate::auth::cert::CertNames::from_der(leaf))
 }
 
-/// Flags (or why the version is refused), receive window, client name, credentials field.
-type ConnectInfo = (Result<u8, String>, u32, String, Vec<u8>);
+/// Flags (or why the version is refused), receive window, client name,
+/// credentials field, length of the CONNECT frame.
+type ConnectInfo = (Result<u8, String>, u32, String, Vec<u8>, u64);
 
 async fn read_connect(
     rd: &mut (impl AsyncRead + Unpin),
@@ -390,7 +415,7 @@ async fn read_connect(
                 };
                 let (name, token) = (name.to_string(), token.to_vec());
                 buf.advance(h.frame_len());
-                return Ok((flags, recv_window, name, token));
+                return Ok((flags, recv_window, name, token, h.frame_len() as u64));
             }
         }
         if rd.read_buf(buf).await? == 0 {
@@ -408,6 +433,8 @@ struct Client {
     /// The user's permissions; None: everything.
     perms: Option<Arc<Permissions>>,
     batch: Batch,
+    /// Known to direct delivery's route manager (fast path, plain TCP).
+    direct: Option<crate::accel::routes::Registered>,
     /// Longest frame body read into memory.
     max_body: u32,
     out: Arc<Outlet>,
@@ -583,6 +610,10 @@ impl Frames for Client {
                     if max == 0 || s.set_max(max as u64) {
                         let s = self.subs.remove(sid).expect("present");
                         self.batch.delivery().unsubscribe(&s);
+                    } else {
+                        // Only the broker counts to the limit: no route.
+                        let router = self.batch.delivery().router();
+                        crate::accel::routes::changed(router, s.pattern(), None);
                     }
                 }
             }
@@ -618,6 +649,16 @@ impl Frames for Client {
         self.batch.finish();
         self.batch.backlogged()
     }
+
+    fn handled(&mut self, total: u64) {
+        // The barrier opens only once this publisher's messages are all in
+        // the kernel: a direct frame then lands behind them.
+        if let Some(d) = self.direct.as_mut().filter(|d| d.publisher) {
+            if self.batch.flushed() {
+                d.set_done(total);
+            }
+        }
+    }
 }
 
 #[cfg(test)]
@@ -651,6 +692,7 @@ mod tests {
             user: None,
             perms: None,
             batch: d.ingress(&streams, 16),
+            direct: None,
             max_body: MAX_PAYLOAD + MAX_FRAME_OVERHEAD,
             out: out.clone(),
             subs: Sids::default(),

@@ -309,7 +309,7 @@ impl Delivery {
         Batch {
             d: self.clone(),
             cache: MatchCache::new(cache),
-            wake: Vec::new(),
+            wake: Wake::default(),
             counts: LocalCounts::default(),
             capture: None,
             perms: None,
@@ -453,12 +453,23 @@ struct Capture {
     pending: Pending,
 }
 
+/// The outlets a batch queued to.
+#[derive(Default)]
+pub(crate) struct Wake {
+    /// Made non-empty by this batch: kicked once at [`Batch::finish`].
+    kick: Vec<Arc<Outlet>>,
+    /// For a publisher that may go direct (`Batch::track_flushes`): every
+    /// outlet it queued to whose bytes are not all in the kernel yet.
+    touched: Option<Vec<Arc<Outlet>>>,
+}
+
 /// One producer's working state, reused across its messages.
 pub(crate) struct Batch {
     d: Delivery,
     cache: MatchCache,
-    /// Outlets this batch made non-empty: kicked once at [`Batch::finish`].
-    wake: Vec<Arc<Outlet>>,
+    /// Outlets this batch made non-empty (kicked once at [`Batch::finish`]),
+    /// and, for a direct-delivery publisher, every outlet it queued to.
+    wake: Wake,
     counts: LocalCounts,
     capture: Option<Capture>,
     /// A restricted user's publish permissions; None: may publish anywhere.
@@ -473,6 +484,25 @@ impl Batch {
 
     pub fn delivery(&self) -> &Delivery {
         &self.d
+    }
+
+    /// Remembers every outlet this batch queues to until its bytes are in
+    /// the kernel, for [`Batch::flushed`] (direct delivery's barrier).
+    pub fn track_flushes(&mut self) {
+        self.wake.touched.get_or_insert_with(Vec::new);
+    }
+
+    /// True when every message queued by this producer so far has been
+    /// written into the kernel (checked at [`Batch::finish`]). Always false
+    /// unless [`Batch::track_flushes`] was called.
+    pub fn flushed(&mut self) -> bool {
+        match &mut self.wake.touched {
+            None => false,
+            Some(t) => {
+                t.retain(|o| !o.outbox.is_flushed());
+                t.is_empty()
+            }
+        }
     }
 
     /// Publishes a message from a client (native or HTTP): checked, routed
@@ -666,7 +696,7 @@ impl Batch {
 
     /// Queues `out` to be kicked with the rest of the batch (a PONG, credit that arrived).
     pub fn wake(&mut self, out: &Arc<Outlet>) {
-        self.wake.push(out.clone());
+        self.wake.kick.push(out.clone());
     }
 
     /// End of a batch: captured messages to their streams' writers, every
@@ -675,8 +705,13 @@ impl Batch {
         if let Some(c) = self.capture.as_mut() {
             c.pending.flush();
         }
-        for o in self.wake.drain(..) {
+        for o in self.wake.kick.drain(..) {
             o.kick();
+        }
+        if let Some(t) = &mut self.wake.touched {
+            // What is written into the kernel is in order ahead of anything
+            // the kernel delivers directly afterwards.
+            t.retain(|o| !o.outbox.is_flushed());
         }
         self.d.0.metrics.add(&mut self.counts);
     }
@@ -710,7 +745,7 @@ fn fan_out(
     m: &Matches,
     msg: &Outgoing<'_>,
     skip: Option<u64>,
-    wake: &mut Vec<Arc<Outlet>>,
+    wake: &mut Wake,
     counts: &mut LocalCounts,
 ) -> usize {
     let mut n = 0;
@@ -754,7 +789,7 @@ fn pick_local(
     start: usize,
     msg: &Outgoing<'_>,
     skip: Option<u64>,
-    wake: &mut Vec<Arc<Outlet>>,
+    wake: &mut Wake,
     counts: &mut LocalCounts,
 ) -> bool {
     let len = g.members.len();
@@ -799,7 +834,7 @@ fn forward(
     e: &Engine,
     r: &Remote<'_>,
     msg: &Outgoing<'_>,
-    wake: &mut Vec<Arc<Outlet>>,
+    wake: &mut Wake,
     counts: &mut LocalCounts,
 ) -> bool {
     if r.sub.is_removed() {
@@ -843,11 +878,23 @@ fn forward(
 /// Common handling of a push into an outlet: wake its writer, or treat it
 /// as a slow consumer when it is over budget.
 #[inline(always)]
-fn accepted(e: &Engine, out: &Arc<Outlet>, push: Push, wake: &mut Vec<Arc<Outlet>>) -> bool {
+fn accepted(e: &Engine, out: &Arc<Outlet>, push: Push, wake: &mut Wake) -> bool {
     match push {
         Push::Queued { was_empty } => {
             if was_empty {
-                wake.push(out.clone());
+                wake.kick.push(out.clone());
+            }
+            if let Some(t) = &mut wake.touched {
+                // A short list is searched; a long one (a fan-out) only
+                // skips a repeat of the last outlet, and is pruned at finish.
+                let dup = if t.len() <= 32 {
+                    t.iter().any(|o| Arc::ptr_eq(o, out))
+                } else {
+                    t.last().is_some_and(|o| Arc::ptr_eq(o, out))
+                };
+                if !dup {
+                    t.push(out.clone());
+                }
             }
             true
         }
@@ -880,7 +927,7 @@ fn deliver(
     e: &Engine,
     s: &Arc<Subscription>,
     msg: &Outgoing<'_>,
-    wake: &mut Vec<Arc<Outlet>>,
+    wake: &mut Wake,
     counts: &mut LocalCounts,
 ) -> bool {
     if s.is_removed() {

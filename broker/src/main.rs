@@ -176,6 +176,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             sockbus_protocol::busy_poll::spawn(w)
         });
         let mode = config.accel;
+        let direct_off = (!config.accel_direct).then_some("disabled by --accel-direct off");
         let stall_timeout = config.accel_stall_timeout;
         let mut accel_opts = sockbus_broker::accel::AttachOptions {
             ports: config.accel_ports.clone(),
@@ -187,13 +188,14 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             accel_opts.ports.push(server.local_addr().port());
         }
         // Detaches when dropped, after the server has drained.
-        let _accel = sockbus_broker::accel::start(mode, &accel_opts)
+        let _accel = sockbus_broker::accel::start(mode, &accel_opts, direct_off)
             .map_err(|e| anyhow::anyhow!("--accel on: cannot use the eBPF fast path: {e}"))?;
         server
             .state()
             .metrics()
             .sources
             .register(std::sync::Arc::new(sockbus_broker::accel::MetricsSource));
+        server.bind_direct_routes();
         if let Some(p) = &_busy_poll {
             server
                 .state()

@@ -39,6 +39,10 @@ pub(crate) trait Frames {
     /// Every whole frame of a read was handled: flush. Returns a stream
     /// whose writer is behind, to wait on before reading more.
     fn end_batch(&mut self) -> Option<Arc<Stream>>;
+
+    /// After [`Frames::end_batch`]: `total` bytes of the connection's whole
+    /// frames have been handled since it began (direct delivery's barrier).
+    fn handled(&mut self, _total: u64) {}
 }
 
 /// Keepalive settings (`--ping-interval`, `--max-pings-out`).
@@ -72,6 +76,9 @@ pub(crate) struct FrameReader {
     heard: bool,
     /// Keepalive PINGs sent since the last PONG.
     pings_out: u32,
+    /// Bytes of whole frames handled (or skipped) since the connection
+    /// began, the handshake's included ([`FrameReader::handled_before`]).
+    handled: u64,
 }
 
 impl FrameReader {
@@ -86,7 +93,14 @@ impl FrameReader {
             keepalive,
             heard: false,
             pings_out: 0,
+            handled: 0,
         }
+    }
+
+    /// Counts `n` bytes the handshake read before this reader took over.
+    pub fn handled_before(mut self, n: u64) -> Self {
+        self.handled = n;
+        self
     }
 
     /// Reads until the peer closes, `abort`/`shutdown` is cancelled
@@ -112,6 +126,7 @@ impl FrameReader {
             let r = self.decode(f, buf);
             let full = f.end_batch();
             r?;
+            f.handled(self.handled);
             if let Some(s) = full {
                 // A stream writer that is behind slows this publisher down.
                 s.wait_space().await;
@@ -176,6 +191,7 @@ impl FrameReader {
                 buf.advance(n);
                 self.skip -= n;
                 self.consumed += n;
+                self.handled += n as u64;
                 if self.skip > 0 {
                     return Ok(());
                 }
@@ -203,6 +219,7 @@ impl FrameReader {
             if h.kind != Kind::Credit {
                 self.consumed += len;
             }
+            self.handled += len as u64;
             buf.advance(len);
         }
     }

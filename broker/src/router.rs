@@ -104,6 +104,12 @@ impl Subscription {
     pub fn is_removed(&self) -> bool {
         self.removed.load(Ordering::Acquire)
     }
+
+    /// True when it ends after a number of messages (UNSUB with a count):
+    /// only the broker counts them, so it never gets a kernel route.
+    pub fn is_limited(&self) -> bool {
+        self.max.load(Ordering::Acquire) != u64::MAX
+    }
 }
 
 /// A queue group's members for one subject.
@@ -473,6 +479,8 @@ impl Router {
         if let Some(hook) = self.hook.as_ref().filter(|_| !s.peer) {
             hook.added(s.pattern(), s.queue());
         }
+        // Direct delivery's routes follow every change, peers' interest too.
+        crate::accel::routes::changed(self, s.pattern(), Some(true));
     }
 
     /// Removes a subscription; idempotent. True when this call removed it.
@@ -491,6 +499,9 @@ impl Router {
         drop(root);
         if let Some(hook) = self.hook.as_ref().filter(|_| found && !sub.peer) {
             hook.removed(sub.pattern(), sub.queue());
+        }
+        if found {
+            crate::accel::routes::changed(self, sub.pattern(), Some(false));
         }
         found
     }

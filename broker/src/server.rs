@@ -217,6 +217,14 @@ impl Server {
         self.state.config.nats
     }
 
+    /// Lets direct delivery's route manager (when the fast path turned it
+    /// on) follow the default account's subscriptions and streams; call
+    /// after `accel::start`, on the runtime that serves.
+    pub fn bind_direct_routes(&self) {
+        let a = self.state.accounts.default_account();
+        crate::accel::routes::bind(a.delivery.clone(), a.streams.clone());
+    }
+
     pub fn state(&self) -> Arc<State> {
         self.state.clone()
     }

@@ -1331,6 +1331,110 @@ fn self_test_passes_on_this_kernel() {
     assert_eq!(fp.sockets(), 0, "the test pair left the map when it closed");
 }
 
+#[test]
+fn direct_self_test_check_passes_on_this_kernel() {
+    if !privileged("direct_self_test_check_passes_on_this_kernel") {
+        return;
+    }
+    let fp = attach(&[17_474]);
+    let before = fp.stats().unwrap();
+    let took = sockbus_broker::accel::selftest::run_direct(&fp).expect("direct check");
+    let s = delta(fp.stats().unwrap(), before);
+    eprintln!("direct check passed in {took:?}; {s:?}");
+    assert_eq!(s.direct_msgs, 1, "{s:?}");
+    assert_eq!(
+        fp.sockets(),
+        0,
+        "the test's sockets left the map when they closed"
+    );
+}
+
+/// The JSON `/v1/status` of the broker whose HTTP port is `http`.
+fn status_json(http: u16) -> serde_json::Value {
+    use std::io::Write;
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", http)).expect("HTTP");
+    write!(s, "GET /v1/status HTTP/1.0\r\nHost: x\r\n\r\n").unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    let body = out.split_once("\r\n\r\n").map_or("", |(_, b)| b);
+    serde_json::from_str(body).unwrap_or_else(|e| panic!("status is no JSON ({e}):\n{out}"))
+}
+
+/// `--accel-direct` is on by default with the fast path and says so in the
+/// one start-up line, /metrics and /v1/status; `off` turns it off; a failed
+/// direct self-test check turns it off by itself, naming the check, while
+/// the rest of the fast path stays on.
+#[test]
+fn accel_direct_is_on_by_default_off_on_request_and_off_when_its_check_fails() {
+    let test = "accel_direct_is_on_by_default_off_on_request_and_off_when_its_check_fails";
+    if !privileged(test) || !hooks_built(test) {
+        return;
+    }
+    let cg = test_cgroup().unwrap().to_string_lossy().into_owned();
+    for (extra, env, on, says) in [
+        (
+            None,
+            None,
+            true,
+            "direct delivery on: self-test check direct passed",
+        ),
+        (
+            Some("off"),
+            None,
+            false,
+            "direct delivery off: disabled by --accel-direct off",
+        ),
+        (
+            None,
+            Some("direct"),
+            false,
+            "direct delivery off: self-test failed: check direct: failed on purpose",
+        ),
+    ] {
+        let http = free_port();
+        let http_arg = format!("127.0.0.1:{http}");
+        let mut args = vec!["--accel", "on", "--accel-cgroup", &cg, "--http", &http_arg];
+        if let Some(v) = extra {
+            args.extend(["--accel-direct", v]);
+        }
+        let env: Vec<(&str, &str)> = env
+            .map(|h| ("SOCKBUS_ACCEL_SELFTEST_FAIL", h))
+            .into_iter()
+            .collect();
+        let (child, _port, rx, mut log) = spawn_broker_env(&args, &env);
+        let _child = KillOnDrop(child);
+        log.push_str(&drain_log(&rx, Duration::from_millis(200)));
+        let lines: Vec<&str> = log.lines().filter(|l| l.contains("fast path:")).collect();
+        assert_eq!(lines.len(), 1, "one line about the fast path:\n{log}");
+        assert!(
+            lines[0].contains("fast path: on: ") && lines[0].contains(says),
+            "{says}:\n{log}"
+        );
+        assert_eq!(metric(http, "sockbus_accel_direct_active"), u64::from(on));
+        assert_eq!(metric(http, "sockbus_accel_active"), 1);
+        let st = status_json(http);
+        let fp = find_key(&st, "fast_path").unwrap_or_else(|| panic!("no fast_path: {st}"));
+        assert_eq!(fp["direct"], serde_json::json!(on), "{fp}");
+        assert!(
+            fp["direct_reason"]
+                .as_str()
+                .is_some_and(|r| says.rsplit(": ").next().is_some_and(|w| r.contains(w))),
+            "{fp}"
+        );
+    }
+}
+
+/// The first object under `key`, however deep.
+fn find_key<'a>(v: &'a serde_json::Value, key: &str) -> Option<&'a serde_json::Value> {
+    match v {
+        serde_json::Value::Object(m) => m
+            .get(key)
+            .or_else(|| m.values().find_map(|x| find_key(x, key))),
+        serde_json::Value::Array(a) => a.iter().find_map(|x| find_key(x, key)),
+        _ => None,
+    }
+}
+
 /// Whether the broker binary has the test hooks (`SOCKBUS_ACCEL_SELFTEST_FAIL`,
 /// `SOCKBUS_ACCEL_STALL_INJECT`): only builds with debug assertions do, and
 /// the test binary is built with the same profile as the broker's.
@@ -1511,9 +1615,15 @@ fn a_failed_self_test_stops_accel_on_and_the_agent() {
 // ------------------------------------------------------------ stall guard
 
 fn metric(http: u16, name: &str) -> u64 {
+    metric_as(http, name, None)
+}
+
+/// [`metric`] with an `Authorization` header value (a broker with users).
+fn metric_as(http: u16, name: &str, auth: Option<&str>) -> u64 {
     use std::io::Write;
     let mut s = std::net::TcpStream::connect(("127.0.0.1", http)).expect("HTTP");
-    write!(s, "GET /metrics HTTP/1.0\r\nHost: x\r\n\r\n").unwrap();
+    let auth = auth.map_or(String::new(), |a| format!("Authorization: {a}\r\n"));
+    write!(s, "GET /metrics HTTP/1.0\r\nHost: x\r\n{auth}\r\n").unwrap();
     let mut out = String::new();
     s.read_to_string(&mut out).unwrap();
     out.lines()
@@ -2363,5 +2473,441 @@ mod direct {
         pc.write_all(&marker(0)).unwrap();
         let via_broker = broker.join().unwrap() as u64;
         (inversions, N as u64 - via_broker, N as u64)
+    }
+}
+
+// ------------------------------------------- direct delivery, broker driven
+
+/// Direct delivery driven by a real broker (`--accel on`, direct on by
+/// default): routes follow subscriptions, the barrier and credit are the
+/// broker's. Each test runs its own broker process, whose fast path counts
+/// only its own connections.
+mod broker_direct {
+    use super::*;
+
+    const DIRECT: &str = "sockbus_accel_direct_messages_total";
+
+    pub(super) struct Direct {
+        _child: KillOnDrop,
+        pub port: u16,
+        pub http: u16,
+        pub url: String,
+        /// `Authorization` for /metrics when the broker has users.
+        pub auth: Option<&'static str>,
+        _data: PathBuf,
+    }
+
+    /// A broker with the fast path and direct delivery on, in this test's
+    /// cgroup, with `extra` arguments.
+    pub(super) fn start(extra: &[&str]) -> Direct {
+        let cg = test_cgroup().unwrap().to_string_lossy().into_owned();
+        let http = free_port();
+        let http_arg = format!("127.0.0.1:{http}");
+        let data = common::scratch_dir();
+        let data_arg = data.to_string_lossy().into_owned();
+        let mut args = vec![
+            "--accel",
+            "on",
+            "--accel-cgroup",
+            &cg,
+            "--http",
+            &http_arg,
+            "--data-dir",
+            &data_arg,
+        ];
+        args.extend_from_slice(extra);
+        let (child, port, rx, log) = spawn_broker_env(&args, &[]);
+        let log = log + &drain_log(&rx, Duration::from_millis(100));
+        assert!(
+            log.contains("direct delivery on"),
+            "direct delivery is on:\n{log}"
+        );
+        // Keep reading its log so the pipe never fills.
+        // (shown with --nocapture: the broker's side of a failure).
+        std::thread::spawn(move || {
+            while let Ok(l) = rx.recv() {
+                eprintln!("broker: {l}");
+            }
+        });
+        Direct {
+            _child: KillOnDrop(child),
+            port,
+            http,
+            url: format!("sockbus://127.0.0.1:{port}"),
+            auth: None,
+            _data: data,
+        }
+    }
+
+    impl Direct {
+        pub fn direct(&self) -> u64 {
+            metric_as(self.http, DIRECT, self.auth)
+        }
+
+        pub async fn client(&self) -> sockbus_client::Client {
+            sockbus_client::connect(&self.url).await.expect("connect")
+        }
+    }
+
+    /// Waits until the direct counter moved past `from` (a route is in
+    /// place and the publisher's barrier open); false after 5 s.
+    async fn direct_after(b: &Direct, from: u64, publish: impl AsyncFnMut(u32)) -> bool {
+        let mut publish = publish;
+        for i in 0..500u32 {
+            publish(i).await;
+            if b.direct() > from {
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        false
+    }
+
+    /// Request/reply between two same-node clients: the request goes
+    /// straight into the service's socket, the reply (to the requester's
+    /// own literal reply subject) straight into the requester's; both are
+    /// counted in the BPF counters and visible in /metrics.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn request_reply_between_two_same_node_clients_goes_direct() {
+        if !privileged("request_reply_between_two_same_node_clients_goes_direct") {
+            return;
+        }
+        let b = start(&[]);
+        let svc = common::echo_replier(b.client().await, "svc.echo").await;
+        let req = b.client().await;
+        let mut replies = req.subscribe("reply.me").await.unwrap();
+        req.flush().await.unwrap();
+        let before = b.direct();
+        const N: u32 = 2000;
+        let t = Instant::now();
+        for i in 0..N {
+            req.publish_with_reply("svc.echo", "reply.me", payload(i, 32))
+                .await
+                .unwrap();
+            let m = recv(&mut replies).await;
+            assert_eq!(m.payload.as_ref(), payload(i, 32), "reply {i}");
+        }
+        let took = t.elapsed();
+        let d = b.direct() - before;
+        eprintln!(
+            "{N} round trips in {took:?}: {d} of {} messages went direct",
+            2 * N
+        );
+        // Every request and reply, but for the first few while the
+        // barriers open.
+        assert!(d >= 2 * u64::from(N) - 20, "{d} of {} went direct", 2 * N);
+        svc.abort();
+    }
+
+    /// A second subscriber appearing (and leaving) mid-stream moves the
+    /// subject's delivery to the broker and back: the first subscriber
+    /// gets every message exactly once and in order, the second an
+    /// in-order run of them; some went direct, some through the broker.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_second_subscriber_mid_stream_moves_delivery_to_the_broker_with_no_loss_duplicate_or_reorder(
+    ) {
+        if !privileged("direct_second_subscriber") {
+            return;
+        }
+        let b = start(&[]);
+        let a = b.client().await;
+        let mut sa = a.subscribe("feed.x").await.unwrap();
+        a.flush().await.unwrap();
+        let p = b.client().await;
+        let before = b.direct();
+        const N: u32 = 30_000;
+        let other = b.client().await;
+        let reader = tokio::spawn(async move {
+            let mut got = Vec::with_capacity(N as usize);
+            for _ in 0..N {
+                let m = recv(&mut sa).await;
+                got.push(u32::from_le_bytes(m.payload[..4].try_into().unwrap()));
+            }
+            nothing(&mut sa).await;
+            got
+        });
+        let mut second: Vec<sockbus_client::Subscriber> = Vec::new();
+        let mut b_got = Vec::new();
+        for i in 0..N {
+            p.publish("feed.x", i.to_le_bytes()).await.unwrap();
+            if i % 5000 == 2500 {
+                if let Some(mut s) = second.pop() {
+                    // Leaves: the route comes back (behind the barrier).
+                    other.flush().await.unwrap();
+                    while let Ok(Some(m)) =
+                        tokio::time::timeout(Duration::from_millis(50), s.next()).await
+                    {
+                        b_got.push(u32::from_le_bytes(m.payload[..4].try_into().unwrap()));
+                    }
+                    s.unsubscribe().unwrap();
+                } else {
+                    second.push(other.subscribe("feed.x").await.unwrap());
+                    other.flush().await.unwrap();
+                }
+            }
+            if i % 1000 == 0 {
+                tokio::task::yield_now().await;
+            }
+        }
+        p.flush().await.unwrap();
+        let got = reader.await.unwrap();
+        let want: Vec<u32> = (0..N).collect();
+        if got != want {
+            let first_bad = got.iter().zip(&want).position(|(g, w)| g != w);
+            panic!("first subscriber: first difference at {first_bad:?}");
+        }
+        assert!(!b_got.is_empty(), "the second subscriber got nothing");
+        assert!(
+            b_got.windows(2).all(|w| w[0] < w[1]),
+            "the second subscriber's messages are in order, none twice"
+        );
+        let d = b.direct() - before;
+        eprintln!(
+            "{d} of {N} went direct; the second subscriber got {}",
+            b_got.len()
+        );
+        assert!(d > 0 && d < u64::from(N), "{d} of {N} went direct");
+    }
+
+    /// A queue group member, a stream capturing the subject, and a
+    /// subscriber on another cluster node each take the route away at once:
+    /// while they exist nothing goes direct and they get their messages.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_queue_group_a_stream_or_remote_interest_removes_the_route() {
+        if !privileged("direct_route_removed") {
+            return;
+        }
+        let route = free_port();
+        let route_arg = format!("127.0.0.1:{route}");
+        let b = start(&["--cluster", &route_arg]);
+        let a = b.client().await;
+        let mut sa = a.subscribe("case.x").await.unwrap();
+        a.flush().await.unwrap();
+        let p = b.client().await;
+        let mut sent = 0u32;
+        // The route works before each case.
+        async fn direct_works(
+            b: &Direct,
+            p: &sockbus_client::Client,
+            sa: &mut sockbus_client::Subscriber,
+            sent: &mut u32,
+        ) {
+            let from = b.direct();
+            let ok = direct_after(b, from, async |_| {
+                p.publish("case.x", b"probe").await.unwrap();
+                p.flush().await.unwrap();
+                *sent += 1;
+            })
+            .await;
+            assert!(ok, "nothing went direct with the route in place");
+            while let Ok(Some(_)) =
+                tokio::time::timeout(Duration::from_millis(100), sa.next()).await
+            {}
+        }
+        // While `other` wants the subject: 100 messages, none direct, all
+        // at A and the other party's share where it should be.
+        async fn none_direct(
+            b: &Direct,
+            p: &sockbus_client::Client,
+            sa: &mut sockbus_client::Subscriber,
+            what: &str,
+        ) {
+            let from = b.direct();
+            for i in 0..100u32 {
+                p.publish("case.x", i.to_le_bytes()).await.unwrap();
+            }
+            p.flush().await.unwrap();
+            for i in 0..100u32 {
+                let m = recv(sa).await;
+                assert_eq!(m.payload.as_ref(), i.to_le_bytes(), "{what}: message {i}");
+            }
+            assert_eq!(b.direct(), from, "{what}: something went direct");
+        }
+
+        // Queue group.
+        direct_works(&b, &p, &mut sa, &mut sent).await;
+        let q = b.client().await;
+        let mut sq = q.queue_subscribe("case.x", "workers").await.unwrap();
+        q.flush().await.unwrap();
+        none_direct(&b, &p, &mut sa, "queue group").await;
+        for i in 0..100u32 {
+            assert_eq!(recv(&mut sq).await.payload.as_ref(), i.to_le_bytes());
+        }
+        sq.unsubscribe().unwrap();
+        q.flush().await.unwrap();
+
+        // Stream.
+        direct_works(&b, &p, &mut sa, &mut sent).await;
+        let cfg = sockbus_client::streams::StreamConfig::new("CASES", ["case.>"]);
+        a.stream_add(&cfg).await.unwrap();
+        none_direct(&b, &p, &mut sa, "stream").await;
+        // Stored by the stream's writer a moment after the publish.
+        let t = Instant::now();
+        loop {
+            let stored = a.stream_info("CASES").await.unwrap().state.messages;
+            if stored == 100 {
+                break;
+            }
+            assert!(
+                t.elapsed() < WAIT_REMOTE,
+                "the stream stored {stored} of 100"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        a.stream_delete("CASES").await.unwrap();
+
+        // Remote interest: a subscriber on another node of the cluster.
+        direct_works(&b, &p, &mut sa, &mut sent).await;
+        let mut cfg = common::test_config();
+        cfg.node_id = "direct-b".into();
+        cfg.cluster = Some(SocketAddr::from(([127, 0, 0, 1], free_port())));
+        cfg.peers = vec![format!("sockbus-route://127.0.0.1:{route}")];
+        let peer = TestBroker::with(cfg).await;
+        let r = sockbus_client::connect(&peer.url).await.unwrap();
+        let mut sr = r.subscribe("case.x").await.unwrap();
+        r.flush().await.unwrap();
+        // Until the interest has crossed, messages still go direct: wait
+        // for the remote subscriber to get one.
+        let t = Instant::now();
+        loop {
+            p.publish("case.x", b"probe").await.unwrap();
+            p.flush().await.unwrap();
+            if let Ok(Some(_)) = tokio::time::timeout(Duration::from_millis(50), sr.next()).await {
+                break;
+            }
+            assert!(
+                t.elapsed() < WAIT_REMOTE,
+                "the remote interest never arrived"
+            );
+        }
+        while let Ok(Some(_)) = tokio::time::timeout(Duration::from_millis(100), sa.next()).await {}
+        while let Ok(Some(_)) = tokio::time::timeout(Duration::from_millis(100), sr.next()).await {}
+        none_direct(&b, &p, &mut sa, "remote interest").await;
+        for i in 0..100u32 {
+            assert_eq!(recv(&mut sr).await.payload.as_ref(), i.to_le_bytes());
+        }
+        let _ = sent;
+    }
+
+    /// Directly delivered bytes count against the subscriber's window: a
+    /// subscriber that stops reading gets at most half its window directly
+    /// (the other half stays for the broker's writes), the rest goes through the
+    /// broker, whose slow-consumer rule closes it; the publisher never
+    /// blocks for good and the broker's memory stays bounded.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_subscriber_that_stops_reading_gets_its_window_directly_then_the_slow_consumer_rule()
+    {
+        if !privileged("direct_slow_subscriber") {
+            return;
+        }
+        let b = start(&[
+            "--max-payload",
+            "64KiB",
+            "--max-pending",
+            "1MiB",
+            "--write-timeout",
+            "1s",
+        ]);
+        const WINDOW: u32 = 256 * 1024;
+        let addr: SocketAddr = ([127, 0, 0, 1], b.port).into();
+        let mut s = common::Raw::connect_with_window(addr, WINDOW).await;
+        let mut f = BytesMut::new();
+        encode_sub(&mut f, 1, "slow.x", None).unwrap();
+        frame::encode_ping(&mut f, 1);
+        s.send(&f).await;
+        loop {
+            match s.next().await {
+                Some(Frame::Pong(1)) => break,
+                // Credit for what the subscriber sent.
+                Some(Frame::Credit(_)) => {}
+                other => panic!("expected PONG, got {other:?}"),
+            }
+        }
+        let p = b.client().await;
+        let direct_bytes = || metric(b.http, "sockbus_accel_direct_bytes_total");
+        let (msgs0, bytes0) = (b.direct(), direct_bytes());
+        // 20 MB at a subscriber that reads nothing.
+        let t = Instant::now();
+        let publish = async {
+            for i in 0..20_000u32 {
+                p.publish("slow.x", payload(i, 1000)).await.unwrap();
+            }
+            p.flush().await.unwrap();
+        };
+        tokio::time::timeout(Duration::from_secs(30), publish)
+            .await
+            .expect("the publisher never blocks for good");
+        let (msgs, bytes) = (b.direct() - msgs0, direct_bytes() - bytes0);
+        eprintln!(
+            "published in {:?}: {msgs} messages, {bytes} bytes direct",
+            t.elapsed()
+        );
+        assert!(msgs > 0, "nothing went direct");
+        // Half the window, and a frame that two CPUs may overshoot it by.
+        assert!(
+            bytes <= u64::from(WINDOW) / 2 + 2 * 1100,
+            "{bytes} bytes direct for a window of {WINDOW}"
+        );
+        let t = Instant::now();
+        while metric(b.http, "sockbus_slow_consumers_total") == 0 {
+            assert!(
+                t.elapsed() < Duration::from_secs(10),
+                "the broker never applied its slow-consumer rule"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert!(s.closed().await, "the slow subscriber was closed");
+    }
+
+    const WAIT_REMOTE: Duration = Duration::from_secs(15);
+
+    /// A publisher whose permissions restrict what it may publish never
+    /// goes direct, not even on a subject it may publish to; one it may not
+    /// publish to never reaches the subscriber at all; an unrestricted
+    /// publisher on the same subject does go direct.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_denied_publisher_never_reaches_the_subscriber_directly() {
+        if !privileged("direct_denied_publisher") {
+            return;
+        }
+        let dir = common::scratch_dir();
+        std::fs::create_dir_all(&dir).unwrap();
+        let cfg = dir.join("users.toml");
+        std::fs::write(
+            &cfg,
+            "[[users]]\nname = \"sub\"\npassword = \"s\"\n\n\
+             [[users]]\nname = \"narrow\"\npassword = \"n\"\npublish = [\"svc.>\"]\n\n\
+             [[users]]\nname = \"open\"\npassword = \"o\"\n",
+        )
+        .unwrap();
+        let cfg_arg = cfg.to_string_lossy().into_owned();
+        let mut b = start(&["--config", &cfg_arg]);
+        b.auth = Some("Basic c3ViOnM="); // sub:s
+        let at = |u: &str| format!("sockbus://{u}@127.0.0.1:{}", b.port);
+        let s = sockbus_client::connect(&at("sub:s")).await.unwrap();
+        let mut svc = s.subscribe("svc.a").await.unwrap();
+        let mut secret = s.subscribe("secret.x").await.unwrap();
+        s.flush().await.unwrap();
+        let narrow = sockbus_client::connect(&at("narrow:n")).await.unwrap();
+        let from = b.direct();
+        for i in 0..200u32 {
+            narrow.publish("svc.a", i.to_le_bytes()).await.unwrap();
+        }
+        narrow.flush().await.unwrap();
+        for i in 0..200u32 {
+            assert_eq!(recv(&mut svc).await.payload.as_ref(), i.to_le_bytes());
+        }
+        let _ = narrow.publish("secret.x", b"denied").await;
+        let _ = narrow.flush().await;
+        nothing(&mut secret).await;
+        assert_eq!(b.direct(), from, "a restricted publisher went direct");
+        // The route is there: an unrestricted publisher goes direct.
+        let open = sockbus_client::connect(&at("open:o")).await.unwrap();
+        let ok = direct_after(&b, from, async |i| {
+            open.publish("svc.a", i.to_le_bytes()).await.unwrap();
+            open.flush().await.unwrap();
+        })
+        .await;
+        assert!(ok, "the unrestricted publisher never went direct");
     }
 }

@@ -408,6 +408,28 @@ impl Outbox {
         (g.writing, g.claims)
     }
 
+    /// True when every byte ever queued has been handed to the socket (or
+    /// the outbox is closed, when nothing more will be): nothing queued,
+    /// being written or left over by a partial write. The broker's direct
+    /// delivery barrier waits for this (docs/fast-path.md).
+    pub fn is_flushed(&self) -> bool {
+        let g = self.lock();
+        g.closed || (!g.writing && g.buf.is_empty() && g.unwritten.is_empty())
+    }
+
+    /// Counts `n` bytes the peer will receive by another way (the kernel's
+    /// direct delivery) as in flight: the peer's credit for them comes back
+    /// like credit for bytes this outbox wrote. [`Outbox::on_credit`] gives
+    /// back what was reserved and never sent.
+    pub fn reserve(&self, n: usize) {
+        self.lock().send.on_sent(n);
+    }
+
+    /// Bytes the peer's window lets go out now (`usize::MAX`: no flow control).
+    pub fn available(&self) -> usize {
+        self.lock().send.available()
+    }
+
     /// Bytes queued and not yet taken by the writer.
     pub fn queued(&self) -> usize {
         self.lock().buf.len()

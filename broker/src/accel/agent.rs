@@ -27,7 +27,13 @@ pub async fn run(
     let listener = TcpListener::bind(metrics)
         .await
         .with_context(|| format!("cannot listen on {metrics} for metrics"))?;
-    let guard = super::start(AccelMode::On, &opts).context("cannot attach the fast path")?;
+    let guard = super::start(
+        AccelMode::On,
+        &opts,
+        // Routes are a broker's to install, in maps of its own attach.
+        Some("a node agent routes no subjects (brokers that attach themselves do)"),
+    )
+    .context("cannot attach the fast path")?;
     info!(addr = %listener.local_addr()?, "accel agent: serving metrics");
     loop {
         tokio::select! {

@@ -19,6 +19,7 @@ pub mod cgroup;
 pub mod direct;
 pub mod guard;
 mod loader;
+pub(crate) mod routes;
 pub mod selftest;
 mod sock;
 
@@ -61,18 +62,27 @@ pub struct AccelStatus {
     pub stats: Stats,
     /// Sockets currently in the socket hash.
     pub sockets: usize,
+    /// Direct delivery (`--accel-direct`): on only while the fast path is
+    /// active, was wanted, and passed the `direct` self-test check.
+    pub direct: bool,
+    /// Why direct delivery is on or off.
+    pub direct_reason: String,
 }
 
 struct Global {
     state: AccelState,
     reason: String,
     path: Option<Arc<FastPath>>,
+    direct: bool,
+    direct_reason: String,
 }
 
 static GLOBAL: Mutex<Global> = Mutex::new(Global {
     state: AccelState::Off,
     reason: String::new(),
     path: None,
+    direct: false,
+    direct_reason: String::new(),
 });
 
 fn global() -> std::sync::MutexGuard<'static, Global> {
@@ -84,6 +94,14 @@ fn set(state: AccelState, reason: String, path: Option<Arc<FastPath>>) {
     g.state = state;
     g.reason = reason;
     g.path = path;
+    g.direct = false;
+    g.direct_reason = "the fast path is not active".into();
+}
+
+fn set_direct(on: bool, reason: String) {
+    let mut g = global();
+    g.direct = on;
+    g.direct_reason = reason;
 }
 
 /// The value of a test hook's variable (`SOCKBUS_ACCEL_SELFTEST_FAIL`,
@@ -112,9 +130,15 @@ fn active_path() -> Option<Arc<FastPath>> {
 
 /// The fast path's state in this process (broker or agent).
 pub fn status() -> AccelStatus {
-    let (state, reason, path) = {
+    let (state, reason, path, direct, direct_reason) = {
         let g = global();
-        (g.state, g.reason.clone(), g.path.clone())
+        (
+            g.state,
+            g.reason.clone(),
+            g.path.clone(),
+            g.direct,
+            g.direct_reason.clone(),
+        )
     };
     let (stats, sockets) = match &path {
         Some(p) => (p.stats().unwrap_or_default(), p.sockets()),
@@ -129,6 +153,8 @@ pub fn status() -> AccelStatus {
         },
         stats,
         sockets,
+        direct,
+        direct_reason,
     }
 }
 
@@ -155,6 +181,13 @@ pub fn render_prometheus(out: &mut String) {
             u8::from(st == s.state)
         );
     }
+    let _ = writeln!(
+        out,
+        "# HELP sockbus_accel_direct_active 1 when direct delivery (--accel-direct) is on.\n\
+         # TYPE sockbus_accel_direct_active gauge\n\
+         sockbus_accel_direct_active {}",
+        u8::from(s.direct)
+    );
     let _ = writeln!(
         out,
         "# HELP sockbus_accel_sockets Sockets in the fast path's socket hash (two per connection).\n\
@@ -202,6 +235,7 @@ impl AccelGuard {
 impl Drop for AccelGuard {
     fn drop(&mut self) {
         if let Some(p) = self.path.take() {
+            routes::uninstall();
             set(AccelState::Off, "detached".into(), None);
             // The global no longer holds it: this is the last reference.
             drop(p);
@@ -211,8 +245,15 @@ impl Drop for AccelGuard {
 }
 
 /// Starts the fast path as `mode` says and logs one line saying which
-/// transport is in use and why. Errors only for `--accel on`.
-pub fn start(mode: AccelMode, opts: &AttachOptions) -> Result<AccelGuard, AttachError> {
+/// transport is in use and why, and whether direct delivery is on: wanted
+/// unless `direct_off` says why not; turned off, saying why, when its
+/// self-test check fails. Errors only for `--accel on`.
+pub fn start(
+    mode: AccelMode,
+    opts: &AttachOptions,
+    direct_off: Option<&str>,
+) -> Result<AccelGuard, AttachError> {
+    let direct = direct_off.is_none();
     let ports = opts
         .ports
         .iter()
@@ -249,13 +290,42 @@ pub fn start(mode: AccelMode, opts: &AttachOptions) -> Result<AccelGuard, Attach
                 "eBPF sockmap attached at cgroup {} for ports {ports}",
                 p.cgroup().display()
             );
-            tracing::info!(
-                "fast path: on: {reason} ({} ms; self-test passed in {} ms)",
+            let (direct_on, direct_reason) = if let Some(why) = direct_off {
+                (false, why.to_string())
+            } else {
+                match selftest::run_direct(&p).and_then(|took| {
+                    routes::enable(&p)
+                        .map(|()| took)
+                        .map_err(|e| selftest::Failure {
+                            check: selftest::DIRECT_CHECK,
+                            detail: format!("cannot switch direct delivery on: {e}"),
+                        })
+                }) {
+                    Ok(took) => (
+                        true,
+                        format!("self-test check direct passed in {} ms", took.as_millis()),
+                    ),
+                    Err(f) => (false, format!("self-test failed: {f}")),
+                }
+            };
+            let line = format!(
+                "fast path: on: {reason} ({} ms; self-test passed in {} ms); direct delivery {}: {direct_reason}",
                 attach_time.as_millis(),
-                self_test.as_millis()
+                self_test.as_millis(),
+                if direct_on { "on" } else { "off" },
             );
+            // A wanted feature switched off by a failed check is worth a WARN.
+            if direct && !direct_on {
+                tracing::warn!("{line}");
+            } else {
+                tracing::info!("{line}");
+            }
             let p = Arc::new(p);
             set(AccelState::Active, reason, Some(p.clone()));
+            set_direct(direct_on, direct_reason);
+            if direct_on {
+                routes::install(&p);
+            }
             Ok(AccelGuard { path: Some(p) })
         }
         Err(e @ AttachError::SelfTest { .. }) if mode == AccelMode::Auto => {
@@ -311,6 +381,8 @@ impl crate::metrics::Source for MetricsSource {
             "direct_fallbacks": s.stats.direct_fallbacks,
             "direct_unaligned": s.stats.direct_broken,
             "stalls": guard::stalls(),
+            "direct": s.direct,
+            "direct_reason": s.direct_reason,
         })
     }
 }
@@ -353,6 +425,7 @@ mod tests {
                 ports: vec![7420],
                 ..Default::default()
             },
+            None,
         )
         .expect("off never fails");
         assert!(!g.is_active());

@@ -22,6 +22,12 @@
 //! - `eof`: a shutdown is seen as EOF by the peer after the data, and the
 //!   peer's close is seen by the first socket.
 //!
+//! - `direct` (only when direct delivery is wanted, [`run_direct`]): a PUB
+//!   on a routed subject goes from a publisher socket straight into a
+//!   subscriber socket as the MSG the broker would write, and a PUB on
+//!   another subject still reaches the broker's end intact. A failure turns
+//!   direct delivery off and leaves the rest of the fast path on.
+//!
 //! The whole test runs on a thread of its own and is bounded: a check that
 //! does not finish within [`LIMIT`] fails.
 //!
@@ -39,6 +45,10 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use sockbus_protocol::frame;
+use sockbus_protocol::subject::subject_hash;
+
+use super::direct::DirectMaps;
 use super::loader::{FastPath, Handles};
 use super::sock;
 
@@ -47,6 +57,14 @@ pub const CHECKS: [&str; 6] = ["insert", "order", "fionread", "large", "redirect
 
 /// Longest the whole self-test may take.
 pub const LIMIT: Duration = Duration::from_secs(2);
+
+/// The direct-delivery check ([`run_direct`]); not in [`CHECKS`], which a
+/// kernel must pass for the fast path to be used at all.
+pub const DIRECT_CHECK: &str = "direct";
+
+/// The subject the direct check routes: under `$SB.`, which no client may
+/// subscribe to, and routed only for the check's own sockets.
+const DIRECT_SUBJECT: &str = "$SB.SELFTEST.DIRECT";
 
 /// The test hook's variable (see the module documentation).
 pub const FAIL_VAR: &str = "SOCKBUS_ACCEL_SELFTEST_FAIL";
@@ -78,11 +96,11 @@ fn fail(check: &'static str, detail: impl Into<String>) -> Failure {
 pub fn run(fp: &FastPath) -> Result<Duration, Failure> {
     let hook = super::test_hook(FAIL_VAR);
     if let Some(h) = &hook {
-        if h != "hang" && !CHECKS.contains(&h.as_str()) {
+        if h != "hang" && h != DIRECT_CHECK && !CHECKS.contains(&h.as_str()) {
             return Err(fail(
                 "hook",
                 format!(
-                    "{FAIL_VAR}={h} names no check (one of {}, hang)",
+                    "{FAIL_VAR}={h} names no check (one of {}, {DIRECT_CHECK}, hang)",
                     CHECKS.join(", ")
                 ),
             ));
@@ -337,6 +355,160 @@ fn checks(
     }
     done(CHECKS.len() - 1);
     Ok(())
+}
+
+/// The direct-delivery check against the attached `fp` (see the module
+/// documentation); returns how long it took. Bounded by [`LIMIT`] like
+/// [`run`]. Leaves no route, publisher or grant behind.
+pub fn run_direct(fp: &FastPath) -> Result<Duration, Failure> {
+    let check = DIRECT_CHECK;
+    let hook = super::test_hook(FAIL_VAR);
+    if hook.as_deref() == Some(check) {
+        return Err(fail(
+            check,
+            format!("failed on purpose ({FAIL_VAR}={check})"),
+        ));
+    }
+    let t = Instant::now();
+    let mut handles = fp
+        .handles()
+        .map_err(|e| fail(check, format!("cannot open the maps: {e}")))?;
+    let mut maps = fp
+        .direct()
+        .map_err(|e| fail(check, format!("cannot open the direct maps: {e}")))?;
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::Builder::new()
+        .name("accel-selftest-direct".into())
+        .spawn(move || {
+            let _ = tx.send(direct_check(&mut handles, &mut maps));
+        })
+        .map_err(|e| fail(check, format!("cannot start the test thread: {e}")))?;
+    match rx.recv_timeout(LIMIT) {
+        Ok(r) => r.map(|()| t.elapsed()),
+        // Its sockets time out by themselves (SO_RCVTIMEO), so it ends soon.
+        Err(_) => Err(fail(check, format!("did not finish within {LIMIT:?}"))),
+    }
+}
+
+fn direct_check(maps: &mut Handles, direct: &mut DirectMaps) -> Result<(), Failure> {
+    let check = DIRECT_CHECK;
+    let l = TcpListener::bind("127.0.0.1:0").map_err(io(check, "listen on 127.0.0.1"))?;
+    let addr = l.local_addr().map_err(io(check, "listener address"))?;
+    // p: the publisher's end, pb: the broker's end of it; s, sb likewise.
+    let mut p = TcpStream::connect(addr).map_err(io(check, "connect"))?;
+    let (mut pb, _) = l.accept().map_err(io(check, "accept"))?;
+    let mut s = TcpStream::connect(addr).map_err(io(check, "connect"))?;
+    let (sb, _) = l.accept().map_err(io(check, "accept"))?;
+    drop(l);
+    for x in [&p, &pb, &s, &sb] {
+        x.set_read_timeout(Some(LIMIT))
+            .map_err(io(check, "SO_RCVTIMEO"))?;
+        x.set_nodelay(true).map_err(io(check, "TCP_NODELAY"))?;
+    }
+    let (pk, pbk) = sock::keys(&p).map_err(io(check, "socket keys"))?;
+    let (sk, sbk) = sock::keys(&s).map_err(io(check, "socket keys"))?;
+    let keys = [pk, pbk, sk, sbk];
+    let there = maps
+        .contains(&keys)
+        .map_err(io(check, "walk SOCKBUS_SOCKS"))?;
+    for ((k, x), _) in keys
+        .into_iter()
+        .zip([&p, &pb, &s, &sb])
+        .zip(there)
+        .filter(|(_, t)| !t)
+    {
+        maps.socks
+            .insert(k, x.as_raw_fd(), 0)
+            .map_err(|e| fail(check, format!("insert into SOCKBUS_SOCKS: {e}")))?;
+    }
+    let r = (|| {
+        let err = |what: &'static str| move |e: std::io::Error| fail(check, format!("{what}: {e}"));
+        direct
+            .track_publisher(pk)
+            .map_err(err("SOCKBUS_DIRECT_PUBS"))?;
+        direct
+            .add_route(DIRECT_SUBJECT, sk, 7)
+            .map_err(err("SOCKBUS_DIRECT_ROUTES"))?;
+        direct.allow(pk).map_err(err("SOCKBUS_DIRECT_ALLOW"))?;
+        direct.set_done(pk, 0).map_err(err("SOCKBUS_DIRECT_DONE"))?;
+        direct
+            .grant(sk, 1 << 20)
+            .map_err(err("SOCKBUS_DIRECT_GRANT"))?;
+        let payload = b"direct self-test";
+        let mut pubf = bytes::BytesMut::new();
+        frame::encode_pub(
+            &mut pubf,
+            DIRECT_SUBJECT,
+            Some("_INBOX.selftest.1"),
+            &[],
+            payload,
+        )
+        .map_err(|e| fail(check, format!("encode PUB: {e}")))?;
+        let mut other = bytes::BytesMut::new();
+        frame::encode_pub(&mut other, "$SB.SELFTEST.OTHER", None, &[], payload)
+            .map_err(|e| fail(check, format!("encode PUB: {e}")))?;
+        let mut want = bytes::BytesMut::new();
+        frame::encode_msg(
+            &mut want,
+            7,
+            0,
+            DIRECT_SUBJECT,
+            subject_hash(DIRECT_SUBJECT.as_bytes()),
+            Some("_INBOX.selftest.1"),
+            &[],
+            payload,
+        );
+        // Both frames in one send: one verdict per frame.
+        let mut both = pubf.to_vec();
+        both.extend_from_slice(&other);
+        p.write_all(&both).map_err(io(check, "write"))?;
+        let mut got = vec![0u8; want.len()];
+        s.read_exact(&mut got).map_err(|e| {
+            fail(
+                check,
+                format!("the routed PUB never reached the subscriber: {e}"),
+            )
+        })?;
+        if got != want[..] {
+            return Err(fail(
+                check,
+                "the subscriber got other bytes than the MSG the broker would write",
+            ));
+        }
+        let mut got = vec![0u8; other.len()];
+        pb.read_exact(&mut got).map_err(|e| {
+            fail(
+                check,
+                format!("the unrouted PUB never reached the broker's end: {e}"),
+            )
+        })?;
+        if got != other[..] {
+            return Err(fail(
+                check,
+                "the unrouted PUB reached the broker's end changed",
+            ));
+        }
+        let st = direct
+            .publisher(&pk)
+            .ok_or_else(|| fail(check, "the publisher's state is gone"))?;
+        if st.direct_msgs != 1 || st.passed != other.len() as u64 {
+            return Err(fail(
+                check,
+                format!(
+                    "the publisher's counters say {} direct and {} bytes to the broker; 1 and {} were sent",
+                    st.direct_msgs,
+                    st.passed,
+                    other.len()
+                ),
+            ));
+        }
+        Ok(())
+    })();
+    direct.remove_route(DIRECT_SUBJECT);
+    for k in &keys {
+        direct.forget(k);
+    }
+    r
 }
 
 fn io(check: &'static str, what: &'static str) -> impl Fn(std::io::Error) -> Failure {

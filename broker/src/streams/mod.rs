@@ -1158,6 +1158,7 @@ impl Streams {
             .unwrap_or_else(|p| p.into_inner())
             .insert(cfg.name.clone(), s);
         self.generation.fetch_add(1, Ordering::AcqRel);
+        crate::accel::routes::streams_changed(&self.delivery, &info.config.subjects);
         drop(pending);
         if info.config.replicas() == 1 {
             self.announce(&info.config.subjects, true);
@@ -1311,6 +1312,10 @@ impl Streams {
             self.generation.fetch_add(1, Ordering::AcqRel);
             self.announce(&new, true);
             self.announce(&gone, false);
+            // Subjects a stream now captures (or no longer does) change
+            // which subscriptions may be served by a kernel route.
+            let changed: Vec<String> = new.iter().chain(gone.iter()).cloned().collect();
+            crate::accel::routes::streams_changed(&self.delivery, &changed);
             let gen = s.reconfig.fetch_add(1, Ordering::AcqRel) + 1;
             (s, gen)
         };
@@ -1333,6 +1338,7 @@ impl Streams {
         self.index_remove(&s.config());
         self.count.fetch_sub(1, Ordering::AcqRel);
         self.generation.fetch_add(1, Ordering::AcqRel);
+        crate::accel::routes::streams_changed(&self.delivery, &s.config().subjects);
         if s.replicas == 1 {
             self.announce(&s.config().subjects, false);
         } else {
