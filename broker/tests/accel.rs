@@ -1976,6 +1976,24 @@ mod direct {
         f
     }
 
+    /// The next frame at `s`, or what went wrong reading it.
+    fn try_read_frame(s: &mut TcpStream) -> Result<Vec<u8>, String> {
+        let mut h = [0u8; HEADER_LEN];
+        s.read_exact(&mut h).map_err(|e| format!("header: {e}"))?;
+        let hd = match parse_header(&h) {
+            Ok(Some(hd)) => hd,
+            other => return Err(format!("not a frame header: {other:?}")),
+        };
+        if hd.len > 1 << 20 {
+            return Err(format!("a frame of {} bytes", hd.len));
+        }
+        let mut f = h.to_vec();
+        f.resize(HEADER_LEN + hd.len as usize, 0);
+        s.read_exact(&mut f[HEADER_LEN..])
+            .map_err(|e| format!("body: {e}"))?;
+        Ok(f)
+    }
+
     /// The next frame at `s` is `want` (a marker proves nothing came before it).
     fn expect(s: &mut TcpStream, want: &[u8], what: &str) {
         let got = read_frame(s);
@@ -2454,15 +2472,52 @@ mod direct {
         let mut inversions = 0u64;
         let mut seen = vec![false; N as usize];
         let mut last: i64 = -1;
+        // Without the barrier a direct frame can also land inside a frame the
+        // stand-in broker is still writing (its write_all may take several
+        // sends): the stream then stops being frames. That is one more thing
+        // the barrier prevents, so it counts as a violation here (a hard
+        // failure with the barrier) and the rest of the bytes are drained.
+        let want_len = msg_frame(8, "svc.churn", None, &0u32.to_le_bytes()).len();
+        s.c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let mut broken: Option<String> = None;
         for _ in 0..N {
-            let f = read_frame(&mut s.c);
+            let f = match try_read_frame(&mut s.c) {
+                Ok(f) if f.len() == want_len => f,
+                Ok(f) => {
+                    broken = Some(format!("a {}-byte frame, want {want_len}", f.len()));
+                    break;
+                }
+                Err(e) => {
+                    broken = Some(e);
+                    break;
+                }
+            };
             let i = u32::from_le_bytes(f[f.len() - 4..].try_into().unwrap());
-            assert!(!seen[i as usize], "message {i} twice");
+            if i >= N || seen[i as usize] {
+                broken = Some(format!("message {i} out of range or twice"));
+                break;
+            }
             seen[i as usize] = true;
             if (i as i64) < last {
                 inversions += 1;
             }
             last = last.max(i as i64);
+        }
+        if let Some(why) = &broken {
+            assert!(!barrier, "with the barrier: {why}");
+            // Drain until the publisher is done and the stand-in broker
+            // has had a second of nothing to forward.
+            s.c.set_read_timeout(Some(Duration::from_secs(1))).unwrap();
+            let mut buf = vec![0u8; 1 << 16];
+            loop {
+                match s.c.read(&mut buf) {
+                    Ok(0) => break,
+                    Ok(_) => {}
+                    Err(_) if publisher.is_finished() => break,
+                    Err(_) => {}
+                }
+            }
+            inversions += 1;
         }
         stop.store(true, Ordering::Relaxed);
         churner.join().unwrap();
