@@ -59,9 +59,16 @@ impl Release {
     }
 }
 
-/// Most of a thread heap's free top that glibc keeps (see [`configure`]).
+/// Most of a thread heap's free top that glibc keeps (see [`configure`]):
+/// twice the mmap threshold, glibc's own rule when it moves them. Lower
+/// costs the hot paths dearly: at 256 KiB every stream read (a 256 KiB
+/// chunk and its batch, allocated and freed each round) handed the heap's
+/// top back with `madvise` and faulted it in again on the next round,
+/// about 20,000 page faults a second, and read-back ran at 0.76x of the
+/// broker before the threshold was fixed (docs/benchmarks.md, "Issue 13
+/// item 10: the read-back loss found").
 #[cfg(all(target_os = "linux", target_env = "gnu"))]
-const TRIM_THRESHOLD: libc::c_int = 256 << 10;
+const TRIM_THRESHOLD: libc::c_int = 2 << 20;
 /// Blocks this large or larger get their own mapping, returned when freed.
 #[cfg(all(target_os = "linux", target_env = "gnu"))]
 const MMAP_THRESHOLD: libc::c_int = 1 << 20;
