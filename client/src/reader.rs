@@ -207,10 +207,14 @@ pub(crate) fn poll_reading<T>(
     cx: &mut Context<'_>,
     mut poll_rx: impl FnMut(&mut Context<'_>) -> Poll<T>,
 ) -> Poll<T> {
-    let own_thread = matches!(
-        tokio::runtime::Handle::try_current().map(|h| h.runtime_flavor()),
-        Ok(tokio::runtime::RuntimeFlavor::CurrentThread)
-    );
+    // Looked up only once the channel is empty: the runtime handle is an
+    // `Arc` clone and drop, a cost per message when messages are waiting.
+    let own_thread = || {
+        matches!(
+            tokio::runtime::Handle::try_current().map(|h| h.runtime_flavor()),
+            Ok(tokio::runtime::RuntimeFlavor::CurrentThread)
+        )
+    };
     let mut stalled = false;
     loop {
         if let Poll::Ready(v) = poll_rx(cx) {
@@ -218,7 +222,7 @@ pub(crate) fn poll_reading<T>(
         }
         // Held up by another subscription: what we wait for comes through
         // the channel once the reader task can go on.
-        if !own_thread || stalled {
+        if stalled || !own_thread() {
             return Poll::Pending;
         }
         let Some(side) = lock(&inner.read).clone() else {
