@@ -112,14 +112,16 @@ fn blocking<T>(f: impl FnOnce() -> T) -> T {
     }
 }
 
-/// Removes the stream's durable consumers, live and on disk.
+/// Removes the stream's durable consumers (the replicated state), live and
+/// on disk. Ephemeral ones stay: they read on once the stream is back.
 fn clear_consumers(s: &Arc<Stream>) -> io::Result<()> {
     let names: Vec<String> = s
         .consumers
         .lock()
         .unwrap_or_else(|p| p.into_inner())
-        .keys()
-        .cloned()
+        .iter()
+        .filter(|(_, c)| c.is_durable())
+        .map(|(k, _)| k.clone())
         .collect();
     for n in names {
         let _ = crate::streams::consumer::delete(s, &n);

@@ -868,6 +868,7 @@ impl Streams {
             // A damaged copy is emptied before anything reads it; its
             // group refills it from the peers.
             crate::replication::check_copy(&s);
+            s.log.set_strict(true);
             replicated::spawn(s.clone(), rx);
             crate::replication::hub().open_group(&s);
         } else {
