@@ -1677,3 +1677,82 @@ async fn a_bit_flipped_under_a_running_follower_is_not_skipped_by_its_readers_an
         );
     }
 }
+
+/// A replica being repaired refuses to vote: with the leader killed, the
+/// one healthy follower cannot get elected with its vote (the stream takes
+/// no writes rather than risk a leader lacking entries the damaged replica
+/// had acknowledged), and once the old leader is back the group goes on
+/// with every acked message. The repair is made endless here by a repair
+/// marker whose target entry never comes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_being_repaired_gives_no_vote_so_no_leader_is_elected_without_a_healthy_majority()
+{
+    let mut cl = Cluster::start(3).await;
+    let c = client(cl.nodes[0].port).await;
+    let mut cfg = StreamConfig::new("CV", ["repl.>"]);
+    cfg.replicas = Some(3);
+    add_replicated(&c, &cfg).await;
+    let leader_name = leader(cl.nodes[0].port, "CV").await;
+    let li = cl.index(&leader_name);
+    let fs: Vec<usize> = (0..3).filter(|&i| i != li).collect();
+    let (d, h) = (fs[0], fs[1]);
+    let pc = client(cl.nodes[li].port).await;
+    let mut acked = HashMap::new();
+    for i in 0..200 {
+        let p = format!("v0-{i:06}");
+        let a = pc.publish_durable(&format!("repl.{i}"), &p).await.unwrap();
+        acked.insert(p, a.seq);
+    }
+    cl.nodes[d].kill9();
+    std::fs::write(
+        raft_dir(&cl.nodes[d], "CV").join("repair"),
+        r#"{"target":1000000000,"wipe":false,"reason":"test: never repaired"}"#,
+    )
+    .unwrap();
+    cl.restart(d).await;
+    let repairing = "sockbus_stream_repairing{stream=\"CV\"}";
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while metric(&cl.nodes[d], repairing).await != Some(1.0) {
+        assert!(
+            Instant::now() < deadline,
+            "{} not repairing",
+            cl.nodes[d].name
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    cl.nodes[li].kill9();
+    // Several election timeouts: the healthy follower never wins.
+    let (dn, hn) = (cl.nodes[d].name.clone(), cl.nodes[h].name.clone());
+    let until = Instant::now() + Duration::from_secs(8);
+    while Instant::now() < until {
+        for i in [d, h] {
+            let c = client(cl.nodes[i].port).await;
+            if let Ok(info) = c.stream_info("CV").await {
+                let l = info.cluster.and_then(|c| c.leader);
+                assert!(
+                    l.as_deref() != Some(hn.as_str()) && l.as_deref() != Some(dn.as_str()),
+                    "{} elected without a healthy majority",
+                    l.unwrap()
+                );
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    cl.restart(li).await;
+    let hc = client(cl.nodes[h].port).await;
+    for i in 200..300 {
+        let p = format!("v0-{i:06}");
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let a = loop {
+            match hc.publish_durable(&format!("repl.{i}"), &p).await {
+                Ok(a) => break a,
+                Err(e) => {
+                    assert!(Instant::now() < deadline, "{p} not acked: {e}");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+        };
+        acked.insert(p, a.seq);
+    }
+    check_on(&cl, &[li, h], "CV", &acked).await;
+}
