@@ -517,8 +517,10 @@ impl Hub {
                 _ => warn!(stream = %cfg.name, %peer, "a non-member did not take the stream"),
             }
         }
+        // Its Raft starts on a task (after the stream's copy is checked).
         let g = self
-            .group(&cfg.name)
+            .wait_group(&cfg.name, Duration::from_secs(10))
+            .await
             .ok_or_else(|| ReplError::Other("the group did not start".into()))?;
         let nodes: BTreeMap<NodeId, BasicNode> = members
             .iter()
