@@ -1375,6 +1375,9 @@ enum Damage {
     TruncateSealed,
     /// One bit of an entry in the middle of the Raft log.
     FlipRaftLog,
+    /// A repair cut short while emptying the copy: the repair marker says
+    /// so, `applied` and the oldest segment are already gone.
+    InterruptedWipe,
 }
 
 /// The stream's sealed segment files (all but the newest), by base.
@@ -1424,6 +1427,16 @@ fn damage(node: &Node, stream: &str, how: Damage) {
                 node.name,
                 path.display()
             );
+        }
+        Damage::InterruptedWipe => {
+            let raft = raft_dir(node, stream);
+            std::fs::write(
+                raft.join("repair"),
+                r#"{"target":0,"wipe":true,"reason":"test: a crash while emptying the copy"}"#,
+            )
+            .unwrap();
+            std::fs::remove_file(raft.join("applied")).unwrap();
+            std::fs::remove_file(&sealed_segments(node, stream)[0]).unwrap();
         }
         Damage::FlipRaftLog => {
             let path = raft_dir(node, stream).join("log");
@@ -1755,4 +1768,9 @@ async fn a_replica_being_repaired_gives_no_vote_so_no_leader_is_elected_without_
         acked.insert(p, a.seq);
     }
     check_on(&cl, &[li, h], "CV", &acked).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_killed_while_emptying_its_damaged_copy_empties_it_again_and_repairs() {
+    a_damaged_replica_repairs("CW", Damage::InterruptedWipe, false, None).await;
 }
