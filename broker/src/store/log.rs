@@ -595,6 +595,15 @@ impl Log {
         Ok(())
     }
 
+    /// What happens to damage found, for the logs.
+    fn on_damage(&self) -> &'static str {
+        if self.strict.load(Ordering::Relaxed) {
+            "reads stop there until this replica's copy is repaired from its peers"
+        } else {
+            "these sequences are lost and skipped, everything else is served"
+        }
+    }
+
     /// Reads stop at damage instead of skipping it (see `strict`).
     pub fn set_strict(&self, on: bool) {
         self.strict.store(on, Ordering::Relaxed);
@@ -637,7 +646,7 @@ impl Log {
                 Ok(s) => {
                     if !s.bad.is_empty() {
                         error!(stream = %self.name, segment = %seg.path.display(), ranges = ?s.bad, lost = s.lost,
-                            "damaged records found (CRC mismatch); they are skipped, everything else is served");
+                            then = self.on_damage(), "damaged records found (CRC mismatch)");
                         seg.bad = s.bad.clone();
                     }
                     let tail = self.tail_lost(seg, &s, next_base);
@@ -665,7 +674,7 @@ impl Log {
             return 0;
         }
         error!(stream = %self.name, segment = %seg.path.display(), lost_from = from, lost_to = next - 1,
-            "sealed segment cut short or its last records damaged (CRC); these sequences are lost, everything else is served");
+            then = self.on_damage(), "sealed segment cut short or its last records damaged (CRC)");
         next - from
     }
 
@@ -689,7 +698,7 @@ impl Log {
                 }
                 if seg.bad != s.bad {
                     error!(stream = %self.name, segment = %seg.path.display(), ranges = ?s.bad, lost = s.lost,
-                        "damaged records found (CRC mismatch); they are skipped, everything else is served");
+                        then = self.on_damage(), "damaged records found (CRC mismatch)");
                     seg.bad = s.bad.clone();
                     seg.msgs = s.msgs;
                     seg.verified = true;

@@ -867,8 +867,8 @@ impl Streams {
         if s.replicas > 1 {
             // A damaged copy is emptied before anything reads it; its
             // group refills it from the peers.
-            crate::replication::check_copy(&s);
             s.log.set_strict(true);
+            crate::replication::check_copy(&s);
             replicated::spawn(s.clone(), rx);
             crate::replication::hub().open_group(&s);
         } else {
