@@ -28,6 +28,8 @@ struct Node {
     cport: u16,
     /// The NATS front end's port.
     nport: u16,
+    /// HTTP (`/metrics`).
+    hport: u16,
     dir: PathBuf,
     child: Option<Child>,
     /// `SOCKBUS_RAFT_SNAPSHOT_EVERY` for this broker, when set.
@@ -64,6 +66,8 @@ impl Node {
                 SECRET,
                 "--nats",
                 &format!("127.0.0.1:{}", self.nport),
+                "--http",
+                &format!("127.0.0.1:{}", self.hport),
                 "--accel",
                 "off",
                 "--node-id",
@@ -148,6 +152,7 @@ impl Cluster {
                 port: free_port(),
                 cport: free_port(),
                 nport: free_port(),
+                hport: free_port(),
                 dir: tmp.path().join(format!("n{}", i + 1)),
                 child: None,
                 snap_every,
@@ -1340,4 +1345,432 @@ async fn kill_9_while_a_replica_installs_a_snapshot_leaves_it_consistent_after_r
     }
     check_all(&cl, "RK", &acked).await;
     eprintln!("{caught} of 3 kills landed inside an install");
+}
+
+/// The value of one `/metrics` series (name and labels as printed) of a node.
+async fn metric(node: &Node, series: &str) -> Option<f64> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut t = tokio::net::TcpStream::connect(("127.0.0.1", node.hport))
+        .await
+        .ok()?;
+    t.write_all(b"GET /metrics HTTP/1.0\r\nHost: localhost\r\n\r\n")
+        .await
+        .ok()?;
+    let mut b = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), t.read_to_end(&mut b))
+        .await
+        .ok()?
+        .ok()?;
+    String::from_utf8_lossy(&b)
+        .lines()
+        .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
+}
+
+/// How a test damages a killed replica's files.
+#[derive(Clone, Copy, Debug)]
+enum Damage {
+    /// One bit of a record in a sealed segment.
+    FlipSealed,
+    /// A sealed segment cut to half its length.
+    TruncateSealed,
+    /// One bit of an entry in the middle of the Raft log.
+    FlipRaftLog,
+    /// A repair cut short while emptying the copy: the repair marker says
+    /// so, `applied` and the oldest segment are already gone.
+    InterruptedWipe,
+}
+
+/// The stream's sealed segment files (all but the newest), by base.
+fn sealed_segments(node: &Node, stream: &str) -> Vec<PathBuf> {
+    let dir = raft_dir(node, stream).parent().unwrap().to_path_buf();
+    let mut v: Vec<(u64, PathBuf)> = std::fs::read_dir(&dir)
+        .unwrap()
+        .filter_map(|e| {
+            let p = e.ok()?.path();
+            let base = p
+                .file_name()?
+                .to_str()?
+                .strip_suffix(".seg")?
+                .parse()
+                .ok()?;
+            Some((base, p))
+        })
+        .collect();
+    v.sort();
+    v.pop();
+    v.into_iter().map(|(_, p)| p).collect()
+}
+
+fn damage(node: &Node, stream: &str, how: Damage) {
+    match how {
+        Damage::FlipSealed | Damage::TruncateSealed => {
+            let segs = sealed_segments(node, stream);
+            assert!(
+                segs.len() >= 3,
+                "{}: only {} sealed segments",
+                node.name,
+                segs.len()
+            );
+            let path = &segs[segs.len() / 2];
+            let mut b = std::fs::read(path).unwrap();
+            // The written part (a sealed file may end in zero fill).
+            let end = b.iter().rposition(|&x| x != 0).unwrap() + 1;
+            if let Damage::FlipSealed = how {
+                b[end / 2] ^= 0x10;
+                std::fs::write(path, &b).unwrap();
+            } else {
+                let f = std::fs::OpenOptions::new().write(true).open(path).unwrap();
+                f.set_len((end / 2) as u64).unwrap();
+            }
+            eprintln!(
+                "{}: {how:?} {} ({end} bytes written)",
+                node.name,
+                path.display()
+            );
+        }
+        Damage::InterruptedWipe => {
+            let raft = raft_dir(node, stream);
+            std::fs::write(
+                raft.join("repair"),
+                r#"{"target":0,"wipe":true,"reason":"test: a crash while emptying the copy"}"#,
+            )
+            .unwrap();
+            std::fs::remove_file(raft.join("applied")).unwrap();
+            std::fs::remove_file(&sealed_segments(node, stream)[0]).unwrap();
+        }
+        Damage::FlipRaftLog => {
+            let path = raft_dir(node, stream).join("log");
+            let mut b = std::fs::read(&path).unwrap();
+            let mut frames = Vec::new();
+            let mut at = 0usize;
+            while at + 8 <= b.len() {
+                let len = u32::from_le_bytes(b[at..at + 4].try_into().unwrap()) as usize;
+                if at + 8 + len > b.len() {
+                    break;
+                }
+                frames.push((at, len));
+                at += 8 + len;
+            }
+            assert!(
+                frames.len() >= 100,
+                "{}: {} Raft log entries",
+                node.name,
+                frames.len()
+            );
+            let (at, len) = frames[frames.len() / 2];
+            b[at + 8 + len / 2] ^= 0x10;
+            std::fs::write(&path, &b).unwrap();
+            eprintln!(
+                "{}: flipped a bit of Raft log entry {} of {}",
+                node.name,
+                frames.len() / 2,
+                frames.len()
+            );
+        }
+    }
+}
+
+/// `sockbus-broker verify-stream DIR --records` of a stopped node's copy:
+/// its records (seq, payload), after asserting it found no damage.
+fn offline_records(node: &Node, stream: &str) -> Vec<(u64, String)> {
+    let dir = raft_dir(node, stream).parent().unwrap().to_path_buf();
+    let out = Command::new(env!("CARGO_BIN_EXE_sockbus-broker"))
+        .arg("verify-stream")
+        .arg(&dir)
+        .arg("--records")
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}: verify-stream found damage: {}",
+        node.name,
+        text.lines().last().unwrap_or_default()
+    );
+    text.lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|v| v.get("seq").is_some())
+        .map(|v| {
+            (
+                v["seq"].as_u64().unwrap(),
+                v["payload"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect()
+}
+
+/// Issue 17 item 6: a replica killed with -9 whose files were then damaged
+/// (`how`) reports it and repairs from its peers once restarted: its
+/// `sockbus_stream_repairs_total` goes to 1, every acked message (before
+/// the damage, while it was down, while it repaired) is served through it
+/// exactly once at its acked sequence, and its offline copy has no damage
+/// and equals the others'. `victim_leader`: it led the stream when killed.
+async fn a_damaged_replica_repairs(
+    stream: &str,
+    how: Damage,
+    victim_leader: bool,
+    snap: Option<u64>,
+) {
+    let mut cl = Cluster::start_with(3, snap).await;
+    let c = client(cl.nodes[0].port).await;
+    let mut cfg = StreamConfig::new(stream, ["repl.>"]);
+    cfg.replicas = Some(3);
+    cfg.segment_bytes = Some(16 * 1024);
+    add_replicated(&c, &cfg).await;
+    let leader_name = leader(cl.nodes[0].port, stream).await;
+    let li = cl.index(&leader_name);
+    let v = if victim_leader {
+        li
+    } else {
+        (0..3).find(|&i| i != li).unwrap()
+    };
+    let others: Vec<usize> = (0..3).filter(|&i| i != v).collect();
+    let acked: Arc<Mutex<HashMap<String, u64>>> = Default::default();
+    let phase = |ports: Vec<u16>, prefix: &'static str, n: usize| {
+        let acked = acked.clone();
+        async move {
+            let stop = Arc::new(AtomicBool::new(false));
+            let start = acked.lock().unwrap().len();
+            let pubs = publishers(ports, stop.clone(), acked.clone(), prefix);
+            let deadline = Instant::now() + Duration::from_secs(240);
+            while acked.lock().unwrap().len() < start + n {
+                assert!(Instant::now() < deadline, "publishing ({prefix}) stalled");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            stop.store(true, Ordering::Relaxed);
+            for p in pubs {
+                p.await.unwrap();
+            }
+        }
+    };
+    let all_ports: Vec<u16> = cl.nodes.iter().map(|n| n.port).collect();
+    phase(all_ports.clone(), "a", 2000).await;
+    // Every replica holds all of it before the victim goes.
+    let want = acked.lock().unwrap().values().copied().max().unwrap();
+    for n in &cl.nodes {
+        wait_info(n.port, stream, "caught up", |i| i.state.last_seq >= want).await;
+    }
+    cl.nodes[v].kill9();
+    damage(&cl.nodes[v], stream, how);
+    let other_ports: Vec<u16> = others.iter().map(|&i| cl.nodes[i].port).collect();
+    phase(other_ports, "b", 200).await;
+    cl.restart(v).await;
+    let victim = &cl.nodes[v];
+    let series = format!("sockbus_stream_repairs_total{{stream=\"{stream}\"}}");
+    // Publishing through every node, the repairing one included.
+    phase(all_ports, "c", 300).await;
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while metric(victim, &series).await != Some(1.0) {
+        assert!(
+            Instant::now() < deadline,
+            "{}: no repair counted ({series} = {:?})",
+            victim.name,
+            metric(victim, &series).await
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let repairing = format!("sockbus_stream_repairing{{stream=\"{stream}\"}}");
+    assert_eq!(metric(victim, &repairing).await, Some(0.0));
+    for &o in &others {
+        assert_eq!(
+            metric(&cl.nodes[o], &series).await,
+            Some(0.0),
+            "{}: undamaged, nothing to repair",
+            cl.nodes[o].name
+        );
+    }
+    let acked = acked.lock().unwrap().clone();
+    check_all(&cl, stream, &acked).await;
+    // Offline, every copy is whole and the same.
+    for n in &mut cl.nodes {
+        n.kill9();
+    }
+    let first = offline_records(&cl.nodes[0], stream);
+    assert!(
+        first.len() >= acked.len(),
+        "{} records offline",
+        first.len()
+    );
+    for n in &cl.nodes[1..] {
+        assert!(
+            offline_records(n, stream) == first,
+            "{}'s offline copy differs from {}'s",
+            n.name,
+            cl.nodes[0].name
+        );
+    }
+    eprintln!(
+        "{} acked, all on every replica after the repair",
+        acked.len()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_follower_with_a_bit_flipped_in_a_sealed_segment_repairs_from_its_peers_with_every_acked_message(
+) {
+    a_damaged_replica_repairs("CF", Damage::FlipSealed, false, None).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_follower_with_a_truncated_sealed_segment_repairs_through_a_snapshot_with_every_acked_message(
+) {
+    a_damaged_replica_repairs("CT", Damage::TruncateSealed, false, Some(SNAP_EVERY)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_follower_with_a_damaged_raft_log_cuts_it_and_repairs_with_every_acked_message() {
+    a_damaged_replica_repairs("CR", Damage::FlipRaftLog, false, None).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leader_killed_and_found_damaged_at_restart_repairs_as_a_follower_with_every_acked_message(
+) {
+    a_damaged_replica_repairs("CL", Damage::FlipSealed, true, Some(SNAP_EVERY)).await;
+}
+
+/// Damage appearing under a running follower (one bit of a sealed segment
+/// flipped while it serves): a reader through it never skips the damaged
+/// record (it waits), the follower empties its copy and repairs it from its
+/// peers, and the reader then gets every acked message once, in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bit_flipped_under_a_running_follower_is_not_skipped_by_its_readers_and_is_repaired() {
+    let mut cl = Cluster::start(3).await;
+    let c = client(cl.nodes[0].port).await;
+    let mut cfg = StreamConfig::new("CX", ["repl.>"]);
+    cfg.replicas = Some(3);
+    cfg.segment_bytes = Some(16 * 1024);
+    add_replicated(&c, &cfg).await;
+    let leader_name = leader(cl.nodes[0].port, "CX").await;
+    let li = cl.index(&leader_name);
+    let v = (0..3).find(|&i| i != li).unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    let acked: Arc<Mutex<HashMap<String, u64>>> = Default::default();
+    let ports: Vec<u16> = cl.nodes.iter().map(|n| n.port).collect();
+    let pubs = publishers(ports, stop.clone(), acked.clone(), "x");
+    let deadline = Instant::now() + Duration::from_secs(240);
+    while acked.lock().unwrap().len() < 2000 {
+        assert!(Instant::now() < deadline, "publishing stalled");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    stop.store(true, Ordering::Relaxed);
+    for p in pubs {
+        p.await.unwrap();
+    }
+    let acked = acked.lock().unwrap().clone();
+    let want = acked.values().copied().max().unwrap();
+    for n in &cl.nodes {
+        wait_info(n.port, "CX", "caught up", |i| i.state.last_seq >= want).await;
+    }
+    damage(&cl.nodes[v], "CX", Damage::FlipSealed);
+    // The read meets the damage, waits for the repair, goes on.
+    let got = read_stream(cl.nodes[v].port, "CX").await;
+    let mut expect: Vec<(u64, String)> = acked.iter().map(|(p, s)| (*s, p.clone())).collect();
+    expect.sort();
+    assert_eq!(got.len(), expect.len(), "{} messages read", got.len());
+    assert!(
+        got == expect,
+        "the read through the damaged follower differs"
+    );
+    let series = "sockbus_stream_repairs_total{stream=\"CX\"}";
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while metric(&cl.nodes[v], series).await != Some(1.0) {
+        assert!(Instant::now() < deadline, "no repair counted");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    check_all(&cl, "CX", &acked).await;
+    for n in &mut cl.nodes {
+        n.kill9();
+    }
+    let first = offline_records(&cl.nodes[0], "CX");
+    for n in &cl.nodes[1..] {
+        assert!(
+            offline_records(n, "CX") == first,
+            "{}'s copy differs",
+            n.name
+        );
+    }
+}
+
+/// A replica being repaired refuses to vote: with the leader killed, the
+/// one healthy follower cannot get elected with its vote (the stream takes
+/// no writes rather than risk a leader lacking entries the damaged replica
+/// had acknowledged), and once the old leader is back the group goes on
+/// with every acked message. The repair is made endless here by a repair
+/// marker whose target entry never comes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_being_repaired_gives_no_vote_so_no_leader_is_elected_without_a_healthy_majority()
+{
+    let mut cl = Cluster::start(3).await;
+    let c = client(cl.nodes[0].port).await;
+    let mut cfg = StreamConfig::new("CV", ["repl.>"]);
+    cfg.replicas = Some(3);
+    add_replicated(&c, &cfg).await;
+    let leader_name = leader(cl.nodes[0].port, "CV").await;
+    let li = cl.index(&leader_name);
+    let fs: Vec<usize> = (0..3).filter(|&i| i != li).collect();
+    let (d, h) = (fs[0], fs[1]);
+    let pc = client(cl.nodes[li].port).await;
+    let mut acked = HashMap::new();
+    for i in 0..200 {
+        let p = format!("v0-{i:06}");
+        let a = pc.publish_durable(&format!("repl.{i}"), &p).await.unwrap();
+        acked.insert(p, a.seq);
+    }
+    cl.nodes[d].kill9();
+    std::fs::write(
+        raft_dir(&cl.nodes[d], "CV").join("repair"),
+        r#"{"target":1000000000,"wipe":false,"reason":"test: never repaired"}"#,
+    )
+    .unwrap();
+    cl.restart(d).await;
+    let repairing = "sockbus_stream_repairing{stream=\"CV\"}";
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while metric(&cl.nodes[d], repairing).await != Some(1.0) {
+        assert!(
+            Instant::now() < deadline,
+            "{} not repairing",
+            cl.nodes[d].name
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    cl.nodes[li].kill9();
+    // Several election timeouts: the healthy follower never wins.
+    let (dn, hn) = (cl.nodes[d].name.clone(), cl.nodes[h].name.clone());
+    let until = Instant::now() + Duration::from_secs(8);
+    while Instant::now() < until {
+        for i in [d, h] {
+            let c = client(cl.nodes[i].port).await;
+            if let Ok(info) = c.stream_info("CV").await {
+                let l = info.cluster.and_then(|c| c.leader);
+                assert!(
+                    l.as_deref() != Some(hn.as_str()) && l.as_deref() != Some(dn.as_str()),
+                    "{} elected without a healthy majority",
+                    l.unwrap()
+                );
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    cl.restart(li).await;
+    let hc = client(cl.nodes[h].port).await;
+    for i in 200..300 {
+        let p = format!("v0-{i:06}");
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let a = loop {
+            match hc.publish_durable(&format!("repl.{i}"), &p).await {
+                Ok(a) => break a,
+                Err(e) => {
+                    assert!(Instant::now() < deadline, "{p} not acked: {e}");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+        };
+        acked.insert(p, a.seq);
+    }
+    check_on(&cl, &[li, h], "CV", &acked).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_killed_while_emptying_its_damaged_copy_empties_it_again_and_repairs() {
+    a_damaged_replica_repairs("CW", Damage::InterruptedWipe, false, None).await;
 }

@@ -8,7 +8,11 @@
 //! goes on. Votes, truncations and purges wait for the appends before them.
 //!
 //! A torn or damaged tail (a crash mid-append) ends the log where the last
-//! whole entry ends: those entries were never acknowledged.
+//! whole entry ends: those entries were never acknowledged. A damaged entry
+//! with whole entries after it is damage, not a crash: the log is cut there
+//! too (openraft sees a shorter log, so this replica cannot win an election
+//! against up-to-date peers), the vote is kept, and [`LogDamage`] tells the
+//! group to repair (super::repair).
 
 use std::collections::BTreeMap;
 use std::fmt::Debug;
@@ -88,8 +92,41 @@ fn read_opt<T: serde::de::DeserializeOwned>(path: &Path) -> io::Result<Option<T>
     }
 }
 
+/// Damage found in the Raft log (not a torn tail): entries from
+/// `first_lost` on were cut, and a whole entry up to `last_seen` followed.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct LogDamage {
+    pub first_lost: u64,
+    pub last_seen: u64,
+}
+
+/// The highest index of a whole entry (length, CRC and body valid) found
+/// after byte `from`, searching byte by byte past the damage.
+fn valid_after(data: &[u8], from: usize) -> Option<u64> {
+    let mut best = None;
+    let mut at = from + 1;
+    while at + 8 <= data.len() {
+        let len = u32::from_le_bytes(data[at..at + 4].try_into().expect("4 bytes")) as usize;
+        let crc = u32::from_le_bytes(data[at + 4..at + 8].try_into().expect("4 bytes"));
+        if len > 0 && len <= MAX_ENTRY && at + 8 + len <= data.len() {
+            let body = &data[at + 8..at + 8 + len];
+            if crc32c::crc32c(body) == crc {
+                if let Ok(e) = bincode::deserialize::<Entry<TypeConfig>>(body) {
+                    best = best.max(Some(e.log_id.index));
+                    at += 8 + len;
+                    continue;
+                }
+            }
+        }
+        at += 1;
+    }
+    best
+}
+
 impl LogStore {
-    pub(crate) fn open(dir: &Path, fsync: bool) -> io::Result<LogStore> {
+    /// Opens the group's log; also says whether it found damage (not a
+    /// torn tail) and cut the log there.
+    pub(crate) fn open(dir: &Path, fsync: bool) -> io::Result<(LogStore, Option<LogDamage>)> {
         std::fs::create_dir_all(dir)?;
         let vote = read_opt(&dir.join("vote"))?;
         let purged: Option<Option<LogId<NodeId>>> = read_opt(&dir.join("purged"))?;
@@ -122,12 +159,32 @@ impl LogStore {
             entries.insert(e.log_id.index, e);
             at += 8 + len;
         }
+        let mut damage = None;
         if at < data.len() {
-            tracing::warn!(
-                path = %path.display(),
-                dropped = data.len() - at,
-                "the Raft log ends in a torn or damaged entry: cut back to the last whole one"
-            );
+            // Whole entries after the bad one: damage, not a torn append.
+            let first_lost = entries.keys().next_back().map_or(0, |i| i + 1);
+            match valid_after(&data, at) {
+                Some(last_seen) => {
+                    tracing::error!(
+                        path = %path.display(),
+                        offset = at,
+                        first_lost,
+                        last_seen,
+                        "the Raft log has a damaged entry (CRC) with whole entries after it: \
+                         cut at the damage; this replica neither votes nor campaigns until its \
+                         peers have sent it the entries again"
+                    );
+                    damage = Some(LogDamage {
+                        first_lost,
+                        last_seen,
+                    });
+                }
+                None => tracing::warn!(
+                    path = %path.display(),
+                    dropped = data.len() - at,
+                    "the Raft log ends in a torn or damaged entry: cut back to the last whole one"
+                ),
+            }
             file.set_len(at as u64)?;
             file.sync_all()?;
         }
@@ -138,14 +195,44 @@ impl LogStore {
         std::thread::Builder::new()
             .name("raft-log".into())
             .spawn(move || io_thread(file, fsync, rx))?;
-        Ok(LogStore(Arc::new(Mutex::new(Inner {
+        let store = LogStore(Arc::new(Mutex::new(Inner {
             dir: dir.to_path_buf(),
             io,
             entries,
             vote,
             committed: None,
             purged,
-        }))))
+        })));
+        Ok((store, damage))
+    }
+
+    /// The index of the last entry held (or purged), 0 for none.
+    pub(crate) fn last_index(&self) -> u64 {
+        let g = self.lock();
+        g.entries
+            .keys()
+            .next_back()
+            .copied()
+            .or(g.purged.map(|p| p.index))
+            .unwrap_or(0)
+    }
+
+    /// Forgets every entry (the vote stays): a replica whose stream was
+    /// damaged starts its log again from its peers. The file is emptied
+    /// before `purged` goes, so a crash between leaves no entry openraft
+    /// would take for the log's start (and the repair marker redoes this).
+    pub(crate) fn clear(&self) -> io::Result<()> {
+        let mut g = self.lock();
+        g.entries.clear();
+        g.rewrite()?;
+        g.barrier()?;
+        match std::fs::remove_file(g.dir.join("purged")) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e),
+        }
+        g.purged = None;
+        crate::store::segment::sync_dir(&g.dir)
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {

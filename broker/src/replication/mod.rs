@@ -19,6 +19,7 @@
 
 mod log;
 mod net;
+mod repair;
 mod sm;
 mod snap;
 
@@ -169,9 +170,11 @@ fn snapshot_every() -> u64 {
 /// quarter of that before it: the Raft log holds at most about 1.25 times
 /// that many entries (plus those not yet applied). A replica behind the
 /// purged part catches up through a snapshot (sm.rs, snap.rs).
-fn raft_config() -> Arc<Config> {
+fn raft_config(elect: bool) -> Arc<Config> {
     let every = snapshot_every();
     let c = Config {
+        // Off while a damaged replica is repaired (repair.rs).
+        enable_elect: elect,
         cluster_name: "sockbus".into(),
         heartbeat_interval: 200,
         election_timeout_min: 600,
@@ -198,6 +201,8 @@ pub(crate) struct Group {
     pub members: Vec<String>,
     /// A snapshot being received here (see [`Group::receiving_snapshot`]).
     snap_rx: Mutex<SnapRx>,
+    /// Being repaired after damage (repair.rs): refuses votes, no elections.
+    repairing: std::sync::atomic::AtomicBool,
 }
 
 #[derive(Default)]
@@ -233,11 +238,29 @@ const SNAPSHOT_QUIET: Duration = Duration::from_secs(2);
 pub(crate) type Progress = (u64, Vec<(String, Option<u64>)>);
 
 impl Group {
-    fn new(raft: Raft<TypeConfig>, members: Vec<String>) -> Group {
+    fn new(raft: Raft<TypeConfig>, members: Vec<String>, repairing: bool) -> Group {
         Group {
             raft,
             members,
             snap_rx: Mutex::new(SnapRx::default()),
+            repairing: repairing.into(),
+        }
+    }
+
+    /// A damaged replica not yet repaired: it must not vote (net.rs answers
+    /// vote requests with a refusal) nor campaign.
+    pub(crate) fn repairing(&self) -> bool {
+        self.repairing.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// The repair is done: votes and elections again (elections once a
+    /// snapshot being received is done, see [`Group::receiving_snapshot`]).
+    fn repaired(&self) {
+        let rx = self.snap_rx.lock().unwrap_or_else(|p| p.into_inner());
+        self.repairing
+            .store(false, std::sync::atomic::Ordering::Release);
+        if !rx.on {
+            self.raft.runtime_config().elect(true);
         }
     }
 
@@ -272,8 +295,11 @@ impl Group {
                 let quiet = rx.last.is_none_or(|l| l.elapsed() >= SNAPSHOT_QUIET);
                 if rx.inflight == 0 && quiet {
                     rx.on = false;
+                    // A replica being repaired campaigns only once repaired.
+                    if !g.repairing() {
+                        g.raft.runtime_config().elect(true);
+                    }
                     drop(rx);
-                    g.raft.runtime_config().elect(true);
                     return;
                 }
             }
@@ -344,6 +370,8 @@ pub(crate) struct Hub {
     heard: Mutex<HashMap<String, Heard>>,
     /// Groups whose Raft is being started.
     starting: Mutex<std::collections::HashSet<String>>,
+    /// Per stream: repairs of a damaged copy done here since start-up.
+    repairs: Mutex<HashMap<String, u64>>,
     pool: net::Pool,
 }
 
@@ -357,6 +385,7 @@ pub(crate) fn hub() -> &'static Arc<Hub> {
             peers: Mutex::new(BTreeMap::new()),
             groups: Mutex::new(HashMap::new()),
             starting: Mutex::new(Default::default()),
+            repairs: Mutex::new(HashMap::new()),
             heard: Mutex::new(HashMap::new()),
             pool: net::Pool::default(),
         })
@@ -488,8 +517,10 @@ impl Hub {
                 _ => warn!(stream = %cfg.name, %peer, "a non-member did not take the stream"),
             }
         }
+        // Its Raft starts on a task (after the stream's copy is checked).
         let g = self
-            .group(&cfg.name)
+            .wait_group(&cfg.name, Duration::from_secs(10))
+            .await
             .ok_or_else(|| ReplError::Other("the group did not start".into()))?;
         let nodes: BTreeMap<NodeId, BasicNode> = members
             .iter()
@@ -529,45 +560,45 @@ impl Hub {
         {
             return;
         }
-        let store =
-            match log::LogStore::open(&dir, s.config().fsync == crate::streams::Fsync::Always) {
-                Ok(l) => l,
-                Err(e) => {
-                    warn!(stream = %s.name, "cannot open the Raft log: {e}");
-                    self.starting
-                        .lock()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .remove(&s.name);
-                    return;
-                }
-            };
-        let sm = match sm::StateMachine::open(s.clone(), &dir) {
-            Ok(x) => x,
-            Err(e) => {
-                warn!(stream = %s.name, "cannot open the stream's state machine: {e}");
-                self.starting
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .remove(&s.name);
-                return;
-            }
-        };
         let name = s.name.clone();
         let net = net::Factory {
             group: name.clone(),
         };
         let id = node_id(&me);
+        let s = s.clone();
         tokio::spawn(async move {
-            match Raft::new(id, raft_config(), net, store, sm).await {
-                Ok(raft) => {
-                    info!(stream = %name, members = ?members, "replicated stream's group started");
-                    hub()
-                        .groups
-                        .lock()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .insert(name.clone(), Arc::new(Group::new(raft, members)));
+            // Blocking: the damage check reads every sealed segment.
+            let opened = tokio::task::spawn_blocking(move || {
+                let fsync = s.config().fsync == crate::streams::Fsync::Always;
+                let (store, marker) = repair::prepare(&s, &dir, fsync)
+                    .map_err(|e| format!("cannot open the Raft log: {e}"))?;
+                let sm = sm::StateMachine::open(s.clone(), &dir)
+                    .map_err(|e| format!("cannot open the stream's state machine: {e}"))?;
+                Ok::<_, String>((store, sm, marker, dir))
+            })
+            .await
+            .map_err(|e| e.to_string())
+            .and_then(|r| r);
+            match opened {
+                Err(e) => warn!(stream = %name, "{e}"),
+                Ok((store, sm, marker, dir)) => {
+                    let repairing = marker.is_some();
+                    match Raft::new(id, raft_config(!repairing), net, store, sm).await {
+                        Ok(raft) => {
+                            info!(stream = %name, members = ?members, repairing, "replicated stream's group started");
+                            let g = Arc::new(Group::new(raft, members, repairing));
+                            hub()
+                                .groups
+                                .lock()
+                                .unwrap_or_else(|p| p.into_inner())
+                                .insert(name.clone(), g.clone());
+                            if let Some(m) = marker {
+                                tokio::spawn(repair::watch(name.clone(), g, dir, m));
+                            }
+                        }
+                        Err(e) => warn!(stream = %name, "the Raft group failed to start: {e}"),
+                    }
                 }
-                Err(e) => warn!(stream = %name, "the Raft group failed to start: {e}"),
             }
             hub()
                 .starting
@@ -765,6 +796,72 @@ impl Hub {
         }
     }
 
+    /// A damaged copy of `stream` was repaired here.
+    fn count_repair(&self, stream: &str) {
+        *self
+            .repairs
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(stream.to_string())
+            .or_default() += 1;
+    }
+
+    /// For `/metrics`: per replicated stream with a group here, the repairs
+    /// done since start-up and whether one is under way.
+    pub(crate) fn repair_stats(&self) -> Vec<(String, u64, bool)> {
+        let groups: Vec<(String, bool)> = self
+            .groups
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .map(|(k, g)| (k.clone(), g.repairing()))
+            .collect();
+        let repairs = self.repairs.lock().unwrap_or_else(|p| p.into_inner());
+        let mut out: Vec<(String, u64, bool)> = groups
+            .into_iter()
+            .map(|(k, r)| {
+                let n = repairs.get(&k).copied().unwrap_or(0);
+                (k, n, r)
+            })
+            .collect();
+        out.sort();
+        out
+    }
+
+    /// A damaged record was found in a running replica's copy (a read or
+    /// a check met it): its group stops and starts again, which empties
+    /// the copy and repairs it from the peers (repair.rs).
+    fn restart_damaged(&self, name: &str) {
+        if !self
+            .starting
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(format!("repair\n{name}"))
+        {
+            return;
+        }
+        let g = self
+            .groups
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(name);
+        let name = name.to_string();
+        tokio::spawn(async move {
+            let h = hub();
+            if let Some(g) = g {
+                warn!(stream = %name, "damaged records found in this replica's copy: its group restarts to repair it from its peers");
+                let _ = g.raft.shutdown().await;
+            }
+            if let Some(s) = h.state().and_then(|st| st.streams.get(&name)) {
+                h.open_group(&s);
+            }
+            h.starting
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(&format!("repair\n{name}"));
+        });
+    }
+
     /// `/readyz`: every group here has a leader and this replica is at
     /// most [`READY_LAG`] entries behind it (as the leader last said).
     pub(crate) fn ready(&self) -> Result<(), String> {
@@ -778,6 +875,10 @@ impl Hub {
         let me = self.me().unwrap_or_default();
         let mut behind = Vec::new();
         for (name, g) in groups {
+            if g.repairing() {
+                behind.push(format!("{name}: damaged copy being repaired"));
+                continue;
+            }
             let m = g.raft.metrics().borrow().clone();
             if m.state == ServerState::Leader {
                 continue;
@@ -1004,6 +1105,19 @@ impl Hub {
     }
 }
 
+/// Checks a replicated stream's copy here when it opens and empties it
+/// when damaged (repair.rs); its group repairs it once it starts.
+pub(crate) fn check_copy(s: &Arc<Stream>) {
+    let dir = s.dir().join("raft");
+    if !dir.join("members").exists() {
+        return;
+    }
+    let fsync = s.config().fsync == crate::streams::Fsync::Always;
+    if let Err(e) = repair::check_stream(s, &dir, fsync) {
+        warn!(stream = %s.name, "cannot check this replica's copy of the stream: {e}");
+    }
+}
+
 /// The members file of a stream created replicated here or by a peer.
 pub(crate) fn write_members(dir: &std::path::Path, members: &[String]) -> std::io::Result<()> {
     let raft = dir.join("raft");
@@ -1024,6 +1138,14 @@ async fn poll_progress() {
             .map(|(k, v)| (k.clone(), v.clone()))
             .collect();
         for (name, g) in groups {
+            let damaged = h
+                .state()
+                .and_then(|st| st.streams.get(&name))
+                .is_some_and(|s| s.log.lock().lost > 0);
+            if damaged {
+                h.restart_damaged(&name);
+                continue;
+            }
             let m = g.raft.metrics().borrow().clone();
             if m.state == ServerState::Leader {
                 continue;

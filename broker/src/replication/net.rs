@@ -258,6 +258,13 @@ async fn answer(rpc: Rpc) -> Reply {
             None => Reply::NoGroup,
         },
         Rpc::Vote { group, req } => match h.group(&group) {
+            // A damaged replica being repaired may have acknowledged
+            // entries it no longer holds: its vote could elect a leader
+            // lacking them (repair.rs).
+            Some(g) if g.repairing() => {
+                let vote = g.raft.metrics().borrow().vote;
+                Reply::Vote(Ok(VoteResponse::new(vote, None, false)))
+            }
             Some(g) => Reply::Vote(g.raft.vote(req).await),
             None => Reply::NoGroup,
         },

@@ -112,6 +112,75 @@ fn blocking<T>(f: impl FnOnce() -> T) -> T {
     }
 }
 
+/// Removes the stream's durable consumers (the replicated state), live and
+/// on disk. Ephemeral ones stay: they read on once the stream is back.
+fn clear_consumers(s: &Arc<Stream>) -> io::Result<()> {
+    let names: Vec<String> = s
+        .consumers
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .iter()
+        .filter(|(_, c)| c.is_durable())
+        .map(|(k, _)| k.clone())
+        .collect();
+    for n in names {
+        let _ = crate::streams::consumer::delete(s, &n);
+    }
+    if let Ok(rd) = std::fs::read_dir(s.consumers_dir()) {
+        for e in rd.filter_map(|e| e.ok()) {
+            std::fs::remove_file(e.path())?;
+        }
+    }
+    Ok(())
+}
+
+/// What the state machine's files in `dir` say the stream holds: the next
+/// sequence after the last entry applied, and that entry's index (0 for none).
+pub(crate) fn claimed(dir: &Path) -> (u64, u64) {
+    let applied: Option<AppliedFile> = std::fs::read(dir.join("applied"))
+        .ok()
+        .and_then(|b| bincode::deserialize(&b).ok());
+    let built = read_built(dir).ok().flatten();
+    let next = applied
+        .as_ref()
+        .map_or(1, |a| a.next_seq)
+        .max(built.as_ref().map_or(1, |b| b.next_seq));
+    let index = applied
+        .and_then(|a| a.last)
+        .max(built.and_then(|b| b.meta.last_log_id))
+        .map_or(0, |l| l.index);
+    (next, index)
+}
+
+/// Whether a snapshot install was cut short (it is redone at start-up).
+pub(crate) fn install_pending(dir: &Path) -> bool {
+    dir.join("snapshot.install").exists()
+}
+
+/// Empties a damaged replica's copy of the stream: its messages, durable
+/// consumers and state machine files, so it is filled again from its
+/// peers (the leader's log or a snapshot). The Raft log is cleared by the
+/// caller; the vote stays.
+pub(crate) fn wipe(s: &Arc<Stream>, dir: &Path) -> io::Result<()> {
+    clear_consumers(s)?;
+    s.log.reset(1, s.config().fsync != Fsync::Never)?;
+    for f in [
+        "applied",
+        "snapshot.meta",
+        "snapshot.data",
+        "snapshot.install",
+        "snapshot.recv",
+        "snapshot.partial",
+    ] {
+        match std::fs::remove_file(dir.join(f)) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e),
+        }
+    }
+    crate::store::segment::sync_dir(dir)
+}
+
 fn snapshot_id(last: &Option<LogId<NodeId>>) -> String {
     match last {
         Some(l) => format!("{}-{}", l.leader_id, l.index),
@@ -243,23 +312,8 @@ impl StateMachine {
     fn install_file(&mut self, path: &Path) -> io::Result<()> {
         let (h, mut r) = snap::Reader::open(path)?;
         // Consumers first: none may read the log while it is replaced.
-        let names: Vec<String> = self
-            .s
-            .consumers
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .keys()
-            .cloned()
-            .collect();
-        for n in names {
-            let _ = crate::streams::consumer::delete(&self.s, &n);
-        }
+        clear_consumers(&self.s)?;
         let cdir = self.s.consumers_dir();
-        if let Ok(rd) = std::fs::read_dir(&cdir) {
-            for e in rd.filter_map(|e| e.ok()) {
-                std::fs::remove_file(e.path())?;
-            }
-        }
         let cfg = self.s.config();
         self.s.log.reset(h.first_seq, cfg.fsync != Fsync::Never)?;
         self.app = Appender::new(

@@ -117,6 +117,14 @@ pub(crate) fn write(path: &Path, header: &Header, log: &Log) -> io::Result<u64> 
         from = b.next;
         pos = b.pos;
     }
+    // A copy with damage would hand its gaps on: this replica is repaired
+    // instead (replication/repair.rs), another one sends the snapshot.
+    let lost = log.lock().lost;
+    if lost > 0 {
+        return Err(io_err(format!(
+            "this copy of the stream is damaged ({lost} records): no snapshot from it"
+        )));
+    }
     w.write_all(&[0u8; 8])?;
     let f = w.into_inner().map_err(|e| e.into_error())?;
     f.sync_all()?;

@@ -11,7 +11,7 @@ use std::fs::File;
 use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -218,6 +218,9 @@ pub struct Log {
     pub committed: tokio::sync::watch::Sender<u64>,
     /// `fdatasync`s of the active segment so far (group commit: one per round).
     pub fsyncs: AtomicU64,
+    /// Reads stop at a damaged record instead of skipping it (a replicated
+    /// stream's copy, repaired from its peers: readers wait for that).
+    strict: AtomicBool,
 }
 
 /// What opening a log found, for the start-up report.
@@ -317,6 +320,7 @@ impl Log {
             }),
             committed: tokio::sync::watch::channel(next_seq - 1).0,
             fsyncs: AtomicU64::new(0),
+            strict: AtomicBool::new(false),
         });
         // A floor saved by a purge or a retention cut: what it removed
         // stays removed. A file that does not parse is ignored (the floor
@@ -591,6 +595,20 @@ impl Log {
         Ok(())
     }
 
+    /// What happens to damage found, for the logs.
+    fn on_damage(&self) -> &'static str {
+        if self.strict.load(Ordering::Relaxed) {
+            "reads stop there until this replica's copy is repaired from its peers"
+        } else {
+            "these sequences are lost and skipped, everything else is served"
+        }
+    }
+
+    /// Reads stop at damage instead of skipping it (see `strict`).
+    pub fn set_strict(&self, on: bool) {
+        self.strict.store(on, Ordering::Relaxed);
+    }
+
     pub fn lock(&self) -> MutexGuard<'_, LogState> {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -628,7 +646,7 @@ impl Log {
                 Ok(s) => {
                     if !s.bad.is_empty() {
                         error!(stream = %self.name, segment = %seg.path.display(), ranges = ?s.bad, lost = s.lost,
-                            "damaged records found (CRC mismatch); they are skipped, everything else is served");
+                            then = self.on_damage(), "damaged records found (CRC mismatch)");
                         seg.bad = s.bad.clone();
                     }
                     let tail = self.tail_lost(seg, &s, next_base);
@@ -656,7 +674,7 @@ impl Log {
             return 0;
         }
         error!(stream = %self.name, segment = %seg.path.display(), lost_from = from, lost_to = next - 1,
-            "sealed segment cut short or its last records damaged (CRC); these sequences are lost, everything else is served");
+            then = self.on_damage(), "sealed segment cut short or its last records damaged (CRC)");
         next - from
     }
 
@@ -680,7 +698,7 @@ impl Log {
                 }
                 if seg.bad != s.bad {
                     error!(stream = %self.name, segment = %seg.path.display(), ranges = ?s.bad, lost = s.lost,
-                        "damaged records found (CRC mismatch); they are skipped, everything else is served");
+                        then = self.on_damage(), "damaged records found (CRC mismatch)");
                     seg.bad = s.bad.clone();
                     seg.msgs = s.msgs;
                     seg.verified = true;
@@ -720,6 +738,7 @@ impl Log {
         let mut scanned = 0u64;
         let mut pos = hint.filter(|h| h.seq == from);
         let mut want = READ_CHUNK;
+        let strict = self.strict.load(Ordering::Relaxed);
         'segments: loop {
             let (file, base, start, end, mut bad, is_last, seg_last, dels) = {
                 let st = self.lock();
@@ -763,6 +782,11 @@ impl Log {
             let mut off = start;
             while off < end {
                 if let Some(r) = bad.iter().find(|r| r.start <= off && off < r.end) {
+                    if strict {
+                        // Not past damage: the reader waits for the repair.
+                        pos = None;
+                        break 'segments;
+                    }
                     off = r.end;
                     continue;
                 }
@@ -809,6 +833,10 @@ impl Log {
                         }
                         Decoded::Incomplete(_) | Decoded::Corrupt => {
                             let (resume, now_bad) = self.on_corrupt(base, &file, abs);
+                            if strict {
+                                pos = None;
+                                break 'segments;
+                            }
                             bad = now_bad;
                             jump = Some(resume.max(abs + 1).min(end));
                             break;
@@ -1594,6 +1622,30 @@ mod tests {
         append(&mut app, 1..51);
         assert_eq!(log.lock().segs.len(), 8);
         (log, app)
+    }
+
+    #[test]
+    fn a_strict_log_read_stops_at_a_damaged_record_where_a_plain_one_skips_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let (log, _app) = fifty(dir.path());
+        // Seq 10: the third record of the segment starting at 8.
+        let path = seg_path(dir.path(), 8);
+        let mut b = std::fs::read(&path).unwrap();
+        b[(crate::store::segment::SEG_HEADER + 2 * 133 + 80) as usize] ^= 0x01;
+        std::fs::write(&path, &b).unwrap();
+        log.set_strict(true);
+        let r = log.read(1, None, 100, usize::MAX, None).unwrap();
+        let seqs: Vec<u64> = r.msgs.iter().map(|m| m.seq).collect();
+        assert_eq!(seqs, (1..=9).collect::<Vec<_>>());
+        assert_eq!(r.next, 10, "the reader waits at the damaged record");
+        let again = log.read(10, None, 100, usize::MAX, r.pos).unwrap();
+        assert!(again.msgs.is_empty());
+        assert_eq!(again.next, 10);
+        assert_eq!(log.lock().lost, 1, "the damage is counted");
+        log.set_strict(false);
+        let mut want = expected(1..=50);
+        want.remove(9);
+        assert_eq!(read_all(&log, 1), want);
     }
 
     #[test]

@@ -865,12 +865,18 @@ impl Streams {
             q.sync(&s);
         }
         if s.replicas > 1 {
+            // A damaged copy is emptied before anything reads it; its
+            // group refills it from the peers.
+            s.log.set_strict(true);
+            crate::replication::check_copy(&s);
             replicated::spawn(s.clone(), rx);
             crate::replication::hub().open_group(&s);
         } else {
             writer::spawn(s.clone(), rx);
         }
-        if s.log.needs_verify() {
+        // A replicated stream's member checks its sealed segments before
+        // its group starts (replication/repair.rs).
+        if s.replicas == 1 && s.log.needs_verify() {
             verify_in_background(s.log.clone());
         }
         Ok(s)
@@ -1604,6 +1610,29 @@ impl crate::metrics::Source for StreamsMetrics {
                     "{name}{{stream=\"{}\"}} {}",
                     i.config.name,
                     get(&i.state)
+                );
+            }
+        }
+        let repairs = crate::replication::hub().repair_stats();
+        if !repairs.is_empty() {
+            let _ = writeln!(
+                out,
+                "# HELP sockbus_stream_repairs_total Damaged copies of a replicated stream repaired here from its peers since start-up.\n\
+                 # TYPE sockbus_stream_repairs_total counter"
+            );
+            for (name, n, _) in &repairs {
+                let _ = writeln!(out, "sockbus_stream_repairs_total{{stream=\"{name}\"}} {n}");
+            }
+            let _ = writeln!(
+                out,
+                "# HELP sockbus_stream_repairing 1 while this replica's damaged copy of the stream is being repaired (it does not vote).\n\
+                 # TYPE sockbus_stream_repairing gauge"
+            );
+            for (name, _, r) in &repairs {
+                let _ = writeln!(
+                    out,
+                    "sockbus_stream_repairing{{stream=\"{name}\"}} {}",
+                    u8::from(*r)
                 );
             }
         }
