@@ -39,6 +39,51 @@ struct Cluster {
     _tmp: tempfile::TempDir,
 }
 
+/// Pids of the brokers this test process runs, to tell a pause from a hang.
+static BROKERS: Mutex<Vec<u32>> = Mutex::new(Vec::new());
+
+/// One of this test's brokers is stopped (SIGSTOP): on a shared machine a
+/// benchmark may pause other processes for minutes.
+fn a_broker_is_stopped() -> bool {
+    let pids = BROKERS.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    pids.iter().any(|pid| {
+        std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .ok()
+            .and_then(|s| {
+                s.rsplit_once(')')
+                    .map(|(_, r)| r.trim_start().starts_with('T'))
+            })
+            .unwrap_or(false)
+    })
+}
+
+/// A time limit that does not run while one of the test's brokers is
+/// stopped, nor across a gap of more than 5 s between two checks (this
+/// process was paused): a pause is never taken for a hang.
+struct Deadline {
+    left: Duration,
+    last: Instant,
+}
+
+impl Deadline {
+    fn after(d: Duration) -> Deadline {
+        Deadline {
+            left: d,
+            last: Instant::now(),
+        }
+    }
+
+    fn passed(&mut self) -> bool {
+        let now = Instant::now();
+        let dt = now - self.last;
+        self.last = now;
+        if dt < Duration::from_secs(5) && !a_broker_is_stopped() {
+            self.left = self.left.saturating_sub(dt);
+        }
+        self.left.is_zero()
+    }
+}
+
 impl Node {
     fn spawn(&mut self, peers: &[String]) {
         let log = match std::env::var_os("SOCKBUS_TEST_LOGS") {
@@ -83,6 +128,10 @@ impl Node {
             .stderr(log)
             .spawn()
             .expect("start the broker");
+        BROKERS
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(child.id());
         self.child = Some(child);
     }
 
@@ -115,6 +164,10 @@ impl Node {
         if let Some(mut c) = self.child.take() {
             let _ = c.kill();
             let _ = c.wait();
+            BROKERS
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .retain(|p| *p != c.id());
         }
     }
 
@@ -220,7 +273,7 @@ async fn wait_info(
     what: &str,
     f: impl Fn(&StreamInfo) -> bool,
 ) -> StreamInfo {
-    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut deadline = Deadline::after(Duration::from_secs(60));
     let mut last = None;
     loop {
         if let Ok(c) = tokio::time::timeout(Duration::from_secs(5), client(port)).await {
@@ -232,7 +285,7 @@ async fn wait_info(
             }
         }
         assert!(
-            Instant::now() < deadline,
+            !deadline.passed(),
             "{what}: not reached on port {port}; last info {last:?}"
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
@@ -270,6 +323,24 @@ async fn read_stream(port: u16, stream: &str) -> Vec<(u64, String)> {
     out
 }
 
+/// Publishes `payload` on `subject` with `Msg-Id: id`, retrying until
+/// acked (as a publisher does across a failover or a paused broker): the
+/// stream stores it once. Its sequence.
+async fn publish_acked(c: &Client, subject: &str, id: &str, payload: &str) -> u64 {
+    let mut h = Headers::new();
+    h.insert("Msg-Id", id.to_string());
+    let mut deadline = Deadline::after(Duration::from_secs(120));
+    loop {
+        match c.publish_durable_with_headers(subject, &h, payload).await {
+            Ok(a) => return a.seq,
+            Err(e) => {
+                assert!(!deadline.passed(), "{id} not acked within 120 s: {e}");
+                tokio::time::sleep(Duration::from_millis(50)).await
+            }
+        }
+    }
+}
+
 /// Publishes `p{t}-{i}` with Msg-Id until `stop`, retrying each until acked.
 fn publishers(
     ports: Vec<u16>,
@@ -289,7 +360,7 @@ fn publishers(
                     let payload = format!("{prefix}{t}-{i:06}");
                     let mut h = Headers::new();
                     h.insert("Msg-Id", payload.clone());
-                    let deadline = Instant::now() + Duration::from_secs(60);
+                    let mut deadline = Deadline::after(Duration::from_secs(60));
                     loop {
                         match c
                             .publish_durable_with_headers(&format!("repl.{t}"), &h, &payload)
@@ -300,10 +371,7 @@ fn publishers(
                                 break;
                             }
                             Err(e) => {
-                                assert!(
-                                    Instant::now() < deadline,
-                                    "{payload} not acked within 60 s: {e}"
-                                );
+                                assert!(!deadline.passed(), "{payload} not acked within 60 s: {e}");
                                 tokio::time::sleep(Duration::from_millis(50)).await
                             }
                         }
@@ -770,10 +838,10 @@ async fn consume_until(
 ) -> Vec<(u64, u32, String)> {
     let mut got = Vec::new();
     let mut have = HashSet::new();
-    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut deadline = Deadline::after(Duration::from_secs(60));
     while !want.is_subset(&have) {
         assert!(
-            Instant::now() < deadline,
+            !deadline.passed(),
             "consuming stalled: still missing {:?}",
             want.difference(&have).collect::<Vec<_>>()
         );
@@ -1273,15 +1341,15 @@ async fn kc_info(c: &Client, stream: &str) -> Option<(u64, u64, u64)> {
     Some((i.next_seq, i.ack_floor, i.num_ack_pending as u64))
 }
 /// Attack: kill -9 of a replica while it installs a snapshot (its stream
-/// half replaced). It comes back consistent: the install is redone from
-/// the kept file, and it holds every acked message once, in order.
+/// half replaced), three times. It comes back consistent: the install is
+/// redone from the kept file, it holds every acked message once, in order,
+/// and it goes on catching up through the next snapshots.
 ///
-/// Ignored: known failing. The redo at start-up works (round 0 and 1 kill
-/// inside an install, the replica comes back with every message up to the
-/// snapshot), but after the second redo the replica stayed at the
-/// snapshot's index: the leader's next snapshot chunk to it got no answer
-/// within 60 s. Not diagnosed yet (docs/storage.md, "Limits").
-#[ignore = "known failing: replica stalls after a second redone install, see doc comment"]
+/// This test was once ignored as "stalls after the second redone install":
+/// the brokers had been paused (SIGSTOP) by a benchmark on the shared
+/// machine, and resumed only when the test, having given up, sent SIGCONT
+/// before killing them. Its time limits now stop while a broker is stopped
+/// ([`Deadline`]) and publishes are retried with their Msg-Id.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_while_a_replica_installs_a_snapshot_leaves_it_consistent_after_restart() {
     let mut cl = Cluster::start_with(3, Some(SNAP_EVERY)).await;
@@ -1305,8 +1373,8 @@ async fn kill_9_while_a_replica_installs_a_snapshot_leaves_it_consistent_after_r
             let mut got = Vec::new();
             for i in from..from + count {
                 let p = format!("k0-{i:06}-{pad}");
-                let a = pc.publish_durable(&format!("rk.{i}"), &p).await.unwrap();
-                got.push((p, a.seq));
+                let seq = publish_acked(&pc, &format!("rk.{i}"), &format!("k0-{i}"), &p).await;
+                got.push((p, seq));
             }
             got
         }
@@ -1319,9 +1387,9 @@ async fn kill_9_while_a_replica_installs_a_snapshot_leaves_it_consistent_after_r
         let raft = raft_dir(&cl.nodes[f], "RK");
         cl.restart(f).await;
         // Killed as soon as the install starts (the received file moved in place).
-        let deadline = Instant::now() + Duration::from_secs(60);
+        let mut deadline = Deadline::after(Duration::from_secs(60));
         let mut hit = false;
-        while Instant::now() < deadline {
+        while !deadline.passed() {
             if raft.join("snapshot.install").exists() {
                 cl.nodes[f].kill9();
                 hit = raft.join("snapshot.install").exists();
@@ -1340,4 +1408,277 @@ async fn kill_9_while_a_replica_installs_a_snapshot_leaves_it_consistent_after_r
     }
     check_all(&cl, "RK", &acked).await;
     eprintln!("{caught} of 3 kills landed inside an install");
+    assert!(caught >= 1, "no kill landed inside an install");
+}
+
+/// What `n` holds of `stream` once it has `last` as its last sequence:
+/// its first sequence, message count and every message.
+async fn holds(n: &Node, stream: &str, last: u64) -> (u64, u64, Vec<(u64, String)>) {
+    let what = format!("{}: last sequence {last}", n.name);
+    let i = wait_info(n.port, stream, &what, |i| i.state.last_seq >= last).await;
+    (
+        i.state.first_seq,
+        i.state.messages,
+        read_stream(n.port, stream).await,
+    )
+}
+
+/// Issue 17 item 3: retention on a replicated stream follows from the
+/// applied entries, so every replica holds the same messages. With
+/// `max_msgs = 100`, 1,000 acked publishes (a follower killed with -9 for
+/// the second half, then restarted) leave every replica exactly the newest
+/// 100, and the restarted follower still exactly those after another
+/// restart. A `max_age` stream left idle expires on every replica.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn r3_retention_leaves_every_replica_exactly_the_newest_messages_also_after_a_follower_restart(
+) {
+    let mut cl = Cluster::start(3).await;
+    let c = client(cl.nodes[0].port).await;
+    let mut cfg = StreamConfig::new("RL", ["rl.>"]);
+    cfg.replicas = Some(3);
+    cfg.max_msgs = Some(100);
+    add_replicated(&c, &cfg).await;
+    let mut aged = StreamConfig::new("RA", ["ra.>"]);
+    aged.replicas = Some(3);
+    aged.max_age_ms = Some(1500);
+    add_replicated(&c, &aged).await;
+    let li = cl.index(&leader(cl.nodes[0].port, "RL").await);
+    let f = (0..3).find(|&i| i != li).unwrap();
+    let pc = client(cl.nodes[li].port).await;
+    let publish = |from: u64, to: u64| {
+        let pc = pc.clone();
+        async move {
+            for i in from..=to {
+                let p = format!("l-{i:04}");
+                let seq = publish_acked(&pc, &format!("rl.{i}"), &p, &p).await;
+                assert_eq!(seq, i);
+            }
+        }
+    };
+    publish(1, 500).await;
+    cl.nodes[f].kill9();
+    publish(501, 1000).await;
+    cl.restart(f).await;
+
+    let want: Vec<(u64, String)> = (901..=1000).map(|i| (i, format!("l-{i:04}"))).collect();
+    for n in &cl.nodes {
+        let (first, msgs, got) = holds(n, "RL", 1000).await;
+        assert_eq!((first, msgs), (901, 100), "{}", n.name);
+        assert_eq!(got, want, "{}", n.name);
+    }
+    cl.nodes[f].kill9();
+    cl.restart(f).await;
+    let (first, msgs, got) = holds(&cl.nodes[f], "RL", 1000).await;
+    assert_eq!(
+        (first, msgs),
+        (901, 100),
+        "{} after a restart",
+        cl.nodes[f].name
+    );
+    assert_eq!(got, want);
+
+    // Ten messages, then nothing: they expire on every replica.
+    let pa = client(cl.nodes[li].port).await;
+    for i in 1..=10u64 {
+        let p = format!("a-{i}");
+        publish_acked(&pa, &format!("ra.{i}"), &p, &p).await;
+    }
+    for n in &cl.nodes {
+        let what = format!("{}: RA expired", n.name);
+        let i = wait_info(n.port, "RA", &what, |i| {
+            i.state.last_seq == 10 && i.state.messages == 0
+        })
+        .await;
+        assert_eq!(i.state.first_seq, 11, "{}", n.name);
+    }
+}
+
+/// Issue 17 item 2: a replica gone for good (killed, its data directory
+/// removed) is replaced by an empty node after the leader compacted its
+/// Raft log past everything, so the new replica can only be brought up by
+/// a snapshot. It gets every acked message and the durable consumer's
+/// committed state; then, with the old leader killed too, the consumer
+/// served through the new node gets every acked message after its ack
+/// floor, none it had acked, and none again once its ack was confirmed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_replaced_after_compaction_catches_up_by_snapshot_and_serves_every_acked_message_once(
+) {
+    let mut cl = Cluster::start_with(4, Some(SNAP_EVERY)).await;
+    let c = client(cl.nodes[0].port).await;
+    let mut cfg = StreamConfig::new("RR", ["rr.>"]);
+    cfg.replicas = Some(3);
+    add_replicated(&c, &cfg).await;
+    let leader_name = leader(cl.nodes[0].port, "RR").await;
+    let li = cl.index(&leader_name);
+    let pc = client(cl.nodes[li].port).await;
+    let mut acked: HashMap<String, u64> = HashMap::new();
+    let publish = |from: u64, to: u64| {
+        let pc = pc.clone();
+        async move {
+            let mut got = Vec::new();
+            for i in from..=to {
+                let p = format!("r0-{i:06}");
+                let seq = publish_acked(&pc, &format!("rr.{i}"), &p, &p).await;
+                assert_eq!(seq, i);
+                got.push((p, seq));
+            }
+            got
+        }
+    };
+    acked.extend(publish(1, 200).await);
+
+    // A durable consumer: 1..=50 acked (confirmed), some more delivered.
+    let durable = || {
+        ConsumerConfig::durable("d")
+            .ack_wait(Duration::from_secs(2))
+            .batch(16)
+    };
+    let kc = client(cl.nodes[li].port).await;
+    let mut k = kc.consumer("RR", durable()).await.unwrap();
+    for _ in 0..60 {
+        let m = k
+            .next_timeout(Duration::from_secs(10))
+            .await
+            .unwrap()
+            .expect("a message within 10 s");
+        if m.seq <= 50 {
+            m.ack_sync().await.unwrap();
+        }
+    }
+    drop(k);
+    let _ = kc.close().await;
+
+    // A member that is not the leader goes for good.
+    let info = wait_info(cl.nodes[li].port, "RR", "three replicas", |i| {
+        i.cluster.as_ref().is_some_and(|c| c.replicas.len() == 3)
+    })
+    .await;
+    let members: Vec<String> = info
+        .cluster
+        .unwrap()
+        .replicas
+        .into_iter()
+        .map(|r| r.name)
+        .collect();
+    let gone_name = members.iter().find(|m| **m != leader_name).unwrap().clone();
+    let other_name = members
+        .iter()
+        .find(|m| **m != leader_name && **m != gone_name)
+        .unwrap()
+        .clone();
+    let spare_name = cl
+        .nodes
+        .iter()
+        .map(|n| n.name.clone())
+        .find(|n| !members.contains(n))
+        .unwrap();
+    let (gone, other, spare) = (
+        cl.index(&gone_name),
+        cl.index(&other_name),
+        cl.index(&spare_name),
+    );
+    // The consumer's committed state, as the surviving follower has it.
+    let oc = client(cl.nodes[other].port).await;
+    let mut deadline = Deadline::after(Duration::from_secs(30));
+    let want_state = loop {
+        let a = kc_info(&pc, "RR").await;
+        let b = kc_info(&oc, "RR").await;
+        if let Some(st) = a.filter(|st| st.1 == 50 && Some(*st) == b) {
+            break st;
+        }
+        assert!(!deadline.passed(), "consumer state: {a:?} vs {b:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    cl.nodes[gone].kill9();
+    std::fs::remove_dir_all(&cl.nodes[gone].dir).unwrap();
+
+    // The two left go on far past it and compact their Raft logs.
+    acked.extend(publish(201, 800).await);
+    let purged = raft_dir(&cl.nodes[li], "RR").join("purged");
+    let mut deadline = Deadline::after(Duration::from_secs(30));
+    while !purged.exists() {
+        assert!(!deadline.passed(), "the leader never purged");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let (entries, _) = raft_log_entries(&cl.nodes[li], "RR");
+    assert!(entries <= LOG_BOUND, "leader: {entries} entries");
+
+    // The documented replacement, sent to the leader.
+    let admin = ConnectOptions::new()
+        .request_timeout(Duration::from_secs(120))
+        .connect(&format!("sockbus://127.0.0.1:{}", cl.nodes[li].port))
+        .await
+        .unwrap();
+    let info = admin
+        .stream_replace_peer("RR", &gone_name, &spare_name)
+        .await
+        .unwrap();
+    let names: Vec<String> = info
+        .cluster
+        .unwrap()
+        .replicas
+        .into_iter()
+        .map(|r| r.name)
+        .collect();
+    assert!(names.contains(&spare_name), "{names:?}");
+    assert!(!names.contains(&gone_name), "{names:?}");
+    acked.extend(publish(801, 850).await);
+
+    check_on(&cl, &[spare, li, other], "RR", &acked).await;
+    assert!(
+        raft_dir(&cl.nodes[spare], "RR")
+            .join("snapshot.data")
+            .exists(),
+        "{spare_name} caught up without a snapshot"
+    );
+    let sc = client(cl.nodes[spare].port).await;
+    let mut deadline = Deadline::after(Duration::from_secs(30));
+    loop {
+        let got = kc_info(&sc, "RR").await;
+        // The state committed before the replacement, or later (none of
+        // its deliveries are acked meanwhile, so the ack floor stays).
+        if got.is_some_and(|g| g.1 == want_state.1 && g.0 >= want_state.0) {
+            break;
+        }
+        assert!(
+            !deadline.passed(),
+            "consumer state on the new replica: {got:?}, committed {want_state:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    // The old leader goes too: the new replica and the other one lead on,
+    // and the consumer is served through the new node.
+    cl.nodes[li].kill9();
+    let mut k = sc.consumer("RR", durable().batch(128)).await.unwrap();
+    let want: HashSet<u64> = (51..=850).collect();
+    let mut have: HashSet<u64> = HashSet::new();
+    let mut confirmed: HashSet<u64> = HashSet::new();
+    let mut deadline = Deadline::after(Duration::from_secs(120));
+    while !want.is_subset(&have) {
+        assert!(
+            !deadline.passed(),
+            "consuming through {spare_name} stalled: {} of {} received",
+            have.len(),
+            want.len()
+        );
+        let Some(m) = k.next_timeout(Duration::from_secs(2)).await.unwrap() else {
+            continue;
+        };
+        assert!(m.seq > 50, "{} acked before, delivered again", m.seq);
+        assert!(
+            !confirmed.contains(&m.seq),
+            "{} delivered again after its ack was confirmed",
+            m.seq
+        );
+        assert_eq!(
+            String::from_utf8_lossy(m.payload()),
+            format!("r0-{:06}", m.seq)
+        );
+        have.insert(m.seq);
+        if m.ack_sync().await.is_ok() {
+            confirmed.insert(m.seq);
+        }
+    }
+    assert_eq!(have, want);
 }

@@ -68,6 +68,10 @@ pub enum Op {
     /// made them (streams::consumer::repl): applied by every replica, so
     /// the one that leads next serves the consumer where it was.
     Consumers { changes: Vec<ConsumerChange> },
+    /// The leader's clock at `ts` (nanoseconds): `max_age` is measured
+    /// against it on every replica (sm.rs), so an idle stream's old
+    /// messages expire at the same entry everywhere.
+    Expire { ts: u64 },
 }
 
 /// One change to a replicated stream's durable consumers.
@@ -424,6 +428,12 @@ impl Hub {
             .unwrap_or_else(|p| p.into_inner())
             .get(stream)
             .cloned()
+    }
+
+    /// This node leads the stream's group.
+    pub(crate) fn leads(&self, stream: &str) -> bool {
+        self.group(stream)
+            .is_some_and(|g| g.raft.metrics().borrow().state == ServerState::Leader)
     }
 
     /// Picks the members of a new replicated stream: this node and the

@@ -70,6 +70,9 @@ pub(crate) struct StateMachine {
     /// `get_current_snapshot` was called before (the first call is
     /// openraft's start-up, which reads only the meta).
     asked: bool,
+    /// The newest timestamp of the entries applied (the proposers' clocks):
+    /// what `max_age` is measured against, never this node's clock.
+    now: u64,
 }
 
 /// `raft/snapshot.meta`: the last snapshot built (what the Raft log may be
@@ -171,7 +174,9 @@ impl StateMachine {
             Ok((h, _)) => Some(h.meta),
             Err(_) => None,
         };
+        let now = s.log.lock().last_ts;
         let mut sm = StateMachine {
+            now,
             dir: dir.to_path_buf(),
             data,
             asked: false,
@@ -386,6 +391,7 @@ impl StateMachine {
         ids: Vec<Option<String>>,
     ) -> io::Result<Applied> {
         self.expire(ts);
+        self.now = self.now.max(ts);
         let have = self.s.log.lock().next_seq;
         let mut acks = Vec::with_capacity(lens.len());
         let mut off = 0usize;
@@ -418,8 +424,38 @@ impl StateMachine {
         Ok(Applied { acks, error: None })
     }
 
+    /// The stream's retention limits, from the applied entries alone, so
+    /// every replica holds the same messages after the same entry:
+    /// `max_msgs` and `max_bytes` keep the newest messages that fit (the
+    /// cut depends only on what the stream holds, not on how entries were
+    /// batched into applies or segments), `max_age` removes the messages
+    /// older than the newest applied timestamp minus the age, by sequence
+    /// (not whole segments, whose boundaries differ between a replica that
+    /// installed a snapshot and one that did not).
+    fn limits(&mut self) -> io::Result<()> {
+        let cfg = self.s.config();
+        if let Some(age) = cfg.max_age_ms {
+            let since = self.now.saturating_sub(age.saturating_mul(1_000_000));
+            let (first, first_ts) = {
+                let st = self.s.log.lock();
+                (st.first_seq(), st.first_ts())
+            };
+            if first < self.app.next_seq() && first_ts < since {
+                let seq = self.s.log.seq_for_time(since)?;
+                if seq > first {
+                    self.app.set_floor(seq)?;
+                }
+            }
+        }
+        if cfg.max_msgs.is_some() || cfg.max_bytes.is_some() {
+            self.app.retention(None, cfg.max_bytes, cfg.max_msgs)?;
+        }
+        Ok(())
+    }
+
     fn save(&mut self) -> io::Result<()> {
         self.app.commit(self.fsync)?;
+        self.limits()?;
         // Consumer op logs written by these entries: on disk before
         // `applied` says so, as the stream's log.
         for f in std::mem::take(&mut self.touched) {
@@ -479,6 +515,10 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                             return Err(StorageIOError::write_state_machine(&err).into());
                         }
                     },
+                    Ok(Op::Expire { ts }) => {
+                        self.now = self.now.max(ts);
+                        out.push(Applied::default());
+                    }
                     Ok(Op::Consumers { changes }) => {
                         let mut error = None;
                         for ch in changes {
