@@ -807,8 +807,8 @@ async fn jetstream_num_replicas_3_is_a_replicated_stream_on_every_node() {
     let e = js1.create_stream(two).await.unwrap_err().to_string();
     assert!(e.contains("num_replicas must be 1, 3 or 5"), "{e}");
 
-    // A replicated stream's configuration and messages are the group's:
-    // this version refuses changing them on one node (docs/storage.md).
+    // A replicated stream's configuration is the group's: this version
+    // refuses changing it, and deleting single messages (docs/storage.md).
     let e = js2
         .update_stream(stream::Config {
             max_messages: 10,
@@ -822,12 +822,33 @@ async fn jetstream_num_replicas_3_is_a_replicated_stream_on_every_node() {
         "{e}"
     );
     let mut s2 = js2.get_stream("JR3").await.unwrap();
-    let e = s2.purge().await.unwrap_err().to_string();
-    assert!(e.contains("replicated stream"), "{e}");
     let e = s2.delete_message(1).await.unwrap_err().to_string();
     assert!(e.contains("replicated stream"), "{e}");
     let info = s2.info().await.unwrap().clone();
     assert_eq!((info.config.max_messages, info.state.messages), (-1, 100));
+
+    // A purge goes through the group's log: every replica is emptied, and
+    // the next message takes the next sequence.
+    let purged = s2.purge().await.unwrap();
+    assert!(purged.success);
+    assert_eq!(purged.purged, 100);
+    let ack = js3
+        .publish("jr3.after", "after".into())
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    assert_eq!(ack.sequence, 101);
+    for n in &cl.nodes {
+        let what = format!("{}: purged, then one more", n.name);
+        let i = wait_info(n.port, "JR3", &what, |i| i.state.last_seq >= 101).await;
+        assert_eq!(
+            (i.state.first_seq, i.state.messages),
+            (101, 1),
+            "{}",
+            n.name
+        );
+    }
 }
 
 /// Everything a durable consumer gets until it has every seq in `want` at
@@ -1681,4 +1702,57 @@ async fn a_replica_replaced_after_compaction_catches_up_by_snapshot_and_serves_e
         }
     }
     assert_eq!(have, want);
+}
+
+/// Issue 17 item 4: a purge of a replicated stream through the native API
+/// is a Raft entry every replica applies at the same point: asked through
+/// a follower, `keep` then `seq` leave every replica the same newest
+/// messages, also a follower killed with -9 before the purges and
+/// restarted after (it applies them from the log), and publishing goes on
+/// at the next sequence.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_purge_of_an_r3_stream_removes_the_same_messages_on_every_replica_also_a_restarted_one() {
+    let mut cl = Cluster::start(3).await;
+    let c = client(cl.nodes[0].port).await;
+    let mut cfg = StreamConfig::new("RP", ["rp.>"]);
+    cfg.replicas = Some(3);
+    add_replicated(&c, &cfg).await;
+    let li = cl.index(&leader(cl.nodes[0].port, "RP").await);
+    let followers: Vec<usize> = (0..3).filter(|&i| i != li).collect();
+    let (f, down) = (followers[0], followers[1]);
+    let pc = client(cl.nodes[li].port).await;
+    for i in 1..=100u64 {
+        let p = format!("p-{i:03}");
+        assert_eq!(publish_acked(&pc, &format!("rp.{i}"), &p, &p).await, i);
+    }
+    wait_info(cl.nodes[down].port, "RP", "all 100 on the follower", |i| {
+        i.state.last_seq == 100
+    })
+    .await;
+    cl.nodes[down].kill9();
+    let fc = client(cl.nodes[f].port).await;
+    let req = |seq: Option<u64>, keep: Option<u64>| sockbus_client::streams::PurgeRequest {
+        filter: None,
+        seq,
+        keep,
+    };
+    assert_eq!(
+        fc.stream_purge("RP", &req(None, Some(40))).await.unwrap(),
+        60
+    );
+    assert_eq!(
+        fc.stream_purge("RP", &req(Some(81), None)).await.unwrap(),
+        20
+    );
+    for i in 101..=110u64 {
+        let p = format!("p-{i:03}");
+        assert_eq!(publish_acked(&pc, &format!("rp.{i}"), &p, &p).await, i);
+    }
+    cl.restart(down).await;
+    let want: Vec<(u64, String)> = (81..=110).map(|i| (i, format!("p-{i:03}"))).collect();
+    for n in &cl.nodes {
+        let (first, msgs, got) = holds(n, "RP", 110).await;
+        assert_eq!((first, msgs), (81, 30), "{}", n.name);
+        assert_eq!(got, want, "{}", n.name);
+    }
 }

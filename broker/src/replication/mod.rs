@@ -72,6 +72,11 @@ pub enum Op {
     /// against it on every replica (sm.rs), so an idle stream's old
     /// messages expire at the same entry everywhere.
     Expire { ts: u64 },
+    /// A purge (`$SB.API.STREAM.PURGE`, JetStream's `STREAM.PURGE`), as
+    /// its request's JSON: every replica removes the same messages at this
+    /// entry (streams::writer::purge_log). Answered with the count in
+    /// `Applied::acks[0].0`.
+    Purge { req: String },
 }
 
 /// One change to a replicated stream's durable consumers.
@@ -1011,6 +1016,32 @@ impl Hub {
             .map_err(|e| e.to_string())?;
         s.set_members(&members).map_err(|e| e.to_string())?;
         Ok(())
+    }
+}
+
+/// Purges a replicated stream: one `Op::Purge` entry through its group
+/// (forwarded to the leader), answered once applied with the number of
+/// messages removed. Blocks: call from a blocking thread of the runtime.
+pub(crate) fn purge(
+    s: &Stream,
+    req: &sockbus_protocol::api::PurgeRequest,
+) -> Result<u64, crate::streams::StreamError> {
+    use crate::streams::StreamError;
+    let failed = |error: String| StreamError::Storage {
+        name: s.name.clone(),
+        error,
+    };
+    let json = serde_json::to_string(req).map_err(|e| failed(e.to_string()))?;
+    let rt = tokio::runtime::Handle::try_current()
+        .map_err(|_| failed("no runtime to reach the group".into()))?;
+    let p = Proposal::encode(&Op::Purge { req: json });
+    let a = rt
+        .block_on(hub().propose(s, p, Duration::from_secs(10)))
+        .map_err(|e| failed(format!("not replicated: {e}")))?;
+    match (a.error, a.acks.first()) {
+        (Some(e), _) => Err(StreamError::BadRequest(e)),
+        (None, Some((n, _))) => Ok(*n),
+        (None, None) => Err(failed("the group answered no count".into())),
     }
 }
 

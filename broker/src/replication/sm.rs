@@ -453,6 +453,46 @@ impl StateMachine {
         Ok(())
     }
 
+    /// A purge entry: what the entries before it staged is committed
+    /// first, then the purge is done as a local stream's writer does it;
+    /// consumers positioned before the new first message go on from it.
+    /// A request that does not decode is refused the same way everywhere.
+    fn purge(&mut self, req: &str) -> io::Result<Applied> {
+        let req: crate::streams::PurgeRequest = match serde_json::from_str(req) {
+            Ok(r) => r,
+            Err(e) => {
+                return Ok(Applied {
+                    acks: Vec::new(),
+                    error: Some(format!("a purge entry that does not decode: {e}")),
+                })
+            }
+        };
+        self.app.commit(self.fsync)?;
+        let cfg = self.s.config();
+        let n = crate::streams::purge_log(&mut self.app, &self.s, &cfg, &req)?;
+        // The leader serves the durable consumers: moving them past the
+        // new first message are consumer changes it proposes through the
+        // group like its deliveries (streams::consumer::repl).
+        if super::hub().leads(&self.s.name) {
+            let first = self.s.log.lock().first_seq();
+            let consumers: Vec<_> = self
+                .s
+                .consumers
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .values()
+                .cloned()
+                .collect();
+            for c in consumers {
+                c.forget_below(first);
+            }
+        }
+        Ok(Applied {
+            acks: vec![(n, false)],
+            error: None,
+        })
+    }
+
     fn save(&mut self) -> io::Result<()> {
         self.app.commit(self.fsync)?;
         self.limits()?;
@@ -510,6 +550,12 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                         lens,
                         ids,
                     }) => match self.publish(ts, recs, lens, ids) {
+                        Ok(a) => out.push(a),
+                        Err(err) => {
+                            return Err(StorageIOError::write_state_machine(&err).into());
+                        }
+                    },
+                    Ok(Op::Purge { req }) => match self.purge(&req) {
                         Ok(a) => out.push(a),
                         Err(err) => {
                             return Err(StorageIOError::write_state_machine(&err).into());

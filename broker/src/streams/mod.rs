@@ -37,6 +37,7 @@ use index::PatternIndex;
 pub use sockbus_protocol::api::{
     ConsumerInfo, Fsync, PubAck, PurgeRequest, StreamConfig, StreamInfo, StreamState,
 };
+pub(crate) use writer::purge_log;
 
 /// Header whose value makes a publish idempotent within the stream's duplicate window.
 pub use sockbus_protocol::api::header::MSG_ID as MSG_ID_HEADER;
@@ -425,7 +426,7 @@ impl Stream {
     ) -> Result<T, StreamError> {
         if self.replicas > 1 {
             return Err(StreamError::Unsupported(format!(
-                "purging or deleting messages of a replicated stream ({})",
+                "deleting messages of a replicated stream ({})",
                 self.name
             )));
         }
@@ -469,6 +470,13 @@ impl Stream {
             return Err(StreamError::BadRequest(
                 "a purge takes seq or keep, not both".into(),
             ));
+        }
+        if self.replicas > 1 {
+            // Through the group's log: every replica's state machine does
+            // it at the same entry, consumers included.
+            let n = crate::replication::purge(self, &req)?;
+            info!(stream = %self.name, purged = n, "replicated stream purged");
+            return Ok(n);
         }
         let (tx, rx) = std::sync::mpsc::channel();
         let n = self.admin(AdminOp::Purge(req, tx), rx)?;
