@@ -807,10 +807,26 @@ async fn jetstream_num_replicas_3_is_a_replicated_stream_on_every_node() {
     let e = js1.create_stream(two).await.unwrap_err().to_string();
     assert!(e.contains("num_replicas must be 1, 3 or 5"), "{e}");
 
-    // A replicated stream's configuration is the group's: this version
-    // refuses changing it, and deleting single messages (docs/storage.md).
+    // New limits go through the group's log: every node keeps the newest
+    // ten. Other settings (subjects) and single-message deletes are
+    // refused on a replicated stream (docs/storage.md).
+    let info = js2
+        .update_stream(stream::Config {
+            max_messages: 10,
+            ..cfg.clone()
+        })
+        .await
+        .unwrap();
+    assert_eq!((info.config.max_messages, info.state.messages), (10, 10));
+    for n in &cl.nodes {
+        let what = format!("{}: the newest 10", n.name);
+        let i = wait_info(n.port, "JR3", &what, |i| i.state.messages == 10).await;
+        assert_eq!(i.config.max_msgs, Some(10), "{}", n.name);
+        assert_eq!(i.state.first_seq, 91, "{}", n.name);
+    }
     let e = js2
         .update_stream(stream::Config {
+            subjects: vec!["jr3.>".into(), "other.>".into()],
             max_messages: 10,
             ..cfg.clone()
         })
@@ -822,16 +838,16 @@ async fn jetstream_num_replicas_3_is_a_replicated_stream_on_every_node() {
         "{e}"
     );
     let mut s2 = js2.get_stream("JR3").await.unwrap();
-    let e = s2.delete_message(1).await.unwrap_err().to_string();
+    let e = s2.delete_message(95).await.unwrap_err().to_string();
     assert!(e.contains("replicated stream"), "{e}");
     let info = s2.info().await.unwrap().clone();
-    assert_eq!((info.config.max_messages, info.state.messages), (-1, 100));
+    assert_eq!((info.config.max_messages, info.state.messages), (10, 10));
 
     // A purge goes through the group's log: every replica is emptied, and
     // the next message takes the next sequence.
     let purged = s2.purge().await.unwrap();
     assert!(purged.success);
-    assert_eq!(purged.purged, 100);
+    assert_eq!(purged.purged, 10);
     let ack = js3
         .publish("jr3.after", "after".into())
         .await
@@ -1448,12 +1464,14 @@ async fn holds(n: &Node, stream: &str, last: u64) -> (u64, u64, Vec<(u64, String
 /// applied entries, so every replica holds the same messages. With
 /// `max_msgs = 100`, 1,000 acked publishes (a follower killed with -9 for
 /// the second half, then restarted) leave every replica exactly the newest
-/// 100, and the restarted follower still exactly those after another
-/// restart. A `max_age` stream left idle expires on every replica.
+/// 100 (the restarted follower brought up by a snapshot, its segments cut
+/// elsewhere), and still exactly those after another restart. A lower
+/// `max_msgs` through the native update leaves every replica the newest
+/// 50. A `max_age` stream left idle expires on every replica.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn r3_retention_leaves_every_replica_exactly_the_newest_messages_also_after_a_follower_restart(
 ) {
-    let mut cl = Cluster::start(3).await;
+    let mut cl = Cluster::start_with(3, Some(SNAP_EVERY)).await;
     let c = client(cl.nodes[0].port).await;
     let mut cfg = StreamConfig::new("RL", ["rl.>"]);
     cfg.replicas = Some(3);
@@ -1497,6 +1515,29 @@ async fn r3_retention_leaves_every_replica_exactly_the_newest_messages_also_afte
         cl.nodes[f].name
     );
     assert_eq!(got, want);
+    assert!(
+        raft_dir(&cl.nodes[f], "RL").join("snapshot.data").exists(),
+        "{} caught up without a snapshot",
+        cl.nodes[f].name
+    );
+
+    // A lower limit, through a follower: the group cuts at that entry.
+    let mut lower = cfg.clone();
+    lower.max_msgs = Some(50);
+    let info = client(cl.nodes[f].port)
+        .await
+        .stream_update(&lower)
+        .await
+        .unwrap();
+    assert_eq!(info.config.max_msgs, Some(50));
+    let want: Vec<(u64, String)> = (951..=1000).map(|i| (i, format!("l-{i:04}"))).collect();
+    for n in &cl.nodes {
+        let what = format!("{}: the newest 50", n.name);
+        wait_info(n.port, "RL", &what, |i| i.state.messages == 50).await;
+        let (first, msgs, got) = holds(n, "RL", 1000).await;
+        assert_eq!((first, msgs), (951, 50), "{}", n.name);
+        assert_eq!(got, want, "{}", n.name);
+    }
 
     // Ten messages, then nothing: they expire on every replica.
     let pa = client(cl.nodes[li].port).await;

@@ -77,6 +77,11 @@ pub enum Op {
     /// entry (streams::writer::purge_log). Answered with the count in
     /// `Applied::acks[0].0`.
     Purge { req: String },
+    /// New limits (`max_msgs`, `max_bytes`, `max_age`) or description of
+    /// the stream, its whole configuration as JSON: every replica cuts by
+    /// the old limits, then saves and takes the new configuration, at
+    /// this entry (sm.rs).
+    Update { config: String },
 }
 
 /// One change to a replicated stream's durable consumers.
@@ -1043,6 +1048,39 @@ pub(crate) fn purge(
         (None, Some((n, _))) => Ok(*n),
         (None, None) => Err(failed("the group answered no count".into())),
     }
+}
+
+/// Changes a replicated stream's limits or description: one `Op::Update`
+/// entry through its group, answered once applied by the leader and here
+/// (waited for at most 10 s on a replica; a node that holds no replica
+/// saves it itself).
+/// Blocks: call from a blocking thread of the runtime.
+pub(crate) fn update(s: &Stream, cfg: &StreamConfig) -> Result<(), crate::streams::StreamError> {
+    use crate::streams::StreamError;
+    let failed = |error: String| StreamError::Storage {
+        name: s.name.clone(),
+        error,
+    };
+    let json = serde_json::to_string(cfg).map_err(|e| failed(e.to_string()))?;
+    let rt = tokio::runtime::Handle::try_current()
+        .map_err(|_| failed("no runtime to reach the group".into()))?;
+    let p = Proposal::encode(&Op::Update { config: json });
+    let a = rt
+        .block_on(hub().propose(s, p, Duration::from_secs(10)))
+        .map_err(|e| failed(format!("not replicated: {e}")))?;
+    if let Some(e) = a.error {
+        return Err(StreamError::BadRequest(e));
+    }
+    if hub().group(&s.name).is_none() {
+        s.set_replicated_config(cfg.clone())
+            .map_err(|e| failed(format!("cannot save the new configuration: {e}")))?;
+        return Ok(());
+    }
+    let end = std::time::Instant::now() + Duration::from_secs(10);
+    while *s.config() != *cfg && std::time::Instant::now() < end {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    Ok(())
 }
 
 /// The members file of a stream created replicated here or by a peer.

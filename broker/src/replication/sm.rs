@@ -434,6 +434,10 @@ impl StateMachine {
     /// installed a snapshot and one that did not).
     fn limits(&mut self) -> io::Result<()> {
         let cfg = self.s.config();
+        self.limits_by(&cfg)
+    }
+
+    fn limits_by(&mut self, cfg: &sockbus_protocol::api::StreamConfig) -> io::Result<()> {
         if let Some(age) = cfg.max_age_ms {
             let since = self.now.saturating_sub(age.saturating_mul(1_000_000));
             let (first, first_ts) = {
@@ -491,6 +495,34 @@ impl StateMachine {
             acks: vec![(n, false)],
             error: None,
         })
+    }
+
+    /// A configuration update: the old limits cut first (what the entries
+    /// before it stored, as a replica applying them in a batch of their
+    /// own would have cut), then the new configuration is saved and taken.
+    /// Only limits and the description may change; anything else is
+    /// refused the same way on every replica.
+    fn update(&mut self, config: &str) -> io::Result<Applied> {
+        let refuse = |e: String| Applied {
+            acks: Vec::new(),
+            error: Some(e),
+        };
+        let cfg: sockbus_protocol::api::StreamConfig = match serde_json::from_str(config) {
+            Ok(c) => c,
+            Err(e) => return Ok(refuse(format!("an update entry that does not decode: {e}"))),
+        };
+        let old = self.s.config();
+        if let Err(what) = crate::streams::limits_only(&old, &cfg) {
+            return Ok(refuse(format!(
+                "changing {what} of a replicated stream is not supported"
+            )));
+        }
+        self.app.commit(self.fsync)?;
+        self.limits_by(&old)?;
+        // The new limits hold before anyone sees the new configuration.
+        self.limits_by(&cfg)?;
+        self.s.set_replicated_config(cfg)?;
+        Ok(Applied::default())
     }
 
     fn save(&mut self) -> io::Result<()> {
@@ -556,6 +588,12 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                         }
                     },
                     Ok(Op::Purge { req }) => match self.purge(&req) {
+                        Ok(a) => out.push(a),
+                        Err(err) => {
+                            return Err(StorageIOError::write_state_machine(&err).into());
+                        }
+                    },
+                    Ok(Op::Update { config }) => match self.update(&config) {
                         Ok(a) => out.push(a),
                         Err(err) => {
                             return Err(StorageIOError::write_state_machine(&err).into());

@@ -39,6 +39,31 @@ pub use sockbus_protocol::api::{
 };
 pub(crate) use writer::purge_log;
 
+/// `new` differs from `old` in the limits (`max_msgs`, `max_bytes`,
+/// `max_age_ms`) and description only, what a replicated stream's update
+/// may change; else the first other setting that differs.
+pub(crate) fn limits_only(old: &StreamConfig, new: &StreamConfig) -> Result<(), &'static str> {
+    let mut same = new.clone();
+    same.max_msgs = old.max_msgs;
+    same.max_bytes = old.max_bytes;
+    same.max_age_ms = old.max_age_ms;
+    same.description = old.description.clone();
+    if same == *old {
+        return Ok(());
+    }
+    Err(if same.subjects != old.subjects {
+        "the subjects"
+    } else if same.duplicate_window_ms != old.duplicate_window_ms {
+        "the duplicate window"
+    } else if same.max_msg_size != old.max_msg_size {
+        "max_msg_size"
+    } else if same.segment_bytes != old.segment_bytes {
+        "segment_bytes"
+    } else {
+        "a setting other than the limits and the description"
+    })
+}
+
 /// Header whose value makes a publish idempotent within the stream's duplicate window.
 pub use sockbus_protocol::api::header::MSG_ID as MSG_ID_HEADER;
 /// Bytes a stream's writer may have queued before publishers are slowed down.
@@ -411,6 +436,16 @@ impl Stream {
                 .0;
         }
         true
+    }
+
+    /// A replicated stream's new configuration (limits, description),
+    /// taken by its state machine at the update's entry
+    /// (replication/sm.rs): saved in `stream.json`, then in force.
+    pub(crate) fn set_replicated_config(&self, cfg: StreamConfig) -> std::io::Result<()> {
+        let json = serde_json::to_vec_pretty(&cfg).expect("serialisable");
+        write_atomic(&self.dir.join("stream.json"), &json)?;
+        *self.config.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(cfg);
+        Ok(())
     }
 
     /// The purges and deletes queued for the writer.
@@ -1260,10 +1295,17 @@ impl Streams {
                 return Err(StreamError::Unchangeable("replicas"));
             }
             if old.replicas() > 1 {
-                return Err(StreamError::Unsupported(format!(
-                    "changing the configuration of a replicated stream ({name} has {} replicas)",
-                    old.replicas()
-                )));
+                if let Err(what) = limits_only(&old, &cfg) {
+                    return Err(StreamError::Unsupported(format!(
+                        "changing {what} of a replicated stream ({name} has {} replicas; its limits and description can change)",
+                        old.replicas()
+                    )));
+                }
+                // Through the group's log: every replica takes it at the
+                // same entry, and cuts by the new limits there.
+                crate::replication::update(&s, &cfg)?;
+                info!(stream = %name, max_msgs = ?cfg.max_msgs, max_bytes = ?cfg.max_bytes, max_age_ms = ?cfg.max_age_ms, "replicated stream updated");
+                return Ok(s.info());
             }
             if old.fsync != cfg.fsync {
                 return Err(StreamError::Unchangeable("fsync"));
