@@ -1337,11 +1337,7 @@ async fn a_replica_behind_the_purged_raft_log_catches_up_through_a_snapshot_with
 
     cl.restart(f).await;
     check_on(&cl, &[f], "RS", &acked).await;
-    assert!(
-        raft_dir(&cl.nodes[f], "RS").join("snapshot.data").exists(),
-        "{} caught up without a snapshot",
-        cl.nodes[f].name
-    );
+    installed_a_snapshot(&cl.nodes[f], "RS").await;
     let fc = client(cl.nodes[f].port).await;
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
@@ -1369,6 +1365,22 @@ async fn a_replica_behind_the_purged_raft_log_catches_up_through_a_snapshot_with
     );
     for (seq, _, payload) in &got {
         assert_eq!(*payload, format!("s0-{seq:06}"));
+    }
+}
+
+/// `n` caught up through a snapshot: `raft/snapshot.data` is there. An
+/// install renames it into place last, after the stream's records (which a
+/// reader may already see) and a few fsyncs: waited for, bounded.
+async fn installed_a_snapshot(n: &Node, stream: &str) {
+    let path = raft_dir(n, stream).join("snapshot.data");
+    let mut deadline = Deadline::after(Duration::from_secs(30));
+    while !path.exists() {
+        assert!(
+            !deadline.passed(),
+            "{} caught up without a snapshot",
+            n.name
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
 
@@ -1515,11 +1527,7 @@ async fn r3_retention_leaves_every_replica_exactly_the_newest_messages_also_afte
         cl.nodes[f].name
     );
     assert_eq!(got, want);
-    assert!(
-        raft_dir(&cl.nodes[f], "RL").join("snapshot.data").exists(),
-        "{} caught up without a snapshot",
-        cl.nodes[f].name
-    );
+    installed_a_snapshot(&cl.nodes[f], "RL").await;
 
     // A lower limit, through a follower: the group cuts at that entry.
     let mut lower = cfg.clone();
@@ -1689,12 +1697,7 @@ async fn a_replica_replaced_after_compaction_catches_up_by_snapshot_and_serves_e
     acked.extend(publish(801, 850).await);
 
     check_on(&cl, &[spare, li, other], "RR", &acked).await;
-    assert!(
-        raft_dir(&cl.nodes[spare], "RR")
-            .join("snapshot.data")
-            .exists(),
-        "{spare_name} caught up without a snapshot"
-    );
+    installed_a_snapshot(&cl.nodes[spare], "RR").await;
     let sc = client(cl.nodes[spare].port).await;
     let mut deadline = Deadline::after(Duration::from_secs(30));
     loop {
