@@ -41,6 +41,51 @@ struct Cluster {
     _tmp: tempfile::TempDir,
 }
 
+/// Pids of the brokers this test process runs, to tell a pause from a hang.
+static BROKERS: Mutex<Vec<u32>> = Mutex::new(Vec::new());
+
+/// One of this test's brokers is stopped (SIGSTOP): on a shared machine a
+/// benchmark may pause other processes for minutes.
+fn a_broker_is_stopped() -> bool {
+    let pids = BROKERS.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    pids.iter().any(|pid| {
+        std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .ok()
+            .and_then(|s| {
+                s.rsplit_once(')')
+                    .map(|(_, r)| r.trim_start().starts_with('T'))
+            })
+            .unwrap_or(false)
+    })
+}
+
+/// A time limit that does not run while one of the test's brokers is
+/// stopped, nor across a gap of more than 5 s between two checks (this
+/// process was paused): a pause is never taken for a hang.
+struct Deadline {
+    left: Duration,
+    last: Instant,
+}
+
+impl Deadline {
+    fn after(d: Duration) -> Deadline {
+        Deadline {
+            left: d,
+            last: Instant::now(),
+        }
+    }
+
+    fn passed(&mut self) -> bool {
+        let now = Instant::now();
+        let dt = now - self.last;
+        self.last = now;
+        if dt < Duration::from_secs(5) && !a_broker_is_stopped() {
+            self.left = self.left.saturating_sub(dt);
+        }
+        self.left.is_zero()
+    }
+}
+
 impl Node {
     fn spawn(&mut self, peers: &[String]) {
         let log = match std::env::var_os("SOCKBUS_TEST_LOGS") {
@@ -87,6 +132,10 @@ impl Node {
             .stderr(log)
             .spawn()
             .expect("start the broker");
+        BROKERS
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(child.id());
         self.child = Some(child);
     }
 
@@ -119,6 +168,10 @@ impl Node {
         if let Some(mut c) = self.child.take() {
             let _ = c.kill();
             let _ = c.wait();
+            BROKERS
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .retain(|p| *p != c.id());
         }
     }
 
@@ -225,7 +278,7 @@ async fn wait_info(
     what: &str,
     f: impl Fn(&StreamInfo) -> bool,
 ) -> StreamInfo {
-    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut deadline = Deadline::after(Duration::from_secs(60));
     let mut last = None;
     loop {
         if let Ok(c) = tokio::time::timeout(Duration::from_secs(5), client(port)).await {
@@ -237,7 +290,7 @@ async fn wait_info(
             }
         }
         assert!(
-            Instant::now() < deadline,
+            !deadline.passed(),
             "{what}: not reached on port {port}; last info {last:?}"
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
@@ -275,6 +328,24 @@ async fn read_stream(port: u16, stream: &str) -> Vec<(u64, String)> {
     out
 }
 
+/// Publishes `payload` on `subject` with `Msg-Id: id`, retrying until
+/// acked (as a publisher does across a failover or a paused broker): the
+/// stream stores it once. Its sequence.
+async fn publish_acked(c: &Client, subject: &str, id: &str, payload: &str) -> u64 {
+    let mut h = Headers::new();
+    h.insert("Msg-Id", id.to_string());
+    let mut deadline = Deadline::after(Duration::from_secs(120));
+    loop {
+        match c.publish_durable_with_headers(subject, &h, payload).await {
+            Ok(a) => return a.seq,
+            Err(e) => {
+                assert!(!deadline.passed(), "{id} not acked within 120 s: {e}");
+                tokio::time::sleep(Duration::from_millis(50)).await
+            }
+        }
+    }
+}
+
 /// Publishes `p{t}-{i}` with Msg-Id until `stop`, retrying each until acked.
 fn publishers(
     ports: Vec<u16>,
@@ -294,7 +365,7 @@ fn publishers(
                     let payload = format!("{prefix}{t}-{i:06}");
                     let mut h = Headers::new();
                     h.insert("Msg-Id", payload.clone());
-                    let deadline = Instant::now() + Duration::from_secs(60);
+                    let mut deadline = Deadline::after(Duration::from_secs(60));
                     loop {
                         match c
                             .publish_durable_with_headers(&format!("repl.{t}"), &h, &payload)
@@ -305,10 +376,7 @@ fn publishers(
                                 break;
                             }
                             Err(e) => {
-                                assert!(
-                                    Instant::now() < deadline,
-                                    "{payload} not acked within 60 s: {e}"
-                                );
+                                assert!(!deadline.passed(), "{payload} not acked within 60 s: {e}");
                                 tokio::time::sleep(Duration::from_millis(50)).await
                             }
                         }
@@ -744,10 +812,26 @@ async fn jetstream_num_replicas_3_is_a_replicated_stream_on_every_node() {
     let e = js1.create_stream(two).await.unwrap_err().to_string();
     assert!(e.contains("num_replicas must be 1, 3 or 5"), "{e}");
 
-    // A replicated stream's configuration and messages are the group's:
-    // this version refuses changing them on one node (docs/storage.md).
+    // New limits go through the group's log: every node keeps the newest
+    // ten. Other settings (subjects) and single-message deletes are
+    // refused on a replicated stream (docs/storage.md).
+    let info = js2
+        .update_stream(stream::Config {
+            max_messages: 10,
+            ..cfg.clone()
+        })
+        .await
+        .unwrap();
+    assert_eq!((info.config.max_messages, info.state.messages), (10, 10));
+    for n in &cl.nodes {
+        let what = format!("{}: the newest 10", n.name);
+        let i = wait_info(n.port, "JR3", &what, |i| i.state.messages == 10).await;
+        assert_eq!(i.config.max_msgs, Some(10), "{}", n.name);
+        assert_eq!(i.state.first_seq, 91, "{}", n.name);
+    }
     let e = js2
         .update_stream(stream::Config {
+            subjects: vec!["jr3.>".into(), "other.>".into()],
             max_messages: 10,
             ..cfg.clone()
         })
@@ -759,12 +843,33 @@ async fn jetstream_num_replicas_3_is_a_replicated_stream_on_every_node() {
         "{e}"
     );
     let mut s2 = js2.get_stream("JR3").await.unwrap();
-    let e = s2.purge().await.unwrap_err().to_string();
-    assert!(e.contains("replicated stream"), "{e}");
-    let e = s2.delete_message(1).await.unwrap_err().to_string();
+    let e = s2.delete_message(95).await.unwrap_err().to_string();
     assert!(e.contains("replicated stream"), "{e}");
     let info = s2.info().await.unwrap().clone();
-    assert_eq!((info.config.max_messages, info.state.messages), (-1, 100));
+    assert_eq!((info.config.max_messages, info.state.messages), (10, 10));
+
+    // A purge goes through the group's log: every replica is emptied, and
+    // the next message takes the next sequence.
+    let purged = s2.purge().await.unwrap();
+    assert!(purged.success);
+    assert_eq!(purged.purged, 10);
+    let ack = js3
+        .publish("jr3.after", "after".into())
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    assert_eq!(ack.sequence, 101);
+    for n in &cl.nodes {
+        let what = format!("{}: purged, then one more", n.name);
+        let i = wait_info(n.port, "JR3", &what, |i| i.state.last_seq >= 101).await;
+        assert_eq!(
+            (i.state.first_seq, i.state.messages),
+            (101, 1),
+            "{}",
+            n.name
+        );
+    }
 }
 
 /// Everything a durable consumer gets until it has every seq in `want` at
@@ -775,10 +880,10 @@ async fn consume_until(
 ) -> Vec<(u64, u32, String)> {
     let mut got = Vec::new();
     let mut have = HashSet::new();
-    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut deadline = Deadline::after(Duration::from_secs(60));
     while !want.is_subset(&have) {
         assert!(
-            Instant::now() < deadline,
+            !deadline.passed(),
             "consuming stalled: still missing {:?}",
             want.difference(&have).collect::<Vec<_>>()
         );
@@ -1237,11 +1342,7 @@ async fn a_replica_behind_the_purged_raft_log_catches_up_through_a_snapshot_with
 
     cl.restart(f).await;
     check_on(&cl, &[f], "RS", &acked).await;
-    assert!(
-        raft_dir(&cl.nodes[f], "RS").join("snapshot.data").exists(),
-        "{} caught up without a snapshot",
-        cl.nodes[f].name
-    );
+    installed_a_snapshot(&cl.nodes[f], "RS").await;
     let fc = client(cl.nodes[f].port).await;
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
@@ -1272,21 +1373,37 @@ async fn a_replica_behind_the_purged_raft_log_catches_up_through_a_snapshot_with
     }
 }
 
+/// `n` caught up through a snapshot: `raft/snapshot.data` is there. An
+/// install renames it into place last, after the stream's records (which a
+/// reader may already see) and a few fsyncs: waited for, bounded.
+async fn installed_a_snapshot(n: &Node, stream: &str) {
+    let path = raft_dir(n, stream).join("snapshot.data");
+    let mut deadline = Deadline::after(Duration::from_secs(30));
+    while !path.exists() {
+        assert!(
+            !deadline.passed(),
+            "{} caught up without a snapshot",
+            n.name
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 /// Consumer `d`'s (next_seq, ack_floor, num_ack_pending) through `c`.
 async fn kc_info(c: &Client, stream: &str) -> Option<(u64, u64, u64)> {
     let i = c.consumer_info(stream, "d").await.ok()?;
     Some((i.next_seq, i.ack_floor, i.num_ack_pending as u64))
 }
 /// Attack: kill -9 of a replica while it installs a snapshot (its stream
-/// half replaced). It comes back consistent: the install is redone from
-/// the kept file, and it holds every acked message once, in order.
+/// half replaced), three times. It comes back consistent: the install is
+/// redone from the kept file, it holds every acked message once, in order,
+/// and it goes on catching up through the next snapshots.
 ///
-/// Ignored: known failing. The redo at start-up works (round 0 and 1 kill
-/// inside an install, the replica comes back with every message up to the
-/// snapshot), but after the second redo the replica stayed at the
-/// snapshot's index: the leader's next snapshot chunk to it got no answer
-/// within 60 s. Not diagnosed yet (docs/storage.md, "Limits").
-#[ignore = "known failing: replica stalls after a second redone install, see doc comment"]
+/// This test was once ignored as "stalls after the second redone install":
+/// the brokers had been paused (SIGSTOP) by a benchmark on the shared
+/// machine, and resumed only when the test, having given up, sent SIGCONT
+/// before killing them. Its time limits now stop while a broker is stopped
+/// ([`Deadline`]) and publishes are retried with their Msg-Id.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_while_a_replica_installs_a_snapshot_leaves_it_consistent_after_restart() {
     let mut cl = Cluster::start_with(3, Some(SNAP_EVERY)).await;
@@ -1310,8 +1427,8 @@ async fn kill_9_while_a_replica_installs_a_snapshot_leaves_it_consistent_after_r
             let mut got = Vec::new();
             for i in from..from + count {
                 let p = format!("k0-{i:06}-{pad}");
-                let a = pc.publish_durable(&format!("rk.{i}"), &p).await.unwrap();
-                got.push((p, a.seq));
+                let seq = publish_acked(&pc, &format!("rk.{i}"), &format!("k0-{i}"), &p).await;
+                got.push((p, seq));
             }
             got
         }
@@ -1324,9 +1441,9 @@ async fn kill_9_while_a_replica_installs_a_snapshot_leaves_it_consistent_after_r
         let raft = raft_dir(&cl.nodes[f], "RK");
         cl.restart(f).await;
         // Killed as soon as the install starts (the received file moved in place).
-        let deadline = Instant::now() + Duration::from_secs(60);
+        let mut deadline = Deadline::after(Duration::from_secs(60));
         let mut hit = false;
-        while Instant::now() < deadline {
+        while !deadline.passed() {
             if raft.join("snapshot.install").exists() {
                 cl.nodes[f].kill9();
                 hit = raft.join("snapshot.install").exists();
@@ -1345,6 +1462,372 @@ async fn kill_9_while_a_replica_installs_a_snapshot_leaves_it_consistent_after_r
     }
     check_all(&cl, "RK", &acked).await;
     eprintln!("{caught} of 3 kills landed inside an install");
+    assert!(caught >= 1, "no kill landed inside an install");
+}
+
+/// What `n` holds of `stream` once it has `last` as its last sequence:
+/// its first sequence, message count and every message.
+async fn holds(n: &Node, stream: &str, last: u64) -> (u64, u64, Vec<(u64, String)>) {
+    let what = format!("{}: last sequence {last}", n.name);
+    let i = wait_info(n.port, stream, &what, |i| i.state.last_seq >= last).await;
+    (
+        i.state.first_seq,
+        i.state.messages,
+        read_stream(n.port, stream).await,
+    )
+}
+
+/// Issue 17 item 3: retention on a replicated stream follows from the
+/// applied entries, so every replica holds the same messages. With
+/// `max_msgs = 100`, 1,000 acked publishes (a follower killed with -9 for
+/// the second half, then restarted) leave every replica exactly the newest
+/// 100 (the restarted follower brought up by a snapshot, its segments cut
+/// elsewhere), and still exactly those after another restart. A lower
+/// `max_msgs` through the native update leaves every replica the newest
+/// 50. A `max_age` stream left idle expires on every replica.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn r3_retention_leaves_every_replica_exactly_the_newest_messages_also_after_a_follower_restart(
+) {
+    let mut cl = Cluster::start_with(3, Some(SNAP_EVERY)).await;
+    let c = client(cl.nodes[0].port).await;
+    let mut cfg = StreamConfig::new("RL", ["rl.>"]);
+    cfg.replicas = Some(3);
+    cfg.max_msgs = Some(100);
+    add_replicated(&c, &cfg).await;
+    let mut aged = StreamConfig::new("RA", ["ra.>"]);
+    aged.replicas = Some(3);
+    aged.max_age_ms = Some(1500);
+    add_replicated(&c, &aged).await;
+    let li = cl.index(&leader(cl.nodes[0].port, "RL").await);
+    let f = (0..3).find(|&i| i != li).unwrap();
+    let pc = client(cl.nodes[li].port).await;
+    let publish = |from: u64, to: u64| {
+        let pc = pc.clone();
+        async move {
+            for i in from..=to {
+                let p = format!("l-{i:04}");
+                let seq = publish_acked(&pc, &format!("rl.{i}"), &p, &p).await;
+                assert_eq!(seq, i);
+            }
+        }
+    };
+    publish(1, 500).await;
+    cl.nodes[f].kill9();
+    publish(501, 1000).await;
+    cl.restart(f).await;
+
+    let want: Vec<(u64, String)> = (901..=1000).map(|i| (i, format!("l-{i:04}"))).collect();
+    for n in &cl.nodes {
+        let (first, msgs, got) = holds(n, "RL", 1000).await;
+        assert_eq!((first, msgs), (901, 100), "{}", n.name);
+        assert_eq!(got, want, "{}", n.name);
+    }
+    cl.nodes[f].kill9();
+    cl.restart(f).await;
+    let (first, msgs, got) = holds(&cl.nodes[f], "RL", 1000).await;
+    assert_eq!(
+        (first, msgs),
+        (901, 100),
+        "{} after a restart",
+        cl.nodes[f].name
+    );
+    assert_eq!(got, want);
+    installed_a_snapshot(&cl.nodes[f], "RL").await;
+
+    // A lower limit, through a follower: the group cuts at that entry.
+    let mut lower = cfg.clone();
+    lower.max_msgs = Some(50);
+    let info = client(cl.nodes[f].port)
+        .await
+        .stream_update(&lower)
+        .await
+        .unwrap();
+    assert_eq!(info.config.max_msgs, Some(50));
+    let want: Vec<(u64, String)> = (951..=1000).map(|i| (i, format!("l-{i:04}"))).collect();
+    for n in &cl.nodes {
+        let what = format!("{}: the newest 50", n.name);
+        wait_info(n.port, "RL", &what, |i| i.state.messages == 50).await;
+        let (first, msgs, got) = holds(n, "RL", 1000).await;
+        assert_eq!((first, msgs), (951, 50), "{}", n.name);
+        assert_eq!(got, want, "{}", n.name);
+    }
+
+    // Ten messages, then nothing: they expire on every replica.
+    let pa = client(cl.nodes[li].port).await;
+    for i in 1..=10u64 {
+        let p = format!("a-{i}");
+        publish_acked(&pa, &format!("ra.{i}"), &p, &p).await;
+    }
+    for n in &cl.nodes {
+        let what = format!("{}: RA expired", n.name);
+        let i = wait_info(n.port, "RA", &what, |i| {
+            i.state.last_seq == 10 && i.state.messages == 0
+        })
+        .await;
+        assert_eq!(i.state.first_seq, 11, "{}", n.name);
+    }
+}
+
+/// Issue 17 item 2: a replica gone for good (killed, its data directory
+/// removed) is replaced by an empty node after the leader compacted its
+/// Raft log past everything, so the new replica can only be brought up by
+/// a snapshot. It gets every acked message and the durable consumer's
+/// committed state; then, with the old leader killed too, the consumer
+/// served through the new node gets every acked message after its ack
+/// floor, none it had acked, and none again once its ack was confirmed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_replaced_after_compaction_catches_up_by_snapshot_and_serves_every_acked_message_once(
+) {
+    let mut cl = Cluster::start_with(4, Some(SNAP_EVERY)).await;
+    let c = client(cl.nodes[0].port).await;
+    let mut cfg = StreamConfig::new("RR", ["rr.>"]);
+    cfg.replicas = Some(3);
+    add_replicated(&c, &cfg).await;
+    let leader_name = leader(cl.nodes[0].port, "RR").await;
+    let li = cl.index(&leader_name);
+    let pc = client(cl.nodes[li].port).await;
+    let mut acked: HashMap<String, u64> = HashMap::new();
+    let publish = |from: u64, to: u64| {
+        let pc = pc.clone();
+        async move {
+            let mut got = Vec::new();
+            for i in from..=to {
+                let p = format!("r0-{i:06}");
+                let seq = publish_acked(&pc, &format!("rr.{i}"), &p, &p).await;
+                assert_eq!(seq, i);
+                got.push((p, seq));
+            }
+            got
+        }
+    };
+    acked.extend(publish(1, 200).await);
+
+    // A durable consumer: 1..=50 acked (confirmed), some more delivered.
+    // ack_wait well above the time a batch of 16 takes to ack, so only a
+    // failover (or a paused broker) redelivers anything.
+    let durable = || {
+        ConsumerConfig::durable("d")
+            .ack_wait(Duration::from_secs(10))
+            .batch(16)
+    };
+    let kc = client(cl.nodes[li].port).await;
+    let mut k = kc.consumer("RR", durable()).await.unwrap();
+    for _ in 0..60 {
+        let m = k
+            .next_timeout(Duration::from_secs(10))
+            .await
+            .unwrap()
+            .expect("a message within 10 s");
+        if m.seq <= 50 {
+            m.ack_sync().await.unwrap();
+        }
+    }
+    drop(k);
+    let _ = kc.close().await;
+
+    // A member that is not the leader goes for good.
+    let info = wait_info(cl.nodes[li].port, "RR", "three replicas", |i| {
+        i.cluster.as_ref().is_some_and(|c| c.replicas.len() == 3)
+    })
+    .await;
+    let members: Vec<String> = info
+        .cluster
+        .unwrap()
+        .replicas
+        .into_iter()
+        .map(|r| r.name)
+        .collect();
+    let gone_name = members.iter().find(|m| **m != leader_name).unwrap().clone();
+    let other_name = members
+        .iter()
+        .find(|m| **m != leader_name && **m != gone_name)
+        .unwrap()
+        .clone();
+    let spare_name = cl
+        .nodes
+        .iter()
+        .map(|n| n.name.clone())
+        .find(|n| !members.contains(n))
+        .unwrap();
+    let (gone, other, spare) = (
+        cl.index(&gone_name),
+        cl.index(&other_name),
+        cl.index(&spare_name),
+    );
+    // The consumer's committed state, as the surviving follower has it.
+    let oc = client(cl.nodes[other].port).await;
+    let mut deadline = Deadline::after(Duration::from_secs(30));
+    let want_state = loop {
+        let a = kc_info(&pc, "RR").await;
+        let b = kc_info(&oc, "RR").await;
+        if let Some(st) = a.filter(|st| st.1 == 50 && Some(*st) == b) {
+            break st;
+        }
+        assert!(!deadline.passed(), "consumer state: {a:?} vs {b:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    cl.nodes[gone].kill9();
+    std::fs::remove_dir_all(&cl.nodes[gone].dir).unwrap();
+
+    // The two left go on far past it and compact their Raft logs.
+    acked.extend(publish(201, 800).await);
+    let purged = raft_dir(&cl.nodes[li], "RR").join("purged");
+    let mut deadline = Deadline::after(Duration::from_secs(30));
+    while !purged.exists() {
+        assert!(!deadline.passed(), "the leader never purged");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let (entries, _) = raft_log_entries(&cl.nodes[li], "RR");
+    assert!(entries <= LOG_BOUND, "leader: {entries} entries");
+
+    // The documented replacement, sent to the leader.
+    let admin = ConnectOptions::new()
+        .request_timeout(Duration::from_secs(120))
+        .connect(&format!("sockbus://127.0.0.1:{}", cl.nodes[li].port))
+        .await
+        .unwrap();
+    let info = admin
+        .stream_replace_peer("RR", &gone_name, &spare_name)
+        .await
+        .unwrap();
+    let names: Vec<String> = info
+        .cluster
+        .unwrap()
+        .replicas
+        .into_iter()
+        .map(|r| r.name)
+        .collect();
+    assert!(names.contains(&spare_name), "{names:?}");
+    assert!(!names.contains(&gone_name), "{names:?}");
+    acked.extend(publish(801, 850).await);
+
+    check_on(&cl, &[spare, li, other], "RR", &acked).await;
+    installed_a_snapshot(&cl.nodes[spare], "RR").await;
+    let sc = client(cl.nodes[spare].port).await;
+    let mut deadline = Deadline::after(Duration::from_secs(30));
+    loop {
+        let got = kc_info(&sc, "RR").await;
+        // The state committed before the replacement, or later (none of
+        // its deliveries are acked meanwhile, so the ack floor stays).
+        if got.is_some_and(|g| g.1 == want_state.1 && g.0 >= want_state.0) {
+            break;
+        }
+        assert!(
+            !deadline.passed(),
+            "consumer state on the new replica: {got:?}, committed {want_state:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    // The old leader goes too: the new replica and the other one lead on,
+    // and the consumer is served through the new node.
+    cl.nodes[li].kill9();
+    let mut k = sc.consumer("RR", durable()).await.unwrap();
+    let want: HashSet<u64> = (51..=850).collect();
+    let mut have: HashSet<u64> = HashSet::new();
+    let mut confirmed: HashSet<u64> = HashSet::new();
+    // Delivered again after its ack was confirmed: (seq, deliveries).
+    let mut again = Vec::new();
+    let mut paused = false;
+    let mut take = |m: &sockbus_client::streams::StreamMessage,
+                    have: &mut HashSet<u64>,
+                    confirmed: &HashSet<u64>| {
+        assert!(m.seq > 50, "{} acked before, delivered again", m.seq);
+        assert_eq!(
+            String::from_utf8_lossy(m.payload()),
+            format!("r0-{:06}", m.seq)
+        );
+        if confirmed.contains(&m.seq) {
+            again.push((m.seq, m.deliveries));
+        }
+        have.insert(m.seq);
+    };
+    let mut deadline = Deadline::after(Duration::from_secs(120));
+    while !want.is_subset(&have) {
+        assert!(
+            !deadline.passed(),
+            "consuming through {spare_name} stalled: {} of {} received",
+            have.len(),
+            want.len()
+        );
+        paused |= a_broker_is_stopped();
+        let Some(m) = k.next_timeout(Duration::from_secs(2)).await.unwrap() else {
+            continue;
+        };
+        take(&m, &mut have, &confirmed);
+        if m.ack_sync().await.is_ok() {
+            confirmed.insert(m.seq);
+        }
+    }
+    assert_eq!(have, want);
+    // Every ack confirmed: past ack_wait, nothing may come again.
+    let quiet = Instant::now() + Duration::from_secs(12);
+    while Instant::now() < quiet {
+        paused |= a_broker_is_stopped();
+        if let Some(m) = k.next_timeout(Duration::from_secs(1)).await.unwrap() {
+            take(&m, &mut have, &confirmed);
+            let _ = m.ack_sync().await;
+        }
+    }
+    // A paused broker lets ack_wait run out on messages the client holds:
+    // those come again (at-least-once), never otherwise.
+    assert!(
+        again.is_empty() || paused,
+        "delivered again after their acks were confirmed: {again:?}"
+    );
+}
+
+/// Issue 17 item 4: a purge of a replicated stream through the native API
+/// is a Raft entry every replica applies at the same point: asked through
+/// a follower, `keep` then `seq` leave every replica the same newest
+/// messages, also a follower killed with -9 before the purges and
+/// restarted after (it applies them from the log), and publishing goes on
+/// at the next sequence.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_purge_of_an_r3_stream_removes_the_same_messages_on_every_replica_also_a_restarted_one() {
+    let mut cl = Cluster::start(3).await;
+    let c = client(cl.nodes[0].port).await;
+    let mut cfg = StreamConfig::new("RP", ["rp.>"]);
+    cfg.replicas = Some(3);
+    add_replicated(&c, &cfg).await;
+    let li = cl.index(&leader(cl.nodes[0].port, "RP").await);
+    let followers: Vec<usize> = (0..3).filter(|&i| i != li).collect();
+    let (f, down) = (followers[0], followers[1]);
+    let pc = client(cl.nodes[li].port).await;
+    for i in 1..=100u64 {
+        let p = format!("p-{i:03}");
+        assert_eq!(publish_acked(&pc, &format!("rp.{i}"), &p, &p).await, i);
+    }
+    wait_info(cl.nodes[down].port, "RP", "all 100 on the follower", |i| {
+        i.state.last_seq == 100
+    })
+    .await;
+    cl.nodes[down].kill9();
+    let fc = client(cl.nodes[f].port).await;
+    let req = |seq: Option<u64>, keep: Option<u64>| sockbus_client::streams::PurgeRequest {
+        filter: None,
+        seq,
+        keep,
+    };
+    assert_eq!(
+        fc.stream_purge("RP", &req(None, Some(40))).await.unwrap(),
+        60
+    );
+    assert_eq!(
+        fc.stream_purge("RP", &req(Some(81), None)).await.unwrap(),
+        20
+    );
+    for i in 101..=110u64 {
+        let p = format!("p-{i:03}");
+        assert_eq!(publish_acked(&pc, &format!("rp.{i}"), &p, &p).await, i);
+    }
+    cl.restart(down).await;
+    let want: Vec<(u64, String)> = (81..=110).map(|i| (i, format!("p-{i:03}"))).collect();
+    for n in &cl.nodes {
+        let (first, msgs, got) = holds(n, "RP", 110).await;
+        assert_eq!((first, msgs), (81, 30), "{}", n.name);
+        assert_eq!(got, want, "{}", n.name);
+    }
 }
 
 /// The value of one `/metrics` series (name and labels as printed) of a node.

@@ -69,6 +69,20 @@ pub enum Op {
     /// made them (streams::consumer::repl): applied by every replica, so
     /// the one that leads next serves the consumer where it was.
     Consumers { changes: Vec<ConsumerChange> },
+    /// The leader's clock at `ts` (nanoseconds): `max_age` is measured
+    /// against it on every replica (sm.rs), so an idle stream's old
+    /// messages expire at the same entry everywhere.
+    Expire { ts: u64 },
+    /// A purge (`$SB.API.STREAM.PURGE`, JetStream's `STREAM.PURGE`), as
+    /// its request's JSON: every replica removes the same messages at this
+    /// entry (streams::writer::purge_log). Answered with the count in
+    /// `Applied::acks[0].0`.
+    Purge { req: String },
+    /// New limits (`max_msgs`, `max_bytes`, `max_age`) or description of
+    /// the stream, its whole configuration as JSON: every replica cuts by
+    /// the old limits, then saves and takes the new configuration, at
+    /// this entry (sm.rs).
+    Update { config: String },
 }
 
 /// One change to a replicated stream's durable consumers.
@@ -453,6 +467,12 @@ impl Hub {
             .unwrap_or_else(|p| p.into_inner())
             .get(stream)
             .cloned()
+    }
+
+    /// This node leads the stream's group.
+    pub(crate) fn leads(&self, stream: &str) -> bool {
+        self.group(stream)
+            .is_some_and(|g| g.raft.metrics().borrow().state == ServerState::Leader)
     }
 
     /// Picks the members of a new replicated stream: this node and the
@@ -1116,6 +1136,65 @@ pub(crate) fn check_copy(s: &Arc<Stream>) {
     if let Err(e) = repair::check_stream(s, &dir, fsync) {
         warn!(stream = %s.name, "cannot check this replica's copy of the stream: {e}");
     }
+}
+
+/// Purges a replicated stream: one `Op::Purge` entry through its group
+/// (forwarded to the leader), answered once applied with the number of
+/// messages removed. Blocks: call from a blocking thread of the runtime.
+pub(crate) fn purge(
+    s: &Stream,
+    req: &sockbus_protocol::api::PurgeRequest,
+) -> Result<u64, crate::streams::StreamError> {
+    use crate::streams::StreamError;
+    let failed = |error: String| StreamError::Storage {
+        name: s.name.clone(),
+        error,
+    };
+    let json = serde_json::to_string(req).map_err(|e| failed(e.to_string()))?;
+    let rt = tokio::runtime::Handle::try_current()
+        .map_err(|_| failed("no runtime to reach the group".into()))?;
+    let p = Proposal::encode(&Op::Purge { req: json });
+    let a = rt
+        .block_on(hub().propose(s, p, Duration::from_secs(10)))
+        .map_err(|e| failed(format!("not replicated: {e}")))?;
+    match (a.error, a.acks.first()) {
+        (Some(e), _) => Err(StreamError::BadRequest(e)),
+        (None, Some((n, _))) => Ok(*n),
+        (None, None) => Err(failed("the group answered no count".into())),
+    }
+}
+
+/// Changes a replicated stream's limits or description: one `Op::Update`
+/// entry through its group, answered once applied by the leader and here
+/// (waited for at most 10 s on a replica; a node that holds no replica
+/// saves it itself).
+/// Blocks: call from a blocking thread of the runtime.
+pub(crate) fn update(s: &Stream, cfg: &StreamConfig) -> Result<(), crate::streams::StreamError> {
+    use crate::streams::StreamError;
+    let failed = |error: String| StreamError::Storage {
+        name: s.name.clone(),
+        error,
+    };
+    let json = serde_json::to_string(cfg).map_err(|e| failed(e.to_string()))?;
+    let rt = tokio::runtime::Handle::try_current()
+        .map_err(|_| failed("no runtime to reach the group".into()))?;
+    let p = Proposal::encode(&Op::Update { config: json });
+    let a = rt
+        .block_on(hub().propose(s, p, Duration::from_secs(10)))
+        .map_err(|e| failed(format!("not replicated: {e}")))?;
+    if let Some(e) = a.error {
+        return Err(StreamError::BadRequest(e));
+    }
+    if hub().group(&s.name).is_none() {
+        s.set_replicated_config(cfg.clone())
+            .map_err(|e| failed(format!("cannot save the new configuration: {e}")))?;
+        return Ok(());
+    }
+    let end = std::time::Instant::now() + Duration::from_secs(10);
+    while *s.config() != *cfg && std::time::Instant::now() < end {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    Ok(())
 }
 
 /// The members file of a stream created replicated here or by a peer.

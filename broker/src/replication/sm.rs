@@ -70,6 +70,9 @@ pub(crate) struct StateMachine {
     /// `get_current_snapshot` was called before (the first call is
     /// openraft's start-up, which reads only the meta).
     asked: bool,
+    /// The newest timestamp of the entries applied (the proposers' clocks):
+    /// what `max_age` is measured against, never this node's clock.
+    now: u64,
 }
 
 /// `raft/snapshot.meta`: the last snapshot built (what the Raft log may be
@@ -240,7 +243,9 @@ impl StateMachine {
             Ok((h, _)) => Some(h.meta),
             Err(_) => None,
         };
+        let now = s.log.lock().last_ts;
         let mut sm = StateMachine {
+            now,
             dir: dir.to_path_buf(),
             data,
             asked: false,
@@ -440,6 +445,7 @@ impl StateMachine {
         ids: Vec<Option<String>>,
     ) -> io::Result<Applied> {
         self.expire(ts);
+        self.now = self.now.max(ts);
         let have = self.s.log.lock().next_seq;
         let mut acks = Vec::with_capacity(lens.len());
         let mut off = 0usize;
@@ -472,8 +478,110 @@ impl StateMachine {
         Ok(Applied { acks, error: None })
     }
 
+    /// The stream's retention limits, from the applied entries alone, so
+    /// every replica holds the same messages after the same entry:
+    /// `max_msgs` and `max_bytes` keep the newest messages that fit (the
+    /// cut depends only on what the stream holds, not on how entries were
+    /// batched into applies or segments), `max_age` removes the messages
+    /// older than the newest applied timestamp minus the age, by sequence
+    /// (not whole segments, whose boundaries differ between a replica that
+    /// installed a snapshot and one that did not).
+    fn limits(&mut self) -> io::Result<()> {
+        let cfg = self.s.config();
+        self.limits_by(&cfg)
+    }
+
+    fn limits_by(&mut self, cfg: &sockbus_protocol::api::StreamConfig) -> io::Result<()> {
+        if let Some(age) = cfg.max_age_ms {
+            let since = self.now.saturating_sub(age.saturating_mul(1_000_000));
+            let (first, first_ts) = {
+                let st = self.s.log.lock();
+                (st.first_seq(), st.first_ts())
+            };
+            if first < self.app.next_seq() && first_ts < since {
+                let seq = self.s.log.seq_for_time(since)?;
+                if seq > first {
+                    self.app.set_floor(seq)?;
+                }
+            }
+        }
+        if cfg.max_msgs.is_some() || cfg.max_bytes.is_some() {
+            self.app.retention(None, cfg.max_bytes, cfg.max_msgs)?;
+        }
+        Ok(())
+    }
+
+    /// A purge entry: what the entries before it staged is committed
+    /// first, then the purge is done as a local stream's writer does it;
+    /// consumers positioned before the new first message go on from it.
+    /// A request that does not decode is refused the same way everywhere.
+    fn purge(&mut self, req: &str) -> io::Result<Applied> {
+        let req: crate::streams::PurgeRequest = match serde_json::from_str(req) {
+            Ok(r) => r,
+            Err(e) => {
+                return Ok(Applied {
+                    acks: Vec::new(),
+                    error: Some(format!("a purge entry that does not decode: {e}")),
+                })
+            }
+        };
+        self.app.commit(self.fsync)?;
+        let cfg = self.s.config();
+        let n = crate::streams::purge_log(&mut self.app, &self.s, &cfg, &req)?;
+        // The leader serves the durable consumers: moving them past the
+        // new first message are consumer changes it proposes through the
+        // group like its deliveries (streams::consumer::repl).
+        if super::hub().leads(&self.s.name) {
+            let first = self.s.log.lock().first_seq();
+            let consumers: Vec<_> = self
+                .s
+                .consumers
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .values()
+                .cloned()
+                .collect();
+            for c in consumers {
+                c.forget_below(first);
+            }
+        }
+        Ok(Applied {
+            acks: vec![(n, false)],
+            error: None,
+        })
+    }
+
+    /// A configuration update: the old limits cut first (what the entries
+    /// before it stored, as a replica applying them in a batch of their
+    /// own would have cut), then the new configuration is saved and taken.
+    /// Only limits and the description may change; anything else is
+    /// refused the same way on every replica.
+    fn update(&mut self, config: &str) -> io::Result<Applied> {
+        let refuse = |e: String| Applied {
+            acks: Vec::new(),
+            error: Some(e),
+        };
+        let cfg: sockbus_protocol::api::StreamConfig = match serde_json::from_str(config) {
+            Ok(c) => c,
+            Err(e) => return Ok(refuse(format!("an update entry that does not decode: {e}"))),
+        };
+        let old = self.s.config();
+        if let Err(what) = crate::streams::limits_only(&old, &cfg) {
+            return Ok(refuse(format!(
+                "changing {what} of a replicated stream is not supported"
+            )));
+        }
+        self.app.commit(self.fsync)?;
+        self.limits_by(&old)?;
+        // The new limits hold before anyone sees the new configuration.
+        self.limits_by(&cfg)?;
+        self.s.set_replicated_config(cfg)?;
+        Ok(Applied::default())
+    }
+
     fn save(&mut self) -> io::Result<()> {
         self.app.commit(self.fsync)?;
+        self.limits()?;
         // Consumer op logs written by these entries: on disk before
         // `applied` says so, as the stream's log.
         for f in std::mem::take(&mut self.touched) {
@@ -533,6 +641,22 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                             return Err(StorageIOError::write_state_machine(&err).into());
                         }
                     },
+                    Ok(Op::Purge { req }) => match self.purge(&req) {
+                        Ok(a) => out.push(a),
+                        Err(err) => {
+                            return Err(StorageIOError::write_state_machine(&err).into());
+                        }
+                    },
+                    Ok(Op::Update { config }) => match self.update(&config) {
+                        Ok(a) => out.push(a),
+                        Err(err) => {
+                            return Err(StorageIOError::write_state_machine(&err).into());
+                        }
+                    },
+                    Ok(Op::Expire { ts }) => {
+                        self.now = self.now.max(ts);
+                        out.push(Applied::default());
+                    }
                     Ok(Op::Consumers { changes }) => {
                         let mut error = None;
                         for ch in changes {

@@ -37,6 +37,32 @@ use index::PatternIndex;
 pub use sockbus_protocol::api::{
     ConsumerInfo, Fsync, PubAck, PurgeRequest, StreamConfig, StreamInfo, StreamState,
 };
+pub(crate) use writer::purge_log;
+
+/// `new` differs from `old` in the limits (`max_msgs`, `max_bytes`,
+/// `max_age_ms`) and description only, what a replicated stream's update
+/// may change; else the first other setting that differs.
+pub(crate) fn limits_only(old: &StreamConfig, new: &StreamConfig) -> Result<(), &'static str> {
+    let mut same = new.clone();
+    same.max_msgs = old.max_msgs;
+    same.max_bytes = old.max_bytes;
+    same.max_age_ms = old.max_age_ms;
+    same.description = old.description.clone();
+    if same == *old {
+        return Ok(());
+    }
+    Err(if same.subjects != old.subjects {
+        "the subjects"
+    } else if same.duplicate_window_ms != old.duplicate_window_ms {
+        "the duplicate window"
+    } else if same.max_msg_size != old.max_msg_size {
+        "max_msg_size"
+    } else if same.segment_bytes != old.segment_bytes {
+        "segment_bytes"
+    } else {
+        "a setting other than the limits and the description"
+    })
+}
 
 /// Header whose value makes a publish idempotent within the stream's duplicate window.
 pub use sockbus_protocol::api::header::MSG_ID as MSG_ID_HEADER;
@@ -412,6 +438,16 @@ impl Stream {
         true
     }
 
+    /// A replicated stream's new configuration (limits, description),
+    /// taken by its state machine at the update's entry
+    /// (replication/sm.rs): saved in `stream.json`, then in force.
+    pub(crate) fn set_replicated_config(&self, cfg: StreamConfig) -> std::io::Result<()> {
+        let json = serde_json::to_vec_pretty(&cfg).expect("serialisable");
+        write_atomic(&self.dir.join("stream.json"), &json)?;
+        *self.config.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(cfg);
+        Ok(())
+    }
+
     /// The purges and deletes queued for the writer.
     pub(crate) fn take_admin_ops(&self) -> Vec<AdminOp> {
         std::mem::take(&mut *self.admin_ops.lock().unwrap_or_else(|p| p.into_inner()))
@@ -425,7 +461,7 @@ impl Stream {
     ) -> Result<T, StreamError> {
         if self.replicas > 1 {
             return Err(StreamError::Unsupported(format!(
-                "purging or deleting messages of a replicated stream ({})",
+                "deleting messages of a replicated stream ({})",
                 self.name
             )));
         }
@@ -469,6 +505,13 @@ impl Stream {
             return Err(StreamError::BadRequest(
                 "a purge takes seq or keep, not both".into(),
             ));
+        }
+        if self.replicas > 1 {
+            // Through the group's log: every replica's state machine does
+            // it at the same entry, consumers included.
+            let n = crate::replication::purge(self, &req)?;
+            info!(stream = %self.name, purged = n, "replicated stream purged");
+            return Ok(n);
         }
         let (tx, rx) = std::sync::mpsc::channel();
         let n = self.admin(AdminOp::Purge(req, tx), rx)?;
@@ -1258,10 +1301,17 @@ impl Streams {
                 return Err(StreamError::Unchangeable("replicas"));
             }
             if old.replicas() > 1 {
-                return Err(StreamError::Unsupported(format!(
-                    "changing the configuration of a replicated stream ({name} has {} replicas)",
-                    old.replicas()
-                )));
+                if let Err(what) = limits_only(&old, &cfg) {
+                    return Err(StreamError::Unsupported(format!(
+                        "changing {what} of a replicated stream ({name} has {} replicas; its limits and description can change)",
+                        old.replicas()
+                    )));
+                }
+                // Through the group's log: every replica takes it at the
+                // same entry, and cuts by the new limits there.
+                crate::replication::update(&s, &cfg)?;
+                info!(stream = %name, max_msgs = ?cfg.max_msgs, max_bytes = ?cfg.max_bytes, max_age_ms = ?cfg.max_age_ms, "replicated stream updated");
+                return Ok(s.info());
             }
             if old.fsync != cfg.fsync {
                 return Err(StreamError::Unchangeable("fsync"));

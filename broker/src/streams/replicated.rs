@@ -26,7 +26,15 @@ pub(super) fn spawn(s: Arc<Stream>, rx: Receiver<WriteReq>) {
 async fn drive(s: Arc<Stream>, rx: Receiver<WriteReq>) {
     let mut open = true;
     while open {
-        s.wake.notified().await;
+        match s.config().max_age_ms {
+            None => s.wake.notified().await,
+            Some(age) => {
+                tokio::select! {
+                    _ = s.wake.notified() => {}
+                    _ = tokio::time::sleep(Duration::from_secs(1)) => expire(&s, age).await,
+                }
+            }
+        }
         loop {
             let mut reqs = Vec::new();
             let mut bytes = 0usize;
@@ -48,6 +56,30 @@ async fn drive(s: Arc<Stream>, rx: Receiver<WriteReq>) {
             }
             round(&s, reqs, bytes).await;
         }
+    }
+}
+
+/// On the group's leader, once a second for a stream with `max_age`: when
+/// its oldest message has expired by this node's clock, an `Expire` entry
+/// carries that clock to every replica, which cut at the same entry
+/// (replication/sm.rs). An idle stream's messages expire this way; a busy
+/// one's publish entries carry the time anyway.
+async fn expire(s: &Arc<Stream>, age_ms: u64) {
+    let now = now_ns();
+    let due = {
+        let st = s.log.lock();
+        st.first_seq() < st.next_seq
+            && st
+                .first_ts()
+                .saturating_add(age_ms.saturating_mul(1_000_000))
+                < now
+    };
+    if !due || !hub().leads(&s.name) {
+        return;
+    }
+    let p = Proposal::encode(&Op::Expire { ts: now });
+    if let Err(e) = hub().propose(s, p, PROPOSE_WITHIN).await {
+        tracing::debug!(stream = %s.name, "expiring by age: {e}");
     }
 }
 

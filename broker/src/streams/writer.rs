@@ -335,26 +335,7 @@ impl Writer {
     /// of the stream is no filter: the floor is raised, segments go whole.
     /// Otherwise the matching messages are deleted one by one.
     fn purge(&mut self, req: &PurgeRequest) -> std::io::Result<u64> {
-        let all = req
-            .filter
-            .as_deref()
-            .is_none_or(|f| self.cfg.subjects.iter().all(|p| super::covers(f, p)));
-        let n = if all {
-            match (req.seq, req.keep) {
-                (Some(seq), _) => self.app.set_floor(seq)?,
-                (None, Some(keep)) => self.app.keep_newest(keep)?,
-                (None, None) => self.app.set_floor(u64::MAX)?,
-            }
-        } else {
-            let f = req.filter.as_deref().unwrap_or(">");
-            let before = req.seq.unwrap_or(u64::MAX).min(self.app.next_seq());
-            let mut msgs = self.s.log.matching(f, before)?;
-            if let Some(keep) = req.keep {
-                let n = msgs.len().saturating_sub(keep as usize);
-                msgs.truncate(n);
-            }
-            self.app.delete(&msgs)?
-        };
+        let n = purge_log(&mut self.app, &self.s, &self.cfg, req)?;
         if let Some(q) = &self.s.quota {
             q.sync(&self.s);
         }
@@ -619,6 +600,39 @@ pub(super) fn send_ack(batch: &mut Batch, ack: AckTo, r: Result<PubAck, StreamEr
             let _ = batch.internal(&Outgoing::new(&subject, None, &[], &body));
         }
     }
+}
+
+/// Removes what a purge asks from the log `app` writes (this stream's
+/// writer, or a replicated stream's state machine at the purge's entry):
+/// the oldest messages by raising the floor when the filter (if any)
+/// covers every subject of the stream, else the matching messages one by
+/// one. Returns how many. The result depends only on the log's contents,
+/// so every replica removes the same messages.
+pub(crate) fn purge_log(
+    app: &mut Appender,
+    s: &Stream,
+    cfg: &StreamConfig,
+    req: &PurgeRequest,
+) -> std::io::Result<u64> {
+    let all = req
+        .filter
+        .as_deref()
+        .is_none_or(|f| cfg.subjects.iter().all(|p| super::covers(f, p)));
+    if all {
+        return match (req.seq, req.keep) {
+            (Some(seq), _) => app.set_floor(seq),
+            (None, Some(keep)) => app.keep_newest(keep),
+            (None, None) => app.set_floor(u64::MAX),
+        };
+    }
+    let f = req.filter.as_deref().unwrap_or(">");
+    let before = req.seq.unwrap_or(u64::MAX).min(app.next_seq());
+    let mut msgs = s.log.matching(f, before)?;
+    if let Some(keep) = req.keep {
+        let n = msgs.len().saturating_sub(keep as usize);
+        msgs.truncate(n);
+    }
+    app.delete(&msgs)
 }
 
 #[cfg(test)]
