@@ -186,11 +186,11 @@ mod tests {
             self.rng ^= self.rng >> 7;
             self.rng ^= self.rng << 17;
             let r = self.rng;
-            if r % 5 == 0 {
+            if r.is_multiple_of(5) {
                 return Err(io::ErrorKind::WouldBlock.into());
             }
             let offered: usize = s.iter().map(|b| b.len()).sum();
-            let n = if r % 3 == 0 {
+            let n = if r.is_multiple_of(3) {
                 1 + (r >> 8) as usize % offered
             } else {
                 offered
@@ -253,7 +253,7 @@ mod tests {
                     let mut payload = vec![p as u8; len];
                     payload[..8].copy_from_slice(&(i as u64).to_le_bytes());
                     c.publish(&subject, &payload).await.unwrap();
-                    if i % 500 == 0 {
+                    if i.is_multiple_of(500) {
                         tokio::task::yield_now().await;
                     }
                 }

@@ -723,11 +723,11 @@ mod tests {
         fn write(&mut self, s: &[IoSlice<'_>]) -> io::Result<usize> {
             let offered: usize = s.iter().map(|b| b.len()).sum();
             let r = self.next();
-            if r % 7 == 0 {
+            if r.is_multiple_of(7) {
                 return Err(io::ErrorKind::WouldBlock.into());
             }
             // Half the sends are taken whole, the rest cut anywhere.
-            let n = if r % 2 == 0 {
+            let n = if r.is_multiple_of(2) {
                 offered
             } else {
                 1 + (r >> 8) as usize % offered
@@ -780,7 +780,7 @@ mod tests {
         let mut want = Vec::new();
         let payload = vec![7u8; 200 * 1024];
         let mut sizes = 0x2545_f491_4f6c_dd1d_u64;
-        for round in 0..800 {
+        for round in 0..800u32 {
             // A burst of frames of every size, some far above SEND_MAX,
             // and now and then credit owed (a CREDIT frame in `front`).
             for _ in 0..(round % 24) {
@@ -797,7 +797,7 @@ mod tests {
                 let frame = want[at..].to_vec();
                 ob.push(frame.len(), |b| b.extend_from_slice(&frame));
             }
-            if round % 5 == 0 {
+            if round.is_multiple_of(5) {
                 ob.grant(100);
             }
             // A writer takes the batch and writes what the socket takes.
