@@ -15,14 +15,16 @@ use crate::error::Error;
 /// Most bytes a publishing task writes to the socket itself (see
 /// [`Inner::pushed`]); more goes to the writer task.
 const DIRECT_MAX: usize = 32 * 1024;
-/// Most bytes of one send on a plain TCP connection: whole frames only, a
-/// larger frame alone ([`sockbus_protocol::outbox::Take::write_nonblocking`]).
-/// On the fast path with direct delivery the kernel reads a frame header at
-/// the start of each piece of a send; a header cut between two pieces puts
-/// this connection through the broker for good. The kernel cuts a send
-/// into pieces of its own only beyond 17 pages (68 KiB at the least), so
-/// sends of at most 64 KiB that end on frame boundaries keep every header
-/// whole (docs/fast-path.md, "Direct delivery").
+/// Most bytes of one send on a plain TCP connection with
+/// [`ConnectOptions::frame_aligned_sends`](crate::ConnectOptions::frame_aligned_sends):
+/// whole frames only, a larger frame alone
+/// ([`sockbus_protocol::outbox::Take::write_nonblocking`]). On the fast path
+/// with direct delivery the kernel reads a frame header at the start of each
+/// piece of a send; a header cut between two pieces puts this connection
+/// through the broker for good. The kernel cuts a send into pieces of its own
+/// only beyond 17 page fragments (64 KiB at the least), so sends of at most
+/// 64 KiB that end on frame boundaries keep every header whole
+/// (docs/fast-path.md, "Direct delivery").
 pub(crate) const SEND_MAX: usize = 64 * 1024;
 /// A publish writes to the socket itself only when nothing was written for
 /// this many nanoseconds: a quiet connection. On a busy one the frame goes
@@ -44,6 +46,15 @@ impl Inner {
             return;
         }
         self.kick_at(Some(now));
+    }
+
+    /// Most bytes per send (see [`SEND_MAX`]).
+    pub(crate) fn send_max(&self) -> usize {
+        if self.opts.frame_aligned_sends {
+            SEND_MAX
+        } else {
+            usize::MAX
+        }
     }
 
     fn now_ns(&self) -> u64 {
@@ -81,7 +92,7 @@ impl Inner {
             // connection's reset keeps the publishes) for the next writer.
             return self.wake.notify_one();
         };
-        let kicked = drain::write_now(&self.outbox, s, DIRECT_MAX, SEND_MAX);
+        let kicked = drain::write_now(&self.outbox, s, DIRECT_MAX, self.send_max());
         drop(sock);
         let (result, left) = match kicked {
             Kick::Wrote { result, left } => (result, left),
@@ -122,7 +133,7 @@ pub(crate) async fn write_loop(inner: Arc<Inner>, wr: Arc<OwnedWriteHalf>) -> Er
         if !t.data.is_empty() {
             inner.space_freed();
         }
-        let r = drain::write_all(&mut t, &wr, SEND_MAX).await;
+        let r = drain::write_all(&mut t, &wr, inner.send_max()).await;
         inner.outbox.release(t);
         inner.wrote();
         if let Err(e) = r {
@@ -215,7 +226,7 @@ mod tests {
     async fn under_load_no_send_ends_inside_a_frame() {
         const PUBLISHERS: usize = 4;
         const EACH: usize = 1500;
-        let client = offline_client(ConnectOptions::default());
+        let client = offline_client(ConnectOptions::default().frame_aligned_sends(true));
         let done = Arc::new(AtomicBool::new(false));
         let inner = client.inner.clone();
         let stop = done.clone();
@@ -229,7 +240,9 @@ mod tests {
                 let finished = stop.load(Ordering::Acquire);
                 match inner.outbox.claim() {
                     Some(mut t) => {
-                        let _ = t.write_nonblocking(SEND_MAX, |s| rec.write(s)).unwrap();
+                        let _ = t
+                            .write_nonblocking(inner.send_max(), |s| rec.write(s))
+                            .unwrap();
                         inner.outbox.release(t);
                     }
                     None if finished => return rec,
