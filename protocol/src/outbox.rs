@@ -68,7 +68,8 @@ pub struct Take {
     /// first and need not start at a frame boundary (they end on one).
     pub front: Bytes,
     /// Bytes at the start of `front` that finish a frame an earlier send
-    /// began (0: `front` starts on a frame boundary).
+    /// began (0: `front` starts on a frame boundary). Kept only by writers
+    /// with a `send_max` bound (see [`Take::write_nonblocking`]).
     head: usize,
     /// Credit to grant the peer (send a CREDIT frame), 0 for none.
     pub grant: u32,
@@ -148,7 +149,9 @@ impl Take {
                 Err(e) => return Err(e),
             };
             crate::busy_poll::touch();
-            self.head = if n == want {
+            // Without a bound nothing reads `head`: no walk over the frames
+            // (the broker's and the SDK's default writes cost what they did).
+            self.head = if n == want || send_max == usize::MAX {
                 0
             } else {
                 self.boundary_after(n) - n
