@@ -68,6 +68,11 @@ struct Args {
     /// attach the fast path themselves (see the module documentation).
     #[arg(long)]
     direct: bool,
+    /// With --direct: the SDK clients cut every send at a frame boundary
+    /// (`ConnectOptions::frame_aligned_sends`), so every publish stays
+    /// eligible for direct delivery.
+    #[arg(long)]
+    aligned_sends: bool,
 }
 
 #[derive(Debug, Clone, Copy, Default)]
@@ -373,7 +378,11 @@ async fn measure_direct(args: &Args, mode: DirectMode, cgroup: &std::path::Path)
 
     // Request/reply, the reply to the requester's own literal subject.
     {
-        let svc = sockbus_client::connect(&url).await.unwrap();
+        let svc = sockbus_client::ConnectOptions::new()
+            .frame_aligned_sends(args.aligned_sends)
+            .connect(&url)
+            .await
+            .unwrap();
         let mut reqs = svc.subscribe("bench.rr").await.unwrap();
         svc.flush().await.unwrap();
         let replier = tokio::spawn(async move {
@@ -383,7 +392,11 @@ async fn measure_direct(args: &Args, mode: DirectMode, cgroup: &std::path::Path)
                 }
             }
         });
-        let c = sockbus_client::connect(&url).await.unwrap();
+        let c = sockbus_client::ConnectOptions::new()
+            .frame_aligned_sends(args.aligned_sends)
+            .connect(&url)
+            .await
+            .unwrap();
         let mut replies = c.subscribe("bench.reply").await.unwrap();
         c.flush().await.unwrap();
         let (n, size) = (args.requests, args.size);
@@ -413,7 +426,11 @@ async fn measure_direct(args: &Args, mode: DirectMode, cgroup: &std::path::Path)
 
     // Pub/sub 1 -> 1.
     {
-        let sc = sockbus_client::connect(&url).await.unwrap();
+        let sc = sockbus_client::ConnectOptions::new()
+            .frame_aligned_sends(args.aligned_sends)
+            .connect(&url)
+            .await
+            .unwrap();
         let mut sub = sc.subscribe("bench.ps").await.unwrap();
         sc.flush().await.unwrap();
         let n = args.messages;
@@ -431,7 +448,11 @@ async fn measure_direct(args: &Args, mode: DirectMode, cgroup: &std::path::Path)
                 }
             }
         });
-        let p = sockbus_client::connect(&url).await.unwrap();
+        let p = sockbus_client::ConnectOptions::new()
+            .frame_aligned_sends(args.aligned_sends)
+            .connect(&url)
+            .await
+            .unwrap();
         p.flush().await.unwrap();
         let payload = vec![0u8; args.size];
         let lead = args.lead.min((16 << 20) / args.size.max(1) as u64).max(1);

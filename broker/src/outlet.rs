@@ -170,7 +170,7 @@ impl Outlet {
             // TLS, which only the write loop writes.
             return self.wake();
         };
-        match drain::write_now(&self.outbox, s, DIRECT_MAX) {
+        match drain::write_now(&self.outbox, s, DIRECT_MAX, usize::MAX) {
             Kick::Wrote {
                 result: Ok(()),
                 left,
@@ -266,7 +266,7 @@ pub(crate) async fn write_loop(out: Arc<Outlet>, write_timeout: Duration) {
         let r = tokio::select! {
             r = tokio::time::timeout(write_timeout, async {
                 match (&*sock, tls.as_deref_mut()) {
-                    (WriteSock::Plain(w), _) => drain::write_all(&mut t, w).await,
+                    (WriteSock::Plain(w), _) => drain::write_all(&mut t, w, usize::MAX).await,
                     (_, Some(w)) => write_all_tls(&mut t, w).await,
                     (WriteSock::Tls(_), None) => unreachable!("locked above"),
                 }

@@ -2654,6 +2654,63 @@ mod broker_direct {
         svc.abort();
     }
 
+    /// Messages that went direct count like any other: in
+    /// `sockbus_messages_in_total` / `_out_total` and `sockbus_bytes_in_total`
+    /// in /metrics, and on their subject's line of the status page, though
+    /// the broker never saw them.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn direct_messages_count_in_metrics_and_the_status_page_like_any_other() {
+        if !privileged("direct_messages_count_in_metrics") {
+            return;
+        }
+        let b = start(&[]);
+        let s = b.client().await;
+        let mut sub = s.subscribe("count.me").await.unwrap();
+        s.flush().await.unwrap();
+        let p = b.client().await;
+        p.flush().await.unwrap();
+        let (in0, out0, bytes0, direct0) = (
+            metric(b.http, "sockbus_messages_in_total"),
+            metric(b.http, "sockbus_messages_out_total"),
+            metric(b.http, "sockbus_bytes_in_total"),
+            b.direct(),
+        );
+        const N: u32 = 3000;
+        for i in 0..N {
+            p.publish("count.me", payload(i, 100)).await.unwrap();
+            if i % 100 == 99 {
+                // Let the barrier open now and then: most go direct.
+                p.flush().await.unwrap();
+            }
+        }
+        for i in 0..N {
+            assert_eq!(recv(&mut sub).await.payload.as_ref(), payload(i, 100));
+        }
+        let direct = b.direct() - direct0;
+        assert!(direct > u64::from(N) / 2, "{direct} of {N} went direct");
+        // The pump adds what went direct every 5 ms.
+        let n = u64::from(N);
+        let mut got = (0, 0, 0);
+        for _ in 0..100 {
+            got = (
+                metric(b.http, "sockbus_messages_in_total") - in0,
+                metric(b.http, "sockbus_messages_out_total") - out0,
+                metric(b.http, "sockbus_bytes_in_total") - bytes0,
+            );
+            if got.0 >= n && got.1 >= n {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(got, (n, n, 100 * n), "messages in, out, payload bytes in");
+        let st = status_json(b.http);
+        let line = st["subjects"]
+            .as_array()
+            .and_then(|a| a.iter().find(|l| l["subject"] == "count.me"))
+            .unwrap_or_else(|| panic!("count.me on the status page: {st}"));
+        assert_eq!(line["msgs"], n, "status page line: {line}");
+    }
+
     /// A second subscriber appearing (and leaving) mid-stream moves the
     /// subject's delivery to the broker and back: the first subscriber
     /// gets every message exactly once and in order, the second an

@@ -54,6 +54,7 @@ pub struct ConnectOptions {
     pub(crate) send_buffer: usize,
     pub(crate) recv_window: u32,
     pub(crate) no_echo: bool,
+    pub(crate) frame_aligned_sends: bool,
     pub(crate) ping_interval: Duration,
     pub(crate) max_pings_out: u32,
     pub(crate) tls: crate::tls::TlsOptions,
@@ -75,6 +76,7 @@ impl Default for ConnectOptions {
             send_buffer: 32 << 20,
             recv_window: 8 << 20,
             no_echo: false,
+            frame_aligned_sends: false,
             ping_interval: Duration::from_secs(120),
             max_pings_out: 2,
             tls: Default::default(),
@@ -159,6 +161,22 @@ impl ConnectOptions {
     /// reason.
     pub fn receive_window(mut self, n: u32) -> Self {
         self.recv_window = n;
+        self
+    }
+    /// Cut every send at a frame boundary, at most 64 KiB of whole frames
+    /// (a larger frame alone), instead of sending all that is queued in one
+    /// write. With the broker's direct delivery on (docs/fast-path.md,
+    /// "Direct delivery") this keeps every publish eligible to go straight
+    /// into its subscriber's socket: the kernel cuts sends of more than
+    /// 64 KiB into pieces of its own, and a frame header cut between two
+    /// pieces sends this connection through the broker for good. Off by
+    /// default: the kernel then delivers direct one frame per verdict, which
+    /// suits requests and replies but streams small messages several times
+    /// slower than the broker's batched fast path (measured in
+    /// docs/fast-path.md); a streaming publisher that loses alignment goes
+    /// back to the batched path.
+    pub fn frame_aligned_sends(mut self, yes: bool) -> Self {
+        self.frame_aligned_sends = yes;
         self
     }
     /// Do not receive this client's own publishes on its subscriptions.

@@ -15,6 +15,17 @@ use crate::error::Error;
 /// Most bytes a publishing task writes to the socket itself (see
 /// [`Inner::pushed`]); more goes to the writer task.
 const DIRECT_MAX: usize = 32 * 1024;
+/// Most bytes of one send on a plain TCP connection with
+/// [`ConnectOptions::frame_aligned_sends`](crate::ConnectOptions::frame_aligned_sends):
+/// whole frames only, a larger frame alone
+/// ([`sockbus_protocol::outbox::Take::write_nonblocking`]). On the fast path
+/// with direct delivery the kernel reads a frame header at the start of each
+/// piece of a send; a header cut between two pieces puts this connection
+/// through the broker for good. The kernel cuts a send into pieces of its own
+/// only beyond 17 page fragments (64 KiB at the least), so sends of at most
+/// 64 KiB that end on frame boundaries keep every header whole
+/// (docs/fast-path.md, "Direct delivery").
+pub(crate) const SEND_MAX: usize = 64 * 1024;
 /// A publish writes to the socket itself only when nothing was written for
 /// this many nanoseconds: a quiet connection. On a busy one the frame goes
 /// to the writer task, which batches it with the others (one syscall per
@@ -35,6 +46,15 @@ impl Inner {
             return;
         }
         self.kick_at(Some(now));
+    }
+
+    /// Most bytes per send (see [`SEND_MAX`]).
+    pub(crate) fn send_max(&self) -> usize {
+        if self.opts.frame_aligned_sends {
+            SEND_MAX
+        } else {
+            usize::MAX
+        }
     }
 
     fn now_ns(&self) -> u64 {
@@ -72,7 +92,7 @@ impl Inner {
             // connection's reset keeps the publishes) for the next writer.
             return self.wake.notify_one();
         };
-        let kicked = drain::write_now(&self.outbox, s, DIRECT_MAX);
+        let kicked = drain::write_now(&self.outbox, s, DIRECT_MAX, self.send_max());
         drop(sock);
         let (result, left) = match kicked {
             Kick::Wrote { result, left } => (result, left),
@@ -113,7 +133,7 @@ pub(crate) async fn write_loop(inner: Arc<Inner>, wr: Arc<OwnedWriteHalf>) -> Er
         if !t.data.is_empty() {
             inner.space_freed();
         }
-        let r = drain::write_all(&mut t, &wr).await;
+        let r = drain::write_all(&mut t, &wr, inner.send_max()).await;
         inner.outbox.release(t);
         inner.wrote();
         if let Err(e) = r {
@@ -147,5 +167,155 @@ pub(crate) async fn write_loop_stream<W: tokio::io::AsyncWrite + Unpin>(
         if let Err(e) = r {
             return e.into();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::{self, IoSlice};
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+
+    use sockbus_protocol::{decode, Frame};
+
+    use super::SEND_MAX;
+    use crate::options::ConnectOptions;
+    use crate::testing::offline_client;
+
+    /// A socket that records each send it is handed and takes all of it, a
+    /// random part of it, or nothing (would block).
+    struct Recorder {
+        stream: Vec<u8>,
+        /// (offset in `stream` where the send began, bytes offered).
+        sends: Vec<(usize, usize)>,
+        rng: u64,
+    }
+
+    impl Recorder {
+        fn write(&mut self, s: &[IoSlice<'_>]) -> io::Result<usize> {
+            self.rng ^= self.rng << 13;
+            self.rng ^= self.rng >> 7;
+            self.rng ^= self.rng << 17;
+            let r = self.rng;
+            if r.is_multiple_of(5) {
+                return Err(io::ErrorKind::WouldBlock.into());
+            }
+            let offered: usize = s.iter().map(|b| b.len()).sum();
+            let n = if r.is_multiple_of(3) {
+                1 + (r >> 8) as usize % offered
+            } else {
+                offered
+            };
+            self.sends.push((self.stream.len(), offered));
+            let mut left = n;
+            for b in s {
+                let k = left.min(b.len());
+                self.stream.extend_from_slice(&b[..k]);
+                left -= k;
+            }
+            Ok(n)
+        }
+    }
+
+    /// Publishers of every message size, four at once (8 B to 200 KiB), while a writer
+    /// drains the client's outbox as its writer task does into a socket
+    /// that takes sends whole, in part or not at all: every send the SDK
+    /// makes ends on a frame boundary, holds at most `SEND_MAX` bytes or a
+    /// single frame, and every message arrives once, in order per publisher.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn under_load_no_send_ends_inside_a_frame() {
+        const PUBLISHERS: usize = 4;
+        const EACH: usize = 1500;
+        let client = offline_client(ConnectOptions::default().frame_aligned_sends(true));
+        let done = Arc::new(AtomicBool::new(false));
+        let inner = client.inner.clone();
+        let stop = done.clone();
+        let writer = std::thread::spawn(move || {
+            let mut rec = Recorder {
+                stream: Vec::new(),
+                sends: Vec::new(),
+                rng: 0x9e37_79b9_7f4a_7c15,
+            };
+            loop {
+                let finished = stop.load(Ordering::Acquire);
+                match inner.outbox.claim() {
+                    Some(mut t) => {
+                        let _ = t
+                            .write_nonblocking(inner.send_max(), |s| rec.write(s))
+                            .unwrap();
+                        inner.outbox.release(t);
+                    }
+                    None if finished => return rec,
+                    None => std::thread::yield_now(),
+                }
+            }
+        });
+        let small = [8usize, 17, 128, 900, 4000];
+        let mut tasks = Vec::new();
+        for p in 0..PUBLISHERS {
+            let c = client.clone();
+            tasks.push(tokio::spawn(async move {
+                let subject = format!("load.p{p}");
+                for i in 0..EACH {
+                    let len = match (i + p) % 50 {
+                        0 => 200_000,
+                        1 => 70_000,
+                        2..=5 => 40_000,
+                        k => small[k % small.len()],
+                    };
+                    let mut payload = vec![p as u8; len];
+                    payload[..8].copy_from_slice(&(i as u64).to_le_bytes());
+                    c.publish(&subject, &payload).await.unwrap();
+                    if i.is_multiple_of(500) {
+                        tokio::task::yield_now().await;
+                    }
+                }
+            }));
+        }
+        for t in tasks {
+            t.await.unwrap();
+        }
+        done.store(true, Ordering::Release);
+        let rec = writer.join().unwrap();
+
+        let mut bounds = vec![0usize];
+        let mut next = vec![0u64; PUBLISHERS];
+        let mut at = 0;
+        while let Some((f, len)) = decode(&rec.stream[at..], u32::MAX).unwrap() {
+            if let Frame::Pub {
+                subject, payload, ..
+            } = Frame::from(f)
+            {
+                let p: usize = subject.strip_prefix("load.p").unwrap().parse().unwrap();
+                let i = u64::from_le_bytes(payload[..8].try_into().unwrap());
+                assert_eq!(i, next[p], "publisher {p}: message {i} in order, once");
+                next[p] += 1;
+            }
+            at += len;
+            bounds.push(at);
+        }
+        assert_eq!(at, rec.stream.len(), "the stream is whole frames");
+        assert_eq!(next, vec![EACH as u64; PUBLISHERS], "every message arrived");
+        let mut big = 0;
+        for &(start, offered) in &rec.sends {
+            let end = start + offered;
+            assert!(
+                bounds.binary_search(&end).is_ok(),
+                "a send of {offered} bytes at {start} ends inside a frame"
+            );
+            if offered > SEND_MAX {
+                big += 1;
+                assert!(
+                    !bounds.iter().any(|&b| b > start && b < end),
+                    "a send of {offered} bytes at {start} holds more than one frame"
+                );
+            }
+        }
+        // The load really made batches larger than one send.
+        let batched = rec.sends.iter().filter(|&&(_, n)| n > 1000).count();
+        assert!(
+            big > 0 && batched > 100,
+            "{big} big sends, {batched} batches"
+        );
     }
 }

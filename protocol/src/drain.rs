@@ -29,23 +29,25 @@ pub enum Kick {
 }
 
 /// Writes up to `max` queued bytes to `sock` here and now, without
-/// blocking, when nobody else is writing.
-pub fn write_now(outbox: &Outbox, sock: &OwnedWriteHalf, max: usize) -> Kick {
+/// blocking, when nobody else is writing; at most `send_max` bytes of whole
+/// frames per send (see [`Take::write_nonblocking`]).
+pub fn write_now(outbox: &Outbox, sock: &OwnedWriteHalf, max: usize, send_max: usize) -> Kick {
     let mut t = match outbox.claim_direct(max) {
         Direct::Write(t) => t,
         Direct::Wake => return Kick::Wake,
         Direct::Busy => return Kick::Busy,
     };
     let result = t
-        .write_nonblocking(|b| sock.try_write_vectored(b))
+        .write_nonblocking(send_max, |b| sock.try_write_vectored(b))
         .map(|_| ());
     let left = outbox.release(t);
     Kick::Wrote { result, left }
 }
 
-/// Writes all of a claimed batch, waiting for the socket as needed.
-pub async fn write_all(t: &mut Take, sock: &OwnedWriteHalf) -> io::Result<()> {
-    while !t.write_nonblocking(|b| sock.try_write_vectored(b))? {
+/// Writes all of a claimed batch, waiting for the socket as needed, at most
+/// `send_max` bytes of whole frames per send (see [`Take::write_nonblocking`]).
+pub async fn write_all(t: &mut Take, sock: &OwnedWriteHalf, send_max: usize) -> io::Result<()> {
+    while !t.write_nonblocking(send_max, |b| sock.try_write_vectored(b))? {
         sock.writable().await?;
     }
     Ok(())
@@ -55,9 +57,11 @@ pub async fn write_all(t: &mut Take, sock: &OwnedWriteHalf) -> io::Result<()> {
 /// it encrypts, so no producer writes to it directly), then flushes it.
 pub async fn write_all_to<W: AsyncWrite + Unpin>(t: &mut Take, w: &mut W) -> io::Result<()> {
     std::future::poll_fn(|cx| {
-        let r = t.write_nonblocking(|b| match Pin::new(&mut *w).poll_write_vectored(cx, b) {
-            Poll::Ready(r) => r,
-            Poll::Pending => Err(io::ErrorKind::WouldBlock.into()),
+        let r = t.write_nonblocking(usize::MAX, |b| {
+            match Pin::new(&mut *w).poll_write_vectored(cx, b) {
+                Poll::Ready(r) => r,
+                Poll::Pending => Err(io::ErrorKind::WouldBlock.into()),
+            }
         });
         match r {
             Ok(true) => Poll::Ready(Ok(())),

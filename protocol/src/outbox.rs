@@ -30,7 +30,7 @@
 use std::io::{self, IoSlice};
 
 use crate::flow::{aligned_prefix, SendWindow};
-use crate::frame::{encode_credit, parse_header, Kind, CREDIT_FRAME_LEN};
+use crate::frame::{encode_credit, parse_header, Kind, CREDIT_FRAME_LEN, HEADER_LEN};
 use bytes::{Bytes, BytesMut};
 
 use crate::sync::Mutex;
@@ -65,8 +65,12 @@ pub enum Direct {
 #[derive(Debug, Default)]
 pub struct Take {
     /// Bytes a previous writer handed to the socket only in part; they go
-    /// first and need not start at a frame boundary.
+    /// first and need not start at a frame boundary (they end on one).
     pub front: Bytes,
+    /// Bytes at the start of `front` that finish a frame an earlier send
+    /// began (0: `front` starts on a frame boundary). Kept only by writers
+    /// with a `send_max` bound (see [`Take::write_nonblocking`]).
+    head: usize,
     /// Credit to grant the peer (send a CREDIT frame), 0 for none.
     pub grant: u32,
     /// Whole frames to write.
@@ -107,8 +111,17 @@ impl Take {
     /// non-blocking vectored write (`try_write_vectored`). Returns Ok(true)
     /// when everything went out, Ok(false) when the socket would block, in
     /// which case `self` holds exactly the rest.
+    ///
+    /// Each call of `write` is handed at most `send_max` bytes that end on a
+    /// frame boundary: whole frames (a frame larger than `send_max` alone),
+    /// after the rest of a frame a partial write cut. The kernel's direct
+    /// delivery reads a frame header at the start of each send and needs
+    /// every header whole in one (docs/fast-path.md); the kernel itself cuts
+    /// a send into pieces of its own only beyond 64 KiB. `usize::MAX`: the
+    /// whole batch in one call.
     pub fn write_nonblocking(
         &mut self,
+        send_max: usize,
         mut write: impl FnMut(&[IoSlice<'_>]) -> io::Result<usize>,
     ) -> io::Result<bool> {
         if self.grant > 0 {
@@ -122,19 +135,83 @@ impl Take {
             self.front = f.freeze();
         }
         while !self.is_empty() {
-            let n = match write(&[IoSlice::new(&self.front), IoSlice::new(&self.data)]) {
+            let want = self.send_len(send_max);
+            let f = want.min(self.front.len());
+            let slices = [
+                IoSlice::new(&self.front[..f]),
+                IoSlice::new(&self.data[..want - f]),
+            ];
+            let n = match write(&slices) {
                 Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
-                Ok(n) => n,
+                Ok(n) => n.min(want),
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(false),
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => return Err(e),
             };
             crate::busy_poll::touch();
+            // Without a bound nothing reads `head`: no walk over the frames
+            // (the broker's and the SDK's default writes cost what they did).
+            self.head = if n == want || send_max == usize::MAX {
+                0
+            } else {
+                self.boundary_after(n) - n
+            };
             let f = n.min(self.front.len());
             let _ = self.front.split_to(f);
             let _ = self.data.split_to(n - f);
         }
         Ok(true)
+    }
+
+    /// Length of the frame starting `at` bytes into `front` then `data`
+    /// (frames never straddle the two: `front` ends on a boundary).
+    fn frame_at(&self, at: usize) -> usize {
+        let (b, off) = if at < self.front.len() {
+            (&self.front[..], at)
+        } else {
+            (&self.data[..], at - self.front.len())
+        };
+        let rest = b.len() - off;
+        match b.get(off + 4..off + 8) {
+            Some(l) => {
+                let len = u32::from_le_bytes([l[0], l[1], l[2], l[3]]) as usize;
+                (HEADER_LEN + len).clamp(1, rest)
+            }
+            // Not a whole header (never: only whole frames are queued).
+            None => rest.max(1),
+        }
+    }
+
+    /// The first frame boundary at or after `n` bytes.
+    fn boundary_after(&self, n: usize) -> usize {
+        let mut at = self.head;
+        while at < n {
+            at += self.frame_at(at);
+        }
+        at
+    }
+
+    /// How many bytes the next send takes: everything when it fits in
+    /// `send_max`, else the longest run of whole frames that does (after
+    /// the rest of a cut frame), else the first frame alone.
+    fn send_len(&self, send_max: usize) -> usize {
+        let total = self.front.len() + self.data.len();
+        if total <= send_max {
+            return total;
+        }
+        let mut at = self.head;
+        while at < total {
+            let next = at + self.frame_at(at);
+            if next > send_max {
+                break;
+            }
+            at = next;
+        }
+        if at == 0 {
+            self.frame_at(0)
+        } else {
+            at
+        }
     }
 }
 
@@ -147,6 +224,8 @@ struct Inner {
     writing: bool,
     /// Taken, handed to the socket only in part: goes out first.
     unwritten: Bytes,
+    /// [`Take::head`] of `unwritten`.
+    unwritten_head: usize,
     /// Counts resets: a claim taken before one is void after it.
     epoch: u64,
     /// Counts claims of the writer role (see [`Outbox::write_state`]).
@@ -191,6 +270,7 @@ impl Outbox {
                 closed: false,
                 writing: false,
                 unwritten: Bytes::new(),
+                unwritten_head: 0,
                 epoch: 0,
                 claims: 0,
                 taken: 0,
@@ -303,6 +383,7 @@ impl Outbox {
         g.send.on_sent(n);
         Take {
             front: Bytes::new(),
+            head: 0,
             grant,
             data,
             epoch: g.epoch,
@@ -358,6 +439,7 @@ impl Outbox {
         g.send.on_sent(n);
         let t = Take {
             front: std::mem::take(&mut g.unwritten),
+            head: std::mem::take(&mut g.unwritten_head),
             grant: std::mem::take(&mut g.grant),
             data,
             epoch: g.epoch,
@@ -384,6 +466,7 @@ impl Outbox {
         g.taken = 0;
         debug_assert!(g.unwritten.is_empty());
         if !rest.is_empty() {
+            g.unwritten_head = rest.head;
             g.unwritten = rest.into_bytes();
         }
         g.closed
@@ -475,6 +558,7 @@ impl Outbox {
         g.closed = false;
         g.writing = false;
         g.unwritten = Bytes::new();
+        g.unwritten_head = 0;
         g.taken = 0;
         g.epoch += 1;
         let mut b = BytesMut::with_capacity(prefix.len() + g.buf.len());
@@ -498,6 +582,7 @@ impl Outbox {
         g.buf = BytesMut::new();
         g.grant = 0;
         g.unwritten = Bytes::new();
+        g.unwritten_head = 0;
     }
 
     pub fn is_closed(&self) -> bool {
@@ -545,7 +630,7 @@ mod tests {
         // The socket took two frames; four are left over, and go out first.
         let mut wrote = 0;
         let done = t
-            .write_nonblocking(|_| {
+            .write_nonblocking(usize::MAX, |_| {
                 if wrote == 0 {
                     wrote = 2 * PONG;
                     Ok(2 * PONG)
@@ -617,6 +702,135 @@ mod tests {
         assert!(ob.waits_for_credit());
         ob.on_credit(PONG as u32);
         assert!(!ob.waits_for_credit(), "credit arrived");
+    }
+
+    /// What a socket was handed, send by send: the bytes it took and the
+    /// bytes it was offered.
+    #[derive(Default)]
+    struct Recorder {
+        stream: Vec<u8>,
+        /// (offset in `stream` where the send began, bytes offered).
+        sends: Vec<(usize, usize)>,
+        rng: u64,
+    }
+
+    impl Recorder {
+        fn next(&mut self) -> u64 {
+            // xorshift64: a reproducible mix of whole, partial and refused sends.
+            self.rng ^= self.rng << 13;
+            self.rng ^= self.rng >> 7;
+            self.rng ^= self.rng << 17;
+            self.rng
+        }
+
+        fn write(&mut self, s: &[IoSlice<'_>]) -> io::Result<usize> {
+            let offered: usize = s.iter().map(|b| b.len()).sum();
+            let r = self.next();
+            if r.is_multiple_of(7) {
+                return Err(io::ErrorKind::WouldBlock.into());
+            }
+            // Half the sends are taken whole, the rest cut anywhere.
+            let n = if r.is_multiple_of(2) {
+                offered
+            } else {
+                1 + (r >> 8) as usize % offered
+            };
+            self.sends.push((self.stream.len(), offered));
+            let mut left = n;
+            for b in s {
+                let k = left.min(b.len());
+                self.stream.extend_from_slice(&b[..k]);
+                left -= k;
+            }
+            Ok(n)
+        }
+
+        /// Checks every send against the frames of the stream: it ends on a
+        /// frame boundary, and holds at most `send_max` bytes unless it holds
+        /// no boundary inside (one frame, or the rest of one, alone).
+        fn check(&self, send_max: usize) -> Vec<usize> {
+            let mut bounds = vec![0];
+            let mut at = 0;
+            while let Some(h) = parse_header(&self.stream[at..]).unwrap() {
+                at += h.frame_len();
+                bounds.push(at);
+            }
+            assert_eq!(at, self.stream.len(), "the stream is whole frames");
+            for &(start, offered) in &self.sends {
+                let end = start + offered;
+                assert!(
+                    bounds.binary_search(&end).is_ok(),
+                    "a send of {offered} bytes at {start} ends inside a frame"
+                );
+                if offered > send_max {
+                    let first_after = bounds.partition_point(|&b| b <= start);
+                    let inside = bounds.get(first_after).is_some_and(|&b| b < end);
+                    assert!(!inside, "a send of {offered} > {send_max} bytes at {start} holds more than one frame");
+                }
+            }
+            bounds
+        }
+    }
+
+    #[test]
+    fn every_send_ends_on_a_frame_boundary_even_after_partial_writes() {
+        const SEND_MAX: usize = 64 * 1024;
+        let ob = Outbox::new(usize::MAX, 0);
+        let mut rec = Recorder {
+            rng: 0x9e37_79b9_7f4a_7c15,
+            ..Default::default()
+        };
+        let mut want = Vec::new();
+        let payload = vec![7u8; 200 * 1024];
+        let mut sizes = 0x2545_f491_4f6c_dd1d_u64;
+        for round in 0..800u32 {
+            // A burst of frames of every size, some far above SEND_MAX,
+            // and now and then credit owed (a CREDIT frame in `front`).
+            for _ in 0..(round % 24) {
+                sizes ^= sizes << 13;
+                sizes ^= sizes >> 7;
+                sizes ^= sizes << 17;
+                let len = match sizes % 40 {
+                    0 => (sizes >> 16) as usize % payload.len(),
+                    1 | 2 => SEND_MAX - 30 + (sizes >> 16) as usize % 60,
+                    _ => (sizes >> 16) as usize % 600,
+                };
+                let at = want.len();
+                encode_pub(&mut want, "sub.j", None, &[], &payload[..len]).unwrap();
+                let frame = want[at..].to_vec();
+                ob.push(frame.len(), |b| b.extend_from_slice(&frame));
+            }
+            if round.is_multiple_of(5) {
+                ob.grant(100);
+            }
+            // A writer takes the batch and writes what the socket takes.
+            if let Some(mut t) = ob.claim() {
+                let _ = t.write_nonblocking(SEND_MAX, |s| rec.write(s)).unwrap();
+                ob.release(t);
+            }
+        }
+        while let Some(mut t) = ob.claim() {
+            let _ = t.write_nonblocking(SEND_MAX, |s| rec.write(s)).unwrap();
+            ob.release(t);
+        }
+        rec.check(SEND_MAX);
+        let pubs: Vec<u8> = {
+            let mut out = Vec::new();
+            let mut b = &rec.stream[..];
+            while let Some(h) = parse_header(b).unwrap() {
+                if h.kind == Kind::Pub {
+                    out.extend_from_slice(&b[..h.frame_len()]);
+                }
+                b = &b[h.frame_len()..];
+            }
+            out
+        };
+        assert!(pubs == want, "every PUB arrived once, in order");
+        let cut = rec.sends.iter().filter(|&&(_, n)| n > SEND_MAX).count();
+        assert!(
+            rec.sends.len() > 500 && cut > 0,
+            "the test saw big batches, partial writes and frames above the bound"
+        );
     }
 
     #[test]

@@ -152,7 +152,7 @@ fn direct_and_task_writers_never_interleave_or_lose_bytes() {
                     // The socket takes 5 bytes, then would block.
                     let mut room = 5usize;
                     let done = t
-                        .write_nonblocking(|s| {
+                        .write_nonblocking(usize::MAX, |s| {
                             if room == 0 {
                                 return Err(io::ErrorKind::WouldBlock.into());
                             }
@@ -177,7 +177,9 @@ fn direct_and_task_writers_never_interleave_or_lose_bytes() {
             thread::spawn(move || {
                 for _ in 0..2 {
                     if let Some(mut t) = ob.claim() {
-                        let done = t.write_nonblocking(|s| take_all(&socket, s)).unwrap();
+                        let done = t
+                            .write_nonblocking(usize::MAX, |s| take_all(&socket, s))
+                            .unwrap();
                         assert!(done);
                         ob.release(t);
                     }
@@ -189,7 +191,8 @@ fn direct_and_task_writers_never_interleave_or_lose_bytes() {
         task.join().unwrap();
         // Whatever is left (the rest of a partial write, new frames) goes last.
         while let Some(mut t) = ob.claim() {
-            t.write_nonblocking(|s| take_all(&socket, s)).unwrap();
+            t.write_nonblocking(usize::MAX, |s| take_all(&socket, s))
+                .unwrap();
             ob.release(t);
         }
         assert_eq!(ids(&socket.lock().unwrap()), vec![0, 1, 2]);

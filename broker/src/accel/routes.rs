@@ -33,7 +33,7 @@ use std::time::Duration;
 
 use sockbus_protocol::api::subject::is_reserved;
 
-use super::abi::{SockKey, DIRECT_SUBJECT_MAX};
+use super::abi::{DirectCount, SockKey, DIRECT_SUBJECT_MAX};
 use super::direct::DirectMaps;
 use super::loader::FastPath;
 use crate::deliver::Delivery;
@@ -67,6 +67,9 @@ struct State {
     literal: HashMap<Box<str>, usize>,
     /// The last pump pass had routes to serve.
     pumped: bool,
+    /// Per routed subject, the kernel's direct counts already added to the
+    /// broker's metrics ([`State::account`]).
+    counted: HashMap<Box<str>, DirectCount>,
 }
 
 struct Conn {
@@ -107,6 +110,7 @@ pub(crate) fn install(fp: &Arc<FastPath>) {
                 routes: HashMap::new(),
                 literal: HashMap::new(),
                 pumped: false,
+                counted: HashMap::new(),
             });
             ACTIVE.store(true, Ordering::Release);
         }
@@ -359,10 +363,14 @@ impl State {
         let Some(c) = self.conns.get_mut(&to) else {
             return;
         };
+        // What the kernel counted for this subject before (an earlier
+        // route) is in the metrics already.
+        let before = self.maps.subject(subject).unwrap_or_default();
         if let Err(e) = self.maps.add_route(subject, c.key, sid) {
             tracing::debug!(subject, "direct delivery: cannot add the route: {e}");
             return;
         }
+        self.counted.insert(subject.into(), before);
         c.routes += 1;
         self.routes.insert(subject.into(), to);
         tracing::debug!(subject, conn = to, sid, "direct delivery: route added");
@@ -375,6 +383,9 @@ impl State {
             return;
         };
         self.maps.remove_route(subject);
+        // What went direct until now, then no more counting.
+        self.account(subject);
+        self.counted.remove(subject);
         tracing::debug!(subject, conn = id, "direct delivery: route removed");
         let last = match self.conns.get_mut(&id) {
             Some(c) => {
@@ -436,8 +447,38 @@ impl State {
         c.granted = used;
     }
 
+    /// Adds what went direct on `subject` since the last look to the
+    /// broker's metrics, as any message is counted there: a message in and
+    /// one out, its payload bytes (here the MSG bytes less the frame's fixed
+    /// part and subject: reply subjects count as payload) and the subject's
+    /// line on the status page.
+    fn account(&mut self, subject: &str) {
+        let Some((delivery, _)) = self.bound.as_ref() else {
+            return;
+        };
+        let Some(seen) = self.counted.get_mut(subject) else {
+            return;
+        };
+        let now = self.maps.subject(subject).unwrap_or_default();
+        let msgs = now.msgs.saturating_sub(seen.msgs);
+        let bytes = now.bytes.saturating_sub(seen.bytes);
+        *seen = now;
+        if msgs == 0 {
+            return;
+        }
+        // Header, sid, subject and reply lengths, headers length.
+        const MSG_FIXED: u64 = 12 + 4 + 2 + 2 + 4;
+        let payload = bytes.saturating_sub(msgs * (MSG_FIXED + subject.len() as u64));
+        let m = delivery.metrics();
+        m.msgs_in.fetch_add(msgs, Ordering::Relaxed);
+        m.msgs_out.fetch_add(msgs, Ordering::Relaxed);
+        m.bytes_in.fetch_add(payload, Ordering::Relaxed);
+        m.bytes_out.fetch_add(payload, Ordering::Relaxed);
+        m.subjects.record(subject, msgs, payload);
+    }
+
     /// Credits publishers for their PUB bytes that went direct, tops up
-    /// routed subscribers' grants.
+    /// routed subscribers' grants, counts direct messages in the metrics.
     fn pump(&mut self) {
         // Without routes nothing goes direct: one more pass after the last
         // one went (for what went direct until then), then none.
@@ -446,6 +487,10 @@ impl State {
             return;
         }
         self.pumped = busy;
+        let routed: Vec<Box<str>> = self.routes.keys().cloned().collect();
+        for subject in routed {
+            self.account(&subject);
+        }
         let ids: Vec<u64> = self.conns.keys().copied().collect();
         for id in ids {
             let Some(c) = self.conns.get_mut(&id) else {
