@@ -191,7 +191,7 @@ pub struct Options {
     /// A fast-path connection whose socket takes none of a batch of bytes for this long is closed as a send stall (default 5s; 0 turns the guard off).
     #[arg(long, env = "SOCKBUS_ACCEL_STALL_TIMEOUT")]
     pub accel_stall_timeout: Option<Dur>,
-    /// Direct delivery on the fast path: a same-node PUB to a subject with one plain subscriber goes straight into its socket (default on when the fast path is on).
+    /// Direct delivery on the fast path: a same-node PUB to a subject with one plain subscriber goes straight into its socket (default off: until it is faster for streaming pub/sub, see docs/fast-path.md).
     #[arg(long, env = "SOCKBUS_ACCEL_DIRECT", value_enum)]
     pub accel_direct: Option<OnOff>,
     /// Largest payload accepted (default 1MiB).
@@ -385,7 +385,7 @@ impl Default for Config {
             accel_ports: Vec::new(),
             accel_cgroup: None,
             accel_stall_timeout: Duration::from_secs(5),
-            accel_direct: true,
+            accel_direct: false,
             max_payload: sockbus_protocol::DEFAULT_MAX_PAYLOAD,
             max_connections: 65536,
             max_subscriptions: DEFAULT_MAX_SUBSCRIPTIONS,

@@ -176,7 +176,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             sockbus_protocol::busy_poll::spawn(w)
         });
         let mode = config.accel;
-        let direct_off = (!config.accel_direct).then_some("disabled by --accel-direct off");
+        let direct_off = (!config.accel_direct).then_some("off unless --accel-direct on");
         let stall_timeout = config.accel_stall_timeout;
         let mut accel_opts = sockbus_broker::accel::AttachOptions {
             ports: config.accel_ports.clone(),

@@ -1360,32 +1360,32 @@ fn status_json(http: u16) -> serde_json::Value {
     serde_json::from_str(body).unwrap_or_else(|e| panic!("status is no JSON ({e}):\n{out}"))
 }
 
-/// `--accel-direct` is on by default with the fast path and says so in the
-/// one start-up line, /metrics and /v1/status; `off` turns it off; a failed
-/// direct self-test check turns it off by itself, naming the check, while
-/// the rest of the fast path stays on.
+/// `--accel-direct` is off by default and says so in the one start-up line,
+/// /metrics and /v1/status; `on` turns it on; a failed direct self-test
+/// check turns it off by itself, naming the check, while the rest of the
+/// fast path stays on.
 #[test]
-fn accel_direct_is_on_by_default_off_on_request_and_off_when_its_check_fails() {
-    let test = "accel_direct_is_on_by_default_off_on_request_and_off_when_its_check_fails";
+fn accel_direct_is_off_by_default_on_on_request_and_off_when_its_check_fails() {
+    let test = "accel_direct_is_off_by_default_on_on_request_and_off_when_its_check_fails";
     if !privileged(test) || !hooks_built(test) {
         return;
     }
     let cg = test_cgroup().unwrap().to_string_lossy().into_owned();
     for (extra, env, on, says) in [
         (
-            None,
+            Some("on"),
             None,
             true,
             "direct delivery on: self-test check direct passed",
         ),
         (
-            Some("off"),
+            None,
             None,
             false,
-            "direct delivery off: disabled by --accel-direct off",
+            "direct delivery off: off unless --accel-direct on",
         ),
         (
-            None,
+            Some("on"),
             Some("direct"),
             false,
             "direct delivery off: self-test failed: check direct: failed on purpose",
@@ -2562,6 +2562,8 @@ mod broker_direct {
         let data_arg = data.to_string_lossy().into_owned();
         let mut args = vec![
             "--accel",
+            "on",
+            "--accel-direct",
             "on",
             "--accel-cgroup",
             &cg,
