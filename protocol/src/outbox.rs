@@ -77,6 +77,9 @@ pub struct Take {
     pub data: BytesMut,
     /// Which connection (see [`Outbox::reset`]) this was taken for.
     epoch: u64,
+    /// Capacity of the queue's buffer after `data` when it was taken: lets
+    /// [`Outbox::release`] reclaim the whole buffer (see [`keep_spare`]).
+    room_after: usize,
 }
 
 impl Take {
@@ -235,6 +238,9 @@ struct Inner {
     /// Bytes of frames ever claimed for writing (wrapping): moves whenever
     /// anything is written.
     claimed: u64,
+    /// A buffer a writer finished with, kept for the queue's next one (see
+    /// [`Outbox::release`]); empty when there is none.
+    spare: BytesMut,
 }
 
 pub struct Outbox {
@@ -275,6 +281,7 @@ impl Outbox {
                 claims: 0,
                 taken: 0,
                 claimed: 0,
+                spare: BytesMut::new(),
             }),
             budget,
             all_held,
@@ -315,6 +322,7 @@ impl Outbox {
             return Push::OverBudget;
         }
         let was_empty = g.buf.is_empty() && g.grant == 0;
+        make_room(&mut g, len);
         g.buf.reserve(len);
         encode(&mut g.buf);
         Push::Queued { was_empty }
@@ -331,6 +339,7 @@ impl Outbox {
         }
         let held = self.held(&g);
         let was_empty = g.buf.is_empty() && g.grant == 0;
+        make_room(&mut g, CONTROL_ROOM);
         let at = g.buf.len();
         encode(&mut g.buf);
         let len = g.buf.len() - at;
@@ -351,6 +360,7 @@ impl Outbox {
             return Push::Closed;
         }
         let was_empty = g.buf.is_empty() && g.grant == 0;
+        make_room(&mut g, CONTROL_ROOM);
         encode(&mut g.buf);
         Push::Queued { was_empty }
     }
@@ -387,6 +397,7 @@ impl Outbox {
             grant,
             data,
             epoch: g.epoch,
+            room_after: 0,
         }
     }
 
@@ -435,9 +446,11 @@ impl Outbox {
         if n == 0 && g.grant == 0 && g.unwritten.is_empty() {
             return None;
         }
+        let room_after = g.buf.capacity() - n;
         let data = g.buf.split_to(n);
         g.send.on_sent(n);
         let t = Take {
+            room_after,
             front: std::mem::take(&mut g.unwritten),
             head: std::mem::take(&mut g.unwritten_head),
             grant: std::mem::take(&mut g.grant),
@@ -468,6 +481,8 @@ impl Outbox {
         if !rest.is_empty() {
             g.unwritten_head = rest.head;
             g.unwritten = rest.into_bytes();
+        } else {
+            keep_spare(&mut g, rest.data, rest.room_after);
         }
         g.closed
             || !g.unwritten.is_empty()
@@ -560,6 +575,7 @@ impl Outbox {
         g.unwritten = Bytes::new();
         g.unwritten_head = 0;
         g.taken = 0;
+        g.spare = BytesMut::new();
         g.epoch += 1;
         let mut b = BytesMut::with_capacity(prefix.len() + g.buf.len());
         b.extend_from_slice(prefix);
@@ -580,6 +596,7 @@ impl Outbox {
     pub fn clear(&self) {
         let mut g = self.lock();
         g.buf = BytesMut::new();
+        g.spare = BytesMut::new();
         g.grant = 0;
         g.unwritten = Bytes::new();
         g.unwritten_head = 0;
@@ -587,6 +604,58 @@ impl Outbox {
 
     pub fn is_closed(&self) -> bool {
         self.lock().closed
+    }
+}
+
+/// Room [`Outbox::push_frame`] and [`Outbox::push_control`] make before
+/// encoding a frame of unknown length (larger ones grow the buffer).
+const CONTROL_ROOM: usize = 256;
+
+/// Before a push that does not fit: moves the queue into the spare buffer
+/// when that holds it, instead of letting the queue allocate a new one.
+/// A claim takes the queue's bytes out of its buffer, which the writer then
+/// holds until it is done, so a queue that fills while a write is under way
+/// needs a second buffer. Allocating that afresh each time costs more than
+/// the copy: a large buffer is a fresh mapping every time, faulted in page
+/// by page (in a 1->10 fan-out the broker spent a fifth more CPU per
+/// message that way; docs/benchmarks.md, "Issue 13 item 10: the fan-out
+/// loss found"). With the spare, a busy connection alternates between two
+/// buffers and allocates nothing.
+fn make_room(g: &mut Inner, len: usize) {
+    let need = g.buf.len() + len;
+    if g.buf.capacity() >= need || g.spare.capacity() < need {
+        return;
+    }
+    let mut b = std::mem::take(&mut g.spare);
+    b.extend_from_slice(&g.buf);
+    g.buf = b;
+}
+
+/// After a claim was written in full: keeps the buffer it was taken from,
+/// if nothing else refers to it any more, for [`make_room`]. An idle
+/// connection keeps one buffer, as it did without a spare: when nothing is
+/// queued the kept buffer becomes the queue's own, and no spare is held.
+/// Held this way: at most one buffer, whose size the budget bounds (a queue
+/// never grows past it by more than one frame), beside the queue's own.
+fn keep_spare(g: &mut Inner, mut done: BytesMut, room_after: usize) {
+    if g.buf.is_empty() {
+        // The empty queue may still point into the same buffer; let go of
+        // it so the buffer can be reclaimed whole.
+        g.buf = BytesMut::new();
+        g.spare = BytesMut::new();
+    }
+    done.clear();
+    // Succeeds only for the last handle to the buffer. Asking for more than
+    // is left after the written bytes (`room_after`), and no more than the
+    // whole buffer, moves the handle back to the buffer's start and makes
+    // all of it usable again.
+    if !done.try_reclaim(room_after + 1) {
+        return;
+    }
+    if g.buf.is_empty() && g.buf.capacity() < done.capacity() {
+        g.buf = done;
+    } else if g.spare.capacity() < done.capacity() {
+        g.spare = done;
     }
 }
 
@@ -599,6 +668,75 @@ mod tests {
 
     fn pong(ob: &Outbox, id: u64) -> Push {
         ob.push_frame(|b| encode_pong(b, id))
+    }
+
+    /// Writes a claim in full (what a writer does when the socket takes it all).
+    fn write_all(ob: &Outbox, mut t: Take, out: &mut Vec<u8>) {
+        let done = t
+            .write_nonblocking(usize::MAX, |s| {
+                let mut n = 0;
+                for x in s {
+                    out.extend_from_slice(x);
+                    n += x.len();
+                }
+                Ok(n)
+            })
+            .unwrap();
+        assert!(done);
+        ob.release(t);
+    }
+
+    #[test]
+    fn a_busy_queue_alternates_two_buffers_and_keeps_every_frame_in_order() {
+        // A queue that fills while its writer writes: once the first two
+        // buffers exist, no round allocates a third (each would be a fresh
+        // mapping at these sizes), and the bytes still arrive in order.
+        let ob = Outbox::bounded(64 << 20, 0);
+        let mut seq = 0u64;
+        let mut push = |n: usize| {
+            for _ in 0..n {
+                let mut payload = [0u8; 100];
+                payload[..8].copy_from_slice(&seq.to_le_bytes());
+                let mut b = BytesMut::new();
+                encode_pub(&mut b, "s.x", None, &[], &payload).unwrap();
+                seq += 1;
+                assert!(matches!(
+                    ob.push(b.len(), |q| q.extend_from_slice(&b)),
+                    Push::Queued { .. }
+                ));
+            }
+        };
+        let mut out = Vec::new();
+        let mut buffers = std::collections::HashSet::new();
+        push(20_000);
+        for round in 0..20 {
+            let t = ob.claim().expect("frames queued");
+            buffers.insert(t.data.as_ptr() as usize);
+            // More frames arrive while the writer is busy.
+            push(20_000);
+            write_all(&ob, t, &mut out);
+            if round >= 3 {
+                assert!(
+                    buffers.len() <= 3,
+                    "round {round}: claims came from {} buffers",
+                    buffers.len()
+                );
+            }
+        }
+        let t = ob.claim().expect("the last frames");
+        write_all(&ob, t, &mut out);
+        // Every frame, in order.
+        let mut rest = &out[..];
+        let mut n = 0u64;
+        while let Ok(Some(h)) = parse_header(rest) {
+            let frame = &rest[..h.frame_len()];
+            let payload = &frame[frame.len() - 100..];
+            assert_eq!(payload[..8], n.to_le_bytes(), "frame {n} out of order");
+            rest = &rest[h.frame_len()..];
+            n += 1;
+        }
+        assert!(rest.is_empty());
+        assert_eq!(n, 21 * 20_000);
     }
 
     #[test]
