@@ -2257,3 +2257,66 @@ async fn a_replica_being_repaired_gives_no_vote_so_no_leader_is_elected_without_
 async fn a_replica_killed_while_emptying_its_damaged_copy_empties_it_again_and_repairs() {
     a_damaged_replica_repairs("CW", Damage::InterruptedWipe, false, None).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_purge_holds_across_a_leader_change_and_the_new_leader_purges_and_publishes_on() {
+    let mut cl = Cluster::start(3).await;
+    let c = client(cl.nodes[0].port).await;
+    let mut cfg = StreamConfig::new("RL", ["rl.>"]);
+    cfg.replicas = Some(3);
+    add_replicated(&c, &cfg).await;
+    let old = leader(cl.nodes[0].port, "RL").await;
+    let li = cl.index(&old);
+    let f = (0..3).find(|&i| i != li).unwrap();
+    let pc = client(cl.nodes[li].port).await;
+    for i in 1..=100u64 {
+        let p = format!("p-{i:03}");
+        assert_eq!(publish_acked(&pc, &format!("rl.{i}"), &p, &p).await, i);
+    }
+    let req = |seq: Option<u64>, keep: Option<u64>| sockbus_client::streams::PurgeRequest {
+        filter: None,
+        seq,
+        keep,
+    };
+    assert_eq!(
+        pc.stream_purge("RL", &req(None, Some(40))).await.unwrap(),
+        60
+    );
+    // The leader dies right after the purge was acknowledged.
+    cl.nodes[li].kill9();
+    wait_info(cl.nodes[f].port, "RL", "a new leader", |i| {
+        i.cluster
+            .as_ref()
+            .and_then(|c| c.leader.as_deref())
+            .is_some_and(|l| l != old)
+    })
+    .await;
+    // Through a surviving node: the purge is there, and the stream goes on.
+    let fc = client(cl.nodes[f].port).await;
+    for i in 101..=110u64 {
+        let p = format!("p-{i:03}");
+        assert_eq!(publish_acked(&fc, &format!("rl.{i}"), &p, &p).await, i);
+    }
+    assert_eq!(
+        fc.stream_purge("RL", &req(Some(71), None)).await.unwrap(),
+        10,
+        "61..=70 removed by the new leader"
+    );
+    // The old leader comes back as a follower and agrees.
+    cl.restart(li).await;
+    let want: Vec<(u64, String)> = (71..=110).map(|i| (i, format!("p-{i:03}"))).collect();
+    for n in &cl.nodes {
+        let what = format!("{}: 71..=110", n.name);
+        let i = wait_info(n.port, "RL", &what, |i| {
+            i.state.last_seq >= 110 && i.state.first_seq >= 71
+        })
+        .await;
+        assert_eq!(
+            (i.state.first_seq, i.state.messages),
+            (71, 40),
+            "{}",
+            n.name
+        );
+        assert_eq!(read_stream(n.port, "RL").await, want, "{}", n.name);
+    }
+}
