@@ -2320,3 +2320,138 @@ async fn a_purge_holds_across_a_leader_change_and_the_new_leader_purges_and_publ
         assert_eq!(read_stream(n.port, "RL").await, want, "{}", n.name);
     }
 }
+
+/// The stream's next sequence as the node's `raft/applied` records it (the
+/// file's last field, a bincode u64): the last point whose records the
+/// replica fdatasync'ed.
+fn applied_next_seq(node: &Node, stream: &str) -> u64 {
+    let b = std::fs::read(raft_dir(node, stream).join("applied")).unwrap();
+    u64::from_le_bytes(b[b.len() - 8..].try_into().unwrap())
+}
+
+/// What a power loss may take from a stopped node's copy of `stream`: the
+/// records of its active (newest) segment from sequence `from` on (sealed
+/// segments were fdatasync'ed when sealed). Returns how many it cut.
+fn cut_unsynced_tail(node: &Node, stream: &str, from: u64) -> usize {
+    let dir = raft_dir(node, stream).parent().unwrap().to_path_buf();
+    let active = std::fs::read_dir(&dir)
+        .unwrap()
+        .filter_map(|e| {
+            let p = e.ok()?.path();
+            let base: u64 = p
+                .file_name()?
+                .to_str()?
+                .strip_suffix(".seg")?
+                .parse()
+                .ok()?;
+            Some((base, p))
+        })
+        .max()
+        .unwrap()
+        .1;
+    let b = std::fs::read(&active).unwrap();
+    // The segment header, then `[len u32][crc u32][seq u64]...` records.
+    let mut at = 16usize;
+    let mut cut = None;
+    let mut n = 0;
+    while at + 16 <= b.len() {
+        let len = u32::from_le_bytes(b[at..at + 4].try_into().unwrap()) as usize;
+        if len == 0 {
+            break;
+        }
+        let seq = u64::from_le_bytes(b[at + 8..at + 16].try_into().unwrap());
+        if seq >= from {
+            cut.get_or_insert(at);
+            n += 1;
+        }
+        at += 4 + len;
+    }
+    if let Some(at) = cut {
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&active)
+            .unwrap();
+        f.set_len(at as u64).unwrap();
+    }
+    n
+}
+
+/// Issue 17 item 8: with `fsync = always` a replica applies publish
+/// entries to the stream's log without fdatasync (its Raft log already
+/// holds them fdatasync'ed, as a quorum's does before the ack) and its
+/// `raft/applied` names only the last point it synced. A power loss of
+/// every node right after the acks, taking from each one's stream log
+/// everything not synced (simulated: all three killed with -9, then each
+/// active segment cut back to the sequence its `applied` names), loses no
+/// acked message: each replica applies those entries again from its Raft
+/// log. The publishes come 200 in flight from one client, so the leader has
+/// several entries in flight: each publisher's messages stay in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_power_loss_of_every_replica_taking_the_unsynced_stream_log_tail_loses_no_acked_message()
+{
+    let mut cl = Cluster::start(3).await;
+    let c = client(cl.nodes[0].port).await;
+    let mut cfg = StreamConfig::new("PL", ["repl.>"]);
+    cfg.replicas = Some(3);
+    add_replicated(&c, &cfg).await;
+    let leader_name = leader(cl.nodes[0].port, "PL").await;
+    let lc = client(cl.nodes[cl.index(&leader_name)].port).await;
+    let mut acked: HashMap<String, u64> = HashMap::new();
+    for r in 0..5 {
+        let sends = (0..200).map(|i| {
+            let p = format!("w0-{:06}", r * 200 + i);
+            let mut h = Headers::new();
+            h.insert("Msg-Id", p.clone());
+            let lc = &lc;
+            async move {
+                let a = lc.publish_durable_with_headers("repl.0", &h, &p).await;
+                (p, a)
+            }
+        });
+        for (p, a) in futures_util::future::join_all(sends).await {
+            let seq = a.unwrap_or_else(|e| panic!("{p} not acked: {e}")).seq;
+            acked.insert(p, seq);
+        }
+    }
+    // Past the interval between checkpoints, then one entry at a time: the
+    // first is checkpointed, those after it are not yet.
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    let end = Instant::now() + Duration::from_millis(400);
+    let mut i = 0;
+    while i < 5 || Instant::now() < end {
+        let p = format!("w1-{i:06}");
+        let seq = publish_acked(&lc, "repl.1", &p, &p).await;
+        acked.insert(p, seq);
+        i += 1;
+    }
+    let want = acked.values().copied().max().unwrap();
+    for n in &cl.nodes {
+        wait_info(n.port, "PL", "applied everything", |i| {
+            i.state.last_seq >= want
+        })
+        .await;
+    }
+    drop((c, lc));
+    for n in &mut cl.nodes {
+        n.kill9();
+    }
+    let mut lost = 0;
+    for n in &cl.nodes {
+        let from = applied_next_seq(n, "PL");
+        let cut = cut_unsynced_tail(n, "PL", from);
+        eprintln!(
+            "{}: applied names next seq {from}, cut {cut} records (acked up to {want})",
+            n.name
+        );
+        lost += cut;
+    }
+    assert!(
+        lost > 0,
+        "every replica had synced every record: nothing to apply again"
+    );
+    for i in 0..3 {
+        cl.restart(i).await;
+    }
+    check_all(&cl, "PL", &acked).await;
+    eprintln!("{} acked, all back on every replica", acked.len());
+}

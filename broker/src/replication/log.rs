@@ -5,7 +5,9 @@
 //! written and, with `fsync = always`, fdatasync'ed by the group's log
 //! thread, in order, before openraft is told it is done (its callback), so
 //! a replica only acknowledges what is on its disk while the Raft core
-//! goes on. Votes, truncations and purges wait for the appends before them.
+//! goes on. Appends queued while the thread syncs share its next
+//! fdatasync (group commit). Votes, truncations and purges wait for the
+//! appends before them.
 //!
 //! A torn or damaged tail (a crash mid-append) ends the log where the last
 //! whole entry ends: those entries were never acknowledged. A damaged entry
@@ -43,18 +45,44 @@ enum Io {
 }
 
 fn io_thread(mut file: File, fsync: bool, rx: std::sync::mpsc::Receiver<Io>) {
-    for job in rx {
+    let mut pending: Vec<LogFlushed<TypeConfig>> = Vec::new();
+    let mut next = rx.recv().ok();
+    while let Some(job) = next.take() {
         match job {
             Io::Write(bytes, cb) => {
-                let r =
-                    file.write_all(&bytes)
-                        .and_then(|_| if fsync { file.sync_data() } else { Ok(()) });
-                cb.log_io_completed(r);
+                // Appends queued meanwhile share this one's fdatasync
+                // (group commit): written in order, each acknowledged only
+                // once the sync after it returned.
+                let mut r = file.write_all(&bytes);
+                pending.push(cb);
+                while r.is_ok() {
+                    match rx.try_recv() {
+                        Ok(Io::Write(bytes, cb)) => {
+                            r = file.write_all(&bytes);
+                            pending.push(cb);
+                        }
+                        Ok(other) => {
+                            next = Some(other);
+                            break;
+                        }
+                        Err(_) => break,
+                    }
+                }
+                let r = r.and_then(|_| if fsync { file.sync_data() } else { Ok(()) });
+                for cb in pending.drain(..) {
+                    cb.log_io_completed(match &r {
+                        Ok(()) => Ok(()),
+                        Err(e) => Err(io::Error::new(e.kind(), e.to_string())),
+                    });
+                }
             }
             Io::Barrier(tx) => {
                 let _ = tx.send(());
             }
             Io::SetFile(f) => file = f,
+        }
+        if next.is_none() {
+            next = rx.recv().ok();
         }
     }
 }

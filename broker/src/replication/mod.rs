@@ -406,6 +406,47 @@ pub(crate) fn hub() -> &'static Arc<Hub> {
     })
 }
 
+/// An entry handed to the leader's Raft core ([`Hub::submit`]).
+pub(crate) struct Submitted {
+    rx: tokio::sync::oneshot::Receiver<openraft::raft::ClientWriteResult<TypeConfig>>,
+    p: Proposal,
+    at: tokio::time::Instant,
+    got: Option<SubmitAnswer>,
+}
+
+type SubmitAnswer = Result<
+    Result<openraft::raft::ClientWriteResult<TypeConfig>, tokio::sync::oneshot::error::RecvError>,
+    tokio::time::error::Elapsed,
+>;
+
+impl Submitted {
+    /// Waits until the core answered or `within` of handing it over went
+    /// by. Cancel-safe: [`Submitted::wait`] takes the answer.
+    pub(crate) async fn ready(&mut self, within: Duration) {
+        if self.got.is_none() {
+            let r = tokio::time::timeout_at(self.at + within, &mut self.rx).await;
+            self.got = Some(r);
+        }
+    }
+
+    /// The entry committed and applied, or why not. Refused because
+    /// leadership moved meanwhile (nothing was appended), the proposal goes
+    /// through [`Hub::propose`] (to the new leader) instead.
+    pub(crate) async fn wait(mut self, s: &Stream, within: Duration) -> Result<Applied, String> {
+        self.ready(within).await;
+        match self.got.take().expect("ready sets it") {
+            Ok(Ok(Ok(r))) => Ok(r.data),
+            Ok(Ok(Err(ClientWriteError::ForwardToLeader(_)))) => {
+                let left = within.saturating_sub(self.at.elapsed());
+                hub().propose(s, self.p, left).await
+            }
+            Ok(Ok(Err(e))) => Err(e.to_string()),
+            Ok(Err(_)) => Err("the stream's Raft group stopped".into()),
+            Err(_) => Err("replication timed out".into()),
+        }
+    }
+}
+
 /// Why a replicated publish or create failed.
 #[derive(Debug, thiserror::Error)]
 pub enum ReplError {
@@ -749,6 +790,29 @@ impl Hub {
                     }
                 }
             }
+        }
+    }
+
+    /// On the stream's leader: hands `p` to the local Raft core without
+    /// waiting for it to be committed, so a writer can have several
+    /// entries in flight; they are appended in the order handed over.
+    /// `p` back when this node does not lead the stream (then [`Hub::propose`]).
+    pub(crate) async fn submit(&self, stream: &str, p: Proposal) -> Result<Submitted, Proposal> {
+        let Some(g) = self.group(stream) else {
+            return Err(p);
+        };
+        if g.raft.metrics().borrow().state != ServerState::Leader {
+            return Err(p);
+        }
+        let at = tokio::time::Instant::now();
+        match g.raft.client_write_ff(p.clone()).await {
+            Ok(rx) => Ok(Submitted {
+                rx,
+                p,
+                at,
+                got: None,
+            }),
+            Err(_) => Err(p),
         }
     }
 

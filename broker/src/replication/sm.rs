@@ -3,13 +3,23 @@
 //! state (expired by the proposer's timestamps, so every replica decides
 //! the same duplicates).
 //!
-//! `<stream>/raft/applied` records the last entry applied, the membership
-//! and the stream's next sequence after it; it is written (not fsynced)
-//! after the stream's log is committed (fsynced with `fsync = always`), so
-//! it never claims more than the log holds. A crash that loses it, or the
-//! last write of it, re-applies entries from the last `applied` (or the
-//! Raft log's start): records whose sequence the log already holds are
-//! skipped, so none is stored twice.
+//! `<stream>/raft/applied` records a checkpoint: the last entry applied,
+//! the membership and the stream's next sequence after it, written (not
+//! fsynced) once the stream's log up to there is fdatasync'ed (with
+//! `fsync = always`), so it never claims more than the log holds on disk.
+//! Publish entries in between are written to the stream's log without an
+//! fdatasync of their own: the Raft log holds them fdatasync'ed and is
+//! never purged past the checkpoint (snapshots are taken at one). A
+//! checkpoint is taken every [`CHECKPOINT_ENTRIES`] entries or
+//! [`CHECKPOINT_EVERY`], at the end of a batch holding anything but
+//! publishes, and before and after a purge, an update or a consumer's
+//! creation or deletion (those with `applied` fsynced: applied again over
+//! later entries they could remove acked messages). A crash (or a power
+//! loss that takes the stream log's unsynced tail, or `applied`'s last
+//! write) re-applies entries from the last checkpoint that made it to disk
+//! (or the Raft log's start): records whose sequence the log already holds
+//! are skipped, so none is stored twice, and those it lost are stored
+//! again.
 //!
 //! Snapshots (docs/storage.md "Snapshots and log compaction"): the stream's
 //! own files already hold every applied entry, so building a snapshot only
@@ -42,6 +52,11 @@ use sockbus_protocol::frame::iter_headers;
 
 use super::snap;
 use super::{Applied, NodeId, Op, TypeConfig};
+
+/// Entries applied between checkpoints at most (see [`StateMachine::save`]).
+const CHECKPOINT_ENTRIES: u64 = 1024;
+/// The longest time between checkpoints while entries are applied.
+const CHECKPOINT_EVERY: std::time::Duration = std::time::Duration::from_millis(500);
 use crate::store::files::CachedFile;
 use crate::store::Appender;
 use crate::streams::{write_atomic, Fsync, Stream, StreamConfigExt, MSG_ID_HEADER};
@@ -58,7 +73,15 @@ pub(crate) struct StateMachine {
     path: PathBuf,
     app: Appender,
     fsync: bool,
+    /// What has been applied (in memory; the stream's log may not have
+    /// all of it on disk yet, see [`StateMachine::checkpoint`]).
     applied: AppliedFile,
+    /// What `applied` on disk says: the last checkpoint, where the
+    /// stream's log (and the consumers' op logs) were last fdatasync'ed.
+    durable: AppliedFile,
+    /// Entries applied since the last checkpoint, and when it was.
+    unsynced: u64,
+    synced_at: std::time::Instant,
     window: u64,
     ids: HashMap<Box<str>, u64>,
     order: VecDeque<(u64, Box<str>)>,
@@ -252,7 +275,10 @@ impl StateMachine {
             fsync: cfg.fsync == Fsync::Always,
             window: cfg.duplicate_window().as_nanos() as u64,
             app,
+            durable: applied.clone(),
             applied,
+            unsynced: 0,
+            synced_at: std::time::Instant::now(),
             path,
             ids: HashMap::new(),
             order: VecDeque::new(),
@@ -273,6 +299,9 @@ impl StateMachine {
     /// Writes `raft/snapshot.data` from the current state (on the state
     /// machine's task, so nothing is applied meanwhile).
     fn write_snapshot(&mut self) -> io::Result<SnapshotMeta<NodeId, BasicNode>> {
+        // The snapshot's point made durable here too, before any replica
+        // (or openraft) takes it as a point the Raft log may be purged to.
+        self.checkpoint(false)?;
         let meta = SnapshotMeta {
             last_log_id: self.applied.last,
             last_membership: self.applied.membership.clone(),
@@ -387,6 +416,8 @@ impl StateMachine {
         write_meta(&self.dir, "meta-install.tmp", &built)?;
         let b = bincode::serialize(&self.applied).map_err(io_err)?;
         write_atomic(&self.path, &b)?;
+        self.durable = self.applied.clone();
+        self.unsynced = 0;
         std::fs::rename(path, self.dir.join("snapshot.data"))?;
         crate::store::segment::sync_dir(&self.dir)?;
         self.data = Some(h.meta);
@@ -579,9 +610,41 @@ impl StateMachine {
         Ok(Applied::default())
     }
 
-    fn save(&mut self) -> io::Result<()> {
-        self.app.commit(self.fsync)?;
+    /// After a batch of entries. With `fsync = always` a batch of publish
+    /// (blank, expire) entries is written to the stream's log without
+    /// fdatasync: this replica's Raft log holds those entries fdatasync'ed
+    /// (a quorum's does before anything is acked), `applied` on disk stays
+    /// at the last checkpoint, and the Raft log is never purged past it
+    /// (snapshots are built at a checkpoint, see `get_snapshot_builder`).
+    /// So whatever a power loss takes from the stream log's tail is
+    /// applied again from the Raft log at the next start (records the log
+    /// still holds are skipped). A batch with anything else (`state`), or
+    /// [`CHECKPOINT_ENTRIES`] / [`CHECKPOINT_EVERY`] since the last one, ends
+    /// with a checkpoint, `hard` (see [`StateMachine::checkpoint`]) when it
+    /// held a purge, an update or a consumer's creation or deletion.
+    fn save(&mut self, state: bool, hard: bool) -> io::Result<()> {
+        self.app.commit(false)?;
         self.limits()?;
+        if !self.fsync
+            || state
+            || self.unsynced >= CHECKPOINT_ENTRIES
+            || self.synced_at.elapsed() >= CHECKPOINT_EVERY
+        {
+            self.checkpoint(hard)
+        } else {
+            Ok(())
+        }
+    }
+
+    /// Makes everything applied so far durable (with `fsync = always`: the
+    /// stream's log and the consumers' op logs fdatasync'ed), then records
+    /// it in `applied`, so that file never claims more than is on disk.
+    /// `applied` itself is fsynced only when `hard` (around purges,
+    /// updates and consumer creations, which must not be applied twice
+    /// over later entries); an older copy of it otherwise only means
+    /// entries are applied again (and their records skipped).
+    fn checkpoint(&mut self, hard: bool) -> io::Result<()> {
+        self.app.commit(self.fsync)?;
         // Consumer op logs written by these entries: on disk before
         // `applied` says so, as the stream's log.
         for f in std::mem::take(&mut self.touched) {
@@ -589,13 +652,18 @@ impl StateMachine {
                 f.open().and_then(|f| f.sync_data())?;
             }
         }
-        // Not fsynced: the stream's log is (above), so this file never
-        // claims more than is on disk; an older one only means entries are
-        // applied again (and skipped).
         let b = bincode::serialize(&self.applied).map_err(io_err)?;
-        let tmp = self.path.with_extension("tmp");
-        std::fs::write(&tmp, &b)?;
-        std::fs::rename(&tmp, &self.path)
+        if hard && self.fsync {
+            write_atomic(&self.path, &b)?;
+        } else {
+            let tmp = self.path.with_extension("tmp");
+            std::fs::write(&tmp, &b)?;
+            std::fs::rename(&tmp, &self.path)?;
+        }
+        self.durable = self.applied.clone();
+        self.unsynced = 0;
+        self.synced_at = std::time::Instant::now();
+        Ok(())
     }
 }
 
@@ -615,44 +683,58 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         I::IntoIter: OptionalSend,
     {
         let mut out = Vec::new();
+        let mut state = false;
+        let mut hard = false;
+        let werr = |err: io::Error| -> StorageError<NodeId> {
+            StorageIOError::write_state_machine(&err).into()
+        };
         for e in entries {
+            // Purges, updates and consumer creations or deletions change
+            // what is already stored: applying one again over entries
+            // applied after it could remove acked messages. So everything
+            // before one is made durable first, and the batch ends with a
+            // checkpoint (fsynced): after a crash it is never applied twice.
+            let op = match &e.payload {
+                EntryPayload::Normal(p) => Some(p.decode()),
+                _ => None,
+            };
+            let once = match &op {
+                Some(Ok(Op::Purge { .. } | Op::Update { .. })) => true,
+                Some(Ok(Op::Consumers { changes })) => changes
+                    .iter()
+                    .any(|c| !matches!(c, super::ConsumerChange::Ops { .. })),
+                _ => false,
+            };
+            if once || matches!(op, Some(Ok(Op::Consumers { .. }))) {
+                state = true;
+            }
+            hard |= once;
+            if once && self.fsync && self.durable.last != self.applied.last {
+                self.checkpoint(true).map_err(werr)?;
+            }
             self.applied.last = Some(e.log_id);
-            match e.payload {
-                EntryPayload::Blank => out.push(Applied::default()),
-                EntryPayload::Membership(m) => {
+            self.unsynced += 1;
+            match (e.payload, op) {
+                (EntryPayload::Blank, _) => out.push(Applied::default()),
+                (EntryPayload::Membership(m), _) => {
+                    state = true;
                     let names: Vec<String> = m.nodes().map(|(_, n)| n.addr.clone()).collect();
                     if names != self.s.members() {
-                        if let Err(err) = self.s.set_members(&names) {
-                            return Err(StorageIOError::write_state_machine(&err).into());
-                        }
+                        self.s.set_members(&names).map_err(werr)?;
                     }
                     self.applied.membership = StoredMembership::new(Some(e.log_id), m);
                     out.push(Applied::default());
                 }
-                EntryPayload::Normal(p) => match p.decode() {
+                (EntryPayload::Normal(_), None) => unreachable!("decoded above"),
+                (EntryPayload::Normal(_), Some(op)) => match op {
                     Ok(Op::Publish {
                         ts,
                         recs,
                         lens,
                         ids,
-                    }) => match self.publish(ts, recs, lens, ids) {
-                        Ok(a) => out.push(a),
-                        Err(err) => {
-                            return Err(StorageIOError::write_state_machine(&err).into());
-                        }
-                    },
-                    Ok(Op::Purge { req }) => match self.purge(&req) {
-                        Ok(a) => out.push(a),
-                        Err(err) => {
-                            return Err(StorageIOError::write_state_machine(&err).into());
-                        }
-                    },
-                    Ok(Op::Update { config }) => match self.update(&config) {
-                        Ok(a) => out.push(a),
-                        Err(err) => {
-                            return Err(StorageIOError::write_state_machine(&err).into());
-                        }
-                    },
+                    }) => out.push(self.publish(ts, recs, lens, ids).map_err(werr)?),
+                    Ok(Op::Purge { req }) => out.push(self.purge(&req).map_err(werr)?),
+                    Ok(Op::Update { config }) => out.push(self.update(&config).map_err(werr)?),
                     Ok(Op::Expire { ts }) => {
                         self.now = self.now.max(ts);
                         out.push(Applied::default());
@@ -669,7 +751,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                                     error = Some(e)
                                 }
                                 Err(crate::streams::consumer::ApplyError::Io(err)) => {
-                                    return Err(StorageIOError::write_state_machine(&err).into());
+                                    return Err(werr(err));
                                 }
                             }
                         }
@@ -685,23 +767,30 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                 },
             }
         }
-        self.save()
+        self.save(state, hard)
             .map_err(|e| StorageIOError::write_state_machine(&e))?;
         Ok(out)
     }
 
     async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
-        // Taken on the state machine's task: a consistent point, durable
-        // in the stream's files once `apply` returned.
+        // Taken on the state machine's task: a consistent point. The Raft
+        // log is purged up to (before) it, so it must be durable in the
+        // stream's files: a checkpoint first, and the snapshot stands at
+        // the last checkpoint (the one just taken, or an older one if it
+        // failed).
+        if let Err(e) = blocking(|| self.checkpoint(false)) {
+            tracing::error!(stream = %self.s.name, "cannot sync the stream before a snapshot: {e}");
+        }
+        let d = &self.durable;
         Builder {
             dir: self.dir.clone(),
             built: BuiltFile {
                 meta: SnapshotMeta {
-                    last_log_id: self.applied.last,
-                    last_membership: self.applied.membership.clone(),
-                    snapshot_id: snapshot_id(&self.applied.last),
+                    last_log_id: d.last,
+                    last_membership: d.membership.clone(),
+                    snapshot_id: snapshot_id(&d.last),
                 },
-                next_seq: self.applied.next_seq,
+                next_seq: d.next_seq,
             },
         }
     }

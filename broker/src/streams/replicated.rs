@@ -1,9 +1,12 @@
 //! A replicated stream's writer: a round takes everything queued (group
 //! commit, as the local writer), proposes it as one Raft entry
 //! (crate::replication) and acks each publisher with what the group
-//! applied. One round is in flight at a time; what arrives meanwhile is the
-//! next round. Storing is the state machine's work on every replica.
+//! applied. On the leader up to [`PIPELINE`] rounds are in flight (handed to
+//! the Raft core in order, answered in order); elsewhere a round is
+//! forwarded to the leader one at a time. Storing is the state machine's
+//! work on every replica.
 
+use std::collections::VecDeque;
 use std::sync::atomic::Ordering;
 use std::sync::mpsc::{Receiver, TryRecvError};
 use std::sync::Arc;
@@ -11,7 +14,7 @@ use std::time::Duration;
 
 use super::writer::send_ack;
 use super::{AckTo, PubAck, Stream, StreamError, WriteReq};
-use crate::replication::{hub, Op, Proposal};
+use crate::replication::{hub, Applied, Op, Proposal, Submitted};
 use crate::store::now_ns;
 
 /// Most bytes of records in one entry.
@@ -23,9 +26,60 @@ pub(super) fn spawn(s: Arc<Stream>, rx: Receiver<WriteReq>) {
     tokio::spawn(drive(s, rx));
 }
 
+/// Entries a writer has in flight at most on the stream's leader.
+const PIPELINE: usize = 4;
+
+/// A round handed to the leader's Raft core, not yet answered.
+struct InFlight {
+    sub: Submitted,
+    acks: Vec<AckTo>,
+    bytes: usize,
+}
+
 async fn drive(s: Arc<Stream>, rx: Receiver<WriteReq>) {
     let mut open = true;
-    while open {
+    let mut flight: VecDeque<InFlight> = VecDeque::new();
+    loop {
+        if flight.len() < PIPELINE {
+            let (reqs, bytes) = take(&rx, &mut open);
+            if !reqs.is_empty() {
+                let (p, acks) = encode(reqs, bytes);
+                // On the leader, handed over without waiting: the next
+                // round goes out while this one is replicated and synced.
+                match hub().submit(&s.name, p).await {
+                    Ok(sub) => flight.push_back(InFlight { sub, acks, bytes }),
+                    Err(p) => {
+                        // Forwarded (or no leader yet): after the rounds in
+                        // flight, one at a time, so entries keep their order.
+                        while let Some(f) = flight.pop_front() {
+                            let r = f.sub.wait(&s, PROPOSE_WITHIN).await;
+                            finish(&s, f.acks, f.bytes, r);
+                        }
+                        let r = hub().propose(&s, p, PROPOSE_WITHIN).await;
+                        finish(&s, acks, bytes, r);
+                    }
+                }
+                continue;
+            }
+        }
+        let room = flight.len() < PIPELINE;
+        if let Some(front) = flight.front_mut() {
+            // The oldest round's answer, or more to send while there is room.
+            let answered = tokio::select! {
+                biased;
+                _ = front.sub.ready(PROPOSE_WITHIN) => true,
+                _ = s.wake.notified(), if room => false,
+            };
+            if answered {
+                let f = flight.pop_front().expect("the front is there");
+                let r = f.sub.wait(&s, PROPOSE_WITHIN).await;
+                finish(&s, f.acks, f.bytes, r);
+            }
+            continue;
+        }
+        if !open {
+            return;
+        }
         match s.config().max_age_ms {
             None => s.wake.notified().await,
             Some(age) => {
@@ -35,28 +89,27 @@ async fn drive(s: Arc<Stream>, rx: Receiver<WriteReq>) {
                 }
             }
         }
-        loop {
-            let mut reqs = Vec::new();
-            let mut bytes = 0usize;
-            while bytes < ROUND_BYTES {
-                match rx.try_recv() {
-                    Ok(r) => {
-                        bytes += r.buf.len();
-                        reqs.push(r);
-                    }
-                    Err(TryRecvError::Empty) => break,
-                    Err(TryRecvError::Disconnected) => {
-                        open = false;
-                        break;
-                    }
-                }
+    }
+}
+
+/// Everything queued, up to [`ROUND_BYTES`].
+fn take(rx: &Receiver<WriteReq>, open: &mut bool) -> (Vec<WriteReq>, usize) {
+    let mut reqs = Vec::new();
+    let mut bytes = 0usize;
+    while bytes < ROUND_BYTES {
+        match rx.try_recv() {
+            Ok(r) => {
+                bytes += r.buf.len();
+                reqs.push(r);
             }
-            if reqs.is_empty() {
+            Err(TryRecvError::Empty) => break,
+            Err(TryRecvError::Disconnected) => {
+                *open = false;
                 break;
             }
-            round(&s, reqs, bytes).await;
         }
     }
+    (reqs, bytes)
 }
 
 /// On the group's leader, once a second for a stream with `max_age`: when
@@ -83,7 +136,8 @@ async fn expire(s: &Arc<Stream>, age_ms: u64) {
     }
 }
 
-async fn round(s: &Arc<Stream>, reqs: Vec<WriteReq>, bytes: usize) {
+/// One round's entry and whom to ack.
+fn encode(reqs: Vec<WriteReq>, bytes: usize) -> (Proposal, Vec<AckTo>) {
     let mut recs = Vec::with_capacity(bytes);
     let mut lens = Vec::new();
     let mut ids = Vec::new();
@@ -102,9 +156,11 @@ async fn round(s: &Arc<Stream>, reqs: Vec<WriteReq>, bytes: usize) {
         lens,
         ids,
     };
-    let r = hub()
-        .propose(s, Proposal::encode(&op), PROPOSE_WITHIN)
-        .await;
+    (Proposal::encode(&op), acks)
+}
+
+/// A round answered: its queue space back, its publishers acked.
+fn finish(s: &Arc<Stream>, acks: Vec<AckTo>, bytes: usize, r: Result<Applied, String>) {
     s.queued.fetch_sub(bytes, Ordering::AcqRel);
     s.space.notify_waiters();
     s.budget.release(bytes);
