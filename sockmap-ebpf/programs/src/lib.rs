@@ -596,8 +596,8 @@ fn classify(
             }
         }
     };
-    // Checked, then added once the frame is on its way: two CPUs sending
-    // to one subscriber at once may overshoot the grant by a frame each.
+    // Checked, then added once the run is on its way: two CPUs sending to
+    // one subscriber at once may overshoot the grant by a run each.
     let used = unsafe { addr_of!((*sub).used) } as *mut u64;
     if unsafe { read_volatile(used) }.saturating_add(msg_len) > grant {
         return fallback();
