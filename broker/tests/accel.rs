@@ -2356,6 +2356,49 @@ mod direct {
         assert!(matches!(s.c.read(&mut one), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock));
     }
 
+    /// A subject with the routed subject's hash and length, right behind a
+    /// routed frame in the same send, never joins its run: the program
+    /// compares the subject bytes of every frame of a run, not only the
+    /// first's. It goes to the broker, and the frames after it follow it
+    /// there (the barrier).
+    #[test]
+    fn a_colliding_subject_inside_a_run_goes_to_the_broker() {
+        if !privileged("direct_run_collision") {
+            return;
+        }
+        // A real FNV-1a collision between two subjects of one length.
+        let mut seen = std::collections::HashMap::new();
+        let (a, b) = (100_000u32..1_000_000)
+            .find_map(|i| {
+                let s = format!("orders.{i}");
+                seen.insert(subject_hash(s.as_bytes()), s.clone())
+                    .map(|prev| (prev, s))
+            })
+            .expect("a collision among 900,000 subjects");
+        assert_eq!(
+            (a.len(), subject_hash(a.as_bytes())),
+            (b.len(), subject_hash(b.as_bytes()))
+        );
+        let n = node();
+        let (mut p, mut s) = (n.conn(), n.conn());
+        n.route(&a, &p, &s, 15, 1 << 20);
+        let (f1, f2, f3) = (
+            pub_frame(&a, None, b"one"),
+            pub_frame(&b, None, b"two"),
+            pub_frame(&a, None, b"three"),
+        );
+        p.c.write_all(&[f1, f2.clone(), f3.clone()].concat())
+            .unwrap();
+        expect(
+            &mut s.c,
+            &msg_frame(15, &a, None, b"one"),
+            "the routed frame",
+        );
+        expect(&mut p.b, &f2, "the colliding subject");
+        expect(&mut p.b, &f3, "behind it, the barrier");
+        assert_eq!(n.maps().subscriber(&s.key).unwrap().msgs, 1);
+    }
+
     /// The grant is counted for every frame of a run: a grant that ends in
     /// the middle of a send's routed frames lets exactly the frames within
     /// it go direct, the rest go to the broker in order, nothing is lost.
