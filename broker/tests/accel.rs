@@ -2254,6 +2254,290 @@ mod direct {
         }
     }
 
+    /// Groups frames into sends of at most 60 KiB that end on frame
+    /// boundaries (as `frame_aligned_sends` does), written one by one.
+    fn write_aligned(s: &mut TcpStream, frames: &[Vec<u8>]) {
+        let mut send = Vec::new();
+        for f in frames {
+            if !send.is_empty() && send.len() + f.len() > 60 * 1024 {
+                s.write_all(&send).unwrap();
+                send.clear();
+            }
+            send.extend_from_slice(f);
+        }
+        if !send.is_empty() {
+            s.write_all(&send).unwrap();
+        }
+    }
+
+    /// Runs of frames in one send: the PUBs behind a direct one ride its
+    /// verdict only while each passes every check. Here one send holds
+    /// routed PUBs, a routed PUB with a reply subject (it starts a new run
+    /// and still goes direct), one with headers (the broker checks headers:
+    /// it and everything after it go to the broker, the barrier), then
+    /// routed PUBs again: the subscriber gets exactly the frames before the
+    /// one with headers, as MSG, in order; the broker exactly the rest, in
+    /// order; the counters agree.
+    #[test]
+    fn a_run_of_frames_in_one_send_stops_at_the_first_frame_that_may_not_go_direct() {
+        if !privileged("direct_run_stops") {
+            return;
+        }
+        let n = node();
+        let (mut p, mut s) = (n.conn(), n.conn());
+        n.route("svc.run", &p, &s, 11, 1 << 20);
+        let before = n.fp.stats().unwrap();
+        let mut direct = Vec::new();
+        let mut send = Vec::new();
+        for i in 0..20u32 {
+            send.extend(pub_frame(
+                "svc.run",
+                None,
+                &payload(i, 40 + 37 * i as usize),
+            ));
+            direct.push(msg_frame(
+                11,
+                "svc.run",
+                None,
+                &payload(i, 40 + 37 * i as usize),
+            ));
+        }
+        send.extend(pub_frame("svc.run", Some("_INBOX.r.1"), &payload(20, 64)));
+        direct.push(msg_frame(
+            11,
+            "svc.run",
+            Some("_INBOX.r.1"),
+            &payload(20, 64),
+        ));
+        for i in 21..30u32 {
+            send.extend(pub_frame("svc.run", None, &payload(i, 100)));
+            direct.push(msg_frame(11, "svc.run", None, &payload(i, 100)));
+        }
+        let mut broker = Vec::new();
+        let mut with_headers = BytesMut::new();
+        encode_pub(
+            &mut with_headers,
+            "svc.run",
+            None,
+            &[1, 0, b'k', 1, 0, b'v'],
+            b"h",
+        )
+        .unwrap();
+        broker.push(with_headers.to_vec());
+        for i in 31..40u32 {
+            broker.push(pub_frame("svc.run", None, &payload(i, 100)));
+        }
+        broker.push(pub_frame("other.subject", None, b"x"));
+        broker.push(marker(4));
+        for f in &broker {
+            send.extend_from_slice(f);
+        }
+        p.c.write_all(&send).unwrap();
+        for (i, m) in direct.iter().enumerate() {
+            expect(&mut s.c, m, &format!("direct frame {i}"));
+        }
+        for (i, f) in broker.iter().enumerate() {
+            expect(&mut p.b, f, &format!("broker frame {i}"));
+        }
+        let d = delta(n.fp.stats().unwrap(), before);
+        assert_eq!(d.direct_msgs, direct.len() as u64, "{d:?}");
+        assert_eq!(d.direct_fallbacks, broker.len() as u64, "{d:?}");
+        let passed: usize = broker.iter().map(Vec::len).sum();
+        let st = n.maps().publisher(&p.key).unwrap();
+        assert_eq!(st.passed, passed as u64);
+        assert_eq!(st.direct_msgs, direct.len() as u64);
+        assert_eq!(
+            n.maps().subject("svc.run").unwrap().msgs,
+            direct.len() as u64
+        );
+        // Nothing more at the subscriber.
+        s.c.set_nonblocking(true).unwrap();
+        let mut one = [0u8; 1];
+        assert!(matches!(s.c.read(&mut one), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock));
+    }
+
+    /// A subject with the routed subject's hash and length, right behind a
+    /// routed frame in the same send, never joins its run: the program
+    /// compares the subject bytes of every frame of a run, not only the
+    /// first's. It goes to the broker, and the frames after it follow it
+    /// there (the barrier).
+    #[test]
+    fn a_colliding_subject_inside_a_run_goes_to_the_broker() {
+        if !privileged("direct_run_collision") {
+            return;
+        }
+        // A real FNV-1a collision between two subjects of one length.
+        let mut seen = std::collections::HashMap::new();
+        let (a, b) = (100_000u32..1_000_000)
+            .find_map(|i| {
+                let s = format!("orders.{i}");
+                seen.insert(subject_hash(s.as_bytes()), s.clone())
+                    .map(|prev| (prev, s))
+            })
+            .expect("a collision among 900,000 subjects");
+        assert_eq!(
+            (a.len(), subject_hash(a.as_bytes())),
+            (b.len(), subject_hash(b.as_bytes()))
+        );
+        let n = node();
+        let (mut p, mut s) = (n.conn(), n.conn());
+        n.route(&a, &p, &s, 15, 1 << 20);
+        let (f1, f2, f3) = (
+            pub_frame(&a, None, b"one"),
+            pub_frame(&b, None, b"two"),
+            pub_frame(&a, None, b"three"),
+        );
+        p.c.write_all(&[f1, f2.clone(), f3.clone()].concat())
+            .unwrap();
+        expect(
+            &mut s.c,
+            &msg_frame(15, &a, None, b"one"),
+            "the routed frame",
+        );
+        expect(&mut p.b, &f2, "the colliding subject");
+        expect(&mut p.b, &f3, "behind it, the barrier");
+        assert_eq!(n.maps().subscriber(&s.key).unwrap().msgs, 1);
+    }
+
+    /// The grant is counted for every frame of a run: a grant that ends in
+    /// the middle of a send's routed frames lets exactly the frames within
+    /// it go direct, the rest go to the broker in order, nothing is lost.
+    #[test]
+    fn a_grant_that_ends_inside_a_run_is_never_overshot() {
+        if !privileged("direct_run_grant") {
+            return;
+        }
+        let n = node();
+        let (mut p, mut s) = (n.conn(), n.conn());
+        let msg_len = msg_frame(12, "svc.g", None, &payload(0, 200)).len() as u64;
+        // Room for 3.5 messages.
+        n.route("svc.g", &p, &s, 12, msg_len * 7 / 2);
+        let frames: Vec<Vec<u8>> = (0..12u32)
+            .map(|i| pub_frame("svc.g", None, &payload(i, 200)))
+            .collect();
+        p.c.write_all(&frames.concat()).unwrap();
+        for i in 0..3u32 {
+            expect(
+                &mut s.c,
+                &msg_frame(12, "svc.g", None, &payload(i, 200)),
+                "within the grant",
+            );
+        }
+        for f in &frames[3..] {
+            expect(&mut p.b, f, "beyond the grant");
+        }
+        let sub = n.maps().subscriber(&s.key).unwrap();
+        assert_eq!((sub.msgs, sub.used), (3, 3 * msg_len));
+    }
+
+    /// Many routed frames of mixed sizes (16 B to 30 KiB), in sends of up to
+    /// 60 KiB cut on frame boundaries, all go direct: runs cross the
+    /// message's scatterlist elements, stop at the run's size bound and at
+    /// its frame count, and every frame arrives whole, byte for byte, in
+    /// order, with the broker seeing none of them.
+    #[test]
+    fn streams_of_routed_frames_arrive_whole_and_in_order() {
+        if !privileged("direct_run_stream") {
+            return;
+        }
+        let n = node();
+        let (mut p, mut s) = (n.conn(), n.conn());
+        n.route("svc.stream", &p, &s, 13, 1 << 30);
+        let before = n.fp.stats().unwrap();
+        let size = |i: u32| match i % 50 {
+            0 => 30_000,
+            7 => 9_000,
+            _ => 16 + (i as usize * 131) % 400,
+        };
+        let total = 3000u32;
+        let frames: Vec<Vec<u8>> = (0..total)
+            .map(|i| pub_frame("svc.stream", None, &payload(i, size(i))))
+            .collect();
+        let reader = std::thread::spawn({
+            let mut c = s.c.try_clone().unwrap();
+            move || {
+                for i in 0..total {
+                    let want = msg_frame(13, "svc.stream", None, &payload(i, size(i)));
+                    let got = read_frame(&mut c);
+                    assert!(
+                        got == want,
+                        "frame {i}: {} bytes, want {}",
+                        got.len(),
+                        want.len()
+                    );
+                }
+            }
+        });
+        write_aligned(&mut p.c, &frames);
+        p.c.write_all(&marker(5)).unwrap();
+        reader.join().unwrap();
+        expect(&mut p.b, &marker(5), "only the marker reaches the broker");
+        let d = delta(n.fp.stats().unwrap(), before);
+        assert_eq!(d.direct_msgs, total as u64, "{d:?}");
+        assert_eq!(d.direct_broken, 0, "{d:?}");
+        s.c.set_nonblocking(true).unwrap();
+        let mut one = [0u8; 1];
+        assert!(matches!(s.c.read(&mut one), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock));
+    }
+
+    /// Frames of a send that go to the broker share verdicts, and none is
+    /// lost or reordered: a publisher without a route streams mixed frames
+    /// in aligned sends, then a routed frame still goes direct once the
+    /// broker has caught up.
+    #[test]
+    fn runs_of_frames_to_the_broker_keep_every_frame_and_its_alignment() {
+        if !privileged("direct_run_broker") {
+            return;
+        }
+        let n = node();
+        let (mut p, mut s) = (n.conn(), n.conn());
+        n.route("svc.later", &p, &s, 14, 1 << 20);
+        let before = n.fp.stats().unwrap();
+        let frames: Vec<Vec<u8>> = (0..3000u32)
+            .map(|i| match i % 3 {
+                0 => pub_frame("no.route", None, &payload(i, 16 + (i as usize * 97) % 700)),
+                1 => marker(i),
+                _ => pub_frame("svc.later", Some("_INBOX.x.y"), &payload(i, 33)),
+            })
+            .collect();
+        // The routed PUBs in there follow frames handed to the broker in the
+        // same send: the barrier holds them back too (the first frame of
+        // the stream is unrouted).
+        let reader = std::thread::spawn({
+            let mut b = p.b.try_clone().unwrap();
+            let frames = frames.clone();
+            move || {
+                let mut got = 0u64;
+                for (i, f) in frames.iter().enumerate() {
+                    let g = read_frame(&mut b);
+                    assert!(&g == f, "frame {i}: {} bytes, want {}", g.len(), f.len());
+                    got += g.len() as u64;
+                }
+                got
+            }
+        });
+        write_aligned(&mut p.c, &frames);
+        let passed = reader.join().unwrap();
+        let d = delta(n.fp.stats().unwrap(), before);
+        assert_eq!(d.direct_msgs, 0, "{d:?}");
+        assert_eq!(d.direct_broken, 0, "alignment kept: {d:?}");
+        assert_eq!(d.direct_fallbacks, frames.len() as u64, "{d:?}");
+        // One verdict per frame before runs; now up to BROKER_RUN_FRAMES + 1.
+        assert!(
+            d.redirect_verdicts < frames.len() as u64 / 4,
+            "runs share verdicts: {d:?}"
+        );
+        assert_eq!(n.maps().publisher(&p.key).unwrap().passed, passed);
+        n.maps().set_done(p.key, passed).unwrap();
+        p.c.write_all(&pub_frame("svc.later", None, b"now"))
+            .unwrap();
+        expect(
+            &mut s.c,
+            &msg_frame(14, "svc.later", None, b"now"),
+            "direct again",
+        );
+    }
+
     /// The subscriber closes with direct frames unread: those are gone (at
     /// most once, as for core pub/sub), and the publisher's next frames go
     /// to the broker intact; its sends never fail.

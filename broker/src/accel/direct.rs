@@ -16,6 +16,11 @@
 //! - the subscriber's budget ([`DirectMaps::grant`]) covers the MSG frame;
 //! - the frame is whole in this send, below [`DIRECT_FRAME_MAX`], with a
 //!   plain reply subject and no headers.
+//!
+//! Several frames share one verdict: the PUBs right behind a direct one that
+//! pass the same checks (up to `DIRECT_RUN_FRAMES`, at most
+//! [`DIRECT_FRAME_MAX`] of MSG bytes in all), and the frames after one that
+//! goes to the broker (up to `BROKER_RUN_FRAMES`).
 
 use std::io;
 use std::os::fd::{AsFd, OwnedFd};

@@ -458,7 +458,8 @@ fn direct_check(maps: &mut Handles, direct: &mut DirectMaps) -> Result<(), Failu
             &[],
             payload,
         );
-        // Both frames in one send: one verdict per frame.
+        // Both frames in one send: a verdict each (the second frame, of
+        // another subject, ends the first one's run).
         let mut both = pubf.to_vec();
         both.extend_from_slice(&other);
         p.write_all(&both).map_err(io(check, "write"))?;

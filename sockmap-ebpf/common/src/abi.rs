@@ -63,7 +63,8 @@ pub struct Stats {
     pub direct_msgs: u64,
     /// Bytes of those MSG frames.
     pub direct_bytes: u64,
-    /// Per-frame verdicts that sent a frame to the broker instead.
+    /// Frames of per-frame-mode publishers that went to the broker instead
+    /// (several may share one verdict).
     pub direct_fallbacks: u64,
     /// Connections that lost frame alignment (a header split over sends).
     pub direct_broken: u64,
@@ -104,6 +105,15 @@ pub const DIRECT_SUBJECT_MAX: usize = 128;
 /// Largest PUB frame (header included) that may go direct: below this the
 /// kernel keeps a frame of one sendmsg contiguous in the receiver's queue.
 pub const DIRECT_FRAME_MAX: u32 = 64 * 1024;
+/// Most PUB frames one direct verdict carries (rewritten into MSG frames in
+/// one run of the program, redirected with one `bpf_msg_apply_bytes`). Each
+/// rewritten frame takes two of a message's 17 scatterlist slots (the pushed
+/// sid and the split after it); past that the kernel copies a whole slot per
+/// push, so a run stops well before.
+pub const DIRECT_RUN_FRAMES: u32 = 6;
+/// Most frames one verdict to the broker carries in per-frame mode (the
+/// frames whose headers lie in the message's first scatterlist element).
+pub const BROKER_RUN_FRAMES: u32 = 256;
 /// Capacity of each direct-delivery map.
 pub const DIRECT_MAX_ENTRIES: u32 = 16_384;
 /// `DirectPub::flags` bit set by the kernel: a frame header was split over

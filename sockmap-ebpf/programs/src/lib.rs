@@ -24,9 +24,10 @@ use aya_ebpf::maps::{Array, HashMap, LruHashMap, PerCpuArray, SockHash};
 use aya_ebpf::programs::{SkMsgContext, SockOpsContext};
 use aya_ebpf::EbpfContext;
 use sockbus_accel_common::{
-    DirectCount, DirectPub, DirectRoute, DirectSub, SockKey, Stats, DIRECT_CONFIG_INDEX,
-    DIRECT_FRAME_MAX, DIRECT_MAX_ENTRIES, DIRECT_PUB_BROKEN, DIRECT_SUBJECT_MAX, PORTS_MAX_ENTRIES,
-    SOCKS_MAX_ENTRIES, STATS_INDEX, VERDICT_BYTES,
+    DirectCount, DirectPub, DirectRoute, DirectSub, SockKey, Stats, BROKER_RUN_FRAMES,
+    DIRECT_CONFIG_INDEX, DIRECT_FRAME_MAX, DIRECT_MAX_ENTRIES, DIRECT_PUB_BROKEN,
+    DIRECT_RUN_FRAMES, DIRECT_SUBJECT_MAX, PORTS_MAX_ENTRIES, SOCKS_MAX_ENTRIES, STATS_INDEX,
+    VERDICT_BYTES,
 };
 
 #[map(name = "SOCKBUS_SOCKS")]
@@ -312,18 +313,76 @@ const KIND_MSG: u8 = 6;
 const KIND_MAX: u8 = 32;
 const HEADER: u32 = 12;
 
-/// The frame at the start of `msg` goes to the broker: one verdict for
-/// exactly this frame (`bpf_msg_apply_bytes`, set on every path; a frame
-/// longer than this send keeps the verdict into the next send, so the next
-/// run starts on the next frame's header).
-#[inline(always)]
-fn to_broker(ctx: &SkMsgContext, peer: &mut SockKey, st: *mut DirectPub, frame: u32) -> u32 {
-    add(unsafe { addr_of!((*st).passed) } as *mut u64, frame as u64);
-    unsafe { bpf_msg_apply_bytes(ctx.msg, frame) };
-    stat(|s| &s.direct_fallbacks, 1);
+/// The frame at the start of `msg` goes to the broker, and with it every
+/// whole frame after it whose header lies in the message's first
+/// scatterlist element (`win` bytes, as the program found it), up to
+/// [`BROKER_RUN_FRAMES`]: one verdict for the run (`bpf_msg_apply_bytes`,
+/// set on every path, ending on a frame boundary; a last frame longer than
+/// this send keeps the verdict into the next send, so the next run starts on
+/// the next frame's header). None of those frames could go direct anyway:
+/// once this run is handed to the broker, `passed` is ahead of what the
+/// broker has done until it has read them (the ordering barrier).
+///
+/// A function of its own (a BPF subprogram, `size` and `win` packed into
+/// one argument: five at most), called from one place: inlined at every way
+/// a frame can fall back, its loop made the verifier's work too large.
+#[inline(never)]
+fn to_broker(
+    msg: *mut sk_msg_md,
+    peer: &mut SockKey,
+    st: *mut DirectPub,
+    frame: u32,
+    size_win: u64,
+) -> u32 {
+    let ctx = &SkMsgContext::new(msg);
+    let (size, win) = ((size_win >> 32) as u32, size_win as u32);
+    // No branch depends on the counts (a conditional count, or a
+    // saturating add, would give the verifier one state per value at every
+    // step of the loop): u64 sums, PUBs added to the map as they come.
+    let mut total = frame as u64;
+    let mut frames = 1u64;
+    let fallbacks = unsafe { addr_of!((*st).fallbacks) } as *mut u64;
+    let mut i = 0;
+    while i < BROKER_RUN_FRAMES {
+        // Only headers inside the first element: there the pull below
+        // moves the window and copies nothing.
+        if total >= size as u64 || total + HEADER as u64 > win as u64 {
+            break;
+        }
+        let off = total as u32;
+        if unsafe { bpf_msg_pull_data(ctx.msg, off, off + HEADER, 0) } != 0 {
+            break;
+        }
+        let (m0, m1, kind) = (byte(ctx, 0), byte(ctx, 1), byte(ctx, 2));
+        let (l0, l1) = (le16(ctx, 4), le16(ctx, 6));
+        if m0 != b'S' as u32
+            || m1 != b'B' as u32
+            || kind == 0
+            || kind > KIND_MAX as u32
+            || l0 == OUT
+            || l1 == OUT
+        {
+            // The next run finds it and gives up on alignment.
+            break;
+        }
+        total += (l0 | l1 << 16) as u64 + HEADER as u64;
+        frames += 1;
+        if kind == KIND_PUB as u32 {
+            add(fallbacks, 1);
+        }
+        i += 1;
+    }
+    let total = if total > u32::MAX as u64 {
+        u32::MAX
+    } else {
+        total as u32
+    };
+    add(unsafe { addr_of!((*st).passed) } as *mut u64, total as u64);
+    unsafe { bpf_msg_apply_bytes(ctx.msg, total) };
+    stat(|s| &s.direct_fallbacks, frames);
     if SOCKS.redirect_msg(ctx, peer, BPF_F_INGRESS as u64) == sk_action::SK_PASS as i64 {
         stat(|s| &s.redirect_verdicts, 1);
-        stat(|s| &s.bytes_redirected, frame as u64);
+        stat(|s| &s.bytes_redirected, total as u64);
     } else {
         stat(|s| &s.misses, 1);
     }
@@ -360,6 +419,31 @@ fn per_frame(
     st: *mut DirectPub,
     size: u32,
 ) -> u32 {
+    // The first scatterlist element, before any pull narrows the window.
+    let win = (ctx.data_end() - ctx.data()) as u32;
+    let mut frame = 0u32;
+    let r = classify(ctx, key, peer, st, size, &mut frame);
+    if r != TO_BROKER {
+        return r;
+    }
+    to_broker(ctx.msg, peer, st, frame, (size as u64) << 32 | win as u64)
+}
+
+/// [`per_frame`]'s answer when the frame at the start of `msg` (its length
+/// in `frame_out`) goes to the broker.
+const TO_BROKER: u32 = u32::MAX;
+
+/// Sends the frame at the start of `msg`, and the PUBs to the same route
+/// right behind it, direct if it may go, or answers [`TO_BROKER`].
+#[inline(always)]
+fn classify(
+    ctx: &SkMsgContext,
+    key: &SockKey,
+    peer: &mut SockKey,
+    st: *mut DirectPub,
+    size: u32,
+    frame_out: &mut u32,
+) -> u32 {
     if size < HEADER {
         return broken(ctx, peer, st, size);
     }
@@ -381,50 +465,51 @@ fn per_frame(
         return broken(ctx, peer, st, size);
     }
     let frame = len.saturating_add(HEADER);
+    *frame_out = frame;
     if kind != KIND_PUB as u32 {
-        return to_broker(ctx, peer, st, frame);
+        return TO_BROKER;
     }
     // From here on a fallback counts for the publisher too.
-    let fallback = |ctx: &SkMsgContext, peer: &mut SockKey| {
+    let fallback = || {
         add(unsafe { addr_of!((*st).fallbacks) } as *mut u64, 1);
-        to_broker(ctx, peer, st, frame)
+        TO_BROKER
     };
     // Whole in this send, and small enough to stay contiguous.
     if frame > size || frame > DIRECT_FRAME_MAX {
-        return fallback(ctx, peer);
+        return fallback();
     }
     let Some(route) = DIRECT_ROUTES.get_ptr_mut(hash) else {
-        return fallback(ctx, peer);
+        return fallback();
     };
     // A reference into the map value: copying the route to the stack would
     // be a memcpy call.
     let route = unsafe { &mut *route };
     // Never to the publisher itself (no-echo connections).
     if route.sub == *key {
-        return fallback(ctx, peer);
+        return fallback();
     }
     // Permissions: only publishers the broker marked unrestricted.
     if unsafe { DIRECT_ALLOW.get(key) }.is_none() {
-        return fallback(ctx, peer);
+        return fallback();
     }
     // The ordering barrier: nothing this publisher sent earlier is still
     // inside the broker.
     let passed = unsafe { read_volatile(addr_of!((*st).passed)) };
     match unsafe { DIRECT_DONE.get(key) } {
         Some(done) if *done == passed => {}
-        _ => return fallback(ctx, peer),
+        _ => return fallback(),
     }
     // Body: str16 subject, str16 reply, u32 headers length, headers, payload.
     let slen = route.subject_len as usize;
     if slen == 0 || slen > DIRECT_SUBJECT_MAX {
-        return fallback(ctx, peer);
+        return fallback();
     }
     let want = (HEADER as usize + 2 + slen + 2 + DIRECT_SUBJECT_MAX + 4).min(frame as usize);
     if unsafe { bpf_msg_pull_data(ctx.msg, 0, want as u32, 0) } != 0 {
-        return fallback(ctx, peer);
+        return fallback();
     }
     if le16(ctx, 12) as usize != slen {
-        return fallback(ctx, peer);
+        return fallback();
     }
     // The subject bytes, not just the 32-bit hash. `max` is 128 to the
     // verifier (a constant spilled to the stack) but opaque to LLVM, which
@@ -436,11 +521,11 @@ fn per_frame(
     let mut i = 0usize;
     while i < slen {
         if i >= max {
-            return fallback(ctx, peer);
+            return fallback();
         }
         let want_b = unsafe { *route.subject.as_ptr().add(i) } as u32;
         if byte(ctx, 14 + i) != want_b {
-            return fallback(ctx, peer);
+            return fallback();
         }
         i += 1;
     }
@@ -450,11 +535,11 @@ fn per_frame(
     let roff = 14 + (unsafe { read_volatile(addr_of!(route.subject_len)) } as usize & 0xff);
     let rlen = le16(ctx, roff);
     if rlen == OUT {
-        return fallback(ctx, peer);
+        return fallback();
     }
     let rlen = rlen as usize;
     if rlen > DIRECT_SUBJECT_MAX {
-        return fallback(ctx, peer);
+        return fallback();
     }
     let mut prev = b'.' as u32;
     let mut j = 0usize;
@@ -471,27 +556,27 @@ fn per_frame(
             || b == b'>' as u32
             || (b == dot && prev == dot)
         {
-            return fallback(ctx, peer);
+            return fallback();
         }
         prev = b;
         j += 1;
     }
     if rlen > 0 && prev == b'.' as u32 {
-        return fallback(ctx, peer);
+        return fallback();
     }
     // No headers (the broker checks them).
     let rlen2 = le16(ctx, roff);
     if rlen2 == OUT {
-        return fallback(ctx, peer);
+        return fallback();
     }
     let hoff = roff + 2 + (rlen2 as usize & 0xff);
     if le16(ctx, hoff) != 0 || le16(ctx, hoff + 2) != 0 {
-        return fallback(ctx, peer);
+        return fallback();
     }
     // Flow control: the subscriber's budget.
     let msg_len = frame as u64 + 4;
     let Some(grant) = (unsafe { DIRECT_GRANT.get(&route.sub) }) else {
-        return fallback(ctx, peer);
+        return fallback();
     };
     let grant = *grant;
     let sub = match DIRECT_SUBS.get_ptr_mut(&route.sub) {
@@ -507,28 +592,31 @@ fn per_frame(
             let _ = DIRECT_SUBS.insert(&route.sub, unsafe { &*v.as_ptr() }, 1);
             match DIRECT_SUBS.get_ptr_mut(&route.sub) {
                 Some(p) => p,
-                None => return fallback(ctx, peer),
+                None => return fallback(),
             }
         }
     };
-    // Checked, then added once the frame is on its way: two CPUs sending
-    // to one subscriber at once may overshoot the grant by a frame each.
+    // Checked, then added once the run is on its way: two CPUs sending to
+    // one subscriber at once may overshoot the grant by a run each.
     let used = unsafe { addr_of!((*sub).used) } as *mut u64;
     if unsafe { read_volatile(used) }.saturating_add(msg_len) > grant {
-        return fallback(ctx, peer);
+        return fallback();
     }
     let sid = route.sid;
     if SOCKS.redirect_msg(ctx, &mut route.sub, BPF_F_INGRESS as u64) != sk_action::SK_PASS as i64 {
-        return fallback(ctx, peer);
+        return fallback();
     }
     // PUB -> MSG: 4 bytes for the sid after the header, new kind and length.
-    if ctx.push_data(HEADER, 4, 0).is_err()
-        || unsafe { bpf_msg_pull_data(ctx.msg, 0, HEADER + 4, 0) } != 0
+    // to_broker redirects again, to the broker: the frame is still a PUB
+    // when the push failed, and again once the pushed bytes are popped.
+    if ctx.push_data(HEADER, 4, 0).is_err() {
+        return fallback();
+    }
+    if unsafe { bpf_msg_pull_data(ctx.msg, 0, HEADER + 4, 0) } != 0
         || ctx.data() + (HEADER as usize + 4) > ctx.data_end()
     {
-        // to_broker redirects again, to the broker: the frame is still a
-        // PUB when the push failed.
-        return fallback(ctx, peer);
+        let _ = ctx.pop_data(HEADER, 4, 0);
+        return fallback();
     }
     let d = ctx.data() as *mut u8;
     let new_len = len + 4;
@@ -543,30 +631,181 @@ fn per_frame(
         *d.add(13) = (sid >> 8) as u8;
         *d.add(14) = (sid >> 16) as u8;
         *d.add(15) = (sid >> 24) as u8;
-        bpf_msg_apply_bytes(ctx.msg, msg_len as u32);
     }
-    add(used, msg_len);
-    add(unsafe { addr_of!((*sub).msgs) } as *mut u64, 1);
-    add(unsafe { addr_of!((*st).direct_msgs) } as *mut u64, 1);
-    add(unsafe { addr_of!((*st).direct_bytes) } as *mut u64, msg_len);
+    // The PUBs right behind it to the same route join this verdict.
+    let (n, out) = direct_run(
+        ctx,
+        route,
+        hash,
+        size,
+        frame,
+        msg_len as u32,
+        read_volatile_u64(used),
+        grant,
+    );
+    unsafe { bpf_msg_apply_bytes(ctx.msg, out) };
+    let (n, out) = (n as u64, out as u64);
+    add(used, out);
+    add(unsafe { addr_of!((*sub).msgs) } as *mut u64, n);
+    add(unsafe { addr_of!((*st).direct_msgs) } as *mut u64, n);
+    add(unsafe { addr_of!((*st).direct_bytes) } as *mut u64, out);
     match DIRECT_SUBJECTS.get_ptr_mut(&hash) {
         Some(c) => {
-            add(unsafe { addr_of!((*c).msgs) } as *mut u64, 1);
-            add(unsafe { addr_of!((*c).bytes) } as *mut u64, msg_len);
+            add(unsafe { addr_of!((*c).msgs) } as *mut u64, n);
+            add(unsafe { addr_of!((*c).bytes) } as *mut u64, out);
         }
         None => {
             let v = MaybeUninit::<DirectCount>::uninit();
             let p = v.as_ptr() as *mut u64;
             unsafe {
-                write_volatile(p, 1);
-                write_volatile(p.add(1), msg_len);
+                write_volatile(p, n);
+                write_volatile(p.add(1), out);
             }
             let _ = DIRECT_SUBJECTS.insert(&hash, unsafe { &*v.as_ptr() }, 0);
         }
     }
-    stat(|s| &s.direct_msgs, 1);
-    stat(|s| &s.direct_bytes, msg_len);
+    stat(|s| &s.direct_msgs, n);
+    stat(|s| &s.direct_bytes, out);
     sk_action::SK_PASS
+}
+
+#[inline(always)]
+fn read_volatile_u64(p: *const u64) -> u64 {
+    unsafe { read_volatile(p) }
+}
+
+/// After the first frame of a send went direct (rewritten into `first_out`
+/// MSG bytes from `first_in` PUB bytes): the PUB frames right behind it go
+/// with it, in the same verdict, while each one passes every check the first
+/// one did against the same route (header hash and then the subject bytes,
+/// whole in this send, at most [`DIRECT_FRAME_MAX`], no reply subject and no
+/// headers: a frame with either ends the run and gets the full check as the
+/// first frame of the next run), the run's MSG bytes stay within
+/// [`DIRECT_FRAME_MAX`] and within the subscriber's grant (`used` of
+/// `grant`). The permission and the ordering barrier hold for the whole run:
+/// same publisher, and nothing of the run goes to the broker. Each frame is
+/// rewritten in place (4 bytes pushed after its header for the sid). Returns
+/// the frames and the MSG bytes of the run, first frame included.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn direct_run(
+    ctx: &SkMsgContext,
+    route: &DirectRoute,
+    hash: u32,
+    size: u32,
+    first_in: u32,
+    first_out: u32,
+    used: u64,
+    grant: u64,
+) -> (u32, u32) {
+    let sid = route.sid;
+    let mut n = 1u32;
+    let mut inp = first_in;
+    let mut out = first_out;
+    while n < DIRECT_RUN_FRAMES {
+        // A fresh load each time: the compare loop below pins the length it
+        // ran to, and a length carried over would give the verifier one
+        // state per length for every frame after.
+        let slen = (unsafe { read_volatile(addr_of!(route.subject_len)) } & 0xff) as usize;
+        if slen == 0 || slen > DIRECT_SUBJECT_MAX {
+            break;
+        }
+        // Header, subject, empty reply subject, empty headers.
+        let want = HEADER + 2 + slen as u32 + 2 + 4;
+        if inp >= size || size - inp < want || out > DIRECT_FRAME_MAX {
+            break;
+        }
+        // The window now starts at this frame.
+        if unsafe { bpf_msg_pull_data(ctx.msg, out, out + want, 0) } != 0 {
+            break;
+        }
+        if byte(ctx, 0) != b'S' as u32
+            || byte(ctx, 1) != b'B' as u32
+            || byte(ctx, 2) != KIND_PUB as u32
+        {
+            break;
+        }
+        let (l0, l1) = (le16(ctx, 4), le16(ctx, 6));
+        let (h0, h1) = (le16(ctx, 8), le16(ctx, 10));
+        if l0 == OUT || l1 == OUT || h0 == OUT || h1 == OUT || (h0 | h1 << 16) != hash {
+            break;
+        }
+        let len = l0 | l1 << 16;
+        let frame = len.saturating_add(HEADER);
+        if frame > DIRECT_FRAME_MAX || frame > size - inp {
+            break;
+        }
+        let msg_len = frame + 4;
+        if out + msg_len > DIRECT_FRAME_MAX || used.saturating_add((out + msg_len) as u64) > grant {
+            break;
+        }
+        if le16(ctx, 12) as usize != slen {
+            break;
+        }
+        let max_slot = DIRECT_SUBJECT_MAX;
+        let max = unsafe { read_volatile(&max_slot) };
+        let mut i = 0usize;
+        let mut same = true;
+        while i < slen {
+            if i >= max {
+                same = false;
+                break;
+            }
+            let want_b = unsafe { *route.subject.as_ptr().add(i) } as u32;
+            if byte(ctx, 14 + i) != want_b {
+                same = false;
+                break;
+            }
+            i += 1;
+        }
+        if !same {
+            break;
+        }
+        // No reply subject, no headers (fresh offsets, see per_frame).
+        let s2 = (unsafe { read_volatile(addr_of!(route.subject_len)) } & 0xff) as usize;
+        if le16(ctx, 14 + s2) != 0 || le16(ctx, 16 + s2) != 0 || le16(ctx, 18 + s2) != 0 {
+            break;
+        }
+        // PUB -> MSG: the sid goes into 4 pushed bytes (a slot of its own,
+        // so the pull below copies nothing), then the header in place.
+        if ctx.push_data(out + HEADER, 4, 0).is_err() {
+            break;
+        }
+        if unsafe { bpf_msg_pull_data(ctx.msg, out + HEADER, out + HEADER + 4, 0) } != 0
+            || ctx.data() + 4 > ctx.data_end()
+        {
+            // Undo: the frame stays the PUB it was, for the next run.
+            let _ = ctx.pop_data(out + HEADER, 4, 0);
+            break;
+        }
+        let d = ctx.data() as *mut u8;
+        unsafe {
+            *d = sid as u8;
+            *d.add(1) = (sid >> 8) as u8;
+            *d.add(2) = (sid >> 16) as u8;
+            *d.add(3) = (sid >> 24) as u8;
+        }
+        if unsafe { bpf_msg_pull_data(ctx.msg, out, out + HEADER, 0) } != 0
+            || ctx.data() + HEADER as usize > ctx.data_end()
+        {
+            let _ = ctx.pop_data(out + HEADER, 4, 0);
+            break;
+        }
+        let d = ctx.data() as *mut u8;
+        let new_len = len + 4;
+        unsafe {
+            *d.add(2) = KIND_MSG;
+            *d.add(3) = 0;
+            *d.add(4) = new_len as u8;
+            *d.add(5) = (new_len >> 8) as u8;
+            *d.add(6) = (new_len >> 16) as u8;
+            *d.add(7) = (new_len >> 24) as u8;
+        }
+        out += msg_len;
+        inp += frame;
+        n += 1;
+    }
+    (n, out)
 }
 
 #[cfg(not(test))]
