@@ -617,9 +617,10 @@ const CONTROL_ROOM: usize = 256;
 /// holds until it is done, so a queue that fills while a write is under way
 /// needs a second buffer. Allocating that afresh each time costs more than
 /// the copy: a large buffer is a fresh mapping every time, faulted in page
-/// by page (in a 1->10 fan-out the broker spent a fifth more CPU per
-/// message that way; docs/benchmarks.md, "Issue 13 item 10: the fan-out
-/// loss found"). With the spare, a busy connection alternates between two
+/// by page (in a 1->10 fan-out, most of the CPU per message the broker had
+/// gained since the refactor: 32% above the older build's before the spare,
+/// 6% after; docs/benchmarks.md, "Issue 13 item 10: the fan-out loss
+/// found"). With the spare, a busy connection alternates between two
 /// buffers and allocates nothing.
 fn make_room(g: &mut Inner, len: usize) {
     let need = g.buf.len() + len;
