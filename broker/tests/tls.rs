@@ -519,17 +519,22 @@ async fn cluster_routes_run_over_tls_and_verify_the_peer() {
         client_ca: None,
         cluster_ca: Some(ca_file),
     };
-    let (route_a, route_b) = (free(), free());
-    let node = |id: &str, route: SocketAddr, peer: SocketAddr| {
+    // Each node's route listener on a port of its own choosing (a port
+    // picked in advance can be taken before the broker binds it: another
+    // test's connection, or a dial to it that connects to itself); b dials
+    // a, and the one link is verified both ways.
+    let node = |id: &str, peer: Option<SocketAddr>| {
         let mut c = test_config();
         c.node_id = id.into();
-        c.cluster = Some(route);
-        c.peers = vec![format!("sockbus-route://{peer}")];
+        c.cluster = Some("127.0.0.1:0".parse().unwrap());
+        c.peers = peer
+            .map(|p| vec![format!("sockbus-route://{p}")])
+            .unwrap_or_default();
         c.tls = Some(files.clone());
         c
     };
-    let a = TestBroker::with(node("a", route_a, route_b)).await;
-    let b = TestBroker::with(node("b", route_b, route_a)).await;
+    let a = TestBroker::with(node("a", None)).await;
+    let b = TestBroker::with(node("b", a.route)).await;
 
     let deadline = Instant::now() + Duration::from_secs(10);
     while a.state.peers().is_empty() || b.state.peers().is_empty() {
@@ -568,13 +573,6 @@ async fn cluster_routes_run_over_tls_and_verify_the_peer() {
     }
     a.stop().await;
     b.stop().await;
-}
-
-fn free() -> SocketAddr {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
 }
 
 fn sdk(ca: &Path) -> sockbus_client::ConnectOptions {

@@ -16,6 +16,8 @@ pub struct TestBroker {
     pub addr: SocketAddr,
     pub url: String,
     pub state: std::sync::Arc<sockbus_broker::State>,
+    /// Where it listens for cluster routes, with `cluster` configured.
+    pub route: Option<SocketAddr>,
     shutdown: CancellationToken,
     task: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
 }
@@ -47,6 +49,7 @@ impl TestBroker {
     pub async fn with(config: Config) -> TestBroker {
         let server = Server::bind(config).await.expect("bind");
         let addr = server.local_addr();
+        let route = server.route_addr();
         let state = server.state();
         let shutdown = CancellationToken::new();
         let task = tokio::spawn(server.run(shutdown.clone()));
@@ -54,6 +57,7 @@ impl TestBroker {
             addr,
             url: format!("sockbus://{addr}"),
             state,
+            route,
             shutdown,
             task: Some(task),
         }
