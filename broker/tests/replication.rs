@@ -843,16 +843,17 @@ async fn jetstream_num_replicas_3_is_a_replicated_stream_on_every_node() {
         "{e}"
     );
     let mut s2 = js2.get_stream("JR3").await.unwrap();
-    let e = s2.delete_message(95).await.unwrap_err().to_string();
-    assert!(e.contains("replicated stream"), "{e}");
     let info = s2.info().await.unwrap().clone();
     assert_eq!((info.config.max_messages, info.state.messages), (10, 10));
+    // One message deleted through the group's log (before the purge in
+    // it on every replica, so the purge removes the other 9).
+    assert!(s2.delete_message(95).await.unwrap());
 
     // A purge goes through the group's log: every replica is emptied, and
     // the next message takes the next sequence.
     let purged = s2.purge().await.unwrap();
     assert!(purged.success);
-    assert_eq!(purged.purged, 10);
+    assert_eq!(purged.purged, 9);
     let ack = js3
         .publish("jr3.after", "after".into())
         .await
@@ -2454,4 +2455,92 @@ async fn a_power_loss_of_every_replica_taking_the_unsynced_stream_log_tail_loses
     }
     check_all(&cl, "PL", &acked).await;
     eprintln!("{} acked, all back on every replica", acked.len());
+}
+
+/// JetStream's `STREAM.MSG.DELETE` on an R3 stream goes through the
+/// group: every replica removes the same message, also one restarted after
+/// the leader's kill -9. A delete is an entry of a newer level than the
+/// first releases wrote, so it is proposed only once every replica has
+/// answered that it applies it: with one never heard from (stopped) it is
+/// refused, naming it; once heard from, its answer vouches for it while
+/// it is away.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_deleted_from_an_r3_stream_is_gone_on_every_replica_also_after_the_leader_dies() {
+    use async_nats::jetstream;
+    let mut cl = Cluster::start(3).await;
+    let c = client(cl.nodes[0].port).await;
+    let mut cfg = StreamConfig::new("RD", ["rd.>"]);
+    cfg.replicas = Some(3);
+    add_replicated(&c, &cfg).await;
+    let old = leader(cl.nodes[0].port, "RD").await;
+    let li = cl.index(&old);
+    let others: Vec<usize> = (0..3).filter(|&i| i != li).collect();
+    let (f, f2) = (others[0], others[1]);
+    let lc = client(cl.nodes[li].port).await;
+    for i in 1..=20u64 {
+        let p = format!("p-{i:03}");
+        assert_eq!(publish_acked(&lc, &format!("rd.{i}"), &p, &p).await, i);
+    }
+    let js = |port: u16| async move {
+        let nc = async_nats::ConnectOptions::new()
+            .request_timeout(Some(Duration::from_secs(20)))
+            .connect(format!("nats://127.0.0.1:{port}"))
+            .await
+            .unwrap();
+        jetstream::new(nc).get_stream("RD").await.unwrap()
+    };
+    let sf = js(cl.nodes[f].nport).await;
+    // A replica this node never heard from cannot be vouched for.
+    cl.nodes[f2].signal(libc::SIGSTOP);
+    let e = sf.delete_message(5).await.unwrap_err().to_string();
+    assert!(
+        e.contains(&cl.nodes[f2].name) && e.contains("cannot confirm"),
+        "{e}"
+    );
+    cl.nodes[f2].signal(libc::SIGCONT);
+    assert!(
+        sf.delete_message(5).await.unwrap(),
+        "5 deleted through a follower"
+    );
+    assert!(sf.delete_message(5).await.is_err(), "5 is gone already");
+    let sl = js(cl.nodes[li].nport).await;
+    assert!(
+        sl.delete_message(12).await.unwrap(),
+        "12 deleted through the leader"
+    );
+    // Heard from once, the stopped replica's answer vouches for it.
+    cl.nodes[f2].signal(libc::SIGSTOP);
+    assert!(
+        sf.delete_message(13).await.unwrap(),
+        "13 deleted with a replica stopped"
+    );
+    cl.nodes[f2].signal(libc::SIGCONT);
+    // The leader dies right after; the new one goes on.
+    cl.nodes[li].kill9();
+    wait_info(cl.nodes[f].port, "RD", "a new leader", |i| {
+        i.cluster
+            .as_ref()
+            .and_then(|c| c.leader.as_deref())
+            .is_some_and(|l| l != old)
+    })
+    .await;
+    let fc = client(cl.nodes[f].port).await;
+    for i in 21..=22u64 {
+        let p = format!("p-{i:03}");
+        assert_eq!(publish_acked(&fc, &format!("rd.{i}"), &p, &p).await, i);
+    }
+    cl.restart(li).await;
+    let want: Vec<(u64, String)> = (1..=22u64)
+        .filter(|i| ![5, 12, 13].contains(i))
+        .map(|i| (i, format!("p-{i:03}")))
+        .collect();
+    for n in &cl.nodes {
+        let what = format!("{}: 19 messages up to 22", n.name);
+        let i = wait_info(n.port, "RD", &what, |i| {
+            i.state.last_seq >= 22 && i.state.messages == 19
+        })
+        .await;
+        assert_eq!((i.state.first_seq, i.state.messages), (1, 19), "{}", n.name);
+        assert_eq!(read_stream(n.port, "RD").await, want, "{}", n.name);
+    }
 }

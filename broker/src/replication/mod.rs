@@ -83,6 +83,32 @@ pub enum Op {
     /// the old limits, then saves and takes the new configuration, at
     /// this entry (sm.rs).
     Update { config: String },
+    /// Deletes message `seq` (JetStream's `STREAM.MSG.DELETE`) on every
+    /// replica at this entry. Answered with `Applied::acks[0].0`: 1 when
+    /// the stream held it, else 0. Entry level 2 ([`ENTRY_LEVEL`]).
+    Delete { seq: u64 },
+}
+
+/// The newest kind of entry this build writes and applies. An entry a
+/// replica cannot decode stops its group on that node (it never skips an
+/// entry: its copy would differ from the others'), so a leader proposes
+/// an entry of a newer level only once every member has answered that it
+/// applies it ([`Hub::members_apply`]). During a rolling upgrade the
+/// entries of the old level go on as before; the new ones are refused
+/// with an error that names the member still on an older build.
+///
+/// - 1: `Publish`, `Consumers`, `Expire`, `Purge`, `Update`.
+/// - 2: `Delete`.
+pub const ENTRY_LEVEL: u32 = 2;
+
+impl Op {
+    /// The [`ENTRY_LEVEL`] a replica needs to apply this entry.
+    pub fn level(&self) -> u32 {
+        match self {
+            Op::Delete { .. } => 2,
+            _ => 1,
+        }
+    }
 }
 
 /// One change to a replicated stream's durable consumers.
@@ -386,6 +412,8 @@ pub(crate) struct Hub {
     starting: Mutex<std::collections::HashSet<String>>,
     /// Per stream: repairs of a damaged copy done here since start-up.
     repairs: Mutex<HashMap<String, u64>>,
+    /// Per peer: the highest entry level it answered (`members_apply`).
+    levels: Mutex<HashMap<String, u32>>,
     pool: net::Pool,
 }
 
@@ -401,6 +429,7 @@ pub(crate) fn hub() -> &'static Arc<Hub> {
             starting: Mutex::new(Default::default()),
             repairs: Mutex::new(HashMap::new()),
             heard: Mutex::new(HashMap::new()),
+            levels: Mutex::new(HashMap::new()),
             pool: net::Pool::default(),
         })
     })
@@ -475,6 +504,56 @@ impl Hub {
 
     pub(crate) fn me(&self) -> Option<String> {
         self.state.get().map(|s| s.config.node_id.clone())
+    }
+
+    /// Whether every member of `s`'s group applies entries of `level`
+    /// ([`ENTRY_LEVEL`]): each other member is asked (`Rpc::Level`). A
+    /// member on a build from before levels closes the connection on the
+    /// question. One that does not answer within 2 s (down, partitioned)
+    /// is vouched for by what it answered before since this broker
+    /// started; never asked, it cannot be, and the answer names it.
+    pub(crate) async fn members_apply(&self, s: &Stream, level: u32) -> Result<(), String> {
+        if level <= 1 {
+            return Ok(());
+        }
+        let me = self.me().unwrap_or_default();
+        for m in s.members().into_iter().filter(|m| *m != me) {
+            let r = self
+                .pool
+                .call(self, &m, net::Rpc::Level, Duration::from_secs(2))
+                .await;
+            let known = |levels: &Mutex<HashMap<String, u32>>| {
+                levels
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .get(&m)
+                    .copied()
+            };
+            let l = match r {
+                Ok(net::Reply::Level(l)) => {
+                    self.levels
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .insert(m.clone(), l);
+                    l
+                }
+                Ok(_) => return Err(format!("replica {m} gave an unexpected answer")),
+                Err(e) => match known(&self.levels) {
+                    Some(l) => l,
+                    None => {
+                        return Err(format!(
+                            "replica {m} cannot confirm that it applies this change (an older sockbus build, or unreachable: {e}); upgrade or restore it first"
+                        ))
+                    }
+                },
+            };
+            if l < level {
+                return Err(format!(
+                    "replica {m} runs a sockbus build that applies entries up to level {l}, this needs {level}: finish the upgrade of every replica first"
+                ));
+            }
+        }
+        Ok(())
     }
 
     /// A route's handshake named a peer at `url`.
@@ -1228,6 +1307,33 @@ pub(crate) fn purge(
     }
 }
 
+/// Deletes message `seq` of a replicated stream: one `Op::Delete` entry
+/// through its group, once every member has said it applies it (an entry
+/// of level 2: see [`ENTRY_LEVEL`]). True when the stream held it.
+/// Blocks: call from a blocking thread of the runtime.
+pub(crate) fn delete_msg(s: &Stream, seq: u64) -> Result<bool, crate::streams::StreamError> {
+    use crate::streams::StreamError;
+    let failed = |error: String| StreamError::Storage {
+        name: s.name.clone(),
+        error,
+    };
+    let rt = tokio::runtime::Handle::try_current()
+        .map_err(|_| failed("no runtime to reach the group".into()))?;
+    let op = Op::Delete { seq };
+    rt.block_on(hub().members_apply(s, op.level()))
+        .map_err(|e| {
+            StreamError::BadRequest(format!("cannot delete message {seq} of {}: {e}", s.name))
+        })?;
+    let a = rt
+        .block_on(hub().propose(s, Proposal::encode(&op), Duration::from_secs(10)))
+        .map_err(|e| failed(format!("not replicated: {e}")))?;
+    match (a.error, a.acks.first()) {
+        (Some(e), _) => Err(StreamError::BadRequest(e)),
+        (None, Some((n, _))) => Ok(*n == 1),
+        (None, None) => Err(failed("the group answered no count".into())),
+    }
+}
+
 /// Changes a replicated stream's limits or description: one `Op::Update`
 /// entry through its group, answered once applied by the leader and here
 /// (waited for at most 10 s on a replica; a node that holds no replica
@@ -1318,5 +1424,76 @@ async fn poll_progress() {
                 );
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn hex(s: &str) -> Proposal {
+        Proposal(
+            (0..s.len())
+                .step_by(2)
+                .map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap())
+                .collect(),
+        )
+    }
+
+    /// Entries as builds of level 1 wrote them (encoded before `Delete`
+    /// existed): a replica upgraded first still applies what the others
+    /// propose during a rolling upgrade, and what its own Raft log holds.
+    #[test]
+    fn entries_written_by_a_level_1_build_still_decode() {
+        let publish = "0102030003000000010000006d31ffffffffffff0000000000000000000000000700000000000000d8ffffff03000000d4ffffff01000000d0ffffff01000000";
+        match hex(publish).decode().unwrap() {
+            Op::Publish {
+                ts,
+                recs,
+                lens,
+                ids,
+            } => {
+                assert_eq!((ts, recs, lens), (7, vec![1, 2, 3], vec![3]));
+                assert_eq!(ids, vec![Some("m1".to_string())]);
+            }
+            o => panic!("{o:?}"),
+        }
+        let consumers = "0100000063ffffffffffffff000000000000000000000000000000000000000001000000dcffffff0100000000000000000000000000000000000000000000000000000000000000";
+        match hex(consumers).decode().unwrap() {
+            Op::Consumers { changes } => {
+                assert!(matches!(&changes[..], [ConsumerChange::Delete { name }] if name == "c"))
+            }
+            o => panic!("{o:?}"),
+        }
+        let expire =
+            "02000000000000000900000000000000000000000000000000000000000000000000000000000000";
+        assert!(matches!(
+            hex(expire).decode().unwrap(),
+            Op::Expire { ts: 9 }
+        ));
+        let purge =
+            "030000007b7dffffffffffff00000000000000000000000000000000000000000000000000000000";
+        assert!(matches!(hex(purge).decode().unwrap(), Op::Purge { req } if req == "{}"));
+        let update =
+            "040000007b7dffffffffffff00000000000000000000000000000000000000000000000000000000";
+        assert!(matches!(hex(update).decode().unwrap(), Op::Update { config } if config == "{}"));
+        for h in [publish, consumers, expire, purge, update] {
+            assert_eq!(hex(h).decode().unwrap().level(), 1);
+        }
+    }
+
+    /// What a replica of an older build sees of an entry kind it does not
+    /// know: an error (sm.rs then stops the group there), never another op.
+    #[test]
+    fn an_entry_of_an_unknown_kind_does_not_decode() {
+        let d = Proposal::encode(&Op::Delete { seq: 5 });
+        assert!(matches!(d.decode().unwrap(), Op::Delete { seq: 5 }));
+        assert_eq!(Op::Delete { seq: 5 }.level(), ENTRY_LEVEL);
+        let mut newer = d.clone();
+        newer.0[0] = 6;
+        assert!(newer.decode().is_err(), "{:?}", newer.decode());
+        let mut garbage = d;
+        garbage.0[0] = 0xff;
+        assert!(garbage.decode().is_err());
     }
 }

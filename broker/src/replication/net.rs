@@ -72,6 +72,11 @@ pub(crate) enum Rpc {
         config: String,
         members: Vec<String>,
     },
+    /// Which entries this node applies: answered with its
+    /// [`ENTRY_LEVEL`](super::ENTRY_LEVEL). Keep it last: a node built
+    /// before it cannot decode it and closes the connection, which the
+    /// asker reads as "older".
+    Level,
 }
 
 #[derive(Serialize, Deserialize, Debug)]
@@ -96,6 +101,8 @@ pub(crate) enum Reply {
     Delivered(u64),
     /// A consumer call's answer: per ack, stored or why not.
     Consumer(Result<Vec<Result<(), String>>, ForwardError>),
+    /// This node's [`ENTRY_LEVEL`](super::ENTRY_LEVEL).
+    Level(u32),
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -293,6 +300,7 @@ async fn answer(rpc: Rpc) -> Reply {
         },
         Rpc::Progress { group } => Reply::Progress(h.group(&group).and_then(|g| g.progress())),
         Rpc::Create { config, members } => Reply::Done(create_here(&config, &members).await),
+        Rpc::Level => Reply::Level(super::ENTRY_LEVEL),
         Rpc::Consumer { group, call } => Reply::Consumer(consumer_call(&group, call).await),
         Rpc::Deliver { group, inbox, msgs } => {
             let d = h.state().and_then(|st| st.streams.get(&group));

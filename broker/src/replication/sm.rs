@@ -582,6 +582,26 @@ impl StateMachine {
         })
     }
 
+    /// A message deletion (`Op::Delete`), as a local stream's writer does
+    /// it; acks `[(1, false)]` when the stream held `seq`, `[(0, false)]`
+    /// when not (never stored, purged, expired or deleted before: applying
+    /// it again after a crash changes nothing).
+    fn delete(&mut self, seq: u64) -> io::Result<Applied> {
+        self.app.commit(self.fsync)?;
+        let b = self.s.log.read(seq, None, 1, 1, None)?;
+        let n = match b.msgs.first().filter(|m| m.seq == seq) {
+            Some(m) => self.app.delete(&[(seq, m.stored_len())])?,
+            None => 0,
+        };
+        if let Some(q) = &self.s.quota {
+            q.sync(&self.s);
+        }
+        Ok(Applied {
+            acks: vec![(n, false)],
+            error: None,
+        })
+    }
+
     /// A configuration update: the old limits cut first (what the entries
     /// before it stored, as a replica applying them in a batch of their
     /// own would have cut), then the new configuration is saved and taken.
@@ -699,7 +719,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                 _ => None,
             };
             let once = match &op {
-                Some(Ok(Op::Purge { .. } | Op::Update { .. })) => true,
+                Some(Ok(Op::Purge { .. } | Op::Update { .. } | Op::Delete { .. })) => true,
                 Some(Ok(Op::Consumers { changes })) => changes
                     .iter()
                     .any(|c| !matches!(c, super::ConsumerChange::Ops { .. })),
@@ -735,6 +755,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                     }) => out.push(self.publish(ts, recs, lens, ids).map_err(werr)?),
                     Ok(Op::Purge { req }) => out.push(self.purge(&req).map_err(werr)?),
                     Ok(Op::Update { config }) => out.push(self.update(&config).map_err(werr)?),
+                    Ok(Op::Delete { seq }) => out.push(self.delete(seq).map_err(werr)?),
                     Ok(Op::Expire { ts }) => {
                         self.now = self.now.max(ts);
                         out.push(Applied::default());
@@ -760,10 +781,21 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                             error,
                         });
                     }
-                    Err(err) => out.push(Applied {
-                        acks: Vec::new(),
-                        error: Some(format!("undecodable entry: {err}")),
-                    }),
+                    // Never skipped: this copy would then differ from the
+                    // others' from here on. The group stops on this node
+                    // (the others go on) until it runs a build that reads
+                    // the entry (mod.rs, ENTRY_LEVEL).
+                    Err(err) => {
+                        tracing::error!(
+                            stream = %self.s.name,
+                            index = e.log_id.index,
+                            "a committed entry this build cannot read (written by a newer sockbus?): {err}; this replica stops applying until it is upgraded"
+                        );
+                        return Err(werr(io::Error::other(format!(
+                            "entry {} does not decode: {err}",
+                            e.log_id.index
+                        ))));
+                    }
                 },
             }
         }

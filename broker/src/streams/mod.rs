@@ -533,6 +533,12 @@ impl Stream {
     /// Deletes message `seq`; false if the stream does not hold it. Blocks:
     /// call from a blocking thread.
     pub fn delete_msg(&self, seq: u64) -> Result<bool, StreamError> {
+        if self.replicas > 1 {
+            // Through the group's log, like a purge.
+            let deleted = crate::replication::delete_msg(self, seq)?;
+            info!(stream = %self.name, seq, deleted, "message of a replicated stream deleted");
+            return Ok(deleted);
+        }
         let (tx, rx) = std::sync::mpsc::channel();
         self.admin(AdminOp::Delete(seq, tx), rx)
     }
