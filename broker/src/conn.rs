@@ -291,6 +291,11 @@ async fn serve(
         let open = perms.as_ref().is_none_or(|p| p.publish.is_open());
         crate::accel::routes::register(id, key, &out, default_account && open, default_account)
     });
+    if direct.is_some() && default_account {
+        // A subscriber routes may name: publishers' frames may land in its receive queue between the
+        // broker's sends: those end on frame boundaries.
+        out.one_send_per_frame();
+    }
     if direct.as_ref().is_some_and(|d| d.publisher) {
         batch.track_flushes();
     }

@@ -52,6 +52,11 @@ pub(crate) struct Outlet {
     /// NATS subscriptions whose client-chosen id is not a plain decimal
     /// number: internal sid ([`NAMED_SID`] and up) to the client's text.
     pub sid_names: std::sync::RwLock<rustc_hash::FxHashMap<u32, Box<str>>>,
+    /// Most bytes one send to the socket holds, whole frames only (a
+    /// larger frame alone): `usize::MAX` (everything queued in one
+    /// `writev`) unless the connection takes direct deliveries, see
+    /// [`Outlet::one_send_per_frame`].
+    send_max: AtomicUsize,
 }
 
 /// Internal sids from here up stand for a NATS client's non-numeric sid,
@@ -80,10 +85,26 @@ impl Outlet {
             responses: None,
             codec: Codec::Native,
             sid_names: Default::default(),
+            send_max: AtomicUsize::new(usize::MAX),
         }
     }
 
     /// Frames this outlet's messages in `codec`.
+    /// For a connection that direct delivery may write into (its frames
+    /// arrive in its receive queue from publishers' sockets, between the
+    /// broker's sends): every send ends on a frame boundary and holds at
+    /// most [`DIRECT_FRAME_MAX`](crate::accel::direct::DIRECT_FRAME_MAX)
+    /// bytes, so the kernel never cuts one of the broker's frames below
+    /// that bound into pieces another sender's frame could land between.
+    /// Without it the write loop hands the socket everything queued in one
+    /// `writev`, which the kernel cuts every 64 KiB wherever a frame is.
+    pub fn one_send_per_frame(&self) {
+        self.send_max.store(
+            crate::accel::direct::DIRECT_FRAME_MAX as usize,
+            Ordering::Relaxed,
+        );
+    }
+
     pub fn with_codec(mut self, codec: Codec) -> Self {
         self.codec = codec;
         self
@@ -170,7 +191,8 @@ impl Outlet {
             // TLS, which only the write loop writes.
             return self.wake();
         };
-        match drain::write_now(&self.outbox, s, DIRECT_MAX, usize::MAX) {
+        let send_max = self.send_max.load(Ordering::Relaxed);
+        match drain::write_now(&self.outbox, s, DIRECT_MAX, send_max) {
             Kick::Wrote {
                 result: Ok(()),
                 left,
@@ -266,7 +288,10 @@ pub(crate) async fn write_loop(out: Arc<Outlet>, write_timeout: Duration) {
         let r = tokio::select! {
             r = tokio::time::timeout(write_timeout, async {
                 match (&*sock, tls.as_deref_mut()) {
-                    (WriteSock::Plain(w), _) => drain::write_all(&mut t, w, usize::MAX).await,
+                    (WriteSock::Plain(w), _) => {
+                        let send_max = out.send_max.load(Ordering::Relaxed);
+                        drain::write_all(&mut t, w, send_max).await
+                    }
                     (_, Some(w)) => write_all_tls(&mut t, w).await,
                     (WriteSock::Tls(_), None) => unreachable!("locked above"),
                 }

@@ -2570,13 +2570,12 @@ mod direct {
     /// Two publishers into one subscriber, direct, while the broker writes
     /// to it too: every frame arrives whole and each sender's in order.
     ///
-    /// Ignored until the broker half of direct delivery exists: the stand-in
-    /// broker here writes with `write_all`, which under load can split a
-    /// frame over two sends (a partial write when the subscriber's queue is
-    /// full), and a direct frame then lands between the two halves. Failed
-    /// so in a fresh-clone CI run (frame 41 of the stand-in). The broker must
-    /// write each frame below the bound in one send (issue 18, item 3);
-    /// this test is to run with that writer: `cargo test --test accel -- --ignored`.
+    /// Ignored: the stand-in broker here writes with `write_all`, which
+    /// under load can split a frame over two sends (a partial write when
+    /// the subscriber's queue is full), and a direct frame then lands
+    /// between the two halves. Failed so in a fresh-clone CI run (frame 41
+    /// of the stand-in). The real broker's half is tested in
+    /// `broker_direct::two_direct_publishers_and_the_broker_into_one_subscriber_keep_every_message_whole_and_in_order`.
     #[test]
     #[ignore = "the stand-in broker's write_all can split a frame under load; needs the broker half's one-send-per-frame writer"]
     fn two_senders_and_the_broker_into_one_subscriber_keep_frames_whole() {
@@ -3307,5 +3306,141 @@ mod broker_direct {
         })
         .await;
         assert!(ok, "the unrestricted publisher never went direct");
+    }
+
+    /// Two same-node publishers go direct into one subscriber's socket (one
+    /// subject each, so two routes into one socket) while the broker writes
+    /// a third publisher's messages into it too (they carry headers, so
+    /// they never go direct): every message arrives whole, with its bytes,
+    /// and each publisher's in its order. The broker's messages are 30-60
+    /// KB, so its sends to the subscriber are large.
+    ///
+    /// Found so (4 of 20 runs failed with a message whose bytes were
+    /// partly another frame's; with the fix, 0 of 44): the fast path's verdict on the broker's socket covered the
+    /// next 64 KiB of its sends, and where it ran out, inside a frame, the
+    /// kernel redirected the rest of that send apart, so a direct frame
+    /// could land inside one of the broker's. Now the broker's end of a
+    /// connection gets one verdict per send while direct delivery is on,
+    /// and the broker's sends to such a client hold whole frames, at most
+    /// 64 KiB (`Outlet::one_send_per_frame`).
+    ///
+    /// Two rounds with a fresh subscriber each: one that keeps up (6,000
+    /// messages per publisher, at most 256 in flight, the SDK's default of dropping what a full
+    /// subscription cannot take), then one that naps 5 ms every 50 messages
+    /// (2,000 per publisher, 1,500 in flight) (its grant runs out, the publishers' frames go
+    /// through the broker, then direct again; `Overflow::Wait`, so the SDK
+    /// drops nothing).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn two_direct_publishers_and_the_broker_into_one_subscriber_keep_every_message_whole_and_in_order(
+    ) {
+        use std::sync::atomic::{AtomicU32, Ordering};
+        use std::sync::Arc;
+        if !privileged("direct_two_publishers_and_the_broker") {
+            return;
+        }
+        let b = start(&[]);
+        // The direct publishers' messages small (so they go direct), the
+        // broker's large.
+        let size = |t: u32, i: u32| match t {
+            2 => 30_000 + (i as usize * 7919) % 30_000,
+            _ => 16 + (i as usize * 7919 + t as usize * 104_729) % 2_000,
+        };
+        let body = move |t: u32, i: u32| {
+            let mut p = payload(i.wrapping_mul(3).wrapping_add(t), size(t, i));
+            p[..4].copy_from_slice(&i.to_le_bytes());
+            p.push(t as u8);
+            p
+        };
+        for (n, inflight, nap) in [(6000u32, 256u32, 0u64), (2000, 1500, 5)] {
+            let overflow = if nap == 0 {
+                sockbus_client::Overflow::Drop
+            } else {
+                sockbus_client::Overflow::Wait
+            };
+            let s = sockbus_client::ConnectOptions::default()
+                .when_subscription_full(overflow)
+                .connect(&b.url)
+                .await
+                .unwrap();
+            let mut one = s.subscribe("svc.one").await.unwrap();
+            let mut two = s.subscribe("svc.two").await.unwrap();
+            s.flush().await.unwrap();
+            let from = b.direct();
+            let got = Arc::new(AtomicU32::new(0));
+            let sent = Arc::new(AtomicU32::new(0));
+            let mut tasks = Vec::new();
+            for t in 0..3u32 {
+                let c = b.client().await;
+                let (got, sent) = (got.clone(), sent.clone());
+                let mut hdr = sockbus_client::Headers::new();
+                hdr.insert("Via", "the broker");
+                tasks.push(tokio::spawn(async move {
+                    // Let the routes settle first, as a service's clients do.
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                    for i in 0..n {
+                        while sent.load(Ordering::Acquire) > got.load(Ordering::Acquire) + inflight
+                        {
+                            tokio::time::sleep(Duration::from_millis(1)).await;
+                        }
+                        sent.fetch_add(1, Ordering::AcqRel);
+                        match t {
+                            0 => c.publish("svc.one", body(t, i)).await.unwrap(),
+                            1 => c.publish("svc.two", body(t, i)).await.unwrap(),
+                            _ => c
+                                .publish_with_headers("svc.one", &hdr, body(t, i))
+                                .await
+                                .unwrap(),
+                        }
+                    }
+                    c.flush().await.unwrap();
+                    c
+                }));
+            }
+            let mut next = [0u32; 3];
+            let mut take = |m: sockbus_client::Message| {
+                let p = m.payload.as_ref();
+                let t = *p.last().expect("a payload") as usize;
+                assert!(t < 3, "a payload with no sender's tag: {} bytes", p.len());
+                let i = next[t];
+                let want = body(t as u32, i);
+                if p != want.as_slice() {
+                    let seq = u32::from_le_bytes(p[..4].try_into().unwrap());
+                    panic!(
+                        "publisher {t}: message {i} expected ({} bytes), got {} bytes numbered {seq}",
+                        want.len(),
+                        p.len()
+                    );
+                }
+                next[t] += 1;
+                got.fetch_add(1, Ordering::AcqRel);
+            };
+            let (mut got_one, mut got_two) = (0u32, 0u32);
+            while got_one < 2 * n || got_two < n {
+                tokio::select! {
+                    m = recv(&mut one), if got_one < 2 * n => { got_one += 1; take(m) }
+                    m = recv(&mut two), if got_two < n => { got_two += 1; take(m) }
+                }
+                if nap > 0 && (got_one + got_two) % 50 == 0 {
+                    tokio::time::sleep(Duration::from_millis(nap)).await;
+                }
+            }
+            assert_eq!(next, [n, n, n]);
+            assert_eq!((one.dropped(), two.dropped()), (0, 0));
+            for t in tasks {
+                t.await.unwrap();
+            }
+            let d = b.direct() - from;
+            eprintln!(
+                "{inflight} in flight: {d} of {} messages went direct",
+                3 * n
+            );
+            if nap == 0 {
+                assert!(d >= u64::from(n), "only {d} messages went direct");
+            }
+            assert!(
+                d <= 2 * u64::from(n),
+                "{d}: a message with headers went direct"
+            );
+        }
     }
 }

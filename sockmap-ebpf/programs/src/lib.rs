@@ -267,7 +267,20 @@ pub fn sockbus_sk_msg(ctx: SkMsgContext) -> u32 {
         // redirects them without running this program; a miss is never
         // cached). Covering the whole message keeps a large send in one
         // piece.
-        let grant = size.saturating_add(VERDICT_BYTES);
+        //
+        // Not for the broker's end while direct delivery is on: publishers'
+        // frames may land in the client's receive queue, and a verdict
+        // that ran out inside one of the broker's sends would cut it
+        // wherever that is, inside a frame, for the kernel to redirect the
+        // rest apart (another sender's frame could land in between). The
+        // broker's sends to such a client end on frame boundaries: one
+        // verdict for exactly each keeps every frame whole.
+        let direct = DIRECT_CONFIG.get(DIRECT_CONFIG_INDEX).copied().unwrap_or(0);
+        let grant = if direct != 0 && unsafe { PORTS.get(key.local_port).is_some() } {
+            size
+        } else {
+            size.saturating_add(VERDICT_BYTES)
+        };
         unsafe { bpf_msg_apply_bytes(ctx.msg, grant) };
         stat(|s| &s.redirect_verdicts, 1);
         stat(|s| &s.bytes_redirected, grant as u64);
