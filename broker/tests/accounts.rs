@@ -536,12 +536,13 @@ async fn a_peer_cannot_reach_an_account_by_naming_it_badly_and_hears_each_accoun
     use sockbus_protocol::Frame;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-    let route = free("127.0.0.1");
     let b = TestBroker::with(Config {
-        cluster: Some(route),
+        cluster: Some("127.0.0.1:0".parse().unwrap()),
         ..config(vec![])
     })
     .await;
+    // The route port the broker bound (it chose it).
+    let route = b.route.expect("a cluster port");
     let shop = as_user(b.addr, "shop1").await;
     let bank = as_user(b.addr, "bank1").await;
     let admin = as_user(b.addr, "admin").await;

@@ -588,7 +588,8 @@ async fn a_stream_update_moves_the_interest_other_nodes_forward_publishes_on() {
 /// (CONNECT with the route flag); the test decides what it does next.
 async fn fake_route_peer(b: &TestBroker) -> TcpStream {
     use tokio::io::AsyncWriteExt;
-    let route = b.state.config().cluster.expect("a cluster port");
+    // The port the broker bound (it chose it).
+    let route = b.route.expect("a cluster port");
     let mut s = TcpStream::connect(route).await.unwrap();
     let mut hello = bytes::BytesMut::new();
     sockbus_protocol::frame::encode_connect(
@@ -637,7 +638,7 @@ async fn until_closed(s: &mut TcpStream) -> Option<Vec<sockbus_protocol::Frame>>
 #[tokio::test]
 async fn a_route_peer_that_goes_silent_is_closed_as_stale() {
     let mut cfg = common::test_config();
-    cfg.cluster = Some(free("127.0.0.1"));
+    cfg.cluster = Some("127.0.0.1:0".parse().unwrap());
     cfg.ping_interval = Duration::from_secs(1);
     cfg.max_pings_out = 2;
     let b = TestBroker::with(cfg).await;
@@ -665,7 +666,7 @@ async fn a_route_peer_that_goes_silent_is_closed_as_stale() {
 async fn a_route_peer_that_never_reads_is_cut_off_at_the_budget() {
     use tokio::io::AsyncWriteExt;
     let mut cfg = common::test_config();
-    cfg.cluster = Some(free("127.0.0.1"));
+    cfg.cluster = Some("127.0.0.1:0".parse().unwrap());
     cfg.max_pending = 4 << 20;
     let b = TestBroker::with(cfg).await;
     let mut peer = fake_route_peer(&b).await;

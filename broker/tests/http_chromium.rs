@@ -427,27 +427,20 @@ async fn status_page_shows_streams_and_consumers_in_tables_that_fit_desktop_and_
     let Some(bin) = chromium_or_skip() else {
         return;
     };
-    // Two brokers in a cluster; the page is node A's.
-    let free = || {
-        std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-    };
-    let (route_a, route_b) = (free(), free());
-    let peers = vec![
-        format!("sockbus-route://{route_a}"),
-        format!("sockbus-route://{route_b}"),
-    ];
+    // Two brokers in a cluster; the page is node A's. Each route listener
+    // on a port the broker chooses (one picked in advance can be taken
+    // before the broker binds it); b dials a.
     let mut cfg = common::test_config();
     cfg.node_id = "status-a".into();
-    cfg.cluster = Some(route_a);
-    cfg.peers = peers.clone();
+    cfg.cluster = Some("127.0.0.1:0".parse().unwrap());
     let a = HttpBroker::with(cfg).await;
     let mut cfg = common::test_config();
     cfg.node_id = "status-b".into();
-    cfg.cluster = Some(route_b);
-    cfg.peers = peers;
+    cfg.cluster = Some("127.0.0.1:0".parse().unwrap());
+    cfg.peers = vec![format!(
+        "sockbus-route://{}",
+        a.broker.route.expect("a's route port")
+    )];
     let b = common::TestBroker::with(cfg).await;
     let routes =
         |s: &sockbus_broker::State| sockbus_broker::metrics::Metrics::get(&s.metrics().routes);
