@@ -338,6 +338,8 @@ struct DirectSample {
     msgs_per_s: f64,
     cpu_ns_per_msg: f64,
     direct_msgs: u64,
+    /// Frames of per-frame publishers that went to the broker instead.
+    fallbacks: u64,
 }
 
 fn free_port() -> u16 {
@@ -349,6 +351,11 @@ fn free_port() -> u16 {
 
 /// `sockbus_accel_direct_messages_total` of the broker whose HTTP port is `http`.
 fn direct_messages(http: u16) -> u64 {
+    accel_metric(http, "sockbus_accel_direct_messages_total ")
+}
+
+/// The metric line `name` (with its trailing space) of the broker's /metrics.
+fn accel_metric(http: u16, name: &str) -> u64 {
     use std::io::{Read, Write};
     let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", http)) else {
         return 0;
@@ -357,11 +364,7 @@ fn direct_messages(http: u16) -> u64 {
     let mut out = String::new();
     let _ = s.read_to_string(&mut out);
     out.lines()
-        .find_map(|l| {
-            l.strip_prefix("sockbus_accel_direct_messages_total ")?
-                .parse()
-                .ok()
-        })
+        .find_map(|l| l.strip_prefix(name)?.parse().ok())
         .unwrap_or(0)
 }
 
@@ -375,6 +378,7 @@ async fn measure_direct(args: &Args, mode: DirectMode, cgroup: &std::path::Path)
     let url = format!("sockbus://127.0.0.1:{port}");
     let mut s = DirectSample::default();
     let direct0 = direct_messages(http);
+    let fb0 = accel_metric(http, "sockbus_accel_direct_fallbacks_total ");
 
     // Request/reply, the reply to the requester's own literal subject.
     {
@@ -469,6 +473,7 @@ async fn measure_direct(args: &Args, mode: DirectMode, cgroup: &std::path::Path)
         s.cpu_ns_per_msg = (cpu_s(broker.id()) - cpu0) * 1e9 / n as f64;
     }
     s.direct_msgs = direct_messages(http).saturating_sub(direct0);
+    s.fallbacks = accel_metric(http, "sockbus_accel_direct_fallbacks_total ").saturating_sub(fb0);
     let _ = broker.kill();
     let _ = broker.wait();
     s
@@ -478,8 +483,15 @@ fn run_direct(args: &Args, cg: &std::path::Path, rt: &tokio::runtime::Runtime) {
     let modes = [DirectMode::Tcp, DirectMode::FastPath, DirectMode::Direct];
     let mut all: Vec<Vec<DirectSample>> = vec![Vec::new(); 3];
     println!(
-        "{:>5} {:>9} {:>10} {:>10} {:>12} {:>12} {:>12}",
-        "round", "mode", "rr p50 µs", "rr p99 µs", "msgs/s", "cpu ns/msg", "direct msgs"
+        "{:>5} {:>9} {:>10} {:>10} {:>12} {:>12} {:>12} {:>10}",
+        "round",
+        "mode",
+        "rr p50 µs",
+        "rr p99 µs",
+        "msgs/s",
+        "cpu ns/msg",
+        "direct msgs",
+        "fallbacks"
     );
     for r in 0..args.rounds {
         for k in 0..3 {
@@ -487,14 +499,15 @@ fn run_direct(args: &Args, cg: &std::path::Path, rt: &tokio::runtime::Runtime) {
             let i = (k + r) % 3;
             let s = rt.block_on(measure_direct(args, modes[i], cg));
             println!(
-                "{:>5} {:>9} {:>10.1} {:>10.1} {:>12.0} {:>12.0} {:>12}",
+                "{:>5} {:>9} {:>10.1} {:>10.1} {:>12.0} {:>12.0} {:>12} {:>10}",
                 r + 1,
                 format!("{:?}", modes[i]),
                 s.rr_p50_us,
                 s.rr_p99_us,
                 s.msgs_per_s,
                 s.cpu_ns_per_msg,
-                s.direct_msgs
+                s.direct_msgs,
+                s.fallbacks
             );
             all[i].push(s);
         }

@@ -11,9 +11,9 @@ use bytes::{Buf, BytesMut};
 use hashbrown::hash_table::{Entry, HashTable};
 use sockbus_protocol::flow::effective_window;
 use sockbus_protocol::frame::{
-    self, code, encode_err, encode_err_reply, encode_err_sid, encode_info, encode_pong, Header,
-    CONNECT_EXPLICIT_ACKS, CONNECT_NO_ECHO, CONNECT_NO_RESPONDERS, CONNECT_ROUTE,
-    MAX_FRAME_OVERHEAD,
+    self, code, encode_err, encode_err_reply, encode_err_sid, encode_info_flags, encode_pong,
+    Header, CONNECT_EXPLICIT_ACKS, CONNECT_NO_ECHO, CONNECT_NO_RESPONDERS, CONNECT_ROUTE,
+    INFO_PUB_ROOM, MAX_FRAME_OVERHEAD,
 };
 use sockbus_protocol::{Credentials, FrameRef, Kind, ProtocolError, HEADER_LEN, PROTOCOL_VERSION};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
@@ -271,8 +271,11 @@ async fn serve(
     }
     let out = Arc::new(outlet);
     let our_window = effective_window(cfg.recv_window, cfg.max_payload);
+    // A connection that may publish direct is asked for PUBs with room for
+    // the sid, which the kernel turns into MSGs in place.
+    let info_flags = if direct.is_some() { INFO_PUB_ROOM } else { 0 };
     out.push_control(|b| {
-        let _ = encode_info(b, our_window, cfg.max_payload, &cfg.node_id);
+        let _ = encode_info_flags(b, info_flags, our_window, cfg.max_payload, &cfg.node_id);
     });
     let writer = tokio::spawn(write_loop(out.clone(), cfg.write_timeout));
     crate::accel::guard::watch(id, name, &out);
@@ -824,6 +827,7 @@ mod tests {
         assert!(matches!(
             c.frame(FrameRef::Info {
                 version: PROTOCOL_VERSION,
+                flags: 0,
                 recv_window: 0,
                 max_payload: 0,
                 server_name: "x",

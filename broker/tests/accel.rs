@@ -1863,7 +1863,9 @@ mod direct {
     use super::*;
     use sockbus_broker::accel::abi::{DirectRoute, SockKey, DIRECT_SUBJECT_MAX};
     use sockbus_broker::accel::direct::{socket_keys, DirectMaps, DIRECT_FRAME_MAX};
-    use sockbus_protocol::frame::{encode_msg, parse_header, HEADER_LEN};
+    use sockbus_protocol::frame::{
+        encode_msg, encode_pub_flags, parse_header, HEADER_LEN, PUB_ROOM, PUB_ROOM_LEN,
+    };
     use sockbus_protocol::subject::subject_hash;
     use std::io::Write;
     use std::net::{TcpListener, TcpStream};
@@ -2480,6 +2482,194 @@ mod direct {
         assert!(matches!(s.c.read(&mut one), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock));
     }
 
+    /// A PUB with room for the sid (flag `PUB_ROOM`), the room holding
+    /// `room`.
+    pub(super) fn room_frame(
+        subject: &str,
+        reply: Option<&str>,
+        headers: &[u8],
+        payload: &[u8],
+        room: [u8; 4],
+    ) -> Vec<u8> {
+        let mut b = BytesMut::new();
+        encode_pub_flags(&mut b, PUB_ROOM, subject, reply, headers, payload).unwrap();
+        b[HEADER_LEN..HEADER_LEN + PUB_ROOM_LEN].copy_from_slice(&room);
+        b.to_vec()
+    }
+
+    /// A PUB with room becomes the MSG the broker would send in place: byte
+    /// for byte, whatever its room held, one frame or a run of mixed sizes
+    /// in one send, and the frame is as long as the PUB was (nothing pushed);
+    /// the publisher is credited exactly the PUB bytes it sent.
+    #[test]
+    fn a_pub_with_room_becomes_that_msg_in_place_whatever_its_room_held() {
+        if !privileged("direct_room_in_place") {
+            return;
+        }
+        let n = node();
+        let (mut p, mut s) = (n.conn(), n.conn());
+        n.route("svc.room", &p, &s, 0x0a0b0c0d, 1 << 20);
+        let before = n.fp.stats().unwrap();
+        let first = room_frame(
+            "svc.room",
+            Some("_INBOX.r.1"),
+            &[],
+            b"ping",
+            [0xde, 0xad, 0xbe, 0xef],
+        );
+        p.c.write_all(&first).unwrap();
+        let want = msg_frame(0x0a0b0c0d, "svc.room", Some("_INBOX.r.1"), b"ping");
+        assert_eq!(
+            first.len(),
+            want.len(),
+            "room makes a PUB as long as its MSG"
+        );
+        expect(&mut s.c, &want, "one frame with garbage in its room");
+        let mut batch = Vec::new();
+        let mut sent = first.len() as u64;
+        for i in 0..20u32 {
+            let f = room_frame(
+                "svc.room",
+                None,
+                &[],
+                &payload(i, 1 + 613 * i as usize % 2900),
+                (i * 0x01010101).to_le_bytes(),
+            );
+            sent += f.len() as u64;
+            batch.extend(f);
+        }
+        batch.extend(marker(3));
+        p.c.write_all(&batch).unwrap();
+        for i in 0..20u32 {
+            expect(
+                &mut s.c,
+                &msg_frame(
+                    0x0a0b0c0d,
+                    "svc.room",
+                    None,
+                    &payload(i, 1 + 613 * i as usize % 2900),
+                ),
+                "run",
+            );
+        }
+        expect(&mut p.b, &marker(3), "the broker sees only the marker");
+        let d = delta(n.fp.stats().unwrap(), before);
+        assert_eq!(d.direct_msgs, 21, "{d:?}");
+        let st = n.maps().publisher(&p.key).unwrap();
+        assert_eq!(st.direct_pub_bytes, sent, "credited the PUB bytes sent");
+        assert_eq!(st.direct_bytes, sent, "MSG bytes: rewritten in place");
+    }
+
+    /// Long runs: thousands of PUBs with room, of mixed sizes, in 60 KiB
+    /// sends, arrive whole, byte for byte, in order, none lost, none at the
+    /// broker; and PUBs with room and without, mixed in one send, both go
+    /// direct and arrive in order.
+    #[test]
+    fn long_runs_of_pubs_with_room_arrive_whole_and_in_order() {
+        if !privileged("direct_room_runs") {
+            return;
+        }
+        let n = node();
+        let (mut p, s) = (n.conn(), n.conn());
+        n.route("svc.long", &p, &s, 21, 1 << 30);
+        let before = n.fp.stats().unwrap();
+        let size = |i: u32| match i % 97 {
+            0 => 20_000,
+            5 => 4_000,
+            _ => (i as usize * 53) % 300,
+        };
+        let total = 3000u32;
+        // Every 10th frame is an old-style PUB (no room).
+        let frames: Vec<Vec<u8>> = (0..total)
+            .map(|i| {
+                if i % 10 == 9 {
+                    pub_frame("svc.long", None, &payload(i, size(i)))
+                } else {
+                    room_frame("svc.long", None, &[], &payload(i, size(i)), [0xff; 4])
+                }
+            })
+            .collect();
+        let reader = std::thread::spawn({
+            let mut c = s.c.try_clone().unwrap();
+            move || {
+                for i in 0..total {
+                    let want = msg_frame(21, "svc.long", None, &payload(i, size(i)));
+                    let got = read_frame(&mut c);
+                    assert!(
+                        got == want,
+                        "frame {i}: {} bytes, want {}",
+                        got.len(),
+                        want.len()
+                    );
+                }
+            }
+        });
+        write_aligned(&mut p.c, &frames);
+        p.c.write_all(&marker(6)).unwrap();
+        reader.join().unwrap();
+        expect(&mut p.b, &marker(6), "only the marker reaches the broker");
+        let d = delta(n.fp.stats().unwrap(), before);
+        assert_eq!(d.direct_msgs, total as u64, "{d:?}");
+        assert_eq!(d.direct_broken, 0, "{d:?}");
+    }
+
+    /// A PUB with room that may not go direct (headers, too big, not allowed,
+    /// no grant left) reaches the broker exactly as sent, room and all, and
+    /// the frames behind it keep their order.
+    #[test]
+    fn pubs_with_room_that_may_not_go_direct_reach_the_broker_as_sent() {
+        if !privileged("direct_room_fallback") {
+            return;
+        }
+        let n = node();
+        let (mut p, mut s) = (n.conn(), n.conn());
+        n.route("svc.fb", &p, &s, 8, 4096);
+        let in_step = |p: &Conn| {
+            let passed = n.maps().publisher(&p.key).unwrap().passed;
+            n.maps().set_done(p.key, passed).unwrap();
+        };
+        let mut hdr = Vec::new();
+        sockbus_protocol::frame::push_header(&mut hdr, "k", "v").unwrap();
+        let with_headers = room_frame("svc.fb", None, &hdr, b"h", [1; 4]);
+        p.c.write_all(&with_headers).unwrap();
+        expect(&mut p.b, &with_headers, "headers: to the broker, intact");
+        in_step(&p);
+        let big = room_frame(
+            "svc.fb",
+            None,
+            &[],
+            &vec![7u8; DIRECT_FRAME_MAX as usize],
+            [2; 4],
+        );
+        p.c.write_all(&big).unwrap();
+        expect(&mut p.b, &big, "above the bound: to the broker, intact");
+        in_step(&p);
+        // 4096 bytes of grant: the third 1,500-byte frame finds none left.
+        let f = |i: u32| room_frame("svc.fb", None, &[], &payload(i, 1500), [3; 4]);
+        let mut send = Vec::new();
+        for i in 0..3 {
+            send.extend(f(i));
+        }
+        p.c.write_all(&send).unwrap();
+        expect(
+            &mut s.c,
+            &msg_frame(8, "svc.fb", None, &payload(0, 1500)),
+            "granted",
+        );
+        expect(
+            &mut s.c,
+            &msg_frame(8, "svc.fb", None, &payload(1, 1500)),
+            "granted",
+        );
+        expect(&mut p.b, &f(2), "no grant left: to the broker, intact");
+        in_step(&p);
+        n.maps().grant(s.key, 1 << 20).unwrap();
+        n.maps().disallow(&p.key);
+        let denied = room_frame("svc.fb", None, &[], b"denied", [4; 4]);
+        p.c.write_all(&denied).unwrap();
+        expect(&mut p.b, &denied, "not allowed: to the broker, intact");
+    }
+
     /// Frames of a send that go to the broker share verdicts, and none is
     /// lost or reordered: a publisher without a route streams mixed frames
     /// in aligned sends, then a routed frame still goes direct once the
@@ -2943,6 +3133,65 @@ mod broker_direct {
     /// `sockbus_messages_in_total` / `_out_total` and `sockbus_bytes_in_total`
     /// in /metrics, and on their subject's line of the status page, though
     /// the broker never saw them.
+    /// A broker with direct delivery asks its clients for PUBs with room
+    /// (INFO flag); PUBs with room (garbage in it) and without, mixed,
+    /// reach an SDK subscriber whole and in order, most of them direct.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_direct_broker_asks_for_room_and_delivers_pubs_with_and_without_it() {
+        if !privileged("direct_asks_for_room") {
+            return;
+        }
+        let b = start(&[]);
+        let s = b.client().await;
+        let mut sub = s.subscribe("room.mix").await.unwrap();
+        s.flush().await.unwrap();
+        let mut raw = Raw::connect_only(format!("127.0.0.1:{}", b.port).parse().unwrap()).await;
+        let mut hello = BytesMut::new();
+        encode_connect(&mut hello, 0, 0, "raw", b"").unwrap();
+        raw.send(&hello).await;
+        match raw.next().await {
+            Some(Frame::Info { flags, .. }) => assert_ne!(flags & frame::INFO_PUB_ROOM, 0),
+            other => panic!("expected INFO, got {other:?}"),
+        }
+        let direct0 = b.direct();
+        const N: u32 = 2000;
+        for chunk in 0..N / 100 {
+            let mut send = Vec::new();
+            for i in chunk * 100..(chunk + 1) * 100 {
+                if i % 3 == 0 {
+                    send.extend(direct::pub_frame("room.mix", None, &payload(i, 90)));
+                } else {
+                    send.extend(direct::room_frame(
+                        "room.mix",
+                        None,
+                        &[],
+                        &payload(i, 90),
+                        [0xee; 4],
+                    ));
+                }
+            }
+            raw.send(&send).await;
+            // A PING answered: the broker has caught up (the barrier opens).
+            raw.send_frame(Frame::Ping(chunk as u64)).await;
+            loop {
+                match raw.next().await {
+                    Some(Frame::Pong(id)) if id == chunk as u64 => break,
+                    Some(_) => {}
+                    None => panic!("no PONG"),
+                }
+            }
+        }
+        for i in 0..N {
+            assert_eq!(
+                recv(&mut sub).await.payload.as_ref(),
+                payload(i, 90),
+                "message {i}"
+            );
+        }
+        let direct = b.direct() - direct0;
+        assert!(direct > u64::from(N) / 2, "{direct} of {N} went direct");
+    }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn direct_messages_count_in_metrics_and_the_status_page_like_any_other() {
         if !privileged("direct_messages_count_in_metrics") {

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
 use sockbus_protocol::frame::{
-    code, encode_ping, encode_pub_flags, encode_sub, encode_unsub, message_frame_len,
+    code, encode_ping, encode_pub_flags, encode_sub, encode_unsub, pub_frame_len, PUB_ROOM,
 };
 use sockbus_protocol::outbox::{Outbox, Push};
 use sockbus_protocol::subject::{validate_pattern, validate_subject};
@@ -54,6 +54,9 @@ pub(crate) struct Inner {
     pub(crate) pings: Mutex<VecDeque<(u64, oneshot::Sender<Result<()>>)>>,
     pub(crate) next_ping: AtomicU64,
     pub(crate) max_payload: AtomicU32,
+    /// The broker's INFO asked for PUBs with room for the sid
+    /// (`INFO_PUB_ROOM`): direct delivery rewrites them in place.
+    pub(crate) pub_room: AtomicBool,
     /// Count of ERR frames received and the latest one.
     pub(crate) errors: Mutex<(u64, Option<(u16, String)>)>,
     /// Requests waiting, by id: the reply, or why the broker refused the
@@ -122,6 +125,7 @@ impl Inner {
             pings: Mutex::new(VecDeque::new()),
             next_ping: AtomicU64::new(1),
             max_payload: AtomicU32::new(sockbus_protocol::DEFAULT_MAX_PAYLOAD),
+            pub_room: AtomicBool::new(false),
             errors: Mutex::new((0, None)),
             requests: Mutex::new(HashMap::default()),
             mux_sid: tokio::sync::OnceCell::new(),
@@ -274,7 +278,12 @@ impl Client {
                 sockbus_protocol::ProtocolError::FieldTooLong("headers"),
             ));
         }
-        let len = message_frame_len(false, subject, reply, headers, payload);
+        let flags = if self.inner.pub_room.load(Ordering::Relaxed) {
+            flags | PUB_ROOM
+        } else {
+            flags
+        };
+        let len = pub_frame_len(flags, subject, reply, headers, payload);
         // Ok(true): queued; Ok(false): the send buffer is full.
         let try_push = || match self.inner.outbox.push(len, |b| {
             // Lengths were checked above, so encoding cannot fail.

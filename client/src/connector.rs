@@ -11,7 +11,7 @@ use bytes::{Buf, BytesMut};
 use sockbus_protocol::flow::effective_window;
 use sockbus_protocol::frame::{
     self, code, encode_connect, encode_ping, encode_sub, encode_unsub, CONNECT_EXPLICIT_ACKS,
-    CONNECT_NO_ECHO, CONNECT_NO_RESPONDERS,
+    CONNECT_NO_ECHO, CONNECT_NO_RESPONDERS, INFO_PUB_ROOM,
 };
 use sockbus_protocol::{Backoff, FrameRef};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -146,12 +146,15 @@ async fn greet<S: AsyncRead + AsyncWrite + Unpin>(
         if let Some((f, len)) = decoded {
             match f {
                 FrameRef::Info {
+                    flags,
                     recv_window,
                     max_payload,
                     server_name,
                     ..
                 } => {
                     inner.max_payload.store(max_payload, Ordering::Relaxed);
+                    let room = flags & INFO_PUB_ROOM != 0;
+                    inner.pub_room.store(room, Ordering::Relaxed);
                     *lock(&inner.server) = Some((server_name.to_string(), peer));
                     let send_window = effective_window(recv_window, max_payload);
                     let our_window = effective_window(inner.opts.recv_window, max_payload);
@@ -168,7 +171,9 @@ async fn greet<S: AsyncRead + AsyncWrite + Unpin>(
                             );
                         }
                     }
-                    inner.outbox.reset(send_window, &prefix);
+                    // PUBs queued for the last broker keep their room only if
+                    // this one asks for it too.
+                    inner.outbox.reset(send_window, &prefix, room);
                     return Ok(Conn {
                         stream,
                         buf,

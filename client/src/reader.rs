@@ -10,7 +10,7 @@ use std::task::{Context, Poll};
 
 use bytes::{Buf, Bytes, BytesMut};
 use sockbus_protocol::flow::RecvWindow;
-use sockbus_protocol::frame::{self, code, encode_pong};
+use sockbus_protocol::frame::{self, code, encode_pong, INFO_PUB_ROOM};
 use sockbus_protocol::{FrameRef, Kind, ProtocolError, HEADER_LEN, MAX_FRAME_OVERHEAD};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::TcpStream;
@@ -464,8 +464,13 @@ fn handle_control(inner: &Inner, h: &frame::Header, f: FrameRef<'_>) -> Result<(
                 _ => warn!(code = c, "broker refused a request: {text}"),
             }
         }
-        FrameRef::Info { max_payload, .. } => {
-            inner.max_payload.store(max_payload, Ordering::Relaxed)
+        FrameRef::Info {
+            max_payload, flags, ..
+        } => {
+            inner.max_payload.store(max_payload, Ordering::Relaxed);
+            inner
+                .pub_room
+                .store(flags & INFO_PUB_ROOM != 0, Ordering::Relaxed);
         }
         _ => {
             return Err(Error::Server {

@@ -44,6 +44,20 @@ pub const CONNECT_RAFT: u8 = 0x40;
 /// PUB flag: answer on the reply subject with the ack of the stream that
 /// stores this message (a durable publish). See [`CONNECT_EXPLICIT_ACKS`].
 pub const PUB_ACK: u8 = 0x01;
+/// PUB flag: [`PUB_ROOM_LEN`] reserved bytes precede the subject, room for
+/// the subscription id, so that the kernel's direct delivery turns the PUB
+/// into a MSG in place (kind and flags rewritten, the sid written into the
+/// room; length and hash are the same). Receivers skip the room whatever it
+/// holds. Clients send it only to a broker whose INFO carries
+/// [`INFO_PUB_ROOM`]: a broker without the flag would read the room as the
+/// subject's length.
+pub const PUB_ROOM: u8 = 0x02;
+/// Bytes of room a [`PUB_ROOM`] PUB carries before its subject: a MSG's sid.
+pub const PUB_ROOM_LEN: usize = 4;
+/// INFO flag: the broker accepts [`PUB_ROOM`] and asks for it (direct
+/// delivery may apply to this connection). Clients that do not know the flag
+/// ignore it.
+pub const INFO_PUB_ROOM: u8 = 0x01;
 /// RMSG flag: deliver to the receiving broker's plain (non-queue) subscribers.
 pub const RMSG_PLAIN: u8 = 0x01;
 /// RMSG flag: the publisher did not ask for a stream ack, so a stream on the
@@ -241,12 +255,14 @@ pub enum FrameRef<'a> {
     },
     Info {
         version: u16,
+        /// [`INFO_PUB_ROOM`] or 0.
+        flags: u8,
         recv_window: u32,
         max_payload: u32,
         server_name: &'a str,
     },
     Pub {
-        /// [`PUB_ACK`] or 0.
+        /// [`PUB_ACK`], [`PUB_ROOM`] (the room is skipped, not kept) or 0.
         flags: u8,
         subject: &'a str,
         reply: Option<&'a str>,
@@ -373,11 +389,15 @@ pub fn decode_body<'a>(h: &Header, body: &'a [u8]) -> Result<FrameRef<'a>, Proto
         }
         Kind::Info => FrameRef::Info {
             version: c.u16("version")?,
+            flags: h.flags,
             recv_window: c.u32("receive window")?,
             max_payload: c.u32("max payload")?,
             server_name: c.str16("server name")?,
         },
         Kind::Pub => {
+            if h.flags & PUB_ROOM != 0 {
+                c.take(PUB_ROOM_LEN, "room for the subscription id")?;
+            }
             let subject = c.str16("subject")?;
             let reply = c.opt_str16("reply subject")?;
             let headers = c.headers()?;
@@ -565,7 +585,24 @@ pub fn encode_pub(
     encode_pub_flags(dst, 0, subject, reply, headers, payload)
 }
 
-/// [`encode_pub`] with PUB flags ([`PUB_ACK`]).
+/// Length of a PUB frame with `flags` ([`PUB_ROOM`] adds the room).
+pub fn pub_frame_len(
+    flags: u8,
+    subject: &str,
+    reply: Option<&str>,
+    headers: &[u8],
+    payload: &[u8],
+) -> usize {
+    let room = if flags & PUB_ROOM != 0 {
+        PUB_ROOM_LEN
+    } else {
+        0
+    };
+    message_frame_len(false, subject, reply, headers, payload) + room
+}
+
+/// [`encode_pub`] with PUB flags ([`PUB_ACK`], [`PUB_ROOM`]: the room is
+/// written as zeros).
 pub fn encode_pub_flags(
     dst: &mut impl BufMut,
     flags: u8,
@@ -576,7 +613,7 @@ pub fn encode_pub_flags(
 ) -> Result<(), ProtocolError> {
     str16_len(subject, "subject")?;
     str16_len(reply.unwrap_or(""), "reply subject")?;
-    let len = body_len(message_frame_len(false, subject, reply, headers, payload) - HEADER_LEN)?;
+    let len = body_len(pub_frame_len(flags, subject, reply, headers, payload) - HEADER_LEN)?;
     Header {
         kind: Kind::Pub,
         flags,
@@ -584,6 +621,9 @@ pub fn encode_pub_flags(
         hash: subject_hash(subject.as_bytes()),
     }
     .write(dst);
+    if flags & PUB_ROOM != 0 {
+        dst.put_bytes(0, PUB_ROOM_LEN);
+    }
     put_str16(dst, subject.as_bytes());
     put_str16(dst, reply.unwrap_or("").as_bytes());
     dst.put_u32_le(headers.len() as u32);
@@ -686,10 +726,21 @@ pub fn encode_info(
     max_payload: u32,
     server_name: &str,
 ) -> Result<(), ProtocolError> {
+    encode_info_flags(dst, 0, recv_window, max_payload, server_name)
+}
+
+/// [`encode_info`] with INFO flags ([`INFO_PUB_ROOM`]).
+pub fn encode_info_flags(
+    dst: &mut impl BufMut,
+    flags: u8,
+    recv_window: u32,
+    max_payload: u32,
+    server_name: &str,
+) -> Result<(), ProtocolError> {
     let nl = str16_len(server_name, "server name")? as u32;
     Header {
         kind: Kind::Info,
-        flags: 0,
+        flags,
         len: 2 + 4 + 4 + 2 + nl,
         hash: 0,
     }

@@ -30,7 +30,9 @@
 use std::io::{self, IoSlice};
 
 use crate::flow::{aligned_prefix, SendWindow};
-use crate::frame::{encode_credit, parse_header, Kind, CREDIT_FRAME_LEN, HEADER_LEN};
+use crate::frame::{
+    encode_credit, parse_header, Header, Kind, CREDIT_FRAME_LEN, HEADER_LEN, PUB_ROOM, PUB_ROOM_LEN,
+};
 use bytes::{Bytes, BytesMut};
 
 use crate::sync::Mutex;
@@ -566,7 +568,10 @@ impl Outbox {
     /// nothing is in flight and no credit is owed. Of what is queued only PUB
     /// frames are kept (subscriptions are re-sent by the caller in `prefix`,
     /// which goes first; pings and credits belonged to the old connection).
-    pub fn reset(&self, send_window: u32, prefix: &[u8]) {
+    /// Without `room` (the new broker did not ask for [`PUB_ROOM`]) the
+    /// kept PUBs lose their room, which a broker that does not know the flag
+    /// would misread.
+    pub fn reset(&self, send_window: u32, prefix: &[u8], room: bool) {
         let mut g = self.lock();
         g.send = SendWindow::new(send_window);
         g.grant = 0;
@@ -585,7 +590,18 @@ impl Outbox {
                 break;
             }
             if h.kind == Kind::Pub {
-                b.extend_from_slice(&rest[..h.frame_len()]);
+                let frame = &rest[..h.frame_len()];
+                if !room && h.flags & PUB_ROOM != 0 && frame.len() >= HEADER_LEN + PUB_ROOM_LEN {
+                    Header {
+                        flags: h.flags & !PUB_ROOM,
+                        len: h.len - PUB_ROOM_LEN as u32,
+                        ..h
+                    }
+                    .write(&mut b);
+                    b.extend_from_slice(&frame[HEADER_LEN + PUB_ROOM_LEN..]);
+                } else {
+                    b.extend_from_slice(frame);
+                }
             }
             rest = &rest[h.frame_len()..];
         }
@@ -685,6 +701,31 @@ mod tests {
             .unwrap();
         assert!(done);
         ob.release(t);
+    }
+
+    /// PUBs queued with room for a broker that asked for it are sent on
+    /// reconnect to one that did not without their room (it would read the
+    /// room as the subject's length), and with it to one that did.
+    #[test]
+    fn a_reset_keeps_pub_room_only_for_a_broker_that_asks_for_it() {
+        use crate::frame::{encode_pub_flags, PUB_ACK};
+        for room in [false, true] {
+            let ob = Outbox::bounded(1 << 20, 0);
+            let mut want = Vec::new();
+            for (i, flags) in [PUB_ROOM, 0, PUB_ROOM | PUB_ACK].into_iter().enumerate() {
+                let payload = [i as u8; 10];
+                let reply = (flags & PUB_ACK != 0).then_some("r");
+                ob.push_frame(|b| encode_pub_flags(b, flags, "a.b", reply, &[], &payload).unwrap());
+                let kept = if room { flags } else { flags & !PUB_ROOM };
+                encode_pub_flags(&mut want, kept, "a.b", reply, &[], &payload).unwrap();
+            }
+            ob.push_frame(|b| encode_ping(b, 1));
+            ob.reset(1 << 20, b"", room);
+            let mut out = Vec::new();
+            let t = ob.claim().expect("queued");
+            write_all(&ob, t, &mut out);
+            assert_eq!(out, want, "room kept: {room}");
+        }
     }
 
     #[test]

@@ -14,6 +14,7 @@ pub enum Frame {
         token: Vec<u8>,
     },
     Info {
+        flags: u8,
         recv_window: u32,
         max_payload: u32,
         server_name: String,
@@ -69,10 +70,11 @@ impl Frame {
                 token,
             } => encode_connect(dst, *flags, *recv_window, name, token)?,
             Frame::Info {
+                flags,
                 recv_window,
                 max_payload,
                 server_name,
-            } => encode_info(dst, *recv_window, *max_payload, server_name)?,
+            } => encode_info_flags(dst, *flags, *recv_window, *max_payload, server_name)?,
             Frame::Pub {
                 flags,
                 subject,
@@ -148,11 +150,13 @@ impl From<FrameRef<'_>> for Frame {
                 token: token.into(),
             },
             FrameRef::Info {
+                flags,
                 recv_window,
                 max_payload,
                 server_name,
                 ..
             } => Frame::Info {
+                flags,
                 recv_window,
                 max_payload,
                 server_name: server_name.into(),

@@ -9,10 +9,13 @@ use proptest::option;
 use proptest::prelude::*;
 
 use sockbus_protocol::flow::aligned_prefix;
-use sockbus_protocol::frame::{iter_headers, push_header, MAGIC};
+use sockbus_protocol::frame::{
+    encode_msg, encode_pub_flags, iter_headers, pub_frame_len, push_header, MAGIC, PUB_ACK,
+    PUB_ROOM, PUB_ROOM_LEN,
+};
 use sockbus_protocol::subject::subject_hash;
 use sockbus_protocol::{
-    decode, matches, validate_pattern, validate_subject, Frame, FrameRef, HEADER_LEN,
+    decode, matches, validate_pattern, validate_subject, Frame, FrameRef, Kind, HEADER_LEN,
     PROTOCOL_VERSION,
 };
 
@@ -58,9 +61,10 @@ fn frame() -> impl Strategy<Value = Frame> {
                 name,
                 token,
             }),
-        (any::<u32>(), any::<u32>(), text(200)).prop_map(
-            |(recv_window, max_payload, server_name)| {
+        (any::<u8>(), any::<u32>(), any::<u32>(), text(200)).prop_map(
+            |(flags, recv_window, max_payload, server_name)| {
                 Frame::Info {
+                    flags,
                     recv_window,
                     max_payload,
                     server_name,
@@ -375,5 +379,76 @@ proptest! {
         toks.insert(i, wildcard.to_string());
         let subject = toks.join(".");
         prop_assert!(validate_subject(&subject).is_err(), "{} was accepted", subject);
+    }
+}
+
+// ------------------------------------------------------------ PUB with room
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(256))]
+
+    /// The room is skipped whatever it holds: a PUB with room decodes to
+    /// the fields of the same PUB without it.
+    #[test]
+    fn a_pub_with_room_decodes_the_same_whatever_its_room_holds(
+        room in any::<[u8; 4]>(),
+        ack in any::<bool>(),
+        subject in text(100),
+        reply in opt_text(100),
+        (_, headers) in header_block(),
+        payload in payload(),
+    ) {
+        let ack = if ack { PUB_ACK } else { 0 };
+        let mut with = Vec::new();
+        encode_pub_flags(&mut with, ack | PUB_ROOM, &subject, reply.as_deref(), &headers, &payload).unwrap();
+        with[HEADER_LEN..HEADER_LEN + PUB_ROOM_LEN].copy_from_slice(&room);
+        let mut without = Vec::new();
+        encode_pub_flags(&mut without, ack, &subject, reply.as_deref(), &headers, &payload).unwrap();
+        prop_assert_eq!(with.len(), without.len() + PUB_ROOM_LEN);
+        prop_assert_eq!(with.len(), pub_frame_len(ack | PUB_ROOM, &subject, reply.as_deref(), &headers, &payload));
+        let (a, used) = decode(&with, u32::MAX).unwrap().unwrap();
+        prop_assert_eq!(used, with.len());
+        let (b, _) = decode(&without, u32::MAX).unwrap().unwrap();
+        let (FrameRef::Pub { flags: fa, subject: sa, reply: ra, headers: ha, payload: pa },
+             FrameRef::Pub { flags: fb, subject: sb, reply: rb, headers: hb, payload: pb }) = (a, b)
+        else { panic!("decoded {a:?} and {b:?}") };
+        prop_assert_eq!(fa, fb | PUB_ROOM);
+        prop_assert_eq!((sa, ra, ha, pa), (sb, rb, hb, pb));
+    }
+
+    /// What the kernel does to a PUB with room (kind MSG, flags 0, the sid
+    /// into the room; length and hash kept) gives exactly the MSG the broker
+    /// encodes for that subscription.
+    #[test]
+    fn a_pub_with_room_rewritten_in_place_is_the_brokers_msg(
+        sid in any::<u32>(),
+        room in any::<[u8; 4]>(),
+        subject in text(100),
+        reply in opt_text(100),
+        (_, headers) in header_block(),
+        payload in payload(),
+    ) {
+        let mut f = Vec::new();
+        encode_pub_flags(&mut f, PUB_ROOM, &subject, reply.as_deref(), &headers, &payload).unwrap();
+        f[HEADER_LEN..HEADER_LEN + PUB_ROOM_LEN].copy_from_slice(&room);
+        f[2] = Kind::Msg as u8;
+        f[3] = 0;
+        f[HEADER_LEN..HEADER_LEN + PUB_ROOM_LEN].copy_from_slice(&sid.to_le_bytes());
+        let mut want = Vec::new();
+        encode_msg(&mut want, sid, 0, &subject, subject_hash(subject.as_bytes()), reply.as_deref(), &headers, &payload);
+        prop_assert_eq!(f, want);
+    }
+
+    /// A PUB with the room flag whose body is shorter than the room, or
+    /// whose room is followed by garbage, is an error, never a panic or a
+    /// wrong frame.
+    #[test]
+    fn a_pub_with_the_room_flag_and_a_short_or_bad_body_is_an_error(
+        body in vec(any::<u8>(), 0..PUB_ROOM_LEN + 2),
+    ) {
+        let mut f = Vec::new();
+        sockbus_protocol::Header { kind: Kind::Pub, flags: PUB_ROOM, len: body.len() as u32, hash: 0 }.write(&mut f);
+        f.extend_from_slice(&body);
+        prop_assert!(decode(&f, u32::MAX).is_err());
     }
 }

@@ -23,5 +23,5 @@ unsafe impl aya::Pod for DirectSub {}
 // SAFETY: as above.
 unsafe impl aya::Pod for DirectCount {}
 
-const _: () = assert!(std::mem::size_of::<DirectPub>() == 40);
+const _: () = assert!(std::mem::size_of::<DirectPub>() == 48);
 const _: () = assert!(std::mem::size_of::<DirectRoute>() == 184);

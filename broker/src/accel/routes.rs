@@ -44,8 +44,10 @@ use crate::streams::Streams;
 /// How often publishers are credited and grants topped up.
 const PUMP: Duration = Duration::from_millis(5);
 /// A routed subscriber's grant is raised by up to this much (out of its
-/// send window) ...
-const GRANT_CHUNK: u64 = 1 << 20;
+/// send window) ... At one raise per [`PUMP`] this bounds direct delivery
+/// to one subscriber at 800 MB/s (1 MiB held it at 200 MB/s, about 1.3 M
+/// messages/s of 128 bytes, below the fast path's rate).
+const GRANT_CHUNK: u64 = 4 << 20;
 /// ... once less than this is left of it.
 const GRANT_LOW: u64 = GRANT_CHUNK / 2;
 
@@ -498,9 +500,9 @@ impl State {
             };
             if c.publisher {
                 if let Some(p) = self.maps.publisher(&c.key) {
-                    // MSG bytes minus the sid each frame gained: PUB bytes.
-                    let pub_bytes = p.direct_bytes.saturating_sub(4 * p.direct_msgs);
-                    let owed = pub_bytes.saturating_sub(c.credited);
+                    // The PUB bytes (a PUB without room is 4 bytes
+                    // shorter than its MSG, one with room is not).
+                    let owed = p.direct_pub_bytes.saturating_sub(c.credited);
                     if owed > 0 {
                         if let Some(out) = c.outlet.upgrade() {
                             let n = owed.min(u64::from(u32::MAX)) as u32;

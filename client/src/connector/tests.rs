@@ -25,6 +25,7 @@ const PEER: &str = "10.0.0.7:7420";
 
 fn info(max_payload: u32) -> Frame {
     Frame::Info {
+        flags: 0,
         recv_window: 0,
         max_payload,
         server_name: "b1".into(),

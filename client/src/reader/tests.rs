@@ -247,7 +247,7 @@ async fn credit_from_the_broker_releases_publishes_its_window_held_back() {
         payload: b"x".to_vec(),
     }])
     .len();
-    inner.outbox.reset(2 * one as u32, &[]);
+    inner.outbox.reset(2 * one as u32, &[], false);
     for _ in 0..3 {
         client.publish("a", "x").await.unwrap();
     }
@@ -452,6 +452,7 @@ async fn a_no_responders_status_fails_the_request_at_once() {
 async fn a_new_info_changes_the_largest_payload_publish_accepts() {
     let client = offline_client(ConnectOptions::default());
     let info = Frame::Info {
+        flags: 0,
         recv_window: 0,
         max_payload: 16,
         server_name: "b1".into(),

@@ -111,6 +111,13 @@ pub const DIRECT_FRAME_MAX: u32 = 64 * 1024;
 /// sid and the split after it); past that the kernel copies a whole slot per
 /// push, so a run stops well before.
 pub const DIRECT_RUN_FRAMES: u32 = 6;
+/// Most PUB frames with room for the sid (PUB flag `PUB_ROOM`) one direct
+/// verdict carries: each is rewritten in place, taking no slot, so a run is
+/// bounded by [`DIRECT_FRAME_MAX`] bytes, the subscriber's grant, and this.
+/// The verifier walks every iteration of the run and of its subject
+/// comparison, keeping each exit pending: 32 frames exceed its limit of
+/// 8,192 pending branches (measured on Linux 6.18).
+pub const DIRECT_ROOM_RUN_FRAMES: u32 = 24;
 /// Most frames one verdict to the broker carries in per-frame mode (the
 /// frames whose headers lie in the message's first scatterlist element).
 pub const BROKER_RUN_FRAMES: u32 = 256;
@@ -138,6 +145,10 @@ pub struct DirectPub {
     /// Frames that were eligible to look up a route but went to the broker
     /// (no route, subject differs, not allowed, barrier, budget, size).
     pub fallbacks: u64,
+    /// PUB bytes of the frames that went direct, as the publisher sent them
+    /// (a PUB with room is as long as its MSG, one without is 4 shorter):
+    /// what the broker credits the publisher for.
+    pub direct_pub_bytes: u64,
 }
 
 /// A kernel route: subject (by hash, then compared byte by byte) -> the

@@ -26,8 +26,8 @@ use aya_ebpf::EbpfContext;
 use sockbus_accel_common::{
     DirectCount, DirectPub, DirectRoute, DirectSub, SockKey, Stats, BROKER_RUN_FRAMES,
     DIRECT_CONFIG_INDEX, DIRECT_FRAME_MAX, DIRECT_MAX_ENTRIES, DIRECT_PUB_BROKEN,
-    DIRECT_RUN_FRAMES, DIRECT_SUBJECT_MAX, PORTS_MAX_ENTRIES, SOCKS_MAX_ENTRIES, STATS_INDEX,
-    VERDICT_BYTES,
+    DIRECT_ROOM_RUN_FRAMES, DIRECT_RUN_FRAMES, DIRECT_SUBJECT_MAX, PORTS_MAX_ENTRIES,
+    SOCKS_MAX_ENTRIES, STATS_INDEX, VERDICT_BYTES,
 };
 
 #[map(name = "SOCKBUS_SOCKS")]
@@ -325,6 +325,11 @@ const KIND_PUB: u8 = 3;
 const KIND_MSG: u8 = 6;
 const KIND_MAX: u8 = 32;
 const HEADER: u32 = 12;
+/// PUB flag: [`ROOM`] bytes of room for the sid precede the subject
+/// (docs/protocol.md, PUB).
+const PUB_ROOM: u8 = 0x02;
+/// A MSG's sid, and a PUB's room for it.
+const ROOM: usize = 4;
 
 /// The frame at the start of `msg` goes to the broker, and with it every
 /// whole frame after it whose header lies in the message's first
@@ -482,6 +487,29 @@ fn classify(
     if kind != KIND_PUB as u32 {
         return TO_BROKER;
     }
+    // A PUB with room for the sid becomes a MSG in place; one without
+    // gets 4 bytes pushed for it.
+    if b(3) & PUB_ROOM as u32 != 0 {
+        direct_pub::<ROOM>(ctx, key, st, size, len, hash, frame)
+    } else {
+        direct_pub::<0>(ctx, key, st, size, len, hash, frame)
+    }
+}
+
+/// The PUB frame at the start of `msg` (`len` body bytes, subject hash
+/// `hash`, `frame` bytes in all), `R` bytes of room for the sid in front of
+/// its subject ([`ROOM`] or 0): sends it and the PUBs of the same kind to the
+/// same route right behind it direct if it may go, or answers [`TO_BROKER`].
+#[inline(always)]
+fn direct_pub<const R: usize>(
+    ctx: &SkMsgContext,
+    key: &SockKey,
+    st: *mut DirectPub,
+    size: u32,
+    len: u32,
+    hash: u32,
+    frame: u32,
+) -> u32 {
     // From here on a fallback counts for the publisher too.
     let fallback = || {
         add(unsafe { addr_of!((*st).fallbacks) } as *mut u64, 1);
@@ -517,11 +545,11 @@ fn classify(
     if slen == 0 || slen > DIRECT_SUBJECT_MAX {
         return fallback();
     }
-    let want = (HEADER as usize + 2 + slen + 2 + DIRECT_SUBJECT_MAX + 4).min(frame as usize);
+    let want = (HEADER as usize + R + 2 + slen + 2 + DIRECT_SUBJECT_MAX + 4).min(frame as usize);
     if unsafe { bpf_msg_pull_data(ctx.msg, 0, want as u32, 0) } != 0 {
         return fallback();
     }
-    if le16(ctx, 12) as usize != slen {
+    if le16(ctx, 12 + R) as usize != slen {
         return fallback();
     }
     // The subject bytes, not just the 32-bit hash. `max` is 128 to the
@@ -537,7 +565,7 @@ fn classify(
             return fallback();
         }
         let want_b = unsafe { *route.subject.as_ptr().add(i) } as u32;
-        if byte(ctx, 14 + i) != want_b {
+        if byte(ctx, 14 + R + i) != want_b {
             return fallback();
         }
         i += 1;
@@ -545,7 +573,7 @@ fn classify(
     // Offsets after a loop are recomputed from fresh loads: the loop's exit
     // test pins the length to the iteration count, and offsets derived from
     // it would give the verifier one state per length (128 x 128 paths).
-    let roff = 14 + (unsafe { read_volatile(addr_of!(route.subject_len)) } as usize & 0xff);
+    let roff = 14 + R + (unsafe { read_volatile(addr_of!(route.subject_len)) } as usize & 0xff);
     let rlen = le16(ctx, roff);
     if rlen == OUT {
         return fallback();
@@ -587,7 +615,7 @@ fn classify(
         return fallback();
     }
     // Flow control: the subscriber's budget.
-    let msg_len = frame as u64 + 4;
+    let msg_len = frame as u64 + (ROOM - R) as u64;
     let Some(grant) = (unsafe { DIRECT_GRANT.get(&route.sub) }) else {
         return fallback();
     };
@@ -619,20 +647,26 @@ fn classify(
     if SOCKS.redirect_msg(ctx, &mut route.sub, BPF_F_INGRESS as u64) != sk_action::SK_PASS as i64 {
         return fallback();
     }
-    // PUB -> MSG: 4 bytes for the sid after the header, new kind and length.
-    // to_broker redirects again, to the broker: the frame is still a PUB
-    // when the push failed, and again once the pushed bytes are popped.
-    if ctx.push_data(HEADER, 4, 0).is_err() {
-        return fallback();
-    }
-    if unsafe { bpf_msg_pull_data(ctx.msg, 0, HEADER + 4, 0) } != 0
-        || ctx.data() + (HEADER as usize + 4) > ctx.data_end()
-    {
-        let _ = ctx.pop_data(HEADER, 4, 0);
+    // PUB -> MSG: 4 bytes for the sid after the header (the PUB's room, or
+    // pushed), new kind and length. to_broker redirects again, to the
+    // broker: the frame is still a PUB when the push failed, and again once
+    // the pushed bytes are popped.
+    if R == 0 {
+        if ctx.push_data(HEADER, ROOM as u32, 0).is_err() {
+            return fallback();
+        }
+        if unsafe { bpf_msg_pull_data(ctx.msg, 0, HEADER + ROOM as u32, 0) } != 0
+            || ctx.data() + (HEADER as usize + ROOM) > ctx.data_end()
+        {
+            let _ = ctx.pop_data(HEADER, ROOM as u32, 0);
+            return fallback();
+        }
+    } else if ctx.data() + (HEADER as usize + ROOM) > ctx.data_end() {
+        // Pulled above (the subject follows the room).
         return fallback();
     }
     let d = ctx.data() as *mut u8;
-    let new_len = len + 4;
+    let new_len = len + (ROOM - R) as u32;
     unsafe {
         *d.add(2) = KIND_MSG;
         *d.add(3) = 0;
@@ -646,7 +680,7 @@ fn classify(
         *d.add(15) = (sid >> 24) as u8;
     }
     // The PUBs right behind it to the same route join this verdict.
-    let (n, out) = direct_run(
+    let (n, inp, out) = direct_run::<R>(
         ctx,
         route,
         hash,
@@ -657,11 +691,12 @@ fn classify(
         grant,
     );
     unsafe { bpf_msg_apply_bytes(ctx.msg, out) };
-    let (n, out) = (n as u64, out as u64);
+    let (n, inp, out) = (n as u64, inp as u64, out as u64);
     add(used, out);
     add(unsafe { addr_of!((*sub).msgs) } as *mut u64, n);
     add(unsafe { addr_of!((*st).direct_msgs) } as *mut u64, n);
     add(unsafe { addr_of!((*st).direct_bytes) } as *mut u64, out);
+    add(unsafe { addr_of!((*st).direct_pub_bytes) } as *mut u64, inp);
     match DIRECT_SUBJECTS.get_ptr_mut(&hash) {
         Some(c) => {
             add(unsafe { addr_of!((*c).msgs) } as *mut u64, n);
@@ -697,11 +732,13 @@ fn read_volatile_u64(p: *const u64) -> u64 {
 /// [`DIRECT_FRAME_MAX`] and within the subscriber's grant (`used` of
 /// `grant`). The permission and the ordering barrier hold for the whole run:
 /// same publisher, and nothing of the run goes to the broker. Each frame is
-/// rewritten in place (4 bytes pushed after its header for the sid). Returns
-/// the frames and the MSG bytes of the run, first frame included.
+/// rewritten in place (its room, or 4 bytes pushed after its header, takes
+/// the sid; frames with room and without never share a run). Returns
+/// the frames, the PUB bytes and the MSG bytes of the run, first frame
+/// included.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-fn direct_run(
+fn direct_run<const R: usize>(
     ctx: &SkMsgContext,
     route: &DirectRoute,
     hash: u32,
@@ -710,12 +747,18 @@ fn direct_run(
     first_out: u32,
     used: u64,
     grant: u64,
-) -> (u32, u32) {
+) -> (u32, u32, u32) {
     let sid = route.sid;
     let mut n = 1u32;
     let mut inp = first_in;
     let mut out = first_out;
-    while n < DIRECT_RUN_FRAMES {
+    // Each pushed sid costs scatterlist slots; room costs nothing.
+    let most = if R == 0 {
+        DIRECT_RUN_FRAMES
+    } else {
+        DIRECT_ROOM_RUN_FRAMES
+    };
+    while n < most {
         // A fresh load each time: the compare loop below pins the length it
         // ran to, and a length carried over would give the verifier one
         // state per length for every frame after.
@@ -723,8 +766,8 @@ fn direct_run(
         if slen == 0 || slen > DIRECT_SUBJECT_MAX {
             break;
         }
-        // Header, subject, empty reply subject, empty headers.
-        let want = HEADER + 2 + slen as u32 + 2 + 4;
+        // Header, room, subject, empty reply subject, empty headers.
+        let want = HEADER + R as u32 + 2 + slen as u32 + 2 + 4;
         if inp >= size || size - inp < want || out > DIRECT_FRAME_MAX {
             break;
         }
@@ -732,9 +775,12 @@ fn direct_run(
         if unsafe { bpf_msg_pull_data(ctx.msg, out, out + want, 0) } != 0 {
             break;
         }
+        // Only PUBs of the same kind (with or without room) join the run.
+        let room = if R == 0 { 0 } else { PUB_ROOM as u32 };
         if byte(ctx, 0) != b'S' as u32
             || byte(ctx, 1) != b'B' as u32
             || byte(ctx, 2) != KIND_PUB as u32
+            || byte(ctx, 3) & PUB_ROOM as u32 != room
         {
             break;
         }
@@ -748,11 +794,11 @@ fn direct_run(
         if frame > DIRECT_FRAME_MAX || frame > size - inp {
             break;
         }
-        let msg_len = frame + 4;
+        let msg_len = frame + (ROOM - R) as u32;
         if out + msg_len > DIRECT_FRAME_MAX || used.saturating_add((out + msg_len) as u64) > grant {
             break;
         }
-        if le16(ctx, 12) as usize != slen {
+        if le16(ctx, 12 + R) as usize != slen {
             break;
         }
         let max_slot = DIRECT_SUBJECT_MAX;
@@ -765,7 +811,7 @@ fn direct_run(
                 break;
             }
             let want_b = unsafe { *route.subject.as_ptr().add(i) } as u32;
-            if byte(ctx, 14 + i) != want_b {
+            if byte(ctx, 14 + R + i) != want_b {
                 same = false;
                 break;
             }
@@ -776,8 +822,29 @@ fn direct_run(
         }
         // No reply subject, no headers (fresh offsets, see per_frame).
         let s2 = (unsafe { read_volatile(addr_of!(route.subject_len)) } & 0xff) as usize;
-        if le16(ctx, 14 + s2) != 0 || le16(ctx, 16 + s2) != 0 || le16(ctx, 18 + s2) != 0 {
+        if le16(ctx, 14 + R + s2) != 0 || le16(ctx, 16 + R + s2) != 0 || le16(ctx, 18 + R + s2) != 0
+        {
             break;
+        }
+        if R != 0 {
+            // In place: the sid into the room, then kind and flags; the
+            // length stays.
+            if ctx.data() + HEADER as usize + ROOM > ctx.data_end() {
+                break;
+            }
+            let d = ctx.data() as *mut u8;
+            unsafe {
+                *d.add(2) = KIND_MSG;
+                *d.add(3) = 0;
+                *d.add(12) = sid as u8;
+                *d.add(13) = (sid >> 8) as u8;
+                *d.add(14) = (sid >> 16) as u8;
+                *d.add(15) = (sid >> 24) as u8;
+            }
+            out += msg_len;
+            inp += frame;
+            n += 1;
+            continue;
         }
         // PUB -> MSG: the sid goes into 4 pushed bytes (a slot of its own,
         // so the pull below copies nothing), then the header in place.
@@ -818,7 +885,7 @@ fn direct_run(
         inp += frame;
         n += 1;
     }
-    (n, out)
+    (n, inp, out)
 }
 
 #[cfg(not(test))]
