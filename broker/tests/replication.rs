@@ -1160,19 +1160,21 @@ fn raft_dir(node: &Node, stream: &str) -> PathBuf {
     find(&node.dir, stream).unwrap_or_else(|| panic!("{}: no raft dir for {stream}", node.name))
 }
 
-/// Whole entries in a node's Raft log file (`[len u32][crc u32][body]`).
+/// Whole entries in a node's Raft log file (`[len u32][crc u32][body]`, then
+/// zeros written ahead) and the bytes they take.
 fn raft_log_entries(node: &Node, stream: &str) -> (usize, u64) {
     let b = std::fs::read(raft_dir(node, stream).join("log")).unwrap_or_default();
     let (mut at, mut n) = (0usize, 0usize);
     while at + 8 <= b.len() {
         let len = u32::from_le_bytes(b[at..at + 4].try_into().unwrap()) as usize;
-        if at + 8 + len > b.len() {
+        // Zeros after the entries: written ahead of the next appends.
+        if len == 0 || at + 8 + len > b.len() {
             break;
         }
         at += 8 + len;
         n += 1;
     }
-    (n, b.len() as u64)
+    (n, at as u64)
 }
 
 /// Entries between snapshots in the compaction tests.
@@ -1929,7 +1931,7 @@ fn damage(node: &Node, stream: &str, how: Damage) {
             let mut at = 0usize;
             while at + 8 <= b.len() {
                 let len = u32::from_le_bytes(b[at..at + 4].try_into().unwrap()) as usize;
-                if at + 8 + len > b.len() {
+                if len == 0 || at + 8 + len > b.len() {
                     break;
                 }
                 frames.push((at, len));

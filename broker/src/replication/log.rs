@@ -1,7 +1,13 @@
 //! A group's Raft log and vote, in `<stream>/raft/`: `log` holds entries
-//! appended one after the other as `[len u32][crc32c u32][bincode entry]`,
-//! `vote` and `purged` are rewritten atomically. Entries are kept in memory
-//! too (until purged) for the leader's replication reads. An append is
+//! one after the other as `[len u32][crc32c u32][bincode entry]`, then
+//! zeros to the end of the file, `vote` and `purged` are rewritten
+//! atomically. The zeros are written ahead ([`GROW_MIN`] to [`GROW_MAX`]
+//! at a time, and after the entries whenever the file is rewritten), so an
+//! append overwrites blocks that are already there and its fdatasync does
+//! not change the file's size or allocation: no filesystem journal commit
+//! per sync (measured: ext4, three writers appending 10 KB and syncing at
+//! once on one disk, two to four times the syncs a second of appending to
+//! the file's end). Entries are kept in memory too (until purged) for the leader's replication reads. An append is
 //! written and, with `fsync = always`, fdatasync'ed by the group's log
 //! thread, in order, before openraft is told it is done (its callback), so
 //! a replica only acknowledges what is on its disk while the Raft core
@@ -9,8 +15,9 @@
 //! fdatasync (group commit). Votes, truncations and purges wait for the
 //! appends before them.
 //!
-//! A torn or damaged tail (a crash mid-append) ends the log where the last
-//! whole entry ends: those entries were never acknowledged. A damaged entry
+//! Zeros after the last whole entry end the log. A torn or damaged tail (a
+//! crash mid-append) ends the log where the last whole entry ends: those
+//! entries were never acknowledged. A damaged entry
 //! with whole entries after it is damage, not a crash: the log is cut there
 //! too (openraft sees a shorter log, so this replica cannot win an election
 //! against up-to-date peers), the vote is kept, and [`LogDamage`] tells the
@@ -19,8 +26,9 @@
 use std::collections::BTreeMap;
 use std::fmt::Debug;
 use std::fs::{File, OpenOptions};
-use std::io::{self, Read, Write};
+use std::io::{self, Read};
 use std::ops::RangeBounds;
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
@@ -35,16 +43,56 @@ use crate::streams::write_atomic;
 /// Largest entry read back (a writer round is at most 8 MiB of records).
 const MAX_ENTRY: usize = 256 << 20;
 
+/// Zeros written ahead at least (a new or rewritten log's first growth) ...
+const GROW_MIN: u64 = 256 << 10;
+/// ... and at most: the file grows by its own size up to this.
+const GROW_MAX: u64 = 8 << 20;
+
+/// How many zeros to write ahead of a log file of `size` bytes.
+fn grow_by(size: u64) -> u64 {
+    size.clamp(GROW_MIN, GROW_MAX)
+}
+
+/// A log file and where its entries end (zeros from there to `size`).
+struct Tail {
+    file: File,
+    end: u64,
+    size: u64,
+}
+
+impl Tail {
+    /// Writes `bytes` after the last entry, first writing zeros ahead when
+    /// the file is too short (synced with the entries by the caller).
+    fn append(&mut self, bytes: &[u8]) -> io::Result<()> {
+        let need = self.end + bytes.len() as u64;
+        if need > self.size {
+            let to = need + grow_by(self.size);
+            let zeros = vec![0u8; 1 << 20];
+            let mut at = self.size.max(self.end);
+            while at < to {
+                let n = (to - at).min(zeros.len() as u64) as usize;
+                self.file.write_all_at(&zeros[..n], at)?;
+                at += n as u64;
+            }
+            self.size = to;
+        }
+        self.file.write_all_at(bytes, self.end)?;
+        self.end = need;
+        Ok(())
+    }
+}
+
 /// Work for a group's log thread, done in order.
 enum Io {
     Write(Vec<u8>, LogFlushed<TypeConfig>),
     /// Answers once everything before it is done.
     Barrier(std::sync::mpsc::SyncSender<()>),
-    /// The log file was rewritten: append to this one from now on.
-    SetFile(File),
+    /// The log file was rewritten: append to this one from now on, its
+    /// entries ending at the offset, zeros after.
+    SetFile(File, u64),
 }
 
-fn io_thread(mut file: File, fsync: bool, rx: std::sync::mpsc::Receiver<Io>) {
+fn io_thread(mut tail: Tail, fsync: bool, rx: std::sync::mpsc::Receiver<Io>) {
     let mut pending: Vec<LogFlushed<TypeConfig>> = Vec::new();
     let mut next = rx.recv().ok();
     while let Some(job) = next.take() {
@@ -53,12 +101,12 @@ fn io_thread(mut file: File, fsync: bool, rx: std::sync::mpsc::Receiver<Io>) {
                 // Appends queued meanwhile share this one's fdatasync
                 // (group commit): written in order, each acknowledged only
                 // once the sync after it returned.
-                let mut r = file.write_all(&bytes);
+                let mut r = tail.append(&bytes);
                 pending.push(cb);
                 while r.is_ok() {
                     match rx.try_recv() {
                         Ok(Io::Write(bytes, cb)) => {
-                            r = file.write_all(&bytes);
+                            r = tail.append(&bytes);
                             pending.push(cb);
                         }
                         Ok(other) => {
@@ -68,7 +116,7 @@ fn io_thread(mut file: File, fsync: bool, rx: std::sync::mpsc::Receiver<Io>) {
                         Err(_) => break,
                     }
                 }
-                let r = r.and_then(|_| if fsync { file.sync_data() } else { Ok(()) });
+                let r = r.and_then(|_| if fsync { tail.file.sync_data() } else { Ok(()) });
                 for cb in pending.drain(..) {
                     cb.log_io_completed(match &r {
                         Ok(()) => Ok(()),
@@ -79,7 +127,10 @@ fn io_thread(mut file: File, fsync: bool, rx: std::sync::mpsc::Receiver<Io>) {
             Io::Barrier(tx) => {
                 let _ = tx.send(());
             }
-            Io::SetFile(f) => file = f,
+            Io::SetFile(file, end) => {
+                let size = file.metadata().map_or(end, |m| m.len());
+                tail = Tail { file, end, size };
+            }
         }
         if next.is_none() {
             next = rx.recv().ok();
@@ -162,8 +213,9 @@ impl LogStore {
         let path = dir.join("log");
         let mut file = OpenOptions::new()
             .read(true)
-            .append(true)
+            .write(true)
             .create(true)
+            .truncate(false)
             .open(&path)?;
         let mut data = Vec::new();
         file.read_to_end(&mut data)?;
@@ -188,7 +240,10 @@ impl LogStore {
             at += 8 + len;
         }
         let mut damage = None;
-        if at < data.len() {
+        // Zeros after the last whole entry: the end of the log (written
+        // ahead). Anything else there is a torn append or damage.
+        let zeros = data[at..].iter().all(|b| *b == 0);
+        if !zeros {
             // Whole entries after the bad one: damage, not a torn append.
             let first_lost = entries.keys().next_back().map_or(0, |i| i + 1);
             match valid_after(&data, at) {
@@ -216,13 +271,19 @@ impl LogStore {
             file.set_len(at as u64)?;
             file.sync_all()?;
         }
+        let size = if zeros { data.len() as u64 } else { at as u64 };
+        let tail = Tail {
+            file,
+            end: at as u64,
+            size,
+        };
         if let Some(p) = purged {
             entries = entries.split_off(&(p.index + 1));
         }
         let (io, rx) = std::sync::mpsc::channel();
         std::thread::Builder::new()
             .name("raft-log".into())
-            .spawn(move || io_thread(file, fsync, rx))?;
+            .spawn(move || io_thread(tail, fsync, rx))?;
         let store = LogStore(Arc::new(Mutex::new(Inner {
             dir: dir.to_path_buf(),
             io,
@@ -278,18 +339,21 @@ impl Inner {
         rx.recv().map_err(|_| io_err("the Raft log thread stopped"))
     }
 
-    /// Rewrites the log file with the entries kept (after a truncate or purge).
+    /// Rewrites the log file with the entries kept (after a truncate or
+    /// purge), zeros written ahead after them.
     fn rewrite(&mut self) -> io::Result<()> {
         let mut out = Vec::new();
         for e in self.entries.values() {
             frame(&mut out, e)?;
         }
+        let end = out.len() as u64;
+        out.resize((end + grow_by(end)) as usize, 0);
         let path = self.dir.join("log");
         self.barrier()?;
         write_atomic(&path, &out)?;
-        let f = OpenOptions::new().read(true).append(true).open(&path)?;
+        let f = OpenOptions::new().read(true).write(true).open(&path)?;
         self.io
-            .send(Io::SetFile(f))
+            .send(Io::SetFile(f, end))
             .map_err(|_| io_err("the Raft log thread stopped"))?;
         Ok(())
     }
@@ -399,5 +463,127 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         g.entries = g.entries.split_off(&(log_id.index + 1));
         g.rewrite().map_err(|e| StorageIOError::write_logs(&e))?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use openraft::{CommittedLeaderId, EntryPayload};
+
+    fn entry(i: u64) -> Entry<TypeConfig> {
+        Entry {
+            log_id: LogId::new(CommittedLeaderId::new(1, 7), i),
+            payload: EntryPayload::Blank,
+        }
+    }
+
+    /// Entries 1..=n appended as the log thread does, one append each;
+    /// the file's bytes and where each entry starts.
+    fn written(dir: &Path, n: u64) -> (Vec<u8>, Vec<usize>) {
+        std::fs::create_dir_all(dir).unwrap();
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(dir.join("log"))
+            .unwrap();
+        let mut tail = Tail {
+            file,
+            end: 0,
+            size: 0,
+        };
+        let mut starts = Vec::new();
+        for i in 1..=n {
+            let mut b = Vec::new();
+            frame(&mut b, &entry(i)).unwrap();
+            starts.push(tail.end as usize);
+            tail.append(&b).unwrap();
+        }
+        tail.file.sync_data().unwrap();
+        (std::fs::read(dir.join("log")).unwrap(), starts)
+    }
+
+    fn file_len(dir: &Path) -> u64 {
+        std::fs::metadata(dir.join("log")).unwrap().len()
+    }
+
+    #[test]
+    fn the_zeros_written_ahead_read_back_as_the_end_of_the_log_not_as_damage() {
+        let d = tempfile::tempdir().unwrap();
+        let (data, starts) = written(d.path(), 300);
+        let mut last = Vec::new();
+        frame(&mut last, &entry(300)).unwrap();
+        let end = starts[299] + last.len();
+        assert!(
+            data.len() >= GROW_MIN as usize
+                && data.len() > end
+                && data[end..].iter().all(|b| *b == 0),
+            "no zeros ahead: {} bytes, entries end at {end}",
+            data.len()
+        );
+        let (store, damage) = LogStore::open(d.path(), true).unwrap();
+        assert!(damage.is_none(), "{damage:?}");
+        assert_eq!(store.last_index(), 300);
+        // Nothing cut: the zeros stay for the next appends.
+        assert_eq!(file_len(d.path()), data.len() as u64);
+    }
+
+    #[test]
+    fn a_torn_append_before_the_zeros_ends_the_log_at_the_last_whole_entry() {
+        let d = tempfile::tempdir().unwrap();
+        let (mut data, starts) = written(d.path(), 40);
+        // A crash mid-append of entry 40: its second half never written.
+        let at = starts[39];
+        let mut whole = Vec::new();
+        frame(&mut whole, &entry(40)).unwrap();
+        for b in &mut data[at + whole.len() / 2..at + whole.len()] {
+            *b = 0;
+        }
+        std::fs::write(d.path().join("log"), &data).unwrap();
+        let (store, damage) = LogStore::open(d.path(), true).unwrap();
+        assert!(damage.is_none(), "{damage:?}");
+        assert_eq!(store.last_index(), 39);
+    }
+
+    #[test]
+    fn a_damaged_entry_with_whole_entries_after_it_is_found_among_the_zeros() {
+        let d = tempfile::tempdir().unwrap();
+        let (mut data, starts) = written(d.path(), 60);
+        data[starts[24] + 10] ^= 0x10;
+        std::fs::write(d.path().join("log"), &data).unwrap();
+        let (store, damage) = LogStore::open(d.path(), true).unwrap();
+        let damage = damage.expect("damage found");
+        assert_eq!((damage.first_lost, damage.last_seen), (25, 60));
+        assert_eq!(store.last_index(), 24);
+    }
+
+    #[test]
+    fn an_entry_zeroed_in_the_middle_is_damage_not_the_end_of_the_log() {
+        let d = tempfile::tempdir().unwrap();
+        let (mut data, starts) = written(d.path(), 60);
+        for b in &mut data[starts[29]..starts[30]] {
+            *b = 0;
+        }
+        std::fs::write(d.path().join("log"), &data).unwrap();
+        let (store, damage) = LogStore::open(d.path(), true).unwrap();
+        let damage = damage.expect("damage found");
+        assert_eq!((damage.first_lost, damage.last_seen), (30, 60));
+        assert_eq!(store.last_index(), 29);
+    }
+
+    #[test]
+    fn a_log_without_zeros_ahead_still_opens_whole() {
+        let d = tempfile::tempdir().unwrap();
+        let (data, starts) = written(d.path(), 20);
+        let mut whole = Vec::new();
+        frame(&mut whole, &entry(20)).unwrap();
+        // As an earlier version wrote it: entries up to the file's end.
+        let end = starts[19] + whole.len();
+        std::fs::write(d.path().join("log"), &data[..end]).unwrap();
+        let (store, damage) = LogStore::open(d.path(), true).unwrap();
+        assert!(damage.is_none(), "{damage:?}");
+        assert_eq!(store.last_index(), 20);
     }
 }
