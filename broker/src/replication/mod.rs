@@ -49,9 +49,12 @@ openraft::declare_raft_types!(
         SnapshotData = tokio::fs::File,
 );
 
-/// One Raft entry's payload: an rkyv-encoded [`Op`].
+/// One Raft entry's payload: an rkyv-encoded [`Op`]. Serialised as bytes
+/// (one copy), not as a sequence of `u8` (one call per byte: measured at
+/// 7-11 % of a broker's CPU under R3 publish); bincode writes both the
+/// same way, so logs and peers of either kind read each other.
 #[derive(Clone, Debug, Serialize, Deserialize)]
-pub struct Proposal(pub Vec<u8>);
+pub struct Proposal(#[serde(with = "serde_bytes")] pub Vec<u8>);
 
 /// What an entry does to the stream.
 #[derive(rkyv::Archive, rkyv::Serialize, rkyv::Deserialize, Debug)]
@@ -1484,6 +1487,18 @@ mod tests {
 
     /// What a replica of an older build sees of an entry kind it does not
     /// know: an error (sm.rs then stops the group there), never another op.
+    #[test]
+    fn a_proposal_is_written_as_before_it_was_serialised_as_bytes() {
+        // What a build that serialised the payload as a sequence of u8 wrote
+        // into its Raft log and sent its peers.
+        let payload: Vec<u8> = (0..=255u8).cycle().take(1000).collect();
+        let old = bincode::serialize(&payload).unwrap();
+        let p = Proposal(payload.clone());
+        assert_eq!(bincode::serialize(&p).unwrap(), old);
+        let back: Proposal = bincode::deserialize(&old).unwrap();
+        assert_eq!(back.0, payload);
+    }
+
     #[test]
     fn an_entry_of_an_unknown_kind_does_not_decode() {
         let d = Proposal::encode(&Op::Delete { seq: 5 });
