@@ -419,7 +419,13 @@ impl State {
         }
         // Only out of the window's free half: the other half stays for
         // what the broker itself writes (PONGs, messages of other subjects),
-        // also when the subscriber stops reading.
+        // also when the subscriber stops reading. It must stay above the
+        // receiver's credit quantum (a quarter of its window,
+        // `flow::RecvWindow`): a grant the kernel cannot use (the publisher
+        // is behind the barrier) holds its part of the window until the
+        // route goes, and with an eighth left for the broker the receiver
+        // never read enough to send credit: the publisher's messages waited
+        // in the broker for good (tried: `accel_bench --direct` hung).
         let free = (out.outbox.available() as u64).saturating_sub(c.window / 2);
         let extra = free.min(GRANT_CHUNK);
         if extra == 0 && base == c.granted {
