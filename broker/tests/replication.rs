@@ -198,6 +198,12 @@ impl Cluster {
 
     /// `snap_every`: a snapshot (and Raft log purge) every that many entries.
     async fn start_with(n: usize, snap_every: Option<u64>) -> Cluster {
+        Cluster::start_in(n, snap_every, None).await
+    }
+
+    /// `first_dir`: the first node's data directory (else one in the
+    /// cluster's temporary directory, like the others').
+    async fn start_in(n: usize, snap_every: Option<u64>, first_dir: Option<PathBuf>) -> Cluster {
         let tmp = tempfile::tempdir().unwrap();
         let mut nodes: Vec<Node> = (0..n)
             .map(|i| Node {
@@ -211,6 +217,9 @@ impl Cluster {
                 snap_every,
             })
             .collect();
+        if let Some(d) = first_dir {
+            nodes[0].dir = d;
+        }
         let mut c = Cluster {
             nodes: Vec::new(),
             _tmp: tmp,
@@ -2545,4 +2554,138 @@ async fn a_message_deleted_from_an_r3_stream_is_gone_on_every_replica_also_after
         assert_eq!((i.state.first_seq, i.state.messages), (1, 19), "{}", n.name);
         assert_eq!(read_stream(n.port, "RD").await, want, "{}", n.name);
     }
+}
+
+/// A tmpfs of 64 MiB mounted for a test; unmounted when dropped.
+struct Tmpfs(tempfile::TempDir);
+
+impl Tmpfs {
+    /// None (and why) when it cannot be mounted: not root.
+    fn mount() -> Result<Tmpfs, String> {
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } != 0 {
+            return Err("not root (mounting a small tmpfs needs root)".into());
+        }
+        let d = tempfile::tempdir().unwrap();
+        let out = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", "size=64m", "tmpfs"])
+            .arg(d.path())
+            .output()
+            .map_err(|e| format!("cannot run mount: {e}"))?;
+        if !out.status.success() {
+            return Err(format!("mount: {}", String::from_utf8_lossy(&out.stderr)));
+        }
+        Ok(Tmpfs(d))
+    }
+
+    fn path(&self) -> &Path {
+        self.0.path()
+    }
+
+    /// Fills it up to `room` bytes; the filler's path.
+    fn fill(&self, room: u64) -> PathBuf {
+        use std::io::Write;
+        let filler = self.path().join("filler");
+        let mut w = std::fs::File::create(&filler).unwrap();
+        let mb = vec![0u8; 1 << 20];
+        while w.write_all(&mb).is_ok() {}
+        let len = w.metadata().unwrap().len();
+        w.set_len(len.saturating_sub(room)).unwrap();
+        w.sync_all().unwrap();
+        filler
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(self.0.path()).status();
+    }
+}
+
+/// The disk of one replica (the leader's, or a follower's) fills
+/// mid-stream: publishing goes on (through a new leader when it was the
+/// leader's), nothing acked is lost anywhere, and once space returns that
+/// replica holds every acked message again.
+async fn a_replica_disk_fills(on_leader: bool) {
+    let ci = std::env::var("CI").is_ok_and(|v| v == "true");
+    let fs = match Tmpfs::mount() {
+        Ok(fs) => fs,
+        Err(why) => {
+            assert!(!ci, "CI=true: the full-disk test must run, but {why}");
+            eprintln!("skipping the full-disk test: {why}");
+            return;
+        }
+    };
+    // Node 0's data lives on the tmpfs.
+    let mut cl = Cluster::start_in(3, None, Some(fs.path().join("data"))).await;
+    let c = client(cl.nodes[1].port).await;
+    let mut cfg = StreamConfig::new("FULL", ["full.>"]);
+    cfg.replicas = Some(3);
+    cfg.segment_bytes = Some(256 * 1024);
+    add_replicated(&c, &cfg).await;
+    // Node 0 in the role wanted: a kill -9 and restart moves leadership.
+    let mut tries = 0;
+    loop {
+        let li = cl.index(&leader(cl.nodes[1].port, "FULL").await);
+        if (li == 0) == on_leader {
+            break;
+        }
+        tries += 1;
+        assert!(tries < 20, "node 0 never became the role wanted");
+        cl.nodes[li].kill9();
+        wait_info(cl.nodes[(li + 1) % 3].port, "FULL", "a new leader", |i| {
+            i.cluster
+                .as_ref()
+                .and_then(|c| c.leader.as_deref())
+                .is_some_and(|l| l != cl.nodes[li].name)
+        })
+        .await;
+        cl.restart(li).await;
+    }
+    for n in 0..3 {
+        wait_info(cl.nodes[n].port, "FULL", "three replicas", |i| {
+            i.cluster.as_ref().is_some_and(|c| c.replicas.len() == 3)
+        })
+        .await;
+    }
+    let filler = fs.fill(3 << 19);
+
+    // 6 MB through node 1: more than node 0 has room for.
+    let pad = "f".repeat(3000);
+    let mut acked = HashMap::new();
+    for i in 0..2000u64 {
+        let p = format!("p0-{i:06}-{pad}");
+        let seq = publish_acked(&c, "full.x", &p, &p).await;
+        acked.insert(p, seq);
+    }
+    check_on(&cl, &[1, 2], "FULL", &acked).await;
+    let held = match client(cl.nodes[0].port).await.stream_info("FULL").await {
+        Ok(i) => i.state.last_seq,
+        Err(_) => 0,
+    };
+    eprintln!("the full replica holds up to {held} of 2000");
+    assert!(held < 2000, "node 0's disk never filled");
+    let lead = leader(cl.nodes[1].port, "FULL").await;
+    assert_ne!(lead, cl.nodes[0].name, "a replica with a full disk leads");
+
+    // Space returns: the replica gets every acked message.
+    std::fs::remove_file(&filler).unwrap();
+    check_on(&cl, &[0], "FULL", &acked).await;
+    // And publishing goes on with all three.
+    let p = format!("p0-{:06}-{pad}", 2000);
+    let seq = publish_acked(&c, "full.x", &p, &p).await;
+    acked.insert(p, seq);
+    check_all(&cl, "FULL", &acked).await;
+    drop(cl);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_follower_whose_disk_fills_loses_no_acked_message_and_catches_up_when_space_returns() {
+    a_replica_disk_fills(false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leader_whose_disk_fills_hands_over_loses_no_acked_message_and_catches_up_when_space_returns(
+) {
+    a_replica_disk_fills(true).await;
 }

@@ -196,6 +196,12 @@ pub fn node_id(name: &str) -> NodeId {
     h
 }
 
+/// A stopped group starts again at most this often ...
+const RESTART_EVERY: Duration = Duration::from_secs(5);
+/// ... and only with this much free on its disk (more than the Raft log
+/// writes ahead at once).
+const RESTART_FREE: u64 = 32 << 20;
+
 /// Raft entries between snapshots (the Raft log is purged up to each).
 const SNAPSHOT_EVERY: u64 = 4096;
 
@@ -417,6 +423,9 @@ pub(crate) struct Hub {
     repairs: Mutex<HashMap<String, u64>>,
     /// Per peer: the highest entry level it answered (`members_apply`).
     levels: Mutex<HashMap<String, u32>>,
+    /// Per stream: when its group here last started again after it
+    /// stopped ([`Hub::restart_stopped`]).
+    stopped: Mutex<HashMap<String, std::time::Instant>>,
     pool: net::Pool,
 }
 
@@ -433,6 +442,7 @@ pub(crate) fn hub() -> &'static Arc<Hub> {
             repairs: Mutex::new(HashMap::new()),
             heard: Mutex::new(HashMap::new()),
             levels: Mutex::new(HashMap::new()),
+            stopped: Mutex::new(HashMap::new()),
             pool: net::Pool::default(),
         })
     })
@@ -998,6 +1008,44 @@ impl Hub {
     /// a check met it): its group stops and starts again, which empties
     /// the copy and repairs it from the peers (repair.rs).
     fn restart_damaged(&self, name: &str) {
+        self.restart_group(
+            name,
+            "damaged records found in this replica's copy: its group restarts to repair it from its peers",
+        );
+    }
+
+    /// The group's Raft core here stopped (a storage error: a full disk, a
+    /// failed write or fsync): it starts again from what is on disk and
+    /// catches up from its peers, once the data directory has
+    /// [`RESTART_FREE`] bytes free and at most every [`RESTART_EVERY`] (a
+    /// replica on a full disk would otherwise stop again at once, and as
+    /// a candidate it could win an election it cannot serve).
+    fn restart_stopped(&self, name: &str, s: &Stream, why: &str) {
+        let now = std::time::Instant::now();
+        {
+            let mut last = self.stopped.lock().unwrap_or_else(|p| p.into_inner());
+            if last
+                .get(name)
+                .is_some_and(|t| now.duration_since(*t) < RESTART_EVERY)
+            {
+                return;
+            }
+            let free = crate::store::free_bytes(s.dir()).unwrap_or(u64::MAX);
+            if free < RESTART_FREE {
+                warn!(stream = %name, free, "this replica's Raft group stopped ({why}); it starts again once the disk has room");
+                last.insert(name.to_string(), now);
+                return;
+            }
+            last.insert(name.to_string(), now);
+        }
+        self.restart_group(
+            name,
+            &format!("this replica's Raft group stopped ({why}): it starts again and catches up from its peers"),
+        );
+    }
+
+    /// Stops the stream's group here (if running) and opens it again.
+    fn restart_group(&self, name: &str, why: &str) {
         if !self
             .starting
             .lock()
@@ -1012,10 +1060,11 @@ impl Hub {
             .unwrap_or_else(|p| p.into_inner())
             .remove(name);
         let name = name.to_string();
+        let why = why.to_string();
         tokio::spawn(async move {
             let h = hub();
             if let Some(g) = g {
-                warn!(stream = %name, "damaged records found in this replica's copy: its group restarts to repair it from its peers");
+                warn!(stream = %name, "{why}");
                 let _ = g.raft.shutdown().await;
             }
             if let Some(s) = h.state().and_then(|st| st.streams.get(&name)) {
@@ -1390,15 +1439,17 @@ async fn poll_progress() {
             .map(|(k, v)| (k.clone(), v.clone()))
             .collect();
         for (name, g) in groups {
-            let damaged = h
-                .state()
-                .and_then(|st| st.streams.get(&name))
-                .is_some_and(|s| s.log.lock().lost > 0);
+            let stream = h.state().and_then(|st| st.streams.get(&name));
+            let damaged = stream.as_ref().is_some_and(|s| s.log.lock().lost > 0);
             if damaged {
                 h.restart_damaged(&name);
                 continue;
             }
             let m = g.raft.metrics().borrow().clone();
+            if let (Err(fatal), Some(s)) = (&m.running_state, &stream) {
+                h.restart_stopped(&name, s, &fatal.to_string());
+                continue;
+            }
             if m.state == ServerState::Leader {
                 continue;
             }
