@@ -641,6 +641,11 @@ impl Log {
             let Some(seg) = st.segs.iter_mut().find(|s| s.base == base) else {
                 continue;
             };
+            if seg.verified {
+                // A reader met the damage while this scan ran and counted
+                // it (`on_corrupt`): counting it here too counted it twice.
+                continue;
+            }
             seg.verified = true;
             let lost = match scan {
                 Ok(s) => {
