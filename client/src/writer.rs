@@ -240,6 +240,13 @@ mod tests {
                 let finished = stop.load(Ordering::Acquire);
                 match inner.outbox.claim() {
                     Some(mut t) => {
+                        // As the writer task does: a publisher waiting for
+                        // outbox space is woken once the claim took bytes out
+                        // (without this the test hung whenever the queue
+                        // reached its 32 MiB budget).
+                        if !t.data.is_empty() {
+                            inner.space_freed();
+                        }
                         let _ = t
                             .write_nonblocking(inner.send_max(), |s| rec.write(s))
                             .unwrap();
@@ -273,7 +280,11 @@ mod tests {
             }));
         }
         for t in tasks {
-            t.await.unwrap();
+            // A publisher left waiting for space is a failure, not a hang.
+            tokio::time::timeout(std::time::Duration::from_secs(120), t)
+                .await
+                .expect("every publisher finishes: none is left waiting for outbox space")
+                .unwrap();
         }
         done.store(true, Ordering::Release);
         let rec = writer.join().unwrap();
