@@ -2,6 +2,7 @@
 //!
 //!   cargo build --release -p sockbus-broker --bin sockbus-broker --example failover_bench
 //!   target/release/examples/failover_bench [--rounds 20] [--publishers 6] [--size 128]
+//!   target/release/examples/failover_bench --nats [--nats-server PATH] ...
 //!
 //! Starts three brokers (the `sockbus-broker` next to this program's
 //! directory) as a cluster on loopback, creates an R3 stream
@@ -19,6 +20,12 @@
 //! round. At the end every node must hold every acked message once (the
 //! stream's message count against the distinct ids acked). Prints every
 //! round and the p50 / p99 / max of both times.
+//!
+//! With `--nats` the same runs against three `nats-server` (JetStream, an
+//! R3 file stream at its defaults; `nats-server` from PATH or
+//! `--nats-server`), its publishers using async-nats with `Nats-Msg-Id`
+//! and a 500 ms ack timeout before a retry (the sockbus SDK fails a
+//! publish at once when its connection or the stream's leader is lost).
 
 use std::collections::HashSet;
 use std::net::TcpListener;
@@ -37,6 +44,8 @@ struct Args {
     rounds: usize,
     publishers: usize,
     size: usize,
+    nats: bool,
+    nats_server: String,
 }
 
 fn args() -> Args {
@@ -44,9 +53,19 @@ fn args() -> Args {
         rounds: 20,
         publishers: 6,
         size: 128,
+        nats: false,
+        nats_server: "nats-server".into(),
     };
     let mut it = std::env::args().skip(1);
     while let Some(k) = it.next() {
+        if k == "--nats" {
+            a.nats = true;
+            continue;
+        }
+        if k == "--nats-server" {
+            a.nats_server = it.next().expect("--nats-server takes a path");
+            continue;
+        }
         let mut v = || {
             it.next()
                 .and_then(|v| v.parse::<usize>().ok())
@@ -79,6 +98,9 @@ struct Node {
 
 impl Node {
     fn spawn(&mut self, bin: &Path, peers: &str) {
+        if NATS.load(Ordering::Relaxed) {
+            return self.spawn_nats(bin, peers);
+        }
         let child = Command::new(bin)
             .args(["--listen", &format!("127.0.0.1:{}", self.port)])
             .args(["--cluster", &format!("127.0.0.1:{}", self.cport)])
@@ -87,6 +109,37 @@ impl Node {
             .arg("--data-dir")
             .arg(&self.dir)
             .env("RUST_LOG", "error")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {}: {e}", bin.display()));
+        self.child = Some(child);
+    }
+
+    /// A JetStream server: `peers` are the cluster ports, comma-separated.
+    fn spawn_nats(&mut self, bin: &Path, peers: &str) {
+        let routes = peers
+            .split(',')
+            .map(|p| format!("\"nats-route://{p}\""))
+            .collect::<Vec<_>>()
+            .join(", ");
+        std::fs::create_dir_all(&self.dir).expect("a data directory");
+        let conf = self.dir.with_extension("conf");
+        std::fs::write(
+            &conf,
+            format!(
+                "server_name: {}\nlisten: \"127.0.0.1:{}\"\njetstream {{ store_dir: \"{}\" }}\n\
+                 cluster {{ name: failover, listen: \"127.0.0.1:{}\", routes: [ {routes} ] }}\n",
+                self.name,
+                self.port,
+                self.dir.display(),
+                self.cport
+            ),
+        )
+        .expect("a config file");
+        let child = Command::new(bin)
+            .arg("-c")
+            .arg(&conf)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -128,8 +181,41 @@ async fn client(url: &str) -> Client {
         .expect("connect")
 }
 
+/// Which server the run is against (set once, before any node starts).
+static NATS: AtomicBool = AtomicBool::new(false);
+
+async fn nats_client(urls: &str) -> async_nats::Client {
+    let addrs: Vec<&str> = urls.split(',').collect();
+    async_nats::ConnectOptions::new()
+        .retry_on_initial_connect()
+        .reconnect_delay_callback(|_| Duration::from_millis(50))
+        .connect(addrs)
+        .await
+        .expect("connect to nats-server")
+}
+
+fn jetstream(c: async_nats::Client) -> async_nats::jetstream::Context {
+    let mut js = async_nats::jetstream::new(c);
+    js.set_timeout(Duration::from_millis(500));
+    js
+}
+
 /// The stream's leader as `port` sees it (None while there is none).
 async fn leader_seen_by(port: u16) -> Option<String> {
+    if NATS.load(Ordering::Relaxed) {
+        let c = tokio::time::timeout(Duration::from_secs(2), async {
+            async_nats::connect(format!("nats://127.0.0.1:{port}")).await
+        })
+        .await
+        .ok()?
+        .ok()?;
+        let js = jetstream(c);
+        let s = tokio::time::timeout(Duration::from_secs(2), js.get_stream("FAIL"))
+            .await
+            .ok()?
+            .ok()?;
+        return s.cached_info().cluster.as_ref()?.leader.clone();
+    }
     let c = tokio::time::timeout(
         Duration::from_secs(2),
         client(&format!("sockbus://127.0.0.1:{port}")),
@@ -149,12 +235,16 @@ fn pct(v: &mut [f64], p: f64) -> f64 {
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
     let a = args();
+    NATS.store(a.nats, Ordering::Relaxed);
     let exe = std::env::current_exe().expect("current exe");
-    let bin = exe
-        .parent()
-        .and_then(|d| d.parent())
-        .map(|d| d.join("sockbus-broker"))
-        .expect("target dir");
+    let bin = if a.nats {
+        PathBuf::from(&a.nats_server)
+    } else {
+        exe.parent()
+            .and_then(|d| d.parent())
+            .map(|d| d.join("sockbus-broker"))
+            .expect("target dir")
+    };
     let tmp = tempfile::tempdir().expect("a temporary directory");
     let mut nodes: Vec<Node> = (1..=3)
         .map(|i| Node {
@@ -176,18 +266,34 @@ async fn main() {
     for n in &nodes {
         n.wait_up().await;
     }
-    let admin = client(&format!("sockbus://127.0.0.1:{}", nodes[0].port)).await;
-    let mut cfg = StreamConfig::new("FAIL", ["fail.>"]);
-    cfg.replicas = Some(3);
     let end = Instant::now() + Duration::from_secs(60);
-    while let Err(e) = admin.stream_add(&cfg).await {
-        assert!(
-            Instant::now() < end,
-            "the cluster did not take the stream: {e}"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
+    if a.nats {
+        let js = jetstream(nats_client(&format!("nats://127.0.0.1:{}", nodes[0].port)).await);
+        let cfg = async_nats::jetstream::stream::Config {
+            name: "FAIL".into(),
+            subjects: vec!["fail.>".into()],
+            num_replicas: 3,
+            ..Default::default()
+        };
+        while let Err(e) = js.create_stream(cfg.clone()).await {
+            assert!(
+                Instant::now() < end,
+                "the cluster did not take the stream: {e}"
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    } else {
+        let admin = client(&format!("sockbus://127.0.0.1:{}", nodes[0].port)).await;
+        let mut cfg = StreamConfig::new("FAIL", ["fail.>"]);
+        cfg.replicas = Some(3);
+        while let Err(e) = admin.stream_add(&cfg).await {
+            assert!(
+                Instant::now() < end,
+                "the cluster did not take the stream: {e}"
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
     }
-    drop(admin);
 
     // Publishers, each with all three URLs, the first one rotating.
     let acks: Arc<Mutex<Vec<Instant>>> = Arc::default();
@@ -196,12 +302,42 @@ async fn main() {
     let payload = "x".repeat(a.size);
     let mut tasks = Vec::new();
     for p in 0..a.publishers {
+        let scheme = if a.nats { "nats" } else { "sockbus" };
         let urls = (0..3)
-            .map(|k| format!("sockbus://127.0.0.1:{}", nodes[(p + k) % 3].port))
+            .map(|k| format!("{scheme}://127.0.0.1:{}", nodes[(p + k) % 3].port))
             .collect::<Vec<_>>()
             .join(",");
         let (acks, acked, stop, payload) =
             (acks.clone(), acked.clone(), stop.clone(), payload.clone());
+        if a.nats {
+            tasks.push(tokio::spawn(async move {
+                let js = jetstream(nats_client(&urls).await);
+                let payload = bytes::Bytes::from(payload);
+                let mut i = 0u64;
+                while !stop.load(Ordering::Relaxed) {
+                    let id = format!("p{p}-{i}");
+                    let mut h = async_nats::HeaderMap::new();
+                    h.insert("Nats-Msg-Id", id.as_str());
+                    loop {
+                        let r = match js
+                            .publish_with_headers(format!("fail.{p}"), h.clone(), payload.clone())
+                            .await
+                        {
+                            Ok(ack) => ack.await.is_ok(),
+                            Err(_) => false,
+                        };
+                        if r {
+                            acks.lock().unwrap().push(Instant::now());
+                            acked.lock().unwrap().insert(id);
+                            break;
+                        }
+                        tokio::time::sleep(Duration::from_millis(10)).await;
+                    }
+                    i += 1;
+                }
+            }));
+            continue;
+        }
         tasks.push(tokio::spawn(async move {
             let c = client(&urls).await;
             let mut i = 0u64;
@@ -313,14 +449,24 @@ async fn main() {
     tokio::time::sleep(Duration::from_secs(2)).await;
     let mut ok = true;
     for n in &nodes {
-        let c = client(&format!("sockbus://127.0.0.1:{}", n.port)).await;
+        let url = format!("127.0.0.1:{}", n.port);
         let mut held = 0;
         for _ in 0..100 {
-            held = c
-                .stream_info("FAIL")
-                .await
-                .map(|i| i.state.messages)
-                .unwrap_or(0);
+            held = if a.nats {
+                // JetStream answers stream info from the leader: one count.
+                let js = jetstream(nats_client(&format!("nats://{url}")).await);
+                match js.get_stream("FAIL").await {
+                    Ok(s) => s.cached_info().state.messages,
+                    Err(_) => 0,
+                }
+            } else {
+                client(&format!("sockbus://{url}"))
+                    .await
+                    .stream_info("FAIL")
+                    .await
+                    .map(|i| i.state.messages)
+                    .unwrap_or(0)
+            };
             if held >= acked {
                 break;
             }

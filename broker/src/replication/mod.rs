@@ -214,20 +214,46 @@ fn snapshot_every() -> u64 {
         .map_or(SNAPSHOT_EVERY, |n| n.max(16))
 }
 
-/// Timings: a dead leader is replaced within about 1-2 s. A snapshot every
+/// Heartbeat interval and election timeout range, in ms. A follower
+/// refuses votes for as long as the leader lease (openraft sets it to the
+/// largest election timeout) after it last heard from the leader, and
+/// stands itself after the lease plus its election timeout: a dead leader
+/// is replaced after `max + [min, max]`, checked on openraft's tick (1.5
+/// heartbeats). 100/400/700 gives 1.3-1.5 s under load where 200/600/1000
+/// gave 1.9-2.2 s (docs/benchmarks.md, "Failover under load"); a follower
+/// still waits 1.1 s without a heartbeat before it stands.
+/// `SOCKBUS_RAFT_TIMING=HB,MIN,MAX` overrides them (tuning; MIN at least 3
+/// heartbeats, MAX above MIN).
+fn raft_timing() -> (u64, u64, u64) {
+    const DEFAULT: (u64, u64, u64) = (100, 400, 700);
+    let Ok(v) = std::env::var("SOCKBUS_RAFT_TIMING") else {
+        return DEFAULT;
+    };
+    let n: Vec<u64> = v.split(',').filter_map(|x| x.trim().parse().ok()).collect();
+    match n[..] {
+        [hb, min, max] if hb > 0 && min >= 3 * hb && max > min => (hb, min, max),
+        _ => {
+            tracing::warn!("SOCKBUS_RAFT_TIMING={v:?} ignored: it takes HB,MIN,MAX in ms with MIN >= 3*HB and MAX > MIN");
+            DEFAULT
+        }
+    }
+}
+
+/// Timings: [`raft_timing`]. A snapshot every
 /// `snapshot_every()` applied entries, and the Raft log purged up to a
 /// quarter of that before it: the Raft log holds at most about 1.25 times
 /// that many entries (plus those not yet applied). A replica behind the
 /// purged part catches up through a snapshot (sm.rs, snap.rs).
 fn raft_config(elect: bool) -> Arc<Config> {
     let every = snapshot_every();
+    let (heartbeat, elect_min, elect_max) = raft_timing();
     let c = Config {
         // Off while a damaged replica is repaired (repair.rs).
         enable_elect: elect,
         cluster_name: "sockbus".into(),
-        heartbeat_interval: 200,
-        election_timeout_min: 600,
-        election_timeout_max: 1000,
+        heartbeat_interval: heartbeat,
+        election_timeout_min: elect_min,
+        election_timeout_max: elect_max,
         snapshot_policy: SnapshotPolicy::LogsSinceLast(every),
         max_in_snapshot_log_to_keep: every / 4,
         purge_batch_size: (every / 4).max(1),
