@@ -126,7 +126,14 @@ impl Node {
             )
             .envs(
                 self.snap_every
-                    .map(|n| ("SOCKBUS_RAFT_SNAPSHOT_EVERY", n.to_string())),
+                    .map(|n| {
+                        [
+                            ("SOCKBUS_RAFT_SNAPSHOT_EVERY", n.to_string()),
+                            ("SOCKBUS_RAFT_SEGMENT_BYTES", SEGMENT_BYTES.to_string()),
+                        ]
+                    })
+                    .into_iter()
+                    .flatten(),
             )
             .stdout(Stdio::null())
             .stderr(log)
@@ -1169,29 +1176,51 @@ fn raft_dir(node: &Node, stream: &str) -> PathBuf {
     find(&node.dir, stream).unwrap_or_else(|| panic!("{}: no raft dir for {stream}", node.name))
 }
 
-/// Whole entries in a node's Raft log file (`[len u32][crc u32][body]`, then
-/// zeros written ahead) and the bytes they take.
+/// Whole entries in a node's Raft log files (the active `log` and the
+/// sealed `log.<last index>` segments, each `[len u32][crc u32][body]`
+/// records, then zeros written ahead) and the bytes they take.
 fn raft_log_entries(node: &Node, stream: &str) -> (usize, u64) {
-    let b = std::fs::read(raft_dir(node, stream).join("log")).unwrap_or_default();
-    let (mut at, mut n) = (0usize, 0usize);
-    while at + 8 <= b.len() {
-        let len = u32::from_le_bytes(b[at..at + 4].try_into().unwrap()) as usize;
-        // Zeros after the entries: written ahead of the next appends.
-        if len == 0 || at + 8 + len > b.len() {
-            break;
+    let dir = raft_dir(node, stream);
+    let mut files = vec![dir.join("log")];
+    for e in std::fs::read_dir(&dir).unwrap().flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        if name.strip_prefix("log.").is_some_and(|n| n.len() == 20) {
+            files.push(e.path());
         }
-        at += 8 + len;
-        n += 1;
     }
-    (n, at as u64)
+    let (mut n, mut bytes) = (0usize, 0u64);
+    for f in files {
+        let b = std::fs::read(f).unwrap_or_default();
+        let mut at = 0usize;
+        while at + 8 <= b.len() {
+            let len = u32::from_le_bytes(b[at..at + 4].try_into().unwrap()) as usize;
+            // Zeros after the entries: written ahead of the next appends.
+            if len == 0 || at + 8 + len > b.len() {
+                break;
+            }
+            at += 8 + len;
+            n += 1;
+        }
+        bytes += at as u64;
+    }
+    (n, bytes)
 }
+
+/// The Raft log's segment size in the compaction tests: a purge deletes
+/// whole sealed segments, so a log on disk holds the entries not purged
+/// plus what shares their segments (SEGMENT_DISK_SLACK).
+const SEGMENT_BYTES: u64 = 8192;
+/// Entries of a 8 KiB segment and of the active file past it (an entry
+/// here takes 100 bytes or more).
+const SEGMENT_DISK_SLACK: usize = 2 * SEGMENT_BYTES as usize / 100;
 
 /// Entries between snapshots in the compaction tests.
 const SNAP_EVERY: u64 = 32;
 /// At most this many entries in a Raft log with SNAP_EVERY: the entries
 /// since the last snapshot, the quarter kept before it, a purge batch,
-/// and slack for what is appended but not yet applied.
-const LOG_BOUND: usize = 128;
+/// slack for what is appended but not yet applied, and the purged entries
+/// that share a segment with the others.
+const LOG_BOUND: usize = 128 + SEGMENT_DISK_SLACK;
 
 /// Issue 17 item 1, compaction: with a snapshot every 32 entries, 1,500
 /// acked publishes (far more entries than that) leave every replica's Raft
