@@ -140,8 +140,10 @@ impl Tail {
             .open(&new)?;
         f.write_all_at(&vec![0u8; GROW_MIN as usize], 0)?;
         f.sync_all()?;
-        // The zeros after the last entry are not needed any more.
+        // The zeros after the last entry are not needed any more (if the
+        // roll fails after this, appends go on at the file's end).
         self.file.set_len(self.end)?;
+        self.size = self.end;
         let sealed = self.dir.join(sealed_name(self.last));
         std::fs::rename(self.dir.join("log"), &sealed)?;
         self.sealed.push((self.last, sealed));
