@@ -52,10 +52,11 @@ run() { # side round
     --window "$window" --duration "$dur" --warmup 1s --no-progress --json "$work/$1-$2.json" > "$work/$1-$2.txt" 2>&1
 }
 # Both clusters need their routes (and NATS its meta leader) before a
-# replicated stream can be placed: the first run is retried for 30 s.
+# replicated stream can be placed: the first run is retried for 60 s (a JetStream
+# cluster on a busy machine answered 503 for over 30 s twice on 2026-12-05).
 for side in sockbus nats; do
   ok=0
-  for _ in $(seq 30); do
+  for _ in $(seq 60); do
     if run "$side" 0; then ok=1; break; fi
     sleep 1
   done

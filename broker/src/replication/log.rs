@@ -170,7 +170,10 @@ impl Tail {
     fn append(&mut self, bytes: &[u8]) -> io::Result<()> {
         let need = self.end + bytes.len() as u64;
         if need > self.size {
-            let to = need + grow_by(self.size);
+            // Not past the segment's end: the roll after this append would
+            // cut those zeros off again (the append that crosses it grows
+            // the file by itself, once per segment).
+            let to = (need + grow_by(self.size)).min(need.max(self.segment_bytes));
             let zeros = vec![0u8; 1 << 20];
             let mut at = self.size.max(self.end);
             while at < to {
@@ -785,6 +788,29 @@ mod tests {
         let (store, damage) = LogStore::open(d.path(), true).unwrap();
         assert!(damage.is_none(), "cut once, read back clean");
         assert_eq!(indexes(&store), (1..=kept).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn zeros_are_not_written_past_the_segments_end() {
+        let d = tempfile::tempdir().unwrap();
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(d.path().join("log"))
+            .unwrap();
+        let mut tail = Tail::new(file, 0, 0, d.path());
+        tail.segment_bytes = 3 * GROW_MIN;
+        let chunk = vec![7u8; 100_000];
+        let mut biggest = 0;
+        while tail.end < tail.segment_bytes {
+            tail.append(&chunk).unwrap();
+            biggest = biggest.max(tail.size);
+        }
+        // The append that crossed the end grew the file to itself only.
+        assert_eq!(biggest, tail.end.max(tail.segment_bytes));
+        assert!(file_len(d.path()) <= tail.end.max(tail.segment_bytes));
     }
 
     #[test]
