@@ -97,6 +97,40 @@ async fn wait_subs(b: &TestBroker, n: usize) {
     );
 }
 
+/// Publishes `k.probe` through `pa` until every subscriber gets the latest
+/// probe: core pub/sub is at most once while interest spreads over the
+/// routes (a count of subscriptions on the publisher's node is not yet a
+/// path to each subscriber: CI once lost every message after a restarted
+/// node's interest was counted). Earlier probes are read and dropped.
+async fn settled(pa: &sockbus_client::Client, subs: &mut [&mut sockbus_client::Subscriber]) {
+    for n in 0..100 {
+        let probe = format!("probe-{n}");
+        pa.publish("k.probe", probe.as_str()).await.unwrap();
+        pa.flush().await.unwrap();
+        let mut all = true;
+        for s in subs.iter_mut() {
+            let mut got = false;
+            while let Ok(Some(m)) = tokio::time::timeout(Duration::from_millis(300), s.next()).await
+            {
+                assert_eq!(
+                    m.subject(),
+                    "k.probe",
+                    "only probes before the test's messages"
+                );
+                if m.payload.as_ref() == probe.as_bytes() {
+                    got = true;
+                    break;
+                }
+            }
+            all &= got;
+        }
+        if all {
+            return;
+        }
+    }
+    panic!("a subscriber never got a probe");
+}
+
 async fn wait_routes(brokers: &[&TestBroker], each: u64) {
     for _ in 0..500 {
         if brokers
@@ -332,6 +366,7 @@ async fn a_killed_node_rejoins_and_its_clients_fail_over_and_back() {
     let mut sub_b = cb2.subscribe("k.>").await.unwrap();
     cb2.flush().await.unwrap();
     wait_subs(&a, 2).await;
+    settled(&pa, &mut [&mut sub, &mut sub_b]).await;
     for i in 0..100 {
         pa.publish("k.after", i.to_string()).await.unwrap();
     }

@@ -2645,8 +2645,11 @@ async fn a_replica_disk_fills(on_leader: bool) {
             return;
         }
     };
-    // Node 0's data lives on the tmpfs.
-    let mut cl = Cluster::start_in(3, None, Some(fs.path().join("data"))).await;
+    // Node 0's data lives on the tmpfs. Snapshots at the default spacing,
+    // and the compaction tests' 8 KiB Raft log segments: a segment is sealed
+    // and a new one started (zeros written, synced) after almost every
+    // entry, also while the disk is full.
+    let mut cl = Cluster::start_in(3, Some(4096), Some(fs.path().join("data"))).await;
     let c = client(cl.nodes[1].port).await;
     let mut cfg = StreamConfig::new("FULL", ["full.>"]);
     cfg.replicas = Some(3);

@@ -4,8 +4,9 @@
 //! atomically. Once `log` holds [`SEGMENT_BYTES`] it is sealed as
 //! `log.<last index>` and a new one started; a purge deletes the sealed
 //! segments it covers whole (no rewrite), a truncation rewrites `log`
-//! with every entry kept and deletes the sealed ones. The zeros are written ahead ([`GROW_MIN`] to [`GROW_MAX`]
-//! at a time, and after the entries whenever the file is rewritten), so an
+//! with every entry kept and deletes the sealed ones. The zeros are
+//! written ahead ([`GROW_MIN`] to [`GROW_MAX`] at a time, not past a
+//! segment's end, and after the entries whenever the file is rewritten), so an
 //! append overwrites blocks that are already there and its fdatasync does
 //! not change the file's size or allocation: no filesystem journal commit
 //! per sync (measured: ext4, three writers appending 10 KB and syncing at
@@ -138,7 +139,8 @@ impl Tail {
             .create(true)
             .truncate(true)
             .open(&new)?;
-        f.write_all_at(&vec![0u8; GROW_MIN as usize], 0)?;
+        let ahead = GROW_MIN.min(self.segment_bytes);
+        f.write_all_at(&vec![0u8; ahead as usize], 0)?;
         f.sync_all()?;
         // The zeros after the last entry are not needed any more (if the
         // roll fails after this, appends go on at the file's end).
@@ -151,7 +153,7 @@ impl Tail {
         crate::store::segment::sync_dir(&self.dir)?;
         self.file = f;
         self.end = 0;
-        self.size = GROW_MIN;
+        self.size = ahead;
         Ok(())
     }
 
